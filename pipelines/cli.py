@@ -1,0 +1,493 @@
+"""`llm-pipeline`: build the definition, run it locally, run it on SageMaker, manage the registry.
+
+Target: `--target local` (the default) uses the AWS endpoint named by AWS_ENDPOINT_URL*
+when set, otherwise a moto server on 127.0.0.1 that the command starts and keeps running.
+`--target aws` (or LLM_PIPELINE_TARGET=aws) uses your AWS credentials and account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines import UserError, definition, recipe
+from pipelines.local import server
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def _parameters(pairs: list[str]) -> dict[str, str]:
+    values = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"-p {pair!r}: expected Key=Value (e.g. -p Epochs=2)")
+        values[key] = value
+    return values
+
+
+def _connect(args) -> dict:
+    """Point boto3 at the chosen target; returns what the commands need to know about it."""
+    if args.target == "local":
+        url = os.environ.get("AWS_ENDPOINT_URL") if server.endpoint_configured() else None
+        if not url and not server.endpoint_configured():
+            url = server.use_local_aws()
+        os.environ.setdefault("AWS_DEFAULT_REGION", server.LOCAL_REGION)
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+        region = args.region or os.environ["AWS_DEFAULT_REGION"]
+        return {"region": region, "account": definition.LOCAL_ACCOUNT,
+                "role_arn": args.role_arn or definition.DEFAULT_ROLE_ARN,
+                "bucket": args.bucket or definition.DEFAULT_BUCKET, "endpoint": url or "(AWS_ENDPOINT_URL*)"}
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    region = args.region or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
+    if not region:
+        raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    try:
+        account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
+    except (BotoCoreError, ClientError) as exc:
+        raise UserError(f"cannot reach AWS with the current credentials ({exc}); "
+                        "run `aws configure` / `aws sso login` or set AWS_PROFILE") from None
+    role = args.role_arn or os.environ.get("LLM_PIPELINE_ROLE_ARN")
+    bucket = args.bucket or os.environ.get("LLM_PIPELINE_BUCKET")
+    if not role or not bucket:
+        raise UserError("--target aws needs --role-arn and --bucket (or LLM_PIPELINE_ROLE_ARN and "
+                        "LLM_PIPELINE_BUCKET); infra/ creates both")
+    return {"region": region, "account": account, "role_arn": role, "bucket": bucket,
+            "endpoint": "AWS"}
+
+
+def _build(args, target: dict) -> tuple[recipe.Recipe, dict]:
+    chosen = recipe.load(args.recipe)
+    text = definition.definition_json(chosen, role_arn=target["role_arn"], bucket=target["bucket"],
+                                      region=target["region"], image_tag=args.image_tag)
+    return chosen, json.loads(text)
+
+
+def _ensure_bucket(s3, bucket: str, region: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        config = {} if region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        s3.create_bucket(Bucket=bucket, **config)
+
+
+def _stage_input(s3, bucket: str, value: str) -> str:
+    """A local file or folder given as InputData is uploaded, content-addressed, to S3."""
+    if value.startswith("s3://"):
+        return value
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UserError(f"InputData {value!r} is neither an s3:// URI nor an existing file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"InputData folder {path} is empty")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    prefix = f"inputs/{digest.hexdigest()[:16]}"
+    for file in files:
+        relative = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        s3.upload_file(str(file), bucket, f"{prefix}/{relative}")
+    return f"s3://{bucket}/{prefix}" + ("" if path.is_dir() else f"/{path.name}")
+
+
+def _ensure_demo_data(s3, bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_object(Bucket=bucket, Key=definition.DEMO_DATA_KEY)
+    except ClientError:
+        from steps.demo_data import write_demo_dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "demo.jsonl"
+            write_demo_dataset(path)
+            s3.upload_file(str(path), bucket, definition.DEMO_DATA_KEY)
+
+
+def _executions_dir() -> Path:
+    return server.home() / "executions"
+
+
+# -- progress display -------------------------------------------------------------------
+
+class _PlainProgress:
+    """One line per event; used when stdout is not a terminal (CI, logs)."""
+
+    def __init__(self) -> None:
+        self.last_print: dict[str, float] = {}
+
+    def step_started(self, state) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {state.name} ({state.type}) started", flush=True)
+
+    def step_line(self, state, line: str) -> None:
+        if line.strip():
+            print(f"    {state.name} | {line}", flush=True)
+
+    def step_finished(self, state) -> None:
+        took = f"{state.seconds:.1f}s" if state.seconds is not None else ""
+        reason = f": {state.failure_reason}" if state.failure_reason else ""
+        print(f"[{time.strftime('%H:%M:%S')}] {state.name} {state.status.lower()} {took}{reason}",
+              flush=True)
+
+
+class _LiveProgress:
+    """A live table of steps with status, time and the latest log line of the running step."""
+
+    def __init__(self, step_names: list[str]) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.states: dict[str, object] = {}
+        self.names = step_names
+        self.latest: dict[str, str] = {}
+        self.live = Live(self._table(), console=Console(), refresh_per_second=4, transient=False)
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(show_header=True, header_style="bold")
+        for column in ("step", "status", "time", "latest"):
+            table.add_column(column, overflow="fold" if column == "latest" else None)
+        colours = {"Succeeded": "green", "Failed": "red", "Executing": "yellow"}
+        for name in self.names:
+            state = self.states.get(name)
+            status = state.status if state else "Pending"
+            took = f"{state.seconds:.0f}s" if state and state.seconds is not None else ""
+            latest = self.latest.get(name, "")[-100:]
+            table.add_row(name, f"[{colours.get(status, 'dim')}]{status}[/]", took, latest)
+        return table
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.update(self._table())
+        self.live.__exit__(*exc)
+
+    def step_started(self, state) -> None:
+        self.states[state.name] = state
+        self.live.update(self._table())
+
+    def step_line(self, state, line: str) -> None:
+        if line.strip():
+            self.latest[state.name] = line.strip()
+            self.live.update(self._table())
+
+    def step_finished(self, state) -> None:
+        self.states[state.name] = state
+        if state.failure_reason:
+            self.latest[state.name] = state.failure_reason
+        self.live.update(self._table())
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def cmd_definition(args) -> int:
+    region = args.region or definition.DEFAULT_REGION
+    chosen = recipe.load(args.recipe)
+    text = definition.definition_json(
+        chosen, role_arn=args.role_arn or definition.DEFAULT_ROLE_ARN,
+        bucket=args.bucket or definition.DEFAULT_BUCKET, region=region, image_tag=args.image_tag)
+    overrides = _parameters(args.parameter)
+    if overrides:
+        from pipelines.local.engine import resolve_parameters
+
+        document = json.loads(text)
+        values = resolve_parameters(document, overrides)
+        for parameter in document["Parameters"]:
+            if parameter["Name"] in overrides:
+                parameter["DefaultValue"] = values[parameter["Name"]]
+        text = json.dumps(document)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import boto3
+
+    from pipelines.local.engine import run_execution
+
+    if args.target != "local":
+        raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
+    target = _connect(args)
+    chosen, document = _build(args, target)
+    overrides = _parameters(args.parameter)
+    s3 = boto3.client("s3")
+    _ensure_bucket(s3, target["bucket"], target["region"])
+    if "InputData" in overrides:
+        overrides["InputData"] = _stage_input(s3, target["bucket"], overrides["InputData"])
+    else:
+        _ensure_demo_data(s3, target["bucket"])
+
+    print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
+          flush=True)
+    from pipelines.local.engine import _flatten, topological_order
+
+    names = topological_order(_flatten(document["Steps"]))
+    if sys.stdout.isatty():
+        with _LiveProgress(names) as progress:
+            record = run_execution(document, overrides, _executions_dir(), target["region"],
+                                   target["account"], progress, definition.pipeline_name(chosen))
+    else:
+        record = run_execution(document, overrides, _executions_dir(), target["region"],
+                               target["account"], _PlainProgress(), definition.pipeline_name(chosen))
+    return _report(record, s3)
+
+
+def _report(record, s3) -> int:
+    folder = _executions_dir() / record.pipeline_name / record.execution_id
+    print()
+    print(f"Execution {record.execution_id}: {record.status}")
+    for state in record.steps.values():
+        took = f"{state.seconds:7.1f}s" if state.seconds is not None else " " * 8
+        print(f"  {state.name:<22} {state.status:<12} {took}")
+    if record.status != "Succeeded":
+        failed = next((s for s in record.steps.values() if s.status == "Failed"), None)
+        print(f"\nFAILED: {record.failure_reason}", file=sys.stderr)
+        if failed and failed.log and Path(failed.log).is_file():
+            tail = Path(failed.log).read_text(errors="replace").splitlines()[-25:]
+            print(f"--- last lines of {failed.name}'s log ({failed.log}) ---", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
+        print(f"Execution record: {folder / 'execution.json'}", file=sys.stderr)
+        return EXIT_FAILED
+
+    register = next((s for s in record.steps.values() if s.type == "RegisterModel"
+                     and s.status == "Succeeded"), None)
+    evaluation = next((s for s in record.steps.values() if s.name == "Evaluate"), None)
+    if register:
+        print(f"\nRegistered model package: {register.outcome} (PendingManualApproval)")
+    if evaluation and evaluation.properties:
+        outputs = evaluation.properties.get("ProcessingOutputConfig", {}).get("Outputs", [])
+        uri = next((o["S3Output"]["S3Uri"] for o in outputs), None)
+        if uri:
+            bucket, _, key = uri[5:].partition("/")
+            metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/evaluation.json")["Body"]
+                                 .read())["metrics"]
+            print("\nMetric              tuned        base")
+            for name in ("eval_loss", "perplexity", "rouge_l", "exact_match"):
+                if name in metrics:
+                    base = metrics.get(f"base_{name}", {}).get("value")
+                    print(f"  {name:<16} {metrics[name]['value']:>10.4f}  "
+                          f"{base if base is None else f'{base:>10.4f}'}")
+            print(f"\nEvaluation report: {uri}/")
+    for state in record.steps.values():
+        artifacts = state.properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+        if artifacts:
+            print(f"Model artifact ({state.name}): {artifacts}")
+    print(f"Logs and execution record: {folder}")
+    return 0
+
+
+def cmd_upsert(args) -> int:
+    import boto3
+
+    target = _connect(args)
+    chosen, document = _build(args, target)
+    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    name = definition.pipeline_name(chosen)
+    body = json.dumps(document)
+    request = {"PipelineName": name, "PipelineDefinition": body, "RoleArn": target["role_arn"],
+               "PipelineDescription": chosen.description[:3000]}
+    from botocore.exceptions import ClientError
+
+    try:
+        sagemaker.describe_pipeline(PipelineName=name)
+        response = sagemaker.update_pipeline(**{k: v for k, v in request.items()})
+        action = "updated"
+    except ClientError as exc:
+        if "does not exist" not in str(exc) and "ResourceNotFound" not in str(exc):
+            raise UserError(f"cannot describe pipeline {name}: {exc}") from None
+        response = sagemaker.create_pipeline(**request)
+        action = "created"
+    try:
+        sagemaker.describe_model_package_group(ModelPackageGroupName=chosen.model_package_group)
+    except ClientError:
+        sagemaker.create_model_package_group(ModelPackageGroupName=chosen.model_package_group,
+                                             ModelPackageGroupDescription=chosen.description[:1000])
+    if args.target == "local":
+        _ensure_bucket(s3, target["bucket"], target["region"])
+        _ensure_demo_data(s3, target["bucket"])
+    print(f"{action} pipeline {name}: {response['PipelineArn']}")
+    return 0
+
+
+_TERMINAL = {"Succeeded", "Failed", "Stopped"}
+
+
+def cmd_start(args) -> int:
+    import boto3
+
+    target = _connect(args)
+    chosen = recipe.load(args.recipe)
+    name = definition.pipeline_name(chosen)
+    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    overrides = _parameters(args.parameter)
+    if "InputData" in overrides:
+        overrides["InputData"] = _stage_input(s3, target["bucket"], overrides["InputData"])
+    from botocore.exceptions import ClientError
+
+    try:
+        described = sagemaker.describe_pipeline(PipelineName=name)
+    except ClientError:
+        raise UserError(f"pipeline {name} does not exist on {target['endpoint']}; "
+                        f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
+    from pipelines.local.engine import resolve_parameters
+
+    resolve_parameters(json.loads(described["PipelineDefinition"]), overrides)  # validates
+    response = sagemaker.start_pipeline_execution(
+        PipelineName=name,
+        PipelineParameters=[{"Name": k, "Value": str(v)} for k, v in overrides.items()],
+    )
+    arn = response["PipelineExecutionArn"]
+    print(f"started {arn}", flush=True)
+    if not args.wait:
+        return 0
+    status = ""
+    while status not in _TERMINAL:
+        described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+        new_status = described["PipelineExecutionStatus"]
+        if new_status != status:
+            print(f"[{time.strftime('%H:%M:%S')}] {new_status}", flush=True)
+            status = new_status
+        if status not in _TERMINAL:
+            time.sleep(args.poll_seconds)
+    if status != "Succeeded":
+        print(f"execution {status}: {described.get('FailureReason', '')}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_registry(args) -> int:
+    import boto3
+
+    from pipelines import registry
+
+    _connect(args)
+    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    if args.action == "list":
+        packages = registry.list_packages(sagemaker, s3, args.group)
+        if args.json:
+            print(json.dumps(packages, indent=1, default=str))
+            return 0
+        if not packages:
+            print("no model packages" + (f" in group {args.group}" if args.group else ""))
+        for package in packages:
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(package["metrics"].items())
+                                if isinstance(v, (int, float)) and not k.startswith("base_"))
+            meta = package["metadata"]
+            print(f"{package['arn']}\n  status={package['status']}  created={package['created']}"
+                  f"\n  recipe={meta.get('recipe', '?')}  base_model={meta.get('base_model', '?')}"
+                  f"  data={meta.get('data_manifest_sha256', '?')[:12]}"
+                  f"  code={meta.get('code_version', '?')}\n  metrics: {metrics or '-'}")
+        return 0
+    status = {"approve": "Approved", "reject": "Rejected"}[args.action]
+    package = registry.set_status(sagemaker, args.arn, status, args.reason)
+    print(f"{package['ModelPackageArn']}: {package['ModelApprovalStatus']}")
+    return 0
+
+
+def cmd_server(args) -> int:
+    if args.action == "start":
+        url = server.ensure_running()
+        print(url)
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "no local server was running")
+    elif args.action == "env":
+        url = server.ensure_running()
+        for key, value in server.local_environment(url).items():
+            print(f"export {key}={value}")
+    else:
+        url = server.running_url()
+        print(url or "not running")
+        return 0 if url else EXIT_FAILED
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for name in recipe.available():
+        print(f"{name:<14} {recipe.load(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, with_recipe: bool = True, with_params: bool = True) -> None:
+        if with_recipe:
+            p.add_argument("--recipe", default="sft-lora", help="recipe name or YAML path")
+        if with_params:
+            p.add_argument("-p", "--parameter", action="append", metavar="Key=Value",
+                           help="pipeline parameter override (repeatable)")
+        p.add_argument("--target", choices=("local", "aws"),
+                       default=os.environ.get("LLM_PIPELINE_TARGET", "local"))
+        p.add_argument("--region")
+        p.add_argument("--role-arn", help="SageMaker execution role ARN")
+        p.add_argument("--bucket", help="S3 bucket for data and artifacts")
+        p.add_argument("--image-tag", help="image tag (default: digest of the code)")
+
+    p = sub.add_parser("definition", help="print the pipeline definition JSON")
+    common(p)
+    p.set_defaults(func=cmd_definition)
+    p = sub.add_parser("run", help="run the pipeline locally")
+    common(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("upsert", help="create or update the pipeline on SageMaker")
+    common(p, with_params=False)
+    p.set_defaults(func=cmd_upsert)
+    p = sub.add_parser("start", help="start an execution on SageMaker")
+    common(p)
+    p.add_argument("--wait", action="store_true", help="wait; exit status reflects the execution")
+    p.add_argument("--poll-seconds", type=float, default=30.0)
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("registry", help="list, approve or reject model packages")
+    common(p, with_recipe=False, with_params=False)
+    p.add_argument("action", choices=("list", "approve", "reject"))
+    p.add_argument("arn", nargs="?", help="model package ARN (approve/reject)")
+    p.add_argument("--group", help="model package group (list)")
+    p.add_argument("--reason", help="approval description (approve/reject)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (list)")
+    p.set_defaults(func=cmd_registry)
+    p = sub.add_parser("server", help="the local AWS (moto) server")
+    p.add_argument("action", choices=("start", "stop", "status", "env"))
+    p.set_defaults(func=cmd_server)
+    p = sub.add_parser("recipes", help="list the recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "action", None) in ("approve", "reject") and not args.arn:
+        parser.error(f"registry {args.action} needs a model package ARN")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Processing and training jobs under the SageMaker container contract, as local subprocesses.
+
+Each job gets its own folder standing in for the container's `/opt/ml`: inputs are staged
+from S3 into it, `SM_*` variables and `hyperparameters.json` are written as SageMaker
+writes them, the image's stage entry point runs with the project's Python, and on success
+outputs (and `model.tar.gz`) are uploaded back to S3. A failed job uploads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from containers import images
+
+CONTAINER_ROOT = "/opt/ml"
+
+
+@dataclass
+class JobResult:
+    succeeded: bool
+    description: dict  # the Describe*Job response the pipeline's properties read
+    failure_reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def download_prefix(s3, uri: str, destination: Path) -> int:
+    """Stage an S3Prefix input: every object under the prefix, keyed relative to it."""
+    bucket, prefix = split_s3(uri)
+    destination.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            relative = key[len(prefix):].lstrip("/") if key != prefix else key.rsplit("/", 1)[-1]
+            if not relative or key.endswith("/"):
+                continue
+            target = (destination / relative).resolve()
+            if not target.is_relative_to(destination.resolve()):
+                raise ValueError(f"S3 key {key!r} would be staged outside {destination}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(target))
+            count += 1
+    if count == 0:
+        raise FileNotFoundError(f"no S3 objects under {uri}")
+    return count
+
+
+def upload_folder(s3, folder: Path, uri: str) -> None:
+    bucket, prefix = split_s3(uri)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(folder).as_posix()]))
+        s3.upload_file(str(path), bucket, key)
+
+
+def _tar_folder(folder: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+
+
+def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
+         on_line: Callable[[str], None]) -> int:
+    with open(log_path, "a", encoding="utf-8") as log:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   text=True, errors="replace", bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            on_line(line.rstrip("\n"))
+        return process.wait()
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("ERROR:"):
+            return line[len("ERROR:"):].strip()
+    return lines[-1].strip() if lines else "the job printed nothing"
+
+
+def _job_environment(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _command(image: str, entrypoint: list[str] | None, arguments: list[str]) -> list[str]:
+    module = images.entry_module(image, entrypoint)
+    return [sys.executable, "-m", module, *arguments]
+
+
+def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
+                       on_line: Callable[[str], None]) -> JobResult:
+    root = job_dir / "opt_ml"
+
+    def local(path: str) -> str:
+        return str(root) + path[len(CONTAINER_ROOT):] if path.startswith(CONTAINER_ROOT + "/") else path
+
+    app = request["AppSpecification"]
+    arguments = [local(a) for a in app.get("ContainerArguments", [])]
+    command = _command(app["ImageUri"], app.get("ContainerEntrypoint"), arguments)
+    for item in request.get("ProcessingInputs", []):
+        download_prefix(s3, item["S3Input"]["S3Uri"], Path(local(item["S3Input"]["LocalPath"])))
+    outputs = request.get("ProcessingOutputConfig", {}).get("Outputs", [])
+    for item in outputs:
+        Path(local(item["S3Output"]["LocalPath"])).mkdir(parents=True, exist_ok=True)
+
+    log_path = job_dir / "log.txt"
+    code = _run(command, _job_environment(request.get("Environment", {})), job_dir, log_path, on_line)
+    description = {**request, "ProcessingJobName": job_name,
+                   "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
+    if code != 0:
+        reason = f"exit code {code}: {_last_error(log_path)}"
+        return JobResult(False, {**description, "FailureReason": reason}, reason)
+    for item in outputs:
+        upload_folder(s3, Path(local(item["S3Output"]["LocalPath"])), item["S3Output"]["S3Uri"])
+    return JobResult(True, description)
+
+
+def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
+                     on_line: Callable[[str], None]) -> JobResult:
+    root = job_dir / "opt_ml"
+    config_dir, data_dir = root / "input" / "config", root / "input" / "data"
+    model_dir, output_dir = root / "model", root / "output"
+    for folder in (config_dir, data_dir, model_dir, output_dir / "data", root / "checkpoints"):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    hyperparameters = {k: str(v) for k, v in request.get("HyperParameters", {}).items()}
+    channels = [c["ChannelName"] for c in request.get("InputDataConfig", [])]
+    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1))
+    (config_dir / "inputdataconfig.json").write_text(json.dumps(
+        {c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", "File")}
+         for c in request.get("InputDataConfig", [])}, indent=1))
+    resources = request["ResourceConfig"]
+    hosts = [f"algo-{i + 1}" for i in range(int(resources.get("InstanceCount", 1)))]
+    (config_dir / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": hosts[0], "hosts": hosts}, indent=1))
+    for channel in request.get("InputDataConfig", []):
+        source = channel["DataSource"]["S3DataSource"]["S3Uri"]
+        download_prefix(s3, source, data_dir / channel["ChannelName"])
+
+    env = {
+        **request.get("Environment", {}),
+        "SM_MODEL_DIR": str(model_dir),
+        "SM_OUTPUT_DIR": str(output_dir),
+        "SM_OUTPUT_DATA_DIR": str(output_dir / "data"),
+        "SM_INPUT_DIR": str(root / "input"),
+        "SM_INPUT_CONFIG_DIR": str(config_dir),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+        "SM_CHANNELS": json.dumps(channels),
+        "SM_HPS": json.dumps(hyperparameters),
+        "SM_CURRENT_HOST": hosts[0],
+        "SM_HOSTS": json.dumps(hosts),
+        "SM_NUM_CPUS": str(os.cpu_count() or 1),
+        "SM_NUM_GPUS": "0",
+        "TRAINING_JOB_NAME": job_name,
+        **{f"SM_CHANNEL_{name.upper()}": str(data_dir / name) for name in channels},
+    }
+    algorithm = request["AlgorithmSpecification"]
+    command = _command(algorithm["TrainingImage"], algorithm.get("ContainerEntrypoint"),
+                       algorithm.get("ContainerArguments", []))
+    patterns = [(m["Name"], re.compile(m["Regex"])) for m in algorithm.get("MetricDefinitions", [])]
+    metrics: dict[str, float] = {}
+
+    def watch(line: str) -> None:
+        for name, pattern in patterns:
+            match = pattern.search(line)
+            if match:
+                try:
+                    metrics[name] = float(match.group(1))
+                except (ValueError, IndexError):
+                    pass
+        on_line(line)
+
+    log_path = job_dir / "log.txt"
+    code = _run(command, _job_environment(env), job_dir, log_path, watch)
+    description = {**request, "TrainingJobName": job_name,
+                   "TrainingJobStatus": "Completed" if code == 0 else "Failed",
+                   "FinalMetricDataList": [{"MetricName": k, "Value": v} for k, v in metrics.items()]}
+    if code != 0:
+        failure_file = output_dir / "failure"
+        reason = failure_file.read_text().strip() if failure_file.is_file() else _last_error(log_path)
+        reason = f"exit code {code}: {reason}"
+        return JobResult(False, {**description, "FailureReason": reason}, reason, metrics)
+
+    artifacts = job_dir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    _tar_folder(model_dir, artifacts / "model.tar.gz")
+    _tar_folder(output_dir / "data", artifacts / "output.tar.gz")
+    prefix = f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{job_name}/output"
+    bucket, key = split_s3(prefix)
+    for name in ("model.tar.gz", "output.tar.gz"):
+        s3.upload_file(str(artifacts / name), bucket, f"{key}/{name}")
+    description["ModelArtifacts"] = {"S3ModelArtifacts": f"{prefix}/model.tar.gz"}
+    return JobResult(True, description, metrics=metrics)

@@ -1,0 +1,113 @@
+"""Local AWS: a moto server on 127.0.0.1 that serves S3 and the SageMaker model registry.
+
+The server runs as a background process so its state (buckets, model packages) outlives a
+single command: `llm-pipeline run` registers a package, a later `registry list` sees it.
+It lives until `llm-pipeline server stop` or a reboot (moto keeps state in memory only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pipelines import UserError
+
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SAGEMAKER")
+LOCAL_REGION = "us-east-1"
+
+
+def home() -> Path:
+    """Where the local engine keeps its server record and executions."""
+    return Path(os.environ.get("LLM_PIPELINE_HOME", Path.home() / ".llm-pipeline"))
+
+
+def endpoint_configured() -> bool:
+    return any(os.environ.get(name) for name in ENDPOINT_VARIABLES)
+
+
+def _record() -> Path:
+    return home() / "moto-server.json"
+
+
+def _alive(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def running_url() -> str | None:
+    try:
+        url = json.loads(_record().read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return url if _alive(url) else None
+
+
+def ensure_running() -> str:
+    """The URL of the local server, starting it when none is running."""
+    url = running_url()
+    if url:
+        return url
+    home().mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(home() / "moto-server.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,  # survives the command that started it
+    )
+    deadline = time.monotonic() + 30
+    while not _alive(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise UserError(f"the local AWS server did not start; see {home() / 'moto-server.log'}")
+        time.sleep(0.2)
+    _record().write_text(json.dumps({"url": url, "pid": process.pid}))
+    return url
+
+
+def stop() -> bool:
+    try:
+        record = json.loads(_record().read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(record["pid"], signal.SIGTERM)
+    except (ProcessLookupError, KeyError):
+        pass
+    _record().unlink(missing_ok=True)
+    return True
+
+
+def local_environment(url: str) -> dict[str, str]:
+    """Variables that point boto3, the AWS CLI and the SDK at the local server."""
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_DEFAULT_REGION": LOCAL_REGION,
+    }
+
+
+def use_local_aws() -> str:
+    """Start (or reuse) the local server and point this process's AWS clients at it."""
+    url = ensure_running()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *ENDPOINT_VARIABLES):
+        os.environ.pop(name, None)
+    os.environ.update(local_environment(url))
+    return url
