@@ -312,7 +312,7 @@ def cmd_upsert(args) -> int:
         response = sagemaker.update_pipeline(**{k: v for k, v in request.items()})
         action = "updated"
     except ClientError as exc:
-        if "does not exist" not in str(exc) and "ResourceNotFound" not in str(exc):
+        if not any(s in str(exc) for s in ("does not exist", "Could not find", "ResourceNotFound")):
             raise UserError(f"cannot describe pipeline {name}: {exc}") from None
         response = sagemaker.create_pipeline(**request)
         action = "created"

@@ -293,6 +293,9 @@ def get_pipeline(
         else_steps=[fail],
     )
 
+    # The SDK turns up botocore's and its own loggers at import; keep the command quiet.
+    for logger in ("botocore", "boto3", "sagemaker", "urllib3"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
     return Pipeline(name=name, parameters=list(params.values()),
                     steps=[data_prep, sft, evaluate, gate],
                     sagemaker_session=session, pipeline_experiment_config=None)

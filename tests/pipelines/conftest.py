@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """An environment with no AWS settings of the developer's, and a private engine home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"LLM_PIPELINE_HOME": str(home), "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", **extra})
+    return env
+
+
+def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def local_home(tmp_path_factory):
+    """A private engine home whose moto server is stopped when the module's tests end."""
+    home = tmp_path_factory.mktemp("llm-pipeline-home")
+    yield home
+    cli(clean_env(home), "server", "stop")

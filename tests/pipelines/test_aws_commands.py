@@ -1,0 +1,91 @@
+"""upsert / start / registry against a real (moto) server on loopback."""
+
+import json
+
+import boto3
+import pytest
+
+from tests.pipelines.conftest import clean_env, cli
+
+
+@pytest.fixture(scope="module")
+def env(local_home):
+    environment = clean_env(local_home)
+    started = cli(environment, "server", "start")
+    assert started.returncode == 0, started.stderr
+    return environment
+
+
+@pytest.fixture(scope="module")
+def clients(env):
+    url = cli(env, "server", "status").stdout.strip()
+    kwargs = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="local",
+                  aws_secret_access_key="local")
+    return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
+
+
+def test_server_state_survives_between_commands(env, clients):
+    sagemaker, _ = clients
+    sagemaker.create_model_package_group(ModelPackageGroupName="survives")
+    listed = cli(env, "registry", "list", "--group", "survives")
+    assert listed.returncode == 0 and "no model packages in group survives" in listed.stdout
+
+
+def test_upsert_then_start_wait_reports_the_execution_status(env, clients):
+    sagemaker, s3 = clients
+    first = cli(env, "upsert", "--recipe", "sft-lora")
+    assert first.returncode == 0 and "created pipeline llm-sft-lora" in first.stdout, first.stderr
+    second = cli(env, "upsert", "--recipe", "sft-lora")
+    assert "updated pipeline llm-sft-lora" in second.stdout
+    stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-sft-lora")["PipelineDefinition"])
+    assert stored["Steps"][0]["Name"] == "DataPrep"
+    assert sagemaker.describe_model_package_group(ModelPackageGroupName="llm-sft-lora")
+    # the default InputData exists where the definition says
+    default = next(p["DefaultValue"] for p in stored["Parameters"] if p["Name"] == "InputData")
+    bucket, _, key = default[5:].partition("/")
+    assert s3.head_object(Bucket=bucket, Key=key)
+
+    started = cli(env, "start", "--recipe", "sft-lora", "--wait", "--poll-seconds", "0.1",
+                  "-p", "Epochs=2")
+    assert started.returncode == 0, started.stderr
+    arn = started.stdout.split("started ", 1)[1].split()[0]
+    described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+    assert described["PipelineExecutionStatus"] == "Succeeded"
+
+    bad = cli(env, "start", "--recipe", "sft-lora", "-p", "Epochs=x")
+    assert bad.returncode == 2 and "Epochs='x' is not a valid Integer" in bad.stderr
+
+
+def test_start_of_a_pipeline_that_was_never_upserted_says_what_to_do(env, tmp_path):
+    recipe = tmp_path / "other.yaml"
+    from tests.pipelines.conftest import ROOT
+
+    recipe.write_text((ROOT / "pipelines/recipes/sft-lora.yaml").read_text()
+                      .replace("name: sft-lora", "name: never-upserted"))
+    result = cli(env, "start", "--recipe", str(recipe))
+    assert result.returncode == 2 and "run `llm-pipeline upsert" in result.stderr
+
+
+def test_registry_lists_approves_and_rejects_keeping_metadata(env, clients):
+    sagemaker, _ = clients
+    sagemaker.create_model_package_group(ModelPackageGroupName="reg-test")
+    arn = sagemaker.create_model_package(
+        ModelPackageGroupName="reg-test", ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz"}],
+                                "SupportedContentTypes": ["application/json"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+        CustomerMetadataProperties={"recipe": "sft-lora", "base_model": "builtin:tiny"},
+    )["ModelPackageArn"]
+    listed = json.loads(cli(env, "registry", "list", "--group", "reg-test", "--json").stdout)
+    assert [(p["arn"], p["status"]) for p in listed] == [(arn, "PendingManualApproval")]
+
+    approved = cli(env, "registry", "approve", arn, "--reason", "looks good")
+    assert approved.returncode == 0 and "Approved" in approved.stdout
+    package = sagemaker.describe_model_package(ModelPackageName=arn)
+    assert package["ModelApprovalStatus"] == "Approved"
+    assert package["CustomerMetadataProperties"]["recipe"] == "sft-lora"
+
+    rejected = cli(env, "registry", "reject", arn)
+    assert "Rejected" in rejected.stdout
+    missing = cli(env, "registry", "approve", arn.replace("/1", "/99"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: model package")

@@ -1,0 +1,78 @@
+"""The definition: built offline, identical bytes every time, accepted by SageMaker's API model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pipelines.conftest import ROOT, clean_env, cli
+
+CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
+REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
+                       "Epochs", "LearningRate", "LoraRank", "EvalThreshold", "ModelPackageGroup"}
+
+
+@pytest.fixture(scope="module")
+def offline_env(tmp_path_factory):
+    # No credentials and every AWS endpoint unreachable: any AWS call would fail the build.
+    return clean_env(tmp_path_factory.mktemp("home"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                     AWS_DEFAULT_REGION="eu-west-1")
+
+
+@pytest.fixture(scope="module")
+def definition_text(offline_env):
+    result = cli(offline_env, "definition", "--recipe", "sft-lora")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_definition_builds_offline_and_twice_gives_identical_bytes(offline_env, definition_text):
+    again = cli(offline_env, "definition", "--recipe", "sft-lora")
+    assert again.returncode == 0 and again.stdout == definition_text
+
+
+def test_definition_exposes_the_documented_parameters_and_dag(definition_text):
+    document = json.loads(definition_text)
+    assert REQUIRED_PARAMETERS <= {p["Name"] for p in document["Parameters"]}
+    steps = {s["Name"]: s for s in document["Steps"]}
+    assert [s["Type"] for s in document["Steps"]] == ["Processing", "Training", "Processing", "Condition"]
+    gate = steps["EvaluationGate"]["Arguments"]
+    assert [s["Type"] for s in gate["IfSteps"]] == ["RegisterModel"]
+    assert [s["Type"] for s in gate["ElseSteps"]] == ["Fail"]
+    register = gate["IfSteps"][0]["Arguments"]
+    assert register["ModelApprovalStatus"] == "PendingManualApproval"
+    assert set(register["CustomerMetadataProperties"]) >= {"recipe", "data_manifest_sha256",
+                                                           "code_version", "base_model"}
+    assert "evaluation.json" in json.dumps(register["ModelMetrics"])
+    # no timestamps: code is referenced by image digest, never uploaded under a dated prefix
+    channels = [c["ChannelName"] for c in steps["SFT"]["Arguments"]["InputDataConfig"]]
+    assert channels == ["train", "validation"]  # no uploaded-code channels
+
+
+def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_env):
+    result = cli(offline_env, "definition", "-p", "Epochs=3", "-p", "BaseModel=builtin:tiny")
+    parameters = {p["Name"]: p["DefaultValue"] for p in json.loads(result.stdout)["Parameters"]}
+    assert parameters["Epochs"] == 3 and parameters["BaseModel"] == "builtin:tiny"
+    bad = cli(offline_env, "definition", "-p", "Epochs=lots")
+    assert bad.returncode == 2 and "Epochs='lots' is not a valid Integer" in bad.stderr
+
+
+@pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
+def test_definition_passes_check_definition(definition_text, tmp_path: Path):
+    path = tmp_path / "definition.json"
+    path.write_text(definition_text)
+    result = subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 problems" in result.stdout
+
+
+def test_unknown_recipe_and_bad_recipe_files_are_one_line_errors(offline_env, tmp_path):
+    result = cli(offline_env, "definition", "--recipe", "nope")
+    assert result.returncode == 2 and "recipe 'nope' not found" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "pipelines/recipes/sft-lora.yaml").read_text() + "\nextra_key: 1\n")
+    result = cli(offline_env, "definition", "--recipe", str(bad))
+    assert result.returncode == 2 and "unknown recipe key(s) extra_key" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
