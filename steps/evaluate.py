@@ -1,0 +1,373 @@
+"""Evaluation (processing stage): the tuned model against its base model on held-out data.
+
+    python -m steps.evaluate --model-dir MODEL --data-dir DATA --output-dir OUT
+        [--base-model SPEC] [--max-new-tokens 64] [--max-samples 32] [--batch-size 8]
+
+--model-dir holds a training stage's output (a folder, or the model.tar.gz SageMaker packed it
+into); --data-dir holds validation.jsonl (or is a data file or folder itself). For both models this
+measures the mean token loss on the responses (and perplexity = exp(loss)), and ROUGE-L F1 and
+exact match of greedy answers against the reference responses. It writes evaluation.json in the
+SageMaker model-quality shape, ``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}}``,
+and metrics_comparison.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rouge_score import rouge_scorer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from steps.common import contract
+from steps.common.contract import StageError
+from steps.common.datasets import load_records, sft_example
+from steps.common.models import load_model, load_tokenizer, local_model_folder, resolve_model_source
+
+METRIC_NAMES = ("eval_loss", "perplexity", "rouge_l", "exact_match")
+
+
+@dataclass
+class EvaluateConfig:
+    model_dir: str = field(
+        metadata={"help": "Training output: a model/adapter folder, or a folder with model.tar.gz."}
+    )
+    data_dir: str = field(
+        metadata={"help": "Folder with validation.jsonl, or a data file or folder."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Where evaluation.json and metrics_comparison.png go."}
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model spec; default: the base_model in training_summary.json."},
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Generation length limit per sample."}
+    )
+    max_samples: int = field(
+        default=32, metadata={"help": "Held-out prompts to generate answers for."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Tokens per sequence for the loss; longer are cut."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "max_seq_length"):
+            if getattr(self, name) <= 0:
+                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_samples < 0:
+            raise StageError(f"max_samples must be >= 0, got {self.max_samples}")
+
+
+def main(config: EvaluateConfig) -> None:
+    # The same rule as a training job's model channel: a model folder, or one model.tar.gz in it.
+    source = resolve_model_source(Path(config.model_dir), config.model_dir)
+    folder = local_model_folder(source)
+    summary_path = folder / "training_summary.json" if folder else None
+    summary = json.loads(summary_path.read_text()) if summary_path and summary_path.exists() else {}
+    base_spec = config.base_model or summary.get("base_model")
+
+    data_path = Path(config.data_dir)
+    if (data_path / "validation.jsonl").exists():  # a data preparation output folder
+        data_path = data_path / "validation.jsonl"
+    fmt, records = load_records(data_path)
+    print(f"evaluating on {len(records)} {fmt.name} records from {data_path}", flush=True)
+
+    tokenizer = load_tokenizer(source)
+    tuned = load_model(source, base_model=base_spec).eval()
+    is_adapter = hasattr(tuned, "disable_adapter")
+    if not is_adapter and not base_spec:
+        raise StageError(
+            f"{config.model_dir} holds a full model and names no base model; pass --base-model"
+        )
+    base = None if is_adapter else load_model(base_spec).eval()
+    print(f"tuned: {source}{' (adapter)' if is_adapter else ''}; base: {base_spec}", flush=True)
+
+    # What SFT trains on, for the loss; the prompt/response pairs among them, for generation.
+    chat_template = bool(tokenizer.chat_template)
+    examples = [sft_example(record.data, fmt, chat_template) for record in records]
+    examples = [example for example in examples if example is not None]
+    pairs = [_prompt_and_completion(example) for example in examples]
+    pairs = [pair for pair in pairs if pair is not None][: config.max_samples]
+    results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, config)}
+    if is_adapter:
+        # The base model is the same weights with the adapter switched off: no second load.
+        with tuned.disable_adapter():
+            results["base"] = _score("base", tuned, tokenizer, examples, pairs, config)
+    else:
+        results["base"] = _score("base", base, tokenizer, examples, pairs, config)
+
+    metrics = _metrics(results)
+    for name, metric in metrics.items():
+        print(f"{name}: {metric['value']:.6g}", flush=True)
+
+    evaluation = {
+        "metrics": metrics,
+        "num_samples": len(pairs),
+        "num_loss_examples": len(examples),
+        "base_model": base_spec,
+        "samples": [
+            {
+                "prompt": prompt,
+                "reference": _response_text(completion),
+                "tuned": results["tuned"]["generations"][i],
+                "base": results["base"]["generations"][i],
+            }
+            for i, (prompt, completion) in enumerate(pairs[:5])
+        ],
+    }
+    with contract.atomic_output(Path(config.output_dir)) as staging:
+        (staging / "evaluation.json").write_text(
+            json.dumps(evaluation, indent=2) + "\n", encoding="utf-8"
+        )
+        _plot_comparison(metrics, staging / "metrics_comparison.png")
+    print(f"wrote evaluation.json and metrics_comparison.png to {config.output_dir}", flush=True)
+
+
+def _metrics(results: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
+    """evaluation.json's metrics. Standard deviations are over examples (per-example loss and
+    perplexity, per-sample scores); the loss itself is the mean over all response tokens."""
+    metrics = {}
+    for prefix, name in (("", "tuned"), ("base_", "base")):
+        losses = results[name]["losses"]
+        loss = sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
+        per_example = [total / count for total, count in losses]
+        metrics[f"{prefix}eval_loss"] = _metric(loss, per_example)
+        metrics[f"{prefix}perplexity"] = _metric(_exp(loss), [_exp(x) for x in per_example])
+        for score in ("rouge_l", "exact_match"):
+            metrics[f"{prefix}{score}"] = _metric(_mean(results[name][score]), results[name][score])
+    deltas = [t - b for t, b in zip(results["tuned"]["rouge_l"], results["base"]["rouge_l"])]
+    metrics["rouge_l_delta"] = _metric(_mean(deltas), deltas)
+    metrics["perplexity_ratio"] = {  # a ratio of two aggregates: no per-sample spread to report
+        "value": metrics["base_perplexity"]["value"] / metrics["perplexity"]["value"],
+        "standard_deviation": 0.0,
+    }
+    return metrics
+
+
+def _score(
+    name: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, Any]],
+    pairs: list[tuple[Any, Any]],
+    config: EvaluateConfig,
+) -> dict[str, list]:
+    print(f"{name}: loss on {len(examples)} examples", flush=True)
+    losses = example_losses(model, tokenizer, examples, config.batch_size, config.max_seq_length)
+    print(f"{name}: generating {len(pairs)} answers", flush=True)
+    generations = generate(
+        model, tokenizer, [prompt for prompt, _ in pairs], config.max_new_tokens, config.batch_size
+    )
+    references = [_response_text(completion) for _, completion in pairs]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return {
+        "losses": losses,
+        "generations": generations,
+        "rouge_l": [
+            scorer.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(references, generations)
+        ],
+        "exact_match": [
+            float(_normalise(ref) == _normalise(gen)) for ref, gen in zip(references, generations)
+        ],
+    }
+
+
+# --- Loss -----------------------------------------------------------------------------------------
+
+
+def example_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, Any]],
+    batch_size: int,
+    max_seq_length: int,
+) -> list[tuple[float, int]]:
+    """(summed token loss, token count) per example, over the tokens SFT trains on: the completion,
+    the last assistant turn of a conversation, or all of a plain text."""
+    tokenized = [_tokens_and_labels(example, tokenizer, max_seq_length) for example in examples]
+    tokenized = [
+        (ids, labels) for ids, labels in tokenized if any(label != -100 for label in labels[1:])
+    ]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    results = []
+    for start in range(0, len(tokenized), batch_size):
+        batch = tokenized[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor(
+            [ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=device
+        )
+        labels = torch.tensor(
+            [lab + [-100] * (width - len(lab)) for _, lab in batch], device=device
+        )
+        attention_mask = torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device
+        )
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        # Token t is predicted from the logits at t-1.
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+        )
+        counted = labels[:, 1:] != -100
+        for row in range(len(batch)):
+            results.append((token_loss[row][counted[row]].sum().item(), int(counted[row].sum())))
+        print(
+            f"  loss batch {start // batch_size + 1}/{math.ceil(len(tokenized) / batch_size)}",
+            flush=True,
+        )
+    return results
+
+
+def _tokens_and_labels(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+) -> tuple[list[int], list[int]]:
+    # Built as TRL's SFTTrainer builds a training example, so this is the loss training minimised.
+    split = _prompt_and_completion(example)
+    if split is None:  # no prompt: every token counts (TRL appends EOS to plain text)
+        if "text" in example:
+            text = example["text"] + tokenizer.eos_token
+        else:
+            text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+        ids = _encode(tokenizer, text)[:max_seq_length]
+        return ids, ids
+    prompt, completion = split
+    if isinstance(prompt, list):
+        prompt_text = tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True
+        )
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    else:
+        prompt_text, full_text = prompt, prompt + completion + tokenizer.eos_token
+    prompt_ids, full_ids = _encode(tokenizer, prompt_text), _encode(tokenizer, full_text)
+    # The completion starts where the two sequences diverge (tokens can merge across the boundary).
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
+        min(len(prompt_ids), len(full_ids)),
+    )
+    labels = [-100] * shared + full_ids[shared:]
+    return full_ids[:max_seq_length], labels[:max_seq_length]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # The chat template already holds any special tokens: adding them again would duplicate a BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- Generation -----------------------------------------------------------------------------------
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy answers to `prompts` (message lists get the chat template's generation prompt)."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        if isinstance(p, list)
+        else p
+        for p in prompts
+    ]
+    device = next(model.parameters()).device
+    answers = []
+    # Pad on the left, so that every prompt in a batch ends where generation continues.
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                add_special_tokens=False,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            with torch.no_grad():
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers += [
+                text.strip()
+                for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            ]
+            batches = math.ceil(len(texts) / batch_size)
+            print(f"  generation batch {start // batch_size + 1}/{batches}", flush=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return answers
+
+
+# --- Helpers of this stage ------------------------------------------------------------------------
+
+
+def _prompt_and_completion(example: dict[str, Any]) -> tuple[Any, Any] | None:
+    """What the model is given and what it should answer; None for text with no prompt."""
+    if "prompt" in example:
+        return example["prompt"], example["completion"]
+    if "messages" in example:
+        messages = example["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return (messages[:last], [messages[last]]) if last > 0 else None
+    return None
+
+
+def _response_text(completion: Any) -> str:
+    if isinstance(completion, list):
+        return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
+    return completion
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _exp(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # a diverged model's loss must not overflow the report
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _metric(value: float, samples: list[float]) -> dict[str, float]:
+    """A metric in the model-quality shape."""
+    return {
+        "value": float(value),
+        "standard_deviation": float(statistics.pstdev(samples)) if len(samples) > 1 else 0.0,
+    }
+
+
+def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(METRIC_NAMES), figsize=(12, 3.5))
+    for axis, name in zip(axes, METRIC_NAMES):
+        values = [metrics[f"base_{name}"]["value"], metrics[name]["value"]]
+        axis.bar(["base", "tuned"], values, color=["#9e9e9e", "#1f77b4"])
+        axis.set_title(name)
+        for x, value in enumerate(values):
+            axis.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    contract.run(main, EvaluateConfig, job="processing")

@@ -1,0 +1,117 @@
+"""The container contract: hyperparameters as SageMaker writes them, errors as it reports them."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from steps.common import contract
+from steps.common.contract import StageError
+
+
+@dataclass
+class ToyConfig:
+    name: str = "default"
+    rate: float = 0.1
+    steps: int = 3
+    verbose: bool = False
+    note: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0:
+            raise StageError(f"rate must be > 0, got {self.rate}")
+
+
+def test_hyperparameters_arrive_as_strings_some_json_encoded(training_job):
+    training_job.hyperparameters(
+        name='"abc"',
+        rate="1e-4",
+        steps="7",
+        verbose="true",
+        sagemaker_region='"us-east-1"',
+        _tuning_objective_metric="x",
+    )
+
+    config = contract.parse_config(ToyConfig, contract.read_hyperparameters(), [])
+
+    assert config == ToyConfig(name="abc", rate=1e-4, steps=7, verbose=True)
+
+
+def test_the_command_line_overrides_hyperparameters_json(training_job):
+    training_job.hyperparameters(rate="0.5", steps="7")
+    config = contract.parse_config(ToyConfig, contract.read_hyperparameters(), ["--rate", "0.25"])
+    assert (config.rate, config.steps) == (0.25, 7)
+
+
+def test_an_unknown_hyperparameter_is_named_with_the_valid_ones():
+    with pytest.raises(StageError) as caught:
+        contract.parse_config(ToyConfig, {"rat": "0.5"}, [])
+    message = str(caught.value)
+    assert "unknown hyperparameter 'rat'" in message and "did you mean 'rate'" in message
+    assert "valid: name, rate, steps, verbose, note" in message
+
+
+def test_a_value_of_the_wrong_type_or_range_names_the_parameter():
+    with pytest.raises(StageError, match="--steps.*invalid int value: 'many'"):
+        contract.parse_config(ToyConfig, {"steps": "many"}, [])
+    with pytest.raises(StageError, match="rate must be > 0, got -1.0"):
+        contract.parse_config(ToyConfig, {}, ["--rate", "-1"])
+
+
+def test_processing_arguments_accept_dashes_and_reject_unknown_flags():
+    assert contract.parse_config(ToyConfig, {}, ["--steps", "2"]).steps == 2
+    with pytest.raises(StageError, match="unknown argument '--colour'"):
+        contract.parse_config(ToyConfig, {}, ["--colour", "red"])
+
+
+def test_a_required_channel_that_is_missing_says_which_variable_to_set(training_job):
+    with pytest.raises(StageError, match="input channel 'train' is missing.*SM_CHANNEL_TRAIN"):
+        contract.channel_dir("train")
+    assert contract.optional_channel_dir("validation") is None
+
+
+def failing_main(config: ToyConfig) -> None:
+    raise StageError(f"data/train.jsonl:3: field 'text': empty string (run {config.name})")
+
+
+def test_a_stage_error_exits_2_with_one_error_line_and_the_training_failure_reason(
+    training_job, capsys
+):
+    with pytest.raises(SystemExit) as exited:
+        contract.run(failing_main, ToyConfig, job="training")
+
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == "ERROR: data/train.jsonl:3: field 'text': empty string (run default)"
+    assert training_job.failure_file.read_text() == last_line
+
+
+def test_a_bug_exits_1_with_its_traceback(training_job, capsys):
+    def broken(config: ToyConfig) -> None:
+        raise KeyError("oops")
+
+    with pytest.raises(SystemExit) as exited:
+        contract.run(broken, ToyConfig, job="training")
+
+    assert exited.value.code == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert "KeyError" in training_job.failure_file.read_text()
+
+
+def test_a_processing_stage_writes_no_failure_file(training_job, capsys):
+    with pytest.raises(SystemExit):
+        contract.run(failing_main, ToyConfig, job="processing")
+    assert not training_job.failure_file.exists()
+
+
+def test_atomic_output_moves_files_in_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), contract.atomic_output(out) as staging:
+        (staging / "half.json").write_text("{")
+        raise RuntimeError("killed halfway")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    with contract.atomic_output(out) as staging:
+        (staging / "whole.json").write_text(json.dumps({"ok": True}))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert json.loads((out / "whole.json").read_text()) == {"ok": True}

@@ -1,0 +1,184 @@
+"""The data preparation stage: de-duplication, a seeded split, the manifest; nothing on bad data."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from steps import data_prep
+from steps.common.contract import StageError
+from steps.demo_data import demo_records, write_demo_dataset
+
+from .conftest import ROOT, write_jsonl
+
+
+def prepare(input_path: Path, output_dir: Path, **options) -> dict:
+    data_prep.main(
+        data_prep.DataPrepConfig(input_dir=str(input_path), output_dir=str(output_dir), **options)
+    )
+    return json.loads((output_dir / "manifest.json").read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_duplicates_are_removed_and_the_split_is_deterministic(tmp_path):
+    source = write_demo_dataset(tmp_path / "raw" / "demo.jsonl", n=120, seed=3)
+    unique = {json.dumps(r, sort_keys=True) for r in demo_records(120, seed=3)}
+
+    manifest = prepare(source, tmp_path / "a", seed=7)
+    prepare(source, tmp_path / "b", seed=7)
+    prepare(source, tmp_path / "c", seed=8)
+
+    n_validation = round(len(unique) * 0.1)
+    assert manifest["counts"] == {
+        "records_read": 120,
+        "duplicates_removed": 120 - len(unique),
+        "train": len(unique) - n_validation,
+        "validation": n_validation,
+    }
+    assert manifest["counts"]["duplicates_removed"] > 0
+    train, validation = (
+        read_jsonl(tmp_path / "a" / "train.jsonl"),
+        read_jsonl(tmp_path / "a" / "validation.jsonl"),
+    )
+    assert {json.dumps(r, sort_keys=True) for r in train + validation} == unique
+    assert (tmp_path / "a" / "validation.jsonl").read_bytes() == (
+        tmp_path / "b" / "validation.jsonl"
+    ).read_bytes()
+    assert (tmp_path / "a" / "validation.jsonl").read_bytes() != (
+        tmp_path / "c" / "validation.jsonl"
+    ).read_bytes()
+
+
+def test_the_manifest_hashes_what_was_read_and_written(tmp_path):
+    source = write_demo_dataset(tmp_path / "raw" / "demo.jsonl", n=40)
+    out = tmp_path / "out"
+
+    manifest = prepare(tmp_path / "raw", out)
+
+    def sha256(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert manifest["inputs"] == [{"path": "demo.jsonl", "sha256": sha256(source), "records": 40}]
+    assert manifest["outputs"] == {
+        name: sha256(out / name) for name in ("train.jsonl", "validation.jsonl")
+    }
+    listing = "".join(f"{name} {digest}\n" for name, digest in sorted(manifest["outputs"].items()))
+    assert manifest["dataset_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert manifest["format"] == "prompt_completion" and manifest["tokenizer"] == "builtin:tiny"
+    for split in ("train", "validation"):
+        stats = manifest["token_lengths"][split]
+        assert 0 < stats["min"] <= stats["p50"] <= stats["p95"] <= stats["max"]
+
+
+def test_csv_message_columns_are_written_as_message_lists(tmp_path):
+    rows = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "Hey"}],
+    ]
+    pd.DataFrame({"messages": [json.dumps(row) for row in rows]}).to_csv(
+        tmp_path / "chat.csv", index=False
+    )
+    manifest = prepare(tmp_path / "chat.csv", tmp_path / "out")
+
+    records = read_jsonl(tmp_path / "out" / "train.jsonl") + read_jsonl(
+        tmp_path / "out" / "validation.jsonl"
+    )
+    assert manifest["format"] == "conversational" and manifest["conversational"] is True
+    assert sorted(r["messages"][1]["content"] for r in records) == ["Hello", "Hey"]
+
+
+def test_max_records_caps_the_prepared_data(tmp_path):
+    source = write_demo_dataset(tmp_path / "demo.jsonl", n=60)
+    manifest = prepare(source, tmp_path / "out", max_records=20, validation_fraction=0.25)
+    assert (manifest["counts"]["train"], manifest["counts"]["validation"]) == (15, 5)
+
+
+def test_fewer_than_two_unique_records_cannot_be_split(tmp_path):
+    source = write_jsonl(tmp_path / "one.jsonl", [{"text": "same"}, {"text": "same"}])
+    with pytest.raises(StageError, match="at least 2"):
+        prepare(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_fraction_outside_zero_one_names_the_parameter():
+    with pytest.raises(StageError, match=r"validation_fraction must be in \(0, 1\), got 1.5"):
+        data_prep.DataPrepConfig(input_dir="in", output_dir="out", validation_fraction=1.5)
+
+
+BAD_DATA = {
+    "truncated.jsonl": (b'{"text": "ok"}\n{"text": "cut', "truncated.jsonl:2: not valid JSON"),
+    "types.jsonl": (
+        b'{"text": "ok"}\n{"text": 42}\n',
+        "types.jsonl:2: field 'text': expected a string",
+    ),
+    "missing.jsonl": (
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
+        "missing.jsonl:2: field 'completion': missing",
+    ),
+    "empty.jsonl": (b"", "empty.jsonl: file is empty"),
+    "latin1.jsonl": (b'{"text": "ok"}\n{"text": "na\xefve"}\n', "latin1.jsonl:2: not valid UTF-8"),
+    "role.jsonl": (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}
+        ).encode(),
+        "role.jsonl:1: field 'messages[1].role': unknown role 'bot'",
+    ),
+    "pair.jsonl": (
+        (
+            b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+            b'{"prompt": "p", "chosen": "c", "rejected": "c"}\n'
+        ),
+        "pair.jsonl:2: fields 'chosen' and 'rejected' are identical",
+    ),
+    "cells.csv": (
+        (
+            b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, '
+            b'{""role"": ""assistant"", ""content"": ""yo""}]"\n'
+            b'"[{""role"": ""user"""\n'
+        ),
+        "cells.csv:3: field 'messages': not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DATA))
+def test_bad_data_fails_naming_file_line_and_field_and_writes_nothing(tmp_path, name):
+    content, expected = BAD_DATA[name]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / name).write_bytes(content)
+
+    with pytest.raises(StageError) as caught:
+        prepare(tmp_path / "raw", tmp_path / "out")
+
+    assert expected in str(caught.value)
+    # No output folder, and no staging folder left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_the_entry_point_exits_2_with_the_error_as_last_line_and_an_empty_output_folder(tmp_path):
+    (tmp_path / "raw.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "out").mkdir()  # as SageMaker provides it
+
+    command = ["-m", "steps.data_prep", "--input-dir", str(tmp_path / "raw.jsonl")]
+    done = subprocess.run(
+        [sys.executable, *command, "--output-dir", str(tmp_path / "out")],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
+
+    assert done.returncode == 2, done.stderr
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ERROR: ")
+    assert "raw.jsonl:1: field 'messages': no assistant message" in last_line
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,133 @@
+"""The evaluation stage: a tuned adapter against its base model, in the model-quality shape."""
+
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from steps import evaluate
+from steps.common import contract, models
+
+from .conftest import counting_records, write_jsonl
+
+METRICS = [
+    "eval_loss",
+    "perplexity",
+    "rouge_l",
+    "exact_match",
+    "base_eval_loss",
+    "base_perplexity",
+    "base_rouge_l",
+    "base_exact_match",
+    "rouge_l_delta",
+    "perplexity_ratio",
+]
+
+
+def run_evaluation(model_dir: Path, data_dir: Path, output_dir: Path, **options) -> dict:
+    evaluate.main(
+        evaluate.EvaluateConfig(
+            model_dir=str(model_dir),
+            data_dir=str(data_dir),
+            output_dir=str(output_dir),
+            max_new_tokens=8,
+            max_samples=6,
+            batch_size=4,
+            **options,
+        )
+    )
+    return json.loads((output_dir / "evaluation.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A data preparation output: train, validation and a manifest side by side."""
+    folder = tmp_path_factory.mktemp("data")
+    write_jsonl(folder / "train.jsonl", counting_records(32))
+    write_jsonl(folder / "validation.jsonl", counting_records(8))
+    (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_evaluation(sft_run, data_dir, tmp_path_factory) -> dict:
+    """The SFT output as SageMaker hands it to a processing job: a folder with model.tar.gz."""
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "model").mkdir()
+    with tarfile.open(root / "model" / "model.tar.gz", "w:gz") as archive:
+        for path in sorted(sft_run.model_dir.iterdir()):
+            archive.add(path, arcname=path.name)
+    evaluation = run_evaluation(root / "model", data_dir, root / "out")
+    evaluation["_output_dir"] = root / "out"
+    return evaluation
+
+
+def test_evaluation_json_has_every_metric_in_the_model_quality_shape(adapter_evaluation):
+    metrics = adapter_evaluation["metrics"]
+
+    assert sorted(metrics) == sorted(METRICS)
+    for name, metric in metrics.items():
+        assert set(metric) == {"value", "standard_deviation"}, name
+        assert all(isinstance(v, float) and math.isfinite(v) for v in metric.values()), name
+    assert adapter_evaluation["num_samples"] == 6
+    assert {"prompt", "reference", "tuned", "base"} <= set(adapter_evaluation["samples"][0])
+    assert adapter_evaluation["base_model"] == "builtin:tiny"  # read from training_summary.json
+    png = adapter_evaluation["_output_dir"] / "metrics_comparison.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_tuned_adapter_beats_its_base_and_the_derived_metrics_agree(adapter_evaluation):
+    m = {name: metric["value"] for name, metric in adapter_evaluation["metrics"].items()}
+
+    assert m["eval_loss"] < m["base_eval_loss"]
+    assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+    assert m["perplexity_ratio"] == pytest.approx(m["base_perplexity"] / m["perplexity"])
+    assert m["perplexity_ratio"] > 1
+    assert m["rouge_l_delta"] == pytest.approx(m["rouge_l"] - m["base_rouge_l"])
+
+
+def test_base_metrics_with_the_adapter_disabled_equal_evaluating_the_base_model_alone(
+    adapter_evaluation, data_dir, tmp_path
+):
+    # The base model saved as an ordinary model folder, evaluated as the "tuned" model of its own
+    # run.
+    models.load_model(models.TINY).save_pretrained(tmp_path / "base")
+    models.load_tokenizer(models.TINY).save_pretrained(tmp_path / "base")
+
+    alone = run_evaluation(tmp_path / "base", data_dir, tmp_path / "out", base_model=models.TINY)
+
+    for name in ("eval_loss", "perplexity", "rouge_l", "exact_match"):
+        assert alone["metrics"][name]["value"] == pytest.approx(
+            adapter_evaluation["metrics"][f"base_{name}"]["value"], rel=1e-5
+        ), name
+    assert [s["tuned"] for s in alone["samples"]] == [
+        s["base"] for s in adapter_evaluation["samples"]
+    ]
+
+
+def test_a_model_folder_without_a_model_fails_with_exit_2_and_no_output(
+    tmp_path, data_dir, monkeypatch, capsys
+):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "README.md").write_text("nothing here")
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "steps.evaluate",
+            "--model-dir",
+            str(tmp_path / "model"),
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
+
+    with pytest.raises(SystemExit) as exited:
+        contract.run(evaluate.main, evaluate.EvaluateConfig, job="processing")
+
+    assert exited.value.code == 2
+    assert "holds neither a Hugging Face model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
