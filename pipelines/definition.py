@@ -88,7 +88,7 @@ def get_pipeline(
     bucket: str = DEFAULT_BUCKET,
     region: str = DEFAULT_REGION,
     image_tag: str | None = None,
-) -> "Pipeline":
+) -> Pipeline:
     prepare_sdk_environment(region)
     import boto3
     from sagemaker.core.model_metrics import MetricsSource, ModelMetrics

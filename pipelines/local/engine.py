@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import boto3
 import botocore.session
@@ -28,12 +29,21 @@ from botocore.validate import ParamValidator
 
 from pipelines import UserError
 from pipelines.local import jobs
-from pipelines.local.expressions import ExpressionError, Scope, evaluate_condition, references, resolve
+from pipelines.local.expressions import (
+    ExpressionError,
+    Scope,
+    evaluate_condition,
+    references,
+    resolve,
+)
 
 _OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJob",
                "RegisterModel": "CreateModelPackage"}
 _JOB_NAME_FIELD = {"Processing": "ProcessingJobName", "Training": "TrainingJobName"}
 SUPPORTED_TYPES = {"Processing", "Training", "RegisterModel", "Condition", "Fail"}
+# What a step can fail with that is the step's failure, not the engine's: missing S3 inputs,
+# an image that cannot run the stage, a registry refusal.
+_STEP_ERRORS = (UserError, ExpressionError, FileNotFoundError, ValueError, ClientError)
 
 
 @dataclass
@@ -168,7 +178,7 @@ def _job_name(execution_id: str, step: str) -> str:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def run_execution(
@@ -256,7 +266,7 @@ def run_execution(
         save()
         try:
             _run_step(step.spec, state, scope, folder / step_name, s3, sagemaker, record, progress)
-        except (UserError, ExpressionError, jobs_errors) as exc:
+        except _STEP_ERRORS as exc:
             state.status, state.failure_reason = "Failed", str(exc)
             with open(state.log, "a") as log:
                 log.write(f"ERROR: {exc}\n")
@@ -277,13 +287,10 @@ def run_execution(
     return record
 
 
-jobs_errors = (FileNotFoundError, ValueError, ClientError)
-
-
 def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
               record: ExecutionRecord, progress: Progress) -> None:
     kind, arguments = spec["Type"], spec.get("Arguments", {})
-    on_line: Callable[[str], None] = lambda line: progress.step_line(state, line)  # noqa: E731
+    on_line: Callable[[str], None] = lambda line: progress.step_line(state, line)
 
     if kind == "Condition":
         outcome = all(evaluate_condition(c, scope) for c in arguments.get("Conditions", []))

@@ -66,12 +66,12 @@ def ensure_running() -> str:
     home().mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(home() / "moto-server.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,  # survives the command that started it
-    )
+    with open(home() / "moto-server.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the command that started it
+        )
     deadline = time.monotonic() + 30
     while not _alive(url):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -18,7 +18,7 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, check=False, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ def env(local_home):
 @pytest.fixture(scope="module")
 def clients(env):
     url = cli(env, "server", "status").stdout.strip()
-    kwargs = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="local",
-                  aws_secret_access_key="local")
+    kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
+                  "aws_secret_access_key": "local"}
     return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
 
 
