@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,3 +28,12 @@ def local_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("llm-pipeline-home")
     yield home
     cli(clean_env(home), "server", "stop")
+
+
+@pytest.fixture(scope="module")
+def clients(local_home):
+    """boto3 SageMaker and S3 clients of the module's local server (started if needed)."""
+    url = cli(clean_env(local_home), "server", "start").stdout.strip()
+    kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
+              "aws_secret_access_key": "local"}
+    return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)

@@ -2,7 +2,6 @@
 
 import json
 
-import boto3
 import pytest
 
 from tests.pipelines.conftest import clean_env, cli
@@ -14,14 +13,6 @@ def env(local_home):
     started = cli(environment, "server", "start")
     assert started.returncode == 0, started.stderr
     return environment
-
-
-@pytest.fixture(scope="module")
-def clients(env):
-    url = cli(env, "server", "status").stdout.strip()
-    kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
-                  "aws_secret_access_key": "local"}
-    return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
 
 
 def test_server_state_survives_between_commands(env, clients):

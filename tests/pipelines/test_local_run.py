@@ -2,7 +2,6 @@
 
 import json
 
-import boto3
 import pytest
 
 from tests.pipelines.conftest import clean_env, cli
@@ -23,14 +22,6 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sums.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return path
-
-
-@pytest.fixture(scope="module")
-def clients(env):
-    url = cli(env, "server", "start").stdout.strip()
-    kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
-                  "aws_secret_access_key": "local"}
-    return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
 
 
 def run(env, data, group, *extra):
