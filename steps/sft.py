@@ -241,9 +241,8 @@ def main(config: SFTStageConfig) -> None:
         ),
         callbacks=[metrics],
     )
-    trainer.remove_callback(
-        PrinterCallback
-    )  # it prints logs as dicts; MetricsCallback prints lines
+    # PrinterCallback prints every log as a dict, next to MetricsCallback's lines.
+    trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     print(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",

@@ -103,9 +103,8 @@ def read_records(path: Path) -> list[Record]:
 
 def _decode_utf8(raw: bytes, display: str) -> str:
     try:
-        return raw.decode(
-            "utf-8-sig"
-        )  # -sig: tolerate the byte-order mark spreadsheet programs write
+        # utf-8-sig: tolerate the byte-order mark that spreadsheet programs write.
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise StageError(

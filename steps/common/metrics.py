@@ -44,9 +44,8 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (
-        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-    )  # bytes on macOS, KiB on Linux
+    # ru_maxrss is in bytes on macOS, in KiB on Linux.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class MetricsCallback(TrainerCallback):

@@ -16,6 +16,5 @@ def test_the_demo_dataset_is_deterministic_valid_and_has_a_few_duplicates(tmp_pa
     assert 0 < len(records) - len(distinct) <= 10
     assert [r.data for r in records] == demo_records(400, seed=0)
     assert demo_records(400, seed=1) != demo_records(400, seed=0)
-    assert (
-        max(len(r.data["completion"]) for r in records) < 60
-    )  # short answers keep generation cheap
+    # Short answers keep evaluation's generation cheap.
+    assert max(len(r.data["completion"]) for r in records) < 60

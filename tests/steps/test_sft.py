@@ -28,9 +28,8 @@ def test_a_lora_run_saves_an_adapter_in_peft_layout_that_reloads_and_generates(s
         and adapter_config["base_model_name_or_path"] == "builtin:tiny"
     )
 
-    model = models.load_model(
-        str(sft_run.model_dir)
-    )  # the base model comes from adapter_config.json
+    # The base model comes from what adapter_config.json records.
+    model = models.load_model(str(sft_run.model_dir))
     tokenizer = models.load_tokenizer(str(sft_run.model_dir))
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Count to 3."}],
