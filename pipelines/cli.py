@@ -37,16 +37,17 @@ def _parameters(pairs: list[str]) -> dict[str, str]:
 def _connect(args) -> dict:
     """Point boto3 at the chosen target; returns what the commands need to know about it."""
     if args.target == "local":
-        url = os.environ.get("AWS_ENDPOINT_URL") if server.endpoint_configured() else None
-        if not url and not server.endpoint_configured():
-            url = server.use_local_aws()
+        if server.endpoint_configured():
+            endpoint = "named by AWS_ENDPOINT_URL*"
+        else:
+            endpoint = server.use_local_aws()
         os.environ.setdefault("AWS_DEFAULT_REGION", server.LOCAL_REGION)
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         region = args.region or os.environ["AWS_DEFAULT_REGION"]
         return {"region": region, "account": definition.LOCAL_ACCOUNT,
                 "role_arn": args.role_arn or definition.DEFAULT_ROLE_ARN,
-                "bucket": args.bucket or definition.DEFAULT_BUCKET, "endpoint": url or "(AWS_ENDPOINT_URL*)"}
+                "bucket": args.bucket or definition.DEFAULT_BUCKET, "endpoint": endpoint}
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -67,11 +68,15 @@ def _connect(args) -> dict:
             "endpoint": "AWS"}
 
 
-def _build(args, target: dict) -> tuple[recipe.Recipe, dict]:
+def _build(args, role_arn: str, bucket: str, region: str) -> tuple[recipe.Recipe, str]:
+    """The recipe and its definition text, exactly as the SDK wrote it."""
     chosen = recipe.load(args.recipe)
-    text = definition.definition_json(chosen, role_arn=target["role_arn"], bucket=target["bucket"],
-                                      region=target["region"], image_tag=args.image_tag)
-    return chosen, json.loads(text)
+    return chosen, definition.definition_json(chosen, role_arn=role_arn, bucket=bucket,
+                                              region=region, image_tag=args.image_tag)
+
+
+def _build_for(args, target: dict) -> tuple[recipe.Recipe, str]:
+    return _build(args, target["role_arn"], target["bucket"], target["region"])
 
 
 def _ensure_bucket(s3, bucket: str, region: str) -> None:
@@ -95,14 +100,14 @@ def _stage_input(s3, bucket: str, value: str) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise UserError(f"InputData folder {path} is empty")
+    relative = {f: f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files}
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.name.encode())
+        digest.update(relative[file].encode())
         digest.update(file.read_bytes())
     prefix = f"inputs/{digest.hexdigest()[:16]}"
     for file in files:
-        relative = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        s3.upload_file(str(file), bucket, f"{prefix}/{relative}")
+        s3.upload_file(str(file), bucket, f"{prefix}/{relative[file]}")
     return f"s3://{bucket}/{prefix}" + ("" if path.is_dir() else f"/{path.name}")
 
 
@@ -128,9 +133,6 @@ def _executions_dir() -> Path:
 
 class _PlainProgress:
     """One line per event; used when stdout is not a terminal (CI, logs)."""
-
-    def __init__(self) -> None:
-        self.last_print: dict[str, float] = {}
 
     def step_started(self, state) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {state.name} ({state.type}) started", flush=True)
@@ -200,11 +202,9 @@ class _LiveProgress:
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_definition(args) -> int:
-    region = args.region or definition.DEFAULT_REGION
-    chosen = recipe.load(args.recipe)
-    text = definition.definition_json(
-        chosen, role_arn=args.role_arn or definition.DEFAULT_ROLE_ARN,
-        bucket=args.bucket or definition.DEFAULT_BUCKET, region=region, image_tag=args.image_tag)
+    _, text = _build(args, args.role_arn or definition.DEFAULT_ROLE_ARN,
+                     args.bucket or definition.DEFAULT_BUCKET,
+                     args.region or definition.DEFAULT_REGION)
     overrides = _parameters(args.parameter)
     if overrides:
         from pipelines.local.engine import resolve_parameters
@@ -222,12 +222,13 @@ def cmd_definition(args) -> int:
 def cmd_run(args) -> int:
     import boto3
 
-    from pipelines.local.engine import run_execution
+    from pipelines.local.engine import run_execution, step_names
 
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
     target = _connect(args)
-    chosen, document = _build(args, target)
+    chosen, text = _build_for(args, target)
+    document = json.loads(text)
     overrides = _parameters(args.parameter)
     s3 = boto3.client("s3")
     _ensure_bucket(s3, target["bucket"], target["region"])
@@ -238,16 +239,15 @@ def cmd_run(args) -> int:
 
     print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
           flush=True)
-    from pipelines.local.engine import _flatten, topological_order
+    def execute(progress) -> object:
+        return run_execution(document, overrides, _executions_dir(), target["region"],
+                             target["account"], definition.pipeline_name(chosen), progress)
 
-    names = topological_order(_flatten(document["Steps"]))
     if sys.stdout.isatty():
-        with _LiveProgress(names) as progress:
-            record = run_execution(document, overrides, _executions_dir(), target["region"],
-                                   target["account"], progress, definition.pipeline_name(chosen))
+        with _LiveProgress(step_names(document)) as progress:
+            record = execute(progress)
     else:
-        record = run_execution(document, overrides, _executions_dir(), target["region"],
-                               target["account"], _PlainProgress(), definition.pipeline_name(chosen))
+        record = execute(_PlainProgress())
     return _report(record, s3)
 
 
@@ -299,17 +299,17 @@ def cmd_upsert(args) -> int:
     import boto3
 
     target = _connect(args)
-    chosen, document = _build(args, target)
+    chosen, text = _build_for(args, target)
     sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
     name = definition.pipeline_name(chosen)
-    body = json.dumps(document)
-    request = {"PipelineName": name, "PipelineDefinition": body, "RoleArn": target["role_arn"],
+    # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
+    request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
                "PipelineDescription": chosen.description[:3000]}
     from botocore.exceptions import ClientError
 
     try:
         sagemaker.describe_pipeline(PipelineName=name)
-        response = sagemaker.update_pipeline(**{k: v for k, v in request.items()})
+        response = sagemaker.update_pipeline(**request)
         action = "updated"
     except ClientError as exc:
         if not any(s in str(exc) for s in ("does not exist", "Could not find", "ResourceNotFound")):

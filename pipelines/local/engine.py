@@ -116,6 +116,11 @@ def topological_order(steps: dict[str, _Step]) -> list[str]:
     return order
 
 
+def step_names(definition: dict) -> list[str]:
+    """Every step of the definition, branch steps included, in the order they would run."""
+    return topological_order(_flatten(definition.get("Steps", [])))
+
+
 def resolve_parameters(definition: dict, overrides: dict[str, str]) -> dict[str, Any]:
     """Parameter values with defaults and typed overrides, as StartPipelineExecution does."""
     declared = {p["Name"]: p for p in definition.get("Parameters", [])}
@@ -187,8 +192,8 @@ def run_execution(
     executions_dir: Path,
     region: str,
     account: str,
+    pipeline_name: str,
     progress: Progress | None = None,
-    pipeline_name: str | None = None,
 ) -> ExecutionRecord:
     """Execute the definition; returns the record (also saved as JSON next to the logs)."""
     progress = progress or Progress()
@@ -199,12 +204,11 @@ def run_execution(
     order = topological_order(steps)
     parameters = resolve_parameters(definition, overrides)
 
-    name = pipeline_name or definition.get("PipelineName", "pipeline")
     execution_id = secrets.token_hex(6)
-    arn = f"arn:aws:sagemaker:{region}:{account}:pipeline/{name}/execution/{execution_id}"
-    record = ExecutionRecord(execution_id, name, arn, parameters, time.time(),
+    arn = f"arn:aws:sagemaker:{region}:{account}:pipeline/{pipeline_name}/execution/{execution_id}"
+    record = ExecutionRecord(execution_id, pipeline_name, arn, parameters, time.time(),
                              steps={n: StepRecord(n, s.spec["Type"]) for n, s in steps.items()})
-    folder = executions_dir / name / execution_id
+    folder = executions_dir / pipeline_name / execution_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "definition.json").write_text(json.dumps(definition, indent=1))
 
@@ -242,7 +246,7 @@ def run_execution(
         execution={
             "PipelineExecutionId": execution_id,
             "PipelineExecutionArn": arn,
-            "PipelineName": name,
+            "PipelineName": pipeline_name,
             "StartDateTime": _now_iso(),
             "CurrentDateTime": _now_iso(),
         },
