@@ -43,8 +43,9 @@ PARAMETER_TYPES = {
 }
 
 # What the training stage prints (steps/common/metrics.py) and SageMaker reads from the log.
+# The leading space keeps `tokens_per_second` from also matching `mean_tokens_per_second`.
 METRIC_DEFINITIONS = {
-    name: rf"{name}=([0-9.eE+-]+)"
+    name: rf"[ ]{name}=([0-9.eE+-]+)"
     for name in ("train_loss", "eval_loss", "learning_rate", "tokens_per_second",
                  "trainable_parameters", "peak_memory_mb")
 }
