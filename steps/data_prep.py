@@ -22,7 +22,14 @@ import numpy as np
 
 from steps.common import contract
 from steps.common.contract import StageError
-from steps.common.datasets import DatasetFormat, Record, data_files, read_records, validate_records
+from steps.common.datasets import (
+    DatasetFormat,
+    Record,
+    data_files,
+    read_records,
+    sft_example,
+    validate_records,
+)
 from steps.common.models import load_tokenizer
 
 
@@ -157,23 +164,30 @@ def _deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _token_length(data: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> int:
-    """Tokens in the longest sequence of a record: prompt + response, messages templated."""
-    if fmt.name == "language_modeling":
-        sequences = [data["text"]]
-    elif fmt.name == "conversational":
-        sequences = [data["messages"]]
+    """Tokens in the longest sequence of a record as training sees it.
+
+    Each sequence takes the shape `sft_example` gives it (so a string prompt/completion becomes
+    a chat turn when the tokenizer has a template, as SFT trains it); preference records are
+    measured on both the chosen and the rejected response.
+    """
+    chat = bool(tokenizer.chat_template)
+    if fmt.name == "preference":
+        variants = [{**data, "chosen": data[side]} for side in ("chosen", "rejected")]
+    elif fmt.name == "unpaired_preference":
+        variants = [{**data, "label": True}]  # measured whether or not SFT would keep it
     else:
-        prompt = data.get("prompt", [] if fmt.conversational else "")
-        responses = (
-            [data["chosen"], data["rejected"]] if fmt.name == "preference" else [data["completion"]]
-        )
-        sequences = [
-            prompt + response for response in responses
-        ]  # string or message-list concatenation
+        variants = [data]
     lengths = []
-    for sequence in sequences:
+    for variant in variants:
+        example = sft_example(variant, fmt, chat)
+        if "text" in example:
+            sequence = example["text"]
+        elif "messages" in example:
+            sequence = example["messages"]
+        else:
+            sequence = example["prompt"] + example["completion"]  # strings or message lists
         if isinstance(sequence, list):
-            if not tokenizer.chat_template:
+            if not chat:
                 raise StageError(
                     "the data is conversational but the tokenizer has no chat template; pick a "
                     "chat model with --tokenizer"

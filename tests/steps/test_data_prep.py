@@ -182,3 +182,21 @@ def test_the_entry_point_exits_2_with_the_error_as_last_line_and_an_empty_output
     assert last_line.startswith("ERROR: ")
     assert "raw.jsonl:1: field 'messages': no assistant message" in last_line
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_token_lengths_count_the_chat_template_that_training_applies(tmp_path):
+    from steps.common.models import load_tokenizer
+
+    record = {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4."}
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "d.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record | {
+        "prompt": "What is 3 + 3?", "completion": "3 + 3 = 6."}) + "\n")
+    manifest = prepare(tmp_path / "raw", tmp_path / "out")
+    tokenizer = load_tokenizer("builtin:tiny")
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": record["prompt"]},
+         {"role": "assistant", "content": record["completion"]}], tokenize=False)
+    expected = len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+    lengths = [manifest["token_lengths"][split]["max"] for split in ("train", "validation")]
+    assert expected in lengths
+    assert expected > len(tokenizer(record["prompt"] + record["completion"])["input_ids"])
