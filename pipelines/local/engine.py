@@ -262,6 +262,7 @@ def run_execution(
         branch_not_taken = step.gate and record.steps[step.gate[0]].outcome != str(step.gate[1]).lower()
         if blocked or branch_not_taken or record.status == "Failed":
             state.status = "NotExecuted"
+            progress.step_finished(state)
             continue
         state.status, state.started = "Executing", time.time()
         state.log = str(folder / step_name / "log.txt")
