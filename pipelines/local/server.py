@@ -37,9 +37,12 @@ def _record() -> Path:
 
 
 def _alive(url: str) -> bool:
+    # The dashboard root, not /moto-api/data.json: that one serialises every backend's state
+    # and answers 500 once S3 holds a multipart upload, which would look like a dead server
+    # and start a new, empty one.
     try:
-        with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2):
-            return True
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as response:
+            return response.status == 200
     except OSError:
         return False
 

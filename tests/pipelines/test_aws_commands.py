@@ -15,11 +15,26 @@ def env(local_home):
     return environment
 
 
-def test_server_state_survives_between_commands(env, clients):
-    sagemaker, _ = clients
+def test_server_state_survives_between_commands(env, clients, tmp_path):
+    sagemaker, s3 = clients
+    url = cli(env, "server", "status").stdout.strip()
     sagemaker.create_model_package_group(ModelPackageGroupName="survives")
-    listed = cli(env, "registry", "list", "--group", "survives")
-    assert listed.returncode == 0 and "no model packages in group survives" in listed.stdout
+    arn = sagemaker.create_model_package(
+        ModelPackageGroupName="survives", ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz"}],
+                                "SupportedContentTypes": ["application/json"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+    )["ModelPackageArn"]
+    # a model-sized artifact goes up as a multipart upload, as the engine's uploads do
+    s3.create_bucket(Bucket="survives")
+    artifact = tmp_path / "model.tar.gz"
+    artifact.write_bytes(b"\0" * (9 * 1024 * 1024))
+    s3.upload_file(str(artifact), "survives", "model.tar.gz")
+
+    listed = cli(env, "registry", "list", "--group", "survives", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [p["arn"] for p in json.loads(listed.stdout)] == [arn]
+    assert cli(env, "server", "status").stdout.strip() == url  # the same server, not a new one
 
 
 def test_upsert_then_start_wait_reports_the_execution_status(env, clients):
