@@ -111,18 +111,21 @@ def _stage_input(s3, bucket: str, value: str) -> str:
     return f"s3://{bucket}/{prefix}" + ("" if path.is_dir() else f"/{path.name}")
 
 
-def _ensure_demo_data(s3, bucket: str) -> None:
+def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
+    """Upload the recipe's built-in demo dataset (`sft` or `corpus`) unless it is there."""
     from botocore.exceptions import ClientError
 
+    key = definition.DEMO_DATA_KEYS[kind]
     try:
-        s3.head_object(Bucket=bucket, Key=definition.DEMO_DATA_KEY)
+        s3.head_object(Bucket=bucket, Key=key)
     except ClientError:
-        from steps.demo_data import write_demo_dataset
+        from steps import demo_data
 
+        writer = demo_data.write_demo_dataset if kind == "sft" else demo_data.write_demo_corpus
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "demo.jsonl"
-            write_demo_dataset(path)
-            s3.upload_file(str(path), bucket, definition.DEMO_DATA_KEY)
+            writer(path)
+            s3.upload_file(str(path), bucket, key)
 
 
 def _executions_dir() -> Path:
@@ -235,7 +238,7 @@ def cmd_run(args) -> int:
     if "InputData" in overrides:
         overrides["InputData"] = _stage_input(s3, target["bucket"], overrides["InputData"])
     else:
-        _ensure_demo_data(s3, target["bucket"])
+        _ensure_demo_data(s3, target["bucket"], chosen.demo_data)
 
     print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
           flush=True)
@@ -323,7 +326,7 @@ def cmd_upsert(args) -> int:
                                              ModelPackageGroupDescription=chosen.description[:1000])
     if args.target == "local":
         _ensure_bucket(s3, target["bucket"], target["region"])
-        _ensure_demo_data(s3, target["bucket"])
+        _ensure_demo_data(s3, target["bucket"], chosen.demo_data)
     print(f"{action} pipeline {name}: {response['PipelineArn']}")
     return 0
 
@@ -433,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, with_recipe: bool = True, with_params: bool = True) -> None:
         if with_recipe:
-            p.add_argument("--recipe", default="sft-lora", help="recipe name or YAML path")
+            p.add_argument("--recipe", default="sft", help="recipe name or YAML path")
         if with_params:
             p.add_argument("-p", "--parameter", action="append", metavar="Key=Value",
                            help="pipeline parameter override (repeatable)")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from containers import images
 from pipelines import UserError
-from pipelines.recipe import Recipe
+from pipelines.recipe import Recipe, parameter_reference
 
 if TYPE_CHECKING:
     from sagemaker.mlops.workflow.pipeline import Pipeline
@@ -29,25 +29,30 @@ DEFAULT_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT}:role/llm-pipeline-execution"
 DEFAULT_BUCKET = f"llm-pipeline-{LOCAL_ACCOUNT}"
 DEMO_DATA_KEY = "datasets/demo/sft-demo.jsonl"
 
-# Pipeline parameters every recipe exposes (scripts rely on these names) and their types.
-PARAMETER_TYPES = {
-    "InputData": "String",
-    "BaseModel": "String",
-    "ProcessingInstanceType": "String",
-    "TrainingInstanceType": "String",
-    "Epochs": "Integer",
-    "LearningRate": "Float",
-    "LoraRank": "Integer",
-    "EvalThreshold": "Float",
-    "ModelPackageGroup": "String",
+# Parameters every pipeline has, with the defaults used when the recipe gives none. A recipe
+# declares any others under `parameters`; their type follows the default's (int, float, str).
+COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
+    "InputData": None,  # the recipe's demo dataset in the bucket
+    "ProcessingInstanceType": "ml.m5.xlarge",
+    "TrainingInstanceType": "ml.g5.xlarge",
+    "TrainingInstanceCount": 1,
+    "EvalThreshold": 1.0,
+    "ModelPackageGroup": None,  # the recipe's model_package_group
 }
+DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl"}
+
+# Recipe stage kind -> (step name, container module). Training stages run in the recipe's order.
+TRAINING_STEPS = {"pretrain": ("Pretrain", "steps.pretrain"), "cpt": ("CPT", "steps.cpt"),
+                  "sft": ("SFT", "steps.sft")}
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # steps.common.contract.checkpoint_dir's default
 
 # What the training stage prints (steps/common/metrics.py) and SageMaker reads from the log.
 # The leading space keeps `tokens_per_second` from also matching `mean_tokens_per_second`.
 METRIC_DEFINITIONS = {
     name: rf"[ ]{name}=([0-9.eE+-]+)"
     for name in ("train_loss", "eval_loss", "learning_rate", "tokens_per_second",
-                 "trainable_parameters", "peak_memory_mb")
+                 "mean_tokens_per_second", "total_tokens", "trainable_parameters",
+                 "peak_memory_mb")
 }
 
 
@@ -75,12 +80,26 @@ def _account_of(role_arn: str) -> str:
     return parts[4]
 
 
-def _cli_args(settings: dict[str, object]) -> list[str]:
-    """Stage settings as command-line arguments of a processing entry point."""
-    args: list[str] = []
-    for key, value in settings.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+def _parameters(recipe: Recipe, bucket: str) -> dict[str, object]:
+    """Pipeline parameter name -> default value, common ones first, then the recipe's own."""
+    defaults = dict(COMMON_PARAMETER_DEFAULTS)
+    defaults["InputData"] = f"s3://{bucket}/{DEMO_DATA_KEYS[recipe.demo_data]}"
+    defaults["ModelPackageGroup"] = recipe.model_package_group
+    defaults.update(recipe.parameters)
+    for key, value in defaults.items():
+        if not key.isidentifier() or not key[:1].isupper():
+            raise UserError(f"{recipe.source}: parameters.{key}: parameter names are CamelCase "
+                            "identifiers such as LearningRate")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise UserError(f"{recipe.source}: parameters.{key}={value!r}: a default must be a "
+                            "string, an integer or a float (write booleans as 'true'/'false')")
+        common = COMMON_PARAMETER_DEFAULTS.get(key)
+        if common is not None and type(value) is not type(common):
+            if not (isinstance(common, float) and isinstance(value, int)):
+                raise UserError(f"{recipe.source}: parameters.{key}={value!r} is not "
+                                f"{type(common).__name__}")
+            defaults[key] = float(value)
+    return defaults
 
 
 def get_pipeline(
@@ -100,7 +119,16 @@ def get_pipeline(
         ProcessingS3Input,
         ProcessingS3Output,
     )
-    from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo
+    from sagemaker.core.training.configs import (
+        CheckpointConfig,
+        Compute,
+        InputData,
+        OutputDataConfig,
+    )
+    from sagemaker.core.workflow.conditions import (
+        ConditionGreaterThanOrEqualTo,
+        ConditionLessThanOrEqualTo,
+    )
     from sagemaker.core.workflow.execution_variables import ExecutionVariables
     from sagemaker.core.workflow.functions import Join, JsonGet
     from sagemaker.core.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
@@ -110,9 +138,14 @@ def get_pipeline(
     from sagemaker.mlops.workflow.fail_step import FailStep
     from sagemaker.mlops.workflow.model_step import ModelStep
     from sagemaker.mlops.workflow.pipeline import Pipeline
+    from sagemaker.mlops.workflow.retry import (
+        SageMakerJobExceptionTypeEnum,
+        SageMakerJobStepRetryPolicy,
+        StepExceptionTypeEnum,
+        StepRetryPolicy,
+    )
     from sagemaker.mlops.workflow.steps import CacheConfig, ProcessingStep, TrainingStep
     from sagemaker.serve.model_builder import ModelBuilder
-    from sagemaker.train.configs import Compute, InputData, OutputDataConfig
     from sagemaker.train.model_trainer import ModelTrainer
 
     class StageTrainingStep(TrainingStep):
@@ -120,7 +153,9 @@ def get_pipeline(
 
         ModelTrainer sets ContainerEntrypoint only for its own uploaded-source driver; our
         code is baked into the image (so caching can hit), hence the entry point is added
-        to the request here.
+        to the request here. For the same reason the SDK's distributed configs (which upload
+        driver scripts under a timestamped key on every build) are not used: a stage started
+        on several instances launches torchrun itself (steps.common.contract.run).
         """
 
         def __init__(self, name: str, module: str, **kwargs):
@@ -139,25 +174,25 @@ def get_pipeline(
     training_image = images.image_uri(f"{images.REPOSITORY_PREFIX}-training", account, region, tag)
     name = pipeline_name(recipe)
 
-    unknown = set(recipe.parameters) - set(PARAMETER_TYPES)
-    if unknown:
-        raise UserError(f"{recipe.source}: unknown pipeline parameter(s) {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(PARAMETER_TYPES)}")
-    defaults = {"InputData": f"s3://{bucket}/{DEMO_DATA_KEY}",
-                "ModelPackageGroup": recipe.model_package_group, **recipe.parameters}
-    make = {"String": ParameterString, "Integer": ParameterInteger, "Float": ParameterFloat}
-    cast = {"String": str, "Integer": int, "Float": float}
-    params = {}
-    for key, kind in PARAMETER_TYPES.items():
-        if key not in defaults:
-            raise UserError(f"{recipe.source}: parameters.{key} needs a default value")
-        try:
-            default = cast[kind](defaults[key])
-        except (TypeError, ValueError):
-            raise UserError(f"{recipe.source}: parameters.{key}={defaults[key]!r} is not "
-                            f"{kind.lower()}") from None
-        params[key] = make[kind](name=key, default_value=default)
+    make = {str: ParameterString, int: ParameterInteger, float: ParameterFloat}
+    params = {key: make[type(value)](name=key, default_value=value)
+              for key, value in _parameters(recipe, bucket).items()}
     p = params
+
+    def setting(value: object):
+        """A stage setting as a definition value: a parameter reference, or the literal text."""
+        reference = parameter_reference(value)
+        if reference is None:
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        parameter = params[reference]
+        return parameter if isinstance(parameter, ParameterString) else parameter.to_string()
+
+    def cli_args(stage: str) -> list:
+        """A processing stage's settings as its command-line arguments."""
+        args: list = []
+        for key, value in recipe.stages[stage].items():
+            args += [f"--{key.replace('_', '-')}", setting(value)]
+        return args
 
     session = PipelineSession(boto_session=boto3.Session(region_name=region), default_bucket=bucket)
     # default_bucket() would otherwise check (and create) the bucket through S3.
@@ -182,6 +217,17 @@ def get_pipeline(
                          max_runtime_in_seconds=4 * 3600)
 
     cache = CacheConfig(enable_caching=True, expire_after="P30D")
+    # Service faults and throttling retry quickly; lost capacity and internal job errors after a
+    # minute or more. A stage's own failure (bad data, a bad parameter) is not retried.
+    retries = [
+        StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT,
+                                         StepExceptionTypeEnum.THROTTLING],
+                        interval_seconds=10, backoff_rate=2.0, max_attempts=3),
+        SageMakerJobStepRetryPolicy(exception_types=[SageMakerJobExceptionTypeEnum.INTERNAL_ERROR,
+                                                     SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
+                                                     SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT],
+                                    interval_seconds=60, backoff_rate=2.0, max_attempts=3),
+    ]
 
     # 1. Data preparation -------------------------------------------------------------
     manifest = PropertyFile(name="DataManifest", output_name="data", path="manifest.json")
@@ -191,46 +237,49 @@ def get_pipeline(
             inputs=[s3_input("raw", p["InputData"], "/opt/ml/processing/input/raw")],
             outputs=[s3_output("data", output_uri("DataPrep", "data"), "/opt/ml/processing/output")],
             arguments=["--input-dir", "/opt/ml/processing/input/raw",
-                       "--output-dir", "/opt/ml/processing/output",
-                       "--tokenizer", p["BaseModel"],
-                       *_cli_args(recipe.stages.get("data_prep", {}))],
+                       "--output-dir", "/opt/ml/processing/output", *cli_args("data_prep")],
         ),
         property_files=[manifest],
         cache_config=cache,
+        retry_policies=retries,
     )
     data_uri = data_prep.properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
 
-    # 2. Supervised fine-tuning (LoRA) --------------------------------------------------
-    hyperparameters = {key: str(value) for key, value in recipe.stages.get("sft", {}).items()}
-    hyperparameters.update({
-        "base_model": p["BaseModel"],
-        "epochs": p["Epochs"].to_string(),
-        "learning_rate": p["LearningRate"].to_string(),
-        "lora_r": p["LoraRank"].to_string(),
-        "peft_method": "lora",
-    })
-    trainer = ModelTrainer(
-        training_image=training_image,
-        role=role_arn,
-        sagemaker_session=session,
-        compute=Compute(instance_type=p["TrainingInstanceType"], instance_count=1,
-                        volume_size_in_gb=100),
-        hyperparameters=hyperparameters,
-        output_data_config=OutputDataConfig(s3_output_path=output_uri("SFT", "model")),
-    ).with_metric_definitions([{"name": k, "regex": v} for k, v in METRIC_DEFINITIONS.items()])
-    sft = StageTrainingStep(
-        name="SFT",
-        module="steps.sft",
-        step_args=trainer.train(input_data_config=[
+    # 2. Training stages, each starting from the model of the one before -----------------
+    training_steps = []
+    model_uri = None
+    for stage in recipe.training_stages:
+        step_name, module = TRAINING_STEPS[stage]
+        channels = [
             InputData(channel_name="train", data_source=Join(on="/", values=[data_uri, "train.jsonl"])),
             InputData(channel_name="validation",
                       data_source=Join(on="/", values=[data_uri, "validation.jsonl"])),
-        ]),
-        cache_config=cache,
-    )
-    model_uri = sft.properties.ModelArtifacts.S3ModelArtifacts
+        ]
+        if model_uri is not None:
+            channels.append(InputData(channel_name="model", data_source=model_uri))
+        trainer = ModelTrainer(
+            training_image=training_image,
+            role=role_arn,
+            sagemaker_session=session,
+            compute=Compute(instance_type=p["TrainingInstanceType"],
+                            instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100),
+            hyperparameters={key: setting(value) for key, value in recipe.stages[stage].items()},
+            output_data_config=OutputDataConfig(s3_output_path=output_uri(step_name, "model")),
+            # Synced to S3 while the job runs; a retried or restarted job resumes from it.
+            checkpoint_config=CheckpointConfig(s3_uri=output_uri(step_name, "checkpoints"),
+                                               local_path=CHECKPOINT_LOCAL_PATH),
+        ).with_metric_definitions([{"name": k, "regex": v} for k, v in METRIC_DEFINITIONS.items()])
+        step = StageTrainingStep(
+            name=step_name,
+            module=module,
+            step_args=trainer.train(input_data_config=channels),
+            cache_config=cache,
+            retry_policies=retries,
+        )
+        training_steps.append(step)
+        model_uri = step.properties.ModelArtifacts.S3ModelArtifacts
 
-    # 3. Evaluation: tuned vs base ------------------------------------------------------
+    # 3. Evaluation: the trained model against its base ---------------------------------
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
     evaluate = ProcessingStep(
         name="Evaluate",
@@ -241,18 +290,31 @@ def get_pipeline(
                                "/opt/ml/processing/evaluation")],
             arguments=["--model-dir", "/opt/ml/processing/model",
                        "--data-dir", "/opt/ml/processing/data",
-                       "--output-dir", "/opt/ml/processing/evaluation",
-                       "--base-model", p["BaseModel"],
-                       *_cli_args(recipe.stages.get("evaluate", {}))],
+                       "--output-dir", "/opt/ml/processing/evaluation", *cli_args("evaluate")],
         ),
         property_files=[evaluation],
         cache_config=cache,
+        retry_policies=retries,
     )
     evaluation_uri = evaluate.properties.ProcessingOutputConfig.Outputs["evaluation"].S3Output.S3Uri
     gate_value = JsonGet(step_name=evaluate.name, property_file=evaluation,
                          json_path=f"metrics.{recipe.gate_metric}.value")
 
     # 4. Gate, then registration or failure ------------------------------------------------
+    metadata = {
+        "recipe": recipe.name,
+        "training_stages": ",".join(recipe.training_stages),
+        "data_manifest_sha256": JsonGet(step_name=data_prep.name, property_file=manifest,
+                                        json_path="dataset_sha256"),
+        "code_version": tag,
+        "pipeline_execution": ExecutionVariables.PIPELINE_EXECUTION_ID,
+        "gate_metric": recipe.gate_metric,
+        f"eval_{recipe.gate_metric}": gate_value.to_string(),
+    }
+    # The recipe's own parameters (base model, method, learning rate, ...) as this run set them.
+    for key in recipe.parameters:
+        if key not in COMMON_PARAMETER_DEFAULTS:
+            metadata[f"param_{key}"] = setting(f"${key}")
     builder = ModelBuilder(image_uri=training_image, s3_model_data_url=model_uri,
                            sagemaker_session=session, role_arn=role_arn)
     register = ModelStep(
@@ -268,28 +330,21 @@ def get_pipeline(
             model_metrics=ModelMetrics(model_statistics=MetricsSource(
                 s3_uri=Join(on="/", values=[evaluation_uri, "evaluation.json"]),
                 content_type="application/json")),
-            customer_metadata_properties={
-                "recipe": recipe.name,
-                "base_model": p["BaseModel"],
-                "data_manifest_sha256": JsonGet(step_name=data_prep.name, property_file=manifest,
-                                                json_path="dataset_sha256"),
-                "code_version": tag,
-                "pipeline_execution": ExecutionVariables.PIPELINE_EXECUTION_ID,
-                "gate_metric": recipe.gate_metric,
-                f"eval_{recipe.gate_metric}": gate_value.to_string(),
-            },
+            customer_metadata_properties=metadata,
         ),
     )
+    higher = recipe.gate_direction == "higher"
     fail = FailStep(
         name="EvaluationGateFailed",
         error_message=Join(on=" ", values=[
             f"Evaluation gate failed: {recipe.gate_metric} =", gate_value,
-            "is below EvalThreshold =", p["EvalThreshold"],
-            "; nothing was registered (lower EvalThreshold or improve the model)"]),
+            "is below" if higher else "is above", "EvalThreshold =", p["EvalThreshold"],
+            "; nothing was registered (change EvalThreshold or improve the model)"]),
     )
+    condition = ConditionGreaterThanOrEqualTo if higher else ConditionLessThanOrEqualTo
     gate = ConditionStep(
         name="EvaluationGate",
-        conditions=[ConditionGreaterThanOrEqualTo(left=gate_value, right=p["EvalThreshold"])],
+        conditions=[condition(left=gate_value, right=p["EvalThreshold"])],
         if_steps=[register],
         else_steps=[fail],
     )
@@ -298,7 +353,7 @@ def get_pipeline(
     for logger in ("botocore", "boto3", "sagemaker", "urllib3"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     return Pipeline(name=name, parameters=list(params.values()),
-                    steps=[data_prep, sft, evaluate, gate],
+                    steps=[data_prep, *training_steps, evaluate, gate],
                     sagemaker_session=session, pipeline_experiment_config=None)
 
 

@@ -1,4 +1,21 @@
-"""Recipes: YAML files naming a lifecycle path, its parameter defaults and stage settings."""
+"""Recipes: YAML files naming a lifecycle path, its pipeline parameters and stage settings.
+
+    name: sft
+    model_package_group: llm-sft
+    demo_data: sft                  # the built-in dataset InputData defaults to (sft | corpus)
+    parameters:                     # the pipeline parameters and their defaults
+      BaseModel: builtin:smollm2-135m-instruct
+      PeftMethod: lora
+    stages:                         # in order: data_prep, training stages, evaluate
+      data_prep: {tokenizer: $BaseModel}
+      sft: {base_model: $BaseModel, peft_method: $PeftMethod, max_steps: 40}
+      evaluate: {base_model: $BaseModel}
+    gate: {metric: perplexity_ratio, direction: higher}
+
+A setting whose value is `$Name` takes the value of pipeline parameter Name at execution time;
+any other value is baked into the definition. Training stages run in the order written, each
+starting from the model the one before it produced.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +27,15 @@ import yaml
 from pipelines import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-_KEYS = {"name", "description", "model_package_group", "parameters", "stages", "gate"}
+_KEYS = {"name", "description", "model_package_group", "demo_data", "parameters", "stages",
+         "gate"}
+DEMO_DATASETS = ("sft", "corpus")
+# Stage kinds, in the order they may appear. Training stages chain their models.
+PROCESSING_STAGES = ("data_prep", "evaluate")
+TRAINING_STAGES = ("pretrain", "cpt", "sft")
+# Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
+COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
+                     "TrainingInstanceCount", "EvalThreshold", "ModelPackageGroup")
 
 
 @dataclass(frozen=True)
@@ -18,18 +43,31 @@ class Recipe:
     name: str
     description: str
     model_package_group: str
+    demo_data: str
     parameters: dict[str, object]
     stages: dict[str, dict[str, object]]
     gate_metric: str
+    gate_direction: str  # "higher": register when metric >= EvalThreshold; "lower": <=
     source: Path = field(compare=False)
+
+    @property
+    def training_stages(self) -> list[str]:
+        return [stage for stage in self.stages if stage in TRAINING_STAGES]
 
 
 def available() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def parameter_reference(value: object) -> str | None:
+    """'BaseModel' for the setting value '$BaseModel', else None."""
+    if isinstance(value, str) and value.startswith("$") and value[1:].isidentifier():
+        return value[1:]
+    return None
+
+
 def load(name_or_path: str) -> Recipe:
-    """A recipe by name (`sft-lora`) or by path to a YAML file."""
+    """A recipe by name (`sft`) or by path to a YAML file."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
@@ -52,17 +90,54 @@ def load(name_or_path: str) -> Recipe:
     for key in ("parameters", "stages", "gate"):
         if not isinstance(data[key], dict):
             raise UserError(f"{path}: {key!r} must be a mapping")
-    for stage, settings in data["stages"].items():
+    stages = data["stages"]
+    for stage, settings in stages.items():
+        if stage not in PROCESSING_STAGES + TRAINING_STAGES:
+            raise UserError(f"{path}: unknown stage {stage!r}; stages are "
+                            f"{', '.join(PROCESSING_STAGES + TRAINING_STAGES)}")
         if not isinstance(settings, dict):
             raise UserError(f"{path}: stages.{stage} must be a mapping of settings")
-    if "metric" not in data["gate"]:
+        for key, value in settings.items():
+            if isinstance(value, (dict, list)) or value is None:
+                raise UserError(f"{path}: stages.{stage}.{key} must be a single value "
+                                f"(string, number or boolean), not {type(value).__name__}")
+    order = list(stages)
+    if order[:1] != ["data_prep"] or order[-1:] != ["evaluate"]:
+        raise UserError(f"{path}: stages must start with data_prep and end with evaluate "
+                        f"(found: {', '.join(order)})")
+    if not any(stage in TRAINING_STAGES for stage in order):
+        raise UserError(f"{path}: stages name no training stage "
+                        f"(one or more of {', '.join(TRAINING_STAGES)})")
+    referenced = {ref for settings in stages.values() for value in settings.values()
+                  if (ref := parameter_reference(value))}
+    declared = set(data["parameters"]) | set(COMMON_PARAMETERS)
+    undeclared = referenced - declared
+    if undeclared:
+        raise UserError(f"{path}: stage settings refer to undeclared parameter(s) "
+                        f"{', '.join('$' + n for n in sorted(undeclared))}; add them under "
+                        "'parameters' with a default")
+    unused = set(data["parameters"]) - referenced - set(COMMON_PARAMETERS)
+    if unused:
+        raise UserError(f"{path}: parameter(s) {', '.join(sorted(unused))} are declared but no "
+                        "stage setting uses them (write `key: $Name` under a stage)")
+    gate = data["gate"]
+    if "metric" not in gate:
         raise UserError(f"{path}: gate.metric is required (a metric name of evaluation.json)")
+    direction = str(gate.get("direction", "higher"))
+    if direction not in ("higher", "lower") or set(gate) - {"metric", "direction"}:
+        raise UserError(f"{path}: gate takes 'metric' and 'direction' (higher: register when "
+                        "metric >= EvalThreshold; lower: when metric <= EvalThreshold)")
+    demo_data = str(data.get("demo_data", "sft"))
+    if demo_data not in DEMO_DATASETS:
+        raise UserError(f"{path}: demo_data {demo_data!r} is not one of {', '.join(DEMO_DATASETS)}")
     return Recipe(
         name=str(data["name"]),
         description=" ".join(str(data.get("description", "")).split()),
         model_package_group=str(data["model_package_group"]),
+        demo_data=demo_data,
         parameters=dict(data["parameters"]),
-        stages={k: dict(v) for k, v in data["stages"].items()},
-        gate_metric=str(data["gate"]["metric"]),
+        stages={k: dict(v) for k, v in stages.items()},
+        gate_metric=str(gate["metric"]),
+        gate_direction=direction,
         source=path,
     )

@@ -29,7 +29,7 @@ from steps.common.contract import StageError
 from steps.common.datasets import load_records, sft_example
 from steps.common.models import load_model, load_tokenizer, local_model_folder, resolve_model_source
 
-METRIC_NAMES = ("eval_loss", "perplexity", "rouge_l", "exact_match")
+METRIC_NAMES = ("eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match")
 
 
 @dataclass
@@ -81,13 +81,24 @@ def main(config: EvaluateConfig) -> None:
     print(f"evaluating on {len(records)} {fmt.name} records from {data_path}", flush=True)
 
     tokenizer = load_tokenizer(source)
-    tuned = load_model(source, base_model=base_spec).eval()
+    tuned = load_model(source, base_model=None if base_spec == "none" else base_spec).eval()
     is_adapter = hasattr(tuned, "disable_adapter")
     if not is_adapter and not base_spec:
         raise StageError(
-            f"{config.model_dir} holds a full model and names no base model; pass --base-model"
+            f"{config.model_dir} holds a full model and names no base model; pass --base-model "
+            "(or --base-model none to evaluate it alone)"
         )
-    base = None if is_adapter else load_model(base_spec).eval()
+    compare = base_spec != "none"
+    base, base_tokenizer = None, tokenizer
+    if compare and not is_adapter:
+        base = load_model(base_spec).eval()
+        base_tokenizer = load_tokenizer(base_spec)
+        if base_tokenizer.get_vocab() != tokenizer.get_vocab():
+            # Continued pre-training may extend the vocabulary: each model reads the text with its
+            # own tokenizer, and the ratio below compares likelihoods of the same text.
+            print("base and tuned tokenizers differ: each model is scored with its own", flush=True)
+        else:
+            base_tokenizer = tokenizer
     print(f"tuned: {source}{' (adapter)' if is_adapter else ''}; base: {base_spec}", flush=True)
 
     # What SFT trains on, for the loss; the prompt/response pairs among them, for generation.
@@ -97,12 +108,12 @@ def main(config: EvaluateConfig) -> None:
     pairs = [_prompt_and_completion(example) for example in examples]
     pairs = [pair for pair in pairs if pair is not None][: config.max_samples]
     results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, config)}
-    if is_adapter:
+    if compare and is_adapter:
         # The base model is the same weights with the adapter switched off: no second load.
         with tuned.disable_adapter():
             results["base"] = _score("base", tuned, tokenizer, examples, pairs, config)
-    else:
-        results["base"] = _score("base", base, tokenizer, examples, pairs, config)
+    elif compare:
+        results["base"] = _score("base", base, base_tokenizer, examples, pairs, config)
 
     metrics = _metrics(results)
     for name, metric in metrics.items():
@@ -118,7 +129,7 @@ def main(config: EvaluateConfig) -> None:
                 "prompt": prompt,
                 "reference": _response_text(completion),
                 "tuned": results["tuned"]["generations"][i],
-                "base": results["base"]["generations"][i],
+                **({"base": results["base"]["generations"][i]} if "base" in results else {}),
             }
             for i, (prompt, completion) in enumerate(pairs[:5])
         ],
@@ -133,22 +144,47 @@ def main(config: EvaluateConfig) -> None:
 
 def _metrics(results: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
     """evaluation.json's metrics. Standard deviations are over examples (per-example loss and
-    perplexity, per-sample scores); the loss itself is the mean over all response tokens."""
+    perplexity, per-sample scores); the loss itself is the mean over all response tokens.
+
+    Without generation prompts (plain text) there is no ROUGE-L or exact match; without a base
+    model there are no base_ metrics and no comparisons.
+    """
     metrics = {}
     for prefix, name in (("", "tuned"), ("base_", "base")):
+        if name not in results:
+            continue
         losses = results[name]["losses"]
-        loss = sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
-        per_example = [total / count for total, count in losses]
+        total = sum(loss for loss, _, _ in losses)
+        loss = total / max(sum(count for _, count, _ in losses), 1)
+        per_example = [loss_sum / count for loss_sum, count, _ in losses]
         metrics[f"{prefix}eval_loss"] = _metric(loss, per_example)
         metrics[f"{prefix}perplexity"] = _metric(_exp(loss), [_exp(x) for x in per_example])
-        for score in ("rouge_l", "exact_match"):
-            metrics[f"{prefix}{score}"] = _metric(_mean(results[name][score]), results[name][score])
-    deltas = [t - b for t, b in zip(results["tuned"]["rouge_l"], results["base"]["rouge_l"])]
-    metrics["rouge_l_delta"] = _metric(_mean(deltas), deltas)
-    metrics["perplexity_ratio"] = {  # a ratio of two aggregates: no per-sample spread to report
-        "value": metrics["base_perplexity"]["value"] / metrics["perplexity"]["value"],
-        "standard_deviation": 0.0,
-    }
+        # Bits per byte do not depend on the tokenizer: comparable across vocabularies.
+        metrics[f"{prefix}bits_per_byte"] = _metric(
+            total / math.log(2) / max(sum(size for _, _, size in losses), 1),
+            [loss_sum / math.log(2) / max(size, 1) for loss_sum, _, size in losses],
+        )
+        if results[name]["generations"]:
+            for score in ("rouge_l", "exact_match"):
+                metrics[f"{prefix}{score}"] = _metric(
+                    _mean(results[name][score]), results[name][score]
+                )
+    if "base" in results:
+        if results["tuned"]["generations"]:
+            deltas = [
+                t - b for t, b in zip(results["tuned"]["rouge_l"], results["base"]["rouge_l"])
+            ]
+            metrics["rouge_l_delta"] = _metric(_mean(deltas), deltas)
+        # base perplexity / tuned perplexity, from the two models' total log-likelihoods of the
+        # same text over the tuned model's token count: exactly the ratio of perplexities when the
+        # tokenizers are the same, and still a like-for-like comparison when they differ.
+        tuned_losses, base_losses = results["tuned"]["losses"], results["base"]["losses"]
+        tokens = max(sum(count for _, count, _ in tuned_losses), 1)
+        gap = sum(x for x, _, _ in base_losses) - sum(x for x, _, _ in tuned_losses)
+        metrics["perplexity_ratio"] = {  # a ratio of two aggregates: no per-sample spread
+            "value": _exp(gap / tokens),
+            "standard_deviation": 0.0,
+        }
     return metrics
 
 
@@ -190,8 +226,8 @@ def example_losses(
     batch_size: int,
     max_seq_length: int,
 ) -> list[tuple[float, int]]:
-    """(summed token loss, token count) per example, over the tokens SFT trains on: the completion,
-    the last assistant turn of a conversation, or all of a plain text."""
+    """(summed token loss, token count, byte count) per example, over the tokens SFT trains on: the
+    completion, the last assistant turn of a conversation, or all of a plain text."""
     tokenized = [_tokens_and_labels(example, tokenizer, max_seq_length) for example in examples]
     tokenized = [
         (ids, labels) for ids, labels in tokenized if any(label != -100 for label in labels[1:])
@@ -218,8 +254,12 @@ def example_losses(
             logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
         )
         counted = labels[:, 1:] != -100
-        for row in range(len(batch)):
-            results.append((token_loss[row][counted[row]].sum().item(), int(counted[row].sum())))
+        for row, (_, row_labels) in enumerate(batch):
+            scored = [label for label in row_labels[1:] if label != -100]
+            size = len(tokenizer.decode(scored).encode("utf-8"))
+            results.append(
+                (token_loss[row][counted[row]].sum().item(), int(counted[row].sum()), size)
+            )
         print(
             f"  loss batch {start // batch_size + 1}/{math.ceil(len(tokenized) / batch_size)}",
             flush=True,
@@ -357,10 +397,13 @@ def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(METRIC_NAMES), figsize=(12, 3.5))
-    for axis, name in zip(axes, METRIC_NAMES):
-        values = [metrics[f"base_{name}"]["value"], metrics[name]["value"]]
-        axis.bar(["base", "tuned"], values, color=["#9e9e9e", "#1f77b4"])
+    names = [name for name in METRIC_NAMES if name in metrics]
+    figure, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.5), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        labels = ["base", "tuned"] if f"base_{name}" in metrics else ["tuned"]
+        values = [metrics[f"base_{name}"]["value"]] if len(labels) == 2 else []
+        values.append(metrics[name]["value"])
+        axis.bar(labels, values, color=["#9e9e9e", "#1f77b4"][-len(labels):])
         axis.set_title(name)
         for x, value in enumerate(values):
             axis.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)

@@ -4,6 +4,12 @@ Each job gets its own folder standing in for the container's `/opt/ml`: inputs a
 from S3 into it, `SM_*` variables and `hyperparameters.json` are written as SageMaker
 writes them, the image's stage entry point runs with the project's Python, and on success
 outputs (and `model.tar.gz`) are uploaded back to S3. A failed job uploads nothing.
+
+A training job's `CheckpointConfig` is honoured as SageMaker does it: the S3 checkpoints are
+restored into the checkpoint folder before the stage starts, and the folder is synced back to S3
+while it runs and once more when it ends (also when it fails or is killed), so a restarted job
+resumes. `InstanceCount` > 1 runs that many processes on this machine (torchrun, gloo) in place of
+that many instances.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +72,65 @@ def upload_folder(s3, folder: Path, uri: str) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(folder).as_posix()]))
         s3.upload_file(str(path), bucket, key)
+
+
+class CheckpointSync:
+    """Mirrors a checkpoint folder to S3 every few seconds while a job runs, and on `stop`.
+
+    Files are uploaded when their size or modification time changed since the last upload;
+    files deleted locally (checkpoints rotated out by the trainer) are deleted from S3 too.
+    """
+
+    def __init__(self, s3, folder: Path, uri: str, interval_s: float = 5.0) -> None:
+        self.s3, self.folder, self.interval_s = s3, folder, interval_s
+        self.bucket, prefix = split_s3(uri)
+        self.prefix = prefix.rstrip("/")
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def restore(self) -> int:
+        """Download what an earlier attempt left in S3; the number of files restored."""
+        try:
+            count = download_prefix(self.s3, f"s3://{self.bucket}/{self.prefix}/", self.folder)
+        except FileNotFoundError:
+            return 0
+        for path in self.folder.rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                self._uploaded[self._key(path)] = (stat.st_size, stat.st_mtime_ns)
+        return count
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sync()
+            except (OSError, ValueError):  # a file rotated away mid-upload: the next pass settles
+                pass
+
+    def _key(self, path: Path) -> str:
+        return f"{self.prefix}/{path.relative_to(self.folder).as_posix()}"
+
+    def sync(self) -> None:
+        present = {}
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            key = self._key(path)
+            present[key] = (stat.st_size, stat.st_mtime_ns)
+            if self._uploaded.get(key) != present[key]:
+                self.s3.upload_file(str(path), self.bucket, key)
+                self._uploaded[key] = present[key]
+        for key in set(self._uploaded) - set(present):
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+            del self._uploaded[key]
 
 
 def _tar_folder(folder: Path, archive: Path) -> None:
@@ -149,8 +215,9 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     (config_dir / "inputdataconfig.json").write_text(json.dumps(
         {c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", "File")}
          for c in request.get("InputDataConfig", [])}, indent=1))
-    resources = request["ResourceConfig"]
-    hosts = [f"algo-{i + 1}" for i in range(int(resources.get("InstanceCount", 1)))]
+    # One host standing in for InstanceCount instances, each played by one process.
+    instances = int(request["ResourceConfig"].get("InstanceCount", 1))
+    hosts = ["algo-1"]
     (config_dir / "resourceconfig.json").write_text(json.dumps(
         {"current_host": hosts[0], "hosts": hosts}, indent=1))
     for channel in request.get("InputDataConfig", []):
@@ -171,6 +238,7 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
         "SM_HOSTS": json.dumps(hosts),
         "SM_NUM_CPUS": str(os.cpu_count() or 1),
         "SM_NUM_GPUS": "0",
+        "SM_PROCESSES_PER_HOST": str(instances),
         "TRAINING_JOB_NAME": job_name,
         **{f"SM_CHANNEL_{name.upper()}": str(data_dir / name) for name in channels},
     }
@@ -190,8 +258,19 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
                     pass
         on_line(line)
 
+    checkpoints = None
+    if request.get("CheckpointConfig", {}).get("S3Uri"):
+        checkpoints = CheckpointSync(s3, root / "checkpoints", request["CheckpointConfig"]["S3Uri"])
+        restored = checkpoints.restore()
+        if restored:
+            on_line(f"restored {restored} checkpoint files from {request['CheckpointConfig']['S3Uri']}")
+        checkpoints.start()
     log_path = job_dir / "log.txt"
-    code = _run(command, _job_environment(env), job_dir, log_path, watch)
+    try:
+        code = _run(command, _job_environment(env), job_dir, log_path, watch)
+    finally:
+        if checkpoints is not None:
+            checkpoints.stop()
     description = {**request, "TrainingJobName": job_name,
                    "TrainingJobStatus": "Completed" if code == 0 else "Failed",
                    "FinalMetricDataList": [{"MetricName": k, "Value": v} for k, v in metrics.items()]}

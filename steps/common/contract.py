@@ -35,6 +35,8 @@ DEFAULT_INPUT_CONFIG_DIR = SAGEMAKER_ROOT / "input" / "config"
 DEFAULT_CHANNELS_DIR = SAGEMAKER_ROOT / "input" / "data"
 DEFAULT_MODEL_DIR = SAGEMAKER_ROOT / "model"
 DEFAULT_OUTPUT_DATA_DIR = SAGEMAKER_ROOT / "output" / "data"
+# CheckpointConfig.LocalPath's default; SageMaker syncs it with CheckpointConfig.S3Uri.
+DEFAULT_CHECKPOINT_DIR = SAGEMAKER_ROOT / "checkpoints"
 
 Job = Literal["training", "processing"]
 ConfigT = TypeVar("ConfigT")
@@ -61,6 +63,16 @@ def model_dir() -> Path:
 def output_data_dir() -> Path:
     """Where a training job writes extra outputs (metrics, plots); packed as output.tar.gz."""
     return Path(os.environ.get("SM_OUTPUT_DATA_DIR", DEFAULT_OUTPUT_DATA_DIR))
+
+
+def checkpoint_dir() -> Path:
+    """Where a training job writes resumable checkpoints.
+
+    SageMaker sets no variable for it: the pipeline's CheckpointConfig uses the default LocalPath,
+    which SageMaker uploads to CheckpointConfig.S3Uri as files appear and restores into a restarted
+    job. SM_CHECKPOINT_DIR lets the local engine (and tests) point it elsewhere.
+    """
+    return Path(os.environ.get("SM_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
 
 
 def failure_file() -> Path:
@@ -169,6 +181,11 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
     try:
         hyperparameters = read_hyperparameters() if job == "training" else {}
         config = parse_config(config_class, hyperparameters, sys.argv[1:])
+        launch = distributed_launch_command() if job == "training" else None
+        if launch:
+            print(f"launching {' '.join(launch[2:])}", flush=True)
+            sys.stdout.flush()
+            os.execv(launch[0], launch)  # torchrun starts this stage once per process
         main(config)
     except StageError as err:
         # One line, so that it is the last line a log viewer shows.
@@ -183,6 +200,40 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
         if job == "training":
             _write_failure(f"{type(err).__name__}: {err}")
         sys.exit(1)
+
+
+def distributed_launch_command() -> list[str] | None:
+    """The torchrun command that runs this stage on every process of the job, or None for one.
+
+    What SageMaker's own torchrun driver does, kept here because the project's images run the stage
+    module directly: the hosts come from resourceconfig.json (one per instance), the processes per
+    host are the GPUs (SM_PROCESSES_PER_HOST overrides it: the local engine plays several instances
+    with CPU processes). Under torchrun already (LOCAL_RANK set): None.
+    """
+    if "LOCAL_RANK" in os.environ:
+        return None
+    config_path = input_config_dir() / "resourceconfig.json"
+    hosts, current = ["algo-1"], "algo-1"
+    if config_path.exists():
+        resources = json.loads(config_path.read_text(encoding="utf-8"))
+        hosts, current = resources.get("hosts", hosts), resources.get("current_host", current)
+    per_host = os.environ.get("SM_PROCESSES_PER_HOST")
+    if per_host is None:
+        import torch
+
+        per_host = torch.cuda.device_count() or 1
+    per_host = int(per_host)
+    if len(hosts) * per_host <= 1:
+        return None
+    main_module = sys.modules["__main__"].__spec__
+    if main_module is None:
+        raise StageError("a distributed job must start the stage as `python -m steps.<stage>`")
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={len(hosts)}", f"--node_rank={hosts.index(current)}",
+        f"--nproc_per_node={per_host}", f"--master_addr={hosts[0]}",
+        "--master_port=29500", "-m", main_module.name, *sys.argv[1:],
+    ]
 
 
 def _write_failure(message: str) -> None:

@@ -39,26 +39,26 @@ def test_server_state_survives_between_commands(env, clients, tmp_path):
 
 def test_upsert_then_start_wait_reports_the_execution_status(env, clients):
     sagemaker, s3 = clients
-    first = cli(env, "upsert", "--recipe", "sft-lora")
-    assert first.returncode == 0 and "created pipeline llm-sft-lora" in first.stdout, first.stderr
-    second = cli(env, "upsert", "--recipe", "sft-lora")
-    assert "updated pipeline llm-sft-lora" in second.stdout
-    stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-sft-lora")["PipelineDefinition"])
+    first = cli(env, "upsert", "--recipe", "sft")
+    assert first.returncode == 0 and "created pipeline llm-sft" in first.stdout, first.stderr
+    second = cli(env, "upsert", "--recipe", "sft")
+    assert "updated pipeline llm-sft" in second.stdout
+    stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-sft")["PipelineDefinition"])
     assert stored["Steps"][0]["Name"] == "DataPrep"
-    assert sagemaker.describe_model_package_group(ModelPackageGroupName="llm-sft-lora")
+    assert sagemaker.describe_model_package_group(ModelPackageGroupName="llm-sft")
     # the default InputData exists where the definition says
     default = next(p["DefaultValue"] for p in stored["Parameters"] if p["Name"] == "InputData")
     bucket, _, key = default[5:].partition("/")
     assert s3.head_object(Bucket=bucket, Key=key)
 
-    started = cli(env, "start", "--recipe", "sft-lora", "--wait", "--poll-seconds", "0.1",
+    started = cli(env, "start", "--recipe", "sft", "--wait", "--poll-seconds", "0.1",
                   "-p", "Epochs=2")
     assert started.returncode == 0, started.stderr
     arn = started.stdout.split("started ", 1)[1].split()[0]
     described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
     assert described["PipelineExecutionStatus"] == "Succeeded"
 
-    bad = cli(env, "start", "--recipe", "sft-lora", "-p", "Epochs=x")
+    bad = cli(env, "start", "--recipe", "sft", "-p", "Epochs=x")
     assert bad.returncode == 2 and "Epochs='x' is not a valid Integer" in bad.stderr
 
 
@@ -66,8 +66,8 @@ def test_start_of_a_pipeline_that_was_never_upserted_says_what_to_do(env, tmp_pa
     recipe = tmp_path / "other.yaml"
     from tests.pipelines.conftest import ROOT
 
-    recipe.write_text((ROOT / "pipelines/recipes/sft-lora.yaml").read_text()
-                      .replace("name: sft-lora", "name: never-upserted"))
+    recipe.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text()
+                      .replace("name: sft", "name: never-upserted"))
     result = cli(env, "start", "--recipe", str(recipe))
     assert result.returncode == 2 and "run `llm-pipeline upsert" in result.stderr
 
@@ -80,7 +80,7 @@ def test_registry_lists_approves_and_rejects_keeping_metadata(env, clients):
         InferenceSpecification={"Containers": [{"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz"}],
                                 "SupportedContentTypes": ["application/json"],
                                 "SupportedResponseMIMETypes": ["application/json"]},
-        CustomerMetadataProperties={"recipe": "sft-lora", "base_model": "builtin:tiny"},
+        CustomerMetadataProperties={"recipe": "sft", "base_model": "builtin:tiny"},
     )["ModelPackageArn"]
     listed = json.loads(cli(env, "registry", "list", "--group", "reg-test", "--json").stdout)
     assert [(p["arn"], p["status"]) for p in listed] == [(arn, "PendingManualApproval")]
@@ -89,7 +89,7 @@ def test_registry_lists_approves_and_rejects_keeping_metadata(env, clients):
     assert approved.returncode == 0 and "Approved" in approved.stdout
     package = sagemaker.describe_model_package(ModelPackageName=arn)
     assert package["ModelApprovalStatus"] == "Approved"
-    assert package["CustomerMetadataProperties"]["recipe"] == "sft-lora"
+    assert package["CustomerMetadataProperties"]["recipe"] == "sft"
 
     rejected = cli(env, "registry", "reject", arn)
     assert "Rejected" in rejected.stdout

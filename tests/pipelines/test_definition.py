@@ -23,13 +23,13 @@ def offline_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def definition_text(offline_env):
-    result = cli(offline_env, "definition", "--recipe", "sft-lora")
+    result = cli(offline_env, "definition", "--recipe", "sft")
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_definition_builds_offline_and_twice_gives_identical_bytes(offline_env, definition_text):
-    again = cli(offline_env, "definition", "--recipe", "sft-lora")
+    again = cli(offline_env, "definition", "--recipe", "sft")
     assert again.returncode == 0 and again.stdout == definition_text
 
 
@@ -72,7 +72,7 @@ def test_unknown_recipe_and_bad_recipe_files_are_one_line_errors(offline_env, tm
     result = cli(offline_env, "definition", "--recipe", "nope")
     assert result.returncode == 2 and "recipe 'nope' not found" in result.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "pipelines/recipes/sft-lora.yaml").read_text() + "\nextra_key: 1\n")
+    bad.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text() + "\nextra_key: 1\n")
     result = cli(offline_env, "definition", "--recipe", str(bad))
     assert result.returncode == 2 and "unknown recipe key(s) extra_key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ def scope(**properties):
     files = {("Evaluate", "Evaluation"): {"metrics": {"rouge_l": {"value": 0.42}}, "items": [1, 2]}}
     return Scope(
         parameters={"Epochs": 2, "EvalThreshold": 0.5, "BaseModel": "builtin:tiny"},
-        execution={"PipelineExecutionId": "abc123", "PipelineName": "llm-sft-lora"},
+        execution={"PipelineExecutionId": "abc123", "PipelineName": "llm-sft"},
         step_properties=properties,
         read_property_file=lambda step, name: files[(step, name)],
     )
@@ -44,7 +44,7 @@ def test_get_reads_parameters_execution_variables_and_step_properties_by_name():
 def test_join_stringifies_nested_expressions():
     value = {"Std:Join": {"On": "/", "Values": ["s3:/", "bucket", {"Get": "Execution.PipelineName"},
                                                  {"Get": "Parameters.Epochs"}]}}
-    assert resolve(value, scope()) == "s3://bucket/llm-sft-lora/2"
+    assert resolve(value, scope()) == "s3://bucket/llm-sft/2"
 
 
 def test_json_get_reads_property_files():

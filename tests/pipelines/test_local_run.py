@@ -1,4 +1,4 @@
-"""End to end: the sft-lora recipe through the local engine on a tiny model, against moto."""
+"""End to end: the sft recipe through the local engine on a tiny model, against moto."""
 
 import json
 
@@ -25,12 +25,12 @@ def data(tmp_path_factory):
 
 
 def run(env, data, group, *extra):
-    return cli(env, "run", "--recipe", "sft-lora", "-p", "BaseModel=builtin:tiny",
+    return cli(env, "run", "--recipe", "sft", "-p", "BaseModel=builtin:tiny",
                "-p", f"InputData={data}", "-p", f"ModelPackageGroup={group}",
                "-p", "LearningRate=0.005", *extra)
 
 
-def latest_execution(home, pipeline="llm-sft-lora"):
+def latest_execution(home, pipeline="llm-sft"):
     folders = sorted((home / "executions" / pipeline).iterdir(), key=lambda p: p.stat().st_mtime)
     return json.loads((folders[-1] / "execution.json").read_text())
 
@@ -58,7 +58,7 @@ def test_passing_run_registers_the_package_with_metrics_and_metadata(env, data, 
     package = packages[0]
     assert package["status"] == "PendingManualApproval"
     meta = package["metadata"]
-    assert meta["recipe"] == "sft-lora" and meta["base_model"] == "builtin:tiny"
+    assert meta["recipe"] == "sft" and meta["base_model"] == "builtin:tiny"
     assert meta["pipeline_execution"] == execution["execution_id"]
 
     data_uri = execution["steps"]["DataPrep"]["properties"]["ProcessingOutputConfig"]["Outputs"][0]

@@ -15,10 +15,12 @@ from .conftest import counting_records, write_jsonl
 METRICS = [
     "eval_loss",
     "perplexity",
+    "bits_per_byte",
     "rouge_l",
     "exact_match",
     "base_eval_loss",
     "base_perplexity",
+    "base_bits_per_byte",
     "base_rouge_l",
     "base_exact_match",
     "rouge_l_delta",
@@ -105,6 +107,55 @@ def test_base_metrics_with_the_adapter_disabled_equal_evaluating_the_base_model_
     assert [s["tuned"] for s in alone["samples"]] == [
         s["base"] for s in adapter_evaluation["samples"]
     ]
+
+
+def test_a_model_evaluated_alone_on_plain_text_reports_likelihood_metrics_only(tmp_path):
+    # What a pre-trained model gets: no base model, and text with no prompts to answer.
+    models.load_model(models.TINY).save_pretrained(tmp_path / "model")
+    models.load_tokenizer(models.TINY).save_pretrained(tmp_path / "model")
+    texts = [{"text": f"Document {k}: the quick brown fox jumps over the lazy dog."}
+             for k in range(5)]
+    write_jsonl(tmp_path / "data" / "validation.jsonl", texts)
+
+    result = run_evaluation(tmp_path / "model", tmp_path / "data", tmp_path / "out",
+                            base_model="none")
+
+    assert sorted(result["metrics"]) == ["bits_per_byte", "eval_loss", "perplexity"]
+    m = {name: metric["value"] for name, metric in result["metrics"].items()}
+    assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+    # builtin:tiny reads one byte per token (ASCII text): bits per byte = loss / ln 2, near enough
+    # (the EOS token scored at the end of each text adds bytes of its own name).
+    assert 0.5 * m["eval_loss"] / math.log(2) < m["bits_per_byte"] < m["eval_loss"] / math.log(2)
+    assert (tmp_path / "out" / "metrics_comparison.png").exists()
+
+
+def test_models_with_different_tokenizers_are_compared_on_the_same_text(tmp_path, data_dir):
+    # As after continued pre-training with an extended vocabulary: the tuned model's tokenizer has
+    # extra tokens. The comparison must score each model with its own tokenizer.
+    tokenizer = models.load_tokenizer(models.TINY)
+    tokenizer.add_tokens(["abc", "Count"])
+    model = models.load_model(models.TINY)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+
+    result = run_evaluation(tmp_path / "model", data_dir, tmp_path / "out",
+                            base_model=models.TINY)
+
+    m = {name: metric["value"] for name, metric in result["metrics"].items()}
+    # The base reads the text with its own byte tokenizer: its loss is the base model's own.
+    base_alone = run_evaluation(tmp_path / "model", data_dir, tmp_path / "out2",
+                                base_model="none")
+    assert m["base_eval_loss"] != pytest.approx(m["eval_loss"])
+    assert m["eval_loss"] == pytest.approx(base_alone["metrics"]["eval_loss"]["value"], rel=1e-6)
+    # Like-for-like: the ratio compares the two models' likelihoods of the same bytes.
+    # Like-for-like: the ratio compares the two models' likelihoods of the same bytes, per tuned
+    # token: exp((NLL_base - NLL_tuned) / tokens), with NLL = bits per byte * ln 2 * bytes.
+    nats_per_byte, base_nats_per_byte = (m[k] * math.log(2)
+                                         for k in ("bits_per_byte", "base_bits_per_byte"))
+    bytes_per_token = m["eval_loss"] / nats_per_byte
+    assert m["perplexity_ratio"] == pytest.approx(
+        math.exp((base_nats_per_byte - nats_per_byte) * bytes_per_token), rel=1e-4)
 
 
 def test_a_model_folder_without_a_model_fails_with_exit_2_and_no_output(
