@@ -249,6 +249,8 @@ def example_losses(
         )
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        # A prompt-tuning or p-tuning adapter prepends its virtual tokens, and their logits.
+        logits = logits[:, -input_ids.shape[1] :]
         # Token t is predicted from the logits at t-1.
         token_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"

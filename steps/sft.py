@@ -1,42 +1,66 @@
-"""Supervised fine-tuning (training stage): LoRA on a causal LM with TRL's SFTTrainer.
+"""Supervised fine-tuning (training stage): full fine-tuning or a PEFT method, with TRL's SFTTrainer.
 
 In a SageMaker training container: ``python -m steps.sft`` with hyperparameters.json and the
 channels ``train`` (required), ``validation`` and ``model`` (optional: a model from an earlier
 stage, used instead of ``base_model``). Locally, hyperparameters can also be given on the command
-line: ``python -m steps.sft --base_model builtin:tiny --max_steps 30``.
+line: ``python -m steps.sft --base_model builtin:tiny --peft_method prompt_tuning --max_steps 30``;
+under ``torchrun --nproc_per_node N -m steps.sft ...`` it trains data-parallel.
 
-Writes the adapter (PEFT layout), the tokenizer and training_summary.json to SM_MODEL_DIR, and
-metrics.jsonl and loss_curve.png to SM_OUTPUT_DATA_DIR.
+The loss covers what the model should learn to say: completions of prompt-completion data, the
+assistant turns of conversations (the chat template marks them), all of plain text; each ends with
+a token generation stops at, so the tuned model stops.
+
+Writes to SM_MODEL_DIR the tuned model (an adapter in PEFT's layout, or a full model for
+peft_method=none or merge_lora=true), the tokenizer with its chat template, and
+training_summary.json; to SM_OUTPUT_DATA_DIR metrics.jsonl and loss_curve.png; resumable
+checkpoints to the SageMaker checkpoint folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
 import transformers
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import PrinterCallback, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record, load_records, sft_example
-from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
-from steps.common.models import load_model, load_tokenizer, resolve_model_source, resolve_precision
+from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
+from steps.common.peft_methods import (
+    DEFAULT_LEARNING_RATES,
+    PeftKnobs,
+    apply_peft,
+    fill_default_learning_rate,
+    load_model_for_training,
+    merge_adapter,
+    save_model,
+    target_modules,
+)
+from steps.common.training import (
+    TrainingKnobs,
+    metrics_callback,
+    prepare_precision,
+    train,
+    trainer_arguments,
+    training_summary,
+)
 
-PEFT_METHODS = ("lora",)  # full fine-tuning, QLoRA and prompt tuning come in later changes
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
+    f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items()
+) + ")."
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(PeftKnobs, TrainingKnobs):
     base_model: str = field(
         default="builtin:smollm2-135m-instruct",
         metadata={
@@ -44,97 +68,41 @@ class SFTStageConfig:
             "model.tar.gz or a hub id. Ignored when the 'model' channel holds a model."
         },
     )
-    peft_method: str = field(
-        default="lora", metadata={"help": f"One of: {', '.join(PEFT_METHODS)}."}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(
-        default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."}
-    )
-    lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."}
-    )
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "'all-linear' or a comma-separated list such as 'q_proj,v_proj'."},
-    )
-    epochs: float = field(
-        default=1.0, metadata={"help": "Passes over the training data (ignored if max_steps > 0)."}
-    )
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to run; -1 to run `epochs` epochs."}
-    )
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
-    per_device_batch_size: int = field(
-        default=4, metadata={"help": "Sequences per device per forward pass."}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimizer step."}
-    )
-    max_seq_length: int = field(
-        default=512, metadata={"help": "Tokens per sequence; longer ones are truncated."}
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto",
-        metadata={"help": "fp32, or bf16 / fp16 autocast; auto = bf16 where native, else fp32."},
-    )
-    seed: int = field(
-        default=42, metadata={"help": "Seed for initialisation, dropout and data order."}
-    )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of steps of linear warm-up, in [0, 1)."}
-    )
-    lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "transformers scheduler name."}
-    )
-    logging_steps: int = field(
-        default=5, metadata={"help": "Print a metrics line every this many steps."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations to save memory (about +50% time)."}
-    )
-    packing: bool = field(
-        default=False, metadata={"help": "Pack several sequences into each max_seq_length row."}
+    learning_rate: float | None = field(default=None, metadata={"help": _LEARNING_RATE_HELP})
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "Save LoRA/QLoRA as a full model, the adapter merged into a freshly "
+                  "loaded full-precision base (for serving without PEFT)."},
     )
 
     def __post_init__(self) -> None:
-        if self.peft_method not in PEFT_METHODS:
-            methods = ", ".join(PEFT_METHODS)
+        PeftKnobs.__post_init__(self)
+        self.learning_rate_is_default = fill_default_learning_rate(self)
+        TrainingKnobs.__post_init__(self)
+        if self.merge_lora and self.peft_method not in ("lora", "qlora"):
             raise StageError(
-                f"peft_method '{self.peft_method}' is not supported yet; use one of {methods}"
+                f"merge_lora needs peft_method lora or qlora, not '{self.peft_method}' (full "
+                "fine-tuning saves a full model already; prompt-learning adapters cannot merge)"
             )
-        if self.precision not in PRECISIONS:
-            raise StageError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
-        schedulers = ", ".join(s.value for s in transformers.SchedulerType)
-        if self.lr_scheduler_type not in schedulers.split(", "):
+        if "lm_head" in target_modules(self.lora_target_modules):
+            # TRL 1.16 refuses adapters on the output head (its fused loss reads lm_head.weight).
             raise StageError(
-                f"lr_scheduler_type '{self.lr_scheduler_type}' is not one of {schedulers}"
+                "lora_target_modules cannot include lm_head (TRL does not train adapters on it); "
+                "remove it or use 'all-linear'"
             )
-        for name in (
-            "lora_r",
-            "lora_alpha",
-            "per_device_batch_size",
-            "gradient_accumulation_steps",
-            "max_seq_length",
-            "logging_steps",
-            "learning_rate",
-            "epochs",
-        ):
-            if not getattr(self, name) > 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_steps != -1 and self.max_steps <= 0:
-            raise StageError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        for name in ("lora_dropout", "warmup_ratio"):
-            if not 0 <= getattr(self, name) < 1:
-                raise StageError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.lora_target_modules.strip():
+        if self.peft_method == "prefix_tuning" and self.gradient_checkpointing:
+            # Recomputing a layer re-reads the prefix cache, which has grown by then: a size
+            # mismatch in attention (peft 0.21, transformers 5.24).
             raise StageError(
-                "lora_target_modules is empty; use 'all-linear' or names such as 'q_proj,v_proj'"
+                "gradient_checkpointing does not work with peft_method prefix_tuning; set "
+                "gradient_checkpointing=false, or use prompt_tuning or p_tuning"
             )
-        if "lm_head" in _target_modules(self.lora_target_modules):
-            # TRL 1.16 reads lm_head.weight directly in its fused head and refuses adapters on it.
+        if self.is_prompt_learning and self.packing:
+            # Packed rows keep their sequences apart by position ids, which PEFT drops for
+            # prompt_tuning/p_tuning and offsets for prefix_tuning: examples would see each other.
             raise StageError(
-                "lora_target_modules cannot include lm_head (TRL does not train adapters on it)"
+                f"packing does not work with peft_method {self.peft_method} (the virtual tokens "
+                "would be shared by every sequence packed in a row); set packing=false"
             )
 
 
@@ -155,7 +123,7 @@ class SFTTrainerWithModelLoss(SFTTrainer):
 
 def main(config: SFTStageConfig) -> None:
     transformers.set_seed(config.seed)
-    model_dir, output_data_dir = contract.model_dir(), contract.output_data_dir()
+    model_dir = contract.model_dir()
 
     # 1. Data: every record is read and checked before the model loads, so bad data fails fast.
     train_format, train_records = load_records(contract.channel_dir("train"))
@@ -169,13 +137,15 @@ def main(config: SFTStageConfig) -> None:
         flush=True,
     )
 
-    # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model.
+    # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model; PEFT wraps it.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
+    precision = prepare_precision(config)
+    default = f" (the usual rate for {config.peft_method})" if config.learning_rate_is_default else ""
+    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}",
+          flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
-    model = load_model(source)
-    if hasattr(model, "peft_config"):
-        raise StageError(f"model {source} is a PEFT adapter; merge it into its base model first")
+    model = apply_peft(load_model_for_training(source, config, precision), config, tokenizer)
     chat_template = bool(tokenizer.chat_template)
     train_dataset = _trl_dataset(train_records, train_format, chat_template)
     eval_dataset = (
@@ -184,24 +154,12 @@ def main(config: SFTStageConfig) -> None:
         else None
     )
 
-    # 3. Trainer: TRL's SFTTrainer with a LoRA adapter, every TRL default that matters set here.
-    precision = resolve_precision(config.precision)
-    print(f"precision: {precision} (asked: {config.precision})", flush=True)
-    output_data_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_data_dir / "metrics.jsonl"
-    metrics_path.write_text("")  # a fresh log per run; SageMaker uploads it even if the job fails
-    metrics = MetricsCallback(metrics_path)
-    scratch = tempfile.TemporaryDirectory(prefix="sft-trainer-")  # save_strategy="no": stays empty
-    args = SFTConfig(
-        output_dir=scratch.name,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of steps
-        per_device_train_batch_size=config.per_device_batch_size,
-        per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    # 3. Trainer: TRL's SFTTrainer; every TRL default that costs speed is set in trainer_arguments.
+    metrics, metrics_path = metrics_callback()
+    args = trainer_arguments(
+        config,
+        precision,
+        SFTConfig,
         max_length=config.max_seq_length,
         packing=config.packing,
         # The loss covers completions for prompt-completion data (TRL's default), assistant turns
@@ -211,20 +169,6 @@ def main(config: SFTStageConfig) -> None:
             "messages" in train_dataset.column_names
             and has_generation_markers(tokenizer.chat_template or "")
         ),
-        # TRL turns both on by default, even on a CPU: bf16 only where asked or native, and
-        # checkpointing (about +50% time) only when asked.
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for it
-        seed=config.seed,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        include_num_input_tokens_seen="non_padding",
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = SFTTrainerWithModelLoss(
         model=model,
@@ -232,72 +176,40 @@ def main(config: SFTStageConfig) -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=_target_modules(config.lora_target_modules),
-            task_type="CAUSAL_LM",
-        ),
         callbacks=[metrics],
     )
-    # PrinterCallback prints every log as a dict, next to MetricsCallback's lines.
-    trainer.remove_callback(PrinterCallback)
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    print(
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-        flush=True,
+    if config.packing:
+        print(f"packing: {len(train_dataset)} examples in {len(trainer.train_dataset)} rows of up "
+              f"to {config.max_seq_length} tokens", flush=True)
+    stop_tokens = check_examples_teach_stopping(
+        trainer.train_dataset, trainer.model, tokenizer, config.max_seq_length
     )
 
-    # 4. Train, then evaluate once on the validation channel.
-    started = time.perf_counter()
-    result = trainer.train()
-    runtime = time.perf_counter() - started
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
-    tokens = trainer.state.num_input_tokens_seen
-    log_metrics(
-        {
-            "step": trainer.state.global_step,
-            "train_runtime_s": round(runtime, 2),
-            "total_tokens": tokens,
-            "mean_tokens_per_second": round(tokens / runtime, 1),
-            "trainable_parameters": trainable,
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-        },
-        metrics_path,
-    )
-    scratch.cleanup()
+    # 4. Train (resuming from the latest checkpoint, if a restarted job left one), then evaluate.
+    report = train(trainer, config, metrics, metrics_path)
     if not trainer.is_world_process_zero():  # with several processes, one of them saves
         return
 
-    # 5. Save: the adapter in PEFT's layout, the tokenizer (with its chat template, so the folder
-    # is self-contained) and a summary; all or nothing.
-    train_losses = [m["train_loss"] for m in metrics.history if "train_loss" in m]
-    summary = {
-        "stage": "sft",
-        "base_model": source,
-        "peft_method": config.peft_method,
-        "hyperparameters": asdict(config),
-        "precision": precision,
-        "data_format": train_format.name,
-        "train_examples": len(train_dataset),
-        "validation_examples": len(eval_dataset) if eval_dataset is not None else 0,
-        "global_steps": trainer.state.global_step,
-        "first_train_loss": train_losses[0] if train_losses else None,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": result.training_loss,
-        "eval_loss": eval_loss,
-        "total_tokens": tokens,
-        "train_runtime_s": round(runtime, 2),
-    }
+    # 5. Save, all or nothing: the model folder must load on its own for evaluation and serving.
+    summary = training_summary(
+        "sft", config, source, precision, report,
+        merged=config.merge_lora,
+        data_format=train_format.name,
+        train_examples=len(train_dataset),
+        validation_examples=len(eval_dataset) if eval_dataset is not None else 0,
+        stop_tokens=stop_tokens,
+    )
     with contract.atomic_output(model_dir) as staging:
-        # LoRA leaves the embeddings alone; saying so stops PEFT from looking the base model up on
-        # the Hub to find out whether they changed.
-        trainer.model.save_pretrained(staging, save_embedding_layers=False)
-        tokenizer.save_pretrained(staging)
+        if config.merge_lora:
+            with tempfile.TemporaryDirectory(prefix="adapter-") as adapter_dir:
+                save_model(trainer.model, tokenizer, Path(adapter_dir), config)
+                merge_adapter(adapter_dir, staging, base_model=source)
+        else:
+            save_model(trainer.model, tokenizer, staging, config)
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_loss_curve(metrics.history, output_data_dir / "loss_curve.png")
-    print(f"saved the adapter, tokenizer and training_summary.json to {model_dir}", flush=True)
+    what = "model" if config.peft_method == "none" else "adapter"
+    what = "merged model" if config.merge_lora else what
+    print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)
 
 
 def _trl_dataset(records: list[Record], fmt: DatasetFormat, chat_template: bool) -> Dataset:
@@ -315,11 +227,61 @@ def _trl_dataset(records: list[Record], fmt: DatasetFormat, chat_template: bool)
     return Dataset.from_list(examples)
 
 
-def _target_modules(value: str) -> str | list[str]:
-    value = value.strip()
-    if value == "all-linear":  # PEFT's shorthand: every linear layer but the output head
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
+def check_examples_teach_stopping(
+    dataset: Dataset, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> list[str]:
+    """Check that every tokenized training example's trained tokens end with a stop token.
+
+    TRL appends the tokenizer's EOS to text and string completions; a chat template ends each
+    assistant turn with its own end-of-turn token (ChatML: <|im_end|>, then a newline). A model
+    trained on examples that end otherwise never learns to stop, which no loss curve shows: the
+    stage refuses to train it. Examples cut at max_length end nowhere, so they only warn. The
+    first 2,000 rows are checked: what this catches comes from the template or the tokenizer, so
+    it shows in every example. Returns the stop tokens, for the summary.
+    """
+    stops = set(stop_token_ids(model, tokenizer))
+    blank: dict[int, bool] = {}
+
+    def is_blank(token: int) -> bool:  # a newline after the end-of-turn token does not count
+        if token not in blank:
+            blank[token] = not tokenizer.decode([token]).strip() and token not in stops
+        return blank[token]
+
+    total, truncated, wrong_ends = 0, 0, Counter()
+    for row in itertools.islice(dataset, 2000):
+        start = 0
+        # Packed rows hold several examples; seq_lengths says where each one ends.
+        for length in row.get("seq_lengths") or [len(row["input_ids"])]:
+            trained = [t for t in row["labels"][start:start + length] if t != -100]
+            start += length
+            while trained and is_blank(trained[-1]):
+                trained.pop()
+            if not trained:
+                continue
+            total += 1
+            if trained[-1] in stops:
+                continue
+            if length >= max_length:
+                truncated += 1
+            else:
+                wrong_ends[trained[-1]] += 1
+    names = sorted(tokenizer.decode([token]) for token in stops)
+    if wrong_ends:
+        token, count = wrong_ends.most_common(1)[0]
+        raise StageError(
+            f"{sum(wrong_ends.values())} of {total} tokenized training examples end with "
+            f"{tokenizer.decode([token])!r} (e.g. {count}), not a token generation stops at "
+            f"({', '.join(names)}), so the tuned model would not learn to stop; use a chat "
+            "template whose turns end with the model's EOS, or add that token to the model's "
+            "generation_config eos_token_id"
+        )
+    if truncated:
+        print(f"warning: {truncated} of {total} training examples are cut at max_seq_length="
+              f"{max_length} and teach no stop; raise max_seq_length", flush=True)
+    print(f"every complete training example ends with a stop token ({', '.join(names)})",
+          flush=True)
+    return names
 
 
 if __name__ == "__main__":

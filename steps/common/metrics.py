@@ -60,11 +60,13 @@ class MetricsCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._last_time = time.perf_counter()
         self._last_tokens = 0
+        self.tokens_at_start = 0  # tokens a resumed run had already seen before this process
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        self.tokens_at_start = state.num_input_tokens_seen
 
     def on_log(
         self,

@@ -36,7 +36,7 @@ from steps.common.contract import StageError
 # Model classes are imported where models are built: importing them takes about 5 s, which a stage
 # that needs only a tokenizer (data preparation) should not pay.
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedModel
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM, PreTrainedModel
 
 TINY = "builtin:tiny"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -110,25 +110,49 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    spec: str, *, base_model: str | None = None, dtype: torch.dtype = torch.float32
+    spec: str,
+    *,
+    base_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization_config: BitsAndBytesConfig | None = None,
 ) -> PreTrainedModel:
     """The causal LM of model `spec`.
 
     For a PEFT adapter folder: `base_model` (default: the base the adapter records) wrapped in a
-    ``peft.PeftModel``. Float32 by default: training precision is autocast, not the weights.
+    ``peft.PeftModel``, the base in full precision. Float32 by default: training precision is
+    autocast, not the weights. `quantization_config` loads the weights quantized (QLoRA).
     """
     if spec in (TINY, SMOLLM2):
-        model = _tiny_model().to(dtype) if spec == TINY else _from_folder(_smollm2_folder(), dtype)
+        if spec == TINY and quantization_config is None:
+            model = _tiny_model().to(dtype)
+        elif spec == TINY:
+            # bitsandbytes quantizes while loading from files: save the code-built model first.
+            with tempfile.TemporaryDirectory(prefix="tiny-") as folder:
+                _tiny_model().save_pretrained(folder)
+                model = _from_folder(Path(folder), dtype, quantization_config)
+        else:
+            model = _from_folder(_smollm2_folder(), dtype, quantization_config)
         # PEFT records name_or_path in adapter_config.json as the adapter's base model: make it the
         # spec, which any stage can load, rather than a cache path.
         model.name_or_path = spec
         return model
     folder = local_model_folder(spec)
     if folder is None:
-        return _from_hub(spec, dtype)
+        return _from_hub(spec, dtype, quantization_config)
     if (folder / "adapter_config.json").exists():
+        if quantization_config is not None:
+            raise StageError(
+                f"model {spec} is an adapter; quantized loading needs a full model (merge it first)"
+            )
         return _adapter(folder, base_model, dtype)
-    return _from_folder(folder, dtype)
+    return _from_folder(folder, dtype, quantization_config)
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens generation ends at: the generation config's EOS ids and the tokenizer's EOS."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({token for token in [*ids, tokenizer.eos_token_id] if token is not None})
 
 
 def resolve_model_source(channel_dir: Path | None, base_model_spec: str) -> str:
@@ -402,7 +426,18 @@ def local_model_folder(spec: str) -> Path | None:
     return None
 
 
-def _from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _quantized_loading(quantization_config: BitsAndBytesConfig | None) -> dict:
+    if quantization_config is None:
+        return {}
+    # bitsandbytes quantizes weights as they move to the GPU, so each process's copy goes straight
+    # to its own GPU (torchrun's LOCAL_RANK); on a CPU they are quantized where they are.
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else None
+    return {"quantization_config": quantization_config, "device_map": device_map}
+
+
+def _from_folder(
+    folder: Path, dtype: torch.dtype, quantization_config: BitsAndBytesConfig | None = None
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     if not (folder / "config.json").exists():
@@ -419,16 +454,20 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
             "are not loaded"
         )
     return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+        **_quantized_loading(quantization_config),
     )
 
 
-def _from_hub(spec: str, dtype: torch.dtype) -> PreTrainedModel:
+def _from_hub(
+    spec: str, dtype: torch.dtype, quantization_config: BitsAndBytesConfig | None = None
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            spec, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            **_quantized_loading(quantization_config),
         )
     except (OSError, ValueError) as err:
         raise StageError(
@@ -452,7 +491,14 @@ def _adapter(folder: Path, base_model: str | None, dtype: torch.dtype) -> PreTra
         raise StageError(
             f"adapter folder {folder} does not name its base model; pass the base model spec"
         )
-    return PeftModel.from_pretrained(load_model(base, dtype=dtype), folder, is_trainable=False)
+    model = load_model(base, dtype=dtype)
+    if _has_tokenizer(folder):
+        # An adapter trained over new tokens (continued pre-training's extend_vocabulary) needs
+        # its base grown to its tokenizer first, by the rule PEFT's AutoPeftModel applies.
+        size = len(AutoTokenizer.from_pretrained(folder))
+        if size > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(size, mean_resizing=False)
+    return PeftModel.from_pretrained(model, folder, is_trainable=False)
 
 
 def _has_tokenizer(folder: Path) -> bool:

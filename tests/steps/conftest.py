@@ -46,11 +46,13 @@ class TrainingJob:
         self.model_dir = root / "model"
         self.output_data_dir = root / "output" / "data"
         self.failure_file = root / "output" / "failure"
+        self.checkpoint_dir = root / "checkpoints"
         self.config_dir.mkdir(parents=True)
         self.monkeypatch = monkeypatch
         monkeypatch.setenv("SM_INPUT_CONFIG_DIR", str(self.config_dir))
         monkeypatch.setenv("SM_MODEL_DIR", str(self.model_dir))
         monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(self.output_data_dir))
+        monkeypatch.setenv("SM_CHECKPOINT_DIR", str(self.checkpoint_dir))
         monkeypatch.setattr("sys.argv", ["steps.sft"])
 
     def channel(self, name: str, records: list, file_name: str | None = None) -> Path:

@@ -5,12 +5,18 @@ import re
 
 import pytest
 import torch
+from datasets import Dataset
+from trl import SFTConfig
 
 from steps import sft
-from steps.common import contract, models
+from steps.common import contract, models, training
 from steps.common.contract import StageError
+from steps.common.datasets import DatasetFormat, sft_example
 
 from .conftest import counting_records
+from .stage_runs import run_sft
+
+PROMPT_COMPLETION = DatasetFormat("prompt_completion", conversational=False)
 
 
 def test_a_lora_run_saves_an_adapter_in_peft_layout_that_reloads_and_generates(sft_run):
@@ -55,9 +61,11 @@ def test_the_training_loss_falls(sft_run):
     assert len(losses) == 7  # step 1, then every 5 steps up to 30
     assert losses[-1] < 0.6 * losses[0]
     summary = json.loads((sft_run.model_dir / "training_summary.json").read_text())
-    assert summary["base_model"] == "builtin:tiny" and summary["global_steps"] == 30
+    report = summary["training"]
+    assert summary["base_model"] == "builtin:tiny" and report["global_step"] == 30
     assert summary["hyperparameters"]["learning_rate"] == 0.01
-    assert summary["eval_loss"] < losses[0]
+    assert report["first_train_loss"] == losses[0] and report["final_train_loss"] == losses[-1]
+    assert report["eval_loss"] < losses[0]
 
 
 def test_metric_lines_match_sagemaker_metric_definitions(sft_run):
@@ -88,43 +96,105 @@ def test_an_unknown_hyperparameter_fails_the_job_with_a_clear_reason(training_jo
     assert not training_job.model_dir.exists()
 
 
-def test_peft_methods_not_implemented_yet_are_refused_by_name():
-    with pytest.raises(
-        StageError, match="peft_method 'qlora' is not supported yet; use one of lora"
-    ):
-        sft.SFTStageConfig(peft_method="qlora")
-    with pytest.raises(StageError, match="lora_r must be > 0, got 0"):
-        sft.SFTStageConfig(lora_r=0)
-
-
-def test_gradient_accumulation_reports_the_loss_of_the_equivalent_larger_batch(training_job):
-    # The model's own loss is normalised over the whole accumulated batch (num_items_in_batch): 2 x
-    # 2 sequences must give the loss of 4 at once, not twice it.
-    training_job.channel("train", counting_records(16))
-    first_losses = []
-    for batch_size, accumulation in ((4, 1), (2, 2)):
-        training_job.output_data_dir.joinpath("metrics.jsonl").unlink(missing_ok=True)
-        sft.main(
-            sft.SFTStageConfig(
-                base_model="builtin:tiny",
-                max_steps=1,
-                logging_steps=1,
-                lora_dropout=0.0,
-                per_device_batch_size=batch_size,
-                gradient_accumulation_steps=accumulation,
-            )
-        )
-        first = json.loads(
-            training_job.output_data_dir.joinpath("metrics.jsonl").read_text().splitlines()[0]
-        )
-        first_losses.append(first["train_loss"])
-
-    assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-4)
-
-
 def test_fp16_on_a_cpu_fails_before_training(training_job):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     training_job.channel("train", counting_records(8))
     with pytest.raises(StageError, match="precision 'fp16' needs a CUDA GPU"):
         sft.main(sft.SFTStageConfig(base_model="builtin:tiny", precision="fp16"))
+
+
+# --- Stopping: the EOS the model generates up to ----------------------------------------------
+
+def _tokenized_examples(examples: list[dict], tokenizer=None,
+                        max_length: int = 128) -> tuple[Dataset, object]:
+    """The training examples as the stage's trainer tokenizes and masks them."""
+    tokenizer = tokenizer or models.load_tokenizer(models.TINY)
+    model = models.load_model(models.TINY)
+    config = sft.SFTStageConfig(base_model=models.TINY, checkpoint_steps=0)
+    args = training.trainer_arguments(
+        config, "fp32", SFTConfig, max_length=max_length, packing=False, completion_only_loss=None,
+        assistant_only_loss="messages" in examples[0],
+    )
+    trainer = sft.SFTTrainerWithModelLoss(
+        model=model, args=args, train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+    )
+    return trainer.train_dataset, trainer.model
+
+
+def test_every_trained_response_ends_with_the_eos_the_generation_config_stops_at():
+    tokenizer = models.load_tokenizer(models.TINY)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Count to 2."}, {"role": "assistant", "content": "a b"}]
+    formats = {
+        "prompt_completion": [sft_example(counting_records(1)[0], PROMPT_COMPLETION, True)],
+        "conversational": [{"messages": chat}],
+        "language_modeling": [{"text": "a b c"}],
+    }
+    for name, examples in formats.items():
+        dataset, model = _tokenized_examples(examples, tokenizer)
+        eos = model.generation_config.eos_token_id
+        assert tokenizer.convert_ids_to_tokens(eos) == "<|im_end|>"
+        trained = [token for token in dataset[0]["labels"] if token != -100]
+        # Prompts and user turns are not trained; every response ends with EOS (ChatML puts a
+        # newline after it, which the prompt of the next turn would hold anyway).
+        expected = {"prompt_completion": "a b<|im_end|>\n",
+                    "conversational": "Yo<|im_end|>a b<|im_end|>",
+                    "language_modeling": "a b c<|im_end|>"}[name]
+        assert tokenizer.decode(trained) == expected, name
+        assert sft.check_examples_teach_stopping(dataset, model, tokenizer, 128) == ["<|im_end|>"]
+
+
+def test_a_chat_template_that_leaves_the_end_of_turn_untrained_is_refused():
+    tokenizer = models.load_tokenizer(models.TINY)
+    # The {% generation %} block stops before <|im_end|>: the assistant mask would never train it.
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}",
+        "{%- generation %}{{- message['content'] }}{%- endgeneration %}{{- '<|im_end|>' }}",
+    )
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    dataset, model = _tokenized_examples([{"messages": chat}] * 3, tokenizer)
+
+    with pytest.raises(StageError, match=r"3 of 3 tokenized training examples end with 'o' .*not "
+                       r"a token generation stops at \(<\|im_end\|>\), so the tuned model would "
+                       r"not learn to stop"):
+        sft.check_examples_teach_stopping(dataset, model, tokenizer, 128)
+
+
+def test_examples_cut_at_max_seq_length_are_reported_as_teaching_no_stop(capsys):
+    tokenizer = models.load_tokenizer(models.TINY)
+    examples = [sft_example(r, PROMPT_COMPLETION, True) for r in counting_records(4)]
+    dataset, model = _tokenized_examples(examples, tokenizer, max_length=32)
+
+    sft.check_examples_teach_stopping(dataset, model, tokenizer, 32)
+
+    assert "warning: 4 of 4 training examples are cut at max_seq_length=32 and teach no stop; " \
+        "raise max_seq_length" in capsys.readouterr().out
+
+
+def test_the_tuned_model_stops_after_its_answer(sft_run):
+    model = models.load_model(str(sft_run.model_dir))
+    tokenizer = models.load_tokenizer(str(sft_run.model_dir))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Count to 3."}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )
+    output = model.generate(**prompt, max_new_tokens=40, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    answer = output[0, prompt["input_ids"].shape[1]:].tolist()
+
+    assert len(answer) < 40 and answer[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.decode(answer[:-1]).startswith("a b")
+    summary = json.loads((sft_run.model_dir / "training_summary.json").read_text())
+    assert summary["stop_tokens"] == ["<|im_end|>"]
+
+
+def test_packing_puts_several_examples_in_a_row_and_trains(tmp_path):
+    run = run_sft(tmp_path / "opt-ml", counting_records(32), base_model="builtin:tiny",
+                  peft_method="none", learning_rate=1e-3, packing="true", max_seq_length=128,
+                  per_device_batch_size=2, max_steps=12, logging_steps=4)
+    packed = re.search(r"packing: 32 examples in (\d+) rows of up to 128 tokens", run.stdout)
+
+    assert packed and int(packed.group(1)) <= 32 // 2  # 40-46 tokens each: 2-3 in 128 tokens
+    assert run.losses[-1] < 0.8 * run.losses[0]

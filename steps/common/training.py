@@ -1,0 +1,360 @@
+"""What every training stage shares: the training knobs, the Trainer arguments they become,
+checkpoints that survive a restarted job, and the end-of-run report.
+
+A stage's config dataclass inherits `TrainingKnobs` (and, for tuning stages, `PeftKnobs` from
+steps.common.peft_methods), so every knob has one name and one default for SageMaker's
+hyperparameters.json, the command line and tests. `trainer_arguments` turns the knobs into
+`transformers.TrainingArguments` or a TRL config, setting explicitly every default that costs speed
+on the hardware the stage runs on (TRL turns on bf16 and activation checkpointing even on a CPU).
+
+Checkpoints go to the SageMaker checkpoint folder (`contract.checkpoint_dir()`), which SageMaker
+syncs to the step's `CheckpointConfig.S3Uri` while the job runs and restores into a restarted job;
+`train` resumes from the latest checkpoint there with optimizer, scheduler and RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import transformers
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from steps.common import contract
+from steps.common.contract import StageError
+from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
+from steps.common.models import resolve_precision
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
+
+# Knobs that change how a run is observed or saved, not the numbers it computes: a checkpoint
+# written under other values of these is still a valid place to resume from.
+_NOT_IN_FINGERPRINT = {"logging_steps", "checkpoint_steps", "checkpoints_to_keep"}
+_FINGERPRINT_FILE = "run_fingerprint.json"
+
+
+@dataclass
+class TrainingKnobs:
+    """The knobs of every training stage. Stages override defaults by redeclaring a field."""
+
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training data (ignored if max_steps > 0)."}
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to run; -1 to run `epochs` epochs."}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, ...)."}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of steps of linear warm-up, in [0, 1)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."}
+    )
+    per_device_batch_size: int = field(
+        default=4, metadata={"help": "Sequences per device (process) per forward pass."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Forward passes per optimizer step; the global batch is "
+                  "per_device_batch_size x gradient_accumulation_steps x processes."},
+    )
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Tokens per sequence; longer ones are truncated."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several sequences into each max_seq_length row (padding-free)."},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "fp32, or bf16 / fp16 autocast; auto = bf16 where native, else fp32."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less memory, more time."},
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Seed for initialisation, dropout and data order."}
+    )
+    logging_steps: int = field(
+        default=5, metadata={"help": "Print a metrics line every this many optimizer steps."}
+    )
+    checkpoint_steps: int = field(
+        default=100,
+        metadata={"help": "Write a resumable checkpoint every this many steps; 0 for none."},
+    )
+    checkpoints_to_keep: int = field(
+        default=2, metadata={"help": "Checkpoints kept in the checkpoint folder (oldest go)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise StageError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        schedulers = [s.value for s in transformers.SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise StageError(
+                f"lr_scheduler_type '{self.lr_scheduler_type}' is not one of {', '.join(schedulers)}"
+            )
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                     "logging_steps", "learning_rate", "epochs", "checkpoints_to_keep"):
+            if not getattr(self, name) > 0:
+                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", "checkpoint_steps"):
+            if getattr(self, name) < 0:
+                raise StageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps != -1 and self.max_steps <= 0:
+            raise StageError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise StageError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def world_size() -> int:
+    """Processes taking part in training (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def trainer_arguments(
+    knobs: TrainingKnobs, precision: str, args_class: type[ArgsT] = TrainingArguments, **extra: Any
+) -> ArgsT:
+    """`args_class` (TrainingArguments or a TRL config) from the knobs, every costly default set.
+
+    `precision` is the resolved one (`resolve_precision`). `extra` holds what only one kind of
+    trainer has (SFTConfig's max_length, DPOConfig's beta, ...).
+    """
+    distributed = world_size() > 1
+    checkpoints = contract.checkpoint_dir()
+    saving = {"save_strategy": "no"}
+    if knobs.checkpoint_steps > 0:
+        saving = {
+            "save_strategy": "steps",
+            "save_steps": knobs.checkpoint_steps,
+            "save_total_limit": knobs.checkpoints_to_keep,
+            "save_only_model": False,  # optimizer, scheduler and RNG state: a true resume
+        }
+    return args_class(
+        output_dir=str(checkpoints),
+        num_train_epochs=knobs.epochs,
+        max_steps=knobs.max_steps,
+        learning_rate=knobs.learning_rate,
+        lr_scheduler_type=knobs.lr_scheduler_type,
+        warmup_steps=knobs.warmup_ratio,  # transformers 5: a float below 1 is a fraction of steps
+        weight_decay=knobs.weight_decay,
+        max_grad_norm=knobs.max_grad_norm,
+        per_device_train_batch_size=knobs.per_device_batch_size,
+        per_device_eval_batch_size=knobs.per_device_batch_size,
+        gradient_accumulation_steps=knobs.gradient_accumulation_steps,
+        # TRL configs turn both on by default, even on a CPU: bf16 only where asked or native,
+        # activation checkpointing (about +50% time on a CPU) only when asked.
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=knobs.gradient_checkpointing,
+        seed=knobs.seed,
+        data_seed=knobs.seed,
+        logging_steps=knobs.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU the Trainer must be told that the run is on the CPU on purpose: otherwise
+        # it refuses bf16, and under torchrun accelerate's distributed type stays NO, so every
+        # process trains its own copy, unsynchronised. (Apple's MPS stays usable for the rest.)
+        use_cpu=not torch.cuda.is_available() and (precision == "bf16" or distributed),
+        # Several CPU processes talk through gloo; GPUs through NCCL (the Trainer's default there).
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False if distributed else None,
+        **saving,
+        **extra,
+    )
+
+
+def prepare_precision(knobs: TrainingKnobs) -> str:
+    precision = resolve_precision(knobs.precision)
+    print(f"precision: {precision} (asked: {knobs.precision})", flush=True)
+    return precision
+
+
+def metrics_callback() -> tuple[MetricsCallback, Path]:
+    """A fresh metrics.jsonl in SM_OUTPUT_DATA_DIR (SageMaker uploads it even if the job fails)."""
+    output_data_dir = contract.output_data_dir()
+    output_data_dir.mkdir(parents=True, exist_ok=True)
+    path = output_data_dir / "metrics.jsonl"
+    path.write_text("")
+    return MetricsCallback(path), path
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; PEFT's own count where the model is a PeftModel.
+
+    PEFT's count also covers prompt encoders and 4-bit weights (packed two to a byte), which
+    counting `parameters()` gets wrong.
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@dataclass
+class TrainingReport:
+    global_step: int
+    resumed_from_step: int
+    first_train_loss: float | None
+    final_train_loss: float | None
+    mean_train_loss: float
+    eval_loss: float | None
+    tokens: int
+    runtime_s: float
+    tokens_per_second: float
+    trainable_parameters: int
+    total_parameters: int
+    peak_memory_mb: float
+
+    def as_summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
+          metrics_path: Path) -> TrainingReport:
+    """Run `trainer` (resuming from the latest checkpoint), evaluate once, log the run's figures.
+
+    Logged to the job's metrics: tokens/s of non-padding tokens, trainable parameters and peak
+    memory, which the benchmarks compare across methods.
+    """
+    trainer.remove_callback(PrinterCallback)  # prints each log as a dict, beside our lines
+    trainable, total = trainable_parameters(trainer.model)
+    if is_main_process():
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+              flush=True)
+        batch, steps, processes = (knobs.per_device_batch_size, knobs.gradient_accumulation_steps,
+                                   world_size())
+        print(f"global batch: {batch} per process x {steps} accumulation steps x {processes} "
+              f"processes = {batch * steps * processes} sequences per optimizer step", flush=True)
+    resume = _resume_checkpoint(knobs, contract.checkpoint_dir())
+
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+
+    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
+    # num_input_tokens_seen is restored with the checkpoint: count this run's tokens only.
+    tokens = trainer.state.num_input_tokens_seen - metrics.tokens_at_start
+    train_losses = [m["train_loss"] for m in metrics.history if "train_loss" in m]
+    report = TrainingReport(
+        global_step=trainer.state.global_step,
+        resumed_from_step=resumed_from,
+        first_train_loss=train_losses[0] if train_losses else None,
+        final_train_loss=train_losses[-1] if train_losses else None,
+        mean_train_loss=result.training_loss,
+        eval_loss=eval_loss,
+        tokens=tokens,
+        runtime_s=round(runtime, 2),
+        tokens_per_second=round(tokens / max(runtime, 1e-9), 1),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        peak_memory_mb=round(peak_memory_mb(), 1),
+    )
+    if trainer.is_world_process_zero():
+        log_metrics({
+            "step": report.global_step,
+            "train_runtime_s": report.runtime_s,
+            "total_tokens": tokens,
+            "mean_tokens_per_second": report.tokens_per_second,
+            "trainable_parameters": trainable,
+            "peak_memory_mb": report.peak_memory_mb,
+            # eval_loss is not repeated here: MetricsCallback logged it when evaluate() ran, and a
+            # second line would give SageMaker's metric a second data point.
+        }, metrics_path)
+        plot_loss_curve(metrics.history, metrics_path.parent / "loss_curve.png")
+    return report
+
+
+def _resume_checkpoint(knobs: TrainingKnobs, checkpoints: Path) -> str | None:
+    """The latest checkpoint of this same run in `checkpoints`, or None to start fresh.
+
+    A checkpoint folder that holds another configuration's checkpoints is an error rather than a
+    silent fresh start (which would mix both runs' checkpoints) or a resume into the wrong run.
+    """
+    if knobs.checkpoint_steps == 0:
+        return None
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    fingerprint = {k: v for k, v in dataclasses.asdict(knobs).items()
+                   if k not in _NOT_IN_FINGERPRINT}
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+    record = {"sha256": digest.hexdigest(), "config": fingerprint}
+    recorded_path = checkpoints / _FINGERPRINT_FILE
+    latest = _latest_complete_checkpoint(checkpoints)
+    if latest and recorded_path.exists():
+        recorded = json.loads(recorded_path.read_text())
+        if recorded.get("sha256") != record["sha256"]:
+            changed = sorted(k for k in fingerprint
+                             if recorded.get("config", {}).get(k) != fingerprint[k])
+            raise StageError(
+                f"checkpoint folder {checkpoints} holds checkpoints of a run with other settings "
+                f"({', '.join(changed) or 'stage'} differ); empty it or give the job a fresh "
+                "checkpoint location"
+            )
+    if is_main_process():
+        # Written whole then renamed: the other processes of a torchrun job read it meanwhile.
+        partial = recorded_path.with_suffix(".partial")
+        partial.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        partial.replace(recorded_path)
+    if latest:
+        print(f"resuming from {latest} (optimizer, scheduler and data position restored)",
+              flush=True)
+    return latest
+
+
+def _latest_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint-N folder that was written to the end.
+
+    The Trainer writes trainer_state.json last, so a job killed while saving (a spot interruption)
+    leaves a newest folder without it: resuming from that one would fail, from the one before it
+    only repeats a few steps. (The Trainer overwrites the incomplete folder when it gets there.)
+    """
+    if not checkpoints.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in checkpoints.iterdir()
+             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").exists():
+            return str(path)
+        print(f"ignoring the incomplete checkpoint {path}", flush=True)
+    return None
+
+
+def training_summary(stage: str, config: TrainingKnobs, base_model: str, precision: str,
+                     report: TrainingReport, **extra: Any) -> dict[str, Any]:
+    """What training_summary.json in a model folder records: the stage, method, base model,
+    every hyperparameter, the precision used, and the run's figures (`report`).
+
+    Evaluation reads base_model from it; the registry attaches it to the model package.
+    """
+    return {
+        "stage": stage,
+        "peft_method": getattr(config, "peft_method", "none"),
+        "base_model": base_model,
+        "precision": precision,
+        "hyperparameters": dataclasses.asdict(config),
+        **extra,
+        "training": report.as_summary(),
+    }
