@@ -222,6 +222,31 @@ def cmd_definition(args) -> int:
     return 0
 
 
+def _check_rerun_flags(args) -> None:
+    if args.from_step and not args.reuse:
+        raise UserError("--from-step needs --reuse EXECUTION, the execution whose outputs the "
+                        "steps before it reuse (its id; on AWS also its ARN)")
+
+
+def _local_selection(args, document: dict, pipeline_name: str):
+    """`--reuse ID [--from-step STEP]`: which steps run, which reuse execution ID's outputs."""
+    from pipelines.local.engine import Selection, load_execution, steps_from, unfinished_steps
+
+    if not args.reuse:
+        return None
+    source = load_execution(_executions_dir(), pipeline_name, args.reuse)
+    if args.from_step:
+        selected = steps_from(document, args.from_step)
+    elif source.status == "Succeeded":
+        raise UserError(f"execution {source.execution_id} succeeded, there is nothing to continue; "
+                        "pass --from-step STEP to re-run from a step")
+    else:
+        selected = unfinished_steps(document, {n: s.status for n, s in source.steps.items()})
+    print(f"Re-running {', '.join(selected)}; the other steps reuse execution "
+          f"{source.execution_id}", flush=True)
+    return Selection(source, selected)
+
+
 def cmd_run(args) -> int:
     import boto3
 
@@ -229,9 +254,11 @@ def cmd_run(args) -> int:
 
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
+    _check_rerun_flags(args)
     target = _connect(args)
     chosen, text = _build_for(args, target)
     document = json.loads(text)
+    selection = _local_selection(args, document, definition.pipeline_name(chosen))
     overrides = _parameters(args.parameter)
     s3 = boto3.client("s3")
     _ensure_bucket(s3, target["bucket"], target["region"])
@@ -244,7 +271,8 @@ def cmd_run(args) -> int:
           flush=True)
     def execute(progress) -> object:
         return run_execution(document, overrides, _executions_dir(), target["region"],
-                             target["account"], definition.pipeline_name(chosen), progress)
+                             target["account"], definition.pipeline_name(chosen), progress,
+                             selection)
 
     if sys.stdout.isatty():
         with _LiveProgress(step_names(document)) as progress:
@@ -254,13 +282,29 @@ def cmd_run(args) -> int:
     return _report(record, s3)
 
 
+def _step_note(state) -> str:
+    """Why a step took no time, or took several tries."""
+    if state.cache.startswith("hit"):
+        return f"cache {state.cache}"
+    if state.reused_from:
+        return f"reused from execution {state.reused_from}"
+    if len(state.attempts) > 1:
+        return f"{len(state.attempts)} attempts"
+    return ""
+
+
 def _report(record, s3) -> int:
+    import boto3
+
     folder = _executions_dir() / record.pipeline_name / record.execution_id
     print()
     print(f"Execution {record.execution_id}: {record.status}")
     for state in record.steps.values():
         took = f"{state.seconds:7.1f}s" if state.seconds is not None else " " * 8
-        print(f"  {state.name:<22} {state.status:<12} {took}")
+        print(f"  {state.name:<22} {state.status:<12} {took}  {_step_note(state)}".rstrip())
+    from pipelines import cost
+
+    print("\n" + cost.format_ledger(record.cost))
     if record.status != "Succeeded":
         failed = next((s for s in record.steps.values() if s.status == "Failed"), None)
         print(f"\nFAILED: {record.failure_reason}", file=sys.stderr)
@@ -275,7 +319,8 @@ def _report(record, s3) -> int:
                      and s.status == "Succeeded"), None)
     evaluation = next((s for s in record.steps.values() if s.name == "Evaluate"), None)
     if register:
-        print(f"\nRegistered model package: {register.outcome} (PendingManualApproval)")
+        package = boto3.client("sagemaker").describe_model_package(ModelPackageName=register.outcome)
+        print(f"\nRegistered model package: {register.outcome} ({package['ModelApprovalStatus']})")
     if evaluation and evaluation.properties:
         outputs = evaluation.properties.get("ProcessingOutputConfig", {}).get("Outputs", [])
         uri = next((o["S3Output"]["S3Uri"] for o in outputs), None)
@@ -284,11 +329,14 @@ def _report(record, s3) -> int:
             metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/evaluation.json")["Body"]
                                  .read())["metrics"]
             print("\nMetric              tuned        base")
-            for name in ("eval_loss", "perplexity", "rouge_l", "exact_match"):
+            for name in ("eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match"):
                 if name in metrics:
                     base = metrics.get(f"base_{name}", {}).get("value")
                     print(f"  {name:<16} {metrics[name]['value']:>10.4f}  "
-                          f"{base if base is None else f'{base:>10.4f}'}")
+                          f"{'-' if base is None else f'{base:>10.4f}'}")
+            if "perplexity_ratio" in metrics:
+                print(f"  perplexity_ratio {metrics['perplexity_ratio']['value']:>10.4f}  "
+                      "(base perplexity / tuned perplexity)")
             print(f"\nEvaluation report: {uri}/")
     for state in record.steps.values():
         artifacts = state.properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
@@ -337,6 +385,7 @@ _TERMINAL = {"Succeeded", "Failed", "Stopped"}
 def cmd_start(args) -> int:
     import boto3
 
+    _check_rerun_flags(args)
     target = _connect(args)
     chosen = recipe.load(args.recipe)
     name = definition.pipeline_name(chosen)
@@ -353,11 +402,14 @@ def cmd_start(args) -> int:
                         f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
     from pipelines.local.engine import resolve_parameters
 
-    resolve_parameters(json.loads(described["PipelineDefinition"]), overrides)  # validates
-    response = sagemaker.start_pipeline_execution(
-        PipelineName=name,
-        PipelineParameters=[{"Name": k, "Value": str(v)} for k, v in overrides.items()],
-    )
+    document = json.loads(described["PipelineDefinition"])
+    resolve_parameters(document, overrides)  # validates
+    request = {"PipelineName": name,
+               "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in overrides.items()]}
+    if args.reuse:
+        request["SelectiveExecutionConfig"] = _selective_execution_config(
+            args, sagemaker, document, name, target)
+    response = sagemaker.start_pipeline_execution(**request)
     arn = response["PipelineExecutionArn"]
     print(f"started {arn}", flush=True)
     if not args.wait:
@@ -371,9 +423,74 @@ def cmd_start(args) -> int:
             status = new_status
         if status not in _TERMINAL:
             time.sleep(args.poll_seconds)
+    if args.target == "aws":  # the local server runs no jobs: nothing to cost there
+        _print_aws_ledger(sagemaker, arn)
     if status != "Succeeded":
         print(f"execution {status}: {described.get('FailureReason', '')}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _execution_arn(reference: str, pipeline_name: str, target: dict) -> str:
+    if reference.startswith("arn:"):
+        return reference
+    return (f"arn:aws:sagemaker:{target['region']}:{target['account']}:pipeline/"
+            f"{pipeline_name}/execution/{reference}")
+
+
+def _selective_execution_config(args, sagemaker, document: dict, name: str, target: dict) -> dict:
+    """SageMaker's SelectiveExecutionConfig for `--reuse EXECUTION [--from-step STEP]`: the step
+    and everything downstream of it, or without --from-step the steps that did not succeed."""
+    from pipelines.local.engine import steps_from, unfinished_steps
+
+    source = _execution_arn(args.reuse, name, target)
+    if args.from_step:
+        selected = steps_from(document, args.from_step)
+    else:
+        status = sagemaker.describe_pipeline_execution(
+            PipelineExecutionArn=source)["PipelineExecutionStatus"]
+        if status in ("Succeeded", "Executing", "Stopping"):
+            raise UserError(f"execution {source} is {status}, there is nothing to continue; "
+                            "pass --from-step STEP to re-run from a step")
+        pages = sagemaker.get_paginator("list_pipeline_execution_steps").paginate(
+            PipelineExecutionArn=source)
+        statuses = {s["StepName"]: s["StepStatus"] for page in pages
+                    for s in page["PipelineExecutionSteps"]}
+        selected = unfinished_steps(document, statuses)
+    print(f"re-running {', '.join(selected)}; the other steps reuse {source}", flush=True)
+    return {"SourcePipelineExecutionArn": source,
+            "SelectedSteps": [{"StepName": step} for step in selected]}
+
+
+def _print_aws_ledger(sagemaker, execution_arn: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from pipelines import cost
+
+    try:
+        print("\n" + cost.format_ledger(cost.aws_ledger(sagemaker, execution_arn)))
+    except (BotoCoreError, ClientError) as exc:
+        print(f"cost ledger unavailable for {execution_arn}: {exc}", file=sys.stderr)
+
+
+def cmd_cost(args) -> int:
+    from pipelines import cost
+
+    if args.target == "aws":
+        import boto3
+
+        target = _connect(args)
+        arn = _execution_arn(args.execution, definition.pipeline_name(recipe.load(args.recipe)),
+                             target)
+        ledger = cost.aws_ledger(boto3.client("sagemaker"), arn)
+    else:
+        execution_id = args.execution.rstrip("/").rsplit("/", 1)[-1]
+        found = sorted(_executions_dir().glob(f"*/{execution_id}/execution.json"))
+        if not found:
+            raise UserError(f"no local execution {execution_id} under {_executions_dir()}; "
+                            "`run` prints the id of each execution it makes")
+        ledger = cost.local_ledger(json.loads(found[0].read_text()))
+    print(json.dumps(ledger, indent=1) if args.json else cost.format_ledger(ledger))
     return 0
 
 
@@ -447,11 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bucket", help="S3 bucket for data and artifacts")
         p.add_argument("--image-tag", help="image tag (default: digest of the code)")
 
+    def reruns(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--reuse", metavar="EXECUTION",
+                       help="re-run part of this earlier execution (id, or ARN on AWS): steps "
+                            "not re-run take its outputs; alone, continues it from its failed step")
+        p.add_argument("--from-step", metavar="STEP",
+                       help="with --reuse: re-run this step and every step downstream of it")
+
     p = sub.add_parser("definition", help="print the pipeline definition JSON")
     common(p)
     p.set_defaults(func=cmd_definition)
     p = sub.add_parser("run", help="run the pipeline locally")
     common(p)
+    reruns(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("upsert", help="create or update the pipeline on SageMaker")
     common(p, with_params=False)
@@ -460,7 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--wait", action="store_true", help="wait; exit status reflects the execution")
     p.add_argument("--poll-seconds", type=float, default=30.0)
+    reruns(p)
     p.set_defaults(func=cmd_start)
+    p = sub.add_parser("cost", help="the cost ledger of an execution")
+    common(p, with_params=False)
+    p.add_argument("execution", help="execution id (local) or ARN")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cost)
     p = sub.add_parser("registry", help="list, approve or reject model packages")
     common(p, with_recipe=False, with_params=False)
     p.add_argument("action", choices=("list", "approve", "reject"))

@@ -9,26 +9,34 @@ Processing and Training jobs (pipelines/local/jobs.py), RegisterModel through bo
 against botocore's SageMaker model, so a request SageMaker would refuse fails here too.
 Steps run one at a time (this machine has two cores); SageMaker runs independent steps
 in parallel, which changes timing, not results.
+
+As on SageMaker, a step with `CacheConfig` may reuse an earlier run (pipelines/local/cache.py),
+a step with `RetryPolicies` is tried again when it fails for a retryable cause (see
+`failure_cause`), and a selective execution runs chosen steps while the others take their
+outputs from an earlier execution. Each execution ends with a cost ledger (pipelines/cost.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import botocore.session
-from botocore.exceptions import ClientError
+from boto3.exceptions import Boto3Error, RetriesExceededError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.validate import ParamValidator
 
-from pipelines import UserError
-from pipelines.local import jobs
+from pipelines import UserError, cost
+from pipelines.local import cache, jobs
 from pipelines.local.expressions import (
     ExpressionError,
     Scope,
@@ -41,9 +49,19 @@ _OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJ
                "RegisterModel": "CreateModelPackage"}
 _JOB_NAME_FIELD = {"Processing": "ProcessingJobName", "Training": "TrainingJobName"}
 SUPPORTED_TYPES = {"Processing", "Training", "RegisterModel", "Condition", "Fail"}
+# Step types SageMaker retries under RetryPolicies (of those this engine runs).
+_RETRYABLE_TYPES = {"Processing", "Training", "RegisterModel"}
 # What a step can fail with that is the step's failure, not the engine's: missing S3 inputs,
-# an image that cannot run the stage, a registry refusal.
-_STEP_ERRORS = (UserError, ExpressionError, FileNotFoundError, ValueError, ClientError)
+# an image that cannot run the stage, a registry refusal, an unreachable S3.
+_STEP_ERRORS = (UserError, ExpressionError, FileNotFoundError, ValueError, ClientError,
+                BotoCoreError, Boto3Error)
+_THROTTLING_CODES = {"Throttling", "ThrottlingException", "ThrottledException", "SlowDown",
+                     "TooManyRequestsException", "RequestLimitExceeded"}
+# jobs.py reports a job's end as "exit code N: ..."; N is negative when a signal ended the
+# process (subprocess's convention).
+_KILLED_BY_SIGNAL = re.compile(r"exit code -\d+:")
+# SageMaker caps MaxAttempts at 20; a policy with only ExpireAfterMin gets that cap too.
+_MAX_RETRIES = 20
 
 
 @dataclass
@@ -58,6 +76,16 @@ class StepRecord:
     job_name: str = ""
     outcome: str = ""  # Condition: "true"/"false"; RegisterModel: the package ARN
     properties: dict = field(default_factory=dict)
+    # Processing/Training: "hit (execution ID)" or "miss: <why>"; empty for other step types.
+    cache: str = ""
+    # The execution whose outputs this step took instead of running (cache hit, re-run).
+    reused_from: str = ""
+    # Processing/Training/RegisterModel: one entry per try (job_name, started, ended,
+    # failure_reason, cause); several when a RetryPolicy retried the step.
+    attempts: list[dict] = field(default_factory=list)
+    billable_seconds: float = 0.0  # how long this execution's jobs of the step ran
+    # For a reused step: the billable seconds of the run that produced its outputs.
+    source_billable_seconds: float = 0.0
 
     @property
     def seconds(self) -> float | None:
@@ -75,6 +103,19 @@ class ExecutionRecord:
     ended: float | None = None
     failure_reason: str = ""
     steps: dict[str, StepRecord] = field(default_factory=dict)
+    # A selective execution: the execution the unselected steps reuse, and the selected steps.
+    source_execution: str = ""
+    selected_steps: list[str] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)  # the ledger (pipelines/cost.py)
+
+
+@dataclass
+class Selection:
+    """SageMaker's SelectiveExecutionConfig: run `steps`; every other step takes its
+    properties from `source` when it succeeded there, and does not run otherwise."""
+
+    source: ExecutionRecord
+    steps: list[str]
 
 
 @dataclass
@@ -119,6 +160,31 @@ def topological_order(steps: dict[str, _Step]) -> list[str]:
 def step_names(definition: dict) -> list[str]:
     """Every step of the definition, branch steps included, in the order they would run."""
     return topological_order(_flatten(definition.get("Steps", [])))
+
+
+def _upstream(steps: dict[str, _Step], name: str) -> set[str]:
+    found: set[str] = set()
+    pending = list(steps[name].depends)
+    while pending:
+        step = pending.pop()
+        if step not in found:
+            found.add(step)
+            pending += steps[step].depends
+    return found
+
+
+def steps_from(definition: dict, step: str) -> list[str]:
+    """`step` and every step downstream of it, in run order: what a re-run from `step` runs."""
+    steps = _flatten(definition.get("Steps", []))
+    if step not in steps:
+        raise UserError(f"no step {step!r} in this pipeline; its steps are {', '.join(steps)}")
+    return [n for n in topological_order(steps) if n == step or step in _upstream(steps, n)]
+
+
+def unfinished_steps(definition: dict, statuses: dict[str, str]) -> list[str]:
+    """The steps that did not succeed in an execution (`statuses`: step -> status), in run
+    order: what continuing that execution runs."""
+    return [n for n in step_names(definition) if statuses.get(n) != "Succeeded"]
 
 
 def resolve_parameters(definition: dict, overrides: dict[str, str]) -> dict[str, Any]:
@@ -170,6 +236,61 @@ def validate_request(step_type: str, request: dict, step_name: str) -> None:
         raise UserError(f"step {step_name}: {_OPERATIONS[step_type]} request is invalid: {problems}")
 
 
+def failure_cause(error: BaseException | None, failure_reason: str = "") -> str:
+    """The RetryPolicies exception type a failure counts as; "" for the step's own failure.
+
+    Locally: S3 or the registry unreachable or answering 5xx is Step.SERVICE_FAULT, a
+    throttling answer Step.THROTTLING, ResourceLimitExceeded SageMaker.RESOURCE_LIMIT, and a
+    job whose process was killed by a signal (the machine's doing, as an instance lost on
+    SageMaker) SageMaker.JOB_INTERNAL_ERROR. A job that exits non-zero by itself failed in
+    the stage's code or data (status 2 is a StageError): as SageMaker's AlgorithmError, it is
+    never retried. Nothing here raises SageMaker.CAPACITY_ERROR.
+    """
+    if isinstance(error, RetriesExceededError):
+        error = error.last_exception
+    elif isinstance(error, Boto3Error):  # S3UploadFailedError wraps the ClientError
+        error = error.__cause__ or error.__context__ or error
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _THROTTLING_CODES:
+            return "Step.THROTTLING"
+        if code == "ResourceLimitExceeded":
+            return "SageMaker.RESOURCE_LIMIT"
+        return "Step.SERVICE_FAULT" if status >= 500 else ""
+    if isinstance(error, (BotoConnectionError, HTTPClientError)):
+        return "Step.SERVICE_FAULT"
+    if error is None and _KILLED_BY_SIGNAL.match(failure_reason):
+        return "SageMaker.JOB_INTERNAL_ERROR"
+    return ""
+
+
+def retry_delay(policies: list[dict], causes: list[str], first_started: float,
+                now: float) -> float | None:
+    """Seconds to wait before trying a step again, or None when it is not to be retried.
+
+    `causes` holds the cause of each failed attempt so far, latest last. The first policy
+    that lists the latest cause decides: IntervalSeconds × BackoffRate^(retries it already
+    made), at most MaxAttempts retries, none starting later than ExpireAfterMin after the
+    first attempt.
+    """
+    cause = causes[-1]
+    if not cause:
+        return None
+    for policy in policies:
+        types = policy.get("ExceptionType", [])
+        if cause not in types:
+            continue
+        retries = sum(1 for c in causes[:-1] if c in types)
+        if retries >= int(policy.get("MaxAttempts", _MAX_RETRIES)):
+            return None
+        delay = float(policy.get("IntervalSeconds", 1)) * float(policy.get("BackoffRate", 2.0)) ** retries
+        if "ExpireAfterMin" in policy and now + delay - first_started > 60 * float(policy["ExpireAfterMin"]):
+            return None
+        return delay
+    return None
+
+
 class Progress:
     """Receives what happens during an execution (the command line draws it)."""
 
@@ -178,12 +299,57 @@ class Progress:
     def step_finished(self, record: StepRecord) -> None: ...
 
 
-def _job_name(execution_id: str, step: str) -> str:
-    return f"pipelines-{execution_id}-{step}"[:63].rstrip("-")
+def _job_name(execution_id: str, step: str, attempt: int = 1) -> str:
+    suffix = "" if attempt == 1 else f"-{attempt}"
+    return f"pipelines-{execution_id}-{step}"[:63 - len(suffix)].rstrip("-") + suffix
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def load_execution(executions_dir: Path, pipeline_name: str, execution_id: str) -> ExecutionRecord:
+    """A past local execution, from its execution.json."""
+    execution_id = execution_id.rstrip("/").rsplit("/", 1)[-1]  # an ARN names it last
+    path = executions_dir / pipeline_name / execution_id / "execution.json"
+    if not path.is_file():
+        known = sorted(p.name for p in (executions_dir / pipeline_name).glob("*")
+                       if (p / "execution.json").is_file())
+        hint = f"; its executions: {', '.join(known[-5:])}" if known else ""
+        raise UserError(f"no execution {execution_id} of pipeline {pipeline_name} under "
+                        f"{executions_dir}{hint}")
+    data = json.loads(path.read_text())
+    step_fields = {f.name for f in fields(StepRecord)}
+    steps = {name: StepRecord(**{k: v for k, v in step.items() if k in step_fields})
+             for name, step in data.get("steps", {}).items()}
+    execution_fields = {f.name for f in fields(ExecutionRecord)} - {"steps"}
+    return ExecutionRecord(**{k: v for k, v in data.items() if k in execution_fields}, steps=steps)
+
+
+def _check_selection(selection: Selection, steps: dict[str, _Step], pipeline_name: str) -> None:
+    if selection.source.pipeline_name != pipeline_name:
+        raise UserError(f"execution {selection.source.execution_id} is of pipeline "
+                        f"{selection.source.pipeline_name}, not {pipeline_name}")
+    unknown = [s for s in selection.steps if s not in steps]
+    if unknown:
+        raise UserError(f"no step(s) {', '.join(unknown)} in this pipeline; its steps are "
+                        f"{', '.join(steps)}")
+    for name in selection.steps:
+        for needed in sorted(steps[name].depends - set(selection.steps)):
+            earlier = selection.source.steps.get(needed)
+            if earlier is None or earlier.status != "Succeeded":
+                raise UserError(
+                    f"step {name} needs the outputs of {needed}, which did not succeed in "
+                    f"execution {selection.source.execution_id}; re-run from {needed} instead")
+
+
+def _reuse(state: StepRecord, execution_id: str, properties: dict, outcome: str,
+           billable_seconds: float) -> None:
+    """Take an earlier run's results as this step's: its outputs are what later steps read."""
+    state.status, state.properties, state.outcome = "Succeeded", properties, outcome
+    state.job_name = properties.get(_JOB_NAME_FIELD.get(state.type, ""), "")
+    state.reused_from = execution_id
+    state.source_billable_seconds = billable_seconds
 
 
 def run_execution(
@@ -194,8 +360,15 @@ def run_execution(
     account: str,
     pipeline_name: str,
     progress: Progress | None = None,
+    selection: Selection | None = None,
+    cache_dir: Path | None = None,
 ) -> ExecutionRecord:
-    """Execute the definition; returns the record (also saved as JSON next to the logs)."""
+    """Execute the definition; returns the record (also saved as JSON next to the logs).
+
+    The step cache lives in `cache_dir`, by default `cache/` next to `executions_dir`.
+    With `selection`, only the selected steps run, fresh (no cache); the others reuse the
+    source execution's outputs.
+    """
     progress = progress or Progress()
     steps = _flatten(definition.get("Steps", []))
     unsupported = sorted({s.spec["Type"] for s in steps.values()} - SUPPORTED_TYPES)
@@ -203,11 +376,21 @@ def run_execution(
         raise UserError(f"the local engine does not run step type(s) {', '.join(unsupported)}")
     order = topological_order(steps)
     parameters = resolve_parameters(definition, overrides)
+    try:
+        cache_settings = {n: cache.settings(s.spec) for n, s in steps.items()}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if selection:
+        _check_selection(selection, steps, pipeline_name)
+    step_cache = cache.StepCache(cache_dir or executions_dir.parent / "cache", pipeline_name)
 
     execution_id = secrets.token_hex(6)
     arn = f"arn:aws:sagemaker:{region}:{account}:pipeline/{pipeline_name}/execution/{execution_id}"
     record = ExecutionRecord(execution_id, pipeline_name, arn, parameters, time.time(),
                              steps={n: StepRecord(n, s.spec["Type"]) for n, s in steps.items()})
+    if selection:
+        record.source_execution = selection.source.execution_id
+        record.selected_steps = list(selection.steps)
     folder = executions_dir / pipeline_name / execution_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "definition.json").write_text(json.dumps(definition, indent=1))
@@ -241,6 +424,17 @@ def run_execution(
                                       "is not valid JSON") from None
         return property_files[(step, file_name)]
 
+    def missing_output(properties: dict) -> str | None:
+        for uri in cache.output_uris(properties):
+            bucket, key = jobs.split_s3(uri)
+            try:
+                listed = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+            except ClientError:
+                return uri
+            if not listed.get("KeyCount"):
+                return uri
+        return None
+
     scope = Scope(
         parameters=parameters,
         execution={
@@ -258,6 +452,18 @@ def run_execution(
 
     for step_name in order:
         step, state = steps[step_name], record.steps[step_name]
+        kind = step.spec["Type"]
+        if selection and step_name not in selection.steps:
+            earlier = selection.source.steps.get(step_name)
+            if earlier and earlier.status == "Succeeded" and record.status != "Failed":
+                _reuse(state, selection.source.execution_id, earlier.properties, earlier.outcome,
+                       earlier.billable_seconds + earlier.source_billable_seconds)
+                scope.step_properties[step_name] = state.properties
+                progress.step_line(state, f"reused from execution {state.reused_from}")
+            else:
+                state.status = "NotExecuted"
+            progress.step_finished(state)
+            continue
         blocked = [d for d in step.depends if record.steps[d].status != "Succeeded"]
         branch_not_taken = step.gate and record.steps[step.gate[0]].outcome != str(step.gate[1]).lower()
         if blocked or branch_not_taken or record.status == "Failed":
@@ -269,8 +475,18 @@ def run_execution(
         (folder / step_name).mkdir(exist_ok=True)
         progress.step_started(state)
         save()
+
+        key: dict | None = None
         try:
-            _run_step(step.spec, state, scope, folder / step_name, s3, sagemaker, record, progress)
+            if kind in cache.KEY_ATTRIBUTES:
+                key = cache.key(kind, step.spec.get("Arguments", {}), scope)
+                _use_cache(state, key, cache_settings[step_name], step_cache, missing_output,
+                           selection is not None, progress)
+            if not state.reused_from:
+                metadata = ({"estimated_cost_usd": _production_cost(record, steps, step_name)}
+                            if kind == "RegisterModel" else {})
+                _run_with_retries(step, state, scope, folder / step_name, s3, sagemaker, record,
+                                  progress, metadata)
         except _STEP_ERRORS as exc:
             state.status, state.failure_reason = "Failed", str(exc)
             with open(state.log, "a") as log:
@@ -278,6 +494,11 @@ def run_execution(
         state.ended = time.time()
         if state.status == "Executing":
             state.status = "Succeeded"
+        if state.reused_from:
+            scope.step_properties[step_name] = state.properties
+        elif key is not None:
+            step_cache.record(step_name, cache.Entry(execution_id, state.ended, state.status, key,
+                                                     state.properties, state.billable_seconds))
         if state.status == "Failed" and record.status != "Failed":
             record.status = "Failed"
             record.failure_reason = f"step {step_name} failed: {state.failure_reason}"
@@ -288,12 +509,117 @@ def run_execution(
     if record.status != "Failed":
         record.status = "Succeeded"
     record.ended = time.time()
+    record.cost = cost.local_ledger(asdict(record))
     save()
     return record
 
 
+def _use_cache(state: StepRecord, key: dict, settings: tuple[bool, timedelta | None],
+               store: cache.StepCache, missing_output: Callable[[dict], str | None],
+               rerun: bool, progress: Progress) -> None:
+    """Reuse an earlier run of the step when its CacheConfig allows; `state.cache` says
+    whether it hit, or why not."""
+    enabled, expire_after = settings
+    if rerun:  # SageMaker runs the selected steps of a selective execution afresh
+        state.cache = "miss: selected for re-run"
+    elif not enabled:
+        state.cache = "miss: caching disabled"
+    else:
+        lookup = store.lookup(state.name, key, expire_after, missing_output)
+        if lookup.hit:
+            hit = lookup.hit
+            _reuse(state, hit.execution_id, hit.properties, "", hit.billable_seconds)
+            state.cache = f"hit (execution {hit.execution_id})"
+            progress.step_line(state, f"cache hit: reusing the outputs of execution "
+                                      f"{hit.execution_id} ({hit.when})")
+            return
+        state.cache = f"miss: {lookup.reason}"
+    progress.step_line(state, f"cache {state.cache}")
+
+
+def _production_cost(record: ExecutionRecord, steps: dict[str, _Step], name: str) -> str:
+    """What the steps upstream of `name` cost to produce (for a model package's metadata)."""
+    usd = cost.production_cost([asdict(record.steps[n]) for n in _upstream(steps, name)])
+    return "unknown" if usd is None else f"{usd:.4f}"
+
+
+def _run_with_retries(step: _Step, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
+                      record: ExecutionRecord, progress: Progress,
+                      registration_metadata: dict[str, str]) -> None:
+    """Run the step, trying again as long as its RetryPolicies retry the failure's cause."""
+    kind = step.spec["Type"]
+    if kind not in _RETRYABLE_TYPES:
+        _run_step(step.spec, state, scope, job_dir, s3, sagemaker, record, progress, 1, {})
+        return
+    policies = step.spec.get("RetryPolicies", [])
+    causes: list[str] = []
+    while True:
+        attempt = len(causes) + 1
+        # A retry is a new job on a fresh instance: its own folder, its own job name.
+        attempt_dir = job_dir if attempt == 1 else job_dir / f"attempt-{attempt}"
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        state.log = str(attempt_dir / "log.txt")
+        state.properties, started, error = {}, time.time(), None
+        try:
+            _run_step(step.spec, state, scope, attempt_dir, s3, sagemaker, record, progress,
+                      attempt, registration_metadata)
+        except _STEP_ERRORS as exc:
+            error = exc
+            state.status, state.failure_reason = "Failed", str(exc)
+        ended = time.time()
+        if state.properties and kind in cost.JOB_TYPES:  # a job started: it is billed
+            state.billable_seconds += ended - started
+        failed = state.status == "Failed"
+        causes.append(failure_cause(error, state.failure_reason) if failed else "")
+        state.attempts.append({"job_name": state.job_name, "started": started, "ended": ended,
+                               "failure_reason": state.failure_reason if failed else "",
+                               "cause": causes[-1]})
+        if not failed:
+            return
+        delay = retry_delay(policies, causes, state.attempts[0]["started"], time.time())
+        if delay is None:
+            if error is not None:
+                raise error
+            return
+        progress.step_line(state, f"attempt {attempt} failed ({causes[-1]}: {state.failure_reason}); "
+                                  f"retrying in {delay:g}s")
+        if error is not None:  # a job's own log already ends with its error
+            with open(state.log, "a") as log:
+                log.write(f"ERROR: {error}\n")
+        time.sleep(delay)
+        state.status, state.failure_reason = "Executing", ""
+
+
+def _registered_package(sagemaker, request: dict) -> str | None:
+    """An existing package of the group holding the same model artifact(s) and data manifest.
+
+    RegisterModel is never cached, so a fully cached re-run registers again: without this
+    check every such run would add a duplicate package of the same model.
+    """
+    group = request.get("ModelPackageGroupName")
+    if not group:
+        return None
+
+    def identity(package: dict) -> tuple:
+        containers = package.get("InferenceSpecification", {}).get("Containers", [])
+        return (sorted(c.get("ModelDataUrl", "") for c in containers),
+                (package.get("CustomerMetadataProperties") or {}).get("data_manifest_sha256"))
+
+    wanted = identity(request)
+    try:
+        pages = sagemaker.get_paginator("list_model_packages").paginate(ModelPackageGroupName=group)
+        arns = [p["ModelPackageArn"] for page in pages for p in page["ModelPackageSummaryList"]]
+    except ClientError:
+        return None  # no such group yet
+    for arn in arns:
+        if identity(sagemaker.describe_model_package(ModelPackageName=arn)) == wanted:
+            return arn
+    return None
+
+
 def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
-              record: ExecutionRecord, progress: Progress) -> None:
+              record: ExecutionRecord, progress: Progress, attempt: int,
+              registration_metadata: dict[str, str]) -> None:
     kind, arguments = spec["Type"], spec.get("Arguments", {})
     on_line: Callable[[str], None] = lambda line: progress.step_line(state, line)
 
@@ -312,8 +638,11 @@ def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sa
 
     request = resolve(arguments, scope)
     if kind in _JOB_NAME_FIELD:
-        state.job_name = _job_name(record.execution_id, state.name)
+        state.job_name = _job_name(record.execution_id, state.name, attempt)
         validate_request(kind, {_JOB_NAME_FIELD[kind]: state.job_name, **request}, state.name)
+        # What a Describe*Job of a job that never started would show (the cost ledger reads
+        # the instance from it); replaced by the job's own description when it ran.
+        state.properties = {**request, _JOB_NAME_FIELD[kind]: state.job_name}
         run = jobs.run_processing_job if kind == "Processing" else jobs.run_training_job
         result = run(s3, request, state.job_name, job_dir, on_line)
         state.properties = result.description
@@ -323,8 +652,19 @@ def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sa
         return
 
     # RegisterModel
+    if registration_metadata:
+        request["CustomerMetadataProperties"] = {**request.get("CustomerMetadataProperties", {}),
+                                                 **registration_metadata}
     validate_request(kind, request, state.name)
     group = request.get("ModelPackageGroupName")
+    existing = _registered_package(sagemaker, request)
+    if existing:
+        state.outcome = existing
+        state.properties = {"ModelPackageArn": existing}
+        scope.step_properties[state.name] = state.properties
+        on_line(f"already registered: {existing} holds the same model artifact and data "
+                "manifest; not registering it again")
+        return
     if group:
         try:
             sagemaker.describe_model_package_group(ModelPackageGroupName=group)

@@ -11,7 +11,9 @@ from tests.pipelines.conftest import ROOT, clean_env, cli
 
 CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
-                       "Epochs", "LearningRate", "LoraRank", "EvalThreshold", "ModelPackageGroup"}
+                       "TrainingInstanceCount", "Epochs", "LearningRate", "LoraRank", "PeftMethod",
+                       "Precision", "GradientAccumulationSteps", "EvalThreshold",
+                       "ModelPackageGroup"}
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,23 @@ def test_definition_exposes_the_documented_parameters_and_dag(definition_text):
     assert [s["Type"] for s in gate["ElseSteps"]] == ["Fail"]
     register = gate["IfSteps"][0]["Arguments"]
     assert register["ModelApprovalStatus"] == "PendingManualApproval"
-    assert set(register["CustomerMetadataProperties"]) >= {"recipe", "data_manifest_sha256",
-                                                           "code_version", "base_model"}
+    assert set(register["CustomerMetadataProperties"]) >= {
+        "recipe", "data_manifest_sha256", "code_version", "param_BaseModel", "param_PeftMethod"}
     assert "evaluation.json" in json.dumps(register["ModelMetrics"])
     # no timestamps: code is referenced by image digest, never uploaded under a dated prefix
     channels = [c["ChannelName"] for c in steps["SFT"]["Arguments"]["InputDataConfig"]]
     assert channels == ["train", "validation"]  # no uploaded-code channels
+    # Checkpoints sync to an execution-scoped S3 prefix; retries cover service and capacity faults.
+    checkpoint = steps["SFT"]["Arguments"]["CheckpointConfig"]
+    assert checkpoint["LocalPath"] == "/opt/ml/checkpoints"
+    assert {"Get": "Execution.PipelineExecutionId"} in checkpoint["S3Uri"]["Std:Join"]["Values"]
+    retried = {kind for policy in steps["SFT"]["RetryPolicies"] for kind in policy["ExceptionType"]}
+    assert {"Step.SERVICE_FAULT", "SageMaker.CAPACITY_ERROR"} <= retried
+    # The pipeline parameters reach the stage as its hyperparameters.
+    hyperparameters = steps["SFT"]["Arguments"]["HyperParameters"]
+    assert hyperparameters["peft_method"] == {"Get": "Parameters.PeftMethod"}
+    assert hyperparameters["gradient_accumulation_steps"]["Std:Join"]["Values"] == [
+        {"Get": "Parameters.GradientAccumulationSteps"}]
 
 
 def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_env):

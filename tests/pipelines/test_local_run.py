@@ -58,7 +58,7 @@ def test_passing_run_registers_the_package_with_metrics_and_metadata(env, data, 
     package = packages[0]
     assert package["status"] == "PendingManualApproval"
     meta = package["metadata"]
-    assert meta["recipe"] == "sft" and meta["base_model"] == "builtin:tiny"
+    assert meta["recipe"] == "sft" and meta["param_BaseModel"] == "builtin:tiny"
     assert meta["pipeline_execution"] == execution["execution_id"]
 
     data_uri = execution["steps"]["DataPrep"]["properties"]["ProcessingOutputConfig"]["Outputs"][0]

@@ -1,0 +1,212 @@
+"""The cost ledger of an execution: per step, instance, billable time and an estimated cost.
+
+Prices are on-demand USD per instance-hour from one table, `prices.yaml`, which names its
+date and region: the figures are an estimate, not a bill. An instance type the table lacks
+is priced as unknown, never as zero, and so is every total it is part of.
+
+Billable time is, on SageMaker, a training job's `BillableTimeInSeconds` and a processing
+job's end minus start; locally it is the wall time of the step's jobs on this machine (every
+attempt), which says what the same run would cost if the instance were as fast as this one.
+A step that reused earlier outputs (a cache hit, or a step not selected in a re-run) ran no
+job and costs nothing in this execution.
+
+Cost per million training tokens divides the execution's total by the tokens its training
+jobs trained on, read from the `total_tokens` metric of their FinalMetricDataList.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import UserError
+
+PRICES_FILE = Path(__file__).with_name("prices.yaml")
+TOKENS_METRIC = "total_tokens"
+JOB_TYPES = ("Processing", "Training")
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    date: str
+    region: str
+    source: str
+    usd_per_hour: dict[str, float]
+
+
+def load_prices(path: Path = PRICES_FILE) -> PriceTable:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return PriceTable(str(data["date"]), str(data["region"]), str(data["source"]),
+                          {str(k): float(v) for k, v in data["usd_per_hour"].items()})
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"price table {path} is unreadable ({exc}); it needs date, region, "
+                        "source and usd_per_hour: {ml.TYPE: PRICE}") from None
+
+
+@dataclass
+class StepCost:
+    step: str
+    instance_type: str
+    instance_count: int
+    billable_seconds: float
+    usd: float | None  # None: the price table has no price for instance_type
+    training_tokens: int = 0
+    note: str = ""  # why a step cost nothing: "cache hit ...", "reused from execution ..."
+
+
+def job_resources(step_type: str, properties: dict) -> tuple[str, int]:
+    """Instance type and count of a Processing or Training job, from its request/description."""
+    if step_type == "Processing":
+        cluster = properties.get("ProcessingResources", {}).get("ClusterConfig", {})
+    else:
+        cluster = properties.get("ResourceConfig", {})
+    return str(cluster.get("InstanceType", "")), int(cluster.get("InstanceCount", 1) or 1)
+
+
+def training_tokens(properties: dict) -> int:
+    for metric in properties.get("FinalMetricDataList", []):
+        if metric.get("MetricName") == TOKENS_METRIC:
+            return int(metric["Value"])
+    return 0
+
+
+def price(instance_type: str, count: int, seconds: float, prices: PriceTable) -> float | None:
+    if seconds <= 0:
+        return 0.0
+    hourly = prices.usd_per_hour.get(instance_type)
+    return None if hourly is None else hourly * count * seconds / 3600
+
+
+def ledger(costs: list[StepCost], prices: PriceTable, timing: str) -> dict[str, Any]:
+    """The ledger as execution.json records it and `format_ledger` prints it."""
+    known = sum(c.usd for c in costs if c.usd is not None)
+    unpriced = [c.step for c in costs if c.usd is None]
+    tokens = sum(c.training_tokens for c in costs)
+    total = None if unpriced else known
+    return {
+        "prices": {"date": prices.date, "region": prices.region, "source": prices.source,
+                   "note": "on-demand estimate, see pipelines/prices.yaml"},
+        "timing": timing,
+        "steps": [asdict(c) for c in costs],
+        "total_usd": total,
+        "priced_usd": known,
+        "unpriced_steps": unpriced,
+        "training_tokens": tokens,
+        "usd_per_million_training_tokens": total / tokens * 1e6 if total is not None and tokens
+        else None,
+    }
+
+
+def local_ledger(record: dict, prices: PriceTable | None = None) -> dict[str, Any]:
+    """Ledger of a local execution record (execution.json, or the engine's record as a dict)."""
+    prices = prices or load_prices()
+    costs = []
+    for state in record["steps"].values():
+        if state["type"] not in JOB_TYPES or state["status"] not in ("Succeeded", "Failed"):
+            continue
+        instance, count = job_resources(state["type"], state.get("properties", {}))
+        reused = state.get("reused_from", "")
+        seconds = 0.0 if reused else float(state.get("billable_seconds") or 0.0)
+        note = ""
+        if reused:
+            note = ("cache hit: " if state.get("cache", "").startswith("hit") else "reused: ") + \
+                f"ran in execution {reused}"
+        elif prices.usd_per_hour.get(instance) is None:
+            note = f"no price for {instance or 'this instance'} in prices.yaml"
+        costs.append(StepCost(state["name"], instance, count, round(seconds, 1),
+                              price(instance, count, seconds, prices),
+                              0 if reused else training_tokens(state.get("properties", {})), note))
+    return ledger(costs, prices, "wall time of the local run")
+
+
+def production_cost(states: list[dict], prices: PriceTable | None = None) -> float | None:
+    """What the job steps among `states` cost to produce their outputs, reused ones included at
+    the cost of the run that made them (for the model package's metadata); None when a price
+    is unknown."""
+    prices = prices or load_prices()
+    total = 0.0
+    for state in states:
+        if state["type"] not in JOB_TYPES or state["status"] != "Succeeded":
+            continue
+        instance, count = job_resources(state["type"], state.get("properties", {}))
+        seconds = float(state.get("billable_seconds") or 0) + float(
+            state.get("source_billable_seconds") or 0)
+        usd = price(instance, count, seconds, prices)
+        if usd is None:
+            return None
+        total += usd
+    return total
+
+
+def aws_ledger(sagemaker, execution_arn: str, prices: PriceTable | None = None) -> dict[str, Any]:
+    """Ledger of a SageMaker execution, from its steps and their jobs' descriptions.
+
+    A retried step lists only its last job, so earlier attempts are not counted.
+    """
+    prices = prices or load_prices()
+    costs = []
+    paginator = sagemaker.get_paginator("list_pipeline_execution_steps")
+    pages = paginator.paginate(PipelineExecutionArn=execution_arn, SortOrder="Ascending")
+    for step in [s for page in pages for s in page["PipelineExecutionSteps"]]:
+        metadata = step.get("Metadata", {})
+        if "TrainingJob" in metadata:
+            job = sagemaker.describe_training_job(
+                TrainingJobName=metadata["TrainingJob"]["Arn"].rsplit("/", 1)[-1])
+            instance, count = job_resources("Training", job)
+            seconds = job.get("BillableTimeInSeconds")
+            if seconds is None:
+                seconds = _between(job.get("TrainingStartTime"), job.get("TrainingEndTime"))
+            tokens = training_tokens(job)
+        elif "ProcessingJob" in metadata:
+            job = sagemaker.describe_processing_job(
+                ProcessingJobName=metadata["ProcessingJob"]["Arn"].rsplit("/", 1)[-1])
+            instance, count = job_resources("Processing", job)
+            seconds = _between(job.get("ProcessingStartTime"), job.get("ProcessingEndTime"))
+            tokens = 0
+        else:
+            continue
+        note = ""
+        # A cache hit or a step reused by a selective execution shows the original job.
+        source = (step.get("CacheHitResult", {}).get("SourcePipelineExecutionArn")
+                  or step.get("SelectiveExecutionResult", {}).get("SourcePipelineExecutionArn"))
+        if source:
+            kind = "cache hit" if "CacheHitResult" in step else "reused"
+            note, seconds, tokens = f"{kind}: ran in execution {source.rsplit('/', 1)[-1]}", 0, 0
+        elif prices.usd_per_hour.get(instance) is None:
+            note = f"no price for {instance} in prices.yaml"
+        costs.append(StepCost(step["StepName"], instance, count, float(seconds),
+                              price(instance, count, float(seconds), prices), tokens, note))
+    return ledger(costs, prices, "SageMaker billable time")
+
+
+def _between(start: datetime | None, end: datetime | None) -> float:
+    return (end - start).total_seconds() if start and end else 0.0
+
+
+def format_ledger(entry: dict[str, Any]) -> str:
+    prices = entry["prices"]
+    title = (f"Estimated cost (on-demand {prices['region']} prices of {prices['date']}, "
+             f"{entry['timing']}):")
+    lines = [title, f"  {'step':<22} {'instance':<16} {'count':>5} {'billable':>10} {'USD':>10}"]
+    for step in entry["steps"]:
+        usd = "unknown" if step["usd"] is None else f"{step['usd']:.4f}"
+        note = f"  {step['note']}" if step["note"] else ""
+        lines.append(f"  {step['step']:<22} {step['instance_type'] or '-':<16} "
+                     f"{step['instance_count']:>5} {step['billable_seconds']:>9.1f}s {usd:>10}{note}")
+    if entry["total_usd"] is None:
+        total = (f"unknown (at least {entry['priced_usd']:.4f}; no price for "
+                 f"{', '.join(entry['unpriced_steps'])})")
+    else:
+        total = f"{entry['total_usd']:.4f}"
+    lines.append(f"  {'total':<57}{total:>10}")
+    if entry["training_tokens"]:
+        per_million = entry["usd_per_million_training_tokens"]
+        shown = "unknown" if per_million is None else f"{per_million:.4f}"
+        label = f"per million training tokens ({entry['training_tokens']:,} trained)"
+        lines.append(f"  {label:<57}{shown:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Recipes: what a recipe file may say, and every shipped recipe builds a valid definition."""
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipelines import UserError, recipe
+from tests.pipelines.conftest import ROOT, clean_env
+
+CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
+
+MINIMAL = """
+name: custom
+model_package_group: llm-custom
+parameters:
+  BaseModel: builtin:tiny
+stages:
+  data_prep: {tokenizer: $BaseModel}
+  sft: {base_model: $BaseModel, max_steps: 5}
+  evaluate: {base_model: $BaseModel}
+gate: {metric: perplexity_ratio}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_minimal_recipe_loads_with_its_stages_in_order(tmp_path):
+    loaded = recipe.load(str(write(tmp_path, MINIMAL)))
+    assert list(loaded.stages) == ["data_prep", "sft", "evaluate"]
+    assert loaded.training_stages == ["sft"]
+    assert loaded.gate_direction == "higher" and loaded.demo_data == "sft"
+
+
+@pytest.mark.parametrize("change, message", [
+    (("max_steps: 5", "max_steps: $Steps"), "undeclared parameter(s) $Steps"),
+    (("BaseModel: builtin:tiny", "BaseModel: builtin:tiny\n  Unused: 3"),
+     "parameter(s) Unused are declared but no stage setting uses them"),
+    (("  sft:", "  rlhf:"), "unknown stage 'rlhf'"),
+    (("  data_prep: {tokenizer: $BaseModel}\n", ""), "stages must start with data_prep"),
+    (("  sft: {base_model: $BaseModel, max_steps: 5}\n", ""), "stages name no training stage"),
+    (("{metric: perplexity_ratio}", "{metric: perplexity, direction: down}"),
+     "gate takes 'metric' and 'direction'"),
+    (("max_steps: 5", "max_steps: [5]"), "stages.sft.max_steps must be a single value"),
+    (("name: custom", "name: custom\ndemo_data: images"), "demo_data 'images' is not one of"),
+])
+def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, change, message):
+    path = write(tmp_path, MINIMAL.replace(*change))
+    with pytest.raises(UserError) as raised:
+        recipe.load(str(path))
+    assert message in str(raised.value)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
+    # A misspelt setting would otherwise fail only when the job runs, possibly hours in.
+    import dataclasses
+    import importlib
+
+    from pipelines.definition import TRAINING_STEPS
+
+    for name in recipe.available():
+        loaded = recipe.load(name)
+        for stage in loaded.training_stages:
+            module = importlib.import_module(TRAINING_STEPS[stage][1])
+            config_class = next(obj for obj in vars(module).values()
+                                if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
+                                and obj.__name__.endswith("Config"))
+            fields = {f.name for f in dataclasses.fields(config_class)}
+            unknown = set(loaded.stages[stage]) - fields
+            assert not unknown, f"{name}: stages.{stage}: {sorted(unknown)} not in {config_class}"
+
+
+@pytest.fixture(scope="module")
+def definitions(tmp_path_factory) -> dict[str, dict]:
+    """Every shipped recipe's definition, built offline in one process."""
+    out = tmp_path_factory.mktemp("definitions")
+    script = ("import sys; from pathlib import Path; from pipelines import recipe, definition\n"
+              "for name in recipe.available():\n"
+              "    text = definition.definition_json(recipe.load(name))\n"
+              "    Path(sys.argv[1], name + '.json').write_text(text)\n")
+    env = clean_env(tmp_path_factory.mktemp("home"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                    AWS_DEFAULT_REGION="us-east-1")
+    result = subprocess.run([sys.executable, "-c", script, str(out)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
+
+
+def test_the_documented_recipes_exist_and_chain_their_training_stages(definitions):
+    assert {"pretrain", "cpt", "sft"} <= set(definitions)
+    for name, document in definitions.items():
+        training = [s for s in document["Steps"] if s["Type"] == "Training"]
+        assert training, name
+        # Only the first training stage starts from BaseModel; each later one reads the model of
+        # the stage before it through its 'model' channel.
+        for before, after in itertools.pairwise(training):
+            model = next(c for c in after["Arguments"]["InputDataConfig"]
+                         if c["ChannelName"] == "model")
+            assert model["DataSource"]["S3DataSource"]["S3Uri"] == {
+                "Get": f"Steps.{before['Name']}.ModelArtifacts.S3ModelArtifacts"}
+    pretrain = {s["Name"]: s for s in definitions["pretrain"]["Steps"]}["Pretrain"]
+    assert "model" not in [c["ChannelName"] for c in pretrain["Arguments"]["InputDataConfig"]]
+    for name in ("cpt", "sft"):
+        parameters = {p["Name"] for p in definitions[name]["Parameters"]}
+        assert {"PeftMethod", "Precision", "GradientAccumulationSteps"} <= parameters, name
+
+
+@pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
+def test_every_recipe_definition_passes_check_definition(definitions, tmp_path):
+    for name, document in definitions.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(document))
+        result = subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True,
+                                text=True, check=False)
+        assert result.returncode == 0 and "0 problems" in result.stdout, (name, result.stdout)
