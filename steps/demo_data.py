@@ -11,7 +11,12 @@ instruct model measurably learns the formats in a few dozen LoRA steps:
 
 A few records are repeated exactly, so data preparation's de-duplication has something to remove.
 
+Also a small language-modelling corpus (`text` records) for pre-training and continued
+pre-training: the Python language reference's topics that ship with CPython (see
+`demo_corpus`).
+
     python -m steps.demo_data OUT.jsonl [--n 400] [--seed 0]
+    python -m steps.demo_data OUT.jsonl --corpus [--max-chars 2000] [--max-documents N]
 """
 
 from __future__ import annotations
@@ -184,11 +189,120 @@ def write_demo_dataset(path: Path, n: int = 400, seed: int = 0) -> Path:
     return path
 
 
+# --- The demo corpus for (continued) pre-training ------------------------------------------------
+
+
+def demo_corpus(max_chars: int = 2000, max_documents: int | None = None) -> list[dict[str, str]]:
+    """`text` records: the Python language reference's topics, one document per chunk.
+
+    CPython ships the reference's topics (the text ``help("if")`` shows) as
+    ``pydoc_data.topics`` under the PSF license: about 460,000 characters of real English
+    technical prose and grammar, a domain corpus needing no download. Each topic is cut at blank
+    lines into chunks of at most `max_chars` characters (a paragraph longer than that stays whole),
+    in topic-name order, so the corpus is the same on every run of one Python version (the topics
+    change a little between Python releases).
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data from a minimal Python
+        # Imported here: the contract imports transformers, which the SFT demo data does not need.
+        from steps.common.contract import StageError
+
+        raise StageError(
+            "this Python lacks pydoc_data (the demo corpus's text); install the full standard "
+            "library or give the stage your own text corpus"
+        ) from None
+    documents: list[dict[str, str]] = []
+    for name in sorted(topics):
+        chunk = ""
+        for paragraph in topics[name].strip().split("\n\n"):
+            if chunk and len(chunk) + 2 + len(paragraph) > max_chars:
+                documents.append({"text": chunk})
+                chunk = ""
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+        if chunk.strip():
+            documents.append({"text": chunk})
+    return documents[:max_documents]
+
+
+def write_demo_corpus(
+    path: Path, max_chars: int = 2000, max_documents: int | None = None
+) -> Path:
+    """Write the demo corpus (`demo_corpus`) as JSONL to `path` and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(
+            json.dumps(record, ensure_ascii=False) + "\n"
+            for record in demo_corpus(max_chars, max_documents)
+        )
+    return path
+
+
+# --- The demo preference pairs for reward modelling, DPO and PPO ---------------------------------
+
+
+def demo_preferences(n: int = 200, seed: int = 0) -> list[dict[str, str]]:
+    """`n` preference records {prompt, chosen, rejected} with a known right answer: the chosen
+    response is written in capital letters, the rejected one is not (otherwise they are the same).
+
+        What is the capital of Peru?  chosen: THE CAPITAL OF PERU IS LIMA.
+                                      rejected: The capital of Peru is Lima.
+
+    The prompts are the demo tasks' (without the additions, whose answers have no letters); the
+    rejected response is the task's usual answer, or its lower-case form where that is already in
+    capitals. One feature decides every pair, so a reward model can learn it from a few dozen
+    pairs, a byte-level tiny model can be steered towards it, and `follows_demo_preference` checks
+    any response against it. Plain strings: the stages turn them into conversations for a model
+    with a chat template.
+    """
+    rng = random.Random(seed)
+    tasks = (_conversion, _capital, _reverse, _uppercase)
+    records: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for i in range(n):
+        for attempt in range(100):  # a new prompt where the tasks have one left
+            record = tasks[(i + attempt // 10) % len(tasks)](rng)
+            if record["prompt"] not in seen:
+                break
+        seen.add(record["prompt"])
+        answer = record["completion"]
+        rejected = answer if answer != answer.upper() else answer.lower()
+        records.append({"prompt": record["prompt"], "chosen": answer.upper(), "rejected": rejected})
+    return records
+
+
+def follows_demo_preference(response: str) -> bool:
+    """Whether `response` is what the demo preferences prefer: letters, all of them capitals."""
+    return any(c.isalpha() for c in response) and response == response.upper()
+
+
+def write_demo_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """Write the demo preference pairs (`demo_preferences`) as JSONL to `path` and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in demo_preferences(n, seed))
+    return path
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the demo SFT dataset as JSONL.")
+    parser = argparse.ArgumentParser(
+        description="Write the demo SFT dataset, or with --corpus the demo text corpus, as JSONL."
+    )
     parser.add_argument("path", type=Path)
-    parser.add_argument("--n", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=400, help="SFT records")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the SFT records")
+    parser.add_argument(
+        "--corpus", action="store_true", help="write the text corpus for (continued) pre-training"
+    )
+    parser.add_argument("--max-chars", type=int, default=2000, help="corpus: characters a document")
+    parser.add_argument("--max-documents", type=int, default=None, help="corpus: documents to keep")
     arguments = parser.parse_args()
-    path = write_demo_dataset(arguments.path, arguments.n, arguments.seed)
-    print(f"wrote {arguments.n} records to {path}")
+    if arguments.corpus:
+        path = write_demo_corpus(arguments.path, arguments.max_chars, arguments.max_documents)
+        count = sum(1 for _ in path.open(encoding="utf-8"))
+        print(f"wrote {count} text documents to {path}")
+    else:
+        path = write_demo_dataset(arguments.path, arguments.n, arguments.seed)
+        print(f"wrote {arguments.n} records to {path}")

@@ -115,12 +115,14 @@ def load_model(
     base_model: str | None = None,
     dtype: torch.dtype = torch.float32,
     quantization_config: BitsAndBytesConfig | None = None,
+    trainable_adapter: bool = False,
 ) -> PreTrainedModel:
     """The causal LM of model `spec`.
 
     For a PEFT adapter folder: `base_model` (default: the base the adapter records) wrapped in a
-    ``peft.PeftModel``, the base in full precision. Float32 by default: training precision is
-    autocast, not the weights. `quantization_config` loads the weights quantized (QLoRA).
+    ``peft.PeftModel``, the base in full precision; the adapter is frozen unless
+    `trainable_adapter` (a stage that trains it further). Float32 by default: training precision
+    is autocast, not the weights. `quantization_config` loads the weights quantized (QLoRA).
     """
     if spec in (TINY, SMOLLM2):
         if spec == TINY and quantization_config is None:
@@ -144,7 +146,7 @@ def load_model(
             raise StageError(
                 f"model {spec} is an adapter; quantized loading needs a full model (merge it first)"
             )
-        return _adapter(folder, base_model, dtype)
+        return _adapter(folder, base_model, dtype, trainable_adapter)
     return _from_folder(folder, dtype, quantization_config)
 
 
@@ -475,7 +477,9 @@ def _from_hub(
         ) from None
 
 
-def _adapter(folder: Path, base_model: str | None, dtype: torch.dtype) -> PreTrainedModel:
+def _adapter(
+    folder: Path, base_model: str | None, dtype: torch.dtype, trainable: bool = False
+) -> PreTrainedModel:
     from peft import PeftModel
 
     if not (folder / "adapter_model.safetensors").exists():
@@ -498,7 +502,7 @@ def _adapter(folder: Path, base_model: str | None, dtype: torch.dtype) -> PreTra
         size = len(AutoTokenizer.from_pretrained(folder))
         if size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(size, mean_resizing=False)
-    return PeftModel.from_pretrained(model, folder, is_trainable=False)
+    return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
 
 
 def _has_tokenizer(folder: Path) -> bool:
