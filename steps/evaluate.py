@@ -89,8 +89,12 @@ def main(config: EvaluateConfig) -> None:
             "(or --base-model none to evaluate it alone)"
         )
     compare = base_spec != "none"
+    # An adapter's base is the same weights with the adapter switched off, unless training grew
+    # the vocabulary (continued pre-training): switching the adapter off would leave the base
+    # with the trained rows of tokens it never had, so it is loaded separately then.
+    base_inside = is_adapter and not (compare and len(tokenizer) > len(load_tokenizer(base_spec)))
     base, base_tokenizer = None, tokenizer
-    if compare and not is_adapter:
+    if compare and not base_inside:
         base = load_model(base_spec).eval()
         base_tokenizer = load_tokenizer(base_spec)
         if base_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -108,7 +112,7 @@ def main(config: EvaluateConfig) -> None:
     pairs = [_prompt_and_completion(example) for example in examples]
     pairs = [pair for pair in pairs if pair is not None][: config.max_samples]
     results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, config)}
-    if compare and is_adapter:
+    if compare and base_inside:
         # The base model is the same weights with the adapter switched off: no second load.
         with tuned.disable_adapter():
             results["base"] = _score("base", tuned, tokenizer, examples, pairs, config)

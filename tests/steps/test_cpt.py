@@ -16,7 +16,7 @@ from steps.common import contract, lm_data, models
 from steps.common.contract import StageError
 from steps.demo_data import demo_corpus
 
-from .conftest import TrainingJob
+from .conftest import TrainingJob, write_jsonl
 
 CORPUS = demo_corpus(max_documents=48)
 COMMON = {
@@ -194,3 +194,26 @@ def test_data_that_is_not_text_fails_the_job_with_one_line_and_no_model(training
                         r"data with the sft stage", reason)
     assert capsys.readouterr().err.strip().splitlines()[-1] == reason
     assert not training_job.model_dir.exists()
+
+
+def test_evaluating_a_vocabulary_extending_adapter_scores_the_real_base(lora_run, tmp_path):
+    # Switching the adapter off would leave the base with the trained rows of the new tokens; the
+    # comparison must be against the base model as it was, reading the text with its own tokenizer.
+    from steps import evaluate
+    from steps.common.models import load_model, load_tokenizer
+
+    write_jsonl(tmp_path / "data" / "validation.jsonl", CORPUS[40:44])
+    evaluate.main(evaluate.EvaluateConfig(
+        model_dir=str(lora_run.job.model_dir), data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "out"), base_model="builtin:tiny", max_seq_length=128))
+    metrics = json.loads((tmp_path / "out" / "evaluation.json").read_text())["metrics"]
+
+    base_alone_dir = tmp_path / "base"
+    load_model("builtin:tiny").save_pretrained(base_alone_dir)
+    load_tokenizer("builtin:tiny").save_pretrained(base_alone_dir)
+    evaluate.main(evaluate.EvaluateConfig(
+        model_dir=str(base_alone_dir), data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "out-base"), base_model="none", max_seq_length=128))
+    base_alone = json.loads((tmp_path / "out-base" / "evaluation.json").read_text())["metrics"]
+    assert metrics["base_eval_loss"]["value"] == pytest.approx(
+        base_alone["eval_loss"]["value"], rel=1e-5)
