@@ -1,6 +1,8 @@
 """The container contract: hyperparameters as SageMaker writes them, errors as it reports them."""
 
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -115,3 +117,30 @@ def test_atomic_output_moves_files_in_only_on_success(tmp_path):
         (staging / "whole.json").write_text(json.dumps({"ok": True}))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert json.loads((out / "whole.json").read_text()) == {"ok": True}
+
+
+def test_a_job_on_several_instances_relaunches_the_stage_under_torchrun(tmp_path, monkeypatch):
+    # What SageMaker gives the second of two instances; each runs one process per GPU.
+    (tmp_path / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-2", "hosts": ["algo-1", "algo-2"]}))
+    monkeypatch.setenv("SM_INPUT_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("SM_PROCESSES_PER_HOST", "4")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("sys.argv", ["sft.py", "--max_steps", "3"])
+    # As started by `python -m steps.sft`.
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", importlib.util.find_spec("steps.sft"))
+
+    command = contract.distributed_launch_command()
+
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--node_rank=1", "--nproc_per_node=4",
+            "--master_addr=algo-1"} <= set(command)
+    assert command[-4:] == ["-m", "steps.sft", "--max_steps", "3"]  # the stage's own arguments pass through
+    # Under torchrun already, or on one instance with one process: the stage just runs.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert contract.distributed_launch_command() is None
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SM_PROCESSES_PER_HOST", "1")
+    (tmp_path / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    assert contract.distributed_launch_command() is None
