@@ -1,0 +1,75 @@
+"""End to end: the pretrain and cpt recipes through the local engine on tiny models."""
+
+import json
+
+import pytest
+
+from steps.demo_data import demo_corpus
+from tests.pipelines.conftest import clean_env, cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def env(local_home):
+    return clean_env(local_home)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_corpus(max_documents=60)))
+    return path
+
+
+def latest_execution(home, pipeline):
+    folders = sorted((home / "executions" / pipeline).iterdir(), key=lambda p: p.stat().st_mtime)
+    return folders[-1], json.loads((folders[-1] / "execution.json").read_text())
+
+
+def package_of(env, group):
+    packages = json.loads(cli(env, "registry", "list", "--group", group, "--json").stdout)
+    assert len(packages) == 1, packages
+    return packages[0]
+
+
+def test_pretrain_recipe_trains_a_tokenizer_and_model_from_nothing_and_registers_it(
+        env, corpus, local_home):
+    result = cli(env, "run", "--recipe", "pretrain", "-p", f"InputData={corpus}",
+                 "-p", "VocabSize=512", "-p", "HiddenSize=64", "-p", "NumLayers=2",
+                 "-p", "Epochs=1", "-p", "ModelPackageGroup=e2e-pretrain")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    folder, execution = latest_execution(local_home, "llm-pretrain")
+    assert [s for s in execution["steps"] if execution["steps"][s]["status"] == "Succeeded"] == [
+        "DataPrep", "Pretrain", "Evaluate", "EvaluationGate", "Register"]
+    evaluation = json.loads(next(folder.glob("Evaluate/**/evaluation.json")).read_text())
+    # Evaluated alone (there is no base model) on held-out text: likelihood metrics only.
+    assert set(evaluation["metrics"]) == {"eval_loss", "perplexity", "bits_per_byte"}
+    assert evaluation["metrics"]["perplexity"]["value"] < 512  # better than a uniform guess
+    package = package_of(env, "e2e-pretrain")
+    assert package["metadata"]["training_stages"] == "pretrain"
+    assert package["metadata"]["gate_metric"] == "perplexity"
+
+
+def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_base(
+        env, corpus, local_home):
+    # TrainingInstanceCount=2 runs the stage as two processes (torchrun, gloo) in place of two
+    # instances, as the SageMaker job would run on two.
+    result = cli(env, "run", "--recipe", "cpt", "-p", "BaseModel=builtin:tiny",
+                 "-p", f"InputData={corpus}", "-p", "PeftMethod=lora", "-p", "LearningRate=0.01",
+                 "-p", "ExtendVocabulary=20", "-p", "TrainingInstanceCount=2",
+                 "-p", "ModelPackageGroup=e2e-cpt")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    folder, execution = latest_execution(local_home, "llm-cpt")
+    assert execution["steps"]["Register"]["status"] == "Succeeded"
+    log = next(folder.glob("CPT/**/log.txt")).read_text()
+    assert "torch.distributed.run" in log and "--nproc_per_node=2" in log
+    evaluation = json.loads(next(folder.glob("Evaluate/**/evaluation.json")).read_text())
+    metrics = {name: m["value"] for name, m in evaluation["metrics"].items()}
+    assert metrics["perplexity_ratio"] > 1.0
+    assert metrics["bits_per_byte"] < metrics["base_bits_per_byte"]
+    package = package_of(env, "e2e-cpt")
+    assert package["metadata"]["param_PeftMethod"] == "lora"
+    assert package["metadata"]["param_ExtendVocabulary"] == "20"
