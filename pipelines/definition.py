@@ -229,34 +229,64 @@ def get_pipeline(
                                     interval_seconds=60, backoff_rate=2.0, max_attempts=3),
     ]
 
-    # 1. Data preparation -------------------------------------------------------------
-    manifest = PropertyFile(name="DataManifest", output_name="data", path="manifest.json")
-    data_prep = ProcessingStep(
-        name="DataPrep",
-        step_args=processor("steps.data_prep").run(
-            inputs=[s3_input("raw", p["InputData"], "/opt/ml/processing/input/raw")],
-            outputs=[s3_output("data", output_uri("DataPrep", "data"), "/opt/ml/processing/output")],
-            arguments=["--input-dir", "/opt/ml/processing/input/raw",
-                       "--output-dir", "/opt/ml/processing/output", *cli_args("data_prep")],
-        ),
-        property_files=[manifest],
-        cache_config=cache,
-        retry_policies=retries,
-    )
-    data_uri = data_prep.properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
+    # 1. Data preparation: one DataPrep step per dataset parameter the stages read ------------
+    prepared: dict[str, tuple[ProcessingStep, PropertyFile]] = {}
 
-    # 2. Training stages, each starting from the model of the one before -----------------
+    def data_prep(parameter: str) -> tuple[ProcessingStep, PropertyFile]:
+        if parameter not in prepared:
+            suffix = parameter.removesuffix("Data") if parameter != "InputData" else ""
+            manifest = PropertyFile(name=f"DataManifest{suffix}", output_name="data",
+                                    path="manifest.json")
+            step = ProcessingStep(
+                name=f"DataPrep{suffix}",
+                step_args=processor("steps.data_prep").run(
+                    inputs=[s3_input("raw", p[parameter], "/opt/ml/processing/input/raw")],
+                    outputs=[s3_output("data", output_uri(f"DataPrep{suffix}", "data"),
+                                       "/opt/ml/processing/output")],
+                    arguments=["--input-dir", "/opt/ml/processing/input/raw",
+                               "--output-dir", "/opt/ml/processing/output",
+                               *cli_args("data_prep")],
+                ),
+                property_files=[manifest],
+                cache_config=cache,
+                retry_policies=retries,
+            )
+            prepared[parameter] = (step, manifest)
+        return prepared[parameter]
+
+    # What each stage produced: a model artifact (training) or an output folder (processing).
+    produced: dict[str, object] = {}
+
+    def resolve_input(stage: str, name: str, reference: str):
+        """The S3 location an input reference names (None for `base`)."""
+        parameter = parameter_reference(reference)
+        if parameter is not None:
+            step, _ = data_prep(parameter)
+            return step.properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
+        if reference == "base":
+            return None
+        source, _, part = reference.partition("/")
+        return Join(on="/", values=[produced[source], part]) if part else produced[source]
+
+    # 2. Training stages, in order; by default each trains on InputData and starts from the model
+    # of the training stage before it ------------------------------------------------------
     training_steps = []
-    model_uri = None
+    previous_model = "base"
+    data_of: dict[str, str] = {}
     for stage in recipe.training_stages:
         step_name, module = TRAINING_STEPS[stage]
+        inputs = {"data": "$InputData", "model": previous_model, **recipe.inputs[stage]}
+        data_of[stage] = inputs["data"]
+        data_uri = resolve_input(stage, "data", inputs.pop("data"))
         channels = [
             InputData(channel_name="train", data_source=Join(on="/", values=[data_uri, "train.jsonl"])),
             InputData(channel_name="validation",
                       data_source=Join(on="/", values=[data_uri, "validation.jsonl"])),
         ]
-        if model_uri is not None:
-            channels.append(InputData(channel_name="model", data_source=model_uri))
+        for channel, reference in inputs.items():  # model, and stage-specific ones
+            uri = resolve_input(stage, channel, reference)
+            if uri is not None:
+                channels.append(InputData(channel_name=channel, data_source=uri))
         trainer = ModelTrainer(
             training_image=training_image,
             role=role_arn,
@@ -277,19 +307,24 @@ def get_pipeline(
             retry_policies=retries,
         )
         training_steps.append(step)
-        model_uri = step.properties.ModelArtifacts.S3ModelArtifacts
+        produced[stage] = step.properties.ModelArtifacts.S3ModelArtifacts
+        previous_model = stage
 
-    # 3. Evaluation: the trained model against its base ---------------------------------
+    # 3. Evaluation: the trained model against its base, on the last stage's held-out data ------
+    last = recipe.training_stages[-1]
+    inputs = {"model": last, "data": data_of[last], **recipe.inputs["evaluate"]}
+    model_uri = resolve_input("evaluate", "model", inputs["model"])
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
     evaluate = ProcessingStep(
         name="Evaluate",
         step_args=processor("steps.evaluate").run(
-            inputs=[s3_input("model", model_uri, "/opt/ml/processing/model"),
-                    s3_input("data", data_uri, "/opt/ml/processing/data")],
+            inputs=[s3_input(name, resolve_input("evaluate", name, reference),
+                             f"/opt/ml/processing/{name}")
+                    for name, reference in inputs.items()],
             outputs=[s3_output("evaluation", output_uri("Evaluate", "evaluation"),
                                "/opt/ml/processing/evaluation")],
-            arguments=["--model-dir", "/opt/ml/processing/model",
-                       "--data-dir", "/opt/ml/processing/data",
+            arguments=[*(arg for name in inputs
+                         for arg in (f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/{name}")),
                        "--output-dir", "/opt/ml/processing/evaluation", *cli_args("evaluate")],
         ),
         property_files=[evaluation],
@@ -299,12 +334,13 @@ def get_pipeline(
     evaluation_uri = evaluate.properties.ProcessingOutputConfig.Outputs["evaluation"].S3Output.S3Uri
     gate_value = JsonGet(step_name=evaluate.name, property_file=evaluation,
                          json_path=f"metrics.{recipe.gate_metric}.value")
+    main_prep, main_manifest = prepared.get("InputData") or next(iter(prepared.values()))
 
     # 4. Gate, then registration or failure ------------------------------------------------
     metadata = {
         "recipe": recipe.name,
         "training_stages": ",".join(recipe.training_stages),
-        "data_manifest_sha256": JsonGet(step_name=data_prep.name, property_file=manifest,
+        "data_manifest_sha256": JsonGet(step_name=main_prep.name, property_file=main_manifest,
                                         json_path="dataset_sha256"),
         "code_version": tag,
         "pipeline_execution": ExecutionVariables.PIPELINE_EXECUTION_ID,
@@ -353,7 +389,8 @@ def get_pipeline(
     for logger in ("botocore", "boto3", "sagemaker", "urllib3"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     return Pipeline(name=name, parameters=list(params.values()),
-                    steps=[data_prep, *training_steps, evaluate, gate],
+                    steps=[*(step for step, _ in prepared.values()), *training_steps, evaluate,
+                           gate],
                     sagemaker_session=session, pipeline_experiment_config=None)
 
 

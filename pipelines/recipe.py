@@ -14,7 +14,15 @@
 
 A setting whose value is `$Name` takes the value of pipeline parameter Name at execution time;
 any other value is baked into the definition. Training stages run in the order written, each
-starting from the model the one before it produced.
+starting from the model the one before it produced and training on InputData, unless the stage
+says otherwise under `inputs` (not a hyperparameter):
+
+      dpo: {inputs: {data: $PreferenceData, model: sft}}
+      ppo: {inputs: {data: $PreferenceData, model: sft, reward_model: reward_model}}
+
+An input is `$Param` (a dataset parameter, prepared by its own DataPrep step), the name of an
+earlier stage (its model or output), `stage/part` (a part of a stage's output folder), or `base`
+(no model channel: the stage loads its base_model).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class Recipe:
     model_package_group: str
     demo_data: str
     parameters: dict[str, object]
-    stages: dict[str, dict[str, object]]
+    stages: dict[str, dict[str, object]]  # settings (hyperparameters / arguments) per stage
+    inputs: dict[str, dict[str, str]]  # stage -> input name -> reference, as written
     gate_metric: str
     gate_direction: str  # "higher": register when metric >= EvalThreshold; "lower": <=
     source: Path = field(compare=False)
@@ -91,12 +100,15 @@ def load(name_or_path: str) -> Recipe:
         if not isinstance(data[key], dict):
             raise UserError(f"{path}: {key!r} must be a mapping")
     stages = data["stages"]
-    for stage, settings in stages.items():
+    inputs: dict[str, dict[str, str]] = {}
+    for position, (stage, settings) in enumerate(stages.items()):
         if stage not in PROCESSING_STAGES + TRAINING_STAGES:
             raise UserError(f"{path}: unknown stage {stage!r}; stages are "
                             f"{', '.join(PROCESSING_STAGES + TRAINING_STAGES)}")
         if not isinstance(settings, dict):
             raise UserError(f"{path}: stages.{stage} must be a mapping of settings")
+        inputs[stage] = _inputs(path, stage, settings.pop("inputs", {}), list(stages)[:position],
+                                set(data["parameters"]) | set(COMMON_PARAMETERS))
         for key, value in settings.items():
             if isinstance(value, (dict, list)) or value is None:
                 raise UserError(f"{path}: stages.{stage}.{key} must be a single value "
@@ -108,8 +120,8 @@ def load(name_or_path: str) -> Recipe:
     if not any(stage in TRAINING_STAGES for stage in order):
         raise UserError(f"{path}: stages name no training stage "
                         f"(one or more of {', '.join(TRAINING_STAGES)})")
-    referenced = {ref for settings in stages.values() for value in settings.values()
-                  if (ref := parameter_reference(value))}
+    referenced = {ref for settings in [*stages.values(), *inputs.values()]
+                  for value in settings.values() if (ref := parameter_reference(value))}
     declared = set(data["parameters"]) | set(COMMON_PARAMETERS)
     undeclared = referenced - declared
     if undeclared:
@@ -137,7 +149,29 @@ def load(name_or_path: str) -> Recipe:
         demo_data=demo_data,
         parameters=dict(data["parameters"]),
         stages={k: dict(v) for k, v in stages.items()},
+        inputs=inputs,
         gate_metric=str(gate["metric"]),
         gate_direction=direction,
         source=path,
     )
+
+
+def _inputs(path: Path, stage: str, given: object, earlier: list[str],
+            parameters: set[str]) -> dict[str, str]:
+    """A stage's `inputs`, each checked to name a declared parameter or an earlier stage."""
+    if not isinstance(given, dict):
+        raise UserError(f"{path}: stages.{stage}.inputs must map input names to references "
+                        "such as {data: $PreferenceData, model: sft}")
+    checked = {}
+    for name, reference in given.items():
+        reference = str(reference)
+        param = parameter_reference(reference)
+        if param is not None:
+            if param not in parameters:
+                raise UserError(f"{path}: stages.{stage}.inputs.{name}: parameter {reference} is "
+                                "not declared under 'parameters'")
+        elif reference != "base" and reference.split("/", 1)[0] not in earlier:
+            raise UserError(f"{path}: stages.{stage}.inputs.{name}: {reference!r} is neither "
+                            f"$Parameter, base, nor an earlier stage ({', '.join(earlier)})")
+        checked[str(name)] = reference
+    return checked

@@ -51,6 +51,10 @@ def test_a_minimal_recipe_loads_with_its_stages_in_order(tmp_path):
      "gate takes 'metric' and 'direction'"),
     (("max_steps: 5", "max_steps: [5]"), "stages.sft.max_steps must be a single value"),
     (("name: custom", "name: custom\ndemo_data: images"), "demo_data 'images' is not one of"),
+    (("max_steps: 5}", "max_steps: 5, inputs: {model: dpo}}"),
+     "inputs.model: 'dpo' is neither $Parameter, base, nor an earlier stage"),
+    (("max_steps: 5}", "max_steps: 5, inputs: {data: $Prefs}}"),
+     "inputs.data: parameter $Prefs is not declared"),
 ])
 def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, change, message):
     path = write(tmp_path, MINIMAL.replace(*change))
@@ -79,14 +83,31 @@ def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
             assert not unknown, f"{name}: stages.{stage}: {sorted(unknown)} not in {config_class}"
 
 
+# Two datasets and a chain whose second stage names its inputs.
+CHAINED = """
+name: chained
+model_package_group: llm-chained
+parameters:
+  BaseModel: builtin:tiny
+  CorpusData: s3://bucket/corpus.jsonl
+stages:
+  data_prep: {tokenizer: $BaseModel}
+  cpt: {base_model: $BaseModel, inputs: {data: $CorpusData}}
+  sft: {base_model: $BaseModel, inputs: {model: cpt}}
+  evaluate: {base_model: $BaseModel}
+gate: {metric: perplexity_ratio}
+"""
+
+
 @pytest.fixture(scope="module")
 def definitions(tmp_path_factory) -> dict[str, dict]:
-    """Every shipped recipe's definition, built offline in one process."""
+    """Every shipped recipe's definition, and CHAINED's, built offline in one process."""
     out = tmp_path_factory.mktemp("definitions")
+    (out / "chained.yaml").write_text(CHAINED)
     script = ("import sys; from pathlib import Path; from pipelines import recipe, definition\n"
-              "for name in recipe.available():\n"
+              "for name in [*recipe.available(), sys.argv[1] + '/chained.yaml']:\n"
               "    text = definition.definition_json(recipe.load(name))\n"
-              "    Path(sys.argv[1], name + '.json').write_text(text)\n")
+              "    Path(sys.argv[1], Path(name).stem + '.json').write_text(text)\n")
     env = clean_env(tmp_path_factory.mktemp("home"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
                     AWS_DEFAULT_REGION="us-east-1")
     result = subprocess.run([sys.executable, "-c", script, str(out)], env=env, cwd=ROOT,
@@ -96,7 +117,7 @@ def definitions(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_the_documented_recipes_exist_and_chain_their_training_stages(definitions):
-    assert {"pretrain", "cpt", "sft"} <= set(definitions)
+    assert {"pretrain", "cpt", "sft", "chained"} <= set(definitions)
     for name, document in definitions.items():
         training = [s for s in document["Steps"] if s["Type"] == "Training"]
         assert training, name
@@ -112,6 +133,24 @@ def test_the_documented_recipes_exist_and_chain_their_training_stages(definition
     for name in ("cpt", "sft"):
         parameters = {p["Name"] for p in definitions[name]["Parameters"]}
         assert {"PeftMethod", "Precision", "GradientAccumulationSteps"} <= parameters, name
+
+
+def test_each_dataset_gets_its_own_data_prep_and_stages_read_the_inputs_they_name(definitions):
+    steps = {s["Name"]: s for s in definitions["chained"]["Steps"]}
+    assert list(steps)[:4] == ["DataPrepCorpus", "DataPrep", "CPT", "SFT"]
+
+    def channel(step, name):
+        return next(c["DataSource"]["S3DataSource"]["S3Uri"]
+                    for c in steps[step]["Arguments"]["InputDataConfig"] if c["ChannelName"] == name)
+
+    assert "DataPrepCorpus" in json.dumps(channel("CPT", "train"))
+    assert "Steps.DataPrep." in json.dumps(channel("SFT", "train"))
+    assert channel("SFT", "model") == {"Get": "Steps.CPT.ModelArtifacts.S3ModelArtifacts"}
+    # Evaluate reads the last stage's model and held-out data.
+    evaluate_inputs = {i["InputName"]: i["S3Input"]["S3Uri"]
+                       for i in steps["Evaluate"]["Arguments"]["ProcessingInputs"]}
+    assert evaluate_inputs["model"] == {"Get": "Steps.SFT.ModelArtifacts.S3ModelArtifacts"}
+    assert "Steps.DataPrep." in json.dumps(evaluate_inputs["data"])
 
 
 @pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
