@@ -16,8 +16,10 @@ REPOSITORY_PREFIX = "llm-lifecycle"
 
 # repository name -> the stage modules baked into that image (run as `python -m MODULE`).
 IMAGES: dict[str, tuple[str, ...]] = {
-    f"{REPOSITORY_PREFIX}-processing": ("steps.data_prep", "steps.evaluate"),
-    f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft"),
+    f"{REPOSITORY_PREFIX}-processing": ("steps.data_prep", "steps.evaluate",
+                                        "steps.teacher_logits", "steps.quantize"),
+    f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
+                                      "steps.distill"),
 }
 
 # What goes into an image and therefore into its tag: each Dockerfile copies exactly these

@@ -109,7 +109,7 @@ def main(config: EvaluateConfig) -> None:
     chat_template = bool(tokenizer.chat_template)
     examples = [sft_example(record.data, fmt, chat_template) for record in records]
     examples = [example for example in examples if example is not None]
-    pairs = [_prompt_and_completion(example) for example in examples]
+    pairs = [prompt_and_completion(example) for example in examples]
     pairs = [pair for pair in pairs if pair is not None][: config.max_samples]
     results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, config)}
     if compare and base_inside:
@@ -131,7 +131,7 @@ def main(config: EvaluateConfig) -> None:
         "samples": [
             {
                 "prompt": prompt,
-                "reference": _response_text(completion),
+                "reference": response_text(completion),
                 "tuned": results["tuned"]["generations"][i],
                 **({"base": results["base"]["generations"][i]} if "base" in results else {}),
             }
@@ -206,7 +206,7 @@ def _score(
     generations = generate(
         model, tokenizer, [prompt for prompt, _ in pairs], config.max_new_tokens, config.batch_size
     )
-    references = [_response_text(completion) for _, completion in pairs]
+    references = [response_text(completion) for _, completion in pairs]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     return {
         "losses": losses,
@@ -277,7 +277,7 @@ def _tokens_and_labels(
     example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
 ) -> tuple[list[int], list[int]]:
     # Built as TRL's SFTTrainer builds a training example, so this is the loss training minimised.
-    split = _prompt_and_completion(example)
+    split = prompt_and_completion(example)
     if split is None:  # no prompt: every token counts (TRL appends EOS to plain text)
         if "text" in example:
             text = example["text"] + tokenizer.eos_token
@@ -360,7 +360,7 @@ def generate(
 # --- Helpers of this stage ------------------------------------------------------------------------
 
 
-def _prompt_and_completion(example: dict[str, Any]) -> tuple[Any, Any] | None:
+def prompt_and_completion(example: dict[str, Any]) -> tuple[Any, Any] | None:
     """What the model is given and what it should answer; None for text with no prompt."""
     if "prompt" in example:
         return example["prompt"], example["completion"]
@@ -371,7 +371,7 @@ def _prompt_and_completion(example: dict[str, Any]) -> tuple[Any, Any] | None:
     return None
 
 
-def _response_text(completion: Any) -> str:
+def response_text(completion: Any) -> str:
     if isinstance(completion, list):
         return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
     return completion

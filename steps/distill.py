@@ -1,0 +1,573 @@
+"""Knowledge distillation (training stage): a student learns from a teacher's next-token
+distributions as well as from the data.
+
+In a SageMaker training container: ``python -m steps.distill`` with hyperparameters.json and the
+channels
+  train          the training data (required), as for steps.sft;
+  validation     held-out data (optional): the student's loss and its KL to the teacher on it;
+  teacher        the teacher's cached top-k outputs from steps.teacher_logits (optional);
+  teacher_model  a teacher model, if not given as `teacher_model` (optional);
+  model          the student's starting model, if not given as `student_model` (optional).
+Locally: ``python -m steps.distill --student_model config:layers=1 --teacher_model builtin:tiny``.
+
+The loss per trained token (the tokens SFT would train: completions, assistant turns, text):
+
+    loss = alpha * CE(student, ground truth) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+where teacher_T is the teacher's top-k distribution softened by the temperature T and renormalised
+over those k tokens (steps.common.distillation.top_k_kl documents the approximation), and T^2 keeps
+the soft term's gradients on the scale of the hard term's as T grows (Hinton et al., 2015). Both
+terms are summed over the tokens and divided by the tokens of the whole accumulated batch
+(`num_items_in_batch`), so gradient accumulation gives the gradients of the larger batch.
+
+Where the teacher's distributions come from (`teacher_outputs` in training_summary.json):
+  cached      the 'teacher' channel: no teacher forward pass at all in this job; any number of
+              students (sizes, alphas, temperatures, top_k up to the cached k) reuse one cache.
+  on_the_fly  no 'teacher' channel but a teacher model: it runs once over the training (and
+              validation) examples before training, in this job, then is freed; the cost of one
+              steps.teacher_logits run, paid again by every student run.
+  on_policy   on_policy=true (GKD-style; needs a teacher model): each step the student samples a
+              continuation of each prompt (temperature 1, up to max_new_tokens), the teacher scores
+              the student's own tokens, and the student minimises the same KL on them; alpha still
+              weighs the ground-truth CE of the batch. One teacher forward pass per micro-batch,
+              plus generation: several times the cost of an off-policy step. Written by hand, as a
+              compute_loss branch of the trainer below: TRL's GKDTrainer needs its own ChatML
+              collator and SFTTrainer's chunked head, applies no temperature to its loss and has no
+              hard-label term; TRL's DistillationTrainer is a GRPO-style generation trainer with a
+              live teacher and no cached outputs. The on-policy term is normalised per micro-batch
+              by its generated tokens (their count is not known before generation) and divided by
+              the accumulation steps: exact only without accumulation.
+
+The student: the 'model' channel, or `student_model`: a model spec (a smaller model of the same
+tokenizer), or ``config:layers=1,hidden=128,...``, the teacher's architecture resized, with random
+weights and the teacher's tokenizer (keys: layers, hidden, intermediate, heads, kv_heads, or any
+config attribute). Teacher and student must share the tokenizer: distributions are compared token id
+by token id, so a student whose vocabulary fingerprint differs from the teacher's is refused (an
+explicit vocabulary mapping is out of scope).
+
+Writes to SM_MODEL_DIR the student (a full model, or an adapter for a PEFT method over a pretrained
+student), its tokenizer and training_summary.json (with a `distillation` record: teacher, T, alpha,
+top_k, teacher forward passes made, validation KL to the teacher); to SM_OUTPUT_DATA_DIR
+metrics.jsonl and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer
+
+from steps.common import contract, distillation
+from steps.common.contract import StageError
+from steps.common.datasets import load_records
+from steps.common.distillation import Example, TeacherCounter
+from steps.common.metrics import log_metrics
+from steps.common.models import load_model, load_tokenizer, resolve_model_source, stop_token_ids
+from steps.common.peft_methods import (
+    DEFAULT_LEARNING_RATES,
+    PeftKnobs,
+    apply_peft,
+    load_model_for_training,
+    save_model,
+)
+from steps.common.training import (
+    TrainingKnobs,
+    metrics_callback,
+    prepare_precision,
+    train,
+    trainer_arguments,
+    training_summary,
+)
+
+CONFIG_PREFIX = "config:"
+CONFIG_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size",
+               "intermediate": "intermediate_size", "heads": "num_attention_heads",
+               "kv_heads": "num_key_value_heads"}
+# A config-built student starts from random weights: the rate of pre-training from scratch
+# (steps.pretrain), not the small one that fine-tunes pretrained weights.
+RANDOM_INIT_LEARNING_RATE = 3e-3
+
+
+@dataclass
+class DistillStageConfig(PeftKnobs, TrainingKnobs):
+    student_model: str | None = field(
+        default=None,
+        metadata={"help": "The student: a model spec (same tokenizer as the teacher), or "
+                  "config:layers=N,hidden=H,... (the teacher's architecture resized, random "
+                  "weights). Ignored when the 'model' channel holds a model."},
+    )
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "Teacher model spec, for on-the-fly or on-policy teacher outputs; "
+                  "not needed with the 'teacher' channel (cached outputs)."},
+    )
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softening temperature T of both distributions (> 0)."}
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the ground-truth CE; 1 - alpha weighs T^2 * KL to the "
+                  "teacher. 1.0 = plain hard-label training."},
+    )
+    top_k: int = field(
+        default=16,
+        metadata={"help": "Teacher tokens per position; with cached outputs at most the cached k "
+                  "(the largest top_k of them are used)."},
+    )
+    on_policy: bool = field(
+        default=False,
+        metadata={"help": "GKD-style: distil on the student's own sampled continuations of the "
+                  "prompts (needs a teacher model)."},
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens the student samples per prompt (on_policy)."}
+    )
+    teacher_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per teacher forward pass (on the fly)."}
+    )
+    peft_method: str = field(
+        default="none",
+        metadata={"help": "none (full training of the student, the usual for distillation), "
+                  "lora, qlora, prompt_tuning, p_tuning or prefix_tuning over a pretrained one."},
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate; unset or 0: {RANDOM_INIT_LEARNING_RATE:g} for a "
+                  "config-built student, else the PEFT method's usual one."},
+    )
+
+    def __post_init__(self) -> None:
+        PeftKnobs.__post_init__(self)
+        self.learning_rate_is_default = not self.learning_rate
+        if self.learning_rate_is_default:
+            self.learning_rate = (RANDOM_INIT_LEARNING_RATE if self.is_config_student
+                                  else DEFAULT_LEARNING_RATES[self.peft_method])
+        TrainingKnobs.__post_init__(self)
+        if not self.temperature > 0:
+            raise StageError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise StageError(f"alpha must be in [0, 1], got {self.alpha}")
+        for name in ("top_k", "max_new_tokens", "teacher_batch_size"):
+            if getattr(self, name) <= 0:
+                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.packing:
+            raise StageError(
+                "packing is not supported by distillation (teacher outputs are per example); "
+                "set packing=false"
+            )
+        if self.is_config_student and self.peft_method != "none":
+            raise StageError(
+                f"student_model {self.student_model} starts from random weights, which "
+                f"peft_method {self.peft_method} would keep frozen; use peft_method=none"
+            )
+
+    @property
+    def is_config_student(self) -> bool:
+        return bool(self.student_model and self.student_model.startswith(CONFIG_PREFIX))
+
+
+class TopKDistillationTrainer(Trainer):
+    """A Trainer whose loss is the distillation loss of the module docstring.
+
+    Batches carry the teacher's top-k ids and log-probabilities of every loss position, in the
+    order of ``labels[:, 1:] != -100`` (row by row), which is the order the student's logits are
+    gathered in. Evaluation (the Trainer's eval_loss) is the ground-truth CE alone: the number SFT
+    reports, and the one the evaluation stage's perplexity is computed from.
+    """
+
+    # compute_loss divides by num_items_in_batch (the trained tokens of the whole accumulated
+    # batch) itself: the Trainer must not divide by the accumulation steps again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, temperature: float, alpha: float,
+                 teacher: PreTrainedModel | None = None, counter: TeacherCounter | None = None,
+                 max_new_tokens: int = 64, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.temperature, self.alpha = temperature, alpha
+        self.teacher, self.counter, self.max_new_tokens = teacher, counter, max_new_tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        mask = labels[:, 1:] != -100
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        on_policy = self.teacher is not None and model.training
+        outputs = None
+        ce_sum = torch.zeros((), device=labels.device)
+        if not on_policy or self.alpha > 0:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            logits = _trained_logits(outputs.logits, inputs["input_ids"], mask)
+            ce_sum = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
+        # num_items_in_batch counts every process's tokens while DDP averages the gradients over
+        # the processes: a sum over all tokens / all tokens needs the average undone, as
+        # Trainer.compute_loss does.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            count = count / self.accelerator.num_processes
+        if not model.training:
+            loss = ce_sum / count
+        elif on_policy:
+            kl = self._on_policy_kl(model, inputs)
+            loss = self.alpha * ce_sum / count + (1 - self.alpha) * self.temperature**2 * kl
+        else:
+            kl_sum = distillation.top_k_kl(logits, inputs["top_k_ids"], inputs["top_k_logprobs"],
+                                           self.temperature).sum()
+            loss = (self.alpha * ce_sum + (1 - self.alpha) * self.temperature**2 * kl_sum) / count
+        return (loss, outputs) if return_outputs else loss
+
+    def _on_policy_kl(self, model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean KL(teacher_T || student_T) over the tokens the student samples for the prompts."""
+        tokenizer = self.processing_class
+        student = self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            sequences = student.generate(
+                input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
+                do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_token_ids(student, tokenizer),
+            )
+        # The student's samples as examples: each prompt (without its left padding) and what
+        # followed it up to and including the first stop token, which alone carries loss.
+        stops = set(stop_token_ids(student, tokenizer))
+        width = inputs["prompt_ids"].shape[1]
+        samples = []
+        for row, prompt_mask in zip(sequences.tolist(), inputs["prompt_attention_mask"].tolist()):
+            prompt = [t for t, keep in zip(row[:width], prompt_mask) if keep]
+            generated = row[width:]
+            end = next((i + 1 for i, t in enumerate(generated) if t in stops), len(generated))
+            generated = generated[:max(end, 1)]
+            samples.append(Example(prompt + generated, [-100] * len(prompt) + generated))
+        distillation.teacher_top_k(self.teacher, samples, inputs["top_k"], len(samples),
+                                   tokenizer.pad_token_id, self.counter, progress=False)
+        device = inputs["input_ids"].device
+        input_ids, attention_mask, labels = distillation.pad_batch(
+            samples, tokenizer.pad_token_id, device)
+        mask = labels[:, 1:] != -100
+        logits = _trained_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                                 input_ids, mask)
+        top_ids = torch.cat([s.top_k_ids for s in samples]).to(device)
+        top_logprobs = torch.cat([s.top_k_logprobs for s in samples]).to(device)
+        kl = distillation.top_k_kl(logits, top_ids, top_logprobs, self.temperature)
+        return kl.mean() / self.current_gradient_accumulation_steps
+
+
+def _trained_logits(logits: torch.Tensor, input_ids: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """[trained positions, vocab]: the logits that predict a trained token (logits at t predict
+    t + 1). A prompt-learning adapter's virtual-token logits come first: dropped."""
+    return logits[:, -input_ids.shape[1]:][:, :-1][mask]
+
+
+class Collator:
+    """Right-padded ids, mask and labels; the teacher's top-k of the batch's loss positions in
+    row order; for on-policy, the prompts left-padded (generation continues at the right edge)."""
+
+    def __init__(self, pad_token_id: int, top_k: int, on_policy: bool) -> None:
+        self.pad_token_id, self.top_k, self.on_policy = pad_token_id, top_k, on_policy
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor | int]:
+        input_ids, attention_mask, labels = distillation.pad_batch(examples, self.pad_token_id)
+        batch: dict[str, torch.Tensor | int] = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        }
+        if examples[0].top_k_ids is not None:
+            batch["top_k_ids"] = torch.cat([e.top_k_ids for e in examples])
+            batch["top_k_logprobs"] = torch.cat([e.top_k_logprobs for e in examples])
+        if self.on_policy:
+            prompts = [e.input_ids[:e.prompt_length] for e in examples]
+            width = max(len(p) for p in prompts)
+            batch["prompt_ids"] = torch.tensor(
+                [[self.pad_token_id] * (width - len(p)) + p for p in prompts])
+            batch["prompt_attention_mask"] = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            batch["top_k"] = self.top_k
+        return batch
+
+
+def main(config: DistillStageConfig) -> None:
+    transformers.set_seed(config.seed)
+    model_dir = contract.model_dir()
+
+    # 1. Data: every record is read and checked before any model loads.
+    train_format, train_records = load_records(contract.channel_dir("train"))
+    validation_dir = contract.optional_channel_dir("validation")
+    validation = load_records(validation_dir) if validation_dir else None
+    print(f"train: {len(train_records)} {train_format.name} records; validation: "
+          f"{len(validation[1]) if validation else 0} records", flush=True)
+
+    # 2. The teacher: cached outputs, or a model to run here.
+    cache_dir = contract.optional_channel_dir("teacher")
+    teacher_spec = _model_spec(contract.optional_channel_dir("teacher_model"), config.teacher_model)
+    manifest = distillation.read_manifest(cache_dir) if cache_dir else None
+    if config.on_policy:
+        mode = "on_policy"
+        if teacher_spec is None:
+            raise StageError(
+                "on_policy=true needs a teacher model to score the student's samples (cached "
+                "outputs cover the data only): set teacher_model or give a 'teacher_model' channel"
+            )
+    elif manifest is not None:
+        mode = "cached"
+    elif teacher_spec is not None:
+        mode = "on_the_fly"
+    else:
+        raise StageError(
+            "no teacher: give the job a 'teacher' channel (steps.teacher_logits output), or set "
+            "teacher_model (or a 'teacher_model' channel) to run the teacher in this job"
+        )
+    if manifest is not None and mode != "cached":
+        print(f"on_policy: the cached outputs in {cache_dir} are not used", flush=True)
+    if mode == "cached" and teacher_spec is not None:
+        print(f"teacher_model {teacher_spec} is not run: the cached outputs are used", flush=True)
+    teacher_name = manifest["teacher"]["model"] if mode == "cached" else teacher_spec
+    print(f"teacher: {teacher_name} ({mode}); T={config.temperature:g}, alpha={config.alpha:g}, "
+          f"top_k={config.top_k}", flush=True)
+    if mode == "cached" and config.top_k > manifest["top_k"]:
+        raise StageError(
+            f"top_k={config.top_k} but the cached teacher outputs in {cache_dir} hold the top "
+            f"{manifest['top_k']}; set top_k <= {manifest['top_k']} or rerun teacher_logits"
+        )
+    teacher = load_model(teacher_spec).eval() if mode != "cached" else None
+    if teacher is not None:
+        rows = teacher.get_output_embeddings().weight.shape[0]
+        if config.top_k > rows:
+            raise StageError(f"top_k={config.top_k} exceeds the teacher's {rows} output tokens; "
+                             "lower top_k")
+        if torch.cuda.is_available():
+            teacher.to("cuda")
+
+    # 3. The student and its tokenizer, which must be the teacher's.
+    student_spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
+    if student_spec is None:
+        raise StageError(
+            "no student: set student_model (a model spec, or config:layers=N,... for a resized "
+            "copy of the teacher's architecture) or give the job a 'model' channel"
+        )
+    config_student = student_spec.startswith(CONFIG_PREFIX)
+    if config.learning_rate_is_default:  # the 'model' channel may have replaced student_model
+        config.learning_rate = (RANDOM_INIT_LEARNING_RATE if config_student
+                                else DEFAULT_LEARNING_RATES[config.peft_method])
+    if config_student:
+        tokenizer = (load_tokenizer(str(cache_dir / distillation.TOKENIZER_FOLDER))
+                     if mode == "cached" else load_tokenizer(teacher_spec))
+    else:
+        tokenizer = load_tokenizer(student_spec)
+    teacher_vocab = (manifest["tokenizer"]["vocab_sha256"] if mode == "cached"
+                     else distillation.vocab_fingerprint(load_tokenizer(teacher_spec)))
+    teacher_where = f"{cache_dir}/{distillation.MANIFEST}" if mode == "cached" else teacher_spec
+    student_vocab = distillation.vocab_fingerprint(tokenizer)
+    if student_vocab != teacher_vocab:
+        raise StageError(
+            f"the student's tokenizer ({student_spec}: vocab sha256 {student_vocab[:12]}, "
+            f"{len(tokenizer)} tokens) is not the teacher's ({teacher_where}: vocab sha256 "
+            f"{teacher_vocab[:12]}); distillation compares distributions token by token, so use "
+            "a student of the teacher's tokenizer, e.g. student_model=config:layers=N"
+        )
+
+    # 4. Examples, tokenized as the teacher's were, and the teacher's top-k for each.
+    train_examples = distillation.tokenize_examples(train_records, train_format, tokenizer,
+                                                    config.max_seq_length)
+    validation_examples = (distillation.tokenize_examples(validation[1], validation[0], tokenizer,
+                                                          config.max_seq_length)
+                           if validation else [])
+    counter = TeacherCounter()
+    if mode == "cached":
+        train_examples = _cached(cache_dir, manifest, "train", train_examples, config)
+        if validation_examples and "validation" in manifest["splits"]:
+            validation_examples = _cached(cache_dir, manifest, "validation", validation_examples,
+                                          config)
+        elif validation_examples:
+            print("the teacher outputs have no validation split: no KL to the teacher is measured "
+                  "on validation", flush=True)
+    else:
+        for name, examples in (("train", train_examples), ("validation", validation_examples)):
+            if examples and (mode == "on_the_fly" or name == "validation"):
+                print(f"teacher: scoring {len(examples)} {name} examples", flush=True)
+                distillation.teacher_top_k(teacher, examples, config.top_k,
+                                           config.teacher_batch_size, tokenizer.pad_token_id,
+                                           counter)
+    if config.on_policy and any(e.prompt_length == 0 for e in train_examples):
+        raise StageError(
+            f"on_policy=true needs prompts to continue, and the {train_format.name} data has "
+            "examples that train from their first token; use prompt/completion or conversational "
+            "data, or on_policy=false"
+        )
+
+    # 5. The student model.
+    precision = prepare_precision(config)
+    default = " (default)" if config.learning_rate_is_default else ""
+    print(f"student: {student_spec}; peft_method: {config.peft_method}; learning rate: "
+          f"{config.learning_rate:g}{default}", flush=True)
+    if config_student:
+        teacher_config = (json.loads((cache_dir / distillation.TEACHER_CONFIG).read_text())
+                          if mode == "cached" else _config_of(teacher).to_dict())
+        student = build_student(student_spec, teacher_config, config.seed, tokenizer)
+    else:
+        student = apply_peft(load_model_for_training(student_spec, config, precision), config,
+                             tokenizer)
+    _check_vocabulary_size(student, train_examples + validation_examples, student_spec)
+    if mode == "on_the_fly":
+        teacher = None  # its outputs are attached to the examples: free it before training
+    print(f"student parameters: {sum(p.numel() for p in student.parameters()):,}", flush=True)
+
+    # 6. Train with the shared knobs, checkpoints and metrics; evaluate.
+    metrics, metrics_path = metrics_callback()
+    args = trainer_arguments(config, precision, remove_unused_columns=False,
+                             prediction_loss_only=True)
+    trainer = TopKDistillationTrainer(
+        model=student, args=args, train_dataset=train_examples,
+        eval_dataset=validation_examples or None, processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id, config.top_k, config.on_policy),
+        callbacks=[metrics], temperature=config.temperature, alpha=config.alpha,
+        teacher=teacher if config.on_policy else None, counter=counter,
+        max_new_tokens=config.max_new_tokens,
+    )
+    report = train(trainer, config, metrics, metrics_path)
+    if not trainer.is_world_process_zero():
+        return
+    kl = None
+    if validation_examples and validation_examples[0].top_k_ids is not None:
+        kl = kl_to_teacher(trainer.model, validation_examples, config.per_device_batch_size,
+                           tokenizer.pad_token_id)
+        log_metrics({"step": report.global_step, "eval_kl_to_teacher": kl}, metrics_path)
+
+    # 7. Save, all or nothing.
+    summary = training_summary(
+        "distill", config,
+        # What evaluation compares the student with: the model it started from, or (for a
+        # config-built student, which started from noise) its teacher.
+        teacher_name if config_student else student_spec,
+        precision, report,
+        student_model=student_spec,
+        data_format=train_format.name,
+        train_examples=len(train_examples),
+        validation_examples=len(validation_examples),
+        distillation={
+            "teacher": teacher_name,
+            "teacher_outputs": mode,
+            "teacher_forward_passes": counter.forward_passes,
+            "temperature": config.temperature,
+            "alpha": config.alpha,
+            "top_k": config.top_k,
+            "on_policy": config.on_policy,
+            "vocab_sha256": student_vocab,
+            "eval_kl_to_teacher": kl,
+        },
+    )
+    with contract.atomic_output(model_dir) as staging:
+        save_model(trainer.model, tokenizer, staging, config)
+        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"teacher forward passes in this job: {counter.forward_passes}", flush=True)
+    print(f"saved the student, tokenizer and training_summary.json to {model_dir}", flush=True)
+
+
+def _model_spec(channel: Path | None, spec: str | None) -> str | None:
+    if channel is not None:
+        return resolve_model_source(channel, "")
+    return spec
+
+
+def _cached(cache_dir: Path, manifest: dict[str, Any], split: str, examples: list[Example],
+            config: DistillStageConfig) -> list[Example]:
+    """The cached examples of `split`, once they are shown to be the ones this job trains on."""
+    info = manifest["splits"][split]
+    ours = distillation.tokens_sha256(examples)
+    if ours != info["tokens_sha256"]:
+        cached_length = manifest["max_seq_length"]
+        why = (f"max_seq_length {config.max_seq_length} here, {cached_length} there"
+               if cached_length != config.max_seq_length else
+               f"{len(examples)} examples here, {info['examples']} there")
+        raise StageError(
+            f"the cached teacher outputs in {cache_dir} were computed for other '{split}' data or "
+            f"tokenization ({why}; tokens sha256 {ours[:12]} here, {info['tokens_sha256'][:12]} "
+            "there); run steps.teacher_logits on the data this job trains on with the same "
+            "max_seq_length"
+        )
+    return distillation.read_cache(cache_dir, split, config.top_k)
+
+
+def build_student(spec: str, teacher_config: dict[str, Any], seed: int,
+                  tokenizer: transformers.PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The teacher's architecture with `spec`'s sizes (config:layers=1,hidden=64), random weights."""
+    values = dict(teacher_config)
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        values.pop(key, None)
+    changed = set()
+    for item in filter(None, (part.strip() for part in spec[len(CONFIG_PREFIX):].split(","))):
+        key, _, value = item.partition("=")
+        name = CONFIG_KEYS.get(key.strip(), key.strip())
+        if name not in values or not value.strip():
+            raise StageError(
+                f"student_model {spec}: '{item}' is not KEY=VALUE for a size of the teacher's "
+                f"config; use {', '.join(CONFIG_KEYS)} (or a config attribute name)"
+            )
+        try:
+            values[name] = int(value)
+        except ValueError:
+            raise StageError(f"student_model {spec}: {key}={value} is not an integer") from None
+        changed.add(name)
+    if changed & {"hidden_size", "num_attention_heads"}:
+        values.pop("head_dim", None)  # recomputed as hidden_size / num_attention_heads
+    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    kv_heads = values.get("num_key_value_heads") or heads
+    if hidden and heads and (hidden % heads or heads % kv_heads):
+        raise StageError(
+            f"student_model {spec}: hidden_size {hidden} must be a multiple of heads {heads}, "
+            f"and heads of kv_heads {kv_heads}"
+        )
+    model_type = values.pop("model_type")
+    student_config = type(AutoConfig.for_model(model_type)).from_dict(values)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(student_config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _config_of(model: PreTrainedModel) -> transformers.PretrainedConfig:
+    return model.get_base_model().config if hasattr(model, "peft_config") else model.config
+
+
+def _check_vocabulary_size(student: PreTrainedModel, examples: list[Example], spec: str) -> None:
+    rows = student.get_output_embeddings().weight.shape[0]
+    highest = max((int(e.top_k_ids.max()) for e in examples
+                   if e.top_k_ids is not None and e.top_k_ids.numel()), default=-1)
+    if highest >= rows:
+        raise StageError(
+            f"the teacher ranks token id {highest} among its top-k, but student {spec} has only "
+            f"{rows} output rows; use a student with the teacher's vocabulary size"
+        )
+
+
+def kl_to_teacher(model: PreTrainedModel, examples: list[Example], batch_size: int,
+                  pad_token_id: int) -> float:
+    """Mean KL(teacher || student) at temperature 1 over the examples' loss positions (top-k)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, positions = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            input_ids, attention_mask, labels = distillation.pad_batch(batch, pad_token_id, device)
+            mask = labels[:, 1:] != -100
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                kl = distillation.top_k_kl(
+                    _trained_logits(logits, input_ids, mask),
+                    torch.cat([e.top_k_ids for e in batch]).to(device),
+                    torch.cat([e.top_k_logprobs for e in batch]).to(device), 1.0)
+            total, positions = total + kl.sum().item(), positions + kl.numel()
+    finally:
+        model.train(was_training)
+    return total / max(positions, 1) if math.isfinite(total) else total
+
+
+if __name__ == "__main__":
+    contract.run(main, DistillStageConfig, job="training")
