@@ -43,7 +43,11 @@ DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl"}
 
 # Recipe stage kind -> (step name, container module). Training stages run in the recipe's order.
 TRAINING_STEPS = {"pretrain": ("Pretrain", "steps.pretrain"), "cpt": ("CPT", "steps.cpt"),
-                  "sft": ("SFT", "steps.sft")}
+                  "sft": ("SFT", "steps.sft"), "distill": ("Distill", "steps.distill")}
+# Processing stages between DataPrep and Evaluate: each reads its inputs (model, data, ...) as
+# folders named by --<input>-dir and writes one output folder, --output-dir.
+PROCESSING_STEPS = {"teacher_logits": ("TeacherLogits", "steps.teacher_logits"),
+                    "quantize": ("Quantize", "steps.quantize")}
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # steps.common.contract.checkpoint_dir's default
 
 # What the training stage prints (steps/common/metrics.py) and SageMaker reads from the log.
@@ -52,7 +56,7 @@ METRIC_DEFINITIONS = {
     name: rf"[ ]{name}=([0-9.eE+-]+)"
     for name in ("train_loss", "eval_loss", "learning_rate", "tokens_per_second",
                  "mean_tokens_per_second", "total_tokens", "trainable_parameters",
-                 "peak_memory_mb")
+                 "peak_memory_mb", "eval_kl_to_teacher")
 }
 
 
@@ -229,6 +233,56 @@ def get_pipeline(
                                     interval_seconds=60, backoff_rate=2.0, max_attempts=3),
     ]
 
+    def training_stage(stage: str, inputs: dict[str, str]) -> TrainingStep:
+        """A training step: channels train/validation from `data`, one channel per other input."""
+        step_name, module = TRAINING_STEPS[stage]
+        inputs = dict(inputs)
+        data_uri = resolve_input(inputs.pop("data"))
+        channels = [
+            InputData(channel_name="train", data_source=Join(on="/", values=[data_uri, "train.jsonl"])),
+            InputData(channel_name="validation",
+                      data_source=Join(on="/", values=[data_uri, "validation.jsonl"])),
+        ]
+        for channel, reference in inputs.items():  # model, and stage-specific ones
+            uri = resolve_input(reference)
+            if uri is not None:
+                channels.append(InputData(channel_name=channel, data_source=uri))
+        trainer = ModelTrainer(
+            training_image=training_image,
+            role=role_arn,
+            sagemaker_session=session,
+            compute=Compute(instance_type=p["TrainingInstanceType"],
+                            instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100),
+            hyperparameters={key: setting(value) for key, value in recipe.stages[stage].items()},
+            output_data_config=OutputDataConfig(s3_output_path=output_uri(step_name, "model")),
+            # Synced to S3 while the job runs; a retried or restarted job resumes from it.
+            checkpoint_config=CheckpointConfig(s3_uri=output_uri(step_name, "checkpoints"),
+                                               local_path=CHECKPOINT_LOCAL_PATH),
+        ).with_metric_definitions([{"name": k, "regex": v} for k, v in METRIC_DEFINITIONS.items()])
+        return StageTrainingStep(name=step_name, module=module,
+                                 step_args=trainer.train(input_data_config=channels),
+                                 cache_config=cache, retry_policies=retries)
+
+    def processing_stage(stage: str, inputs: dict[str, str]) -> ProcessingStep:
+        """A processing step: each input a folder (--<name>-dir), one output folder."""
+        step_name, module = PROCESSING_STEPS[stage]
+        located = {name: resolve_input(reference) for name, reference in inputs.items()}
+        located = {name: uri for name, uri in located.items() if uri is not None}
+        return ProcessingStep(
+            name=step_name,
+            step_args=processor(module).run(
+                inputs=[s3_input(name, uri, f"/opt/ml/processing/input/{name}")
+                        for name, uri in located.items()],
+                outputs=[s3_output("output", output_uri(step_name, "output"),
+                                   "/opt/ml/processing/output")],
+                arguments=[*(arg for name in located for arg in (
+                               f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/input/{name}")),
+                           "--output-dir", "/opt/ml/processing/output", *cli_args(stage)],
+            ),
+            cache_config=cache,
+            retry_policies=retries,
+        )
+
     # 1. Data preparation: one DataPrep step per dataset parameter the stages read ------------
     prepared: dict[str, tuple[ProcessingStep, PropertyFile]] = {}
 
@@ -257,7 +311,7 @@ def get_pipeline(
     # What each stage produced: a model artifact (training) or an output folder (processing).
     produced: dict[str, object] = {}
 
-    def resolve_input(stage: str, name: str, reference: str):
+    def resolve_input(reference: str):
         """The S3 location an input reference names (None for `base`)."""
         parameter = parameter_reference(reference)
         if parameter is not None:
@@ -268,57 +322,32 @@ def get_pipeline(
         source, _, part = reference.partition("/")
         return Join(on="/", values=[produced[source], part]) if part else produced[source]
 
-    # 2. Training stages, in order; by default each trains on InputData and starts from the model
-    # of the training stage before it ------------------------------------------------------
-    training_steps = []
+    # 2. The stages between, in order; by default each reads InputData and the model of the
+    # training stage before it --------------------------------------------------------------
+    middle_steps = []
     previous_model = "base"
     data_of: dict[str, str] = {}
-    for stage in recipe.training_stages:
-        step_name, module = TRAINING_STEPS[stage]
+    for stage in recipe.middle_stages:
         inputs = {"data": "$InputData", "model": previous_model, **recipe.inputs[stage]}
         data_of[stage] = inputs["data"]
-        data_uri = resolve_input(stage, "data", inputs.pop("data"))
-        channels = [
-            InputData(channel_name="train", data_source=Join(on="/", values=[data_uri, "train.jsonl"])),
-            InputData(channel_name="validation",
-                      data_source=Join(on="/", values=[data_uri, "validation.jsonl"])),
-        ]
-        for channel, reference in inputs.items():  # model, and stage-specific ones
-            uri = resolve_input(stage, channel, reference)
-            if uri is not None:
-                channels.append(InputData(channel_name=channel, data_source=uri))
-        trainer = ModelTrainer(
-            training_image=training_image,
-            role=role_arn,
-            sagemaker_session=session,
-            compute=Compute(instance_type=p["TrainingInstanceType"],
-                            instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100),
-            hyperparameters={key: setting(value) for key, value in recipe.stages[stage].items()},
-            output_data_config=OutputDataConfig(s3_output_path=output_uri(step_name, "model")),
-            # Synced to S3 while the job runs; a retried or restarted job resumes from it.
-            checkpoint_config=CheckpointConfig(s3_uri=output_uri(step_name, "checkpoints"),
-                                               local_path=CHECKPOINT_LOCAL_PATH),
-        ).with_metric_definitions([{"name": k, "regex": v} for k, v in METRIC_DEFINITIONS.items()])
-        step = StageTrainingStep(
-            name=step_name,
-            module=module,
-            step_args=trainer.train(input_data_config=channels),
-            cache_config=cache,
-            retry_policies=retries,
-        )
-        training_steps.append(step)
-        produced[stage] = step.properties.ModelArtifacts.S3ModelArtifacts
-        previous_model = stage
+        if stage in PROCESSING_STEPS:
+            step = processing_stage(stage, inputs)
+            produced[stage] = step.properties.ProcessingOutputConfig.Outputs["output"].S3Output.S3Uri
+        else:
+            step = training_stage(stage, inputs)
+            produced[stage] = step.properties.ModelArtifacts.S3ModelArtifacts
+            previous_model = stage
+        middle_steps.append(step)
 
     # 3. Evaluation: the trained model against its base, on the last stage's held-out data ------
     last = recipe.training_stages[-1]
     inputs = {"model": last, "data": data_of[last], **recipe.inputs["evaluate"]}
-    model_uri = resolve_input("evaluate", "model", inputs["model"])
+    model_uri = resolve_input(inputs["model"])
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
     evaluate = ProcessingStep(
         name="Evaluate",
         step_args=processor("steps.evaluate").run(
-            inputs=[s3_input(name, resolve_input("evaluate", name, reference),
+            inputs=[s3_input(name, resolve_input(reference),
                              f"/opt/ml/processing/{name}")
                     for name, reference in inputs.items()],
             outputs=[s3_output("evaluation", output_uri("Evaluate", "evaluation"),
@@ -389,7 +418,7 @@ def get_pipeline(
     for logger in ("botocore", "boto3", "sagemaker", "urllib3"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     return Pipeline(name=name, parameters=list(params.values()),
-                    steps=[*(step for step, _ in prepared.values()), *training_steps, evaluate,
+                    steps=[*(step for step, _ in prepared.values()), *middle_steps, evaluate,
                            gate],
                     sagemaker_session=session, pipeline_experiment_config=None)
 

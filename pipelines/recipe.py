@@ -39,8 +39,9 @@ _KEYS = {"name", "description", "model_package_group", "demo_data", "parameters"
          "gate"}
 DEMO_DATASETS = ("sft", "corpus")
 # Stage kinds, in the order they may appear. Training stages chain their models.
-PROCESSING_STAGES = ("data_prep", "evaluate")
-TRAINING_STAGES = ("pretrain", "cpt", "sft")
+ENDS = ("data_prep", "evaluate")  # every recipe starts and ends with these
+TRAINING_STAGES = ("pretrain", "cpt", "sft", "distill")
+PROCESSING_STAGES = ("teacher_logits", "quantize")  # processing stages between the ends
 # Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
 COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
                      "TrainingInstanceCount", "EvalThreshold", "ModelPackageGroup")
@@ -62,6 +63,11 @@ class Recipe:
     @property
     def training_stages(self) -> list[str]:
         return [stage for stage in self.stages if stage in TRAINING_STAGES]
+
+    @property
+    def middle_stages(self) -> list[str]:
+        """Training and processing stages between data_prep and evaluate, in order."""
+        return [stage for stage in self.stages if stage not in ENDS]
 
 
 def available() -> list[str]:
@@ -102,9 +108,9 @@ def load(name_or_path: str) -> Recipe:
     stages = data["stages"]
     inputs: dict[str, dict[str, str]] = {}
     for position, (stage, settings) in enumerate(stages.items()):
-        if stage not in PROCESSING_STAGES + TRAINING_STAGES:
+        if stage not in ENDS + TRAINING_STAGES + PROCESSING_STAGES:
             raise UserError(f"{path}: unknown stage {stage!r}; stages are "
-                            f"{', '.join(PROCESSING_STAGES + TRAINING_STAGES)}")
+                            f"{', '.join(ENDS + TRAINING_STAGES + PROCESSING_STAGES)}")
         if not isinstance(settings, dict):
             raise UserError(f"{path}: stages.{stage} must be a mapping of settings")
         inputs[stage] = _inputs(path, stage, settings.pop("inputs", {}), list(stages)[:position],

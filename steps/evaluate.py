@@ -45,7 +45,13 @@ class EvaluateConfig:
     )
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Base model spec; default: the base_model in training_summary.json."},
+        metadata={"help": "Base model spec, or none to evaluate the model alone; default: the "
+                  "base_model in training_summary.json."},
+    )
+    base_dir: str | None = field(
+        default=None,
+        metadata={"help": "A model folder (or one with model.tar.gz) to compare against instead "
+                  "of base_model: e.g. the teacher of a distilled student."},
     )
     max_new_tokens: int = field(
         default=64, metadata={"help": "Generation length limit per sample."}
@@ -73,6 +79,8 @@ def main(config: EvaluateConfig) -> None:
     summary_path = folder / "training_summary.json" if folder else None
     summary = json.loads(summary_path.read_text()) if summary_path and summary_path.exists() else {}
     base_spec = config.base_model or summary.get("base_model")
+    if config.base_dir:
+        base_spec = resolve_model_source(Path(config.base_dir), config.base_dir)
 
     data_path = Path(config.data_dir)
     if (data_path / "validation.jsonl").exists():  # a data preparation output folder
