@@ -231,7 +231,9 @@ def distributed_launch_command() -> list[str] | None:
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={len(hosts)}", f"--node_rank={hosts.index(current)}",
-        f"--nproc_per_node={per_host}", f"--master_addr={hosts[0]}",
+        # One host: loopback, which resolves anywhere (the local engine's 'algo-1' does not).
+        f"--nproc_per_node={per_host}",
+        f"--master_addr={hosts[0] if len(hosts) > 1 else '127.0.0.1'}",
         "--master_port=29500", "-m", main_module.name, *sys.argv[1:],
     ]
 
