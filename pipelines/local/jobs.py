@@ -144,13 +144,28 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   text=True, errors="replace", bufsize=1)
+                                   text=True, errors="replace", bufsize=1,
+                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
             log.flush()
             on_line(line.rstrip("\n"))
         return process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the job's process: ask Linux to SIGTERM it when the engine dies, however it dies.
+
+    Otherwise a killed `llm-pipeline run` leaves its job training on (and, under torchrun,
+    holding a port); SageMaker stops a job's container when the job is stopped.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _last_error(log_path: Path) -> str:

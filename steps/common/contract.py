@@ -228,14 +228,13 @@ def distributed_launch_command() -> list[str] | None:
     main_module = sys.modules["__main__"].__spec__
     if main_module is None:
         raise StageError("a distributed job must start the stage as `python -m steps.<stage>`")
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={len(hosts)}", f"--node_rank={hosts.index(current)}",
-        # One host: loopback, which resolves anywhere (the local engine's 'algo-1' does not).
-        f"--nproc_per_node={per_host}",
-        f"--master_addr={hosts[0] if len(hosts) > 1 else '127.0.0.1'}",
-        "--master_port=29500", "-m", main_module.name, *sys.argv[1:],
-    ]
+    if len(hosts) == 1:  # processes of one machine: torchrun picks a free local port itself
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={len(hosts)}", f"--node_rank={hosts.index(current)}",
+                 f"--master_addr={hosts[0]}", "--master_port=29500"]
+    return [sys.executable, "-m", "torch.distributed.run", *where,
+            f"--nproc_per_node={per_host}", "-m", main_module.name, *sys.argv[1:]]
 
 
 def _write_failure(message: str) -> None:

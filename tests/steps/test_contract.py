@@ -136,10 +136,12 @@ def test_a_job_on_several_instances_relaunches_the_stage_under_torchrun(tmp_path
     assert {"--nnodes=2", "--node_rank=1", "--nproc_per_node=4",
             "--master_addr=algo-1"} <= set(command)
     assert command[-4:] == ["-m", "steps.sft", "--max_steps", "3"]
-    # Several processes on one host (the local engine's stand-in for instances) meet on loopback.
+    # Several processes on one host (the local engine's stand-in for instances): torchrun
+    # --standalone picks a free port, so two such jobs at once do not collide.
     (tmp_path / "resourceconfig.json").write_text(
         json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
-    assert "--master_addr=127.0.0.1" in contract.distributed_launch_command()  # the stage's own arguments pass through
+    single = contract.distributed_launch_command()
+    assert "--standalone" in single and "--nproc_per_node=4" in single  # the stage's own arguments pass through
     # Under torchrun already, or on one instance with one process: the stage just runs.
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert contract.distributed_launch_command() is None
