@@ -17,7 +17,8 @@ REPOSITORY_PREFIX = "llm-lifecycle"
 # repository name -> the stage modules baked into that image (run as `python -m MODULE`).
 IMAGES: dict[str, tuple[str, ...]] = {
     f"{REPOSITORY_PREFIX}-processing": ("steps.data_prep", "steps.evaluate",
-                                        "steps.teacher_logits", "steps.quantize"),
+                                        "steps.teacher_logits", "steps.quantize",
+                                        "steps.constitutional"),
     f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
                                       "steps.distill"),
 }

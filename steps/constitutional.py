@@ -1,0 +1,702 @@
+"""Constitutional AI data (processing stage): revised responses for SFT and AI-labelled preference
+pairs for DPO, from a policy, a list of principles and a critic model.
+
+    python -m steps.constitutional --model-dir MODEL --data-dir PROMPTS --output-dir OUT
+        [--constitution FILE] [--critic local|sagemaker|bedrock] [--critic-model SPEC]
+        [--endpoint-name NAME] [--bedrock-model-id ID] [--region REGION]
+        [--max-new-tokens 128] [--temperature 0.7] [--samples N] [--seed 42]
+        [--validation-fraction 0.1] [--batch-size 8]
+
+--model-dir is the current policy: a model or adapter folder, a model.tar.gz or a folder holding
+one, or a builtin spec (builtin:tiny, builtin:smollm2-135m-instruct). --data-dir holds the prompts:
+records with a `prompt` (a string or a conversation), conversations (`messages`; one that ends with
+an assistant turn is answered anew from the turn before), or prompt/completion or preference
+records, whose prompts are used. The constitution is a YAML list of principles (default: the one
+shipped beside this file, steps/constitution.yaml). The critic is the policy itself unless
+--critic-model names another local model, or --critic picks a SageMaker endpoint or a Bedrock model.
+
+The recipe (Bai et al., "Constitutional AI: Harmlessness from AI Feedback", 2022):
+  1. read and check the constitution and every prompt; drop repeated prompts, shuffle (seeded) and
+     keep --samples of them;
+  2. the policy answers every prompt;
+  3. each prompt draws a principle (seeded); the critic critiques the answer by the principle's
+     critique request, then rewrites it by its revision request;
+  4. the critic, as judge, sees the initial and the revised answer in a random order (against
+     position bias) and says which better follows the principle, A or B, and why; its choice
+     labels the pair (an answer naming neither keeps the revision as chosen, and is counted);
+  5. write, all or nothing, with one train/validation split of the prompts shared by both datasets:
+
+       OUT/sft/{train,validation}.jsonl          {prompt, completion}: the revised answers
+       OUT/preferences/{train,validation}.jsonl  {prompt, chosen, rejected, principle, critique,
+                                                  judge_rationale, judge_order, judge_fallback}
+       OUT/manifest.json                         counts, constitution sha256, critic, judge rates
+       OUT/constitution.yaml                     the constitution used
+
+Prompts keep their shape: string prompts give string records, conversations give message lists,
+as TRL's SFT and DPO trainers read them. A prompt whose answer or revision came back empty, or
+whose revision is the answer unchanged, gives no pair and no SFT example (counted in the manifest).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from steps.common import contract
+from steps.common.contract import StageError
+from steps.common.critics import BedrockModel, Critic, LocalModel, Prompt, SageMakerEndpoint
+from steps.common.datasets import (
+    DatasetFormat,
+    Record,
+    data_files,
+    read_records,
+    record_problem,
+    validate_records,
+)
+from steps.common.models import SMOLLM2, TINY, resolve_model_source
+
+DEFAULT_CONSTITUTION = Path(__file__).with_name("constitution.yaml")
+CRITICS = ("local", "sagemaker", "bedrock")
+PRINCIPLE_FIELDS = ("name", "critique", "revision", "preference")
+REQUIRED_FIELDS = ("name", "critique", "revision")
+
+# The critic's three requests. The conversation is quoted inside one user message, so that every
+# backend (a chat template, a raw-text endpoint, Bedrock's converse) gets the same self-contained
+# text; the paper's few-shot multi-turn framing needs a base model, and these critics are
+# instruction-following models.
+CRITIQUE_PROMPT = """Below is a conversation between a user and an AI assistant.
+
+{conversation}
+
+{request}
+Write only the critique, in a few sentences."""
+
+REVISION_PROMPT = """Below is a conversation between a user and an AI assistant, followed by a \
+critique of the assistant's last response.
+
+{conversation}
+
+Critique: {critique}
+
+{request}
+Write only the rewritten response, with no preamble."""
+
+# The multiple-choice form of the paper's preference model prompts.
+JUDGE_PROMPT = """Consider the following conversation between a user and an AI assistant:
+
+{conversation}
+
+{question}
+
+Options:
+(A) {first}
+(B) {second}
+
+Answer with the letter of the better response, A or B, on the first line, then explain your \
+choice in one or two sentences."""
+
+
+@dataclass
+class ConstitutionalConfig:
+    model_dir: str = field(
+        metadata={"help": "The policy: a model or adapter folder, a model.tar.gz or a folder "
+                  "holding one, or builtin:tiny / builtin:smollm2-135m-instruct."}
+    )
+    data_dir: str = field(
+        metadata={"help": "Prompts: a data file or folder of prompt, messages, prompt/completion "
+                  "or preference records."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Where sft/, preferences/, manifest.json and constitution.yaml go."}
+    )
+    constitution: str | None = field(
+        default=None,
+        metadata={"help": "YAML list of principles (name, critique, revision[, preference]); "
+                  "default: the shipped steps/constitution.yaml."},
+    )
+    critic: str = field(
+        default="local",
+        metadata={"help": "Who critiques, revises and judges: local, sagemaker or bedrock."},
+    )
+    critic_model: str | None = field(
+        default=None,
+        metadata={"help": "Model spec of a local critic; default: the policy itself."},
+    )
+    endpoint_name: str | None = field(
+        default=None, metadata={"help": "SageMaker endpoint of --critic sagemaker (TGI or LMI)."}
+    )
+    bedrock_model_id: str | None = field(
+        default=None, metadata={"help": "Bedrock model id of --critic bedrock."}
+    )
+    region: str | None = field(
+        default=None, metadata={"help": "AWS region of the endpoint or Bedrock model; default: "
+                                "the environment's (AWS_REGION)."}
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Length limit of every answer, critique, revision, verdict."}
+    )
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature of answers, critiques and revisions "
+                               "(0: greedy); the judge is always greedy."}
+    )
+    samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many prompts (a seeded sample)."}
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the prompt sample, principles, order and sampling."}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of prompts held out, in (0, 1)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Prompts per local generation batch."})
+
+    def __post_init__(self) -> None:
+        # A pipeline passes an unset text parameter as an empty string.
+        for name in ("constitution", "critic_model", "endpoint_name", "bedrock_model_id", "region"):
+            setattr(self, name, getattr(self, name) or None)
+        if self.critic not in CRITICS:
+            raise StageError(f"critic must be one of {', '.join(CRITICS)}, got '{self.critic}'")
+        if self.critic == "sagemaker" and not self.endpoint_name:
+            raise StageError("critic 'sagemaker' needs --endpoint-name (the endpoint to invoke)")
+        if self.critic == "bedrock" and not self.bedrock_model_id:
+            raise StageError("critic 'bedrock' needs --bedrock-model-id (for example "
+                             "anthropic.claude-3-haiku-20240307-v1:0)")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise StageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.samples is not None and self.samples < 2:
+            raise StageError(
+                f"samples must be at least 2 (a train and a validation prompt), got {self.samples}"
+            )
+        if not 0 < self.validation_fraction < 1:
+            raise StageError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class Principle:
+    name: str
+    critique: str  # the critique request
+    revision: str  # the revision request
+    preference: str  # the judge's question
+
+
+@dataclass
+class Example:
+    """One prompt's way through the recipe."""
+
+    prompt: Prompt
+    principle: Principle
+    revision_first: bool  # whether the judge saw the revision as (A)
+    initial: str = ""
+    critique: str = ""
+    revision: str = ""
+    judge_answer: str = ""
+    choice: Literal["A", "B"] | None = None  # None: the judge's answer named neither
+
+    @property
+    def revision_preferred(self) -> bool:
+        if self.choice is None:  # the fallback: keep the revision as chosen
+            return True
+        return (self.choice == "A") == self.revision_first
+
+    @property
+    def drop_reason(self) -> str | None:
+        if not self.initial:
+            return "empty_response"
+        if not self.revision:
+            return "empty_revision"
+        if self.revision == self.initial:
+            return "unchanged_revision"
+        return None
+
+
+def main(config: ConstitutionalConfig) -> None:
+    # 1. Constitution and prompts, checked before any model loads.
+    constitution_path = Path(config.constitution) if config.constitution else DEFAULT_CONSTITUTION
+    principles = load_constitution(constitution_path)
+    print(f"constitution {constitution_path}: {len(principles)} principles "
+          f"({', '.join(p.name for p in principles)})", flush=True)
+    prompts, input_format, records_read = read_prompts(Path(config.data_dir))
+    unique = _deduplicate(prompts)
+    rng = random.Random(config.seed)
+    rng.shuffle(unique)
+    selected = unique[: config.samples]
+    if len(selected) < 2:
+        raise StageError(f"{config.data_dir}: {len(selected)} distinct prompt(s); a train/"
+                         "validation split needs at least 2")
+    print(f"prompts: {records_read} {input_format} records, {len(unique)} distinct, using "
+          f"{len(selected)} (seed {config.seed})", flush=True)
+
+    # 2-4. The policy answers; the critic critiques, revises and judges.
+    source = _model_source(config.model_dir)
+    print(f"loading policy {source}", flush=True)
+    policy = LocalModel(source, config.max_new_tokens, config.batch_size)
+    critic = make_critic(config, policy)
+    print(f"critic: {critic.description}", flush=True)
+    examples = [
+        Example(prompt, principle=rng.choice(principles), revision_first=rng.random() < 0.5)
+        for prompt in selected
+    ]
+    torch.manual_seed(config.seed)  # sampled answers, critiques and revisions: seeded too
+    constitutional_examples(examples, policy, critic, config.temperature)
+
+    # 5. Split the prompts that gave a usable pair, and write.
+    kept = [example for example in examples if example.drop_reason is None]
+    dropped = Counter(example.drop_reason for example in examples if example.drop_reason)
+    if len(kept) < 2:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items()))
+        raise StageError(
+            f"only {len(kept)} of {len(selected)} prompts gave a usable pair ({reasons}); give "
+            "more prompts (--samples), a larger --max-new-tokens, or a stronger --critic-model"
+        )
+    n_validation = min(max(1, round(len(kept) * config.validation_fraction)), len(kept) - 1)
+    splits = {"train": kept[n_validation:], "validation": kept[:n_validation]}
+    files = {
+        f"{dataset}/{split}.jsonl": _jsonl([record(example) for example in split_examples])
+        for dataset, record in (("sft", sft_record), ("preferences", preference_record))
+        for split, split_examples in splits.items()
+    }
+    manifest = _manifest(config, source, critic, constitution_path, principles, input_format,
+                         records_read, len(unique), examples, kept, dropped, splits, files)
+    output_dir = Path(config.output_dir)
+    with contract.atomic_output(output_dir) as staging:
+        for name, payload in files.items():
+            (staging / name).parent.mkdir(exist_ok=True)
+            (staging / name).write_bytes(payload)
+        (staging / "constitution.yaml").write_bytes(constitution_path.read_bytes())
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n",
+                                               encoding="utf-8")
+    judge = manifest["judge"]
+    print(f"wrote {len(kept)} SFT examples and preference pairs ({len(splits['train'])} train, "
+          f"{n_validation} validation) to {output_dir}; the judge preferred the revision "
+          f"{judge['revision_preferred']} times, the initial answer {judge['initial_preferred']} "
+          f"times, {judge['unparsed']} answers unparsed", flush=True)
+
+
+def constitutional_examples(
+    examples: list[Example], policy: LocalModel, critic: Critic, temperature: float
+) -> None:
+    """Fill each example: the policy's answer, the critique, the revision and the judge's verdict.
+
+    One phase at a time over all prompts, so a local model generates in batches.
+    """
+    print(f"policy: answering {len(examples)} prompts", flush=True)
+    answers = policy.complete([example.prompt for example in examples], temperature)
+    for example, answer in zip(examples, answers, strict=True):
+        example.initial = answer
+
+    print("critic: critiques", flush=True)
+    critiques = critic.complete([critique_prompt(example) for example in examples], temperature)
+    for example, critique in zip(examples, critiques, strict=True):
+        example.critique = critique
+
+    print("critic: revisions", flush=True)
+    revisions = critic.complete([revision_prompt(example) for example in examples], temperature)
+    for example, revision in zip(examples, revisions, strict=True):
+        example.revision = revision
+
+    # Greedy: the label of a pair should not be a coin toss.
+    print("critic: judging", flush=True)
+    verdicts = critic.complete([judge_prompt(example) for example in examples], 0.0)
+    for example, verdict in zip(examples, verdicts, strict=True):
+        example.judge_answer = verdict
+        example.choice = parse_choice(verdict)
+
+
+def make_critic(config: ConstitutionalConfig, policy: LocalModel) -> Critic:
+    """The backend --critic names; a local critic that is the policy's model is the policy."""
+    if config.critic == "sagemaker":
+        return SageMakerEndpoint(config.endpoint_name, config.region, config.max_new_tokens)
+    if config.critic == "bedrock":
+        return BedrockModel(config.bedrock_model_id, config.region, config.max_new_tokens)
+    spec = _model_source(config.critic_model) if config.critic_model else policy.spec
+    if spec == policy.spec:
+        return policy
+    print(f"loading critic {spec}", flush=True)
+    return LocalModel(spec, config.max_new_tokens, config.batch_size)
+
+
+# --- The constitution -----------------------------------------------------------------------------
+
+
+def load_constitution(path: Path) -> list[Principle]:
+    """The principles of a constitution file, every entry checked; errors name file, line, field."""
+    path = Path(path)
+    advice = "each principle needs name, critique and revision (see steps/constitution.yaml)"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StageError(f"constitution {path} does not exist; pass --constitution FILE or leave "
+                         "it out for the shipped one") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StageError(f"constitution {path}: cannot read it ({err})") from None
+    try:
+        # The node tree gives each entry's line; safe_load gives the values.
+        tree, entries = yaml.compose(text), yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StageError(f"{where}: not valid YAML ({problem}); write a YAML list of "
+                         "principles") from None
+    if entries is None or entries == []:
+        raise StageError(f"{path}: no principles; {advice}")
+    if not isinstance(entries, list):
+        raise StageError(f"{path}: expected a YAML list of principles, got "
+                         f"{_kind(entries)}; {advice}")
+    principles: list[Principle] = []
+    for index, (entry, node) in enumerate(zip(entries, tree.value), start=1):
+        where = f"{path}:{node.start_mark.line + 1}: principle {index}"
+        if not isinstance(entry, dict):
+            raise StageError(f"{where}: expected a mapping, got {_kind(entry)}; {advice}")
+        if isinstance(entry.get("name"), str) and entry["name"].strip():
+            where += f" ('{entry['name']}')"
+        for key in entry:
+            if key not in PRINCIPLE_FIELDS:
+                close = difflib.get_close_matches(str(key), PRINCIPLE_FIELDS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise StageError(f"{where}: field '{key}': unknown{hint}; fields: "
+                                 f"{', '.join(PRINCIPLE_FIELDS)}")
+        for key in PRINCIPLE_FIELDS:
+            if key not in entry:
+                if key in REQUIRED_FIELDS:
+                    raise StageError(f"{where}: field '{key}': missing; {advice}")
+                continue
+            value = entry[key]
+            if not isinstance(value, str) or not value.strip():
+                got = "an empty string" if isinstance(value, str) else _kind(value)
+                raise StageError(f"{where}: field '{key}': expected text, got {got}")
+        name = " ".join(entry["name"].split())
+        if any(p.name == name for p in principles):
+            raise StageError(f"{where}: field 'name': '{name}' is already the name of an earlier "
+                             "principle; names must be unique")
+        principles.append(Principle(
+            name=name,
+            critique=entry["critique"].strip(),
+            revision=entry["revision"].strip(),
+            preference=(entry.get("preference") or
+                        f"Which of these assistant responses better follows the principle "
+                        f"'{name}'?").strip(),
+        ))
+    return principles
+
+
+# --- Prompts --------------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> tuple[list[Prompt], str, int]:
+    """(prompts, input format, records read) of every data file at `path`.
+
+    Formats steps.common.datasets knows with their responses (prompt/completion, preference,
+    unpaired preference) are checked by it; prompt-only records and conversations are checked
+    here, since a conversation that ends with the user's turn has no assistant turn to learn from
+    and datasets.py (rightly, for SFT) refuses it.
+    """
+    records = [record for file in data_files(path) for record in read_records(file)]
+    first = records[0]
+    if not isinstance(first.data, dict):
+        raise StageError(f"{first.location}: expected a JSON object, got {_kind(first.data)}")
+    keys = set(first.data)
+    if keys & {"completion", "chosen", "rejected"}:
+        fmt = validate_records(records)
+        return [_prompt_of(record, fmt) for record in records], fmt.name, len(records)
+    if "messages" in keys or "prompt" in keys:
+        field_name = "messages" if "messages" in keys else "prompt"
+        conversational = field_name == "messages" or isinstance(first.data[field_name], list)
+        prompts, problems = [], []
+        for record in records:
+            problem, prompt = _checked_prompt(record, field_name, conversational)
+            if problem:
+                problems.append(f"{record.location}: {problem}")
+            prompts.append(prompt)
+        if problems:
+            more = f" ({len(problems) - 1} more records have problems)" if len(problems) > 1 else ""
+            raise StageError(problems[0] + more)
+        name = "conversational" if field_name == "messages" else "prompt_only"
+        return prompts, name, len(records)
+    listing = sorted(keys) if len(keys) < 20 else f"{len(keys)} fields"
+    text_only = "; 'text' records have no prompt to answer" if "text" in keys else ""
+    raise StageError(
+        f"{first.location}: no prompts in fields {listing}{text_only}; give records with "
+        "'prompt' (a string or messages), 'messages', 'prompt'+'completion' or "
+        "'prompt'+'chosen'+'rejected'"
+    )
+
+
+def _checked_prompt(record: Record, field_name: str, conversational: bool) -> tuple[str | None,
+                                                                                  Any]:
+    data = record.data
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {_kind(data)}", None
+    if field_name not in data:
+        return f"field '{field_name}': missing; every record needs the first one's", None
+    value = data[field_name]
+    if field_name == "messages" and isinstance(value, list) and value:
+        last = value[-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            value = value[:-1]  # answered anew from the turn before
+            if not value:
+                return "field 'messages': only an assistant turn; a prompt needs a user turn", None
+    # datasets.py has no prompt-only format: check the value as the prompt of a prompt/completion
+    # record beside a placeholder completion (always valid), so the rules and wording are its own.
+    placeholder = [{"role": "assistant", "content": "-"}] if conversational else "-"
+    problem = record_problem({"prompt": value, "completion": placeholder},
+                             DatasetFormat("prompt_completion", conversational))
+    if problem and field_name == "messages":
+        problem = problem.replace("field 'prompt", "field 'messages", 1)
+    return problem, value
+
+
+def _prompt_of(record: Record, fmt: DatasetFormat) -> Prompt:
+    data = record.data
+    if "prompt" in data:
+        return data["prompt"]
+    if fmt.name == "preference":  # implicit prompt: split off as TRL does
+        from trl.data_utils import extract_prompt
+
+        prompt = extract_prompt({"chosen": data["chosen"], "rejected": data["rejected"]})["prompt"]
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise StageError(f"{record.location}: 'chosen' and 'rejected' share no prompt; give "
+                             "the prompt in a 'prompt' field")
+        return prompt
+    raise StageError(f"{record.location}: {fmt.name} records have no prompt to answer; give "
+                     "records with 'prompt' or 'messages'")
+
+
+def _deduplicate(prompts: list[Prompt]) -> list[Prompt]:
+    seen: set[str] = set()
+    unique = []
+    for prompt in prompts:
+        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            unique.append(prompt)
+    return unique
+
+
+def _model_source(spec: str) -> str:
+    """A model spec as a stage is given it: builtin, a folder or archive (resolved as a model
+    channel is), or anything else for load_model to try (a hub id)."""
+    if spec in (TINY, SMOLLM2) or not Path(spec).exists():
+        return spec
+    return resolve_model_source(Path(spec), spec)
+
+
+# --- The critic's requests and the judge's answer -------------------------------------------------
+
+
+def conversation_text(prompt: Prompt, response: str | None = None) -> str:
+    """The conversation as plain text, "User: ..." / "Assistant: ...", for the critic to read."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if response is not None:
+        turns.append({"role": "assistant", "content": response})
+    return "\n\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in turns)
+
+
+def critique_prompt(example: Example) -> str:
+    return CRITIQUE_PROMPT.format(
+        conversation=conversation_text(example.prompt, example.initial),
+        request=example.principle.critique,
+    )
+
+
+def revision_prompt(example: Example) -> str:
+    return REVISION_PROMPT.format(
+        conversation=conversation_text(example.prompt, example.initial),
+        critique=example.critique,
+        request=example.principle.revision,
+    )
+
+
+def judge_prompt(example: Example) -> str:
+    first, second = ((example.revision, example.initial) if example.revision_first
+                     else (example.initial, example.revision))
+    return JUDGE_PROMPT.format(
+        conversation=conversation_text(example.prompt),
+        question=example.principle.preference,
+        first=first,
+        second=second,
+    )
+
+
+# A mention of an option: "Response B", "option (a)", "answer: b", "(B)", or a capital A/B standing
+# alone (a lower-case one alone is too often the article "a").
+_MENTION = (
+    r"(?:\b(?:response|option|answer|choice|output)\s*[:#]?\s*\(?([ab])\)?"
+    r"|\(([ab])\)"
+    r"|(?<![\w'])(?-i:([AB])))(?![\w])"
+)
+_VERDICTS = [
+    # "Response B is better", "(A) is clearly preferable", "B is more helpful" (not "more harmful")
+    _MENTION + r"\s+(?:is|was|seems|appears)\s+(?:clearly\s+|much\s+|far\s+|slightly\s+)?"
+    r"(?:the\s+)?(?:better|preferred|preferable|superior|best|safer"
+    r"|more\s+(?!harm|toxic|danger|offensive|rude|mislead|bias))",
+    # "I prefer option (a)", "I would choose B"
+    r"\b(?:prefer|choose|chose|pick|select|go\s+with|recommend)\s+" + _MENTION,
+    # "The better response is B", "Final answer: (B)"
+    r"\b(?:better|best|preferred|final)\s+(?:response|option|answer|choice)\s*"
+    r"(?:is|would\s+be|:)\s*" + _MENTION,
+    # "Answer: B", "my verdict is A"
+    r"\b(?:answer|verdict|choice)\s*(?:is|:)\s*" + _MENTION,
+]
+_VERDICT = re.compile("|".join(f"(?:{pattern})" for pattern in _VERDICTS), re.IGNORECASE)
+_LABELLED = re.compile(
+    r"\b(?:response|option|answer|choice|output)\s*[:#]?\s*\(?([ab])\)?(?![\w])|\(([ab])\)",
+    re.IGNORECASE,
+)
+# A letter first: "B", "a)", "(A) because", "**B**"; then its punctuation, then the rest.
+_LEADING = re.compile(r"\s*[(\[*\"']*([ab])(?![\w])([)\]*\"'.:,;!]*)(.*)",
+                      re.IGNORECASE | re.DOTALL)
+
+
+def parse_choice(answer: str) -> Literal["A", "B"] | None:
+    """The option a judge's free-text answer picks, or None when it names neither or both.
+
+    In order: a leading letter ("B", "a)", "(A) because ..."; a leading "A" followed by a
+    lower-case word is the article, as in "A response that ..."); a verdict phrase anywhere
+    ("Response B is better", "I prefer option (a)", "The better response is B"); finally, the one
+    option that labelled mentions ("response a", "(b)") agree on.
+    """
+    leading = _LEADING.match(answer)
+    if leading:
+        letter, punctuation, rest = leading.groups()
+        article = (letter in "Aa" and not punctuation and rest.strip()
+                   and rest.lstrip()[0].islower() and not re.match(r"\s+(?:is|was)\b", rest))
+        if not article:
+            return "A" if letter in "Aa" else "B"
+    verdict = _VERDICT.search(answer)  # the first verdict phrase
+    if verdict:
+        return "A" if next(g for g in verdict.groups() if g) in "Aa" else "B"
+    mentioned = {next(g for g in match.groups() if g).upper() for match in
+                 _LABELLED.finditer(answer)}
+    if len(mentioned) == 1:
+        return "A" if mentioned == {"A"} else "B"
+    return None
+
+
+# --- Records and the manifest ---------------------------------------------------------------------
+
+
+def sft_record(example: Example) -> dict[str, Any]:
+    """The revised answer as an SFT example, in the prompt's shape."""
+    return {"prompt": example.prompt, "completion": _response(example, example.revision)}
+
+
+def preference_record(example: Example) -> dict[str, Any]:
+    """The pair as the judge labelled it, with what it was judged by and why."""
+    chosen, rejected = ((example.revision, example.initial) if example.revision_preferred
+                        else (example.initial, example.revision))
+    return {
+        "prompt": example.prompt,
+        "chosen": _response(example, chosen),
+        "rejected": _response(example, rejected),
+        "principle": example.principle.name,
+        "critique": example.critique,
+        "judge_rationale": example.judge_answer,
+        # The rationale speaks of A and B: which was which.
+        "judge_order": "A=revision B=initial" if example.revision_first
+                       else "A=initial B=revision",
+        "judge_fallback": example.choice is None,
+    }
+
+
+def _response(example: Example, text: str) -> Any:
+    return [{"role": "assistant", "content": text}] if isinstance(example.prompt, list) else text
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _manifest(config: ConstitutionalConfig, source: str, critic: Critic, constitution_path: Path,
+              principles: list[Principle], input_format: str, records_read: int,
+              distinct_prompts: int, examples: list[Example], kept: list[Example],
+              dropped: Counter, splits: dict[str, list[Example]],
+              files: dict[str, bytes]) -> dict[str, Any]:
+    revision_wins = sum(1 for e in kept if e.choice is not None and e.revision_preferred)
+    initial_wins = sum(1 for e in kept if e.choice is not None and not e.revision_preferred)
+    first_picked = sum(1 for e in kept if e.choice == "A")
+    conversational = isinstance(kept[0].prompt, list)
+    outputs = {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()}
+    datasets = {}
+    for dataset, fmt in (("sft", "prompt_completion"), ("preferences", "preference")):
+        lines = "".join(f"{name} {outputs[name]}\n" for name in sorted(outputs)
+                        if name.startswith(f"{dataset}/"))
+        datasets[dataset] = {
+            "format": fmt,
+            "conversational": conversational,
+            "train": len(splits["train"]),
+            "validation": len(splits["validation"]),
+            # As DataPrep's: the sha256 of the sorted "<file> <sha256>" lines.
+            "dataset_sha256": hashlib.sha256(lines.encode()).hexdigest(),
+        }
+    critic_info: dict[str, Any] = {"backend": config.critic, "description": critic.description}
+    if config.critic == "local":
+        critic_info.update(model=critic.spec, truncated_prompts=critic.truncated)
+    else:
+        critic_info.update(
+            model=config.endpoint_name if config.critic == "sagemaker" else config.bedrock_model_id,
+            region=critic.region, retries=critic.retries,
+        )
+    return {
+        "policy_model": source,
+        "critic": critic_info,
+        "constitution": {
+            "file": constitution_path.name,
+            "sha256": hashlib.sha256(constitution_path.read_bytes()).hexdigest(),
+            "principles": [p.name for p in principles],
+        },
+        "input": {"format": input_format, "records_read": records_read,
+                  "distinct_prompts": distinct_prompts},
+        "counts": {
+            "prompts": len(examples),
+            "kept": len(kept),
+            "dropped": dict(sorted(dropped.items())),
+            "principles": dict(sorted(Counter(e.principle.name for e in kept).items())),
+        },
+        "judge": {
+            "revision_preferred": revision_wins,
+            "initial_preferred": initial_wins,
+            "unparsed": len(kept) - revision_wins - initial_wins,
+            "fallback": "an unparsed answer keeps the revision as chosen",
+            # Rates over the verdicts that named an option. Position bias shows as a share of
+            # first-option picks far from 0.5 (the order is random): a judge to distrust.
+            "revision_preferred_rate": _rate(revision_wins, revision_wins + initial_wins),
+            "first_option_rate": _rate(first_picked, revision_wins + initial_wins),
+        },
+        "datasets": datasets,
+        "outputs": outputs,
+        "seed": config.seed,
+        "samples": config.samples,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "validation_fraction": config.validation_fraction,
+    }
+
+
+def _rate(count: int, total: int) -> float | None:
+    return round(count / total, 4) if total else None
+
+
+def _kind(value: Any) -> str:
+    names = {str: "a string", list: "a list", dict: "a mapping", bool: "a boolean",
+             int: "a number", float: "a number"}
+    return "nothing" if value is None else names.get(type(value), type(value).__name__)
+
+
+if __name__ == "__main__":
+    contract.run(main, ConstitutionalConfig, job="processing")
