@@ -73,3 +73,34 @@ def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_ba
     package = package_of(env, "e2e-cpt")
     assert package["metadata"]["param_PeftMethod"] == "lora"
     assert package["metadata"]["param_ExtendVocabulary"] == "20"
+
+
+def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teacher_pass(
+        env, local_home):
+    first = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
+                "-p", "StudentModel=config:layers=1", "-p", "ModelPackageGroup=e2e-distill")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder, execution = latest_execution(local_home, "llm-distill")
+    assert execution["steps"]["Register"]["status"] == "Succeeded"
+    summary = json.loads(_model_file(folder, "Distill", "training_summary.json"))
+    assert summary["teacher_forward_passes"] == 0  # trained from the cached teacher outputs
+
+    # Another student: the teacher and its outputs are reused from the step cache.
+    second = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
+                 "-p", "StudentModel=config:layers=1,hidden=32,intermediate=64",
+                 "-p", "ModelPackageGroup=e2e-distill")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    _, execution = latest_execution(local_home, "llm-distill")
+    outcomes = {name: step["cache"] for name, step in execution["steps"].items()}
+    assert outcomes["SFT"].startswith("hit") and outcomes["TeacherLogits"].startswith("hit"), outcomes
+    assert outcomes["Distill"].startswith("miss: arguments changed: HyperParameters.student_model")
+    assert len(json.loads(cli(env, "registry", "list", "--group", "e2e-distill",
+                              "--json").stdout)) == 2
+
+
+def _model_file(folder, step: str, name: str) -> str:
+    import tarfile
+
+    archive = next(folder.glob(f"{step}/**/artifacts/model.tar.gz"))
+    with tarfile.open(archive) as tar:
+        return tar.extractfile(name).read().decode()
