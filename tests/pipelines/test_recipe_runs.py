@@ -83,7 +83,8 @@ def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teac
     folder, execution = latest_execution(local_home, "llm-distill")
     assert execution["steps"]["Register"]["status"] == "Succeeded"
     summary = json.loads(_model_file(folder, "Distill", "training_summary.json"))
-    assert summary["teacher_forward_passes"] == 0  # trained from the cached teacher outputs
+    # Trained from the cached teacher outputs: no teacher forward pass in the student job.
+    assert summary["distillation"]["teacher_forward_passes"] == 0
 
     # Another student: the teacher and its outputs are reused from the step cache.
     second = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
