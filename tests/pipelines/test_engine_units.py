@@ -71,7 +71,9 @@ def test_image_table_maps_images_to_stage_entry_points():
     assert images.repository_of(uri) == "llm-lifecycle-processing"
     assert images.entry_module(uri, ["python", "-m", "steps.evaluate"]) == "steps.evaluate"
     training = images.image_uri("llm-lifecycle-training", "123456789012", "us-east-1", "abc")
-    assert images.entry_module(training, None) == "steps.sft"
+    assert images.entry_module(training, ["python", "-m", "steps.sft"]) == "steps.sft"
+    with pytest.raises(ValueError, match="holds several stages; the step must name one"):
+        images.entry_module(training, None)
     with pytest.raises(ValueError, match="does not contain stage"):
         images.entry_module(uri, ["python", "-m", "steps.sft"])
     with pytest.raises(ValueError, match="not one of the project's images"):
