@@ -53,10 +53,16 @@ class MetricsCallback(TrainerCallback):
 
     Throughput counts non-padding tokens (the Trainer's ``num_input_tokens_seen`` with
     ``include_num_input_tokens_seen="non_padding"``) between two logs.
+
+    `renamed` passes more of a trainer's log entries through, under metric names: for DPO,
+    ``{"rewards/margins": "reward_margin"}`` makes ``reward_margin=...`` part of each training line
+    and ``eval_reward_margin=...`` part of the evaluation line.
     """
 
-    def __init__(self, jsonl_path: Path | None = None) -> None:
+    def __init__(self, jsonl_path: Path | None = None,
+                 renamed: dict[str, str] | None = None) -> None:
         self.jsonl_path = jsonl_path
+        self.renamed = dict(renamed or {})
         self.history: list[dict[str, Any]] = []
         self._last_time = time.perf_counter()
         self._last_tokens = 0
@@ -92,8 +98,12 @@ class MetricsCallback(TrainerCallback):
                 (tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 1
             )
             self._last_time, self._last_tokens = now, tokens
+            metrics.update({name: float(logs[key]) for key, name in self.renamed.items()
+                            if key in logs})
         elif "eval_loss" in logs:
             metrics["eval_loss"] = float(logs["eval_loss"])
+            metrics.update({f"eval_{name}": float(logs[f"eval_{key}"])
+                            for key, name in self.renamed.items() if f"eval_{key}" in logs})
         else:
             return  # the end-of-training summary: the stage logs its own final line
         self.history.append(metrics)

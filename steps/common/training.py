@@ -192,13 +192,16 @@ def prepare_precision(knobs: TrainingKnobs) -> str:
     return precision
 
 
-def metrics_callback() -> tuple[MetricsCallback, Path]:
-    """A fresh metrics.jsonl in SM_OUTPUT_DATA_DIR (SageMaker uploads it even if the job fails)."""
+def metrics_callback(renamed: dict[str, str] | None = None) -> tuple[MetricsCallback, Path]:
+    """A fresh metrics.jsonl in SM_OUTPUT_DATA_DIR (SageMaker uploads it even if the job fails).
+
+    `renamed`: more trainer log entries to pass through, as MetricsCallback takes them.
+    """
     output_data_dir = contract.output_data_dir()
     output_data_dir.mkdir(parents=True, exist_ok=True)
     path = output_data_dir / "metrics.jsonl"
     path.write_text("")
-    return MetricsCallback(path), path
+    return MetricsCallback(path, renamed), path
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
