@@ -20,7 +20,8 @@ IMAGES: dict[str, tuple[str, ...]] = {
                                         "steps.teacher_logits", "steps.quantize",
                                         "steps.constitutional"),
     f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
-                                      "steps.distill"),
+                                      "steps.distill", "steps.reward_model", "steps.dpo",
+                                      "steps.ppo"),
 }
 
 # What goes into an image and therefore into its tag: each Dockerfile copies exactly these
