@@ -35,6 +35,8 @@ import yaml
 from pipelines import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+# Recipes that changed name, so that an old script gets told what to run instead.
+RENAMED = {"sft-lora": "sft (LoRA is its default PeftMethod)"}
 _KEYS = {"name", "description", "model_package_group", "demo_data", "parameters", "stages",
          "gate"}
 DEMO_DATASETS = ("sft", "corpus")
@@ -86,6 +88,9 @@ def load(name_or_path: str) -> Recipe:
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file() and name_or_path in RENAMED:
+        raise UserError(f"recipe {name_or_path!r} is now {RENAMED[name_or_path]}: "
+                        f"run --recipe {RENAMED[name_or_path].split()[0]}")
     if not path.is_file():
         raise UserError(f"recipe {name_or_path!r} not found; available: {', '.join(available())} "
                         "(or give a path to a recipe YAML file)")

@@ -39,9 +39,10 @@ from steps.common.lm_data import (
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
 from steps.common.peft_methods import (
-    DEFAULT_LEARNING_RATES,
+    LEARNING_RATE_HELP,
     PeftKnobs,
     apply_peft,
+    fill_default_learning_rate,
     load_model_for_training,
     save_model,
 )
@@ -53,10 +54,6 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-_LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
-    f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items()
-) + ")."
 
 
 @dataclass
@@ -74,7 +71,7 @@ class CPTStageConfig(PeftKnobs, TrainingKnobs):
                   "tokenizer splits as new tokens (0: keep the vocabulary). Needs peft_method "
                   "none, lora or qlora, which train the new rows."},
     )
-    learning_rate: float | None = field(default=None, metadata={"help": _LEARNING_RATE_HELP})
+    learning_rate: float | None = field(default=None, metadata={"help": LEARNING_RATE_HELP})
     max_seq_length: int = field(
         default=256,
         metadata={"help": "Tokens per training block; at most the model's maximum positions."},
@@ -87,10 +84,7 @@ class CPTStageConfig(PeftKnobs, TrainingKnobs):
 
     def __post_init__(self) -> None:
         PeftKnobs.__post_init__(self)
-        # Unset (None; 0 from a pipeline parameter, which cannot be unset): the method's own rate.
-        self.learning_rate_is_default = not self.learning_rate
-        if self.learning_rate_is_default:
-            self.learning_rate = DEFAULT_LEARNING_RATES[self.peft_method]
+        self.learning_rate_is_default = fill_default_learning_rate(self)
         TrainingKnobs.__post_init__(self)
         if self.extend_vocabulary < 0:
             raise StageError(f"extend_vocabulary must be >= 0, got {self.extend_vocabulary}")

@@ -36,7 +36,7 @@ from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record, load_records, sft_example
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
-    DEFAULT_LEARNING_RATES,
+    LEARNING_RATE_HELP,
     PeftKnobs,
     apply_peft,
     fill_default_learning_rate,
@@ -54,10 +54,6 @@ from steps.common.training import (
     training_summary,
 )
 
-_LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
-    f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items()
-) + ")."
-
 
 @dataclass
 class SFTStageConfig(PeftKnobs, TrainingKnobs):
@@ -68,7 +64,7 @@ class SFTStageConfig(PeftKnobs, TrainingKnobs):
             "model.tar.gz or a hub id. Ignored when the 'model' channel holds a model."
         },
     )
-    learning_rate: float | None = field(default=None, metadata={"help": _LEARNING_RATE_HELP})
+    learning_rate: float | None = field(default=None, metadata={"help": LEARNING_RATE_HELP})
     merge_lora: bool = field(
         default=False,
         metadata={"help": "Save LoRA/QLoRA as a full model, the adapter merged into a freshly "

@@ -141,6 +141,11 @@ class PeftKnobs:
         return self.peft_method in PROMPT_LEARNING_METHODS
 
 
+LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
+    f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items()
+) + ")."
+
+
 def fill_default_learning_rate(config: PeftKnobs) -> bool:
     """Set `config.learning_rate` to its method's usual rate when it is unset (None, or 0 from a
     pipeline parameter, which cannot be unset); True if it did.

@@ -64,6 +64,11 @@ def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, c
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_a_renamed_recipe_names_its_new_name():
+    with pytest.raises(UserError, match="recipe 'sft-lora' is now sft .*run --recipe sft"):
+        recipe.load("sft-lora")
+
+
 def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
     # A misspelt setting would otherwise fail only when the job runs, possibly hours in.
     import dataclasses
