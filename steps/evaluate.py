@@ -100,11 +100,11 @@ def main(config: EvaluateConfig) -> None:
     # An adapter's base is the same weights with the adapter switched off, unless training grew
     # the vocabulary (continued pre-training): switching the adapter off would leave the base
     # with the trained rows of tokens it never had, so it is loaded separately then.
-    base_inside = is_adapter and not (compare and len(tokenizer) > len(load_tokenizer(base_spec)))
-    base, base_tokenizer = None, tokenizer
+    base_tokenizer = load_tokenizer(base_spec) if compare else tokenizer
+    base_inside = is_adapter and len(tokenizer) <= len(base_tokenizer)
+    base = None
     if compare and not base_inside:
         base = load_model(base_spec).eval()
-        base_tokenizer = load_tokenizer(base_spec)
         if base_tokenizer.get_vocab() != tokenizer.get_vocab():
             # Continued pre-training may extend the vocabulary: each model reads the text with its
             # own tokenizer, and the ratio below compares likelihoods of the same text.
