@@ -187,6 +187,7 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
             sys.stdout.flush()
             os.execv(launch[0], launch)  # torchrun starts this stage once per process
         main(config)
+        _finish_distributed()
     except StageError as err:
         # One line, so that it is the last line a log viewer shows.
         message = "ERROR: " + " ".join(str(err).split())
@@ -200,6 +201,22 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
         if job == "training":
             _write_failure(f"{type(err).__name__}: {err}")
         sys.exit(1)
+
+
+def _finish_distributed() -> None:
+    """Under torchrun: wait for every process (rank 0 saves while the others are done), then
+    close the process group.
+
+    A process that leaves while its peers still hold the group open can abort in gloo's
+    destructor (SIGABRT at exit), which fails the whole job after the model was trained.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def distributed_launch_command() -> list[str] | None:

@@ -150,3 +150,46 @@ def test_a_job_on_several_instances_relaunches_the_stage_under_torchrun(tmp_path
     (tmp_path / "resourceconfig.json").write_text(
         json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
     assert contract.distributed_launch_command() is None
+
+
+WAITING_STAGE = '''
+import os, sys, time
+from dataclasses import dataclass
+import torch.distributed as dist
+from steps.common import contract
+
+@dataclass
+class Config:
+    out: str = ""
+
+def main(config):
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:  # the saving process takes a while
+        time.sleep(1.5)
+        open(os.path.join(config.out, "saved"), "w").close()
+    # the others return at once, as the stages' non-zero ranks do
+
+if __name__ == "__main__":
+    contract.run(main, Config, job="processing")
+    out = sys.argv[-1]
+    if os.environ["RANK"] != "0":  # what rank 1 found when its entry point returned
+        with open(os.path.join(out, "rank1_left_after_save"), "w") as f:
+            f.write(str(os.path.exists(os.path.join(out, "saved"))))
+'''
+
+
+def test_under_torchrun_every_process_waits_for_the_saving_one_then_closes_the_group(tmp_path):
+    # A process that leaves while its peers hold the gloo group open can abort at exit, failing a
+    # job whose model was trained; the entry point waits for all and closes the group.
+    import os
+    import subprocess
+
+    (tmp_path / "waiting_stage.py").write_text(WAITING_STAGE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "waiting_stage", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "rank1_left_after_save").read_text() == "True"
