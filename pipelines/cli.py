@@ -90,16 +90,17 @@ def _ensure_bucket(s3, bucket: str, region: str) -> None:
         s3.create_bucket(Bucket=bucket, **config)
 
 
-def _stage_input(s3, bucket: str, value: str) -> str:
-    """A local file or folder given as InputData is uploaded, content-addressed, to S3."""
+def _stage_input(s3, bucket: str, value: str, parameter: str = "InputData") -> str:
+    """A local file or folder given as a dataset parameter is uploaded, content-addressed, to S3."""
     if value.startswith("s3://"):
         return value
     path = Path(value).expanduser()
     if not path.exists():
-        raise UserError(f"InputData {value!r} is neither an s3:// URI nor an existing file or folder")
+        raise UserError(f"{parameter} {value!r} is neither an s3:// URI nor an existing file or "
+                        "folder")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
-        raise UserError(f"InputData folder {path} is empty")
+        raise UserError(f"{parameter} folder {path} is empty")
     relative = {f: f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files}
     digest = hashlib.sha256()
     for file in files:
@@ -112,7 +113,7 @@ def _stage_input(s3, bucket: str, value: str) -> str:
 
 
 def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
-    """Upload the recipe's built-in demo dataset (`sft` or `corpus`) unless it is there."""
+    """Upload a built-in demo dataset (recipe.DEMO_DATASETS) unless it is there."""
     from botocore.exceptions import ClientError
 
     key = definition.DEMO_DATA_KEYS[kind]
@@ -121,7 +122,9 @@ def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
     except ClientError:
         from steps import demo_data
 
-        writer = demo_data.write_demo_dataset if kind == "sft" else demo_data.write_demo_corpus
+        writer = {"sft": demo_data.write_demo_dataset, "corpus": demo_data.write_demo_corpus,
+                  "preferences": demo_data.write_demo_preferences,
+                  "prompts": demo_data.write_demo_constitutional_prompts}[kind]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "demo.jsonl"
             writer(path)
@@ -262,10 +265,12 @@ def cmd_run(args) -> int:
     overrides = _parameters(args.parameter)
     s3 = boto3.client("s3")
     _ensure_bucket(s3, target["bucket"], target["region"])
-    if "InputData" in overrides:
-        overrides["InputData"] = _stage_input(s3, target["bucket"], overrides["InputData"])
-    else:
-        _ensure_demo_data(s3, target["bucket"], chosen.demo_data)
+    for parameter in chosen.data_parameters:  # local files go to the bucket; demo data too
+        if parameter in overrides:
+            overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
+                                                parameter)
+        elif parameter in chosen.demo_data:
+            _ensure_demo_data(s3, target["bucket"], chosen.demo_data[parameter])
 
     print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
           flush=True)
@@ -374,7 +379,8 @@ def cmd_upsert(args) -> int:
                                              ModelPackageGroupDescription=chosen.description[:1000])
     if args.target == "local":
         _ensure_bucket(s3, target["bucket"], target["region"])
-        _ensure_demo_data(s3, target["bucket"], chosen.demo_data)
+        for dataset in chosen.demo_data.values():
+            _ensure_demo_data(s3, target["bucket"], dataset)
     print(f"{action} pipeline {name}: {response['PipelineArn']}")
     return 0
 
@@ -391,8 +397,10 @@ def cmd_start(args) -> int:
     name = definition.pipeline_name(chosen)
     sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
     overrides = _parameters(args.parameter)
-    if "InputData" in overrides:
-        overrides["InputData"] = _stage_input(s3, target["bucket"], overrides["InputData"])
+    for parameter in chosen.data_parameters:
+        if parameter in overrides:
+            overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
+                                                parameter)
     from botocore.exceptions import ClientError
 
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from containers import images
 from pipelines import UserError
-from pipelines.recipe import Recipe, parameter_reference
+from pipelines.recipe import JUDGE_STAGES, Recipe, parameter_reference
 
 if TYPE_CHECKING:
     from sagemaker.mlops.workflow.pipeline import Pipeline
@@ -39,14 +39,19 @@ COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
     "EvalThreshold": 1.0,
     "ModelPackageGroup": None,  # the recipe's model_package_group
 }
-DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl"}
+DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl",
+                  "preferences": "datasets/demo/preferences.jsonl",
+                  "prompts": "datasets/demo/constitutional-prompts.jsonl"}
 
 # Recipe stage kind -> (step name, container module). Training stages run in the recipe's order.
 TRAINING_STEPS = {"pretrain": ("Pretrain", "steps.pretrain"), "cpt": ("CPT", "steps.cpt"),
-                  "sft": ("SFT", "steps.sft"), "distill": ("Distill", "steps.distill")}
+                  "sft": ("SFT", "steps.sft"), "reward_model": ("RewardModel", "steps.reward_model"),
+                  "dpo": ("DPO", "steps.dpo"), "ppo": ("PPO", "steps.ppo"),
+                  "distill": ("Distill", "steps.distill")}
 # Processing stages between DataPrep and Evaluate: each reads its inputs (model, data, ...) as
 # folders named by --<input>-dir and writes one output folder, --output-dir.
-PROCESSING_STEPS = {"teacher_logits": ("TeacherLogits", "steps.teacher_logits"),
+PROCESSING_STEPS = {"constitutional": ("Constitutional", "steps.constitutional"),
+                    "teacher_logits": ("TeacherLogits", "steps.teacher_logits"),
                     "quantize": ("Quantize", "steps.quantize")}
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # steps.common.contract.checkpoint_dir's default
 
@@ -87,7 +92,8 @@ def _account_of(role_arn: str) -> str:
 def _parameters(recipe: Recipe, bucket: str) -> dict[str, object]:
     """Pipeline parameter name -> default value, common ones first, then the recipe's own."""
     defaults = dict(COMMON_PARAMETER_DEFAULTS)
-    defaults["InputData"] = f"s3://{bucket}/{DEMO_DATA_KEYS[recipe.demo_data]}"
+    for parameter, dataset in recipe.demo_data.items():
+        defaults[parameter] = f"s3://{bucket}/{DEMO_DATA_KEYS[dataset]}"
     defaults["ModelPackageGroup"] = recipe.model_package_group
     defaults.update(recipe.parameters)
     for key, value in defaults.items():
@@ -322,8 +328,8 @@ def get_pipeline(
         source, _, part = reference.partition("/")
         return Join(on="/", values=[produced[source], part]) if part else produced[source]
 
-    # 2. The stages between, in order; by default each reads InputData and the model of the
-    # training stage before it --------------------------------------------------------------
+    # 2. The stages between, in order; by default each reads InputData and the policy the
+    # training stage before it produced (a reward model is not one) -------------------------
     middle_steps = []
     previous_model = "base"
     data_of: dict[str, str] = {}
@@ -336,11 +342,12 @@ def get_pipeline(
         else:
             step = training_stage(stage, inputs)
             produced[stage] = step.properties.ModelArtifacts.S3ModelArtifacts
-            previous_model = stage
+            if stage not in JUDGE_STAGES:
+                previous_model = stage
         middle_steps.append(step)
 
     # 3. Evaluation: the trained model against its base, on the last stage's held-out data ------
-    last = recipe.training_stages[-1]
+    last = recipe.policy_stages[-1]
     inputs = {"model": last, "data": data_of[last], **recipe.inputs["evaluate"]}
     model_uri = resolve_input(inputs["model"])
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
@@ -376,6 +383,11 @@ def get_pipeline(
         "gate_metric": recipe.gate_metric,
         f"eval_{recipe.gate_metric}": gate_value.to_string(),
     }
+    # Every other dataset's manifest too (the preference pairs of an alignment recipe, ...).
+    for parameter, (step, manifest) in prepared.items():
+        if step is not main_prep:
+            metadata[f"data_manifest_sha256_{parameter.removesuffix('Data').lower()}"] = JsonGet(
+                step_name=step.name, property_file=manifest, json_path="dataset_sha256")
     # The recipe's own parameters (base model, method, learning rate, ...) as this run set them.
     for key in recipe.parameters:
         if key not in COMMON_PARAMETER_DEFAULTS:

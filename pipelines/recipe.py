@@ -2,7 +2,7 @@
 
     name: sft
     model_package_group: llm-sft
-    demo_data: sft                  # the built-in dataset InputData defaults to (sft | corpus)
+    demo_data: sft                  # the built-in dataset InputData defaults to
     parameters:                     # the pipeline parameters and their defaults
       BaseModel: builtin:smollm2-135m-instruct
       PeftMethod: lora
@@ -22,7 +22,11 @@ says otherwise under `inputs` (not a hyperparameter):
 
 An input is `$Param` (a dataset parameter, prepared by its own DataPrep step), the name of an
 earlier stage (its model or output), `stage/part` (a part of a stage's output folder), or `base`
-(no model channel: the stage loads its base_model).
+(no model channel: the stage loads its base_model). A reward model is a judge, not a policy: the
+stage after it starts from the policy before it, and evaluation never evaluates it.
+
+`demo_data` names the built-in dataset InputData defaults to (sft | corpus | preferences |
+prompts), or maps each dataset parameter to one: {InputData: sft, PreferenceData: preferences}.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 RENAMED = {"sft-lora": "sft (LoRA is its default PeftMethod)"}
 _KEYS = {"name", "description", "model_package_group", "demo_data", "parameters", "stages",
          "gate"}
-DEMO_DATASETS = ("sft", "corpus")
+DEMO_DATASETS = ("sft", "corpus", "preferences", "prompts")
 # Stage kinds, in the order they may appear. Training stages chain their models.
 ENDS = ("data_prep", "evaluate")  # every recipe starts and ends with these
-TRAINING_STAGES = ("pretrain", "cpt", "sft", "distill")
-PROCESSING_STAGES = ("teacher_logits", "quantize")  # processing stages between the ends
+TRAINING_STAGES = ("pretrain", "cpt", "sft", "reward_model", "dpo", "ppo", "distill")
+JUDGE_STAGES = ("reward_model",)  # training stages whose model scores the policy, not replaces it
+# Processing stages between the ends.
+PROCESSING_STAGES = ("constitutional", "teacher_logits", "quantize")
 # Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
 COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
                      "TrainingInstanceCount", "EvalThreshold", "ModelPackageGroup")
@@ -54,7 +60,7 @@ class Recipe:
     name: str
     description: str
     model_package_group: str
-    demo_data: str
+    demo_data: dict[str, str]  # dataset parameter -> built-in dataset it defaults to
     parameters: dict[str, object]
     stages: dict[str, dict[str, object]]  # settings (hyperparameters / arguments) per stage
     inputs: dict[str, dict[str, str]]  # stage -> input name -> reference, as written
@@ -65,6 +71,17 @@ class Recipe:
     @property
     def training_stages(self) -> list[str]:
         return [stage for stage in self.stages if stage in TRAINING_STAGES]
+
+    @property
+    def policy_stages(self) -> list[str]:
+        """Training stages that produce the policy (all but reward models), in order."""
+        return [stage for stage in self.training_stages if stage not in JUDGE_STAGES]
+
+    @property
+    def data_parameters(self) -> list[str]:
+        """Parameters that name datasets: InputData, and each `data: $X` input, in order."""
+        named = [parameter_reference(inputs.get("data")) for inputs in self.inputs.values()]
+        return list(dict.fromkeys(["InputData", *(name for name in named if name)]))
 
     @property
     def middle_stages(self) -> list[str]:
@@ -110,6 +127,19 @@ def load(name_or_path: str) -> Recipe:
     for key in ("parameters", "stages", "gate"):
         if not isinstance(data[key], dict):
             raise UserError(f"{path}: {key!r} must be a mapping")
+    demo_data = data.get("demo_data", "sft")
+    demo_data = dict(demo_data) if isinstance(demo_data, dict) else {"InputData": demo_data}
+    for parameter, dataset in demo_data.items():
+        if dataset not in DEMO_DATASETS:
+            raise UserError(f"{path}: demo_data {dataset!r} is not one of "
+                            f"{', '.join(DEMO_DATASETS)}")
+        if parameter in data["parameters"]:
+            raise UserError(f"{path}: {parameter} has its default from demo_data; remove it "
+                            "from 'parameters'")
+    demo_data.setdefault("InputData", "sft")
+    # Dataset parameters with a demo dataset are declared by demo_data (their default is in the
+    # pipeline's bucket, which the recipe cannot name).
+    declared = set(data["parameters"]) | set(COMMON_PARAMETERS) | set(demo_data)
     stages = data["stages"]
     inputs: dict[str, dict[str, str]] = {}
     for position, (stage, settings) in enumerate(stages.items()):
@@ -119,7 +149,7 @@ def load(name_or_path: str) -> Recipe:
         if not isinstance(settings, dict):
             raise UserError(f"{path}: stages.{stage} must be a mapping of settings")
         inputs[stage] = _inputs(path, stage, settings.pop("inputs", {}), list(stages)[:position],
-                                set(data["parameters"]) | set(COMMON_PARAMETERS))
+                                declared)
         for key, value in settings.items():
             if isinstance(value, (dict, list)) or value is None:
                 raise UserError(f"{path}: stages.{stage}.{key} must be a single value "
@@ -128,18 +158,18 @@ def load(name_or_path: str) -> Recipe:
     if order[:1] != ["data_prep"] or order[-1:] != ["evaluate"]:
         raise UserError(f"{path}: stages must start with data_prep and end with evaluate "
                         f"(found: {', '.join(order)})")
-    if not any(stage in TRAINING_STAGES for stage in order):
-        raise UserError(f"{path}: stages name no training stage "
-                        f"(one or more of {', '.join(TRAINING_STAGES)})")
+    if not any(stage in TRAINING_STAGES and stage not in JUDGE_STAGES for stage in order):
+        raise UserError(f"{path}: stages name no training stage that produces a model to "
+                        f"evaluate (one or more of "
+                        f"{', '.join(s for s in TRAINING_STAGES if s not in JUDGE_STAGES)})")
     referenced = {ref for settings in [*stages.values(), *inputs.values()]
                   for value in settings.values() if (ref := parameter_reference(value))}
-    declared = set(data["parameters"]) | set(COMMON_PARAMETERS)
     undeclared = referenced - declared
     if undeclared:
         raise UserError(f"{path}: stage settings refer to undeclared parameter(s) "
                         f"{', '.join('$' + n for n in sorted(undeclared))}; add them under "
                         "'parameters' with a default")
-    unused = set(data["parameters"]) - referenced - set(COMMON_PARAMETERS)
+    unused = declared - referenced - set(COMMON_PARAMETERS)
     if unused:
         raise UserError(f"{path}: parameter(s) {', '.join(sorted(unused))} are declared but no "
                         "stage setting uses them (write `key: $Name` under a stage)")
@@ -150,9 +180,6 @@ def load(name_or_path: str) -> Recipe:
     if direction not in ("higher", "lower") or set(gate) - {"metric", "direction"}:
         raise UserError(f"{path}: gate takes 'metric' and 'direction' (higher: register when "
                         "metric >= EvalThreshold; lower: when metric <= EvalThreshold)")
-    demo_data = str(data.get("demo_data", "sft"))
-    if demo_data not in DEMO_DATASETS:
-        raise UserError(f"{path}: demo_data {demo_data!r} is not one of {', '.join(DEMO_DATASETS)}")
     return Recipe(
         name=str(data["name"]),
         description=" ".join(str(data.get("description", "")).split()),

@@ -1,6 +1,5 @@
 """Recipes: what a recipe file may say, and every shipped recipe builds a valid definition."""
 
-import itertools
 import json
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import UserError, recipe
+from pipelines.definition import TRAINING_STEPS
+from pipelines.recipe import JUDGE_STAGES
 from tests.pipelines.conftest import ROOT, clean_env
 
 CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
@@ -37,7 +38,7 @@ def test_a_minimal_recipe_loads_with_its_stages_in_order(tmp_path):
     loaded = recipe.load(str(write(tmp_path, MINIMAL)))
     assert list(loaded.stages) == ["data_prep", "sft", "evaluate"]
     assert loaded.training_stages == ["sft"]
-    assert loaded.gate_direction == "higher" and loaded.demo_data == "sft"
+    assert loaded.gate_direction == "higher" and loaded.demo_data == {"InputData": "sft"}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -74,12 +75,12 @@ def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
     import dataclasses
     import importlib
 
-    from pipelines.definition import TRAINING_STEPS
+    from pipelines.definition import PROCESSING_STEPS, TRAINING_STEPS
 
     for name in recipe.available():
         loaded = recipe.load(name)
-        for stage in loaded.training_stages:
-            module = importlib.import_module(TRAINING_STEPS[stage][1])
+        for stage in loaded.middle_stages:
+            module = importlib.import_module({**TRAINING_STEPS, **PROCESSING_STEPS}[stage][1])
             config_class = next(obj for obj in vars(module).values()
                                 if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
                                 and obj.__name__.endswith("Config"))
@@ -127,11 +128,15 @@ def test_the_documented_recipes_exist_and_chain_their_training_stages(definition
         training = [s for s in document["Steps"] if s["Type"] == "Training"]
         assert training, name
         # Only the first training stage starts from BaseModel; each later one reads the model of
-        # the stage before it through its 'model' channel, unless the recipe names its inputs.
+        # the policy stage before it through its 'model' channel, unless the recipe names its
+        # inputs. A reward model is no policy: the stage after it starts from the one before.
         named = {} if name == "chained" else recipe.load(name).inputs
-        for before, after in itertools.pairwise(training):
-            if "model" in named.get(after["Name"].lower(), {}):
+        stage_of = {step: stage for stage, (step, _) in TRAINING_STEPS.items()}
+        policies = [s for s in training if stage_of[s["Name"]] not in JUDGE_STAGES]
+        for after in training[1:]:
+            if "model" in named.get(stage_of[after["Name"]], {}):
                 continue
+            before = [s for s in policies if training.index(s) < training.index(after)][-1]
             model = next(c for c in after["Arguments"]["InputDataConfig"]
                          if c["ChannelName"] == "model")
             assert model["DataSource"]["S3DataSource"]["S3Uri"] == {
@@ -159,6 +164,57 @@ def test_each_dataset_gets_its_own_data_prep_and_stages_read_the_inputs_they_nam
                        for i in steps["Evaluate"]["Arguments"]["ProcessingInputs"]}
     assert evaluate_inputs["model"] == {"Get": "Steps.SFT.ModelArtifacts.S3ModelArtifacts"}
     assert "Steps.DataPrep." in json.dumps(evaluate_inputs["data"])
+
+
+def _steps(document: dict) -> dict[str, dict]:
+    return {s["Name"]: s for s in document["Steps"]}
+
+
+def _channels(step: dict) -> dict[str, str]:
+    return {c["ChannelName"]: json.dumps(c["DataSource"]["S3DataSource"]["S3Uri"])
+            for c in step["Arguments"]["InputDataConfig"]}
+
+
+def test_alignment_recipes_train_on_preference_data_from_the_sft_policy(definitions):
+    for name in ("dpo", "rlhf-ppo"):
+        steps = _steps(definitions[name])
+        assert ["DataPrep", "SFT"] == [n for n in steps if n in ("DataPrep", "SFT")]
+        assert "DataPrepPreference" in steps, name  # the pairs get their own checks and split
+        parameters = {p["Name"]: p for p in definitions[name]["Parameters"]}
+        assert parameters["PreferenceData"]["DefaultValue"].endswith("preferences.jsonl")
+        aligned = "DPO" if name == "dpo" else "PPO"
+        channels = _channels(steps[aligned])
+        assert "Steps.DataPrepPreference." in channels["train"]
+        assert "Steps.SFT.ModelArtifacts" in channels["model"]
+        evaluate = {i["InputName"]: json.dumps(i["S3Input"]["S3Uri"])
+                    for i in steps["Evaluate"]["Arguments"]["ProcessingInputs"]}
+        assert f"Steps.{aligned}.ModelArtifacts" in evaluate["model"]
+        assert "Steps.DataPrepPreference." in evaluate["data"]  # judged on held-out pairs
+        register = steps["EvaluationGate"]["Arguments"]["IfSteps"][0]
+        metadata = register["Arguments"]["CustomerMetadataProperties"]
+        assert "Steps.DataPrepPreference" in json.dumps(metadata["data_manifest_sha256_preference"])
+    rlhf = _steps(definitions["rlhf-ppo"])
+    # The reward model starts from the SFT model; PPO's policy too, and it is scored by the RM.
+    assert "Steps.SFT.ModelArtifacts" in _channels(rlhf["RewardModel"])["model"]
+    assert "Steps.RewardModel.ModelArtifacts" in _channels(rlhf["PPO"])["reward_model"]
+    arguments = rlhf["Evaluate"]["Arguments"]["AppSpecification"]["ContainerArguments"]
+    assert "--reward-model-dir" in arguments  # the win rate's judge
+
+
+def test_the_constitutional_recipe_feeds_revisions_to_sft_and_ai_preferences_to_dpo(definitions):
+    steps = _steps(definitions["constitutional"])
+    assert [n for n in steps if n in ("DataPrep", "Constitutional", "SFT", "DPO", "Evaluate")] == [
+        "DataPrep", "Constitutional", "SFT", "DPO", "Evaluate"]
+    constitutional = steps["Constitutional"]["Arguments"]
+    arguments = constitutional["AppSpecification"]["ContainerArguments"]
+    # The base model answers (no model input); the prompts are the prepared InputData.
+    assert arguments[arguments.index("--model-dir") + 1] == {"Get": "Parameters.BaseModel"}
+    inputs = [i["InputName"] for i in constitutional["ProcessingInputs"]]
+    assert inputs == ["data"]
+    sft, dpo = _channels(steps["SFT"]), _channels(steps["DPO"])
+    assert "Steps.Constitutional." in sft["train"] and '"sft"' in sft["train"]
+    assert "Steps.Constitutional." in dpo["train"] and '"preferences"' in dpo["train"]
+    assert "Steps.SFT.ModelArtifacts" in dpo["model"]
 
 
 @pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
