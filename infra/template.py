@@ -244,6 +244,27 @@ def _execution_policy(repositories: list[str], groups: list[str],
                            "PolicyDocument": policy(*statements)}}
 
 
+def _critic_policies() -> dict:
+    """What the constitutional stage's critic needs when it is a SageMaker endpoint or a Bedrock
+    model: invoking the one named when the stack was made, made only then."""
+    def conditional(condition: str, sid: str, action: str, resource: dict) -> dict:
+        return {"Type": "AWS::IAM::Policy", "Condition": condition,
+                "Properties": {"PolicyName": f"{PREFIX}-{logical_id(sid)}",
+                               "Roles": [ref("ExecutionRole")],
+                               "PolicyDocument": policy(statement(sid, [action], [resource]))}}
+
+    return {
+        "CriticEndpointPolicy": conditional(
+            "HasCriticEndpoint", "InvokeTheConstitutionalCriticEndpoint",
+            "sagemaker:InvokeEndpoint", arn("sagemaker", "endpoint/${CriticEndpointName}")),
+        "CriticBedrockPolicy": conditional(
+            "HasCriticBedrockModel", "InvokeTheConstitutionalCriticBedrockModel",
+            "bedrock:InvokeModel",
+            sub("arn:${AWS::Partition}:bedrock:${AWS::Region}::foundation-model/"
+                "${CriticBedrockModelId}")),
+    }
+
+
 def _ci_role() -> dict:
     # Only workflow runs on the main branch of the named repository get this role.
     trust = {
@@ -342,6 +363,7 @@ def build() -> dict:
         },
     }
     resources["ExecutionPolicy"] = _execution_policy(repositories, list(groups), pipelines)
+    resources.update(_critic_policies())
     for chosen in loaded:
         resources[logical_id("Pipeline", chosen.name)] = _pipeline(chosen)
     resources["CiRole"] = _ci_role()
@@ -385,8 +407,21 @@ def build() -> dict:
                                "deploy (needs the account's GitHub OIDC provider). Empty: no "
                                "CI role.",
             },
+            "CriticEndpointName": {
+                "Type": "String", "Default": "", "AllowedPattern": "^$|^[a-zA-Z0-9](-*[a-zA-Z0-9])*$",
+                "Description": "SageMaker endpoint the constitutional recipe's critic may invoke "
+                               "(its Critic=sagemaker). Empty: none.",
+            },
+            "CriticBedrockModelId": {
+                "Type": "String", "Default": "", "AllowedPattern": "^$|^[a-zA-Z0-9.:-]+$",
+                "Description": "Bedrock foundation model the constitutional recipe's critic may "
+                               "invoke (its Critic=bedrock). Empty: none.",
+            },
         },
         "Conditions": {
+            "HasCriticEndpoint": {"Fn::Not": [{"Fn::Equals": [ref("CriticEndpointName"), ""]}]},
+            "HasCriticBedrockModel": {"Fn::Not": [{"Fn::Equals": [ref("CriticBedrockModelId"),
+                                                                   ""]}]},
             "HasDefinitions": {"Fn::Not": [{"Fn::Equals": [ref("DefinitionsPrefix"), ""]}]},
             "HasCiRole": {"Fn::Not": [{"Fn::Equals": [ref("GitHubRepository"), ""]}]},
         },

@@ -117,6 +117,12 @@ def _trust_opened(t):
         "Principal"] = {"AWS": "*"}
 
 
+def _conditional_grant_widened(t):
+    # A policy the stack makes only when a parameter is set is checked all the same.
+    statement(t, "CriticBedrockPolicy", "InvokeTheConstitutionalCriticBedrockModel")[
+        "Resource"] = ["*"]
+
+
 MUTATIONS = [
     (_wildcard_action, "ExecutionPolicy policy: statement ReadData: wildcard action s3:*"),
     (_wildcard_resource, "ExecutionPolicy policy: statement ReadData: s3:GetObject on Resource"),
@@ -136,6 +142,8 @@ MUTATIONS = [
     (_tls_deny_removed, "DataBucket: no bucket policy denies requests without TLS"),
     (_public_read_granted,
      "ArtifactBucketPolicy bucket policy: statement Anyone: allows Principal '*'"),
+    (_conditional_grant_widened,
+     "statement InvokeTheConstitutionalCriticBedrockModel: bedrock:InvokeModel on Resource '*'"),
     (_trust_opened,
      "ExecutionRole trust policy: statement SageMakerRunsThePipelinesAndJobs: allows Principal"),
 ]
