@@ -4,9 +4,11 @@
         [--seed 42] [--tokenizer builtin:tiny] [--max-records N]
 
 Reads every .jsonl/.json/.csv/.parquet file under --input-dir (or the one file it names), checks
-every record against one TRL dataset format, drops exact duplicates, shuffles, and writes
-train.jsonl, validation.jsonl and manifest.json (counts, content hashes, token-length statistics)
-to --output-dir. Nothing is written unless every record is valid.
+every record against one TRL dataset format (steps.common.datasets: text, conversational,
+prompt-completion, preference, unpaired preference, and prompt-only for the online methods), drops
+exact duplicates, shuffles, and writes train.jsonl, validation.jsonl and manifest.json (counts,
+content hashes, token-length statistics) to --output-dir. Nothing is written unless every record is
+valid. A manifest.json in --input-dir (an earlier run's output read again) is not read as data.
 """
 
 from __future__ import annotations
@@ -168,9 +170,22 @@ def _token_length(data: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> i
 
     Each sequence takes the shape `sft_example` gives it (so a string prompt/completion becomes
     a chat turn when the tokenizer has a template, as SFT trains it); preference records are
-    measured on both the chosen and the rejected response.
+    measured on both the chosen and the rejected response. A prompt-only record is measured as a
+    policy is prompted with it: a user turn and the generation prompt, when there is a template.
     """
     chat = bool(tokenizer.chat_template)
+    if fmt.name == "prompt_only":
+        prompt = data["prompt"]
+        if isinstance(prompt, str) and not chat:
+            return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not chat:
+            raise StageError(
+                "the prompts are conversational but the tokenizer has no chat template; pick a "
+                "chat model with --tokenizer"
+            )
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if fmt.name == "preference":
         variants = [{**data, "chosen": data[side]} for side in ("chosen", "rejected")]
     elif fmt.name == "unpaired_preference":

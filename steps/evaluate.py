@@ -1,14 +1,50 @@
 """Evaluation (processing stage): the tuned model against its base model on held-out data.
 
     python -m steps.evaluate --model-dir MODEL --data-dir DATA --output-dir OUT
-        [--base-model SPEC] [--max-new-tokens 64] [--max-samples 32] [--batch-size 8]
+        [--base-model SPEC] [--reward-model-dir RM] [--max-new-tokens 64] [--max-samples 32]
+        [--batch-size 8]
 
 --model-dir holds a training stage's output (a folder, or the model.tar.gz SageMaker packed it
-into); --data-dir holds validation.jsonl (or is a data file or folder itself). For both models this
-measures the mean token loss on the responses (and perplexity = exp(loss)), and ROUGE-L F1 and
-exact match of greedy answers against the reference responses. It writes evaluation.json in the
-SageMaker model-quality shape, ``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}}``,
-and metrics_comparison.png.
+into); --data-dir holds validation.jsonl (or is a data file or folder itself). It writes
+evaluation.json in the SageMaker model-quality shape,
+``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}, "checks": {...}, ...}``, and
+metrics_comparison.png. Metrics of the tuned model; the base model's carry a ``base_`` prefix
+(none with --base-model none); standard deviations are over examples, pairs or answers.
+
+On every dataset with responses (prompt-only data is refused: there is nothing to score):
+  eval_loss, perplexity     mean token loss on the responses (what SFT trains on), and exp of it
+  bits_per_byte             the same loss per byte of response text: comparable across tokenizers
+  rouge_l, exact_match      greedy answers (at most --max-samples, --max-new-tokens each) against
+                            the reference responses
+  eos_rate                  the fraction of those answers that ended with a stop token (EOS or the
+                            chat template's end-of-turn token) within --max-new-tokens: a model
+                            that never stops has not learnt its format
+  rouge_l_delta             per answer, tuned minus base ROUGE-L (with a base)
+  perplexity_ratio          base perplexity / tuned perplexity of the same text (with a base)
+  kl_to_base                mean over the tuned model's answers of log pi_tuned(y|x) -
+                            log pi_base(y|x), summed over each answer's tokens: how far tuning
+                            moved the model on its own outputs (greedy answers, so an estimate of
+                            KL(tuned || base)); not measured when the two tokenizers differ
+
+On preference records ({prompt?, chosen, rejected}) the chosen response is the reference: the loss
+is measured on prompt + chosen and the answers are compared with chosen. Also, on every held-out
+pair, with the summed log-probability of a response given its prompt (steps.common.preference):
+  preference_accuracy       fraction of pairs where log p(chosen|prompt) > log p(rejected|prompt)
+  logprob_margin            mean of log p(chosen|prompt) - log p(rejected|prompt)
+  logprob_margin_delta      per pair, tuned margin minus base margin (with a base): what DPO raises
+
+With --reward-model-dir (a folder, or one with model.tar.gz, that steps.reward_model wrote), the
+reward model judges the answers:
+  reward_mean               mean reward of the tuned model's answers (base_reward_mean: the base's)
+  reward_margin             per prompt, tuned reward minus base reward (with a base)
+  win_rate                  fraction of prompts where the tuned answer scores above the base
+                            answer, ties counting half (with a base)
+  reward_model_accuracy     the reward model's own pairwise accuracy on the held-out pairs
+                            (preference data): whether the judge itself can be trusted
+
+"checks" in evaluation.json reports whether the tokenizer's chat template renders a user turn with
+a generation prompt, and the tuned model's eos_rate; the stage does not fail on them (a
+registration gate can use eos_rate).
 """
 
 from __future__ import annotations
@@ -26,10 +62,43 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steps.common import contract
 from steps.common.contract import StageError
-from steps.common.datasets import load_records, sft_example
-from steps.common.models import load_model, load_tokenizer, local_model_folder, resolve_model_source
+from steps.common.datasets import load_records, needs_responses, sft_example
+from steps.common.models import (
+    load_model,
+    load_tokenizer,
+    local_model_folder,
+    resolve_model_source,
+    stop_token_ids,
+)
+from steps.common.preference import (
+    PreferencePair,
+    load_reward_model,
+    logprob_margins,
+    preference_pairs,
+    reward_accuracy,
+    reward_scores,
+    sequence_kl,
+    win_rate,
+)
 
-METRIC_NAMES = ("eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match")
+# The metrics metrics_comparison.png shows: a pair of bars (base, tuned) where there is a base_
+# metric, else one bar (the comparisons: kl_to_base, win_rate).
+METRIC_NAMES = (
+    "eval_loss",
+    "perplexity",
+    "bits_per_byte",
+    "rouge_l",
+    "exact_match",
+    "eos_rate",
+    "preference_accuracy",
+    "logprob_margin",
+    "reward_mean",
+    "kl_to_base",
+    "win_rate",
+)
+# Chat templates' end-of-turn tokens: an answer that ends with one has stopped, even where the
+# tokenizer's EOS is another token (ChatML, Llama 3, Gemma, Phi-3).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass
@@ -63,6 +132,11 @@ class EvaluateConfig:
     max_seq_length: int = field(
         default=512, metadata={"help": "Tokens per sequence for the loss; longer are cut."}
     )
+    reward_model_dir: str | None = field(
+        default=None,
+        metadata={"help": "A reward model that steps.reward_model wrote (a folder, or one with "
+                  "model.tar.gz) to judge the answers: reward_mean, reward_margin, win_rate."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "max_seq_length"):
@@ -86,9 +160,15 @@ def main(config: EvaluateConfig) -> None:
     if (data_path / "validation.jsonl").exists():  # a data preparation output folder
         data_path = data_path / "validation.jsonl"
     fmt, records = load_records(data_path)
+    needs_responses(fmt, f"{records[0].location}: the data")
     print(f"evaluating on {len(records)} {fmt.name} records from {data_path}", flush=True)
 
+    # The judge is checked before any policy loads: a wrong folder fails in one line.
+    reward_source = _reward_model_source(config.reward_model_dir)
+    reward_model = load_reward_model(reward_source) if reward_source else None
+
     tokenizer = load_tokenizer(source)
+    reward_tokenizer = _reward_tokenizer(reward_source, tokenizer) if reward_source else None
     tuned = load_model(source, base_model=None if base_spec == "none" else base_spec).eval()
     is_adapter = hasattr(tuned, "disable_adapter")
     if not is_adapter and not base_spec:
@@ -114,28 +194,54 @@ def main(config: EvaluateConfig) -> None:
     print(f"tuned: {source}{' (adapter)' if is_adapter else ''}; base: {base_spec}", flush=True)
 
     # What SFT trains on, for the loss; the prompt/response pairs among them, for generation.
+    # Preference pairs: the chosen response is the reference, for both.
     chat_template = bool(tokenizer.chat_template)
-    examples = [sft_example(record.data, fmt, chat_template) for record in records]
-    examples = [example for example in examples if example is not None]
+    held_out = preference_pairs(records, fmt, chat_template) if fmt.name == "preference" else []
+    if held_out:
+        examples = [{"prompt": pair.prompt, "completion": pair.chosen} for pair in held_out]
+    else:
+        examples = [sft_example(record.data, fmt, chat_template) for record in records]
+        examples = [example for example in examples if example is not None]
     pairs = [prompt_and_completion(example) for example in examples]
-    pairs = [pair for pair in pairs if pair is not None][: config.max_samples]
-    results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, config)}
+    # (An implicit prompt that TRL's split leaves empty has nothing to answer.)
+    pairs = [pair for pair in pairs if pair is not None and pair[0]][: config.max_samples]
+    results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, held_out, config)}
     if compare and base_inside:
         # The base model is the same weights with the adapter switched off: no second load.
         with tuned.disable_adapter():
-            results["base"] = _score("base", tuned, tokenizer, examples, pairs, config)
+            results["base"] = _score("base", tuned, tokenizer, examples, pairs, held_out, config)
     elif compare:
-        results["base"] = _score("base", base, base_tokenizer, examples, pairs, config)
+        results["base"] = _score("base", base, base_tokenizer, examples, pairs, held_out, config)
 
-    metrics = _metrics(results)
+    prompts, answers = [prompt for prompt, _ in pairs], results["tuned"]["generations"]
+    judged: dict[str, Any] = {}
+    if compare and pairs:
+        if base_inside:  # sequence_kl's reference None: the adapter switched off
+            judged["kl"] = sequence_kl(tuned, tokenizer, prompts, answers,
+                                       batch_size=config.batch_size)
+        elif base_tokenizer is tokenizer:
+            judged["kl"] = sequence_kl(tuned, tokenizer, prompts, answers, reference=base,
+                                       batch_size=config.batch_size)
+        else:
+            print("kl_to_base: not measured: the base and tuned tokenizers differ, so their "
+                  "log-probabilities of an answer are not over the same tokens", flush=True)
+    if reward_model is not None:
+        _judge(reward_model, reward_tokenizer, results, judged, prompts, held_out,
+               config.batch_size)
+
+    metrics = _metrics(results, judged)
     for name, metric in metrics.items():
         print(f"{name}: {metric['value']:.6g}", flush=True)
+    checks = _checks(tuned, tokenizer, results["tuned"], config.max_new_tokens)
 
     evaluation = {
         "metrics": metrics,
+        "checks": checks,
         "num_samples": len(pairs),
         "num_loss_examples": len(examples),
+        **({"num_preference_pairs": len(held_out)} if held_out else {}),
         "base_model": base_spec,
+        **({"reward_model": reward_source} if reward_source else {}),
         "samples": [
             {
                 "prompt": prompt,
@@ -154,12 +260,16 @@ def main(config: EvaluateConfig) -> None:
     print(f"wrote evaluation.json and metrics_comparison.png to {config.output_dir}", flush=True)
 
 
-def _metrics(results: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
-    """evaluation.json's metrics. Standard deviations are over examples (per-example loss and
-    perplexity, per-sample scores); the loss itself is the mean over all response tokens.
+def _metrics(
+    results: dict[str, dict[str, list]], judged: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """evaluation.json's metrics (see the module docstring). Standard deviations are over examples
+    (per-example loss and perplexity, per-sample scores, per-pair margins); the loss itself is the
+    mean over all response tokens.
 
-    Without generation prompts (plain text) there is no ROUGE-L or exact match; without a base
-    model there are no base_ metrics and no comparisons.
+    Without generation prompts (plain text) there is no ROUGE-L, exact match or EOS rate; without
+    preference pairs no preference metrics; without a reward model no rewards; without a base
+    model no base_ metrics and no comparisons.
     """
     metrics = {}
     for prefix, name in (("", "tuned"), ("base_", "base")):
@@ -177,10 +287,18 @@ def _metrics(results: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]
             [loss_sum / math.log(2) / max(size, 1) for loss_sum, _, size in losses],
         )
         if results[name]["generations"]:
-            for score in ("rouge_l", "exact_match"):
+            for score in ("rouge_l", "exact_match", "eos_rate"):
                 metrics[f"{prefix}{score}"] = _metric(
                     _mean(results[name][score]), results[name][score]
                 )
+        if "margins" in results[name]:
+            margins = results[name]["margins"]
+            preferred = [float(margin > 0) for margin in margins]
+            metrics[f"{prefix}preference_accuracy"] = _metric(_mean(preferred), preferred)
+            metrics[f"{prefix}logprob_margin"] = _metric(_mean(margins), margins)
+        if "rewards" in results[name]:
+            rewards = results[name]["rewards"]
+            metrics[f"{prefix}reward_mean"] = _metric(_mean(rewards), rewards)
     if "base" in results:
         if results["tuned"]["generations"]:
             deltas = [
@@ -197,6 +315,28 @@ def _metrics(results: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]
             "value": _exp(gap / tokens),
             "standard_deviation": 0.0,
         }
+        if "margins" in results["tuned"]:
+            deltas = [
+                t - b for t, b in zip(results["tuned"]["margins"], results["base"]["margins"])
+            ]
+            metrics["logprob_margin_delta"] = _metric(_mean(deltas), deltas)
+        if "kl" in judged:
+            metrics["kl_to_base"] = _metric(_mean(judged["kl"]), judged["kl"])
+        if "rewards" in results["tuned"]:
+            margins = [
+                t - b for t, b in zip(results["tuned"]["rewards"], results["base"]["rewards"])
+            ]
+            metrics["reward_margin"] = _metric(_mean(margins), margins)
+            # win_rate's own rule per prompt (a tie counts half), for the spread.
+            outcomes = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+            metrics["win_rate"] = _metric(judged["win_rate"], outcomes)
+    if "reward_model_accuracy" in judged:
+        accuracy = judged["reward_model_accuracy"]
+        # The spread of per-pair right (1) or wrong (0) verdicts.
+        metrics["reward_model_accuracy"] = {
+            "value": float(accuracy),
+            "standard_deviation": math.sqrt(accuracy * (1 - accuracy)),
+        }
     return metrics
 
 
@@ -206,17 +346,18 @@ def _score(
     tokenizer: PreTrainedTokenizerBase,
     examples: list[dict[str, Any]],
     pairs: list[tuple[Any, Any]],
+    held_out: list[PreferencePair],
     config: EvaluateConfig,
 ) -> dict[str, list]:
     print(f"{name}: loss on {len(examples)} examples", flush=True)
     losses = example_losses(model, tokenizer, examples, config.batch_size, config.max_seq_length)
     print(f"{name}: generating {len(pairs)} answers", flush=True)
-    generations = generate(
+    generations, stopped = generate_answers(
         model, tokenizer, [prompt for prompt, _ in pairs], config.max_new_tokens, config.batch_size
     )
     references = [response_text(completion) for _, completion in pairs]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    return {
+    result = {
         "losses": losses,
         "generations": generations,
         "rouge_l": [
@@ -225,7 +366,116 @@ def _score(
         "exact_match": [
             float(_normalise(ref) == _normalise(gen)) for ref, gen in zip(references, generations)
         ],
+        "eos_rate": [float(flag) for flag in stopped],
     }
+    if held_out:
+        print(f"{name}: log-probability margins of {len(held_out)} preference pairs", flush=True)
+        result["margins"] = logprob_margins(model, tokenizer, held_out, config.batch_size)
+    return result
+
+
+# --- The reward model as a judge ------------------------------------------------------------------
+
+
+def _reward_model_source(reward_model_dir: str | None) -> str | None:
+    """--reward-model-dir resolved as --model-dir is: a model folder, or one with model.tar.gz."""
+    if not reward_model_dir:
+        return None
+    if not Path(reward_model_dir).exists():
+        raise StageError(
+            f"--reward-model-dir {reward_model_dir} does not exist; give the folder (or "
+            "model.tar.gz) that python -m steps.reward_model wrote"
+        )
+    return resolve_model_source(Path(reward_model_dir), reward_model_dir)
+
+
+def _reward_tokenizer(
+    reward_source: str, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedTokenizerBase:
+    """The tuned model's tokenizer where the reward model reads the same vocabulary (the answers
+    are then scored as they were written), else the reward model's own (steps.reward_model saves
+    one with it)."""
+    own = load_tokenizer(reward_source)
+    if own.get_vocab() == tokenizer.get_vocab():
+        return tokenizer
+    print("the reward model's vocabulary differs from the tuned model's: it reads the answers "
+          "with its own tokenizer", flush=True)
+    return own
+
+
+def _judge(
+    reward_model: PreTrainedModel,
+    reward_tokenizer: PreTrainedTokenizerBase,
+    results: dict[str, dict[str, list]],
+    judged: dict[str, Any],
+    prompts: list[Any],
+    held_out: list[PreferencePair],
+    batch_size: int,
+) -> None:
+    """Rewards of each model's answers into `results`; the win rate of tuned over base and the
+    reward model's own accuracy on the held-out pairs into `judged`."""
+    if prompts:
+        for name, result in results.items():
+            print(f"{name}: rewards of {len(prompts)} answers", flush=True)
+            result["rewards"] = reward_scores(
+                reward_model, reward_tokenizer, prompts, result["generations"], batch_size
+            )
+        if "base" in results:
+            judged["win_rate"] = win_rate(
+                reward_model, reward_tokenizer, prompts, results["tuned"]["generations"],
+                results["base"]["generations"], batch_size,
+            )
+    else:
+        print("no prompts to answer: the reward model judges no answers", flush=True)
+    if held_out:
+        judged["reward_model_accuracy"], _ = reward_accuracy(
+            reward_model, reward_tokenizer, held_out, batch_size
+        )
+
+
+# --- Checks: the chat template and stopping -------------------------------------------------------
+
+
+def chat_template_renders(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer has a chat template that renders a user turn, and adds a generation
+    prompt (the assistant's header) when asked: what every chat prompt of the model relies on."""
+    if not tokenizer.chat_template:
+        return False
+    turn = [{"role": "user", "content": "Hello there"}]
+    try:
+        prompted = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        plain = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # noqa: BLE001 (a template is a program of its own: any failure is a no)
+        return False
+    return "Hello there" in prompted and len(prompted) > len(plain)
+
+
+def _checks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    result: dict[str, list],
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """evaluation.json's "checks": the tuned model's chat template and whether its answers stop."""
+    stops = stop_tokens(model, tokenizer)
+    answers = len(result["eos_rate"])
+    eos_rate = _mean(result["eos_rate"]) if answers else None
+    checks = {
+        "chat_template": chat_template_renders(tokenizer),
+        "eos_rate": eos_rate,
+        "answers": answers,
+        "max_new_tokens": max_new_tokens,
+        "stop_tokens": tokenizer.convert_ids_to_tokens(stops),
+    }
+    template = "renders" if checks["chat_template"] else "is missing or does not render"
+    stopping = (
+        f"{round(eos_rate * answers)} of {answers} answers ended with a stop token "
+        f"({', '.join(checks['stop_tokens'])}) within {max_new_tokens} new tokens"
+        if answers else "no answers to check"
+    )
+    print(f"checks: the chat template {template} a user turn and the generation prompt; "
+          f"{stopping}", flush=True)
+    return checks
 
 
 # --- Loss -----------------------------------------------------------------------------------------
@@ -319,6 +569,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 # --- Generation -----------------------------------------------------------------------------------
 
 
+def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens an answer ends at: the model's and the tokenizer's EOS, and the chat template's
+    end-of-turn token where the tokenizer has one as an added token."""
+    added = tokenizer.get_added_vocab()
+    end_of_turn = [added[token] for token in END_OF_TURN_TOKENS if token in added]
+    return sorted({*stop_token_ids(model, tokenizer), *end_of_turn})
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -327,6 +585,19 @@ def generate(
     batch_size: int,
 ) -> list[str]:
     """Greedy answers to `prompts` (message lists get the chat template's generation prompt)."""
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)[0]
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Any],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[str], list[bool]]:
+    """Greedy answers to `prompts`, and whether each ended with a stop token (`stop_tokens`)
+    within `max_new_tokens` rather than being cut off there."""
+    stops = stop_tokens(model, tokenizer)
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         if isinstance(p, list)
@@ -334,7 +605,7 @@ def generate(
         for p in prompts
     ]
     device = next(model.parameters()).device
-    answers = []
+    answers, stopped = [], []
     # Pad on the left, so that every prompt in a batch ends where generation continues.
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -350,7 +621,7 @@ def generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                     pad_token_id=tokenizer.pad_token_id,
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -358,11 +629,13 @@ def generate(
                 text.strip()
                 for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             ]
+            # Generation ends a row at its first stop token; rows that did not stop are full.
+            stopped += torch.isin(new_tokens, torch.tensor(stops, device=device)).any(-1).tolist()
             batches = math.ceil(len(texts) / batch_size)
             print(f"  generation batch {start // batch_size + 1}/{batches}", flush=True)
     finally:
         tokenizer.padding_side = padding_side
-    return answers
+    return answers, stopped
 
 
 # --- Helpers of this stage ------------------------------------------------------------------------
@@ -412,9 +685,16 @@ def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [name for name in METRIC_NAMES if name in metrics]
-    figure, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.5), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        labels = ["base", "tuned"] if f"base_{name}" in metrics else ["tuned"]
+    columns = min(len(names), 6)
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3 * columns, 3.5 * rows), squeeze=False
+    )
+    for axis in axes.flat[len(names):]:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, names):
+        single = "tuned" if name not in ("kl_to_base", "win_rate") else "tuned vs base"
+        labels = ["base", "tuned"] if f"base_{name}" in metrics else [single]
         values = [metrics[f"base_{name}"]["value"]] if len(labels) == 2 else []
         values.append(metrics[name]["value"])
         axis.bar(labels, values, color=["#9e9e9e", "#1f77b4"][-len(labels):])

@@ -33,7 +33,13 @@ from trl.chat_template_utils import has_generation_markers
 
 from steps.common import contract
 from steps.common.contract import StageError
-from steps.common.datasets import DatasetFormat, Record, load_records, sft_example
+from steps.common.datasets import (
+    DatasetFormat,
+    Record,
+    load_records,
+    needs_responses,
+    sft_example,
+)
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
     LEARNING_RATE_HELP,
@@ -123,6 +129,7 @@ def main(config: SFTStageConfig) -> None:
 
     # 1. Data: every record is read and checked before the model loads, so bad data fails fast.
     train_format, train_records = load_records(contract.channel_dir("train"))
+    needs_responses(train_format, "the 'train' data")
     validation_dir = contract.optional_channel_dir("validation")
     validation_format, validation_records = (
         load_records(validation_dir) if validation_dir else (None, [])

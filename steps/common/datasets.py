@@ -6,10 +6,15 @@ Formats (https://huggingface.co/docs/trl/dataset_formats), told apart by the fir
   prompt_completion    {"prompt", "completion"}: strings, or lists of messages
   preference           {"prompt"?, "chosen", "rejected"}: explicit or implicit prompt
   unpaired_preference  {"prompt", "completion", "label": bool}
+  prompt_only          {"prompt"}: a string, or a list of messages (not ending with a system
+                       turn); what online methods (PPO, constitutional AI) answer themselves. It
+                       has no response, so the stages that learn from or score responses (SFT,
+                       distillation, evaluation, quantization) refuse it (`needs_responses`).
 
 Files: .jsonl, .json (a list, or {"data": [...]}), .csv (a header row; message lists as JSON
-cells) and .parquet. TRL and `datasets` check none of this record by record, and their errors name
-neither file nor line, hence this module. Problems read
+cells) and .parquet; in a folder, every such file but a stage's manifest.json (data preparation
+writes one beside train.jsonl and validation.jsonl). TRL and `datasets` check none of this record
+by record, and their errors name neither file nor line, hence this module. Problems read
 ``<file>:<line>: field '<field>': <what is wrong>``.
 """
 
@@ -27,6 +32,7 @@ from steps.common.contract import StageError
 
 ROLES = ("system", "user", "assistant", "tool")
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MANIFEST = "manifest.json"  # what data preparation writes beside its splits
 MESSAGE_FIELDS = (
     "messages",
     "prompt",
@@ -44,12 +50,11 @@ class Record:
 
 @dataclass(frozen=True)
 class DatasetFormat:
-    name: (
-        str  # language_modeling, conversational, prompt_completion, preference, unpaired_preference
-    )
-    conversational: (
-        bool  # whether prompt/completion/chosen/rejected hold lists of messages rather than strings
-    )
+    # language_modeling, conversational, prompt_completion, preference, unpaired_preference,
+    # prompt_only
+    name: str
+    # whether prompt/completion/chosen/rejected hold lists of messages rather than strings
+    conversational: bool
 
 
 # --- Reading --------------------------------------------------------------------------------------
@@ -68,6 +73,11 @@ def data_files(path: Path) -> list[Path]:
     for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in candidate.relative_to(path).parts):
             continue  # hidden files: .DS_Store, editor swap files, staging folders
+        if candidate.name == MANIFEST:
+            # Data preparation's (and other stages') description of the folder, not records: a
+            # data preparation output folder is read as its train.jsonl and validation.jsonl.
+            print(f"skipping {candidate}: a stage's manifest, not data", flush=True)
+            continue
         if candidate.suffix.lower() in SUPPORTED_SUFFIXES:
             files.append(candidate)
         else:
@@ -220,11 +230,14 @@ def detect_format(record: Record) -> DatasetFormat:
         name, main = "conversational", "messages"
     elif "text" in keys:
         name, main = "language_modeling", "text"
+    elif "prompt" in keys and not keys & {"completion", "chosen", "rejected", "label"}:
+        # A half-written pair ({prompt, chosen}) is not taken for prompts: it is refused below.
+        name, main = "prompt_only", "prompt"
     else:
         raise StageError(
             f"{record.location}: cannot tell the dataset format from fields {sorted(keys)}; "
-            "expected 'text', 'messages', 'prompt'+'completion', 'chosen'+'rejected' (+'prompt') "
-            "or 'prompt'+'completion'+'label'"
+            "expected 'text', 'messages', 'prompt'+'completion', 'chosen'+'rejected' (+'prompt'), "
+            "'prompt'+'completion'+'label' or 'prompt' alone"
         )
     return DatasetFormat(name, isinstance(data[main], list))
 
@@ -262,6 +275,8 @@ def record_problem(data: dict[str, Any], fmt: DatasetFormat) -> str | None:
         return _text_problem(data["text"], "text")
     if fmt.name == "conversational":
         return _messages_problem(data["messages"], "messages", needs_assistant=True)
+    if fmt.name == "prompt_only":
+        return _response_problem(data["prompt"], "prompt", fmt, is_prompt=True)
     if fmt.name == "preference":
         prompt = data.get("prompt")
         problem = (
@@ -356,6 +371,16 @@ def load_records(path: Path) -> tuple[DatasetFormat, list[Record]]:
 # --- What supervised fine-tuning learns from a record ---------------------------------------------
 
 
+def needs_responses(fmt: DatasetFormat, where: str = "the data") -> None:
+    """Refuse prompt-only data in a stage that learns from or scores responses, in one line."""
+    if fmt.name == "prompt_only":
+        raise StageError(
+            f"{where} is prompt-only records ({{'prompt': ...}}); this stage needs responses: "
+            "give prompt-completion, conversational, preference or text records (prompt-only "
+            "records are for the stages that write their own answers: PPO, constitutional AI)"
+        )
+
+
 def sft_example(
     data: dict[str, Any], fmt: DatasetFormat, chat_template: bool
 ) -> dict[str, Any] | None:
@@ -364,8 +389,10 @@ def sft_example(
     Preference data gives its chosen response (SFT on the chosen answers, the usual step before
     DPO); unpaired preference data its desirable completions only (None for the others). A string
     prompt/completion becomes a one-turn conversation when the tokenizer has a chat template, so an
-    instruct model is tuned in the format it is prompted with.
+    instruct model is tuned in the format it is prompted with. Prompt-only data has nothing to
+    learn from: a StageError (`needs_responses`).
     """
+    needs_responses(fmt)
     if fmt.name == "language_modeling":
         return {"text": data["text"]}
     if fmt.name == "conversational":

@@ -190,6 +190,6 @@ def test_under_torchrun_every_process_waits_for_the_saving_one_then_closes_the_g
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "waiting_stage", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "rank1_left_after_save").read_text() == "True"

@@ -200,3 +200,86 @@ def test_token_lengths_count_the_chat_template_that_training_applies(tmp_path):
     lengths = [manifest["token_lengths"][split]["max"] for split in ("train", "validation")]
     assert expected in lengths
     assert expected > len(tokenizer(record["prompt"] + record["completion"])["input_ids"])
+
+
+PROMPTS = [{"prompt": f"What is the capital of {country}?"}
+           for country in ("Peru", "Chile", "Kenya", "Japan", "Peru", "Egypt")]
+
+
+def test_prompt_only_records_are_prepared_with_prompt_token_lengths(tmp_path):
+    # TRL's format for online methods: {"prompt": ...} and nothing to learn from.
+    from steps.common.models import load_tokenizer
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.data_prep", "--input-dir", str(source),
+         "--output-dir", str(tmp_path / "out"), "--validation-fraction", "0.2"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
+
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["format"], manifest["conversational"]) == ("prompt_only", False)
+    assert manifest["counts"] == {"records_read": 6, "duplicates_removed": 1, "train": 4,
+                                  "validation": 1}
+    splits = {name: read_jsonl(tmp_path / "out" / f"{name}.jsonl")
+              for name in ("train", "validation")}
+    written = splits["train"] + splits["validation"]
+    assert sorted(r["prompt"] for r in written) == sorted({r["prompt"] for r in PROMPTS})
+    # Measured as a policy is prompted: a user turn and the generation prompt.
+    tokenizer = load_tokenizer("builtin:tiny")
+
+    def prompted_length(record: dict) -> int:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
+                                             tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for name, records in splits.items():
+        lengths = [prompted_length(r) for r in records]
+        stats = manifest["token_lengths"][name]
+        assert (stats["min"], stats["max"]) == (min(lengths), max(lengths))
+        assert stats["min"] > min(len(r["prompt"]) for r in records)  # the template counts
+
+
+def test_conversational_prompts_have_their_roles_checked(tmp_path):
+    good = {"prompt": [{"role": "user", "content": "Hi"}]}
+    bad = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "narrator", "content": "..."}]}
+    source = write_jsonl(tmp_path / "raw" / "chat.jsonl", [good, bad])
+
+    with pytest.raises(StageError, match=r"chat.jsonl:2: field 'prompt\[1\].role': unknown role"):
+        prepare(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    write_jsonl(source, [good, {"prompt": [{"role": "user", "content": "Bye"}]}])
+    manifest = prepare(source, tmp_path / "out")
+    assert (manifest["format"], manifest["conversational"]) == ("prompt_only", True)
+
+
+def test_prepared_prompts_feed_ppo_and_constitutional_ai_and_sft_refuses_them(tmp_path, capsys):
+    from steps import constitutional, sft
+    from steps.common import contract
+    from steps.common.preference import load_prompts
+
+    from .conftest import TrainingJob
+
+    prepare(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS), tmp_path / "prepared",
+            validation_fraction=0.2)
+    expected = sorted({r["prompt"] for r in PROMPTS})
+
+    # The whole output folder: train.jsonl and validation.jsonl, and manifest.json left alone.
+    ppo_prompts = load_prompts(tmp_path / "prepared", chat_template=True)
+    cai_prompts, input_format, count = constitutional.read_prompts(tmp_path / "prepared")
+
+    assert sorted(p[0]["content"] for p in ppo_prompts) == expected
+    assert sorted(cai_prompts) == expected and (input_format, count) == ("prompt_only", 5)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        job = TrainingJob(tmp_path / "opt-ml", monkeypatch)
+        monkeypatch.setenv("SM_CHANNEL_TRAIN", str(tmp_path / "prepared"))
+        job.hyperparameters(base_model="builtin:tiny", max_steps="1")
+        with pytest.raises(SystemExit) as exited:
+            contract.run(sft.main, sft.SFTStageConfig, job="training")
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is prompt-only records" in last_line and "this stage needs responses" in last_line

@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 
 from steps.common.contract import StageError
-from steps.common.datasets import data_files, load_records, read_records, validate_records
+from steps.common.datasets import (
+    data_files,
+    load_records,
+    read_records,
+    sft_example,
+    validate_records,
+)
 
 USER_ASSISTANT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
@@ -47,6 +53,12 @@ FORMATS = {
     "unpaired_preference": [
         {"prompt": "Sky colour?", "completion": "Blue.", "label": True},
         {"prompt": "Sky colour?", "completion": "Green.", "label": False},
+    ],
+    # What online methods (PPO, constitutional AI) answer themselves.
+    "prompt_only": [{"prompt": "Sky colour?"}, {"prompt": "Grass colour?"}],
+    "prompt_only/conversational": [
+        {"prompt": [USER_ASSISTANT[0]]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, USER_ASSISTANT[0]]},
     ],
 }
 
@@ -101,6 +113,31 @@ def test_a_folder_reads_its_files_in_sorted_order_and_skips_other_files(tmp_path
     assert [r.data for r in records] == FORMATS["language_modeling"]
     warning = capsys.readouterr().out
     assert "ignoring" in warning and "notes.txt" in warning
+
+
+def test_a_data_preparation_output_folder_reads_its_splits_and_not_its_manifest(tmp_path, capsys):
+    write(tmp_path / "train.jsonl", FORMATS["prompt_only"][:1])
+    write(tmp_path / "validation.jsonl", FORMATS["prompt_only"][1:])
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "prompt_only", "counts": {}}))
+
+    fmt, records = load_records(tmp_path)
+
+    assert fmt.name == "prompt_only"
+    assert [r.data for r in records] == FORMATS["prompt_only"]
+    assert [p.name for p in data_files(tmp_path)] == ["train.jsonl", "validation.jsonl"]
+    assert "manifest.json: a stage's manifest, not data" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["prompt_only", "prompt_only/conversational"])
+def test_prompt_only_records_give_a_stage_that_needs_responses_a_one_line_error(tmp_path, name):
+    fmt, records = load_records(write(tmp_path / "prompts.jsonl", FORMATS[name]))
+
+    with pytest.raises(StageError) as caught:
+        sft_example(records[0].data, fmt, chat_template=True)
+
+    message = str(caught.value)
+    assert "is prompt-only records" in message and "this stage needs responses" in message
+    assert "\n" not in message
 
 
 def test_a_folder_without_data_files_is_an_error(tmp_path):
@@ -174,6 +211,29 @@ GOOD = json.dumps({"messages": USER_ASSISTANT})
             "t.csv:3: field 'messages': not valid JSON",
         ),
         ("t.csv", "prompt,completion\na,b\nc\n", "t.csv:3: 1 cells but the header has 2 columns"),
+        ('t.jsonl', '{"prompt": "a"}\n{"prompt": " "}\n', "t.jsonl:2: field 'prompt': empty string"),
+        (
+            "t.jsonl",
+            '{"prompt": "a"}\n{"prompt": [{"role": "user", "content": "b"}]}\n',
+            "t.jsonl:2: field 'prompt': expected a string like the first record's, got a list",
+        ),
+        (
+            "t.jsonl",
+            json.dumps({"prompt": [{"role": "human", "content": "Hi"}]}),
+            "t.jsonl:1: field 'prompt[0].role': unknown role 'human'",
+        ),
+        (
+            "t.jsonl",
+            json.dumps({"prompt": [USER_ASSISTANT[0], {"role": "system", "content": "Be brief."}]}),
+            "t.jsonl:1: field 'prompt[1].role': a prompt must end with a user, tool or assistant",
+        ),
+        (
+            "t.jsonl",
+            '{"prompt": "a"}\n{"prompt": "b", "completion": "c"}\n',
+            "t.jsonl:2: field 'completion': unexpected",
+        ),
+        # Half a pair is not taken for prompts.
+        ("t.jsonl", '{"prompt": "a", "chosen": "b"}', "cannot tell the dataset format"),
     ],
 )
 def test_bad_records_are_reported_with_file_line_and_field(tmp_path, name, content, expected):

@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from steps import evaluate
 from steps.common import contract, models
@@ -18,13 +19,16 @@ METRICS = [
     "bits_per_byte",
     "rouge_l",
     "exact_match",
+    "eos_rate",
     "base_eval_loss",
     "base_perplexity",
     "base_bits_per_byte",
     "base_rouge_l",
     "base_exact_match",
+    "base_eos_rate",
     "rouge_l_delta",
     "perplexity_ratio",
+    "kl_to_base",
 ]
 
 
@@ -88,6 +92,8 @@ def test_the_tuned_adapter_beats_its_base_and_the_derived_metrics_agree(adapter_
     assert m["perplexity_ratio"] == pytest.approx(m["base_perplexity"] / m["perplexity"])
     assert m["perplexity_ratio"] > 1
     assert m["rouge_l_delta"] == pytest.approx(m["rouge_l"] - m["base_rouge_l"])
+    # Tuning moved the model: its own answers are likelier under it than under its base.
+    assert m["kl_to_base"] > 0
 
 
 def test_base_metrics_with_the_adapter_disabled_equal_evaluating_the_base_model_alone(
@@ -181,4 +187,68 @@ def test_a_model_folder_without_a_model_fails_with_exit_2_and_no_output(
 
     assert exited.value.code == 2
     assert "holds neither a Hugging Face model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_always_ends_its_turn_has_an_eos_rate_of_one(tmp_path, data_dir):
+    # builtin:tiny rewired so that <|im_end|> is the most likely next token whatever the input:
+    # one residual dimension holds a constant no layer writes to, and only EOS reads it.
+    tokenizer = models.load_tokenizer(models.TINY)
+    model = models.load_model(models.TINY)
+    constant = 0
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, constant] = 100.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[constant] = 0.0
+            layer.mlp.down_proj.weight[constant] = 0.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_token_id, constant] = 1.0
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+
+    result = run_evaluation(tmp_path / "model", data_dir, tmp_path / "out", base_model=models.TINY)
+
+    assert result["metrics"]["eos_rate"] == {"value": 1.0, "standard_deviation": 0.0}
+    assert all(sample["tuned"] == "" for sample in result["samples"])  # stopped at once
+    # The untrained tiny model rambles to the length limit.
+    assert result["metrics"]["base_eos_rate"]["value"] < 1.0
+    assert result["checks"] == {
+        "chat_template": True,
+        "eos_rate": 1.0,
+        "answers": 6,
+        "max_new_tokens": 8,
+        "stop_tokens": ["<|im_end|>"],
+    }
+
+
+def test_a_tokenizer_without_a_chat_template_fails_the_check_but_not_the_stage(tmp_path):
+    tokenizer = models.load_tokenizer(models.TINY)
+    tokenizer.chat_template = None
+    models.load_model(models.TINY).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "data.jsonl", counting_records(4))
+
+    result = run_evaluation(tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "out",
+                            base_model="none")
+
+    assert result["checks"]["chat_template"] is False
+    assert result["checks"]["eos_rate"] == result["metrics"]["eos_rate"]["value"] < 1.0
+    assert evaluate.chat_template_renders(models.load_tokenizer(models.TINY))
+
+
+def test_prompt_only_data_fails_in_one_line_and_writes_nothing(sft_run, tmp_path, monkeypatch,
+                                                               capsys):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Count to 3."}, {"prompt": "Count to 4."}])
+    monkeypatch.setattr("sys.argv", [
+        "steps.evaluate", "--model-dir", str(sft_run.model_dir),
+        "--data-dir", str(tmp_path / "prompts.jsonl"), "--output-dir", str(tmp_path / "out"),
+    ])
+
+    with pytest.raises(SystemExit) as exited:
+        contract.run(evaluate.main, evaluate.EvaluateConfig, job="processing")
+
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "prompts.jsonl:1: the data is prompt-only records" in last_line
+    assert "this stage needs responses" in last_line
     assert not (tmp_path / "out").exists()
