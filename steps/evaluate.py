@@ -21,10 +21,10 @@ On every dataset with responses (prompt-only data is refused: there is nothing t
                             that never stops has not learnt its format
   rouge_l_delta             per answer, tuned minus base ROUGE-L (with a base)
   perplexity_ratio          base perplexity / tuned perplexity of the same text (with a base)
-  kl_to_base                mean over the tuned model's answers of log pi_tuned(y|x) -
-                            log pi_base(y|x), summed over each answer's tokens: how far tuning
-                            moved the model on its own outputs (greedy answers, so an estimate of
-                            KL(tuned || base)); not measured when the two tokenizers differ
+  kl_to_base                mean over the tuned model's greedy answers of the exact KL(tuned ||
+                            base) between the two models' next-token distributions, summed over
+                            each answer's tokens: how far tuning moved the model where it now
+                            goes (>= 0); not measured when the two tokenizers differ
 
 On preference records ({prompt?, chosen, rejected}) the chosen response is the reference: the loss
 is measured on prompt + chosen and the answers are compared with chosen. Also, on every held-out
@@ -77,7 +77,6 @@ from steps.common.preference import (
     preference_pairs,
     reward_accuracy,
     reward_scores,
-    sequence_kl,
     win_rate,
 )
 
@@ -213,15 +212,15 @@ def main(config: EvaluateConfig) -> None:
     elif compare:
         results["base"] = _score("base", base, base_tokenizer, examples, pairs, held_out, config)
 
-    prompts, answers = [prompt for prompt, _ in pairs], results["tuned"]["generations"]
+    prompts = [prompt for prompt, _ in pairs]
     judged: dict[str, Any] = {}
     if compare and pairs:
-        if base_inside:  # sequence_kl's reference None: the adapter switched off
-            judged["kl"] = sequence_kl(tuned, tokenizer, prompts, answers,
-                                       batch_size=config.batch_size)
+        generated = results["tuned"]["token_ids"]
+        if base_inside:  # reference None: the adapter switched off
+            judged["kl"] = answer_kl(tuned, generated, tokenizer.pad_token_id, config.batch_size)
         elif base_tokenizer is tokenizer:
-            judged["kl"] = sequence_kl(tuned, tokenizer, prompts, answers, reference=base,
-                                       batch_size=config.batch_size)
+            judged["kl"] = answer_kl(tuned, generated, tokenizer.pad_token_id, config.batch_size,
+                                     reference=base)
         else:
             print("kl_to_base: not measured: the base and tuned tokenizers differ, so their "
                   "log-probabilities of an answer are not over the same tokens", flush=True)
@@ -352,7 +351,7 @@ def _score(
     print(f"{name}: loss on {len(examples)} examples", flush=True)
     losses = example_losses(model, tokenizer, examples, config.batch_size, config.max_seq_length)
     print(f"{name}: generating {len(pairs)} answers", flush=True)
-    generations, stopped = generate_answers(
+    generations, stopped, token_ids = generate_answers(
         model, tokenizer, [prompt for prompt, _ in pairs], config.max_new_tokens, config.batch_size
     )
     references = [response_text(completion) for _, completion in pairs]
@@ -367,6 +366,7 @@ def _score(
             float(_normalise(ref) == _normalise(gen)) for ref, gen in zip(references, generations)
         ],
         "eos_rate": [float(flag) for flag in stopped],
+        "token_ids": token_ids,
     }
     if held_out:
         print(f"{name}: log-probability margins of {len(held_out)} preference pairs", flush=True)
@@ -594,9 +594,10 @@ def generate_answers(
     prompts: list[Any],
     max_new_tokens: int,
     batch_size: int,
-) -> tuple[list[str], list[bool]]:
-    """Greedy answers to `prompts`, and whether each ended with a stop token (`stop_tokens`)
-    within `max_new_tokens` rather than being cut off there."""
+) -> tuple[list[str], list[bool], list[tuple[list[int], list[int]]]]:
+    """Greedy answers to `prompts`, whether each ended with a stop token (`stop_tokens`) within
+    `max_new_tokens` rather than being cut off there, and each (prompt, answer) as token ids (the
+    answer up to and including its stop token), for scoring the very tokens generated."""
     stops = stop_tokens(model, tokenizer)
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
@@ -605,7 +606,7 @@ def generate_answers(
         for p in prompts
     ]
     device = next(model.parameters()).device
-    answers, stopped = [], []
+    answers, stopped, token_ids = [], [], []
     # Pad on the left, so that every prompt in a batch ends where generation continues.
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -630,12 +631,59 @@ def generate_answers(
                 for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             ]
             # Generation ends a row at its first stop token; rows that did not stop are full.
-            stopped += torch.isin(new_tokens, torch.tensor(stops, device=device)).any(-1).tolist()
+            is_stop = torch.isin(new_tokens, torch.tensor(stops, device=device))
+            stopped += is_stop.any(-1).tolist()
+            for row in range(new_tokens.shape[0]):
+                prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+                end = int(is_stop[row].int().argmax()) + 1 if is_stop[row].any() else None
+                token_ids.append((prompt_ids, new_tokens[row][:end].tolist()))
             batches = math.ceil(len(texts) / batch_size)
             print(f"  generation batch {start // batch_size + 1}/{batches}", flush=True)
     finally:
         tokenizer.padding_side = padding_side
-    return answers, stopped
+    return answers, stopped, token_ids
+
+
+@torch.no_grad()
+def answer_kl(
+    model: PreTrainedModel,
+    sequences: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+    reference: PreTrainedModel | None = None,
+) -> list[float]:
+    """Per (prompt, answer) token ids: the sum over the answer's tokens of the exact
+    KL(model(. | context) || reference(. | context)) between the two next-token distributions.
+
+    Always >= 0 and 0 only where the two models agree; it scores the tokens generated, so no
+    decode/re-encode round trip changes them. `reference` None: `model` with its adapter switched
+    off (a LoRA model's base). Written here because neither TRL nor transformers has it for a
+    model pair outside a trainer.
+    """
+    device = next(model.parameters()).device
+    results: list[float] = []
+    for first in range(0, len(sequences), batch_size):
+        batch = sequences[first:first + batch_size]
+        width = max(len(p) + len(a) for p, a in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, device=device)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool, device=device)
+        for row, (prompt, answer) in enumerate(batch):
+            input_ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            attention_mask[row, :len(prompt) + len(answer)] = 1
+            # The distributions that predicted each answer token: positions P-1 .. P+T-2.
+            scored[row, max(len(prompt) - 1, 0):len(prompt) + len(answer) - 1] = True
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # Prompt-learning adapters prepend virtual tokens: keep the last `width` positions.
+        tuned = model(**inputs).logits[:, -width:].float().log_softmax(-1)
+        if reference is None:
+            with model.disable_adapter():
+                base = model(**inputs).logits[:, -width:].float().log_softmax(-1)
+        else:
+            base = reference(**inputs).logits[:, -width:].float().log_softmax(-1)
+        kl = (tuned.exp() * (tuned - base)).sum(-1).clamp_min(0)  # rounding can dip below 0
+        results += (kl * scored).sum(-1).tolist()
+    return results
 
 
 # --- Helpers of this stage ------------------------------------------------------------------------
