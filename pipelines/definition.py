@@ -100,6 +100,9 @@ def _parameters(recipe: Recipe, bucket: str) -> dict[str, object]:
         if not key.isidentifier() or not key[:1].isupper():
             raise UserError(f"{recipe.source}: parameters.{key}: parameter names are CamelCase "
                             "identifiers such as LearningRate")
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{recipe.source}: parameters.{key} is empty; registration records "
+                            "every parameter and metadata holds no empty value: write 'none'")
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise UserError(f"{recipe.source}: parameters.{key}={value!r}: a default must be a "
                             "string, an integer or a float (write booleans as 'true'/'false')")

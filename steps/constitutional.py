@@ -130,7 +130,7 @@ class ConstitutionalConfig:
     )
     critic_model: str | None = field(
         default=None,
-        metadata={"help": "Model spec of a local critic; default: the policy itself."},
+        metadata={"help": "Model spec of a local critic; default (or none): the policy itself."},
     )
     endpoint_name: str | None = field(
         default=None, metadata={"help": "SageMaker endpoint of --critic sagemaker (TGI or LMI)."}
@@ -161,9 +161,10 @@ class ConstitutionalConfig:
     batch_size: int = field(default=8, metadata={"help": "Prompts per local generation batch."})
 
     def __post_init__(self) -> None:
-        # A pipeline passes an unset text parameter as an empty string.
+        # A pipeline passes an unset text parameter as 'none' (or an empty string).
         for name in ("constitution", "critic_model", "endpoint_name", "bedrock_model_id", "region"):
-            setattr(self, name, getattr(self, name) or None)
+            value = getattr(self, name)
+            setattr(self, name, None if not value or value.lower() == "none" else value)
         if self.critic not in CRITICS:
             raise StageError(f"critic must be one of {', '.join(CRITICS)}, got '{self.critic}'")
         if self.critic == "sagemaker" and not self.endpoint_name:
