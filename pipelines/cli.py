@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +31,10 @@ def _parameters(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"-p {pair!r}: expected Key=Value (e.g. -p Epochs=2)")
+        if not value.strip():
+            # Every parameter ends up in the model package's metadata, which holds no empty value.
+            raise UserError(f"-p {pair!r}: empty value; give one (an optional setting that is "
+                            "off takes 'none')")
         values[key] = value
     return values
 
@@ -112,6 +117,37 @@ def _stage_input(s3, bucket: str, value: str, parameter: str = "InputData") -> s
     return f"s3://{bucket}/{prefix}" + ("" if path.is_dir() else f"/{path.name}")
 
 
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # what botocore accepts
+
+
+def _check_s3_uri(s3, parameter: str, uri: str) -> None:
+    """Refuse an s3:// data URI that names no bucket, or (where this caller may look) no data."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise UserError(f"{parameter} {uri!r} is not an S3 URI of the form s3://BUCKET/PREFIX "
+                        f"(bucket name {bucket!r} is not valid)")
+    try:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise UserError(f"{parameter} {uri!r}: bucket {bucket!r} does not exist") from None
+        return  # not ours to list (the pipeline's role may read it): the job will tell
+    except BotoCoreError:
+        return
+    if not listed.get("KeyCount") and not listed.get("Contents"):
+        raise UserError(f"{parameter} {uri!r}: no objects under it; upload the data there or pass "
+                        "a local file or folder")
+
+
+def _check_data_uris(s3, chosen: recipe.Recipe, overrides: dict[str, str]) -> None:
+    for parameter in chosen.data_parameters:
+        value = overrides.get(parameter)
+        if value is not None and value.startswith("s3://"):
+            _check_s3_uri(s3, parameter, value)
+
+
 def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
     """Upload a built-in demo dataset (recipe.DEMO_DATASETS) unless it is there."""
     from botocore.exceptions import ClientError
@@ -129,6 +165,11 @@ def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
             path = Path(tmp) / "demo.jsonl"
             writer(path)
             s3.upload_file(str(path), bucket, key)
+
+
+def _error_line(message: str) -> str:
+    """`ERROR: <message>` on one line, as the stages print theirs."""
+    return "ERROR: " + " ".join(message.split())
 
 
 def _executions_dir() -> Path:
@@ -259,11 +300,13 @@ def cmd_run(args) -> int:
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
     _check_rerun_flags(args)
     target = _connect(args)
+    overrides = _parameters(args.parameter)
+    s3 = boto3.client("s3")
+    # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
+    _check_data_uris(s3, recipe.load(args.recipe), overrides)
     chosen, text = _build_for(args, target)
     document = json.loads(text)
     selection = _local_selection(args, document, definition.pipeline_name(chosen))
-    overrides = _parameters(args.parameter)
-    s3 = boto3.client("s3")
     _ensure_bucket(s3, target["bucket"], target["region"])
     for parameter in chosen.data_parameters:  # local files go to the bucket; demo data too
         if parameter in overrides:
@@ -312,12 +355,14 @@ def _report(record, s3) -> int:
     print("\n" + cost.format_ledger(record.cost))
     if record.status != "Succeeded":
         failed = next((s for s in record.steps.values() if s.status == "Failed"), None)
-        print(f"\nFAILED: {record.failure_reason}", file=sys.stderr)
         if failed and failed.log and Path(failed.log).is_file():
             tail = Path(failed.log).read_text(errors="replace").splitlines()[-25:]
             print(f"--- last lines of {failed.name}'s log ({failed.log}) ---", file=sys.stderr)
             print("\n".join(tail), file=sys.stderr)
         print(f"Execution record: {folder / 'execution.json'}", file=sys.stderr)
+        # The cause last, on one line: what a CI log or a terminal shows at the bottom.
+        print(_error_line(f"execution {record.execution_id} failed: {record.failure_reason}"),
+              file=sys.stderr)
         return EXIT_FAILED
 
     register = next((s for s in record.steps.values() if s.type == "RegisterModel"
@@ -397,6 +442,7 @@ def cmd_start(args) -> int:
     name = definition.pipeline_name(chosen)
     sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
     overrides = _parameters(args.parameter)
+    _check_data_uris(s3, chosen, overrides)
     for parameter in chosen.data_parameters:
         if parameter in overrides:
             overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
@@ -502,32 +548,87 @@ def cmd_cost(args) -> int:
     return 0
 
 
-def cmd_registry(args) -> int:
+# The registry actions, and how many package ARNs each takes.
+REGISTRY_ACTIONS = {"list": 0, "approve": 1, "reject": 1, "promote": 1, "diff": 2}
+
+
+def _registry_region(args) -> str:
+    """The region of the registry to use; the local target also starts its server."""
+    if args.target == "local":
+        return _connect(args)["region"]
     import boto3
 
+    region = args.region or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
+    if not region:
+        raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    return region
+
+
+def _registry_promote(args, sagemaker, s3, assumed) -> None:
     from pipelines import registry
 
-    _connect(args)
-    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
-    if args.action == "list":
-        packages = registry.list_packages(sagemaker, s3, args.group)
-        if args.json:
-            print(json.dumps(packages, indent=1, default=str))
-            return 0
-        if not packages:
-            print("no model packages" + (f" in group {args.group}" if args.group else ""))
-        for package in packages:
-            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(package["metrics"].items())
-                                if isinstance(v, (int, float)) and not k.startswith("base_"))
-            meta = package["metadata"]
-            print(f"{package['arn']}\n  status={package['status']}  created={package['created']}"
-                  f"\n  recipe={meta.get('recipe', '?')}  base_model={meta.get('base_model', '?')}"
-                  f"  data={meta.get('data_manifest_sha256', '?')[:12]}"
-                  f"  code={meta.get('code_version', '?')}\n  metrics: {metrics or '-'}")
-        return 0
+    target = assumed.client("sagemaker") if assumed else None
+    arn, created = registry.promote(sagemaker, args.arn, args.to_group, args.reason, target)
+    if created:
+        print(f"{arn}: promoted from {args.arn} to group {args.to_group} (Approved)")
+    else:
+        print(f"{arn}: already promoted from {args.arn} to group {args.to_group}; "
+              "not promoting it again")
+
+
+def _registry_list(args, sagemaker, s3, assumed) -> None:
+    from pipelines import registry
+
+    packages = registry.list_packages(sagemaker, s3, args.group)
+    if args.json:
+        print(json.dumps(packages, indent=1, default=str))
+    elif not packages:
+        print("no model packages" + (f" in group {args.group}" if args.group else ""))
+    else:
+        print(registry.format_list(packages))
+
+
+def _registry_diff(args, sagemaker, s3, assumed) -> None:
+    from pipelines import registry
+
+    rows = registry.diff(sagemaker, s3, args.arn, args.other)
+    if args.json:
+        print(json.dumps({"a": args.arn, "b": args.other, "differences": rows}, indent=1,
+                         default=str))
+    else:
+        print(registry.format_diff(args.arn, args.other, rows))
+
+
+def _registry_status(args, sagemaker, s3, assumed) -> None:
+    from pipelines import registry
+
     status = {"approve": "Approved", "reject": "Rejected"}[args.action]
     package = registry.set_status(sagemaker, args.arn, status, args.reason)
     print(f"{package['ModelPackageArn']}: {package['ModelApprovalStatus']}")
+
+
+def cmd_registry(args) -> int:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from pipelines import registry
+
+    region = _registry_region(args)
+    try:
+        home = boto3.Session(region_name=region)
+        assumed = (registry.assume_role(home.client("sts"), args.role_arn, region)
+                   if args.role_arn else None)
+        # promote reads the source with the caller's credentials and writes with the role's;
+        # every other action works in the role's account.
+        session = assumed if assumed and args.action != "promote" else home
+        action = {"list": _registry_list, "diff": _registry_diff,
+                  "promote": _registry_promote}.get(args.action, _registry_status)
+        action(args, session.client("sagemaker"), session.client("s3"), assumed)
+    except ClientError as exc:
+        raise UserError(f"registry {args.action}: {exc}") from None
+    except BotoCoreError as exc:
+        raise UserError(f"registry {args.action}: {exc}; check the AWS credentials and region "
+                        "(`aws configure`, AWS_PROFILE, --region)") from None
     return 0
 
 
@@ -600,14 +701,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("execution", help="execution id (local) or ARN")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cost)
-    p = sub.add_parser("registry", help="list, approve or reject model packages")
-    common(p, with_recipe=False, with_params=False)
-    p.add_argument("action", choices=("list", "approve", "reject"))
-    p.add_argument("arn", nargs="?", help="model package ARN (approve/reject)")
+    p = sub.add_parser(
+        "registry", help="list, approve, reject, promote or diff model packages",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The SageMaker Model Registry (on --target local, the local server's).\n\n"
+                    "  list [--group G]                      packages with status and metrics\n"
+                    "  approve|reject ARN [--reason TEXT]\n"
+                    "  promote ARN --to-group G [--role-arn R] [--reason TEXT]\n"
+                    "      copy an Approved package into group G (created if missing), in this\n"
+                    "      account or, with --role-arn, in the account of role R (assumed through\n"
+                    "      STS). Idempotent: a package promoted there before is not copied again.\n"
+                    "      Across accounts the target account must also be able to read the\n"
+                    "      model artifact and evaluation in S3 (bucket policy, KMS key grant):\n"
+                    "      this command does not grant that.\n"
+                    "  diff ARN_A ARN_B                      what differs, metric deltas B - A")
+    p.add_argument("--target", choices=("local", "aws"),
+                   default=os.environ.get("LLM_PIPELINE_TARGET", "local"))
+    p.add_argument("--region")
+    p.add_argument("--role-arn", help="IAM role to assume (STS): promote writes into its account; "
+                                      "the other actions work in its account")
+    p.add_argument("action", choices=REGISTRY_ACTIONS)
+    p.add_argument("arn", nargs="?", help="model package ARN (approve, reject, promote, diff)")
+    p.add_argument("other", nargs="?", metavar="ARN_B", help="second package ARN (diff)")
     p.add_argument("--group", help="model package group (list)")
-    p.add_argument("--reason", help="approval description (approve/reject)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (list)")
-    p.set_defaults(func=cmd_registry)
+    p.add_argument("--to-group", help="group to promote into (promote)")
+    p.add_argument("--reason", help="approval description (approve, reject, promote)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (list, diff)")
+    p.set_defaults(func=cmd_registry, bucket=None)
     p = sub.add_parser("server", help="the local AWS (moto) server")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
     p.set_defaults(func=cmd_server)
@@ -616,15 +736,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_registry_args(parser: argparse.ArgumentParser, args) -> None:
+    wanted, given = REGISTRY_ACTIONS[args.action], [a for a in (args.arn, args.other) if a]
+    if len(given) != wanted:
+        what = {0: "no model package ARN", 1: "one model package ARN",
+                2: "two model package ARNs (A and B)"}[wanted]
+        parser.error(f"registry {args.action} takes {what}, got {len(given)}")
+    if (args.action == "promote") != bool(args.to_group):
+        parser.error("--to-group GROUP goes with registry promote, and promote needs it")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "action", None) in ("approve", "reject") and not args.arn:
-        parser.error(f"registry {args.action} needs a model package ARN")
+    if args.command == "registry":
+        _check_registry_args(parser, args)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_error_line(str(exc)), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -225,3 +225,17 @@ def test_every_recipe_definition_passes_check_definition(definitions, tmp_path):
         result = subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True,
                                 text=True, check=False)
         assert result.returncode == 0 and "0 problems" in result.stdout, (name, result.stdout)
+
+
+def test_an_empty_parameter_value_is_refused_before_it_reaches_the_registry(tmp_path):
+    # Every parameter is recorded in the model package's metadata, which holds no empty string:
+    # an empty value would fail the run at its very last step.
+    from pipelines import cli, definition
+
+    path = write(tmp_path, MINIMAL.replace("  BaseModel: builtin:tiny",
+                                           "  BaseModel: builtin:tiny\n  Critic: ''"))
+    path.write_text(path.read_text().replace("max_steps: 5", "max_steps: 5, note: $Critic"))
+    with pytest.raises(UserError, match=r"parameters.Critic is empty; .* write 'none'"):
+        definition._parameters(recipe.load(str(path)), "bucket")
+    with pytest.raises(UserError, match="-p 'CriticModel=': empty value"):
+        cli._parameters(["CriticModel="])
