@@ -104,6 +104,7 @@ def _adapter_config(tenant: str, folder: Path) -> dict:
             f"adapter of tenant '{tenant}': {folder} has no adapter_config.json; give the folder "
             "an SFT stage with a peft_method wrote"
         )
+    models.check_adapter(folder)  # safetensors weights, no remote code: PEFT would unpickle a .bin
     return json.loads(path.read_text())
 
 

@@ -9,7 +9,8 @@ A training job's `CheckpointConfig` is honoured as SageMaker does it: the S3 che
 restored into the checkpoint folder before the stage starts, and the folder is synced back to S3
 while it runs and once more when it ends (also when it fails or is killed), so a restarted job
 resumes. `InstanceCount` > 1 runs that many processes on this machine (torchrun, gloo) in place of
-that many instances.
+that many instances. The values of credential variables in the job's environment (AWS keys,
+HF_TOKEN, API keys) are masked in what a job prints, before it reaches the log or the display.
 """
 
 from __future__ import annotations
@@ -139,8 +140,29 @@ def _tar_folder(folder: Path, archive: Path) -> None:
             tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
 
 
+# Variables whose values are credentials: a value of one of them that a job prints (a library's
+# debug output, a stage printing its environment) is masked before it reaches the log or display.
+_SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|ACCESS_KEY_ID|"
+                          r"CREDENTIALS?|PRIVATE_KEY|AUTH)(_|$)", re.IGNORECASE)
+_MASK = "****"
+
+
+def secret_values(env: dict[str, str]) -> list[str]:
+    """The values of `env` that are credentials, longest first (short ones, such as the local
+    server's 'local', would mask ordinary words)."""
+    values = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for value in secrets:
+        text = text.replace(value, _MASK)
+    return text
+
+
 def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
          on_line: Callable[[str], None]) -> int:
+    secrets = secret_values(env)
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -148,6 +170,7 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
         assert process.stdout is not None
         for line in process.stdout:
+            line = redact(line, secrets)
             log.write(line)
             log.flush()
             on_line(line.rstrip("\n"))
@@ -292,6 +315,8 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     if code != 0:
         failure_file = output_dir / "failure"
         reason = failure_file.read_text().strip() if failure_file.is_file() else _last_error(log_path)
+        reason = reason.removeprefix("ERROR:").strip()  # the stage's own prefix, as _last_error
+        reason = redact(reason, secret_values(_job_environment(env)))
         reason = f"exit code {code}: {reason}"
         return JobResult(False, {**description, "FailureReason": reason}, reason, metrics)
 

@@ -133,11 +133,50 @@ def _hyperparameter_value(value: Any) -> str:
     return json.dumps(value)
 
 
+@dataclasses.dataclass
+class LoadPolicy:
+    """What loading a model may do, for every stage: the two opt-ins of the safe defaults.
+
+    By default weights load from safetensors only and no code shipped with a model runs. Each
+    stage accepts these as hyperparameters (training) or arguments (processing), so a user opts in
+    by name, per stage, for files they trust.
+    """
+
+    allow_unsafe_weights: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Load pickle-based weights (pytorch_model.bin, adapter_model.bin) when a "
+                  "model has no safetensors; unpickling can run code: only for files you trust."},
+    )
+    trust_remote_code: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Run the Python code a model ships (auto_map in its config); only for "
+                  "code you trust."},
+    )
+
+
+# The policy of this process's stage, set by parse_config; read by steps.common.models.
+_load_policy = LoadPolicy()
+
+
+def load_policy() -> LoadPolicy:
+    """The model-loading opt-ins the stage was started with (both off unless given)."""
+    return _load_policy
+
+
+def set_load_policy(policy: LoadPolicy) -> None:
+    global _load_policy
+    _load_policy = policy
+
+
 def parse_config(
     config_class: type[ConfigT], hyperparameters: dict[str, str], argv: list[str]
 ) -> ConfigT:
-    """Build `config_class` from hyperparameters (SageMaker), then argv (the command line wins)."""
+    """Build `config_class` from hyperparameters (SageMaker), then argv (the command line wins).
+
+    Every stage also takes the `LoadPolicy` opt-ins; they become this process's `load_policy()`.
+    """
     valid = [field.name for field in dataclasses.fields(config_class)]
+    valid += [field.name for field in dataclasses.fields(LoadPolicy) if field.name not in valid]
     listing = ", ".join(valid)
     hp_argv: list[str] = []
     for key, value in hyperparameters.items():
@@ -150,9 +189,9 @@ def parse_config(
         hp_argv += [f"--{key}", value]
 
     # exit_on_error=False: a bad value ('--lora_r abc') raises, and is reported like any StageError.
-    parser = HfArgumentParser(config_class, exit_on_error=False)
+    parser = HfArgumentParser((config_class, LoadPolicy), exit_on_error=False)
     try:
-        config, remaining = parser.parse_args_into_dataclasses(
+        config, policy, remaining = parser.parse_args_into_dataclasses(
             args=hp_argv + argv, return_remaining_strings=True, look_for_args_file=False
         )
     except argparse.ArgumentError as err:
@@ -162,6 +201,7 @@ def parse_config(
         raise StageError(
             f"unknown argument '{remaining[0]}'{_did_you_mean(first, valid)}; valid: {listing}"
         )
+    set_load_policy(policy)
     return config
 
 

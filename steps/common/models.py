@@ -10,7 +10,8 @@ A spec is one of:
   - anything else: a Hugging Face Hub id for ``from_pretrained``.
 
 Weights are read from safetensors only and never with remote code: loading a model runs no code
-from it.
+from it. A stage started with ``allow_unsafe_weights`` (pickle-based ``*.bin`` weights) or
+``trust_remote_code`` (a config's ``auto_map``) opts in to either, by name (contract.LoadPolicy).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from steps.common import contract
 from steps.common.contract import StageError
 
 # Model classes are imported where models are built: importing them takes about 5 s, which a stage
@@ -97,8 +100,12 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
             raise StageError(
                 f"adapter folder {folder} has no tokenizer files; save the tokenizer with it"
             )
+        if folder is not None:
+            refuse_remote_code(folder)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder or spec), trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(folder or spec), trust_remote_code=contract.load_policy().trust_remote_code
+            )
         except (OSError, ValueError) as err:
             raise StageError(
                 f"could not load a tokenizer from '{spec}': {_first_line(err)}"
@@ -437,6 +444,69 @@ def _quantized_loading(quantization_config: BitsAndBytesConfig | None) -> dict:
     return {"quantization_config": quantization_config, "device_map": device_map}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """Refuse a folder whose config asks to run its own code, unless trust_remote_code is set.
+
+    Without the opt-in transformers would ignore `auto_map` for a known architecture (and fail
+    with a long error for an unknown one); either way the user gets no model they asked for.
+    """
+    if contract.load_policy().trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise StageError(f"{path}: not a JSON object ({_first_line(err)})") from None
+        if auto_map:
+            code = ", ".join(sorted({str(v) for v in _flatten(auto_map)}))[:200]
+            raise StageError(
+                f"{path}: field 'auto_map' asks to run the model's own code ({code}); refused: "
+                "remote code runs only with trust_remote_code=true (a hyperparameter or "
+                "--trust-remote-code true), for code you trust"
+            )
+
+
+def _flatten(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [item for v in value.values() for item in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [item for v in value for item in _flatten(v)]
+    return [value]
+
+
+def check_weights(folder: Path, safetensors: list[str], kind: str = "model") -> bool:
+    """Whether `folder` must be loaded from pickle-based weights (an opted-in fallback).
+
+    False when it has safetensors (the named files, or any *.safetensors); True when it has only
+    pickle-based files and the stage opted in with allow_unsafe_weights; otherwise a StageError
+    that names the opt-in.
+    """
+    present = [name for name in safetensors if (folder / name).exists()] if safetensors else []
+    if present or (not safetensors and list(folder.glob("*.safetensors"))):
+        return False
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled and contract.load_policy().allow_unsafe_weights:
+        print(f"warning: loading pickle-based weights {', '.join(pickled)} from {folder} "
+              "(allow_unsafe_weights is set)", flush=True)
+        return True
+    wanted = " or ".join(safetensors) if safetensors else "safetensors weights"
+    if not pickled:
+        raise StageError(f"{kind} folder {folder} has no {wanted} (found none); save the {kind} "
+                         "with save_pretrained")
+    raise StageError(
+        f"{kind} folder {folder} has no {wanted} (found {', '.join(pickled)}); pickle-based "
+        "weights are refused (loading them can run code): convert them to safetensors "
+        "(save_pretrained(..., safe_serialization=True)) or, for files you trust, set "
+        "allow_unsafe_weights=true (a hyperparameter or --allow-unsafe-weights true)"
+    )
+
+
 def _from_folder(
     folder: Path, dtype: torch.dtype, quantization_config: BitsAndBytesConfig | None = None
 ) -> PreTrainedModel:
@@ -446,19 +516,17 @@ def _from_folder(
         raise StageError(
             f"model folder {folder} has no config.json; save the model with save_pretrained"
         )
-    if not list(folder.glob("*.safetensors")):
-        found = ", ".join(
-            sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    refuse_remote_code(folder)
+    pickled = check_weights(folder, [])
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=not pickled,
+            trust_remote_code=contract.load_policy().trust_remote_code,
+            **_quantized_loading(quantization_config),
         )
-        raise StageError(
-            f"model folder {folder} has no safetensors weights (found {found or 'none'}); convert "
-            "it to safetensors (save_pretrained(..., safe_serialization=True)): pickled weights "
-            "are not loaded"
-        )
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-        **_quantized_loading(quantization_config),
-    )
+    except (OSError, SafetensorError) as err:  # truncated weights; a .pt transformers won't read
+        raise StageError(f"could not load model folder {folder}: {_first_line(err)}; is a weights "
+                         "file truncated or corrupt?") from None
 
 
 def _from_hub(
@@ -466,14 +534,22 @@ def _from_hub(
 ) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
+    policy = contract.load_policy()
     try:
         return AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            spec, dtype=dtype,
+            # None: safetensors when the repository has them, else its pickle-based files.
+            use_safetensors=None if policy.allow_unsafe_weights else True,
+            trust_remote_code=policy.trust_remote_code,
             **_quantized_loading(quantization_config),
         )
     except (OSError, ValueError) as err:
+        hint = ""
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            hint = "; it ships its own code, which runs only with trust_remote_code=true"
         raise StageError(
             f"could not load model '{spec}' (not a local folder; as a hub id: {_first_line(err)})"
+            + hint
         ) from None
 
 
@@ -482,11 +558,7 @@ def _adapter(
 ) -> PreTrainedModel:
     from peft import PeftModel
 
-    if not (folder / "adapter_model.safetensors").exists():
-        raise StageError(
-            f"adapter folder {folder} has no adapter_model.safetensors; pickled weights are not "
-            "loaded"
-        )
+    check_adapter(folder)
     recorded = json.loads((folder / "adapter_config.json").read_text()).get(
         "base_model_name_or_path"
     )
@@ -499,10 +571,17 @@ def _adapter(
     if _has_tokenizer(folder):
         # An adapter trained over new tokens (continued pre-training's extend_vocabulary) needs
         # its base grown to its tokenizer first, by the rule PEFT's AutoPeftModel applies.
-        size = len(AutoTokenizer.from_pretrained(folder))
+        size = len(load_tokenizer(str(folder)))
         if size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(size, mean_resizing=False)
     return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+
+
+def check_adapter(folder: Path) -> None:
+    """Refuse a PEFT adapter folder PEFT would load by unpickling (adapter_model.bin) or whose
+    config asks for remote code, unless the stage opted in; PEFT itself falls back to the .bin."""
+    refuse_remote_code(folder)
+    check_weights(folder, ["adapter_model.safetensors"], kind="adapter")
 
 
 def _has_tokenizer(folder: Path) -> bool:

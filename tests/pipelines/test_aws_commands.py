@@ -94,4 +94,4 @@ def test_registry_lists_approves_and_rejects_keeping_metadata(env, clients):
     rejected = cli(env, "registry", "reject", arn)
     assert "Rejected" in rejected.stdout
     missing = cli(env, "registry", "approve", arn.replace("/1", "/99"))
-    assert missing.returncode == 2 and missing.stderr.startswith("error: model package")
+    assert missing.returncode == 2 and missing.stderr.startswith("ERROR: model package")

@@ -155,4 +155,4 @@ def test_the_cost_command_prints_the_ledger_of_a_past_local_execution(tmp_path):
     assert as_json["usd_per_million_training_tokens"] == pytest.approx(total)
 
     missing = cli(env, "cost", "nope")
-    assert missing.returncode == 2 and missing.stderr.startswith("error: no local execution nope")
+    assert missing.returncode == 2 and missing.stderr.startswith("ERROR: no local execution nope")
