@@ -18,7 +18,7 @@ REPOSITORY_PREFIX = "llm-lifecycle"
 IMAGES: dict[str, tuple[str, ...]] = {
     f"{REPOSITORY_PREFIX}-processing": ("steps.data_prep", "steps.evaluate",
                                         "steps.teacher_logits", "steps.quantize",
-                                        "steps.constitutional"),
+                                        "steps.constitutional", "steps.compare_approved"),
     f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
                                       "steps.distill", "steps.reward_model", "steps.dpo",
                                       "steps.ppo"),

@@ -228,7 +228,9 @@ def _execution_policy(repositories: list[str], groups: list[str],
                    "sagemaker:StopTrainingJob"], job_arns),
         statement("RegisterModelsInTheProjectGroups",
                   ["sagemaker:AddTags", "sagemaker:CreateModelPackage",
-                   "sagemaker:DescribeModelPackage", "sagemaker:DescribeModelPackageGroup"],
+                   "sagemaker:DescribeModelPackage", "sagemaker:DescribeModelPackageGroup",
+                   # Evaluate reads the group's Approved package for the gate.
+                   "sagemaker:ListModelPackages"],
                   group_arns + package_arns),
         # Caching and selective re-execution look at earlier executions of the same pipeline.
         statement("ReadThePipelinesOwnExecutions",

@@ -37,6 +37,8 @@ COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
     "TrainingInstanceType": "ml.g5.xlarge",
     "TrainingInstanceCount": 1,
     "EvalThreshold": 1.0,
+    # The candidate's gate metric must beat the group's newest Approved package by this much.
+    "ApprovedMargin": 0.0,
     "ModelPackageGroup": None,  # the recipe's model_package_group
 }
 DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl",
@@ -139,6 +141,7 @@ def get_pipeline(
         OutputDataConfig,
     )
     from sagemaker.core.workflow.conditions import (
+        ConditionEquals,
         ConditionGreaterThanOrEqualTo,
         ConditionLessThanOrEqualTo,
     )
@@ -414,17 +417,44 @@ def get_pipeline(
         ),
     )
     higher = recipe.gate_direction == "higher"
+    # The candidate against the group's Approved package: a step of its own and never cached,
+    # since its answer depends on the registry, which no cache key sees (steps.compare_approved).
+    approved_gate = PropertyFile(name="ApprovedGate", output_name="gate", path="gate.json")
+    compare = ProcessingStep(
+        name="CompareWithApproved",
+        step_args=processor("steps.compare_approved").run(
+            inputs=[s3_input("evaluation", evaluation_uri, "/opt/ml/processing/evaluation"),
+                    s3_input("data", resolve_input(inputs["data"]), "/opt/ml/processing/data")],
+            outputs=[s3_output("gate", output_uri("CompareWithApproved", "gate"),
+                               "/opt/ml/processing/gate")],
+            arguments=["--evaluation-dir", "/opt/ml/processing/evaluation",
+                       "--data-dir", "/opt/ml/processing/data",
+                       "--output-dir", "/opt/ml/processing/gate",
+                       "--model-package-group", p["ModelPackageGroup"],
+                       "--gate-metric", recipe.gate_metric,
+                       "--gate-direction", recipe.gate_direction,
+                       "--approved-margin", p["ApprovedMargin"].to_string()],
+        ),
+        property_files=[approved_gate],
+        retry_policies=retries,
+    )
+    beats_approved = JsonGet(step_name=compare.name, property_file=approved_gate,
+                             json_path="beats_approved")
     fail = FailStep(
         name="EvaluationGateFailed",
         error_message=Join(on=" ", values=[
             f"Evaluation gate failed: {recipe.gate_metric} =", gate_value,
-            "is below" if higher else "is above", "EvalThreshold =", p["EvalThreshold"],
-            "; nothing was registered (change EvalThreshold or improve the model)"]),
+            "(must be at least" if higher else "(must be at most", "EvalThreshold =",
+            p["EvalThreshold"], "); against the Approved package:",
+            JsonGet(step_name=compare.name, property_file=approved_gate, json_path="reason"),
+            "; nothing was registered"]),
     )
     condition = ConditionGreaterThanOrEqualTo if higher else ConditionLessThanOrEqualTo
     gate = ConditionStep(
         name="EvaluationGate",
-        conditions=[condition(left=gate_value, right=p["EvalThreshold"])],
+        # Both: the absolute threshold, and the margin over the model in production.
+        conditions=[condition(left=gate_value, right=p["EvalThreshold"]),
+                    ConditionEquals(left=beats_approved, right=1)],
         if_steps=[register],
         else_steps=[fail],
     )
@@ -434,7 +464,7 @@ def get_pipeline(
         logging.getLogger(logger).setLevel(logging.WARNING)
     return Pipeline(name=name, parameters=list(params.values()),
                     steps=[*(step for step, _ in prepared.values()), *middle_steps, evaluate,
-                           gate],
+                           compare, gate],
                     sagemaker_session=session, pipeline_experiment_config=None)
 
 

@@ -52,7 +52,8 @@ JUDGE_STAGES = ("reward_model",)  # training stages whose model scores the polic
 PROCESSING_STAGES = ("constitutional", "teacher_logits", "quantize")
 # Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
 COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
-                     "TrainingInstanceCount", "EvalThreshold", "ModelPackageGroup")
+                     "TrainingInstanceCount", "EvalThreshold", "ApprovedMargin",
+                     "ModelPackageGroup")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, loc
 
     folder, execution = latest_execution(local_home, "llm-dpo")
     assert [s for s in execution["steps"] if execution["steps"][s]["status"] == "Succeeded"] == [
-        "DataPrep", "DataPrepPreference", "SFT", "DPO", "Evaluate", "EvaluationGate", "Register"]
+        "DataPrep", "DataPrepPreference", "SFT", "DPO", "Evaluate", "CompareWithApproved",
+        "EvaluationGate", "Register"]
     metrics = evaluation_of(folder)
     # Judged on held-out pairs: the aligned policy prefers the chosen answers more than its base.
     assert metrics["logprob_margin_delta"] > 0

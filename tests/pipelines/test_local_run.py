@@ -50,8 +50,9 @@ def test_passing_run_registers_the_package_with_metrics_and_metadata(env, data, 
     assert execution["status"] == "Succeeded"
     statuses = {name: step["status"] for name, step in execution["steps"].items()}
     assert statuses == {"DataPrep": "Succeeded", "SFT": "Succeeded", "Evaluate": "Succeeded",
-                        "EvaluationGate": "Succeeded", "Register": "Succeeded",
-                        "EvaluationGateFailed": "NotExecuted"}
+                        "CompareWithApproved": "Succeeded", "EvaluationGate": "Succeeded",
+                        "Register": "Succeeded", "EvaluationGateFailed": "NotExecuted"}
+    assert "no Approved package in group e2e-pass yet" in result.stdout
 
     packages = json.loads(cli(env, "registry", "list", "--group", "e2e-pass", "--json").stdout)
     assert len(packages) == 1
@@ -91,6 +92,26 @@ def test_too_high_threshold_takes_the_fail_branch_and_registers_nothing(env, dat
     assert execution["steps"]["Register"]["status"] == "NotExecuted"
     groups = sagemaker.list_model_package_groups()["ModelPackageGroupSummaryList"]
     assert "e2e-fail" not in {g["ModelPackageGroupName"] for g in groups}
+
+
+def test_a_candidate_that_does_not_beat_the_approved_package_is_not_registered(
+        env, data, clients, local_home):
+    # After the first test: its package is approved, then the same model is a candidate again,
+    # asked to beat it by a margin (the training steps are cache hits; the registry comparison is
+    # never cached).
+    sagemaker, _ = clients
+    approved = json.loads(cli(env, "registry", "list", "--group", "e2e-pass", "--json").stdout)
+    assert len(approved) == 1
+    assert cli(env, "registry", "approve", approved[0]["arn"], "--reason", "e2e").returncode == 0
+
+    result = run(env, data, "e2e-pass", "-p", "EvalThreshold=1.0", "-p", "ApprovedMargin=0.5")
+    assert result.returncode == 1
+    execution = latest_execution(local_home)
+    assert execution["steps"]["Register"]["status"] == "NotExecuted"
+    assert f"of the Approved {approved[0]['arn']}: +0 above it, less than the required 0.5" \
+        in result.stderr
+    packages = sagemaker.list_model_packages(ModelPackageGroupName="e2e-pass")
+    assert len(packages["ModelPackageSummaryList"]) == 1
 
 
 def test_bad_data_fails_data_prep_naming_the_record_and_stops_dependants(env, tmp_path, local_home):

@@ -42,7 +42,7 @@ def test_pretrain_recipe_trains_a_tokenizer_and_model_from_nothing_and_registers
 
     folder, execution = latest_execution(local_home, "llm-pretrain")
     assert [s for s in execution["steps"] if execution["steps"][s]["status"] == "Succeeded"] == [
-        "DataPrep", "Pretrain", "Evaluate", "EvaluationGate", "Register"]
+        "DataPrep", "Pretrain", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register"]
     evaluation = json.loads(next(folder.glob("Evaluate/**/evaluation.json")).read_text())
     # Evaluated alone (there is no base model) on held-out text: likelihood metrics only.
     assert set(evaluation["metrics"]) == {"eval_loss", "perplexity", "bits_per_byte"}

@@ -15,7 +15,8 @@ from tests.pipelines.conftest import clean_env, cli
 from tests.pipelines.test_cache import write_quick_recipe, write_sums
 
 PIPELINE = "llm-rerun-test"
-DOWNSTREAM_OF_SFT = ["SFT", "Evaluate", "EvaluationGate", "Register", "EvaluationGateFailed"]
+DOWNSTREAM_OF_SFT = ["SFT", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register",
+                     "EvaluationGateFailed"]
 
 
 @pytest.fixture(scope="module")
