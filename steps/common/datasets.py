@@ -134,7 +134,7 @@ def _read_jsonl(text: str, display: str) -> list[Record]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             raise StageError(
-                f"{display}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
+                f"{display}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
                 "each line must be one complete JSON object"
             ) from None
         records.append(Record(value, f"{display}:{number}"))
@@ -146,7 +146,7 @@ def _read_json(text: str, display: str) -> list[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise StageError(
-            f"{display}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
+            f"{display}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
         ) from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
@@ -192,7 +192,7 @@ def _csv_cell(name: str, cell: str, location: str) -> Any:
             return json.loads(cell)
         except json.JSONDecodeError as err:
             raise StageError(
-                f"{location}: field '{name}': not valid JSON ({err.msg} at column {err.colno}); "
+                f"{location}: field '{name}': not valid JSON ({err.msg}, column {err.colno}); "
                 'CSV cells holding messages must be JSON lists like [{"role": "user", ...}]'
             ) from None
     if name == "label" and cell.strip().lower() in ("true", "false", "1", "0"):

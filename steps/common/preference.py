@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
-from steps.common import models
+from steps.common import contract, models
 from steps.common.contract import StageError
 from steps.common.datasets import (
     DatasetFormat,
@@ -278,11 +279,19 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrain
         )
     if config.get("num_labels", len(config.get("id2label") or {0: 0})) != 1:
         raise StageError(f"reward model {folder} has more than one output; a reward is one score")
-    if not list(folder.glob("*.safetensors")):
-        raise StageError(f"reward model folder {folder} has no safetensors weights")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
+    # The loading policy every model follows (steps.common.models): safetensors unless the stage
+    # opted in to pickle weights, no remote code unless opted in.
+    models.refuse_remote_code(folder)
+    pickled = models.check_weights(folder, [], kind="reward model")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=dtype, use_safetensors=not pickled,
+            trust_remote_code=contract.load_policy().trust_remote_code,
+        )
+    except (OSError, SafetensorError) as exc:  # a truncated or corrupt weights file
+        raise StageError(f"could not load reward model folder {folder}: "
+                         f"{' '.join(str(exc).split())[:300]}; is a weights file truncated or "
+                         "corrupt?") from None
     return model.eval()
 
 

@@ -268,3 +268,39 @@ def test_s3_keys_that_climb_out_of_the_staging_folder_are_refused(tmp_path):
 
     # Without the check the key lands in tmp_path/job/, beside the job's input folder.
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+
+
+def test_a_reward_model_follows_the_same_loading_policy(tmp_path):
+    # The judge of PPO and of evaluation is loaded by its own code path (a sequence classifier):
+    # pickle weights, remote code and a truncated file get the same one-line refusals.
+    from transformers import AutoModelForSequenceClassification
+
+    from steps.common.preference import load_reward_model
+
+    config = models.load_model(models.TINY).config
+    config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
+    scorer = AutoModelForSequenceClassification.from_config(config)
+    pickled = tmp_path / "pickled"  # what torch.save and older save_pretrained write
+    scorer.config.architectures = [type(scorer).__name__]
+    scorer.config.save_pretrained(pickled)
+    torch.save(scorer.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(StageError, match="pickle-based weights are refused.*allow_unsafe_weights"):
+        load_reward_model(str(pickled))
+    opt_in(allow_unsafe_weights=True)
+    assert load_reward_model(str(pickled)).config.num_labels == 1
+    opt_in(allow_unsafe_weights=False)
+
+    coded = tmp_path / "coded"
+    scorer.save_pretrained(coded)
+    config = json.loads((coded / "config.json").read_text())
+    (coded / "config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoModelForSequenceClassification": "modeling_evil.Evil"}}))
+    with pytest.raises(StageError, match="auto_map.*trust_remote_code"):
+        load_reward_model(str(coded))
+
+    truncated = tmp_path / "truncated"
+    scorer.save_pretrained(truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(StageError, match="truncated or corrupt"):
+        load_reward_model(str(truncated))
