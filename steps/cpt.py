@@ -21,7 +21,6 @@ SageMaker checkpoint folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import transformers
@@ -50,6 +49,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -205,7 +205,7 @@ def main(config: CPTStageConfig) -> None:
         # The new rows of a LoRA run are in the adapter (trainable tokens), so the embedding
         # matrices need not be saved whole.
         save_model(trainer.model, tokenizer, staging, config, save_embedding_layers=False)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=source)
     what = "model" if config.peft_method == "none" else "adapter"
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)
 

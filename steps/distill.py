@@ -81,6 +81,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -461,7 +462,7 @@ def main(config: DistillStageConfig) -> None:
     )
     with contract.atomic_output(model_dir) as staging:
         save_model(trainer.model, tokenizer, staging, config)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=student_spec)
     print(f"teacher forward passes in this job: {counter.forward_passes}", flush=True)
     print(f"saved the student, tokenizer and training_summary.json to {model_dir}", flush=True)
 

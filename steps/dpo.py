@@ -39,7 +39,6 @@ head against 142 s from the logits in fp32, 91 s against 123 s in bf16).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 
 import transformers
@@ -67,6 +66,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -222,7 +222,7 @@ def main(config: DPOStageConfig) -> None:
     )
     with contract.atomic_output(model_dir) as staging:
         save_model(model, tokenizer, staging, config)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=source)
     what = "adapter" if is_peft_model(model) else "model"
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)
 

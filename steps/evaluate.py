@@ -7,9 +7,11 @@
 --model-dir holds a training stage's output (a folder, or the model.tar.gz SageMaker packed it
 into); --data-dir holds validation.jsonl (or is a data file or folder itself). It writes
 evaluation.json in the SageMaker model-quality shape,
-``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}, "checks": {...}, ...}``, and
-metrics_comparison.png. Metrics of the tuned model; the base model's carry a ``base_`` prefix
-(none with --base-model none); standard deviations are over examples, pairs or answers.
+``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}, "checks": {...}, ...}``,
+metrics_comparison.png, and from them and the lineage the model records (steps.common.report)
+report.md, report.html, model_card.md and loss_curves.png ([--description TEXT]: what the model is
+for, for the card). Metrics of the tuned model; the base model's carry a ``base_`` prefix (none
+with --base-model none); standard deviations are over examples, pairs or answers.
 
 On every dataset with responses (prompt-only data is refused: there is nothing to score):
   eval_loss, perplexity     mean token loss on the responses (what SFT trains on), and exp of it
@@ -79,6 +81,8 @@ from steps.common.preference import (
     reward_scores,
     win_rate,
 )
+from steps.common.report import write_report
+from steps.common.training import read_lineage
 
 # The metrics metrics_comparison.png shows: a pair of bars (base, tuned) where there is a base_
 # metric, else one bar (the comparisons: kl_to_base, win_rate).
@@ -135,6 +139,11 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "A reward model that steps.reward_model wrote (a folder, or one with "
                   "model.tar.gz) to judge the answers: reward_mean, reward_margin, win_rate."},
+    )
+    description: str | None = field(
+        default=None,
+        metadata={"help": "What the model is for, for model_card.md (default: a description in "
+                  "its training summary)."},
     )
 
     def __post_init__(self) -> None:
@@ -256,7 +265,11 @@ def main(config: EvaluateConfig) -> None:
             json.dumps(evaluation, indent=2) + "\n", encoding="utf-8"
         )
         _plot_comparison(metrics, staging / "metrics_comparison.png")
-    print(f"wrote evaluation.json and metrics_comparison.png to {config.output_dir}", flush=True)
+        written = write_report(staging, evaluation, read_lineage(folder), model=config.model_dir,
+                               data=str(data_path), description=config.description,
+                               adapter=is_adapter)
+    print(f"wrote evaluation.json, metrics_comparison.png, {', '.join(written)} to "
+          f"{config.output_dir}", flush=True)
 
 
 def _metrics(

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -88,6 +87,7 @@ from steps.common.training import (
     TrainingReport,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     trainable_parameters,
     training_summary,
     world_size,
@@ -342,7 +342,7 @@ def main(config: PPOStageConfig) -> None:
         policy.delete_adapter(reference.adapter_name)  # the frozen reference copy: not output
     with contract.atomic_output(model_dir) as staging:
         save_model(policy, tokenizer, staging, config)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=source)
     what = "adapter" if is_peft_model(policy) else "model"
     print(f"saved the policy {what}, tokenizer and training_summary.json to {model_dir}",
           flush=True)

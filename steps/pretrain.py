@@ -21,7 +21,6 @@ the corpus's phrasing. The same stage trains larger models by its knobs on a GPU
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -183,7 +183,7 @@ def main(config: PretrainStageConfig) -> None:
     with contract.atomic_output(model_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=None)
     print(f"saved the model, tokenizer and training_summary.json to {model_dir}", flush=True)
 
 

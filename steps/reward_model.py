@@ -26,7 +26,6 @@ SageMaker checkpoint folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +52,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -187,7 +187,7 @@ def main(config: RewardModelStageConfig) -> None:
     with contract.atomic_output(model_dir) as staging:
         reward_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=source)
     print(f"saved the reward model (sequence classification, 1 output), tokenizer and "
           f"training_summary.json to {model_dir}", flush=True)
 

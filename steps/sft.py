@@ -19,7 +19,6 @@ checkpoints to the SageMaker checkpoint folder.
 from __future__ import annotations
 
 import itertools
-import json
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
     prepare_precision,
+    save_training_record,
     train,
     trainer_arguments,
     training_summary,
@@ -209,7 +209,7 @@ def main(config: SFTStageConfig) -> None:
                 merge_adapter(adapter_dir, staging, base_model=source)
         else:
             save_model(trainer.model, tokenizer, staging, config)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_training_record(staging, summary, started_from=source)
     what = "model" if config.peft_method == "none" else "adapter"
     what = "merged model" if config.merge_lora else what
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)

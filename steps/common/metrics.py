@@ -111,22 +111,50 @@ class MetricsCallback(TrainerCallback):
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
-    """Training (and evaluation) loss against step, as a PNG."""
+    """Training (and evaluation) loss of one stage against step, as a PNG."""
+    plot_loss_curves([("", history)], path)
+
+
+def plot_loss_curves(
+    stages: list[tuple[str, list[dict[str, Any]]]], path: Path
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Training (and evaluation) loss against step of one or more stages, as a PNG.
+
+    `stages`: (label, metric history) in training order; with several, each stage's steps follow
+    the last step drawn before it, one colour per stage, the names prefixed by its label. Returns
+    the points drawn, {label: {"train_loss": [(x, loss), ...], "eval_loss": [...]}}, for the stages
+    that have any loss (a stage without is left out).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display in a container
     import matplotlib.pyplot as plt
 
+    drawn: dict[str, dict[str, list[tuple[float, float]]]] = {}
     figure, axes = plt.subplots(figsize=(7, 4))
-    for name, style in (("train_loss", "-o"), ("eval_loss", "s")):
-        points = [(m["step"], m[name]) for m in history if name in m]
-        if points:
-            steps, values = zip(*points)
-            axes.plot(steps, values, style, label=name, markersize=3)
-    axes.set_xlabel("step")
+    offset = 0.0
+    for index, (label, history) in enumerate(stages):
+        points = {name: [(offset + m["step"], m[name]) for m in history
+                         if name in m and "step" in m]
+                  for name in ("train_loss", "eval_loss")}
+        if not any(points.values()):
+            continue
+        if drawn:
+            axes.axvline(offset, color="#9e9e9e", linestyle=":", linewidth=1)
+        for name, style in (("train_loss", "-o"), ("eval_loss", "s")):
+            if points[name]:
+                steps, values = zip(*points[name])
+                axes.plot(steps, values, style, markersize=3,
+                          label=f"{label}: {name}" if label else name,
+                          color=f"C{index}" if label else None)
+        drawn[label] = points
+        offset = max(x for line in points.values() for x, _ in line)
+    axes.set_xlabel("step" if len(stages) == 1 else "step (each stage after the one before)")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if drawn:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return drawn

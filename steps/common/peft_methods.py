@@ -29,6 +29,7 @@ import torch
 
 from steps.common import models
 from steps.common.contract import StageError
+from steps.common.training import TRAINING_RECORD_FILES
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -407,7 +408,7 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, *,
 
     The base is loaded afresh in full precision (a QLoRA adapter was trained over 4-bit weights,
     but merging into those would bake the quantization error into the served model); the tokenizer
-    and any training_summary.json come along. Prompt-learning adapters have nothing to merge: they
+    and its training record (training_summary.json, lineage.json, ...) come along. Prompt-learning adapters have nothing to merge: they
     are served with their base (steps.generate).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -425,8 +426,9 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     models.load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)
-    if (adapter_dir / "training_summary.json").exists():
-        shutil.copy(adapter_dir / "training_summary.json", out_dir / "training_summary.json")
+    for name in TRAINING_RECORD_FILES:  # how the model was made travels with it
+        if (adapter_dir / name).exists():
+            shutil.copy(adapter_dir / name, out_dir / name)
     return out_dir
 
 

@@ -10,6 +10,11 @@ on the hardware the stage runs on (TRL turns on bf16 and activation checkpointin
 Checkpoints go to the SageMaker checkpoint folder (`contract.checkpoint_dir()`), which SageMaker
 syncs to the step's `CheckpointConfig.S3Uri` while the job runs and restores into a restarted job;
 `train` resumes from the latest checkpoint there with optimizer, scheduler and RNG state.
+
+Each stage saves its model with `save_training_record`: training_summary.json, the stage's metric
+history (training_metrics.jsonl) and lineage.json, every training stage that made the model with
+its history, carried forward from stage to stage, so that evaluation can report how the model was
+made (its loss curves and model card) from the model alone.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
-from steps.common.models import resolve_precision
+from steps.common.models import local_model_folder, resolve_precision
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
@@ -40,6 +45,13 @@ ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 # written under other values of these is still a valid place to resume from.
 _NOT_IN_FINGERPRINT = {"logging_steps", "checkpoint_steps", "checkpoints_to_keep"}
 _FINGERPRINT_FILE = "run_fingerprint.json"
+
+METRICS_FILE = "metrics.jsonl"  # in SM_OUTPUT_DATA_DIR: the stage's metric history
+# What a model folder records about how it was made, beside its weights (see save_training_record).
+SUMMARY_FILE = "training_summary.json"
+HISTORY_FILE = "training_metrics.jsonl"
+LINEAGE_FILE = "lineage.json"
+TRAINING_RECORD_FILES = (SUMMARY_FILE, HISTORY_FILE, LINEAGE_FILE)
 
 
 @dataclass
@@ -199,7 +211,7 @@ def metrics_callback(renamed: dict[str, str] | None = None) -> tuple[MetricsCall
     """
     output_data_dir = contract.output_data_dir()
     output_data_dir.mkdir(parents=True, exist_ok=True)
-    path = output_data_dir / "metrics.jsonl"
+    path = output_data_dir / METRICS_FILE
     path.write_text("")
     return MetricsCallback(path, renamed), path
 
@@ -361,3 +373,67 @@ def training_summary(stage: str, config: TrainingKnobs, base_model: str, precisi
         **extra,
         "training": report.as_summary(),
     }
+
+
+def save_training_record(folder: Path, summary: dict[str, Any], started_from: str | None) -> None:
+    """Write into a model folder what it records about how it was made (no weights: a few kB):
+
+        training_summary.json   this stage's `training_summary`
+        training_metrics.jsonl  this stage's metric history: the lines of its metrics.jsonl
+        lineage.json            every training stage that made the model, oldest first, one line
+                                each: {"stage", "base_model", "summary", "metrics"} (the summary
+                                and the history of that stage)
+
+    `started_from`: the model this stage's weights began from. When it is an earlier stage's
+    output (the `model` channel), its lineage comes first; a hub id, a builtin spec or None (a
+    model built from a config) starts a new one. Evaluation reads the lineage for its report and
+    the model card.
+    """
+    history = read_history(contract.output_data_dir() / METRICS_FILE)
+    lineage = [*read_lineage(started_from), {
+        "stage": summary["stage"],
+        "base_model": summary["base_model"],
+        "summary": summary,
+        "metrics": history,
+    }]
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / HISTORY_FILE).write_text("".join(json.dumps(line) + "\n" for line in history))
+    (folder / LINEAGE_FILE).write_text(
+        "[\n" + ",\n".join(json.dumps(stage) for stage in lineage) + "\n]\n"
+    )
+
+
+def read_lineage(model: str | Path | None) -> list[dict[str, Any]]:
+    """The training stages that made `model` (a model folder or a model.tar.gz), oldest first.
+
+    Its lineage.json; for a model saved without one, a single stage from its training_summary.json
+    (and training_metrics.jsonl, if any); [] for a model no stage of this project trained (a hub
+    id, a builtin spec, a folder without a training record).
+    """
+    if model is None or str(model).startswith("s3://") or not Path(model).exists():
+        return []
+    folder = local_model_folder(str(model))
+    if folder is None:
+        return []
+    if (folder / LINEAGE_FILE).exists():
+        lineage = json.loads((folder / LINEAGE_FILE).read_text())
+        if not isinstance(lineage, list) or not all(isinstance(s, dict) for s in lineage):
+            raise StageError(f"{folder / LINEAGE_FILE} is not a list of training stages; remove "
+                             "it, or save the model again with a training stage")
+        return lineage
+    if not (folder / SUMMARY_FILE).exists():
+        return []
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    return [{
+        "stage": summary.get("stage", "unknown"),
+        "base_model": summary.get("base_model"),
+        "summary": summary,
+        "metrics": read_history(folder / HISTORY_FILE),
+    }]
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The metric lines of a metrics.jsonl (or training_metrics.jsonl); [] if there is none."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
