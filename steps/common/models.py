@@ -559,10 +559,7 @@ def _adapter(
     from peft import PeftModel
 
     check_adapter(folder)
-    recorded = json.loads((folder / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
-    base = base_model or recorded
+    base = base_model or adapter_base(folder)
     if not base:
         raise StageError(
             f"adapter folder {folder} does not name its base model; pass the base model spec"
@@ -575,6 +572,42 @@ def _adapter(
         if size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(size, mean_resizing=False)
     return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+
+
+# Where an adapter keeps a copy of its base when the base was a job's local folder (a model channel
+# that no later job has): adapter_config.json names it relative to the adapter folder.
+BUNDLED_BASE = "base"
+
+
+def adapter_base(folder: Path) -> str | None:
+    """The base model an adapter folder records: a spec, a path, or its bundled copy."""
+    recorded = json.loads((Path(folder) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if recorded == BUNDLED_BASE and (Path(folder) / BUNDLED_BASE).is_dir():
+        return str(Path(folder) / BUNDLED_BASE)
+    return recorded
+
+
+def bundle_local_base(folder: Path) -> bool:
+    """Make a saved adapter folder loadable by later jobs: when its base is a local folder (the
+    model channel of this job, which the next job does not have), copy the base's files into
+    `folder/base` and name that in adapter_config.json. True when it did.
+
+    Written by hand: PEFT records the base as the path it was loaded from and resolves it against
+    the working directory, with no notion of a base that travels with the adapter.
+    """
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    recorded = config.get("base_model_name_or_path")
+    if not recorded or recorded == BUNDLED_BASE or not Path(recorded).is_dir():
+        return False  # a builtin spec or a hub id: any job can load it again
+    target = folder / BUNDLED_BASE
+    shutil.copytree(recorded, target, symlinks=False,
+                    ignore=shutil.ignore_patterns("checkpoint-*", "*.tar.gz"))
+    config["base_model_name_or_path"] = BUNDLED_BASE
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def check_adapter(folder: Path) -> None:

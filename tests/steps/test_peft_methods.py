@@ -278,3 +278,34 @@ def test_a_misspelt_lora_target_names_the_layers_the_model_has():
                        "o_proj, q_proj, up_proj, v_proj"):
         peft_methods.apply_peft(models.load_model(models.TINY), knobs,
                                 models.load_tokenizer(models.TINY))
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_an_adapter_over_a_jobs_input_folder_carries_its_base_to_later_jobs(tmp_path, method):
+    # CPT (full) -> SFT (an adapter): the SFT job loads its base from the model channel, a folder
+    # the next job (DPO, Evaluate) does not have. The saved adapter must still load there.
+    import shutil
+
+    channel = tmp_path / "job1" / "input" / "model"
+    models.load_model(models.TINY).save_pretrained(channel)
+    models.load_tokenizer(models.TINY).save_pretrained(channel)
+    knobs = PeftKnobs(peft_method=method)
+    tokenizer = models.load_tokenizer(str(channel))
+    model = peft_methods.load_model_for_training(str(channel), knobs, "fp32")
+    model = peft_methods.apply_peft(model, knobs, tokenizer)
+    with torch.no_grad():  # make the adapter do something
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05)
+    inputs = tokenizer("a b c", return_tensors="pt")
+    expected = model.eval()(**inputs).logits  # no dropout
+    saved = tmp_path / "job1" / "model"
+    peft_methods.save_model(model, tokenizer, saved, knobs)
+    shutil.rmtree(tmp_path / "job1" / "input")  # the job ends; its channel is gone
+
+    later = tmp_path / "job2" / "model"
+    shutil.copytree(saved, later)  # what the next job's channel holds
+    reloaded = models.load_model(str(later)).eval()
+    assert json.loads((later / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == models.BUNDLED_BASE
+    assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-5)
