@@ -45,7 +45,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import statistics
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,12 +64,14 @@ from steps.common.datasets import load_records, sft_example
 from steps.common.models import (
     SMOLLM2,
     TINY,
+    adapter_base,
     load_model,
     load_tokenizer,
     local_model_folder,
     resolve_model_source,
 )
 from steps.common.peft_methods import merge_adapter
+from steps.common.training import HISTORY_FILE, LINEAGE_FILE
 from steps.evaluate import example_losses, generate, prompt_and_completion, response_text
 
 SCHEMES = ("int8", "nf4")
@@ -112,6 +116,11 @@ class QuantizeConfig:
     )
     speed_tokens: int = field(
         default=32, metadata={"help": "New tokens per timed generation run."}
+    )
+    archive: bool = field(
+        default=False,
+        metadata={"help": "Also pack each variant as <scheme>.tar.gz, the single archive a "
+                  "SageMaker model package's ModelDataUrl must name (for registration)."},
     )
 
     def __post_init__(self) -> None:
@@ -183,11 +192,16 @@ def main(config: QuantizeConfig) -> None:
                            "base_model": source_summary.get("base_model", source),
                            "quantization": record}
                 (folder / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                for name in (HISTORY_FILE, LINEAGE_FILE):  # how the model was made travels on
+                    if (reference_dir / name).exists():
+                        shutil.copy2(reference_dir / name, folder / name)
                 results[scheme] = _measure(scheme, folder, tokenizer, examples, pairs,
                                            reference_answers, config)
                 results[scheme].pop("answers")
                 results[scheme]["folder"] = scheme
                 _add_deltas(results[scheme], results["reference"])
+                if config.archive:
+                    _pack(folder, staging / f"{scheme}.tar.gz")
 
             report = {
                 "source_model": source,
@@ -212,6 +226,13 @@ def main(config: QuantizeConfig) -> None:
           f"to {output_dir}", flush=True)
 
 
+def _pack(folder: Path, archive: Path) -> None:
+    """`folder`'s files at the root of a .tar.gz, as SageMaker packs a training job's model."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+
+
 # --- Inputs ---------------------------------------------------------------------------------------
 
 
@@ -227,7 +248,7 @@ def _refuse_quantized(source: str, base_model: str | None) -> None:
                 f"{source} is a {adapter.get('peft_type')} adapter, which has no weights to merge; "
                 "quantize its base model and serve the adapter over it"
             )
-        base = base_model or adapter.get("base_model_name_or_path")
+        base = base_model or adapter_base(folder)
         if base and base not in (TINY, SMOLLM2) and Path(base).exists():
             _refuse_quantized(base, None)
         return

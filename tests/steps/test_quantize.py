@@ -33,7 +33,7 @@ def quantized(sft_run, data_dir, tmp_path_factory) -> Path:
     quantize.main(quantize.QuantizeConfig(
         model_dir=str(sft_run.model_dir), output_dir=str(output), scheme="both",
         data_dir=str(data_dir), max_samples=4, max_new_tokens=8, batch_size=4, speed_runs=2,
-        speed_tokens=8,
+        speed_tokens=8, archive=True,
     ))
     return output
 
@@ -58,6 +58,19 @@ def test_quantization_json_has_the_documented_fields_for_every_variant(quantized
         assert variant["perplexity_ratio"] == pytest.approx(
             variant["perplexity"] / report["variants"]["reference"]["perplexity"])
     assert (quantized / "quantization_comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_each_variant_is_also_one_archive_for_registration_with_its_lineage(quantized):
+    # A model package's ModelDataUrl names one .tar.gz: the folder's files at its root.
+    import tarfile
+
+    for scheme in ("int8", "nf4"):
+        with tarfile.open(quantized / f"{scheme}.tar.gz") as tar:
+            names = set(tar.getnames())
+        assert {p.name for p in (quantized / scheme).iterdir()} == names
+        assert {"config.json", "training_summary.json", "lineage.json"} <= names
+        summary = json.loads((quantized / scheme / "training_summary.json").read_text())
+        assert summary["quantization"]["scheme"] == scheme
 
 
 def test_quantized_models_are_smaller_on_disk_and_in_memory(quantized):
