@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from containers import images
 from pipelines import UserError, definition, recipe
 from pipelines.local import server
 
@@ -82,6 +83,38 @@ def _build(args, role_arn: str, bucket: str, region: str) -> tuple[recipe.Recipe
 
 def _build_for(args, target: dict) -> tuple[recipe.Recipe, str]:
     return _build(args, target["role_arn"], target["bucket"], target["region"])
+
+
+def _build_cached(args, target: dict) -> tuple[recipe.Recipe, str]:
+    """`_build_for`, reusing the definition an earlier local run built from the same inputs.
+
+    Building imports the SageMaker SDK (10-20 s), and a definition is a pure function of the
+    recipe file, the target's role/bucket/region, the image tag and the code that builds it, so
+    the text is kept under $LLM_PIPELINE_HOME/definitions keyed by all of them. Only `run` uses
+    it: `definition` and `upsert` always build afresh.
+    """
+    from importlib import metadata
+
+    chosen = recipe.load(args.recipe)
+    builder = Path(__file__).parent
+    key = hashlib.sha256()
+    for part in (chosen.source.read_bytes(), target["role_arn"], target["bucket"],
+                 target["region"], args.image_tag or images.code_digest(),
+                 metadata.version("sagemaker"),
+                 *(path.read_bytes() for path in sorted(builder.glob("*.py"))),
+                 (builder / "sdk-config.yaml").read_bytes(),
+                 (builder.parent / "containers" / "images.py").read_bytes()):
+        key.update(part if isinstance(part, bytes) else str(part).encode())
+        key.update(b"\0")
+    path = server.home() / "definitions" / f"{key.hexdigest()[:32]}.json"
+    if path.is_file():
+        return chosen, path.read_text(encoding="utf-8")
+    chosen, text = _build_for(args, target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent runs: whole files only
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return chosen, text
 
 
 def _ensure_bucket(s3, bucket: str, region: str) -> None:
@@ -304,7 +337,7 @@ def cmd_run(args) -> int:
     s3 = boto3.client("s3")
     # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
     _check_data_uris(s3, recipe.load(args.recipe), overrides)
-    chosen, text = _build_for(args, target)
+    chosen, text = _build_cached(args, target)
     document = json.loads(text)
     selection = _local_selection(args, document, definition.pipeline_name(chosen))
     _ensure_bucket(s3, target["bucket"], target["region"])

@@ -61,8 +61,8 @@ def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, loc
 
 
 def test_rlhf_ppo_recipe_trains_a_reward_model_then_ppo_and_judges_by_win_rate(env, local_home):
-    run(env, "rlhf-ppo", "-p", "RewardLearningRate=0.003", "-p", "RewardModelSteps=30",
-        "-p", "PPOLearningRate=0.03", "-p", "PPOSteps=12", "-p", "ResponseLength=8",
+    run(env, "rlhf-ppo", "-p", "RewardLearningRate=0.003", "-p", "RewardModelSteps=24",
+        "-p", "PPOLearningRate=0.03", "-p", "PPOSteps=6", "-p", "ResponseLength=8",
         "-p", "EvalThreshold=0.0", "-p", "ModelPackageGroup=e2e-rlhf")
 
     folder, execution = latest_execution(local_home, "llm-rlhf-ppo")
@@ -81,8 +81,8 @@ def test_rlhf_ppo_recipe_trains_a_reward_model_then_ppo_and_judges_by_win_rate(e
 
 def test_constitutional_recipe_writes_both_datasets_then_sft_and_dpo_train_on_them(
         env, local_home):
-    run(env, "constitutional", "-p", "MaxNewTokens=12", "-p", "LearningRate=0.01",
-        "-p", "DPOSteps=8", "-p", "EvalThreshold=-1000", "-p", "ModelPackageGroup=e2e-cai")
+    run(env, "constitutional", "-p", "MaxNewTokens=8", "-p", "LearningRate=0.01",
+        "-p", "DPOSteps=4", "-p", "EvalThreshold=-1000", "-p", "ModelPackageGroup=e2e-cai")
 
     folder, execution = latest_execution(local_home, "llm-constitutional")
     assert execution["steps"]["Register"]["status"] == "Succeeded"
