@@ -571,7 +571,12 @@ def _adapter(
         size = len(load_tokenizer(str(folder)))
         if size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(size, mean_resizing=False)
-    return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    adapter = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    for config in adapter.peft_config.values():
+        # The base as loaded here (a bundled copy resolved to its path), so that saving the
+        # adapter again (a stage that continues it) records a base bundle_local_base can copy.
+        config.base_model_name_or_path = base
+    return adapter
 
 
 # Where an adapter keeps a copy of its base when the base was a job's local folder (a model channel

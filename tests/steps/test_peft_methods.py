@@ -309,3 +309,10 @@ def test_an_adapter_over_a_jobs_input_folder_carries_its_base_to_later_jobs(tmp_
     assert json.loads((later / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == models.BUNDLED_BASE
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-5)
+
+    # A stage that continues the adapter (DPO after SFT) saves it with the base again.
+    continued = tmp_path / "job2" / "output"
+    peft_methods.save_model(reloaded, tokenizer, continued, knobs)
+    shutil.rmtree(later)
+    again = models.load_model(str(continued)).eval()
+    assert torch.allclose(again(**inputs).logits, expected, atol=1e-5)
