@@ -289,7 +289,9 @@ def get_pipeline(
                                    "/opt/ml/processing/output")],
                 arguments=[*(arg for name in located for arg in (
                                f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/input/{name}")),
-                           "--output-dir", "/opt/ml/processing/output", *cli_args(stage)],
+                           "--output-dir", "/opt/ml/processing/output", *cli_args(stage),
+                           # A quantized model is registered as one archive (steps.quantize).
+                           *(["--archive", "true"] if stage == "quantize" else [])],
             ),
             cache_config=cache,
             retry_policies=retries,
@@ -367,7 +369,8 @@ def get_pipeline(
                                "/opt/ml/processing/evaluation")],
             arguments=[*(arg for name in inputs
                          for arg in (f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/{name}")),
-                       "--output-dir", "/opt/ml/processing/evaluation", *cli_args("evaluate")],
+                       "--output-dir", "/opt/ml/processing/evaluation",
+                       "--description", recipe.description or recipe.name, *cli_args("evaluate")],
         ),
         property_files=[evaluation],
         cache_config=cache,
@@ -398,6 +401,24 @@ def get_pipeline(
     for key in recipe.parameters:
         if key not in COMMON_PARAMETER_DEFAULTS:
             metadata[f"param_{key}"] = setting(f"${key}")
+    # The report and model card Evaluate wrote (steps.common.report), beside evaluation.json.
+    metadata["evaluation_report"] = Join(on="/", values=[evaluation_uri, "report.html"])
+    metadata["model_card"] = Join(on="/", values=[evaluation_uri, "model_card.md"])
+    if "BaseModel" in recipe.parameters:
+        metadata["parent_model"] = setting("$BaseModel")
+    # With a quantize stage the registered model is its variant of the evaluated one: one scheme,
+    # packed as the single archive a model package names (steps.quantize --archive).
+    if "quantize" in recipe.stages:
+        scheme = recipe.stages["quantize"].get("scheme", "both")
+        if scheme in ("both", None):
+            raise UserError(f"{recipe.source}: stages.quantize.scheme must name the one scheme "
+                            "registered (int8 or nf4, or a $Parameter), not both")
+        metadata["unquantized_model"] = model_uri
+        metadata["quantization"] = setting(scheme)
+        metadata["quantization_report"] = Join(on="/", values=[produced["quantize"],
+                                                                "quantization.json"])
+        model_uri = Join(on="/", values=[produced["quantize"],
+                                         Join(on="", values=[setting(scheme), ".tar.gz"])])
     builder = ModelBuilder(image_uri=training_image, s3_model_data_url=model_uri,
                            sagemaker_session=session, role_arn=role_arn)
     register = ModelStep(

@@ -39,14 +39,19 @@ def test_definition_exposes_the_documented_parameters_and_dag(definition_text):
     document = json.loads(definition_text)
     assert REQUIRED_PARAMETERS <= {p["Name"] for p in document["Parameters"]}
     steps = {s["Name"]: s for s in document["Steps"]}
-    assert [s["Type"] for s in document["Steps"]] == ["Processing", "Training", "Processing", "Condition"]
+    assert [s["Name"] for s in document["Steps"]] == [
+        "DataPrep", "SFT", "Evaluate", "CompareWithApproved", "EvaluationGate"]
+    # The registry comparison is never cached: its answer depends on the registry's state.
+    assert "CacheConfig" in steps["Evaluate"] and "CacheConfig" not in steps["CompareWithApproved"]
     gate = steps["EvaluationGate"]["Arguments"]
+    assert [c["Type"] for c in gate["Conditions"]] == ["GreaterThanOrEqualTo", "Equals"]
     assert [s["Type"] for s in gate["IfSteps"]] == ["RegisterModel"]
     assert [s["Type"] for s in gate["ElseSteps"]] == ["Fail"]
     register = gate["IfSteps"][0]["Arguments"]
     assert register["ModelApprovalStatus"] == "PendingManualApproval"
     assert set(register["CustomerMetadataProperties"]) >= {
-        "recipe", "data_manifest_sha256", "code_version", "param_BaseModel", "param_PeftMethod"}
+        "recipe", "data_manifest_sha256", "code_version", "param_BaseModel", "param_PeftMethod",
+        "parent_model", "evaluation_report", "model_card"}
     assert "evaluation.json" in json.dumps(register["ModelMetrics"])
     # no timestamps: code is referenced by image digest, never uploaded under a dated prefix
     channels = [c["ChannelName"] for c in steps["SFT"]["Arguments"]["InputDataConfig"]]

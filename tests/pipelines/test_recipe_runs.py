@@ -105,3 +105,43 @@ def _model_file(folder, step: str, name: str) -> str:
     archive = next(folder.glob(f"{step}/**/artifacts/model.tar.gz"))
     with tarfile.open(archive) as tar:
         return tar.extractfile(name).read().decode()
+
+
+def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_report(
+        env, corpus, local_home):
+    # CPT -> SFT (LoRA) -> DPO -> teacher outputs -> distilled student -> quantized -> evaluated
+    # (student vs its teacher) -> registered: every stage of the product on tiny models.
+    result = cli(env, "run", "--recipe", "full-lifecycle", "-p", "BaseModel=builtin:tiny",
+                 "-p", f"CorpusData={corpus}", "-p", "StudentModel=config:layers=1",
+                 "-p", "ModelPackageGroup=e2e-full")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    folder, execution = latest_execution(local_home, "llm-full-lifecycle")
+    assert [name for name, step in execution["steps"].items() if step["status"] == "Succeeded"] == [
+        "DataPrepCorpus", "DataPrep", "DataPrepPreference", "CPT", "SFT", "DPO", "TeacherLogits",
+        "Distill", "Quantize", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register"]
+    package = package_of(env, "e2e-full")
+    meta = package["metadata"]
+    assert meta["training_stages"] == "cpt,sft,dpo,distill"
+    assert meta["quantization"] == "int8" and meta["parent_model"] == "builtin:tiny"
+    assert meta["unquantized_model"].endswith("model.tar.gz")
+    assert {"data_manifest_sha256_corpus", "data_manifest_sha256_preference"} <= set(meta)
+    # The registered artifact is the quantized student, and it knows how it was made.
+    described = cli(env, "registry", "list", "--group", "e2e-full", "--json")
+    assert json.loads(described.stdout)[0]["model_data"][0].endswith("/int8.tar.gz")
+    lineage = json.loads(_file_in(next(folder.glob("Quantize/**/output/int8.tar.gz")),
+                                  "lineage.json"))
+    assert [stage["stage"] for stage in lineage][-1] == "distill"
+    # The report and model card the package links to, with their plots.
+    evaluation = next(folder.glob("Evaluate/**/evaluation/evaluation.json")).parent
+    for name in ("report.html", "report.md", "model_card.md", "metrics_comparison.png"):
+        assert (evaluation / name).is_file(), name
+    assert meta["model_card"].endswith("/model_card.md")
+    assert meta["evaluation_report"].endswith("/report.html")
+
+
+def _file_in(archive, name: str) -> str:
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        return tar.extractfile(name).read().decode()
