@@ -83,6 +83,33 @@ def prepare_sdk_environment(region: str) -> None:
     warnings.filterwarnings("ignore", message="Running within a PipelineSession")
 
 
+def _validate_sdk_config_once() -> None:
+    """Make the SDK validate each distinct config against its JSON schema once, not per lookup.
+
+    Written by hand: the SDK re-validates the session's whole config (our sdk-config.yaml) on
+    every config value it looks up, about 0.5 s each and some 90 lookups per definition, which
+    was 80-90% of a build. A config that passed is remembered by its JSON text; a new or changed
+    one is still validated, and an invalid one still raises.
+    """
+    import json as _json
+
+    from sagemaker.core.config.config_manager import SageMakerConfig
+
+    validate = SageMakerConfig.validate_sagemaker_config
+    if getattr(validate, "_remembers_valid_configs", False):
+        return
+    valid: set[str] = set()
+
+    def validate_once(sagemaker_config=None):
+        key = _json.dumps(sagemaker_config, sort_keys=True, default=str)
+        if key not in valid:
+            validate(sagemaker_config)
+            valid.add(key)
+
+    validate_once._remembers_valid_configs = True
+    SageMakerConfig.validate_sagemaker_config = staticmethod(validate_once)
+
+
 def _account_of(role_arn: str) -> str:
     parts = role_arn.split(":")
     if len(parts) < 6 or parts[0] != "arn" or parts[2] != "iam" or not parts[4].isdigit():
@@ -125,6 +152,7 @@ def get_pipeline(
     image_tag: str | None = None,
 ) -> Pipeline:
     prepare_sdk_environment(region)
+    _validate_sdk_config_once()
     import boto3
     from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
     from sagemaker.core.processing import Processor

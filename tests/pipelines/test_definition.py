@@ -94,3 +94,28 @@ def test_unknown_recipe_and_bad_recipe_files_are_one_line_errors(offline_env, tm
     result = cli(offline_env, "definition", "--recipe", str(bad))
     assert result.returncode == 2 and "unknown recipe key(s) extra_key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_sdk_validates_each_config_once_and_still_refuses_a_bad_one(monkeypatch):
+    # The SDK re-validated its whole config on every lookup (80-90% of a build); a config that
+    # passed is remembered, one that does not still raises.
+    import jsonschema
+    from sagemaker.core.config import config_manager
+
+    from pipelines import definition
+
+    calls = []
+    monkeypatch.setattr(config_manager.SageMakerConfig, "validate_sagemaker_config",
+                        staticmethod(lambda config=None: calls.append(config)
+                                     or jsonschema.validate(config, {"type": "object",
+                                                                     "required": ["SchemaVersion"]})))
+    definition._validate_sdk_config_once()
+    validate = config_manager.SageMakerConfig().validate_sagemaker_config
+    good = {"SchemaVersion": "1.0"}
+    for _ in range(3):
+        validate(good)
+    assert calls == [good]
+    with pytest.raises(jsonschema.ValidationError):
+        validate({"Bogus": 1})
+    with pytest.raises(jsonschema.ValidationError):  # and again: a failure is not remembered
+        validate({"Bogus": 1})
