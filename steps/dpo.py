@@ -51,7 +51,12 @@ from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
-from steps.common.peft_methods import PeftKnobs, peft_config, save_model
+from steps.common.peft_methods import (
+    PeftKnobs,
+    fill_default_learning_rate,
+    peft_config,
+    save_model,
+)
 from steps.common.preference import (
     ALIGNMENT_PEFT_METHODS,
     PreferencePair,
@@ -118,8 +123,7 @@ class DPOStageConfig(PeftKnobs, TrainingKnobs):
                 f"peft_method '{self.peft_method}' is not supported by the DPO stage; use none or "
                 "lora"
             )
-        self.learning_rate_is_default = not self.learning_rate
-        self.learning_rate = self.learning_rate or DEFAULT_LEARNING_RATES[self.peft_method]
+        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
         TrainingKnobs.__post_init__(self)
         if self.packing:
             raise StageError("packing does not apply to DPO (each pair is scored whole); set "

@@ -73,7 +73,12 @@ from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.metrics import log_metrics, peak_memory_mb, plot_loss_curve
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
-from steps.common.peft_methods import PeftKnobs, apply_peft, save_model
+from steps.common.peft_methods import (
+    PeftKnobs,
+    apply_peft,
+    fill_default_learning_rate,
+    save_model,
+)
 from steps.common.preference import (
     ALIGNMENT_PEFT_METHODS,
     is_peft_model,
@@ -153,8 +158,7 @@ class PPOStageConfig(PeftKnobs, TrainingKnobs):
         if self.peft_method not in ALIGNMENT_PEFT_METHODS:
             raise StageError(f"peft_method '{self.peft_method}' is not supported by the PPO "
                              "stage; use none or lora")
-        self.learning_rate_is_default = not self.learning_rate
-        self.learning_rate = self.learning_rate or DEFAULT_LEARNING_RATES[self.peft_method]
+        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
         TrainingKnobs.__post_init__(self)
         for name in ("response_length", "temperature", "ppo_epochs", "num_mini_batches"):
             if not getattr(self, name) > 0:

@@ -39,7 +39,7 @@ from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
-from steps.common.peft_methods import PeftKnobs, peft_config
+from steps.common.peft_methods import PeftKnobs, fill_default_learning_rate, peft_config
 from steps.common.preference import (
     ALIGNMENT_PEFT_METHODS,
     load_policy,
@@ -93,8 +93,7 @@ class RewardModelStageConfig(PeftKnobs, TrainingKnobs):
                 f"peft_method '{self.peft_method}' is not supported by the reward model stage; "
                 "use none or lora"
             )
-        self.learning_rate_is_default = not self.learning_rate
-        self.learning_rate = self.learning_rate or DEFAULT_LEARNING_RATES[self.peft_method]
+        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
         TrainingKnobs.__post_init__(self)
         if self.packing:
             raise StageError("packing does not apply to reward modelling (pairs are scored whole); "

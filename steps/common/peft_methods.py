@@ -147,9 +147,11 @@ LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" 
 ) + ")."
 
 
-def fill_default_learning_rate(config: PeftKnobs) -> bool:
+def fill_default_learning_rate(config: PeftKnobs,
+                               rates: dict[str, float] | None = None) -> bool:
     """Set `config.learning_rate` to its method's usual rate when it is unset (None, or 0 from a
-    pipeline parameter, which cannot be unset); True if it did.
+    pipeline parameter, which cannot be unset); True if it did. `rates`: a stage's own table of
+    usual rates per method (DPO, PPO and reward models train gentler than SFT); default: SFT's.
 
     For a stage config that redeclares ``learning_rate: float | None = None``; call it in
     ``__post_init__`` before TrainingKnobs' checks. A LoRA rate is 10x too large for full
@@ -157,7 +159,7 @@ def fill_default_learning_rate(config: PeftKnobs) -> bool:
     """
     if config.learning_rate:
         return False
-    config.learning_rate = DEFAULT_LEARNING_RATES[config.peft_method]
+    config.learning_rate = (rates or DEFAULT_LEARNING_RATES)[config.peft_method]
     return True
 
 
