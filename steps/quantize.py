@@ -47,7 +47,6 @@ import logging
 import math
 import shutil
 import statistics
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from steps.common import contract
+from steps.common.archives import pack_folder
 from steps.common.contract import StageError
 from steps.common.datasets import load_records, sft_example
 from steps.common.models import (
@@ -201,7 +201,7 @@ def main(config: QuantizeConfig) -> None:
                 results[scheme]["folder"] = scheme
                 _add_deltas(results[scheme], results["reference"])
                 if config.archive:
-                    _pack(folder, staging / f"{scheme}.tar.gz")
+                    pack_folder(folder, staging / f"{scheme}.tar.gz")
 
             report = {
                 "source_model": source,
@@ -224,13 +224,6 @@ def main(config: QuantizeConfig) -> None:
               flush=True)
     print(f"wrote {', '.join(config.schemes)}, quantization.json and quantization_comparison.png "
           f"to {output_dir}", flush=True)
-
-
-def _pack(folder: Path, archive: Path) -> None:
-    """`folder`'s files at the root of a .tar.gz, as SageMaker packs a training job's model."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
 
 
 # --- Inputs ---------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from containers import images
+from steps.common.archives import pack_folder
 
 CONTAINER_ROOT = "/opt/ml"
 
@@ -132,12 +132,6 @@ class CheckpointSync:
         for key in set(self._uploaded) - set(present):
             self.s3.delete_object(Bucket=self.bucket, Key=key)
             del self._uploaded[key]
-
-
-def _tar_folder(folder: Path, archive: Path) -> None:
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
 
 
 # Variables whose values are credentials: a value of one of them that a job prints (a library's
@@ -322,8 +316,8 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
 
     artifacts = job_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    _tar_folder(model_dir, artifacts / "model.tar.gz")
-    _tar_folder(output_dir / "data", artifacts / "output.tar.gz")
+    pack_folder(model_dir, artifacts / "model.tar.gz")
+    pack_folder(output_dir / "data", artifacts / "output.tar.gz")
     prefix = f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{job_name}/output"
     bucket, key = split_s3(prefix)
     for name in ("model.tar.gz", "output.tar.gz"):
