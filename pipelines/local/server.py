@@ -3,10 +3,14 @@
 The server runs as a background process so its state (buckets, model packages) outlives a
 single command: `llm-pipeline run` registers a package, a later `registry list` sees it.
 It lives until `llm-pipeline server stop` or a reboot (moto keeps state in memory only).
+Commands started at once (two `llm-pipeline run`s) share one server: whoever finds none starts
+it while holding a lock on the home, and the others wait for it and use it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines import UserError
@@ -34,6 +39,15 @@ def endpoint_configured() -> bool:
 
 def _record() -> Path:
     return home() / "moto-server.json"
+
+
+@contextlib.contextmanager
+def _lock() -> Iterator[None]:
+    """Held while the server is started or stopped: one at a time per home, across processes."""
+    home().mkdir(parents=True, exist_ok=True)
+    with open(home() / "moto-server.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _alive(url: str) -> bool:
@@ -66,7 +80,14 @@ def ensure_running() -> str:
     url = running_url()
     if url:
         return url
-    home().mkdir(parents=True, exist_ok=True)
+    with _lock():
+        # Another command may have started one while this one waited for the lock: without
+        # the lock both would start their own, and one's S3 objects and model packages would
+        # go to a server the home no longer records (and `server stop` does not stop).
+        return running_url() or _start()
+
+
+def _start() -> str:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with open(home() / "moto-server.log", "ab") as log:
@@ -80,21 +101,24 @@ def ensure_running() -> str:
         if process.poll() is not None or time.monotonic() > deadline:
             raise UserError(f"the local AWS server did not start; see {home() / 'moto-server.log'}")
         time.sleep(0.2)
-    _record().write_text(json.dumps({"url": url, "pid": process.pid}))
+    partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
+    partial.write_text(json.dumps({"url": url, "pid": process.pid}))
+    partial.replace(_record())
     return url
 
 
 def stop() -> bool:
-    try:
-        record = json.loads(_record().read_text())
-    except (OSError, ValueError):
-        return False
-    try:
-        os.kill(record["pid"], signal.SIGTERM)
-    except (ProcessLookupError, KeyError):
-        pass
-    _record().unlink(missing_ok=True)
-    return True
+    with _lock():
+        try:
+            record = json.loads(_record().read_text())
+        except (OSError, ValueError):
+            return False
+        try:
+            os.kill(record["pid"], signal.SIGTERM)
+        except (ProcessLookupError, KeyError):
+            pass
+        _record().unlink(missing_ok=True)
+        return True
 
 
 def local_environment(url: str) -> dict[str, str]:
