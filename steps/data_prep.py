@@ -1,14 +1,15 @@
 """Data preparation (processing stage): validate, de-duplicate, shuffle and split a dataset.
 
     python -m steps.data_prep --input-dir data/ --output-dir out/ [--validation-fraction 0.1]
-        [--seed 42] [--tokenizer builtin:tiny] [--max-records N]
+        [--seed 42] [--tokenizer builtin:tiny] [--max-records N] [--max-record-tokens N]
 
 Reads every .jsonl/.json/.csv/.parquet file under --input-dir (or the one file it names), checks
 every record against one TRL dataset format (steps.common.datasets: text, conversational,
 prompt-completion, preference, unpaired preference, and prompt-only for the online methods), drops
 exact duplicates, shuffles, and writes train.jsonl, validation.jsonl and manifest.json (counts,
 content hashes, token-length statistics) to --output-dir. Nothing is written unless every record is
-valid. A manifest.json in --input-dir (an earlier run's output read again) is not read as data.
+valid, and, with --max-record-tokens, no record written is longer than that. A manifest.json in
+--input-dir (an earlier run's output read again) is not read as data.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class DataPrepConfig:
         default=None,
         metadata={"help": "Keep at most this many records (after de-duplication and shuffling)."},
     )
+    max_record_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Fail, naming <file>:<line>, when a record kept is longer than this many "
+                  "tokens as training sees it (by --tokenizer; the longer side of a preference "
+                  "pair), instead of letting training truncate it silently. Default: no limit."},
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -64,6 +71,11 @@ class DataPrepConfig:
             raise StageError(
                 f"max_records must be at least 2 (a train and a validation record), "
                 f"got {self.max_records}"
+            )
+        if self.max_record_tokens is not None and self.max_record_tokens < 1:
+            raise StageError(
+                f"max_record_tokens must be at least 1 (or unset for no limit), "
+                f"got {self.max_record_tokens}"
             )
 
 
@@ -88,7 +100,7 @@ def main(config: DataPrepConfig) -> None:
         flush=True,
     )
 
-    unique = _deduplicate([record.data for record in records])
+    unique = _deduplicate(records)
     duplicates = len(records) - len(unique)
     print(f"removed {duplicates} exact duplicates; {len(unique)} unique records", flush=True)
 
@@ -101,19 +113,23 @@ def main(config: DataPrepConfig) -> None:
             "least 2"
         )
     n_validation = min(max(1, round(len(unique) * config.validation_fraction)), len(unique) - 1)
-    splits = {"train": unique[n_validation:], "validation": unique[:n_validation]}
+    kept = {"train": unique[n_validation:], "validation": unique[:n_validation]}
+    splits = {name: [record.data for record in split] for name, split in kept.items()}
     print(
         f"split: {len(splits['train'])} train, {n_validation} validation (seed {config.seed})",
         flush=True,
     )
 
     tokenizer = load_tokenizer(config.tokenizer)
-    token_lengths = {
-        name: _length_stats([_token_length(data, fmt, tokenizer) for data in split])
-        for name, split in splits.items()
+    lengths = {
+        name: [_token_length(record.data, fmt, tokenizer) for record in split]
+        for name, split in kept.items()
     }
+    token_lengths = {name: _length_stats(values) for name, values in lengths.items()}
     for name, stats in token_lengths.items():
         print(f"{name} token lengths: {stats}", flush=True)
+    if config.max_record_tokens is not None:
+        _check_record_lengths(records, kept, lengths, config)
 
     with contract.atomic_output(output_dir) as staging:
         outputs = {}
@@ -142,6 +158,7 @@ def main(config: DataPrepConfig) -> None:
             "seed": config.seed,
             "validation_fraction": config.validation_fraction,
             "max_records": config.max_records,
+            "max_record_tokens": config.max_record_tokens,
         }
         (staging / "manifest.json").write_text(
             json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
@@ -153,16 +170,41 @@ def main(config: DataPrepConfig) -> None:
     )
 
 
-def _deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _deduplicate(records: list[Record]) -> list[Record]:
     """Exact duplicates, compared as canonical JSON (sorted keys); the first occurrence is kept."""
     seen: set[str] = set()
     unique = []
-    for data in records:
-        key = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    for record in records:
+        key = json.dumps(record.data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         if key not in seen:
             seen.add(key)
-            unique.append(data)
+            unique.append(record)
     return unique
+
+
+def _check_record_lengths(
+    records: list[Record],
+    kept: dict[str, list[Record]],
+    lengths: dict[str, list[int]],
+    config: DataPrepConfig,
+) -> None:
+    """Fail on the first record (in reading order) kept that is over max_record_tokens."""
+    limit = config.max_record_tokens
+    length_of = {
+        id(record): length
+        for name, split in kept.items()
+        for record, length in zip(split, lengths[name], strict=True)
+    }
+    over = [r for r in records if id(r) in length_of and length_of[id(r)] > limit]
+    if not over:
+        return
+    first = over[0]
+    more = f" ({len(over) - 1} more record(s) are over it too)" if len(over) > 1 else ""
+    raise StageError(
+        f"{first.location}: record is {length_of[id(first)]} tokens long (tokenizer "
+        f"{config.tokenizer}), over max_record_tokens {limit}{more}; raise --max-record-tokens "
+        "(max_record_tokens in the recipe's data_prep stage) or shorten or split the record"
+    )
 
 
 def _token_length(data: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> int:

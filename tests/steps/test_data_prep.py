@@ -100,6 +100,33 @@ def test_max_records_caps_the_prepared_data(tmp_path):
     assert (manifest["counts"]["train"], manifest["counts"]["validation"]) == (15, 5)
 
 
+def test_max_record_tokens_passes_a_record_at_the_limit_and_fails_one_over_it(tmp_path):
+    records = [{"prompt": f"What is {k} + 1?", "completion": f"{k + 1}"} for k in range(5)]
+    records.insert(2, {"prompt": "Tell a story.", "completion": "Once upon a time " * 20})
+    source = write_jsonl(tmp_path / "raw" / "long.jsonl", records)
+    # The longest record's length as the manifest measures it (every record is kept).
+    longest = max(stats["max"] for stats in
+                  prepare(source, tmp_path / "unlimited")["token_lengths"].values())
+
+    manifest = prepare(source, tmp_path / "at-limit", max_record_tokens=longest)
+    assert manifest["max_record_tokens"] == longest
+    assert manifest["counts"]["train"] + manifest["counts"]["validation"] == len(records)
+
+    with pytest.raises(StageError) as caught:
+        prepare(source, tmp_path / "over", max_record_tokens=longest - 1)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{source}:3: record is {longest} tokens long (tokenizer builtin:tiny), over "
+        f"max_record_tokens {longest - 1};"), message
+    assert "raise --max-record-tokens" in message and "shorten or split" in message
+    assert "\n" not in message
+    # Nothing written, and no staging folder left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at-limit", "raw", "unlimited"]
+
+    with pytest.raises(StageError, match="max_record_tokens must be at least 1"):
+        data_prep.DataPrepConfig(input_dir="in", output_dir="out", max_record_tokens=0)
+
+
 def test_fewer_than_two_unique_records_cannot_be_split(tmp_path):
     source = write_jsonl(tmp_path / "one.jsonl", [{"text": "same"}, {"text": "same"}])
     with pytest.raises(StageError, match="at least 2"):
