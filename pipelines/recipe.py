@@ -13,9 +13,11 @@
     gate: {metric: perplexity_ratio, direction: higher}
 
 A setting whose value is `$Name` takes the value of pipeline parameter Name at execution time;
-any other value is baked into the definition. Training stages run in the order written, each
-starting from the model the one before it produced and training on InputData, unless the stage
-says otherwise under `inputs` (not a hyperparameter):
+any other value is baked into the definition. Each setting must be one the stage takes (its
+config's fields, pipelines/stage_settings.py), so a misspelt one fails here, not in its job.
+Training stages run in the order written, each starting from the model the one before it
+produced and training on InputData, unless the stage says otherwise under `inputs` (not a
+hyperparameter):
 
       dpo: {inputs: {data: $PreferenceData, model: sft}}
       ppo: {inputs: {data: $PreferenceData, model: sft, reward_model: reward_model}}
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines import UserError
+from pipelines import UserError, stage_settings
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # Recipes that changed name, so that an old script gets told what to run instead.
@@ -152,6 +154,11 @@ def load(name_or_path: str) -> Recipe:
         inputs[stage] = _inputs(path, stage, settings.pop("inputs", {}), list(stages)[:position],
                                 declared)
         for key, value in settings.items():
+            # Checked here, not first when the stage's job runs (after the stages before it).
+            problem = stage_settings.unknown_setting_message(
+                stage, str(key), hyperparameters=stage in TRAINING_STAGES)
+            if problem:
+                raise UserError(f"{path}: {problem}")
             if isinstance(value, (dict, list)) or value is None:
                 raise UserError(f"{path}: stages.{stage}.{key} must be a single value "
                                 f"(string, number or boolean), not {type(value).__name__}")

@@ -56,6 +56,18 @@ def test_a_minimal_recipe_loads_with_its_stages_in_order(tmp_path):
      "inputs.model: 'dpo' is neither $Parameter, base, nor an earlier stage"),
     (("max_steps: 5}", "max_steps: 5, inputs: {data: $Prefs}}"),
      "inputs.data: parameter $Prefs is not declared"),
+    # A misspelt stage setting, caught here rather than when the stage's job runs.
+    (("max_steps: 5", "max_stepz: 5"),
+     ("stages.sft.max_stepz: not a setting of stage sft (did you mean 'max_steps'?); "
+      "its settings: allow_unsafe_weights, base_model, ")),
+    (("{tokenizer: $BaseModel}", "{tokenizer: $BaseModel, max_record_token: 9}"),
+     ("stages.data_prep.max_record_token: not a setting of stage data_prep (did you mean "
+      "'max_record_tokens'?)")),
+    # A training stage's settings are hyperparameters, matched by exact name.
+    (("max_steps: 5", "max-steps: 5"),
+     ("stages.sft.max-steps: not a setting of stage sft (a training stage's settings are "
+      "hyperparameters: write 'max_steps')")),
+    (("max_steps: 5", "max_steps: 5, zzz: 1"), "stages.sft.zzz: not a setting of stage sft; "),
 ])
 def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, change, message):
     path = write(tmp_path, MINIMAL.replace(*change))
@@ -63,6 +75,19 @@ def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, c
         recipe.load(str(path))
     assert message in str(raised.value)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_settings_every_stage_takes_load_and_processing_settings_take_either_spelling(tmp_path):
+    loaded = recipe.load(str(write(tmp_path, MINIMAL.replace(
+        "{tokenizer: $BaseModel}",
+        "{tokenizer: $BaseModel, validation-fraction: 0.2, max_record_tokens: 512, "
+        "trust_remote_code: false}").replace("max_steps: 5", "max_steps: 5, allow_unsafe_weights: "
+                                             "false"))))
+    # Processing settings become `--validation-fraction` arguments, which the stage's parser
+    # takes in either spelling; every stage takes the model-loading opt-ins.
+    assert loaded.stages["data_prep"] == {"tokenizer": "$BaseModel", "validation-fraction": 0.2,
+                                          "max_record_tokens": 512, "trust_remote_code": False}
+    assert loaded.stages["sft"]["allow_unsafe_weights"] is False
 
 
 def test_a_renamed_recipe_names_its_new_name():
@@ -234,7 +259,7 @@ def test_an_empty_parameter_value_is_refused_before_it_reaches_the_registry(tmp_
 
     path = write(tmp_path, MINIMAL.replace("  BaseModel: builtin:tiny",
                                            "  BaseModel: builtin:tiny\n  Critic: ''"))
-    path.write_text(path.read_text().replace("max_steps: 5", "max_steps: 5, note: $Critic"))
+    path.write_text(path.read_text().replace("max_steps: 5", "max_steps: 5, peft_method: $Critic"))
     with pytest.raises(UserError, match=r"parameters.Critic is empty; .* write 'none'"):
         definition._parameters(recipe.load(str(path)), "bucket")
     with pytest.raises(UserError, match="-p 'CriticModel=': empty value"):

@@ -118,11 +118,8 @@ CASES = {
         r"data/chat\.jsonl:1: field 'messages\[1\]\.role': unknown role 'robot'"),
     "over-long-record": data_prep(
         {"data/train.jsonl": jsonl(*GOOD, {"prompt": "Tell a story.", "completion": "la " * 4000})},
-        r"data/train\.jsonl:5: .*max_record_tokens", "--max-record-tokens", "256",
-        xfail="data preparation has no length limit: an over-long record passes (its length only "
-              "shows in the manifest's token_lengths.max) and SFT silently truncates it to "
-              "max_seq_length with a warning; proposed: a --max-record-tokens option that fails "
-              "naming <file>:<line>"),
+        r"data/train\.jsonl:5: record is \d+ tokens long .*over max_record_tokens 256; raise "
+        r"--max-record-tokens .*or shorten or split the record", "--max-record-tokens", "256"),
     "zero-validation-fraction": data_prep(
         {"data/train.jsonl": jsonl(*GOOD)}, r"validation_fraction must be in \(0, 1\), got 0",
         "--validation-fraction", "0"),
@@ -249,10 +246,9 @@ CLI_CASES = {
         r"recipe\.yaml: unknown recipe key\(s\) schedule; valid keys: ", None),
     "unknown-stage-setting": (
         ["definition"], {"sft_setting": "max_stepz: 2", "extra": ""},
-        r"recipe\.yaml: .*stages\.sft\.max_stepz",
-        ("a stage setting is not checked against the stage's parameters when the definition is "
-         "built: the build succeeds, and only the SFT job fails, after DataPrep ran, with "
-         "\"unknown hyperparameter 'max_stepz'\"")),
+        (r"recipe\.yaml: stages\.sft\.max_stepz: not a setting of stage sft \(did you mean "
+         r"'max_steps'\?\)"),
+        None),
     "input-data-s3-without-bucket": (
         ["run", "-p", "InputData=s3://"], {"sft_setting": "max_steps: 2", "extra": ""},
         r"InputData 's3://' is not an S3 URI of the form s3://BUCKET/PREFIX", None),
