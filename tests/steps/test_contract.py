@@ -169,12 +169,16 @@ def main(config):
         open(os.path.join(config.out, "saved"), "w").close()
     # the others return at once, as the stages' non-zero ranks do
 
-if __name__ == "__main__":
-    contract.run(main, Config, job="processing")
+def leaving(code, entry_point, _exit=contract._exit):
     out = sys.argv[-1]
-    if os.environ["RANK"] != "0":  # what rank 1 found when its entry point returned
+    if os.environ["RANK"] != "0":  # what rank 1 found when its entry point was leaving
         with open(os.path.join(out, "rank1_left_after_save"), "w") as f:
             f.write(str(os.path.exists(os.path.join(out, "saved"))))
+    _exit(code, entry_point)
+
+if __name__ == "__main__":
+    contract._exit = leaving
+    contract.run(main, Config, job="processing")
 '''
 
 
@@ -193,3 +197,41 @@ def test_under_torchrun_every_process_waits_for_the_saving_one_then_closes_the_g
         env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "rank1_left_after_save").read_text() == "True"
+
+
+EXITING_STAGE = '''
+import atexit, sys
+from dataclasses import dataclass
+from steps.common import contract
+
+@dataclass
+class Config:
+    fail: bool = False
+
+def main(config):
+    print("stage output", flush=False)  # unflushed: the fast exit must flush it
+    atexit.register(lambda: print("interpreter teardown ran"))
+    if config.fail:
+        raise contract.StageError("bad input")
+
+if __name__ == "__main__":
+    contract.run(main, Config, job="processing")
+'''
+
+
+@pytest.mark.parametrize("fail, status", [(False, 0), (True, 2)])
+def test_as_a_program_a_stage_leaves_at_once_with_its_output_flushed(tmp_path, fail, status):
+    # The interpreter's teardown of torch and transformers cost 3-4.5 s per job; the entry point
+    # skips it once the stage's output is flushed, keeping the exit status.
+    import os
+    import subprocess
+
+    (tmp_path / "exiting_stage.py").write_text(EXITING_STAGE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    result = subprocess.run([sys.executable, "-m", "exiting_stage", "--fail", str(fail).lower()],
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    assert result.returncode == status, result.stderr
+    assert "stage output" in result.stdout
+    assert "interpreter teardown ran" not in result.stdout
+    assert ("ERROR: bad input" in result.stderr) == fail
