@@ -28,6 +28,7 @@ import transformers
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.chat_template_utils import has_generation_markers
 
 from steps.common import contract
@@ -120,7 +121,39 @@ class SFTTrainerWithModelLoss(SFTTrainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # As TRL's own compute_loss: no key/value cache in training (it costs memory, and with one
+        # transformers does not mask packed sequences apart).
+        inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """TRL's collator for packed rows that keeps the batch's rows apart.
+
+    TRL's best-fit packing turns on padding-free batches: the B rows of a batch are flattened into
+    one sequence of B x max_seq_length tokens, which a varlen (FlashAttention) kernel splits back
+    at the sequence boundaries. Any other attention (SDPA, eager) gets one (B x max_seq_length)^2
+    block mask from transformers instead: B times the attention work and memory (on an H100,
+    packed SFT of SmolLM2 ran slower than a plain Trainer and peaked 20% higher). This collator
+    returns the B rows, each with position ids that restart at every packed sequence and no
+    attention mask, so transformers masks each row's sequences apart at B x max_seq_length^2 cost.
+    Padding at a row's end restarts at position 0 and is masked out of the loss by its labels.
+    """
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch.pop("attention_mask", None)  # a mask would hide the packed sequences' boundaries
+        return batch
+
+
+def packed_rows_collator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    """None (keep TRL's padding-free batches) under a varlen attention kernel, else
+    PackedRowsCollator. Transformers masks packed sequences apart only in a forward without a
+    key/value cache, which SFTTrainerWithModelLoss ensures."""
+    if "flash" in str(getattr(model.config, "_attn_implementation", "")):
+        return None
+    return PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, padding_free=False,
+                              return_position_ids=True)
 
 
 def main(config: SFTStageConfig) -> None:
@@ -181,6 +214,8 @@ def main(config: SFTStageConfig) -> None:
         processing_class=tokenizer,
         callbacks=[metrics],
     )
+    if config.packing and (collator := packed_rows_collator(model, tokenizer)) is not None:
+        trainer.data_collator = collator  # TRL takes no collator of ours with best-fit packing
     if config.packing:
         print(f"packing: {len(train_dataset)} examples in {len(trainer.train_dataset)} rows of up "
               f"to {config.max_seq_length} tokens", flush=True)

@@ -198,3 +198,36 @@ def test_packing_puts_several_examples_in_a_row_and_trains(tmp_path):
 
     assert packed and int(packed.group(1)) <= 32 // 2  # 40-46 tokens each: 2-3 in 128 tokens
     assert run.losses[-1] < 0.8 * run.losses[0]
+
+
+def test_packed_rows_keep_their_sequences_apart_without_a_batch_sized_mask():
+    """A packed batch stays B rows (not one row of B x max_seq_length tokens, which SDPA would
+    attend over whole), and each packed sequence sees only itself: the model's outputs on a
+    packed row equal its outputs on each sequence alone."""
+    model = models.load_model(models.TINY).eval()
+    tokenizer = models.load_tokenizer(models.TINY)
+    collator = sft.packed_rows_collator(model, tokenizer)
+    first, second, third = [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22]
+    rows = [{"input_ids": first + second, "seq_lengths": [5, 7]},
+            {"input_ids": third, "seq_lengths": [3]}]
+
+    batch = collator(rows)
+
+    assert batch["input_ids"].shape == (2, 12)  # two rows, the shorter one padded
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+    assert (batch["labels"][1, 3:] == -100).all()  # padding trains nothing
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits  # as SFTTrainerWithModelLoss calls it
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                 for ids in (first, second, third)]
+    torch.testing.assert_close(packed[0, :5], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0, 5:], alone[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[1, :3], alone[2], atol=1e-5, rtol=1e-4)
+
+
+def test_a_flash_attention_model_keeps_trl_padding_free_batches():
+    model = models.load_model(models.TINY)
+    model.config._attn_implementation = "flash_attention_2"
+    assert sft.packed_rows_collator(model, models.load_tokenizer(models.TINY)) is None
