@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint images clean
+.PHONY: install demo test benchmarks lint images clean
 
 install: $(STAMP)
 
@@ -25,13 +25,17 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Every CPU benchmark, then benchmarks/BENCHMARKS.md (about an hour on 2 CPUs; ARGS=--quick: minutes).
+benchmarks: install
+	$(PY) -m benchmarks $(ARGS)
+
 # Container images, tagged by code digest: `make images ARGS=--push` also pushes them to ECR
 # (ARGS='--push --region eu-west-1', '--variant cpu', '--dry-run': see python -m containers.build -h).
 images: install
 	$(PY) -m containers.build $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check pipelines steps containers infra tests
+	$(VENV)/bin/ruff check pipelines steps containers infra tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info
