@@ -28,8 +28,8 @@ import transformers
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.chat_template_utils import has_generation_markers
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from steps.common import contract
 from steps.common.contract import StageError
