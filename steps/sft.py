@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -127,6 +128,20 @@ class SFTTrainerWithModelLoss(SFTTrainer):
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
+def keep_adapter_in_training_precision(model: PreTrainedModel, precision: str) -> None:
+    """Undo TRL's cast of a quantized model's trainable weights to bf16 where training is not bf16.
+
+    SFTTrainer (TRL 1.16) casts the adapter of every 4-/8-bit model to bf16, as the QLoRA paper
+    computes in bf16. Where the stage resolved fp32 or fp16 (no native bf16: bf16 runs emulated,
+    up to 7x slower on such a CPU) the adapter goes back to float32, and trains as LoRA's does.
+    """
+    if precision == "bf16":
+        return
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.float()
+
+
 class PackedRowsCollator(DataCollatorForLanguageModeling):
     """TRL's collator for packed rows that keeps the batch's rows apart.
 
@@ -214,6 +229,7 @@ def main(config: SFTStageConfig) -> None:
         processing_class=tokenizer,
         callbacks=[metrics],
     )
+    keep_adapter_in_training_precision(trainer.model, precision)
     if config.packing and (collator := packed_rows_collator(model, tokenizer)) is not None:
         trainer.data_collator = collator  # TRL takes no collator of ours with best-fit packing
     if config.packing:

@@ -352,13 +352,26 @@ def apply_peft(
         ) from None
     if knobs.prompt_tuning_init_text:
         _init_prompt_from_text(tuned, tokenizer, knobs.prompt_tuning_init_text)
-    if knobs.peft_method == "qlora":
-        # The QLoRA recipe keeps the adapters in 16 bits (bf16: fp16 adapters would break AMP's
-        # gradient scaler). TRL's SFTTrainer does the same; done here so every stage agrees.
+    if knobs.peft_method == "qlora" and _compute_dtype(model) == torch.bfloat16:
+        # The QLoRA recipe keeps the adapters in bf16 where the base computes in bf16 (TRL's
+        # SFTTrainer does the same; done here so every stage agrees). Otherwise they stay in
+        # float32: fp16 adapters would break AMP's gradient scaler, and bf16 ones run emulated
+        # where bf16 is not native (LoRA steps on such a CPU took twice as long).
         for param in tuned.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     return tuned
+
+
+def _compute_dtype(model: PreTrainedModel) -> torch.dtype | None:
+    """The dtype a 4-bit base computes in (its bitsandbytes config), None for other models."""
+    quantization = getattr(model.config, "quantization_config", None)
+    dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
+    if isinstance(quantization, dict):
+        dtype = quantization.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype
 
 
 def _init_prompt_from_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

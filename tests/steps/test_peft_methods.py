@@ -120,11 +120,16 @@ def test_the_trainable_parameters_are_what_the_method_promises(runs, method):
         assert expected == 8 * 64
 
 
-def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization_and_16bit_adapters():
+@pytest.mark.parametrize("precision, adapter_dtype", [("bf16", torch.bfloat16),
+                                                      ("fp32", torch.float32)])
+def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization_and_adapters_in_its_dtype(
+        precision, adapter_dtype):
+    # bf16 adapters where the base computes in bf16 (the QLoRA recipe); float32 otherwise, where
+    # bf16 would run emulated.
     import bitsandbytes
 
     knobs = PeftKnobs(peft_method="qlora", lora_r=4)
-    model = peft_methods.load_model_for_training(models.TINY, knobs, "fp32")
+    model = peft_methods.load_model_for_training(models.TINY, knobs, precision)
     quantized = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
     full_size = models.load_model(models.TINY).get_memory_footprint()
 
@@ -134,7 +139,7 @@ def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization_and_16bit_ada
     assert model.get_memory_footprint() < 0.5 * full_size
     tuned = peft_methods.apply_peft(model, knobs, models.load_tokenizer(models.TINY))
     trainable = [p for p in tuned.parameters() if p.requires_grad]
-    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+    assert trainable and all(p.dtype == adapter_dtype for p in trainable)
     assert tuned.name_or_path == models.TINY  # what the adapter records as its base
 
 
@@ -316,3 +321,15 @@ def test_an_adapter_over_a_jobs_input_folder_carries_its_base_to_later_jobs(tmp_
     shutil.rmtree(later)
     again = models.load_model(str(continued)).eval()
     assert torch.allclose(again(**inputs).logits, expected, atol=1e-5)
+
+
+def test_a_qlora_adapter_trains_and_saves_in_the_precision_the_stage_resolved(runs):
+    # TRL's SFTTrainer casts a quantized model's adapter to bf16 whatever the precision; the stage
+    # keeps it in float32 where it trains in fp32 (bf16 would run emulated on such a CPU).
+    from safetensors import safe_open
+
+    run = runs["qlora"]
+    expected = {"fp32": "F32", "bf16": "BF16"}[run.summary["precision"]]
+    with safe_open(run.model_dir / "adapter_model.safetensors", "pt") as weights:
+        dtypes = {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
+    assert dtypes == {expected}
