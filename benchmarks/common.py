@@ -124,14 +124,19 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def save_result(name: str, title: str, markdown: str, data: Any, order: int,
-                plots: list[str] | None = None) -> Path:
-    """Write results/<name>.json (what BENCHMARKS.md is made of) and print the section."""
+                plots: list[str] | None = None, environment: dict[str, Any] | None = None,
+                command: str | None = None) -> Path:
+    """Write results/<name>.json (what BENCHMARKS.md is made of) and print the section.
+
+    `environment` and `command`: those of the run that measured, when the section is rendered
+    again later from its saved figures (default: this process's).
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = environment or globals()["environment"]()
     payload = {
         "name": name, "title": title, "order": order, "environment": env,
-        "command": "python -m " + sys.argv[0].replace(str(ROOT) + "/", "").removesuffix(".py")
-        .replace("/", ".") + "".join(f" {a}" for a in sys.argv[1:]),
+        "command": command or "python -m " + sys.argv[0].replace(str(ROOT) + "/", "")
+        .removesuffix(".py").replace("/", ".") + "".join(f" {a}" for a in sys.argv[1:]),
         "markdown": markdown, "plots": plots or [], "data": data,
     }
     path = RESULTS_DIR / f"{name}.json"

@@ -139,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", type=Path, help="write SmolLM2's config and tokenizer here")
     parser.add_argument("--model", type=Path, help="a folder --prepare wrote")
+    parser.add_argument("--render", type=Path, help="re-render a saved results/gpu.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
@@ -148,6 +149,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare)
+        return
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        data = saved["data"]
+        if data["methods"] and isinstance(data["methods"][0], dict):  # as rendered: the names
+            data["methods"] = [m["method"] for m in data["methods"]]
+        environment = saved["environment"]
+        text, rendered = render(data)
+        common.save_result("gpu", saved["title"], text, rendered, order=saved["order"],
+                           environment=environment, command=saved["command"])
         return
     if not args.model or not (args.model / "config.json").exists():
         parser.error("--model needs a folder written by --prepare")
@@ -186,52 +197,83 @@ def main() -> None:
                                     + (f"{run['tokens_per_second']:,.0f} tokens/s, peak "
                                        f"{run['peak_mb'] or 0:,.0f} MB" if "error" not in run
                                        else run["error"]))
-    rows, data = [], []
-    for method in methods:
+    save(render({"device": device, "shape": shape.__dict__, "repeats": repeats,
+                 "flops_per_token": per_token, "parameters": parameters, "peak_flops": peak,
+                 "methods": methods, "runs": runs}))
+
+
+def render(measured: dict) -> tuple[str, dict]:
+    """The section's Markdown and data from the runs (also `--render` of a saved gpu.json)."""
+    from benchmarks.throughput import TARGET_VS_PLAIN, TARGET_VS_TRL
+
+    runs, shape = measured["runs"], measured["shape"]
+    per_token, peak = measured["flops_per_token"], measured["peak_flops"]
+    rows, data, misses = [], [], []
+    for method in measured["methods"]:
         cell = {}
         for way in ("project", "trl", "plain"):
-            done = [r for r in runs if r["method"] == method and r["way"] == way
-                    and "error" not in r]
-            errors = [r["error"] for r in runs if r["method"] == method and r["way"] == way
-                      and "error" in r]
+            mine = [r for r in runs if r["method"] == method and r["way"] == way]
+            done = [r for r in mine if "error" not in r]
             cell[way] = {"tps": [r["tokens_per_second"] for r in done],
                          "peak_mb": common.median([r["peak_mb"] for r in done
                                                    if r["peak_mb"] is not None]),
-                         "error": errors[0] if errors and not done else None}
+                         "error": next((r["error"] for r in mine if "error" in r), None)
+                         if not done else None}
         tps = common.median(cell["project"]["tps"])
+        vs_trl = tps / common.median(cell["trl"]["tps"]) if cell["trl"]["tps"] else None
+        vs_plain = tps / common.median(cell["plain"]["tps"]) if cell["plain"]["tps"] else None
         mfu = tps * per_token / peak if peak and cell["project"]["tps"] else None
         full = next((d for d in data if d["method"] == "none"), None)
+        if vs_trl is not None and vs_trl < TARGET_VS_TRL:
+            misses.append(f"{method} vs TRL ({vs_trl:.2f}×)")
+        if vs_plain is not None and vs_plain < TARGET_VS_PLAIN:
+            misses.append(f"{method} vs plain ({vs_plain:.2f}×)")
         rows.append([
             method, common.spread(cell["project"]["tps"]) if cell["project"]["tps"]
             else f"failed: {cell['project']['error']}",
             common.spread(cell["trl"]["tps"]) if cell["trl"]["tps"] else "failed",
             common.spread(cell["plain"]["tps"]) if cell["plain"]["tps"] else "failed",
-            common.ratio(tps, common.median(cell["trl"]["tps"])),
-            common.ratio(tps, common.median(cell["plain"]["tps"])),
+            f"{vs_trl:.2f}×" if vs_trl else "—", f"{vs_plain:.2f}×" if vs_plain else "—",
             f"{cell['project']['peak_mb']:,.0f}" if cell["project"]["tps"] else "—",
+            f"{cell['trl']['peak_mb']:,.0f}" if cell["trl"]["tps"] else "—",
             "1.00×" if method == "none" else
             common.ratio(cell["project"]["peak_mb"], full["peak_mb"]) if full else "—",
             f"{100 * mfu:.1f}%" if mfu is not None else "—",
         ])
-        data.append({"method": method, **{w: cell[w] for w in cell}, "mfu": mfu,
-                     "peak_mb": cell["project"]["peak_mb"]})
+        data.append({"method": method, **cell, "mfu": mfu, "vs_trl": vs_trl,
+                     "vs_plain": vs_plain, "peak_mb": cell["project"]["peak_mb"]})
     text = (
-        f"{device}; SmolLM2-135M architecture ({parameters / 1e6:.1f}M parameters, random "
-        f"weights), SFT on packed demo-corpus text, {shape.steps} optimizer steps of batch "
-        f"{shape.batch} × {shape.length} tokens, stage default precision; median (min–max) of "
-        f"{repeats} interleaved runs. Peak memory: `torch.cuda.max_memory_allocated` during the "
-        f"project stage's run. MFU: {per_token / 1e6:.0f} MFLOPs per token against "
+        f"{measured['device']}; SmolLM2-135M architecture ({measured['parameters'] / 1e6:.1f}M "
+        f"parameters, random weights), SFT on packed demo-corpus text, {shape['steps']} optimizer "
+        f"steps of batch {shape['batch']} × {shape['length']} tokens, stage default precision; "
+        f"median (min–max) of {measured['repeats']} interleaved runs after one untimed warm-up. "
+        "Peak memory: `torch.cuda.max_memory_allocated` during the run. MFU: "
+        f"{per_token / 1e6:.0f} MFLOPs per token against "
         + (f"{peak / 1e12:.0f} TFLOP/s dense bf16." if peak else "no known peak (not a GPU).")
         + "\n\n" + common.table(["method", "project tokens/s", "TRL defaults", "plain Trainer",
-                                 "vs TRL", "vs plain", "peak MB", "vs full", "MFU"], rows)
-        + "\n\nA 135M-parameter model cannot fill an H100: kernel launches and the optimizer "
-        "step, not the matrix units, bound the step, so MFU stays low; it grows with batch, "
-        "sequence and model size."
+                                 "vs TRL", "vs plain", "project peak MB", "TRL peak MB",
+                                 "vs full", "MFU"], rows)
+        + f"\n\nTargets: at least {TARGET_VS_TRL}× TRL's defaults and {TARGET_VS_PLAIN}× a "
+        "plain Trainer. "
+        + (("Missed here: " + ", ".join(misses) + ". Why: on this GPU, bf16 is native and TRL's "
+            "activation checkpointing and chunked output head cost it far less than on a CPU "
+            "(they also keep its peak memory several times lower, the column beside). Against "
+            "the plain Trainer the likely cause, not isolated by this script: the plain "
+            "Trainer cuts the text into blocks in which documents attend to each other, which "
+            "SDPA runs with its fused causal kernel; the stage keeps each packed document to "
+            "itself (position ids restart per document), which SDPA runs as a masked attention, "
+            "without the fused causal kernel: the price of not training on text that crosses "
+            "document boundaries. ") if misses else "Both are met. ")
+        + "A 135M-parameter model cannot fill an H100: kernel launches and the optimizer step, "
+        "not the matrix units, bound the step, so MFU stays low; it grows with batch, sequence "
+        "and model size."
     )
-    common.save_result("gpu", "GPU: SFT, LoRA and QLoRA on SmolLM2-135M", text,
-                       {"device": device, "shape": shape.__dict__, "repeats": repeats,
-                        "flops_per_token": per_token, "parameters": parameters,
-                        "peak_flops": peak, "methods": data, "runs": runs}, order=30)
+    return text, {**measured, "methods": data}
+
+
+def save(rendered: tuple[str, dict]) -> None:
+    text, data = rendered
+    common.save_result("gpu", "GPU: SFT, LoRA and QLoRA on SmolLM2-135M", text, data, order=30)
 
 
 if __name__ == "__main__":
