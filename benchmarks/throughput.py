@@ -1,9 +1,10 @@
 """Training throughput of every training stage against the two baselines a user would otherwise
 write, on the same model, data and batch shape, in the same process:
 
-- **TRL defaults**: the corresponding TRL trainer (SFTTrainer, RewardTrainer, DPOTrainer,
-  DistillationTrainer) with TRL's own configuration defaults; only what fixes the work is set (batch
-  size, sequence length, steps, learning rate, the same adapter).
+- **TRL defaults**: the corresponding TRL trainer (SFTTrainer, RewardTrainer, DPOTrainer) with
+  TRL's own configuration defaults (TRL 1.16 has no PPO trainer, and its DistillationTrainer is
+  on-policy only); only what fixes the work is set (batch size, sequence length, steps, learning
+  rate, the same adapter).
 - **plain Trainer**: a `transformers.Trainer` whose loss is the model's own (or, where the stage's
   loss is not a language-model loss, the textbook loss written out: Bradley-Terry for the reward
   model, sigmoid DPO against the adapter-disabled reference, KL to the temperature-softened teacher
@@ -311,23 +312,7 @@ def trl_defaults(ws: Workspace, stage: str, out: str) -> float | None:
                 RewardConfig, ws.shape, out, max_length=ws.shape.length),
                 train_dataset=dataset, processing_class=tokenizer)
         return tokens_per_second(trainer)
-    if stage == "distill":
-        from transformers import AutoModelForCausalLM
-        from trl import DistillationConfig, DistillationTrainer
-
-        from steps.distill import build_student
-
-        fmt, records = load_records(ws.sft.parent)
-        dataset = Dataset.from_list([sft_example(r.data, fmt, True) for r in records])
-        teacher = AutoModelForCausalLM.from_pretrained(ws.model)
-        student = build_student("config:layers=2", teacher.config.to_dict(), 42, tokenizer)
-        trainer = DistillationTrainer(
-            model=student, teacher_model=teacher, train_dataset=dataset,
-            processing_class=tokenizer,
-            args=baseline_arguments(DistillationConfig, ws.shape, out,
-                                    max_length=ws.shape.length))
-        return tokens_per_second(trainer)
-    return None  # ppo: TRL 1.16 ships no PPO trainer (see NOT_COMPARED)
+    return None  # ppo and distill: no TRL trainer does the same training (see NOT_COMPARED)
 
 
 def plain_trainer(ws: Workspace, stage: str, out: str) -> float | None:
@@ -427,6 +412,9 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 NOT_COMPARED = {
     ("ppo", "trl"): "TRL 1.16 ships no PPO trainer (removed after 1.12)",
+    ("distill", "trl"): "TRL 1.16's DistillationTrainer trains on-policy only (the student "
+                        "generates, the teacher scores), not the same training as the stage's "
+                        "off-policy distillation from cached teacher outputs",
     ("ppo", "plain"): "a plain Trainer has no rollout loop",
 }
 WHY_SLOWER = {
@@ -542,6 +530,25 @@ def plot(data: list[dict]) -> str:
     return path.name
 
 
+def rerender() -> None:
+    """The section again from results/throughput.json's figures (after a change to its text)."""
+    import json
+
+    saved = json.loads((common.RESULTS_DIR / "throughput.json").read_text())
+    data = saved["data"]
+    runs = {d["stage"]: {way: d[way] for way in ("project", "trl", "plain")}
+            for d in data["stages"]}
+    errors = {k: v for k, v in data["errors"].items()
+              if tuple(k.split("/")) not in NOT_COMPARED}
+    shape = Shape(**data["shape"])
+    trl_repeats = data.get("trl_repeats", 1)
+    text, stages = render({"runs": runs, "errors": errors}, shape, data["repeats"], trl_repeats)
+    common.save_result("throughput", saved["title"], text,
+                       {**data, "stages": stages, "errors": errors, "trl_repeats": trl_repeats},
+                       order=saved["order"], plots=[plot(stages)],
+                       environment=saved["environment"], command=saved["command"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default=",".join(STAGES),
@@ -553,7 +560,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="1 repeat of 3 steps")
+    parser.add_argument("--render", action="store_true",
+                        help="re-render results/throughput.json from its saved figures")
     args = parser.parse_args()
+    if args.render:
+        rerender()
+        return
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -564,7 +576,8 @@ def main() -> None:
     measured = measure(stages, shape, repeats, trl_repeats)
     text, data = render(measured, shape, repeats, trl_repeats)
     common.save_result("throughput", "Training throughput against TRL and a plain Trainer", text,
-                       {"shape": shape.__dict__, "repeats": repeats, "stages": data,
+                       {"shape": shape.__dict__, "repeats": repeats, "trl_repeats": trl_repeats,
+                        "stages": data,
                         "errors": measured["errors"]}, order=10, plots=[plot(data)])
 
 
