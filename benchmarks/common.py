@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 # Before transformers is imported: nothing here may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,6 +173,59 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakAnonymousMemory:
+    """The peak of this process's anonymous resident memory (RssAnon) while the block runs,
+    sampled every `interval` seconds by a thread.
+
+    Unlike VmHWM it leaves out file-backed pages: safetensors weights are memory-mapped while a
+    model loads, so the peak resident memory counts the whole file (540 MB for SmolLM2) even for
+    a QLoRA run that keeps only its 4-bit copy. Anonymous memory is what the process itself holds:
+    weights, gradients, optimizer state, activations. Samples can miss a peak shorter than the
+    interval; a training step's peak lasts its backward pass.
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.before_mb, self.peak_mb = interval, 0.0, 0.0
+        self.mark_mb = self.peak_since_mark_mb = None
+        self._done = None
+
+    def mark(self) -> None:
+        """Start a second peak from here (`peak_since_mark_mb`), e.g. once a model has loaded."""
+        self.mark_mb = self.peak_since_mark_mb = _anonymous_mb()
+
+    def __enter__(self) -> Self:
+        import threading
+
+        gc.collect()
+        self.before_mb = self.peak_mb = _anonymous_mb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            now = _anonymous_mb()
+            self.peak_mb = max(self.peak_mb, now)
+            if self.peak_since_mark_mb is not None:
+                self.peak_since_mark_mb = max(self.peak_since_mark_mb, now)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        now = _anonymous_mb()
+        self.peak_mb = max(self.peak_mb, now)
+        if self.peak_since_mark_mb is not None:
+            self.peak_since_mark_mb = max(self.peak_since_mark_mb, now)
+
+
+def _anonymous_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return rss_mb()
 
 
 def reset_peak_rss() -> None:

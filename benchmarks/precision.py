@@ -40,7 +40,7 @@ LEARNING_RATE = 1e-3  # large enough that a few steps move the loss, so differen
 QUICK = {"batch": 2, "seq": 64, "steps": 2, "repeats": 1, "warm_up": False,
          "global_batch": 8, "accumulation_seq": 32, "accumulation_steps": 2,
          "accumulation_repeats": 1}
-FULL = {"batch": 8, "seq": 256, "steps": 6, "repeats": 3, "warm_up": True,
+FULL = {"batch": 8, "seq": 256, "steps": 6, "repeats": 2, "warm_up": True,
         "global_batch": 16, "accumulation_seq": 256, "accumulation_steps": 4,
         "accumulation_repeats": 1}
 
