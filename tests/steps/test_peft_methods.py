@@ -331,5 +331,6 @@ def test_a_qlora_adapter_trains_and_saves_in_the_precision_the_stage_resolved(ru
     run = runs["qlora"]
     expected = {"fp32": "F32", "bf16": "BF16"}[run.summary["precision"]]
     with safe_open(run.model_dir / "adapter_model.safetensors", "pt") as weights:
-        dtypes = {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
+        names = weights.keys()  # safe_open is not iterable
+        dtypes = {str(weights.get_slice(name).get_dtype()) for name in names}
     assert dtypes == {expected}
