@@ -133,7 +133,7 @@ def keep_adapter_in_training_precision(model: PreTrainedModel, precision: str) -
 
     SFTTrainer (TRL 1.16) casts the adapter of every 4-/8-bit model to bf16, as the QLoRA paper
     computes in bf16. Where the stage resolved fp32 or fp16 (no native bf16: bf16 runs emulated,
-    12x slower than fp32 on this project's CI CPU, benchmarks/precision.py) the adapter goes back
+    12x slower than fp32 on the CPU benchmarks/BENCHMARKS.md measured) the adapter goes back
     to float32, and trains as LoRA's does.
     """
     if precision == "bf16":
