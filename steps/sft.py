@@ -24,7 +24,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -50,6 +49,7 @@ from steps.common.peft_methods import (
     load_model_for_training,
     merge_adapter,
     save_model,
+    set_quantized_adapter_dtype,
     target_modules,
 )
 from steps.common.training import (
@@ -126,21 +126,6 @@ class SFTTrainerWithModelLoss(SFTTrainer):
         # transformers does not mask packed sequences apart).
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-
-def keep_adapter_in_training_precision(model: PreTrainedModel, precision: str) -> None:
-    """Undo TRL's cast of a quantized model's trainable weights to bf16 where training is not bf16.
-
-    SFTTrainer (TRL 1.16) casts the adapter of every 4-/8-bit model to bf16, as the QLoRA paper
-    computes in bf16. Where the stage resolved fp32 or fp16 (no native bf16: bf16 runs emulated,
-    12x slower than fp32 on the CPU benchmarks/BENCHMARKS.md measured) the adapter goes back
-    to float32, and trains as LoRA's does.
-    """
-    if precision == "bf16":
-        return
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
-            parameter.data = parameter.data.float()
 
 
 class PackedRowsCollator(DataCollatorForLanguageModeling):
@@ -230,7 +215,7 @@ def main(config: SFTStageConfig) -> None:
         processing_class=tokenizer,
         callbacks=[metrics],
     )
-    keep_adapter_in_training_precision(trainer.model, precision)
+    set_quantized_adapter_dtype(trainer.model)  # TRL cast a QLoRA adapter to bf16 regardless
     if config.packing and (collator := packed_rows_collator(model, tokenizer)) is not None:
         trainer.data_collator = collator  # TRL takes no collator of ours with best-fit packing
     if config.packing:

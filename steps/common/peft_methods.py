@@ -352,15 +352,27 @@ def apply_peft(
         ) from None
     if knobs.prompt_tuning_init_text:
         _init_prompt_from_text(tuned, tokenizer, knobs.prompt_tuning_init_text)
-    if knobs.peft_method == "qlora" and _compute_dtype(model) == torch.bfloat16:
-        # The QLoRA recipe keeps the adapters in bf16 where the base computes in bf16 (TRL's
-        # SFTTrainer does the same; done here so every stage agrees). Otherwise they stay in
-        # float32: fp16 adapters would break AMP's gradient scaler, and bf16 ones run emulated
-        # where bf16 is not native (LoRA steps on such a CPU took twice as long).
-        for param in tuned.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(torch.bfloat16)
+    if knobs.peft_method == "qlora":
+        set_quantized_adapter_dtype(tuned)
     return tuned
+
+
+def set_quantized_adapter_dtype(model: PreTrainedModel) -> None:
+    """A 4-bit base's trainable weights in bf16 where the base computes in bf16, else float32.
+
+    The QLoRA recipe keeps the adapters in bf16 where the base computes in bf16. Otherwise they
+    stay in float32: fp16 adapters would break AMP's gradient scaler, and bf16 ones run emulated
+    where bf16 is not native (12x slower than fp32 on the CPU benchmarks/BENCHMARKS.md measured).
+    Every stage applies it through apply_peft; SFT again after TRL's SFTTrainer, which casts them
+    to bf16 whatever the precision. Models without a 4-bit base are left alone.
+    """
+    compute = _compute_dtype(model)
+    if compute is None:
+        return
+    dtype = torch.bfloat16 if compute == torch.bfloat16 else torch.float32
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
 
 
 def _compute_dtype(model: PreTrainedModel) -> torch.dtype | None:
