@@ -152,6 +152,17 @@ def plot_path(name: str) -> Path:
     return RESULTS_DIR / f"{name}.png"
 
 
+def save_figure(fig: Any, name: str, **layout: Any) -> str:
+    """Lay out and save a matplotlib figure as results/<name>.png, close it; its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**layout)
+    path = plot_path(name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

@@ -120,11 +120,7 @@ def run_once(way: str, method: str, model: Path, corpus: Path, shape, out: str) 
             from peft import get_peft_model
             from transformers import Trainer, default_data_collator
 
-            ids = tokenizer("\n\n".join(texts))["input_ids"]
-            n = shape.length
-            blocks = [ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
-            dataset = Dataset.from_list([{"input_ids": b, "attention_mask": [1] * n,
-                                          "labels": b} for b in blocks])
+            dataset = tp.blocks_dataset(tokenizer, texts, shape.length)
             if method != "none":
                 loaded = get_peft_model(loaded, tp.adapter_config(loaded, method))
             trainer = Trainer(model=loaded, args=tp.plain_arguments(shape, out),

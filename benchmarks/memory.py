@@ -186,11 +186,7 @@ def plot(results: list[dict]) -> str:
         ax.set_title(f"{model}: memory while training")
         ax.set_ylabel("MB above the process's start")
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    path = common.plot_path("memory")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return common.save_figure(fig, "memory")
 
 
 def main() -> None:

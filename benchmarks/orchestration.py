@@ -462,10 +462,7 @@ def plot(runs: dict[str, Any]) -> str:
                          label="the rest: setup, engine between jobs, command exit"))
     fig.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(0.64, 0.5))
     fig.suptitle("llm-pipeline run --recipe sft (builtin:tiny): where the time goes", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.64, 1))
-    fig.savefig(common.plot_path(NAME), dpi=110)
-    plt.close(fig)
-    return f"{NAME}.png"
+    return common.save_figure(fig, NAME, rect=(0, 0, 0.64, 1))
 
 
 def render(definitions: dict[str, Any], runs: dict[str, Any], sizes: dict[str, int],

@@ -281,10 +281,7 @@ def plot(precision: dict[str, Any], accumulation: dict[str, Any], figures: dict[
     ax.set_ylabel("tokens/s (median, min–max)")
     ax.set_title("SFT of the small model: fp32 vs bf16 autocast")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.plot_path(f"{NAME}-bf16"), dpi=110)
-    plt.close(fig)
-    names.append(f"{NAME}-bf16.png")
+    names.append(common.save_figure(fig, f"{NAME}-bf16"))
 
     # gradient accumulation: loss curves, their difference from GA=1, memory
     fig, (curves, differences, memory) = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -322,10 +319,7 @@ def plot(precision: dict[str, Any], accumulation: dict[str, Any], figures: dict[
                         ha="center", va="bottom", fontsize=8)
     memory.set_ylabel("peak RSS increase in training (MB)")
     memory.set_title("training memory per GA value")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(f"{NAME}-accumulation"), dpi=110)
-    plt.close(fig)
-    names.append(f"{NAME}-accumulation.png")
+    names.append(common.save_figure(fig, f"{NAME}-accumulation"))
     return names
 
 

@@ -201,10 +201,7 @@ def plot(measured: dict[str, Any]) -> str:
     for axis in (sizes_ax, lengths_ax):
         axis.yaxis.set_major_formatter(ScalarFormatter())
         axis.yaxis.set_minor_formatter(ScalarFormatter())
-    fig.tight_layout()
-    fig.savefig(common.plot_path(NAME), dpi=110)
-    plt.close(fig)
-    return f"{NAME}.png"
+    return common.save_figure(fig, NAME)
 
 
 def render(measured: dict[str, Any], quick: bool) -> str:

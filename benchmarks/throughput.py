@@ -171,6 +171,17 @@ def _chat_ids(tokenizer, prompt: str, response: str, length: int) -> tuple[list[
     return ids, ([-100] * len(head_ids) + ids[len(head_ids):])[:length]
 
 
+def blocks_dataset(tokenizer, texts: list[str], length: int):
+    """The texts joined and cut into full blocks of `length` tokens (the classic causal-LM
+    recipe, in which a block's documents attend to each other)."""
+    from datasets import Dataset
+
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    blocks = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    return Dataset.from_list([{"input_ids": b, "attention_mask": [1] * length, "labels": b}
+                              for b in blocks])
+
+
 def _pad(rows: list[list[int]], value: int):
     import torch
 
@@ -325,11 +336,8 @@ def plain_trainer(ws: Workspace, stage: str, out: str) -> float | None:
     if stage == "cpt":
         from transformers import default_data_collator
 
-        ids = tokenizer("\n\n".join(d["text"] for d in _jsonl(ws.corpus)))["input_ids"]
-        n = ws.shape.length
-        blocks = [ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
-        dataset = Dataset.from_list([{"input_ids": b, "attention_mask": [1] * n, "labels": b}
-                                     for b in blocks])
+        dataset = blocks_dataset(tokenizer, [d["text"] for d in _jsonl(ws.corpus)],
+                                 ws.shape.length)
         trainer = Trainer(model=load(ws.model, "none"), args=args, train_dataset=dataset,
                           data_collator=default_data_collator)
         return tokens_per_second(trainer)
@@ -533,11 +541,7 @@ def plot(data: list[dict]) -> str:
     ax.set_ylabel("tokens/s (median)")
     ax.set_title("Training throughput: project stages against the baselines")
     ax.legend()
-    fig.tight_layout()
-    path = common.plot_path("throughput")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return common.save_figure(fig, "throughput")
 
 
 def rerender() -> None:
