@@ -222,7 +222,7 @@ def main(config: DPOStageConfig) -> None:
         validation_pairs=len(validation_records),
         reference_model=reference,
         held_out={"pairs": len(held_out), "on": "validation" if validation_records else "train",
-                  "before": before, "after": after},
+                  "measured_in": "fp32", "before": before, "after": after},
     )
     with contract.atomic_output(model_dir) as staging:
         save_model(model, tokenizer, staging, config)

@@ -257,7 +257,15 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+# Forces what 'auto' takes the hardware to be (1: native bf16, 0: not), so that the whole test
+# suite can be run both ways on one machine; unset, the hardware is asked.
+NATIVE_BF16_VARIABLE = "LLM_PIPELINE_NATIVE_BF16"
+
+
 def _bf16_is_native() -> bool:
+    forced = os.environ.get(NATIVE_BF16_VARIABLE, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:

@@ -269,6 +269,11 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
     result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    # accelerate wraps the model's forward in bf16/fp16 autocast for mixed precision; what the
+    # stage measures after training (held-out margins, rewards, generations) is measured on the
+    # fp32 weights it saves, so every figure means the same on machines with and without native
+    # bf16. The training figures above (losses) were computed in `precision`.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
     resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
     # num_input_tokens_seen is restored with the checkpoint: count this run's tokens only.

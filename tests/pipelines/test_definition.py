@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.external import CHECK_DEFINITION, require_file
 from tests.pipelines.conftest import ROOT, clean_env, cli
 
-CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
                        "TrainingInstanceCount", "Epochs", "LearningRate", "LoraRank", "PeftMethod",
                        "Precision", "GradientAccumulationSteps", "EvalThreshold",
@@ -77,11 +77,10 @@ def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_e
     assert bad.returncode == 2 and "Epochs='lots' is not a valid Integer" in bad.stderr
 
 
-@pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
 def test_definition_passes_check_definition(definition_text, tmp_path: Path):
     path = tmp_path / "definition.json"
     path.write_text(definition_text)
-    result = subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, str(require_file(CHECK_DEFINITION, 'check-definition')), str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 problems" in result.stdout
 

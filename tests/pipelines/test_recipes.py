@@ -11,9 +11,8 @@ import pytest
 from pipelines import UserError, recipe
 from pipelines.definition import TRAINING_STEPS
 from pipelines.recipe import JUDGE_STAGES
+from tests.external import CHECK_DEFINITION, require_file
 from tests.pipelines.conftest import ROOT, clean_env
-
-CHECK = ROOT.parent / "shared" / "tools" / "check-definition"
 
 MINIMAL = """
 name: custom
@@ -242,12 +241,11 @@ def test_the_constitutional_recipe_feeds_revisions_to_sft_and_ai_preferences_to_
     assert "Steps.SFT.ModelArtifacts" in dpo["model"]
 
 
-@pytest.mark.skipif(not CHECK.exists(), reason="../shared/tools/check-definition not present")
 def test_every_recipe_definition_passes_check_definition(definitions, tmp_path):
     for name, document in definitions.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(document))
-        result = subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True,
+        result = subprocess.run([sys.executable, str(require_file(CHECK_DEFINITION, 'check-definition')), str(path)], capture_output=True,
                                 text=True, check=False)
         assert result.returncode == 0 and "0 problems" in result.stdout, (name, result.stdout)
 
