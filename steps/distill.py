@@ -39,7 +39,7 @@ Where the teacher's distributions come from (`teacher_outputs` in training_summa
               the accumulation steps: exact only without accumulation.
 
 The student: the 'model' channel, or `student_model`: a model spec (a smaller model of the same
-tokenizer), or ``config:layers=1,hidden=128,...``, the teacher's architecture resized, with random
+tokenizer), or ``config:layers=1+hidden=128+...``, the teacher's architecture resized, with random
 weights and the teacher's tokenizer (keys: layers, hidden, intermediate, heads, kv_heads, or any
 config attribute). Teacher and student must share the tokenizer: distributions are compared token id
 by token id, so a student whose vocabulary fingerprint differs from the teacher's is refused (an
@@ -88,6 +88,10 @@ from steps.common.training import (
 )
 
 CONFIG_PREFIX = "config:"
+# Sizes are joined by '+' (config:layers=2+hidden=128): the spec is a pipeline parameter, and every
+# parameter is recorded in the model package's metadata, whose values SageMaker restricts to
+# letters, digits, spaces and _.:/=+-@ (no comma).
+CONFIG_SEPARATOR = "+"
 CONFIG_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size",
                "intermediate": "intermediate_size", "heads": "num_attention_heads",
                "kv_heads": "num_key_value_heads"}
@@ -101,7 +105,7 @@ class DistillStageConfig(PeftKnobs, TrainingKnobs):
     student_model: str | None = field(
         default=None,
         metadata={"help": "The student: a model spec (same tokenizer as the teacher), or "
-                  "config:layers=N,hidden=H,... (the teacher's architecture resized, random "
+                  "config:layers=N+hidden=H+... (the teacher's architecture resized, random "
                   "weights). Ignored when the 'model' channel holds a model."},
     )
     teacher_model: str | None = field(
@@ -346,7 +350,7 @@ def main(config: DistillStageConfig) -> None:
     student_spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
     if student_spec is None:
         raise StageError(
-            "no student: set student_model (a model spec, or config:layers=N,... for a resized "
+            "no student: set student_model (a model spec, or config:layers=N+... for a resized "
             "copy of the teacher's architecture) or give the job a 'model' channel"
         )
     config_student = student_spec.startswith(CONFIG_PREFIX)
@@ -494,18 +498,20 @@ def _cached(cache_dir: Path, manifest: dict[str, Any], split: str, examples: lis
 
 def build_student(spec: str, teacher_config: dict[str, Any], seed: int,
                   tokenizer: transformers.PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The teacher's architecture with `spec`'s sizes (config:layers=1,hidden=64), random weights."""
+    """The teacher's architecture with `spec`'s sizes (config:layers=1+hidden=64), random weights."""
     values = dict(teacher_config)
     for key in ("quantization_config", "_name_or_path", "transformers_version"):
         values.pop(key, None)
     changed = set()
-    for item in filter(None, (part.strip() for part in spec[len(CONFIG_PREFIX):].split(","))):
+    for item in filter(None, (part.strip()
+                              for part in spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR))):
         key, _, value = item.partition("=")
         name = CONFIG_KEYS.get(key.strip(), key.strip())
         if name not in values or not value.strip():
             raise StageError(
                 f"student_model {spec}: '{item}' is not KEY=VALUE for a size of the teacher's "
-                f"config; use {', '.join(CONFIG_KEYS)} (or a config attribute name)"
+                f"config; use {', '.join(CONFIG_KEYS)} (or a config attribute name), joined by "
+                f"'{CONFIG_SEPARATOR}' as in config:layers=2+hidden=128"
             )
         try:
             values[name] = int(value)

@@ -88,7 +88,7 @@ def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teac
 
     # Another student: the teacher and its outputs are reused from the step cache.
     second = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
-                 "-p", "StudentModel=config:layers=1,hidden=32,intermediate=64",
+                 "-p", "StudentModel=config:layers=1+hidden=32+intermediate=64",
                  "-p", "ModelPackageGroup=e2e-distill")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     _, execution = latest_execution(local_home, "llm-distill")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from steps import distill, teacher_logits
 from steps.common import contract, distillation, models
+from steps.common.contract import StageError
 
 from .conftest import TrainingJob, counting_records, write_jsonl
 from .stage_runs import StageRun
@@ -267,3 +268,16 @@ def test_gradient_accumulation_gives_the_gradients_of_the_whole_batch(cache):
     whole, halves = gradients([examples]), gradients([examples[:2], examples[2:]])
 
     assert ((whole - halves).norm() / whole.norm()).item() < 1e-5
+
+
+def test_a_config_student_takes_several_sizes_joined_by_plus_and_refuses_commas(cache):
+    # '+' joins the sizes: the spec is recorded in the model package's metadata, where SageMaker
+    # allows no comma.
+    tokenizer = models.load_tokenizer(str(cache / "tokenizer"))
+    config = json.loads((cache / "teacher_config.json").read_text())
+    model = distill.build_student("config:layers=1+hidden=32+intermediate=64", config, 0,
+                                  tokenizer)
+    assert (model.config.num_hidden_layers, model.config.hidden_size,
+            model.config.intermediate_size) == (1, 32, 64)
+    with pytest.raises(StageError, match=r"joined by '\+'"):
+        distill.build_student("config:layers=1,hidden=32", config, 0, tokenizer)
