@@ -499,6 +499,9 @@ def _cached(cache_dir: Path, manifest: dict[str, Any], split: str, examples: lis
 def build_student(spec: str, teacher_config: dict[str, Any], seed: int,
                   tokenizer: transformers.PreTrainedTokenizerBase) -> PreTrainedModel:
     """The teacher's architecture with `spec`'s sizes (config:layers=1+hidden=64), random weights."""
+    if "," in spec:
+        raise StageError(f"student_model {spec}: sizes are joined by '{CONFIG_SEPARATOR}' "
+                         "(config:layers=2+hidden=128), not ','")
     values = dict(teacher_config)
     for key in ("quantization_config", "_name_or_path", "transformers_version"):
         values.pop(key, None)
