@@ -8,6 +8,10 @@ A finding names the resource (and the policy statement) and what is wrong:
 - an Allow on Resource `*` (or NotResource) in an identity policy, unless each of its actions
   has no resource-level permissions (NO_RESOURCE_LEVEL below), carrying the condition key that
   narrows the action where one exists;
+- an Allow on an ARN whose wildcard stands for a whole name, region or account
+  (`model-package-group/*`, `arn:aws:sagemaker:*:*:...`): a wildcard may only end a name
+  prefix the project owns (`model-package-group/llm-*`, `training-job/pipelines-*`) or follow
+  a named parent (`${Bucket.Arn}/*`, `pipeline/llm-sft/execution/*`);
 - an Allow to Principal `*` (anyone) in a resource or trust policy;
 - iam:PassRole without an iam:PassedToService condition;
 - a bucket without default encryption by a KMS key of this template, without versioning,
@@ -20,6 +24,7 @@ Deny statements may be as broad as they like: breadth is what makes a Deny prote
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,32 @@ def _condition_keys(statement: dict) -> set[str]:
             for key in (block or {})}
 
 
+def _arn_text(resource: Any) -> str | None:
+    """The text of an ARN written plainly or with Fn::Sub, pseudo parameters such as
+    `${AWS::Region}` written `<Region>` (their own colons would split the ARN wrongly)."""
+    if isinstance(resource, dict) and "Fn::Sub" in resource:
+        body = resource["Fn::Sub"]
+        resource = body[0] if isinstance(body, list) else body
+    if not isinstance(resource, str):
+        return None
+    return re.sub(r"\$\{AWS::(\w+)\}", r"<\1>", resource)
+
+
+def _unnamed_wildcard(arn: str) -> str | None:
+    """What a wildcard in `arn` stands for when it is a whole region, account or name; None when
+    every wildcard is bounded by a name the project owns."""
+    parts = arn.split(":", 5)
+    if len(parts) < 6 or parts[0] != "arn":
+        return None  # `${Bucket.Arn}/*`: the objects of a named bucket
+    _, _, service, region, account, resource = parts
+    if "*" in (region, account):
+        return f"every {'region' if region == '*' else 'account'} ({arn})"
+    kind, separator, name = resource.partition("/") if "/" in resource else resource.partition(":")
+    if resource.startswith("*") or (separator and name.startswith("*")):
+        return f"every {service} {kind if separator else 'resource'} ({arn})"
+    return None
+
+
 def _statement_findings(where: str, statement: dict, kind: str) -> list[str]:
     """kind: 'identity' (IAM policies), 'resource' (bucket, key, repository), 'trust'."""
     if statement.get("Effect") != "Allow":
@@ -82,6 +113,12 @@ def _statement_findings(where: str, statement: dict, kind: str) -> list[str]:
                 if key and key not in keys:
                     found.append(f"{name}: {action} on Resource '*' without a {key} condition; "
                                  "add one to narrow it")
+        for resource in _list(statement.get("Resource")):
+            text = _arn_text(resource)
+            broad = _unnamed_wildcard(text) if text and text != "*" else None
+            if broad:
+                found.append(f"{name}: allows {broad}; scope the wildcard to a name prefix the "
+                             "project owns")
         if "iam:PassRole" in actions and "iam:PassedToService" not in _condition_keys(statement):
             found.append(f"{name}: iam:PassRole without an iam:PassedToService condition; "
                          "say which service may receive the role")

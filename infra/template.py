@@ -25,13 +25,24 @@ import yaml
 
 from containers import images
 from pipelines import recipe
-from pipelines.definition import pipeline_name
+from pipelines.definition import DEMO_DATA_KEYS, pipeline_name
 
 TEMPLATE = Path(__file__).with_name("template.yaml")
 PREFIX = images.REPOSITORY_PREFIX
 # SageMaker Pipelines names the jobs it starts `pipelines-<execution id>-<step>-<suffix>`, and
 # SageMaker writes job ARNs in lower case.
 JOB_PREFIX = "pipelines-"
+# The roles may use every model package group whose name starts with this, not only the recipes'
+# own: `-p ModelPackageGroup=llm-team-a` registers into a group of the user's choosing. SageMaker
+# writes the ARNs of groups and packages in lower case, so the prefix is lower case too.
+# Resource types and the actions that take them, as AWS documents them (Service Authorization
+# Reference, "Actions, resources, and condition keys for Amazon SageMaker"):
+# model-package-group/${ModelPackageGroupName} (Create/DescribeModelPackageGroup,
+# CreateModelPackage), model-package/... (CreateModelPackage, DescribeModelPackage,
+# ListModelPackages), pipeline/${PipelineName}/execution/${RandomString}
+# (ListPipelineExecutionSteps, DescribePipelineExecution), training-job/${TrainingJobName} and
+# processing-job/${ProcessingJobName} (Describe*Job).
+MODEL_PACKAGE_GROUP_PREFIX = "llm-"
 GITHUB_OIDC = "token.actions.githubusercontent.com"
 
 _HEADER = """\
@@ -89,13 +100,54 @@ def recipes() -> list[recipe.Recipe]:
 
 
 def model_package_groups(loaded: list[recipe.Recipe]) -> dict[str, str]:
-    """Group name -> description: the group each recipe registers into by default."""
+    """Group name -> description: the group each recipe registers into by default.
+
+    ValueError when one is outside MODEL_PACKAGE_GROUP_PREFIX: the roles could not register there.
+    """
     groups: dict[str, str] = {}
     for chosen in loaded:
-        group = chosen.parameters.get("ModelPackageGroup", chosen.model_package_group)
-        if recipe.parameter_reference(group) is None:
-            groups.setdefault(str(group), chosen.description[:1000])
+        group = str(chosen.parameters.get("ModelPackageGroup", chosen.model_package_group))
+        if recipe.parameter_reference(group) is not None:
+            continue
+        if not group.lower().startswith(MODEL_PACKAGE_GROUP_PREFIX):
+            raise ValueError(f"{chosen.source}: model package group {group!r} does not start with "
+                             f"{MODEL_PACKAGE_GROUP_PREFIX!r}, the prefix the stack's roles may "
+                             "register under; rename it (infra/template.py "
+                             "MODEL_PACKAGE_GROUP_PREFIX)")
+        groups.setdefault(group, chosen.description[:1000])
     return dict(sorted(groups.items()))
+
+
+def demo_data_prefix() -> str:
+    """`datasets/demo`: where `upsert` puts the recipes' demo datasets in the artifact bucket."""
+    folders = {key.rsplit("/", 1)[0] for key in DEMO_DATA_KEYS.values()}
+    if len(folders) != 1:
+        raise ValueError(f"the demo datasets live under several prefixes {sorted(folders)}; the CI "
+                         "role is scoped to one (pipelines/definition.py DEMO_DATA_KEYS)")
+    return folders.pop()
+
+
+def prefixed_groups() -> dict:
+    """The ARN of every model package group named with MODEL_PACKAGE_GROUP_PREFIX."""
+    return arn("sagemaker", f"model-package-group/{MODEL_PACKAGE_GROUP_PREFIX}*")
+
+
+def packages_in_prefixed_groups() -> dict:
+    """The ARN of every package in those groups (`model-package/<group>/<version>`)."""
+    return arn("sagemaker", f"model-package/{MODEL_PACKAGE_GROUP_PREFIX}*/*")
+
+
+def job_arns() -> list[dict]:
+    """The processing and training jobs SageMaker Pipelines starts."""
+    return [arn("sagemaker", f"{kind}/{JOB_PREFIX}*") for kind in ("processing-job", "training-job")]
+
+
+def use_the_key_through_s3() -> dict:
+    # Both buckets encrypt with the stack's key (SSE-KMS): writing needs GenerateDataKey, reading
+    # (and completing a multipart upload) Decrypt, and only by way of S3.
+    return statement("UseTheBucketKeyThroughS3", ["kms:Decrypt", "kms:GenerateDataKey"],
+                     [get_att("Key", "Arn")],
+                     {"StringEquals": {"kms:ViaService": sub("s3.${AWS::Region}.amazonaws.com")}})
 
 
 # -- the template -----------------------------------------------------------------------------
@@ -185,12 +237,7 @@ def _repository(name: str) -> dict:
     }
 
 
-def _execution_policy(repositories: list[str], groups: list[str],
-                      pipelines: list[str]) -> dict:
-    job_arns = [arn("sagemaker", f"{kind}/{JOB_PREFIX}*")
-                for kind in ("processing-job", "training-job")]
-    group_arns = [arn("sagemaker", f"model-package-group/{group.lower()}") for group in groups]
-    package_arns = [arn("sagemaker", f"model-package/{group.lower()}/*") for group in groups]
+def _execution_policy(repositories: list[str], pipelines: list[str]) -> dict:
     pipeline_arns = [arn("sagemaker", f"pipeline/{name.lower()}") for name in pipelines]
     execution_arns = [arn("sagemaker", f"pipeline/{name.lower()}/execution/*")
                       for name in pipelines]
@@ -205,9 +252,7 @@ def _execution_policy(repositories: list[str], groups: list[str],
         # Checkpoint sync mirrors the trainer's rotation (old checkpoints deleted): only there.
         statement("RotateCheckpoints", ["s3:DeleteObject"],
                   [sub("${ArtifactBucket.Arn}/*/checkpoints/*")]),
-        statement("UseTheBucketKeyThroughS3", ["kms:Decrypt", "kms:GenerateDataKey"],
-                  [get_att("Key", "Arn")],
-                  {"StringEquals": {"kms:ViaService": sub("s3.${AWS::Region}.amazonaws.com")}}),
+        use_the_key_through_s3(),
         statement("PullTheProjectImages", ["ecr:BatchCheckLayerAvailability",
                                            "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
                   [get_att(logical_id("Repository", name), "Arn") for name in repositories]),
@@ -225,13 +270,13 @@ def _execution_policy(repositories: list[str], groups: list[str],
                   ["sagemaker:AddTags", "sagemaker:CreateProcessingJob",
                    "sagemaker:CreateTrainingJob", "sagemaker:DescribeProcessingJob",
                    "sagemaker:DescribeTrainingJob", "sagemaker:StopProcessingJob",
-                   "sagemaker:StopTrainingJob"], job_arns),
-        statement("RegisterModelsInTheProjectGroups",
+                   "sagemaker:StopTrainingJob"], job_arns()),
+        statement("RegisterModelsInGroupsNamedWithThePrefix",
                   ["sagemaker:AddTags", "sagemaker:CreateModelPackage",
                    "sagemaker:DescribeModelPackage", "sagemaker:DescribeModelPackageGroup",
                    # Evaluate reads the group's Approved package for the gate.
                    "sagemaker:ListModelPackages"],
-                  group_arns + package_arns),
+                  [prefixed_groups(), packages_in_prefixed_groups()]),
         # Caching and selective re-execution look at earlier executions of the same pipeline.
         statement("ReadThePipelinesOwnExecutions",
                   ["sagemaker:DescribePipeline", "sagemaker:DescribePipelineExecution",
@@ -285,7 +330,7 @@ def _ci_role() -> dict:
                            "AssumeRolePolicyDocument": policy(trust)}}
 
 
-def _ci_policy(repositories: list[str], groups: list[str], pipelines: list[str]) -> dict:
+def _ci_policy(repositories: list[str], pipelines: list[str]) -> dict:
     pipeline_arns = [arn("sagemaker", f"pipeline/{name.lower()}") for name in pipelines]
     execution_arns = [arn("sagemaker", f"pipeline/{name.lower()}/execution/*")
                       for name in pipelines]
@@ -300,9 +345,20 @@ def _ci_policy(repositories: list[str], groups: list[str], pipelines: list[str])
                   ["sagemaker:AddTags", "sagemaker:CreatePipeline", "sagemaker:DescribePipeline",
                    "sagemaker:DescribePipelineExecution", "sagemaker:StartPipelineExecution",
                    "sagemaker:UpdatePipeline"], pipeline_arns + execution_arns),
-        statement("CheckTheProjectModelPackageGroups",
+        # The cost ledger (`start --wait`, `cost`) and `start --reuse` read an execution's steps,
+        # and the ledger each step's job.
+        statement("ReadTheExecutionsSteps", ["sagemaker:ListPipelineExecutionSteps"],
+                  execution_arns),
+        statement("ReadTheJobsOfTheExecutions",
+                  ["sagemaker:DescribeProcessingJob", "sagemaker:DescribeTrainingJob"], job_arns()),
+        # `upsert` creates the group the pipeline's ModelPackageGroup parameter names.
+        statement("CreateModelPackageGroupsNamedWithThePrefix",
                   ["sagemaker:CreateModelPackageGroup", "sagemaker:DescribeModelPackageGroup"],
-                  [arn("sagemaker", f"model-package-group/{group.lower()}") for group in groups]),
+                  [prefixed_groups()]),
+        # `upsert` puts the recipes' demo datasets where their defaults point.
+        statement("UploadTheDemoDatasets", ["s3:GetObject", "s3:PutObject"],
+                  [sub(f"${{ArtifactBucket.Arn}}/{demo_data_prefix()}/*")]),
+        use_the_key_through_s3(),
         statement("PassTheExecutionRoleToSageMakerOnly", ["iam:PassRole"],
                   [get_att("ExecutionRole", "Arn")],
                   {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
@@ -364,12 +420,12 @@ def build() -> dict:
                 "Action": "sts:AssumeRole"}),
         },
     }
-    resources["ExecutionPolicy"] = _execution_policy(repositories, list(groups), pipelines)
+    resources["ExecutionPolicy"] = _execution_policy(repositories, pipelines)
     resources.update(_critic_policies())
     for chosen in loaded:
         resources[logical_id("Pipeline", chosen.name)] = _pipeline(chosen)
     resources["CiRole"] = _ci_role()
-    resources["CiPolicy"] = _ci_policy(repositories, list(groups), pipelines)
+    resources["CiPolicy"] = _ci_policy(repositories, pipelines)
 
     outputs: dict = {
         "ExecutionRoleArn": {"Description": "llm-pipeline --role-arn",

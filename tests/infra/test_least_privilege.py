@@ -117,6 +117,16 @@ def _trust_opened(t):
         "Principal"] = {"AWS": "*"}
 
 
+def _group_prefix_widened_to_every_group(t):
+    resources = statement(t, "CiPolicy", "CreateModelPackageGroupsNamedWithThePrefix")["Resource"]
+    resources[0]["Fn::Sub"] = resources[0]["Fn::Sub"].replace("/llm-*", "/*")
+
+
+def _job_arn_in_every_region(t):
+    resources = statement(t, "CiPolicy", "ReadTheJobsOfTheExecutions")["Resource"]
+    resources[0]["Fn::Sub"] = resources[0]["Fn::Sub"].replace("${AWS::Region}", "*")
+
+
 def _conditional_grant_widened(t):
     # A policy the stack makes only when a parameter is set is checked all the same.
     statement(t, "CriticBedrockPolicy", "InvokeTheConstitutionalCriticBedrockModel")[
@@ -142,6 +152,9 @@ MUTATIONS = [
     (_tls_deny_removed, "DataBucket: no bucket policy denies requests without TLS"),
     (_public_read_granted,
      "ArtifactBucketPolicy bucket policy: statement Anyone: allows Principal '*'"),
+    (_group_prefix_widened_to_every_group,
+     "CreateModelPackageGroupsNamedWithThePrefix: allows every sagemaker model-package-group"),
+    (_job_arn_in_every_region, "statement ReadTheJobsOfTheExecutions: allows every region"),
     (_conditional_grant_widened,
      "statement InvokeTheConstitutionalCriticBedrockModel: bedrock:InvokeModel on Resource '*'"),
     (_trust_opened,

@@ -1,0 +1,185 @@
+"""What each role of the deployed stack may do, asked of its policies as IAM would ask them.
+
+The stack is deployed on moto, so that CloudFormation (moto's) resolves every `Fn::Sub` and
+`Fn::GetAtt`; each question then names a real request: an action and the ARN SageMaker or S3
+gives the resource the command touches.
+"""
+
+import fnmatch
+import json
+import os
+import warnings
+
+import boto3
+import pytest
+import yaml
+from moto import mock_aws
+from moto.cloudformation.parsing import get_model_map
+
+from infra import template
+from pipelines import recipe
+from pipelines.definition import DEMO_DATA_KEYS, pipeline_name
+
+REGION = "us-east-1"
+
+
+def allows(document: dict, action: str, resource: str, context: dict | None = None) -> bool:
+    """Whether an identity policy allows `action` on `resource` with these condition keys.
+
+    IAM's rules for what this template uses: an Allow applies when an action and a resource
+    pattern match (`*` any characters, `?` one; actions case-insensitive) and every condition
+    holds; a condition whose key the request lacks does not hold. Written here because moto's
+    evaluator ignores missing condition keys. No statement here is a Deny.
+    """
+    context = context or {}
+    for statement in document["Statement"]:
+        actions = [a.lower() for a in _as_list(statement["Action"])]
+        if statement["Effect"] != "Allow" or not any(
+                fnmatch.fnmatchcase(action.lower(), pattern) for pattern in actions):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, pattern)
+                   for pattern in _as_list(statement["Resource"])):
+            continue
+        if all(_holds(operator, key, expected, context)
+               for operator, block in statement.get("Condition", {}).items()
+               for key, expected in block.items()):
+            return True
+    return False
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _holds(operator: str, key: str, expected, context: dict) -> bool:
+    if key not in context:
+        return False
+    match = {"StringEquals": lambda value, e: value == e,
+             "StringLike": fnmatch.fnmatchcase}[operator]
+    return any(match(context[key], e) for e in _as_list(expected))
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict:
+    """The stack deployed on moto with a CI role: outputs, and each policy's resolved document."""
+    committed = yaml.safe_load(template.TEMPLATE.read_text())
+    supported = get_model_map()
+    deployable = {**committed, "Resources": {name: r for name, r in committed["Resources"].items()
+                                            if r["Type"] in supported}}
+    saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({key: "testing" for key in saved})
+    try:
+        with mock_aws():
+            cloudformation = boto3.client("cloudformation", region_name=REGION)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # moto warns about every type it skips
+                cloudformation.create_stack(
+                    StackName="llm-lifecycle", TemplateBody=json.dumps(deployable),
+                    Parameters=[{"ParameterKey": "GitHubRepository",
+                                 "ParameterValue": "acme/llm"}],
+                    Capabilities=["CAPABILITY_IAM"])
+            described = cloudformation.describe_stacks(StackName="llm-lifecycle")["Stacks"][0]
+            outputs = {o["OutputKey"]: o["OutputValue"] for o in described["Outputs"]}
+            iam = boto3.client("iam", region_name=REGION)
+            policies = {}
+            for role_output, policy in (("ExecutionRoleArn", "execution"), ("CiRoleArn", "ci")):
+                role = outputs[role_output].rsplit("/", 1)[1]
+                policies[policy] = iam.get_role_policy(
+                    RoleName=role, PolicyName=f"{template.PREFIX}-{policy}")["PolicyDocument"]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    account = outputs["ExecutionRoleArn"].split(":")[4]
+    return {"outputs": outputs, "account": account, **policies}
+
+
+def sagemaker_arn(stack: dict, resource: str) -> str:
+    return f"arn:aws:sagemaker:{REGION}:{stack['account']}:{resource}"
+
+
+def pipelines() -> list[str]:
+    # SageMaker writes pipeline (and execution) ARNs in lower case.
+    return [pipeline_name(recipe.load(name)).lower() for name in recipe.available()]
+
+
+# -- the CI role: what `start --wait`, `cost` and `start --reuse` read ----------------------
+
+def test_ci_role_can_list_the_steps_of_every_pipelines_executions(stack):
+    for name in pipelines():
+        execution = sagemaker_arn(stack, f"pipeline/{name}/execution/7k2x9q0abcde")
+        assert allows(stack["ci"], "sagemaker:ListPipelineExecutionSteps", execution), name
+    other = sagemaker_arn(stack, "pipeline/someone-elses/execution/7k2x9q0abcde")
+    assert not allows(stack["ci"], "sagemaker:ListPipelineExecutionSteps", other)
+
+
+def test_ci_role_can_describe_the_jobs_sagemaker_pipelines_starts_and_no_others(stack):
+    # SageMaker Pipelines names its jobs pipelines-<execution id>-<step>-<suffix>.
+    for action, kind in (("sagemaker:DescribeTrainingJob", "training-job"),
+                         ("sagemaker:DescribeProcessingJob", "processing-job")):
+        job = sagemaker_arn(stack, f"{kind}/pipelines-7k2x9q0abcde-sft-a1b2c3d4e5")
+        assert allows(stack["ci"], action, job)
+        assert not allows(stack["ci"], action, sagemaker_arn(stack, f"{kind}/my-notebook-job"))
+
+
+# -- model package groups named with the prefix ---------------------------------------------
+
+def test_ci_role_can_create_any_group_named_with_the_prefix_and_only_those(stack):
+    for group in ("llm-sft", "llm-team-a-sft"):
+        arn = sagemaker_arn(stack, f"model-package-group/{group}")
+        assert allows(stack["ci"], "sagemaker:CreateModelPackageGroup", arn), group
+        assert allows(stack["ci"], "sagemaker:DescribeModelPackageGroup", arn), group
+    outside = sagemaker_arn(stack, "model-package-group/team-a-sft")
+    assert not allows(stack["ci"], "sagemaker:CreateModelPackageGroup", outside)
+
+
+def test_execution_role_registers_and_reads_packages_in_any_group_named_with_the_prefix(stack):
+    group = sagemaker_arn(stack, "model-package-group/llm-team-a-sft")
+    package = sagemaker_arn(stack, "model-package/llm-team-a-sft/3")
+    assert allows(stack["execution"], "sagemaker:CreateModelPackage", group)
+    assert allows(stack["execution"], "sagemaker:CreateModelPackage", package)
+    assert allows(stack["execution"], "sagemaker:DescribeModelPackageGroup", group)
+    # CompareWithApproved lists the group's packages and reads the newest Approved one.
+    assert allows(stack["execution"], "sagemaker:ListModelPackages", package)
+    assert allows(stack["execution"], "sagemaker:DescribeModelPackage", package)
+    outside = sagemaker_arn(stack, "model-package/team-a-sft/3")
+    assert not allows(stack["execution"], "sagemaker:CreateModelPackage", outside)
+
+
+def test_every_recipes_own_group_is_named_with_the_prefix(stack):
+    for name in recipe.available():
+        chosen = recipe.load(name)
+        group = chosen.parameters.get("ModelPackageGroup", chosen.model_package_group)
+        arn = sagemaker_arn(stack, f"model-package-group/{str(group).lower()}")
+        assert allows(stack["execution"], "sagemaker:CreateModelPackage", arn), name
+
+
+def test_a_recipe_group_outside_the_prefix_is_refused_when_the_template_is_generated(tmp_path):
+    source = recipe.RECIPES_DIR / "sft.yaml"
+    outside = tmp_path / "team.yaml"
+    outside.write_text(source.read_text().replace("model_package_group: llm-sft",
+                                                  "model_package_group: team-sft"))
+    with pytest.raises(ValueError, match=r"team-sft.*does not start with 'llm-'"):
+        template.model_package_groups([recipe.load(str(outside))])
+
+
+# -- the demo datasets `upsert --target aws` uploads ----------------------------------------
+
+def test_ci_role_can_upload_and_read_the_demo_datasets_and_nothing_else_in_the_bucket(stack):
+    bucket = stack["outputs"]["ArtifactBucketName"]
+    for key in DEMO_DATA_KEYS.values():
+        obj = f"arn:aws:s3:::{bucket}/{key}"
+        assert allows(stack["ci"], "s3:PutObject", obj), key
+        assert allows(stack["ci"], "s3:GetObject", obj), key  # HeadObject is authorised by it
+    assert not allows(stack["ci"], "s3:PutObject", f"arn:aws:s3:::{bucket}/llm-sft/model.tar.gz")
+    assert not allows(stack["ci"], "s3:DeleteObject", f"arn:aws:s3:::{bucket}/{key}")
+
+
+def test_ci_role_uses_the_bucket_key_only_through_s3(stack):
+    key = stack["outputs"]["KeyArn"]
+    through_s3 = {"kms:ViaService": f"s3.{REGION}.amazonaws.com"}
+    for action in ("kms:GenerateDataKey", "kms:Decrypt"):  # write, read (SSE-KMS)
+        assert allows(stack["ci"], action, key, through_s3), action
+        assert not allows(stack["ci"], action, key), f"{action} outside S3"
