@@ -441,6 +441,21 @@ def cmd_upsert(args) -> int:
                "PipelineDescription": chosen.description[:3000]}
     from botocore.exceptions import ClientError
 
+    # SageMaker Pipelines registers only into a group that exists: create the one the pipeline's
+    # ModelPackageGroup parameter names by default (the recipe's, or the one its file sets), and
+    # before the pipeline, so that a group IAM refuses leaves no pipeline that cannot register.
+    group = next(parameter["DefaultValue"] for parameter in json.loads(text)["Parameters"]
+                 if parameter["Name"] == "ModelPackageGroup")
+    try:
+        sagemaker.describe_model_package_group(ModelPackageGroupName=group)
+    except ClientError:
+        try:
+            sagemaker.create_model_package_group(
+                ModelPackageGroupName=group, ModelPackageGroupDescription=chosen.description[:1000])
+        except ClientError as exc:
+            raise UserError(f"cannot create model package group {group!r} "
+                            f"({exc.response['Error'].get('Message', exc)}); the infra stack's "
+                            "roles may use only groups named llm-* (infra/README.md)") from None
     try:
         sagemaker.describe_pipeline(PipelineName=name)
         response = sagemaker.update_pipeline(**request)
@@ -450,11 +465,6 @@ def cmd_upsert(args) -> int:
             raise UserError(f"cannot describe pipeline {name}: {exc}") from None
         response = sagemaker.create_pipeline(**request)
         action = "created"
-    try:
-        sagemaker.describe_model_package_group(ModelPackageGroupName=chosen.model_package_group)
-    except ClientError:
-        sagemaker.create_model_package_group(ModelPackageGroupName=chosen.model_package_group,
-                                             ModelPackageGroupDescription=chosen.description[:1000])
     if args.target == "local":
         _ensure_bucket(s3, target["bucket"], target["region"])
         for dataset in chosen.demo_data.values():

@@ -62,6 +62,24 @@ def test_upsert_then_start_wait_reports_the_execution_status(env, clients):
     assert bad.returncode == 2 and "Epochs='x' is not a valid Integer" in bad.stderr
 
 
+def test_upsert_creates_the_model_package_group_the_pipeline_parameter_names(env, clients,
+                                                                            tmp_path):
+    # A recipe file naming its own group: executions register there, so it must exist.
+    from tests.pipelines.conftest import ROOT
+
+    sagemaker, _ = clients
+    team = tmp_path / "team.yaml"
+    team.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text()
+                    .replace("name: sft", "name: team-sft")
+                    .replace("parameters:\n", "parameters:\n  ModelPackageGroup: llm-team-a\n", 1))
+    result = cli(env, "upsert", "--recipe", str(team))
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-team-sft")["PipelineDefinition"])
+    assert {"Name": "ModelPackageGroup", "Type": "String",
+            "DefaultValue": "llm-team-a"} in stored["Parameters"]
+    assert sagemaker.describe_model_package_group(ModelPackageGroupName="llm-team-a")
+
+
 def test_start_of_a_pipeline_that_was_never_upserted_says_what_to_do(env, tmp_path):
     recipe = tmp_path / "other.yaml"
     from tests.pipelines.conftest import ROOT
