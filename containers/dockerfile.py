@@ -8,6 +8,7 @@ Heredocs (`RUN <<EOF`) are not supported: the project's Dockerfiles do not use t
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,3 +124,31 @@ def copied_sources(instructions: list[Instruction]) -> list[str]:
             continue
         sources += paths[:-1]
     return sources
+
+
+def environment(instructions: list[Instruction]) -> dict[str, str]:
+    """What the image's ENV instructions set, in order (a later ENV wins).
+
+    Both forms: `ENV NAME=value [NAME=value ...]` (values quoted as in a shell) and the legacy
+    `ENV NAME value`. `$NAME` and `${NAME}` refer to earlier ENVs and ARG defaults; a reference to
+    anything else (what the base image sets, such as `$PATH`) is kept as written, since only the
+    built image knows its value.
+    """
+    known: dict[str, str] = {k: v for k, v in build_args(instructions).items() if v is not None}
+    values: dict[str, str] = {}
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                      lambda m: known.get(m.group(1) or m.group(2), m.group(0)), text)
+
+    for instruction in instructions:
+        if instruction.keyword != "ENV":
+            continue
+        words = shlex.split(instruction.arguments)
+        if "=" in words[0]:
+            pairs = [word.partition("=")[::2] for word in words]
+        else:  # ENV NAME value with spaces
+            pairs = [(words[0], instruction.arguments.split(None, 1)[1] if len(words) > 1 else "")]
+        for name, value in pairs:
+            known[name] = values[name] = substitute(value)
+    return values

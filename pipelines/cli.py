@@ -523,9 +523,42 @@ def cmd_start(args) -> int:
     if args.target == "aws":  # the local server runs no jobs: nothing to cost there
         _print_aws_ledger(sagemaker, arn)
     if status != "Succeeded":
+        if args.target == "aws":
+            for line in failed_steps(sagemaker, arn):
+                print(line, file=sys.stderr)
         print(f"execution {status}: {described.get('FailureReason', '')}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def failed_steps(sagemaker, execution_arn: str) -> list[str]:
+    """`step NAME failed: REASON` for each failed step of a SageMaker execution.
+
+    The execution's own FailureReason only says that a step failed. A step's FailureReason holds
+    a training job's /opt/ml/output/failure; a processing job's reason is in its ExitMessage (the
+    first 1 KB of /opt/ml/output/message,
+    https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html),
+    which only DescribeProcessingJob returns. Empty when the steps cannot be read.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    lines = []
+    try:
+        pages = sagemaker.get_paginator("list_pipeline_execution_steps").paginate(
+            PipelineExecutionArn=execution_arn, SortOrder="Ascending")
+        for step in [s for page in pages for s in page["PipelineExecutionSteps"]]:
+            if step.get("StepStatus") != "Failed":
+                continue
+            reasons = [step.get("FailureReason", "")]
+            job = step.get("Metadata", {}).get("ProcessingJob", {}).get("Arn")
+            if job:
+                reasons.append(sagemaker.describe_processing_job(
+                    ProcessingJobName=job.rsplit("/", 1)[-1]).get("ExitMessage", ""))
+            reason = " ".join(": ".join(r for r in reasons if r).split())
+            lines.append(f"step {step['StepName']} failed: {reason or 'no reason given'}")
+    except (BotoCoreError, ClientError) as exc:
+        return [f"the failed steps' reasons are unavailable: {exc}"]
+    return lines
 
 
 def _execution_arn(reference: str, pipeline_name: str, target: dict) -> str:

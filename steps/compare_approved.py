@@ -5,7 +5,8 @@
         [--approved-margin 0.0] [--data-dir DATA]
 
 Reads the candidate's evaluation.json (the Evaluate step's output), then the registry (SageMaker
-ListModelPackages / DescribeModelPackage, through boto3 with the job's role) for the newest
+ListModelPackages / DescribeModelPackage, through boto3 with the job's role, in the job's region)
+for the newest
 Approved package of the group the pipeline registers into, takes the gate metric's value that
 package was registered with (its `eval_<metric>` metadata, written by the Register step) and
 decides whether the candidate beats it by the required margin. It writes OUT/gate.json, which the
@@ -123,7 +124,7 @@ def newest_approved(group: str, client: Any = None) -> dict[str, Any] | None:
     if client is None:
         import boto3
 
-        client = boto3.client("sagemaker")
+        client = boto3.client("sagemaker", region_name=contract.aws_region())
     try:
         listed = client.list_model_packages(
             ModelPackageGroupName=group, ModelApprovalStatus="Approved", SortBy="CreationTime",

@@ -140,7 +140,8 @@ class ConstitutionalConfig:
     )
     region: str | None = field(
         default=None, metadata={"help": "AWS region of the endpoint or Bedrock model; default: "
-                                "the environment's (AWS_REGION)."}
+                                "the job's (AWS_REGION, which SageMaker sets, else "
+                                "AWS_DEFAULT_REGION)."}
     )
     max_new_tokens: int = field(
         default=128, metadata={"help": "Length limit of every answer, critique, revision, verdict."}

@@ -1,16 +1,42 @@
 """Processing and training jobs under the SageMaker container contract, as local subprocesses.
 
 Each job gets its own folder standing in for the container's `/opt/ml`: inputs are staged
-from S3 into it, `SM_*` variables and `hyperparameters.json` are written as SageMaker
-writes them, the image's stage entry point runs with the project's Python, and on success
-outputs (and `model.tar.gz`) are uploaded back to S3. A failed job uploads nothing.
+from S3 into it, the configuration files are written as SageMaker writes them, the image's stage
+entry point runs with the project's Python, and on success outputs (and `model.tar.gz`) are
+uploaded back to S3. A failed job uploads nothing; its reason is read where SageMaker reads it
+(`/opt/ml/output/failure` of a training job, `/opt/ml/output/message` of a processing job).
+
+A job's environment is what SageMaker gives a container, and nothing of the shell that started
+the engine (`job_environment`):
+  - the image's own `ENV` (the ENV instructions of its Dockerfile, containers/images.py);
+  - the request's `Environment`;
+  - what SageMaker sets itself: `AWS_REGION`; for a training job `TRAINING_JOB_NAME` and
+    `TRAINING_JOB_ARN`. SageMaker's files: `/opt/ml/config/processingjobconfig.json` and
+    `resourceconfig.json` (processing), `/opt/ml/input/config/hyperparameters.json`,
+    `inputdataconfig.json` and `resourceconfig.json` (training).
+The only differences are what running without a container on this machine needs:
+  - `/opt/ml` is the job's folder: processing arguments naming `/opt/ml/...` are rewritten, and
+    `SM_OUTPUT_DIR` (both kinds), `SM_MODEL_DIR`, `SM_OUTPUT_DATA_DIR`, `SM_INPUT_CONFIG_DIR`,
+    `SM_CHECKPOINT_DIR` and `SM_CHANNEL_<NAME>` (training) point the stage into it. They carry the
+    names SageMaker's training toolkit gives these folders; the project's images run the stage
+    without that toolkit, so on SageMaker they are unset and the stage uses `/opt/ml` itself
+    (steps/common/contract.py). `SM_PROCESSES_PER_HOST` plays `InstanceCount` instances as that
+    many processes on this one machine (torchrun, gloo).
+  - AWS: the local endpoint (`AWS_ENDPOINT_URL*` as the engine has them) and the engine's own
+    credentials (the local server's dummy ones), in place of the execution role's credentials
+    SageMaker serves a container; `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE` point at
+    nothing, so that no `~/.aws` file of the developer's gives a job a region or an identity.
+  - This machine: `PATH` (the project's Python first), `HOME` (where caches live: the converted
+    SmolLM2, Hugging Face's), and, when set, `LLM_PIPELINE_CACHE` (the model cache) and
+    `LLM_PIPELINE_NATIVE_BF16` (what the CPU is taken to be).
 
 A training job's `CheckpointConfig` is honoured as SageMaker does it: the S3 checkpoints are
 restored into the checkpoint folder before the stage starts, and the folder is synced back to S3
 while it runs and once more when it ends (also when it fails or is killed), so a restarted job
 resumes. `InstanceCount` > 1 runs that many processes on this machine (torchrun, gloo) in place of
-that many instances. The values of credential variables in the job's environment (AWS keys,
-HF_TOKEN, API keys) are masked in what a job prints, before it reaches the log or the display.
+that many instances. The values of credential variables in the job's environment (AWS keys, API
+keys) are masked in what a job prints, before it reaches the log or the display, and in the
+failure reason.
 """
 
 from __future__ import annotations
@@ -23,9 +49,12 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-from containers import images
+import boto3
+
+from containers import dockerfile, images
 from steps.common.archives import pack_folder
 
 CONTAINER_ROOT = "/opt/ml"
@@ -193,11 +222,79 @@ def _last_error(log_path: Path) -> str:
     return lines[-1].strip() if lines else "the job printed nothing"
 
 
-def _job_environment(extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in extra.items()})
-    env["PYTHONUNBUFFERED"] = "1"
+def _read_reason(path: Path) -> str:
+    """The first 1 KB of a job's failure or message file, as SageMaker keeps it; "" if absent."""
+    if not path.is_file():
+        return ""
+    return path.read_bytes()[:1024].decode("utf-8", errors="replace").strip()
+
+
+def _failure_reason(code: int, reason_file: Path, log_path: Path, env: dict[str, str]) -> str:
+    """`exit code N: <reason>`: the stage's own file, else its log's last error line."""
+    reason = _read_reason(reason_file) or _last_error(log_path)
+    reason = " ".join(reason.removeprefix("ERROR:").split())  # the stage's own prefix
+    return f"exit code {code}: {redact(reason, secret_values(env))}"
+
+
+@cache
+def image_environment(repository: str) -> dict[str, str]:
+    """What the image sets for every container: its Dockerfile's ENV instructions."""
+    return dockerfile.environment(dockerfile.parse(images.dockerfile(repository)))
+
+
+def _local_aws() -> dict[str, str]:
+    """The engine's AWS endpoint (the local server, or the one the user named: AWS_ENDPOINT_URL
+    and its per-service forms) and the engine's credentials, standing in for the execution
+    role's."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_ENDPOINT_URL")}
+    credentials = boto3.Session().get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        env.update(AWS_ACCESS_KEY_ID=frozen.access_key, AWS_SECRET_ACCESS_KEY=frozen.secret_key)
+        if frozen.token:
+            env["AWS_SESSION_TOKEN"] = frozen.token
+    # No ~/.aws file of the developer's: its region or profile would make a job work here that
+    # fails in a SageMaker container.
+    env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     return env
+
+
+def _this_machine() -> dict[str, str]:
+    """What running the project's Python here, without the image, needs."""
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                    "/usr/local/bin", "/usr/bin", "/bin"])}
+    for name in ("HOME", "LLM_PIPELINE_CACHE", "LLM_PIPELINE_NATIVE_BF16"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def job_environment(s3, request: dict, image: str, sagemaker: dict[str, str],
+                    local_paths: dict[str, str]) -> dict[str, str]:
+    """The environment of a job's process: see the module's docstring for each part.
+
+    `sagemaker` holds what SageMaker sets for this kind of job besides the region, `local_paths`
+    the folders that stand in for `/opt/ml`. The request's Environment overrides the image's ENV,
+    as `docker run -e` does. Nothing is taken from the engine's environment but what `_local_aws`
+    and `_this_machine` name.
+
+    The region is the engine's clients' (the region of the local server's state, which a job's
+    clients must share). SageMaker documents TRAINING_JOB_NAME and TRAINING_JOB_ARN for training
+    containers (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-running-container.html);
+    AWS_REGION is how a container learns its region (the SageMaker SDK's own local mode,
+    sagemaker/core/local/image.py, sets it the same way), and boto3 does not read it: stages
+    resolve it with steps.common.contract.aws_region.
+    """
+    return {**image_environment(images.repository_of(image)),
+            **{k: str(v) for k, v in request.get("Environment", {}).items()},
+            **sagemaker, "AWS_REGION": s3.meta.region_name,
+            **local_paths, **_local_aws(), **_this_machine()}
+
+
+def _job_arn(request: dict, kind: str, job_name: str, region: str) -> str:
+    """The job's ARN, in the account of the role it runs as (the engine plays that account)."""
+    account = request["RoleArn"].split(":")[4]
+    return f"arn:aws:sagemaker:{region}:{account}:{kind}-job/{job_name.lower()}"
 
 
 def _command(image: str, entrypoint: list[str] | None, arguments: list[str]) -> list[str]:
@@ -221,12 +318,31 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
     for item in outputs:
         Path(local(item["S3Output"]["LocalPath"])).mkdir(parents=True, exist_ok=True)
 
+    # What SageMaker Processing gives a container: the request's Environment and two files
+    # (https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html,
+    # "How Amazon SageMaker Processing Configures Your Processing Container").
+    arn = _job_arn(request, "processing", job_name, s3.meta.region_name)
+    config_dir, output_dir = root / "config", root / "output"
+    for folder in (config_dir, output_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    (config_dir / "processingjobconfig.json").write_text(json.dumps(
+        {"ProcessingJobArn": arn, "ProcessingJobName": job_name, **request}, indent=1))
+    (config_dir / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-1", "hosts": ["algo-1"]}, indent=1))
+    env = job_environment(s3, request, app["ImageUri"], {},
+                          {"SM_OUTPUT_DIR": str(output_dir)})
+
     log_path = job_dir / "log.txt"
-    code = _run(command, _job_environment(request.get("Environment", {})), job_dir, log_path, on_line)
-    description = {**request, "ProcessingJobName": job_name,
+    code = _run(command, env, job_dir, log_path, on_line)
+    description = {**request, "ProcessingJobName": job_name, "ProcessingJobArn": arn,
                    "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
+    # SageMaker returns the first 1 KB of /opt/ml/output/message as the job's ExitMessage, in any
+    # terminal status; a failed stage leaves its reason there (steps/common/contract.py).
+    message = redact(_read_reason(output_dir / "message"), secret_values(env))
+    if message:
+        description["ExitMessage"] = message
     if code != 0:
-        reason = f"exit code {code}: {_last_error(log_path)}"
+        reason = _failure_reason(code, output_dir / "message", log_path, env)
         return JobResult(False, {**description, "FailureReason": reason}, reason)
     for item in outputs:
         upload_folder(s3, Path(local(item["S3Output"]["LocalPath"])), item["S3Output"]["S3Uri"])
@@ -241,6 +357,8 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     for folder in (config_dir, data_dir, model_dir, output_dir / "data", root / "checkpoints"):
         folder.mkdir(parents=True, exist_ok=True)
 
+    # What SageMaker gives a training container under /opt/ml/input/config
+    # (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-running-container.html).
     hyperparameters = {k: str(v) for k, v in request.get("HyperParameters", {}).items()}
     channels = [c["ChannelName"] for c in request.get("InputDataConfig", [])]
     (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1))
@@ -256,25 +374,19 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
         source = channel["DataSource"]["S3DataSource"]["S3Uri"]
         download_prefix(s3, source, data_dir / channel["ChannelName"])
 
-    env = {
-        **request.get("Environment", {}),
+    algorithm = request["AlgorithmSpecification"]
+    sagemaker = {"TRAINING_JOB_NAME": job_name,
+                 "TRAINING_JOB_ARN": _job_arn(request, "training", job_name, s3.meta.region_name)}
+    local_paths = {
         "SM_MODEL_DIR": str(model_dir),
         "SM_OUTPUT_DIR": str(output_dir),
         "SM_OUTPUT_DATA_DIR": str(output_dir / "data"),
-        "SM_INPUT_DIR": str(root / "input"),
         "SM_INPUT_CONFIG_DIR": str(config_dir),
         "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
-        "SM_CHANNELS": json.dumps(channels),
-        "SM_HPS": json.dumps(hyperparameters),
-        "SM_CURRENT_HOST": hosts[0],
-        "SM_HOSTS": json.dumps(hosts),
-        "SM_NUM_CPUS": str(os.cpu_count() or 1),
-        "SM_NUM_GPUS": "0",
-        "SM_PROCESSES_PER_HOST": str(instances),
-        "TRAINING_JOB_NAME": job_name,
         **{f"SM_CHANNEL_{name.upper()}": str(data_dir / name) for name in channels},
+        "SM_PROCESSES_PER_HOST": str(instances),
     }
-    algorithm = request["AlgorithmSpecification"]
+    env = job_environment(s3, request, algorithm["TrainingImage"], sagemaker, local_paths)
     command = _command(algorithm["TrainingImage"], algorithm.get("ContainerEntrypoint"),
                        algorithm.get("ContainerArguments", []))
     patterns = [(m["Name"], re.compile(m["Regex"])) for m in algorithm.get("MetricDefinitions", [])]
@@ -299,19 +411,18 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
         checkpoints.start()
     log_path = job_dir / "log.txt"
     try:
-        code = _run(command, _job_environment(env), job_dir, log_path, watch)
+        code = _run(command, env, job_dir, log_path, watch)
     finally:
         if checkpoints is not None:
             checkpoints.stop()
     description = {**request, "TrainingJobName": job_name,
+                   "TrainingJobArn": sagemaker["TRAINING_JOB_ARN"],
                    "TrainingJobStatus": "Completed" if code == 0 else "Failed",
                    "FinalMetricDataList": [{"MetricName": k, "Value": v} for k, v in metrics.items()]}
     if code != 0:
-        failure_file = output_dir / "failure"
-        reason = failure_file.read_text().strip() if failure_file.is_file() else _last_error(log_path)
-        reason = reason.removeprefix("ERROR:").strip()  # the stage's own prefix, as _last_error
-        reason = redact(reason, secret_values(_job_environment(env)))
-        reason = f"exit code {code}: {reason}"
+        # SageMaker's FailureReason is the first 1024 characters of /opt/ml/output/failure
+        # (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-output.html).
+        reason = _failure_reason(code, output_dir / "failure", log_path, env)
         return JobResult(False, {**description, "FailureReason": reason}, reason, metrics)
 
     artifacts = job_dir / "artifacts"

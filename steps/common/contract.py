@@ -7,7 +7,8 @@ command-line argument. Both fill one config dataclass per stage, parsed by
 SageMaker, the command line and tests.
 
 This is the only module that knows where SageMaker mounts things (``/opt/ml``);
-the local engine sets the same variables to per-job folders.
+the local engine points the ``SM_*`` variables at per-job folders. It is also where a stage
+learns its AWS region (``aws_region``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SAGEMAKER_ROOT = Path("/opt/ml")
 DEFAULT_INPUT_CONFIG_DIR = SAGEMAKER_ROOT / "input" / "config"
 DEFAULT_CHANNELS_DIR = SAGEMAKER_ROOT / "input" / "data"
 DEFAULT_MODEL_DIR = SAGEMAKER_ROOT / "model"
-DEFAULT_OUTPUT_DATA_DIR = SAGEMAKER_ROOT / "output" / "data"
+DEFAULT_OUTPUT_DIR = SAGEMAKER_ROOT / "output"
 # CheckpointConfig.LocalPath's default; SageMaker syncs it with CheckpointConfig.S3Uri.
 DEFAULT_CHECKPOINT_DIR = SAGEMAKER_ROOT / "checkpoints"
 
@@ -61,9 +62,14 @@ def model_dir() -> Path:
     return Path(os.environ.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR))
 
 
+def output_dir() -> Path:
+    """SageMaker's /opt/ml/output, where a job leaves the reason it failed (both job kinds)."""
+    return Path(os.environ.get("SM_OUTPUT_DIR", DEFAULT_OUTPUT_DIR))
+
+
 def output_data_dir() -> Path:
     """Where a training job writes extra outputs (metrics, plots); packed as output.tar.gz."""
-    return Path(os.environ.get("SM_OUTPUT_DATA_DIR", DEFAULT_OUTPUT_DATA_DIR))
+    return Path(os.environ.get("SM_OUTPUT_DATA_DIR", output_dir() / "data"))
 
 
 def checkpoint_dir() -> Path:
@@ -76,9 +82,31 @@ def checkpoint_dir() -> Path:
     return Path(os.environ.get("SM_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
 
 
-def failure_file() -> Path:
-    # SageMaker reads a training job's FailureReason from /opt/ml/output/failure.
-    return output_data_dir().parent / "failure"
+def failure_file(job: Job) -> Path:
+    """Where SageMaker reads why a job failed.
+
+    Training: /opt/ml/output/failure, the job's FailureReason
+    (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-output.html).
+    Processing: /opt/ml/output/message, the job's ExitMessage (its first 1 KB), there "to
+    communicate information about why the processing container failed"
+    (https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html,
+    "Save and Access Metadata Information About Your Processing Job").
+    """
+    return output_dir() / ("failure" if job == "training" else "message")
+
+
+def aws_region() -> str:
+    """The AWS region of the job, for every AWS client a stage creates.
+
+    SageMaker gives a job's container AWS_REGION, which boto3 does not read (it reads
+    AWS_DEFAULT_REGION or a config file): a client created without a region fails in a job on AWS
+    with NoRegionError. AWS_DEFAULT_REGION is taken when AWS_REGION is unset (a stage run by hand).
+    """
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise StageError("no AWS region: neither AWS_REGION (which SageMaker sets in a job) nor "
+                         "AWS_DEFAULT_REGION is set; set one of them to the region of the job")
+    return region
 
 
 def optional_channel_dir(name: str) -> Path | None:
@@ -215,8 +243,8 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
     """A stage's entry point: parse the config, run `main`, report failures as SageMaker expects.
 
     A StageError exits with status 2 after printing ``ERROR: <message>`` as the last line on stderr
-    (and, for training jobs, writing it where SageMaker reads the FailureReason); any other
-    exception is a bug: its traceback is printed and the status is 1.
+    and writing it where SageMaker reads a failed job's reason (`failure_file`); any other
+    exception is a bug: its traceback is printed, its last line written there, and the status is 1.
     """
     _quiet_logs()
     code = 0
@@ -234,14 +262,12 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
         # One line, so that it is the last line a log viewer shows.
         message = "ERROR: " + " ".join(str(err).split())
         sys.stdout.flush()
-        if job == "training":
-            _write_failure(message)
+        _write_failure(job, message)
         print(message, file=sys.stderr, flush=True)
         code = 2
     except Exception as err:  # noqa: BLE001 (a bug, not a user error: keep the traceback)
         traceback.print_exc()
-        if job == "training":
-            _write_failure(f"{type(err).__name__}: {err}")
+        _write_failure(job, f"{type(err).__name__}: {err}")
         code = 1
     _exit(code, entry_point=main.__module__ == "__main__")
 
@@ -315,12 +341,16 @@ def distributed_launch_command() -> list[str] | None:
             f"--nproc_per_node={per_host}", "-m", main_module.name, *sys.argv[1:]]
 
 
-def _write_failure(message: str) -> None:
+def _write_failure(job: Job, message: str) -> None:
+    # SageMaker keeps the first 1 KB, and fails a processing job whose message is not UTF-8: cut
+    # at a character boundary.
+    text = message.encode("utf-8")[:1024].decode("utf-8", errors="ignore")
+    path = failure_file(job)
     try:
-        failure_file().parent.mkdir(parents=True, exist_ok=True)
-        failure_file().write_text(message[:1024], encoding="utf-8")  # SageMaker keeps 1024
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     except OSError as err:
-        print(f"warning: could not write {failure_file()}: {err}", file=sys.stderr)
+        print(f"warning: could not write {path}: {err}", file=sys.stderr)
 
 
 def _quiet_logs() -> None:

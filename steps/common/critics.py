@@ -14,8 +14,10 @@ whichever backend the stage is configured with:
 The remote backends send one request per prompt and retry throttling and transient service faults
 with exponential backoff; every AWS failure they cannot get past (no credentials, an unreachable
 endpoint, access denied, an unknown endpoint or model, retries exhausted) is one StageError line
-naming the backend, the endpoint or model id and the region, and what to do. boto3 honours
-``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` / ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` as usual.
+naming the backend, the endpoint or model id and the region, and what to do. The region is the
+stage's ``--region``, else the job's (``AWS_REGION``, which SageMaker sets, or
+``AWS_DEFAULT_REGION``). boto3 honours ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` /
+``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` as usual.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from steps.common import models
+from steps.common import contract, models
 from steps.common.contract import StageError
 
 if TYPE_CHECKING:
@@ -147,21 +149,22 @@ CREDENTIAL_CODES = frozenset({
 
 
 def aws_client(service: str, region: str | None) -> Any:
-    """A boto3 client of `service`; its own retries are off, since the backends retry (visibly)."""
+    """A boto3 client of `service` in `region` (default: the job's, contract.aws_region); its own
+    retries are off, since the backends retry (visibly)."""
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import NoRegionError
 
+    if not region:
+        try:
+            region = contract.aws_region()
+        except StageError:
+            raise StageError(f"no AWS region for {service}: pass --region, or set AWS_REGION or "
+                             "AWS_DEFAULT_REGION") from None
     config = Config(
         retries={"mode": "standard", "max_attempts": 1}, connect_timeout=10, read_timeout=300
     )
-    try:
-        # A session of its own: boto3's default one keeps the first credentials it found.
-        return boto3.session.Session().client(service, region_name=region or None, config=config)
-    except NoRegionError:
-        raise StageError(
-            f"no AWS region for {service}: pass --region or set AWS_REGION"
-        ) from None
+    # A session of its own: boto3's default one keeps the first credentials it found.
+    return boto3.session.Session().client(service, region_name=region, config=config)
 
 
 class _AWSCritic:

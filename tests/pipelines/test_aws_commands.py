@@ -113,3 +113,43 @@ def test_registry_lists_approves_and_rejects_keeping_metadata(env, clients):
     assert "Rejected" in rejected.stdout
     missing = cli(env, "registry", "approve", arn.replace("/1", "/99"))
     assert missing.returncode == 2 and missing.stderr.startswith("ERROR: model package")
+
+
+def test_start_wait_on_sagemaker_names_each_failed_step_and_its_jobs_own_reason():
+    # moto runs no pipeline (every execution "Succeeds"), so SageMaker's answers are stubbed: a
+    # processing step whose job left its reason in /opt/ml/output/message (ExitMessage), and a
+    # training step whose /opt/ml/output/failure SageMaker put in the step's FailureReason.
+    from datetime import UTC, datetime
+
+    import boto3
+    from botocore.stub import Stubber
+
+    from pipelines.cli import failed_steps
+
+    sagemaker = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x",
+                             aws_secret_access_key="x")
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:pipeline/llm-sft/execution/exec1"
+    job = "arn:aws:sagemaker:us-east-1:123456789012:processing-job/pipelines-exec1-dataprep"
+    with Stubber(sagemaker) as stub:
+        stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+            {"StepName": "DataPrep", "StepStatus": "Failed",
+             "FailureReason": "AlgorithmError: See job logs for more information",
+             "Metadata": {"ProcessingJob": {"Arn": job}}},
+            {"StepName": "SFT", "StepStatus": "Failed",
+             "FailureReason": "AlgorithmError: ERROR: input channel 'train' is missing"},
+            {"StepName": "Evaluate", "StepStatus": "Succeeded"},
+        ]}, {"PipelineExecutionArn": arn, "SortOrder": "Ascending"})
+        stub.add_response("describe_processing_job", {
+            "ProcessingJobName": "pipelines-exec1-dataprep", "ProcessingJobArn": job,
+            "ProcessingJobStatus": "Failed", "AppSpecification": {"ImageUri": "img"},
+            "ProcessingResources": {"ClusterConfig": {
+                "InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}},
+            "CreationTime": datetime(2026, 1, 1, tzinfo=UTC),
+            "ExitMessage": "ERROR: train.jsonl:2: field 'completion': expected a string, got 5",
+        }, {"ProcessingJobName": "pipelines-exec1-dataprep"})
+        lines = failed_steps(sagemaker, arn)
+
+    assert lines == [
+        "step DataPrep failed: AlgorithmError: See job logs for more information: "
+        "ERROR: train.jsonl:2: field 'completion': expected a string, got 5",
+        "step SFT failed: AlgorithmError: ERROR: input channel 'train' is missing"]

@@ -1,14 +1,19 @@
-"""The container contract as the local engine maps it: /opt/ml paths, staging, upload on success."""
+"""The container contract as the local engine maps it: /opt/ml paths, staging, upload on success,
+the environment SageMaker gives a container, and a failed job's reason where SageMaker reads it."""
 
 import json
+import sys
 
 import boto3
 import pytest
 from moto import mock_aws
 
-from pipelines.local.jobs import run_processing_job
+from pipelines.local import jobs
+from pipelines.local.jobs import run_processing_job, run_training_job
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-lifecycle-processing:test"
+TRAINING_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-lifecycle-training:test"
+ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
 
 
 def request(input_uri: str) -> dict:
@@ -23,6 +28,21 @@ def request(input_uri: str) -> dict:
         "ProcessingOutputConfig": {"Outputs": [{"OutputName": "data", "S3Output": {
             "S3Uri": "s3://bucket/out/data", "LocalPath": "/opt/ml/processing/output",
             "S3UploadMode": "EndOfJob"}}]},
+        "RoleArn": ROLE,
+    }
+
+
+def training_request(**hyperparameters: str) -> dict:
+    return {
+        "AlgorithmSpecification": {"TrainingImage": TRAINING_IMAGE, "TrainingInputMode": "File",
+                                   "ContainerEntrypoint": ["python", "-m", "steps.sft"]},
+        "HyperParameters": hyperparameters,
+        "InputDataConfig": [{"ChannelName": "validation", "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": "s3://bucket/in"}}}],
+        "OutputDataConfig": {"S3OutputPath": "s3://bucket/models"},
+        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1,
+                           "VolumeSizeInGB": 30},
+        "RoleArn": ROLE,
     }
 
 
@@ -60,6 +80,123 @@ def test_failed_processing_job_uploads_nothing_and_reports_the_error_line(s3, tm
     assert not result.succeeded
     assert "data.jsonl:1" in result.failure_reason
     assert keys(s3, "out/") == []
+
+
+def test_a_failed_processing_job_reports_the_message_it_left_where_sagemaker_reads_it(s3, tmp_path):
+    # SageMaker returns a processing job's /opt/ml/output/message as its ExitMessage.
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": 5}\n')
+    result = run_processing_job(s3, request("s3://bucket/in"), "job-4", tmp_path, lambda _: None)
+
+    message = (tmp_path / "opt_ml/output/message").read_text()
+    assert message.startswith("ERROR: ") and "data.jsonl:1" in message
+    assert result.description["ExitMessage"] == message
+    assert result.failure_reason == result.description["FailureReason"] == \
+        f"exit code 2: {message.removeprefix('ERROR: ')}"
+
+
+def test_a_failed_training_job_reports_the_failure_it_left_where_sagemaker_reads_it(s3, tmp_path):
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": "a"}\n')
+    # No train channel: the stage refuses to start.
+    result = run_training_job(s3, training_request(base_model="builtin:tiny"), "job-5", tmp_path,
+                              lambda _: None)
+
+    failure = (tmp_path / "opt_ml/output/failure").read_text()
+    assert failure.startswith("ERROR: input channel 'train' is missing")
+    assert result.failure_reason == result.description["FailureReason"] == \
+        f"exit code 2: {failure.removeprefix('ERROR: ')}"
+    assert keys(s3, "models/") == []
+
+
+# A job that shows its environment: it writes it where its output is uploaded from.
+SHOW_ENVIRONMENT = """
+import json, os, sys
+path = os.path.join(sys.argv[-1], "environment.json")
+os.makedirs(sys.argv[-1], exist_ok=True)
+open(path, "w").write(json.dumps(dict(os.environ)))
+"""
+
+
+@pytest.fixture
+def environment_shown(monkeypatch):
+    """Runs the jobs' processes as SHOW_ENVIRONMENT instead of their stage (the stage is not what
+    these tests are about); the environment and the way the process starts are the engine's."""
+    monkeypatch.setattr(jobs, "_command", lambda image, entrypoint, arguments: [
+        sys.executable, "-c", SHOW_ENVIRONMENT, *arguments])
+
+
+def test_a_job_sees_what_sagemaker_gives_a_container_and_nothing_of_the_engines_shell(
+        s3, tmp_path, monkeypatch, environment_shown):
+    monkeypatch.setenv("LLM_PIPELINE_PLANTED", "1")
+    # Planted after the engine's clients exist (in us-east-1): a shell's default, not the job's.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.setenv("HF_TOKEN", "hf_PlantedTokenOfTheDeveloperAbCdEf")
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    with_env = {**request("s3://bucket/in"), "Environment": {"STAGE_SETTING": "from the request"}}
+
+    result = run_processing_job(s3, with_env, "job-6", tmp_path, lambda _: None)
+
+    assert result.succeeded, result.failure_reason
+    env = json.loads((tmp_path / "opt_ml/processing/output/environment.json").read_text())
+    assert "LLM_PIPELINE_PLANTED" not in env and "HF_TOKEN" not in env
+    assert "AWS_DEFAULT_REGION" not in env
+    assert env["AWS_REGION"] == "us-east-1"  # the region of the engine's clients, as AWS_REGION
+    assert env["STAGE_SETTING"] == "from the request"
+    assert env["PYTHONUNBUFFERED"] == "1"  # the image's ENV (containers/processing/Dockerfile)
+    assert env["SM_OUTPUT_DIR"] == str(tmp_path / "opt_ml/output")
+    config = json.loads((tmp_path / "opt_ml/config/processingjobconfig.json").read_text())
+    assert config["ProcessingJobArn"] == result.description["ProcessingJobArn"] == \
+        "arn:aws:sagemaker:us-east-1:123456789012:processing-job/job-6"
+    assert config["Environment"] == {"STAGE_SETTING": "from the request"}
+    assert json.loads((tmp_path / "opt_ml/config/resourceconfig.json").read_text())["hosts"]
+    # Nothing else of the engine's environment, and nothing but the documented local stand-ins.
+    local = {"SM_OUTPUT_DIR", "PATH", "HOME", "LLM_PIPELINE_CACHE", "LLM_PIPELINE_NATIVE_BF16",
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"}
+    image = set(jobs.image_environment("llm-lifecycle-processing"))
+    python = {"LC_CTYPE"}  # set by the interpreter in the C locale (PEP 538), as in a container
+    assert set(env) - local - image - python - {"AWS_REGION", "STAGE_SETTING"} == set(), env
+
+
+def test_a_training_job_gets_its_name_arn_and_channels_but_no_shell_variables(
+        s3, tmp_path, monkeypatch, environment_shown):
+    monkeypatch.setenv("LLM_PIPELINE_PLANTED", "1")
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    train = training_request(max_steps="1")
+    train["AlgorithmSpecification"]["ContainerArguments"] = [str(tmp_path / "shown")]
+
+    result = run_training_job(s3, train, "job-7", tmp_path, lambda _: None)
+
+    assert result.succeeded, result.failure_reason
+    env = json.loads((tmp_path / "shown/environment.json").read_text())
+    assert "LLM_PIPELINE_PLANTED" not in env
+    assert env["TRAINING_JOB_NAME"] == "job-7"
+    assert env["TRAINING_JOB_ARN"] == result.description["TrainingJobArn"] == \
+        "arn:aws:sagemaker:us-east-1:123456789012:training-job/job-7"
+    assert env["AWS_REGION"] == "us-east-1"
+    assert env["SM_CHANNEL_VALIDATION"] == str(tmp_path / "opt_ml/input/data/validation")
+    # The training toolkit's other variables are not there: the project's images do not have it.
+    assert "SM_HPS" not in env and "SM_HOSTS" not in env
+
+
+@pytest.mark.parametrize("kind", ["processing", "training"])
+def test_a_secret_in_a_failed_jobs_reason_is_masked(s3, tmp_path, monkeypatch, kind):
+    secret = "sk-PlantedApiKeyOfTheJob0123456789"
+    leaving = ("import os, sys; d = os.environ['SM_OUTPUT_DIR']; os.makedirs(d, exist_ok=True); "
+               "open(os.path.join(d, sys.argv[1]), 'w').write('ERROR: bad key ' + "
+               "os.environ['SERVICE_API_KEY']); sys.exit(2)")
+    name = "message" if kind == "processing" else "failure"
+    monkeypatch.setattr(jobs, "_command", lambda image, entrypoint, arguments: [
+        sys.executable, "-c", leaving, name])
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    job = request("s3://bucket/in") if kind == "processing" else training_request()
+    job["Environment"] = {"SERVICE_API_KEY": secret}
+    run = run_processing_job if kind == "processing" else run_training_job
+
+    result = run(s3, job, "job-8", tmp_path, lambda _: None)
+
+    assert result.failure_reason == "exit code 2: bad key ****"
+    assert secret not in json.dumps({k: v for k, v in result.description.items()
+                                     if k != "Environment"})
 
 
 def test_missing_input_prefix_is_a_clear_error(s3, tmp_path):

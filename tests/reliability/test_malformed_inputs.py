@@ -80,6 +80,7 @@ def training_job(hyperparameters: dict[str, str], expected: str, model_channel: 
     env = {
         "SM_INPUT_CONFIG_DIR": "{tmp}/opt_ml/input/config",
         "SM_MODEL_DIR": "{tmp}/opt_ml/model",
+        "SM_OUTPUT_DIR": "{tmp}/opt_ml/output",
         "SM_OUTPUT_DATA_DIR": "{tmp}/opt_ml/output/data",
         "SM_CHECKPOINT_DIR": "{tmp}/opt_ml/checkpoints",
         "SM_CHANNEL_TRAIN": "{tmp}/opt_ml/input/data/train",

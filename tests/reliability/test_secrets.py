@@ -3,7 +3,9 @@
 A whole local execution (data preparation, SFT, evaluation, registration; builtin:tiny, two
 training steps) runs with realistic-looking fake credentials and tokens in its environment, the
 AWS ones being the credentials it actually uses (against the local moto server, which accepts
-any), so that they reach the engine, the SDK and every job's process. Then everything the run left
+any), so that they reach the engine, the SDK and, as the stand-in for the execution role's
+credentials, every job's process (the others stay out of jobs, whose environment is SageMaker's,
+not the shell's: tests/pipelines/test_jobs.py). Then everything the run left
 is scanned for them: every file under the engine's home (execution records, the definition, job
 logs, hyperparameters.json, the moto server's log, model and output archives, unpacked), every
 object in the bucket (unpacked), the registry's metadata as `registry list --json` shows it, and
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
 import tarfile
 import urllib.parse
@@ -86,7 +89,7 @@ def leaks(where: str, payload: bytes) -> list[str]:
 
 
 def test_a_job_that_prints_its_credentials_has_them_masked_in_its_log_and_display(tmp_path):
-    env = {**jobs._job_environment({}), **SECRETS, "TOKENIZERS_PARALLELISM": "false",
+    env = {"PATH": os.environ["PATH"], **SECRETS, "TOKENIZERS_PARALLELISM": "false",
            "AWS_ENDPOINT_URL": "http://127.0.0.1:5000", "SHORT_TOKEN": "local"}
     shown: list[str] = []
     code = jobs._run(

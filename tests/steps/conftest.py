@@ -44,13 +44,16 @@ class TrainingJob:
         self.root = root
         self.config_dir = root / "input" / "config"
         self.model_dir = root / "model"
-        self.output_data_dir = root / "output" / "data"
-        self.failure_file = root / "output" / "failure"
+        self.output_dir = root / "output"
+        self.output_data_dir = self.output_dir / "data"
+        self.failure_file = self.output_dir / "failure"
+        self.message_file = self.output_dir / "message"  # a processing job's
         self.checkpoint_dir = root / "checkpoints"
         self.config_dir.mkdir(parents=True)
         self.monkeypatch = monkeypatch
         monkeypatch.setenv("SM_INPUT_CONFIG_DIR", str(self.config_dir))
         monkeypatch.setenv("SM_MODEL_DIR", str(self.model_dir))
+        monkeypatch.setenv("SM_OUTPUT_DIR", str(self.output_dir))
         monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(self.output_data_dir))
         monkeypatch.setenv("SM_CHECKPOINT_DIR", str(self.checkpoint_dir))
         monkeypatch.setattr("sys.argv", ["steps.sft"])

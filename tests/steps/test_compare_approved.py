@@ -75,15 +75,43 @@ def test_an_approved_package_of_another_gate_blocks_rather_than_waves_through(sa
     assert gate["beats_approved"] == 0 and "registered under another gate" in gate["reason"]
 
 
-def test_the_stage_writes_gate_json_or_one_error_line_and_nothing(sagemaker, tmp_path,
-                                                                  monkeypatch):
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # as in a SageMaker job
-    register(sagemaker, "Approved", eval_perplexity_ratio="1.5", data_manifest_sha256="abc")
+def only_aws_region(monkeypatch, tmp_path, region: str = "us-east-1") -> None:
+    """The region as a SageMaker container has it: AWS_REGION, which boto3 does not read, and no
+    AWS_DEFAULT_REGION or config file of the machine running the test."""
+    monkeypatch.setenv("AWS_REGION", region)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+
+
+def candidate(tmp_path, value: float, data_sha256: str = "abc"):
+    """The Evaluate and DataPrep outputs the stage reads: (evaluation dir, data dir)."""
     evaluation, data = tmp_path / "eval", tmp_path / "data"
     evaluation.mkdir(), data.mkdir()
     (evaluation / "evaluation.json").write_text(json.dumps(
-        {"metrics": {"perplexity_ratio": {"value": 1.7, "standard_deviation": 0.0}}}))
-    (data / "manifest.json").write_text(json.dumps({"dataset_sha256": "abc"}))
+        {"metrics": {"perplexity_ratio": {"value": value, "standard_deviation": 0.0}}}))
+    (data / "manifest.json").write_text(json.dumps({"dataset_sha256": data_sha256}))
+    return evaluation, data
+
+
+def test_the_stage_reads_the_registry_with_only_aws_region_set_as_in_a_sagemaker_job(
+        sagemaker, tmp_path, monkeypatch):
+    only_aws_region(monkeypatch, tmp_path)
+    approved = register(sagemaker, "Approved", eval_perplexity_ratio="1.5")
+    evaluation, data = candidate(tmp_path, 1.4)
+
+    compare_approved.main(CompareApprovedConfig(str(evaluation), str(tmp_path / "gate"), GROUP,
+                                                "perplexity_ratio", data_dir=str(data)))
+
+    gate = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert gate["approved_package"] == approved and gate["beats_approved"] == 0
+
+
+def test_the_stage_writes_gate_json_or_one_error_line_and_nothing(sagemaker, tmp_path,
+                                                                  monkeypatch):
+    only_aws_region(monkeypatch, tmp_path)
+    register(sagemaker, "Approved", eval_perplexity_ratio="1.5", data_manifest_sha256="abc")
+    evaluation, data = candidate(tmp_path, 1.7)
     out = tmp_path / "gate"
     compare_approved.main(CompareApprovedConfig(str(evaluation), str(out), GROUP,
                                                 "perplexity_ratio", data_dir=str(data)))

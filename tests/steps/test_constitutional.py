@@ -407,12 +407,13 @@ def test_a_critic_without_its_target_is_refused(argv, message):
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
-    """Fake credentials and a region, as a job with a role has them."""
+def aws_env(monkeypatch, tmp_path):
+    """Fake credentials and a region as a SageMaker job has them: AWS_REGION (which boto3 does
+    not read), no AWS_DEFAULT_REGION and no config file."""
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", REGION)):
+                        ("AWS_REGION", REGION), ("AWS_CONFIG_FILE", str(tmp_path / "none"))):
         monkeypatch.setenv(name, value)
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     delays: list[float] = []
     monkeypatch.setattr(critics, "sleep", delays.append)  # backoff without waiting
@@ -553,6 +554,17 @@ def test_bedrock_access_denied_is_one_line_saying_what_to_do(aws_env):
         "You don't have access to the model with the specified model ID.); allow "
         "bedrock:InvokeModel on it for the job's role and enable access to the model in the "
         "Bedrock console")
+
+
+def test_a_critic_without_region_takes_the_jobs_and_without_any_says_how_to_give_one(
+        aws_env, monkeypatch):
+    assert critics.BedrockModel(MODEL_ID, None, max_new_tokens=8).region == REGION
+    assert critics.SageMakerEndpoint("critic-ep", None, max_new_tokens=8).region == REGION
+
+    monkeypatch.delenv("AWS_REGION")
+    with pytest.raises(StageError, match=r"no AWS region for bedrock-runtime: pass --region, or "
+                                         r"set AWS_REGION or AWS_DEFAULT_REGION"):
+        critics.BedrockModel(MODEL_ID, None, max_new_tokens=8)
 
 
 def test_no_credentials_is_one_line_naming_the_backend(monkeypatch, tmp_path):

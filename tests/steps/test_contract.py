@@ -100,10 +100,44 @@ def test_a_bug_exits_1_with_its_traceback(training_job, capsys):
     assert "KeyError" in training_job.failure_file.read_text()
 
 
-def test_a_processing_stage_writes_no_failure_file(training_job, capsys):
-    with pytest.raises(SystemExit):
+def test_a_processing_stage_leaves_its_error_line_where_sagemaker_reads_the_exit_message(
+    training_job, capsys
+):
+    # SageMaker returns the first 1 KB of a processing job's /opt/ml/output/message as its
+    # ExitMessage; /opt/ml/output/failure is a training job's.
+    with pytest.raises(SystemExit) as exited:
         contract.run(failing_main, ToyConfig, job="processing")
+
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert training_job.message_file.read_text() == last_line
     assert not training_job.failure_file.exists()
+
+
+def test_a_long_reason_is_cut_to_sagemakers_1_kb_at_a_character_boundary(training_job):
+    def verbose(config: ToyConfig) -> None:
+        raise StageError("é" * 600)  # 1200 bytes of UTF-8
+
+    with pytest.raises(SystemExit):
+        contract.run(verbose, ToyConfig, job="processing")
+
+    written = training_job.message_file.read_bytes()
+    assert len(written) <= 1024
+    assert written.decode("utf-8") == "ERROR: " + "é" * ((1024 - len("ERROR: ")) // 2)
+
+
+def test_the_jobs_region_is_aws_region_which_sagemaker_sets_and_boto3_ignores(monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert contract.aws_region() == "eu-west-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-2")  # AWS_REGION, the job's, comes first
+    assert contract.aws_region() == "eu-west-1"
+    monkeypatch.delenv("AWS_REGION")
+    assert contract.aws_region() == "us-east-2"  # a stage run by hand
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(StageError, match="neither AWS_REGION .* nor AWS_DEFAULT_REGION is set"):
+        contract.aws_region()
 
 
 def test_atomic_output_moves_files_in_only_on_success(tmp_path):

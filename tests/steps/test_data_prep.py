@@ -201,7 +201,8 @@ def test_the_entry_point_exits_2_with_the_error_as_last_line_and_an_empty_output
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
+             "SM_OUTPUT_DIR": str(tmp_path / "output")},  # the local stand-in for /opt/ml/output
     )
 
     assert done.returncode == 2, done.stderr
@@ -209,6 +210,8 @@ def test_the_entry_point_exits_2_with_the_error_as_last_line_and_an_empty_output
     assert last_line.startswith("ERROR: ")
     assert "raw.jsonl:1: field 'messages': no assistant message" in last_line
     assert list((tmp_path / "out").iterdir()) == []
+    # Where SageMaker reads a processing job's ExitMessage.
+    assert (tmp_path / "output" / "message").read_text() == last_line
 
 
 def test_token_lengths_count_the_chat_template_that_training_applies(tmp_path):
