@@ -191,3 +191,16 @@ def test_parser_rejects_a_malformed_exec_form(tmp_path):
     path.write_text("FROM scratch\nENTRYPOINT [\"python\", \"-m\"\n")
     with pytest.raises(dockerfile.DockerfileError, match="Dockerfile:2: ENTRYPOINT exec form"):
         dockerfile.parse(path)
+
+
+def test_env_instructions_give_what_every_container_of_the_image_sees(tmp_path):
+    # The local engine gives each job its image's ENV, as the container would have it.
+    path = tmp_path / "Dockerfile"
+    path.write_text('ARG HOME_DIR=/opt/program\nFROM python:3.11-slim\n'
+                    'ENV PYTHONUNBUFFERED=1 \\\n    GREETING="two words"\n'
+                    'ENV APP_HOME ${HOME_DIR}/app\nENV APP_DATA=$APP_HOME/data PATH=/venv/bin:$PATH\n'
+                    'ENV PYTHONUNBUFFERED=0\n')
+    assert dockerfile.environment(dockerfile.parse(path)) == {
+        "PYTHONUNBUFFERED": "0", "GREETING": "two words", "APP_HOME": "/opt/program/app",
+        "APP_DATA": "/opt/program/app/data",
+        "PATH": "/venv/bin:$PATH"}  # what the base image sets is known only to the built image

@@ -150,6 +150,6 @@ def test_start_wait_on_sagemaker_names_each_failed_step_and_its_jobs_own_reason(
         lines = failed_steps(sagemaker, arn)
 
     assert lines == [
-        "step DataPrep failed: AlgorithmError: See job logs for more information: "
-        "ERROR: train.jsonl:2: field 'completion': expected a string, got 5",
+        ("step DataPrep failed: AlgorithmError: See job logs for more information: "
+         "ERROR: train.jsonl:2: field 'completion': expected a string, got 5"),
         "step SFT failed: AlgorithmError: ERROR: input channel 'train' is missing"]

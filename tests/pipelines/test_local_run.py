@@ -124,3 +124,9 @@ def test_bad_data_fails_data_prep_naming_the_record_and_stops_dependants(env, tm
     execution = latest_execution(local_home)
     assert [execution["steps"][s]["status"] for s in ("DataPrep", "SFT", "Evaluate")] == [
         "Failed", "NotExecuted", "NotExecuted"]
+    # The reason is the one the job left in /opt/ml/output/message, its ExitMessage on SageMaker.
+    data_prep = execution["steps"]["DataPrep"]
+    message = data_prep["properties"]["ExitMessage"]
+    assert message.startswith("ERROR: ") and "bad.jsonl:2" in message
+    assert data_prep["failure_reason"] == f"exit code 2: {message.removeprefix('ERROR: ')}"
+    assert result.stderr.strip().splitlines()[-1].endswith(message.removeprefix("ERROR: "))
