@@ -538,7 +538,8 @@ def failed_steps(sagemaker, execution_arn: str) -> list[str]:
     a training job's /opt/ml/output/failure; a processing job's reason is in its ExitMessage (the
     first 1 KB of /opt/ml/output/message,
     https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html),
-    which only DescribeProcessingJob returns. Empty when the steps cannot be read.
+    which only DescribeProcessingJob returns. One line saying why when the steps cannot be read
+    (the caller needs ListPipelineExecutionSteps and DescribeProcessingJob).
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
