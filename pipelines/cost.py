@@ -143,6 +143,49 @@ def production_cost(states: list[dict], prices: PriceTable | None = None) -> flo
     return total
 
 
+def step_job(step: dict) -> tuple[str, str] | None:
+    """("Training" or "Processing", job name) of a ListPipelineExecutionSteps entry; None for a
+    step that ran no job (condition, registration, fail)."""
+    metadata = step.get("Metadata", {})
+    for kind in JOB_TYPES:
+        if f"{kind}Job" in metadata:
+            return kind, metadata[f"{kind}Job"]["Arn"].rsplit("/", 1)[-1]
+    return None
+
+
+def describe_job(sagemaker, kind: str, name: str) -> dict:
+    if kind == "Training":
+        return sagemaker.describe_training_job(TrainingJobName=name)
+    return sagemaker.describe_processing_job(ProcessingJobName=name)
+
+
+def aws_step_cost(step: dict, kind: str, job: dict, prices: PriceTable) -> StepCost:
+    """What one step of a SageMaker execution cost, from its entry and its job's description.
+
+    A cache hit or a step reused by a selective execution shows the original job, which
+    this execution did not pay for.
+    """
+    instance, count = job_resources(kind, job)
+    if kind == "Training":
+        seconds = job.get("BillableTimeInSeconds")
+        if seconds is None:
+            seconds = _between(job.get("TrainingStartTime"), job.get("TrainingEndTime"))
+        tokens = training_tokens(job)
+    else:
+        seconds = _between(job.get("ProcessingStartTime"), job.get("ProcessingEndTime"))
+        tokens = 0
+    note = ""
+    source = (step.get("CacheHitResult", {}).get("SourcePipelineExecutionArn")
+              or step.get("SelectiveExecutionResult", {}).get("SourcePipelineExecutionArn"))
+    if source:
+        reused = "cache hit" if "CacheHitResult" in step else "reused"
+        note, seconds, tokens = f"{reused}: ran in execution {source.rsplit('/', 1)[-1]}", 0, 0
+    elif prices.usd_per_hour.get(instance) is None:
+        note = f"no price for {instance} in prices.yaml"
+    return StepCost(step["StepName"], instance, count, float(seconds),
+                    price(instance, count, float(seconds), prices), tokens, note)
+
+
 def aws_ledger(sagemaker, execution_arn: str, prices: PriceTable | None = None) -> dict[str, Any]:
     """Ledger of a SageMaker execution, from its steps and their jobs' descriptions.
 
@@ -153,34 +196,9 @@ def aws_ledger(sagemaker, execution_arn: str, prices: PriceTable | None = None) 
     paginator = sagemaker.get_paginator("list_pipeline_execution_steps")
     pages = paginator.paginate(PipelineExecutionArn=execution_arn, SortOrder="Ascending")
     for step in [s for page in pages for s in page["PipelineExecutionSteps"]]:
-        metadata = step.get("Metadata", {})
-        if "TrainingJob" in metadata:
-            job = sagemaker.describe_training_job(
-                TrainingJobName=metadata["TrainingJob"]["Arn"].rsplit("/", 1)[-1])
-            instance, count = job_resources("Training", job)
-            seconds = job.get("BillableTimeInSeconds")
-            if seconds is None:
-                seconds = _between(job.get("TrainingStartTime"), job.get("TrainingEndTime"))
-            tokens = training_tokens(job)
-        elif "ProcessingJob" in metadata:
-            job = sagemaker.describe_processing_job(
-                ProcessingJobName=metadata["ProcessingJob"]["Arn"].rsplit("/", 1)[-1])
-            instance, count = job_resources("Processing", job)
-            seconds = _between(job.get("ProcessingStartTime"), job.get("ProcessingEndTime"))
-            tokens = 0
-        else:
-            continue
-        note = ""
-        # A cache hit or a step reused by a selective execution shows the original job.
-        source = (step.get("CacheHitResult", {}).get("SourcePipelineExecutionArn")
-                  or step.get("SelectiveExecutionResult", {}).get("SourcePipelineExecutionArn"))
-        if source:
-            kind = "cache hit" if "CacheHitResult" in step else "reused"
-            note, seconds, tokens = f"{kind}: ran in execution {source.rsplit('/', 1)[-1]}", 0, 0
-        elif prices.usd_per_hour.get(instance) is None:
-            note = f"no price for {instance} in prices.yaml"
-        costs.append(StepCost(step["StepName"], instance, count, float(seconds),
-                              price(instance, count, float(seconds), prices), tokens, note))
+        job = step_job(step)
+        if job:
+            costs.append(aws_step_cost(step, job[0], describe_job(sagemaker, *job), prices))
     return ledger(costs, prices, "SageMaker billable time")
 
 

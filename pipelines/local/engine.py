@@ -181,6 +181,17 @@ def steps_from(definition: dict, step: str) -> list[str]:
     return [n for n in topological_order(steps) if n == step or step in _upstream(steps, n)]
 
 
+def step_graph(definition: dict) -> list[dict]:
+    """Every step in run order with its type, the steps it waits for (data, `DependsOn` and the
+    condition whose branch holds it) and that branch: the DAG as the console draws it."""
+    steps = _flatten(definition.get("Steps", []))
+    return [{"name": name, "type": steps[name].spec["Type"],
+             "depends": sorted(steps[name].depends),
+             "branch": ({"condition": steps[name].gate[0], "if": steps[name].gate[1]}
+                        if steps[name].gate else None)}
+            for name in topological_order(steps)]
+
+
 def unfinished_steps(definition: dict, statuses: dict[str, str]) -> list[str]:
     """The steps that did not succeed in an execution (`statuses`: step -> status), in run
     order: what continuing that execution runs."""

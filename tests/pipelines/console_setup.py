@@ -1,0 +1,54 @@
+"""What the console's tests share: a console served from a thread of the test process against
+the module's local server, and the pipeline and model packages it shows."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.console import api
+from pipelines.console.server import ConsoleServer
+from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.test_registry import BUCKET, register
+
+__all__ = ["BUCKET", "package", "serving", "upsert_sft"]
+
+
+def package(sagemaker, s3, metrics: dict, group: str = "llm-sft", **metadata: str) -> str:
+    """A package as the pipeline's Register step makes it, with an evaluation of its own."""
+    return register(sagemaker, s3, group, metrics, version=uuid.uuid4().hex[:8], **metadata)
+
+
+@contextlib.contextmanager
+def serving(endpoint_url: str, home: Path) -> Iterator[ConsoleServer]:
+    """A console of the local target whose endpoint is `endpoint_url`, on 127.0.0.1."""
+    with pytest.MonkeyPatch.context() as patch:  # only while the clients are made
+        for name in [n for n in os.environ if n.startswith("AWS_")]:
+            patch.delenv(name)
+        patch.setenv("LLM_PIPELINE_HOME", str(home))
+        patch.setenv("AWS_ENDPOINT_URL", endpoint_url)
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_ACCESS_KEY_ID", "local")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+        target = api.connect("local")
+    console = ConsoleServer(target)
+    thread = threading.Thread(target=console.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield console
+    finally:
+        console.shutdown()
+        console.server_close()
+
+
+def upsert_sft(home: Path) -> str:
+    """Create the sft recipe's pipeline on the local server, as a user would; its name."""
+    result = cli(clean_env(home), "upsert", "--recipe", "sft")
+    assert result.returncode == 0, result.stderr
+    return "llm-sft"
