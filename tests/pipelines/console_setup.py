@@ -4,8 +4,10 @@ the module's local server, and the pipeline and model packages it shows."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,20 @@ from pipelines.console.server import ConsoleServer
 from tests.pipelines.conftest import clean_env, cli
 from tests.pipelines.test_registry import BUCKET, register
 
-__all__ = ["BUCKET", "package", "serving", "upsert_sft"]
+__all__ = ["BUCKET", "finished", "package", "quick_pipeline", "serving", "upsert_sft"]
+
+ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
+# A pipeline that runs no job, so starting it costs nothing: Check (Epochs >= 10), whose else
+# branch is TooFewEpochs (Fail). It succeeds with 10 epochs or more, and fails below.
+QUICK_PIPELINE = {"Version": "2020-12-01", "Parameters": [
+    {"Name": "Epochs", "Type": "Integer", "DefaultValue": 1}],
+    "Steps": [{"Name": "Check", "Type": "Condition", "Arguments": {
+        "Conditions": [{"Type": "GreaterThanOrEqualTo", "LeftValue": {"Get": "Parameters.Epochs"},
+                        "RightValue": 10}],
+        "IfSteps": [],
+        "ElseSteps": [{"Name": "TooFewEpochs", "Type": "Fail", "Arguments": {"ErrorMessage": {
+            "Std:Join": {"On": " ", "Values": [{"Get": "Parameters.Epochs"}, "epochs: too few"]}}}}],
+    }}]}
 
 
 def package(sagemaker, s3, metrics: dict, group: str = "llm-sft", **metadata: str) -> str:
@@ -47,8 +62,28 @@ def serving(endpoint_url: str, home: Path) -> Iterator[ConsoleServer]:
         console.server_close()
 
 
+def quick_pipeline(sagemaker, name: str = "llm-console-quick") -> str:
+    """QUICK_PIPELINE on the endpoint (created once); its name."""
+    if name not in [p["PipelineName"] for p in sagemaker.list_pipelines()["PipelineSummaries"]]:
+        sagemaker.create_pipeline(PipelineName=name, PipelineDefinition=json.dumps(QUICK_PIPELINE),
+                                  RoleArn=ROLE, PipelineDescription="a check and its failure")
+    return name
+
+
+def finished(sagemaker, arn: str, timeout: float = 60) -> dict:
+    """The execution's description once it no longer runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+        if described["PipelineExecutionStatus"] not in ("Executing", "Stopping"):
+            return described
+        assert time.monotonic() < deadline, f"{arn} still {described['PipelineExecutionStatus']}"
+        time.sleep(0.2)
+
+
 def upsert_sft(home: Path) -> str:
-    """Create the sft recipe's pipeline on the local server, as a user would; its name."""
+    """Create the sft recipe's pipeline on the local server, as a user would; its name.
+    Nothing here starts it: an execution of it trains a model."""
     result = cli(clean_env(home), "upsert", "--recipe", "sft")
     assert result.returncode == 0, result.stderr
     return "llm-sft"

@@ -22,7 +22,14 @@ from pipelines import cost
 from pipelines.console import api
 from pipelines.console.server import ConsoleServer
 from pipelines.local import engine
-from tests.pipelines.console_setup import BUCKET, package, serving, upsert_sft
+from tests.pipelines.console_setup import (
+    BUCKET,
+    finished,
+    package,
+    quick_pipeline,
+    serving,
+    upsert_sft,
+)
 
 ACCOUNT = "123456789012"
 EXECUTION = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/llm-sft/execution/exec1"
@@ -208,17 +215,16 @@ def test_promote_and_compare_from_the_api(console, clients):
     assert (metric["a"], metric["b"], metric["delta"]) == (12.0, 9.5, -2.5)
 
 
-def test_a_start_with_an_ill_typed_parameter_is_refused_and_starts_nothing(console, clients,
-                                                                           local_home):
+def test_a_start_with_an_ill_typed_parameter_is_refused_and_starts_nothing(console, clients):
     sagemaker, _ = clients
-    name = upsert_sft(local_home)
+    name = quick_pipeline(sagemaker)
     before = sagemaker.list_pipeline_executions(PipelineName=name)["PipelineExecutionSummaries"]
 
     status, answer, _ = request(console, "POST", "/api/start",
                                 {"pipeline": name, "parameters": {"Epochs": "two"}},
                                 **token(console))
     started, execution, _ = request(console, "POST", "/api/start",
-                                    {"pipeline": name, "parameters": {"Epochs": "2"}},
+                                    {"pipeline": name, "parameters": {"Epochs": "12"}},
                                     **token(console))
 
     assert status == 400 and answer["error"] == \
@@ -229,28 +235,30 @@ def test_a_start_with_an_ill_typed_parameter_is_refused_and_starts_nothing(conso
     assert len(after) == len(before) + 1
     parameters = sagemaker.list_pipeline_parameters_for_execution(
         PipelineExecutionArn=execution["arn"])["PipelineParameters"]
-    assert parameters == [{"Name": "Epochs", "Value": "2"}]
+    assert {"Name": "Epochs", "Value": "12"} in parameters
+    assert finished(sagemaker, execution["arn"])["PipelineExecutionStatus"] == "Succeeded"
 
 
 def test_rerun_from_a_step_selects_it_and_everything_downstream_with_the_same_parameters(
-        console, clients, local_home):
+        console, clients):
     sagemaker, _ = clients
-    name = upsert_sft(local_home)
+    name = quick_pipeline(sagemaker)
     source = sagemaker.start_pipeline_execution(
         PipelineName=name, PipelineParameters=[{"Name": "Epochs", "Value": "3"}])
     source = source["PipelineExecutionArn"]
+    finished(sagemaker, source)
 
-    status, rerun, _ = request(console, "POST", "/api/rerun", {"arn": source, "step": "Evaluate"},
+    status, rerun, _ = request(console, "POST", "/api/rerun", {"arn": source, "step": "Check"},
                                **token(console))
     unknown, answer, _ = request(console, "POST", "/api/rerun", {"arn": source, "step": "Nope"},
                                  **token(console))
 
-    assert status == 200 and rerun["selected"] == [
-        "Evaluate", "CompareWithApproved", "EvaluationGate", "Register", "EvaluationGateFailed"]
-    assert sagemaker.list_pipeline_parameters_for_execution(
-        PipelineExecutionArn=rerun["arn"])["PipelineParameters"] == [{"Name": "Epochs",
-                                                                      "Value": "3"}]
-    assert unknown == 400 and answer["error"].startswith("no step 'Nope' in this pipeline")
+    assert status == 200, rerun
+    assert rerun["selected"] == ["Check", "TooFewEpochs"]
+    assert {"Name": "Epochs", "Value": "3"} in sagemaker.list_pipeline_parameters_for_execution(
+        PipelineExecutionArn=rerun["arn"])["PipelineParameters"]
+    assert unknown == 400 and answer["error"] == \
+        "no step 'Nope' in this pipeline; its steps are Check, TooFewEpochs"
 
 
 def test_the_dag_the_page_draws_follows_the_definition(console, local_home):

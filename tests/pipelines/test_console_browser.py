@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.external import ROOT, require_program
-from tests.pipelines.console_setup import BUCKET, package, serving, upsert_sft
+from tests.pipelines.console_setup import BUCKET, package, quick_pipeline, serving, upsert_sft
 
 SCREENSHOTS = ROOT / "test-output" / "console"
 # The flags a headless chromium needs in a container, and none that reaches the network.
@@ -148,12 +148,11 @@ def test_two_packages_are_compared_from_the_page(page, clients):
     expect(page.locator("section.comparison tr", has_text="metadata.code_version")).to_be_visible()
 
 
-def test_a_page_of_another_origin_cannot_approve_start_or_promote(page, console, clients,
-                                                                  local_home, capsys):
+def test_a_page_of_another_origin_cannot_approve_start_or_promote(page, console, clients, capsys):
     """The user's browser holds the console's cookie; another site's page open in it tries
     every way a page can send a request to the console, and nothing changes."""
     sagemaker, s3 = clients
-    name = upsert_sft(local_home)
+    name = quick_pipeline(sagemaker)
     arn = package(sagemaker, s3, {"perplexity": 11.0})
     executions = len(sagemaker.list_pipeline_executions(PipelineName=name)[
         "PipelineExecutionSummaries"])
