@@ -12,6 +12,7 @@ today's local server (moto).
 import contextlib
 import http.server
 import json
+import re
 import socket
 import threading
 
@@ -81,6 +82,14 @@ def snap(page, name: str) -> None:
 
 def package_row(page, arn: str):
     return page.locator(f'tr:has(input[aria-label="choose {arn}"])')
+
+
+def finish(page, timeout_ms: int) -> None:
+    """Wait until the execution on the page ends; it must have succeeded."""
+    badge = page.locator("h2 .badge")
+    expect(badge).to_have_text(re.compile("Succeeded|Failed|Stopped"), timeout=timeout_ms)
+    failure = page.locator("section p.failure")
+    assert badge.text_content() == "Succeeded", failure.all_text_contents()
 
 
 def status_of(sagemaker, arn: str) -> tuple[str, str]:
@@ -240,7 +249,7 @@ def test_an_execution_started_from_the_page_finishes_reruns_from_a_step_and_is_a
     expect(page.locator("#message.error")).to_be_hidden()
     expect(page.locator("svg.dag g.node.status-Executing, svg.dag g.node.status-Succeeded")
            .first).to_be_visible(timeout=60_000)
-    expect(page.locator("h2 .badge")).to_have_text("Succeeded", timeout=wait)
+    finish(page, wait)
     for step in ("DataPrep", "SFT", "Evaluate", "CompareWithApproved", "EvaluationGate",
                  "Register"):
         expect(page.locator(f'svg.dag g.node[data-step="{step}"]')).to_have_class(
@@ -256,7 +265,7 @@ def test_an_execution_started_from_the_page_finishes_reruns_from_a_step_and_is_a
     # re-run from Evaluate: a selective execution reusing DataPrep and SFT
     page.get_by_role("button", name="Re-run from Evaluate").click()
     page.wait_for_url(lambda url: "#/execution/" in url and url != first)
-    expect(page.locator("h2 .badge")).to_have_text("Succeeded", timeout=wait)
+    finish(page, wait)
     expect(page.locator("tr", has_text="SFT").locator("td").nth(4)).to_contain_text("reused")
     snap(page, "rerun-succeeded")
 
