@@ -255,10 +255,13 @@ def execution(target: Target, arn: str) -> dict:
         if job:
             row["job"] = {"kind": job[0], "name": job[1]}
             try:
-                step_cost = cost.aws_step_cost(step, job[0], _job(target, *job), target.prices)
+                job_described = _job(target, *job)
             except (ClientError, BotoCoreError) as exc:
                 problems.append(f"cost of step {step['StepName']} unavailable: {error_line(exc)}")
-            else:
+                job_described = {}
+            # A running job's billable time is not known yet: it is priced once it ends.
+            if job_described.get(f"{job[0]}JobStatus") in FINISHED_JOB:
+                step_cost = cost.aws_step_cost(step, job[0], job_described, target.prices)
                 costs.append(step_cost)
                 row["usd"], row["cost_note"] = step_cost.usd, step_cost.note
         rows.append(row)

@@ -308,7 +308,8 @@ def definition() -> dict:
     return {"Version": "2020-12-01", "Parameters": [], "Steps": [
         {"Name": "DataPrep", "Type": "Processing", "Arguments": {}},
         {"Name": "SFT", "Type": "Training", "DependsOn": ["DataPrep"], "Arguments": {}},
-        {"Name": "Gate", "Type": "Condition", "DependsOn": ["SFT"], "Arguments": {
+        {"Name": "Evaluate", "Type": "Processing", "DependsOn": ["SFT"], "Arguments": {}},
+        {"Name": "Gate", "Type": "Condition", "DependsOn": ["Evaluate"], "Arguments": {
             "Conditions": [], "IfSteps": [{"Name": "Register", "Type": "RegisterModel",
                                            "Arguments": {}}], "ElseSteps": []}}]}
 
@@ -323,6 +324,20 @@ def training_job(name: str, start: datetime, status: str = "Completed") -> dict:
                                "VolumeSizeInGB": 30},
             "StoppingCondition": {}, "CreationTime": start, "BillableTimeInSeconds": 3600,
             "FinalMetricDataList": [{"MetricName": "train_loss", "Value": 1.25}]}
+
+
+def processing_job(name: str, start: datetime, minutes: float | None) -> dict:
+    """DescribeProcessingJob of a job that ran `minutes` (None: still running)."""
+    described = {
+        "ProcessingJobName": name, "AppSpecification": {"ImageUri": "img"}, "CreationTime": start,
+        "ProcessingJobStatus": "InProgress" if minutes is None else "Completed",
+        "ProcessingJobArn": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:processing-job/{name}",
+        "ProcessingResources": {"ClusterConfig": {
+            "InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}},
+        "ProcessingStartTime": start}
+    if minutes is not None:
+        described["ProcessingEndTime"] = start + timedelta(minutes=minutes)
+    return described
 
 
 def test_the_execution_view_reads_status_duration_cache_hit_and_cost_per_step(tmp_path):
@@ -342,32 +357,34 @@ def test_the_execution_view_reads_status_duration_cache_hit_and_cost_per_step(tm
              "EndTime": start + timedelta(minutes=5),
              "CacheHitResult": {"SourcePipelineExecutionArn": EXECUTION.replace("exec1", "exec0")},
              "Metadata": {"ProcessingJob": {"Arn": job.format("processing-job", "prep")}}},
-            {"StepName": "SFT", "StepStatus": "Executing", "StartTime": start, "AttemptCount": 1,
+            {"StepName": "SFT", "StepStatus": "Succeeded", "StartTime": start,
+             "EndTime": start + timedelta(hours=1), "AttemptCount": 2,
              "Metadata": {"TrainingJob": {"Arn": job.format("training-job", "sft")}}},
+            {"StepName": "Evaluate", "StepStatus": "Executing", "StartTime": start,
+             "Metadata": {"ProcessingJob": {"Arn": job.format("processing-job", "eval")}}},
         ]}, {"PipelineExecutionArn": EXECUTION, "SortOrder": "Ascending"})
-        stub.add_response("describe_processing_job", {
-            "ProcessingJobName": "prep", "ProcessingJobStatus": "Completed",
-            "ProcessingJobArn": job.format("processing-job", "prep"),
-            "AppSpecification": {"ImageUri": "img"}, "CreationTime": start,
-            "ProcessingResources": {"ClusterConfig": {
-                "InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}},
-            "ProcessingStartTime": start, "ProcessingEndTime": start + timedelta(minutes=5)},
-            {"ProcessingJobName": "prep"})
-        stub.add_response("describe_training_job", training_job("sft", start, "InProgress"),
+        stub.add_response("describe_processing_job", processing_job("prep", start, 5),
+                          {"ProcessingJobName": "prep"})
+        stub.add_response("describe_training_job", training_job("sft", start),
                           {"TrainingJobName": "sft"})
+        stub.add_response("describe_processing_job", processing_job("eval", start, None),
+                          {"ProcessingJobName": "eval"})
         shown = api.execution(target, EXECUTION)
 
     steps = {s["name"]: s for s in shown["steps"]}
     assert shown["status"] == "Executing" and shown["parameters"] == {"Epochs": "2"}
-    assert [n["name"] for n in shown["graph"]] == ["DataPrep", "SFT", "Gate", "Register"]
+    assert [n["name"] for n in shown["graph"]] == ["DataPrep", "SFT", "Evaluate", "Gate",
+                                                   "Register"]
     assert steps["DataPrep"]["seconds"] == 300 and steps["DataPrep"]["usd"] == 0
     assert steps["DataPrep"]["cache"] == "cache hit: execution exec0"
-    assert steps["SFT"]["seconds"] > 0 and steps["SFT"]["job"] == {"kind": "Training",
-                                                                   "name": "sft"}
-    assert steps["SFT"]["usd"] == pytest.approx(1.408)  # an hour of ml.g5.xlarge so far
+    assert steps["SFT"]["seconds"] == 3600 and steps["SFT"]["attempts"] == 2
+    assert steps["SFT"]["usd"] == pytest.approx(1.408)  # an hour of ml.g5.xlarge
+    assert steps["SFT"]["job"] == {"kind": "Training", "name": "sft"}
+    # a running job is priced once it ends
+    assert steps["Evaluate"]["seconds"] > 0 and steps["Evaluate"]["usd"] is None
     assert shown["cost"]["total_usd"] == pytest.approx(1.408) and shown["error"] == ""
-    # a finished job's description is kept: the next poll does not describe it again
-    assert list(target.jobs) == ["prep"]
+    # finished jobs' descriptions are kept: the next poll describes only the running one
+    assert sorted(target.jobs) == ["prep", "sft"]
 
 
 def test_a_step_shows_its_cloudwatch_log_final_metrics_and_loss_curve_on_aws(tmp_path, clients,
@@ -405,7 +422,8 @@ def test_a_step_shows_its_cloudwatch_log_final_metrics_and_loss_curve_on_aws(tmp
              "startFromHead": False, "limit": 500})
         shown = api.step(target, EXECUTION, "SFT")
 
-    assert shown["status"] == "Succeeded" and shown["rerun_steps"] == ["SFT", "Gate", "Register"]
+    assert shown["status"] == "Succeeded"
+    assert shown["rerun_steps"] == ["SFT", "Evaluate", "Gate", "Register"]
     assert shown["log"]["text"] == "[metrics] step=1 train_loss=3.0\ntraining done"
     assert shown["log"]["source"] == f"CloudWatch Logs {group} sft/*"
     assert shown["metrics"] == [{"name": "train_loss", "value": 1.25}]
@@ -478,5 +496,6 @@ def test_step_graph_lists_branch_steps_after_their_condition():
     graph = engine.step_graph(definition())
 
     assert [(n["name"], n["depends"]) for n in graph] == [
-        ("DataPrep", []), ("SFT", ["DataPrep"]), ("Gate", ["SFT"]), ("Register", ["Gate"])]
-    assert graph[3]["branch"] == {"condition": "Gate", "if": True}
+        ("DataPrep", []), ("SFT", ["DataPrep"]), ("Evaluate", ["SFT"]), ("Gate", ["Evaluate"]),
+        ("Register", ["Gate"])]
+    assert graph[4]["branch"] == {"condition": "Gate", "if": True}

@@ -110,7 +110,7 @@ def test_the_page_lists_pipelines_and_draws_a_pipeline_dag(page, local_home):
     assert nodes.evaluate_all("nodes => nodes.map(n => n.dataset.step)") == [
         "DataPrep", "SFT", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register",
         "EvaluationGateFailed"]
-    expect(page.locator("svg.dag text.branch")).to_have_text(["if true", "else"])
+    expect(page.locator("svg.dag text.branch")).to_have_text(["true", "false"])
     expect(page.locator('form.parameters input[name="BaseModel"]')).to_have_value(
         "builtin:smollm2-135m-instruct")
 

@@ -120,6 +120,7 @@ async function pipelineView(name) {
 
 async function executionView(arn) {
   let selected = null;
+  let running = false;
   let stepPanel = h("section.step");
   const parts = { head: h("section"), dag: h("section.graph"), steps: h("section") };
   view.replaceChildren(parts.head, parts.dag, parts.steps, stepPanel);
@@ -138,6 +139,7 @@ async function executionView(arn) {
           h("td", {}, s.attempts ?? ""));
       })));
     if (execution.error) say(execution.error, true);
+    running = RUNNING.has(execution.status);
     const stepRunning = selected && RUNNING.has(byName[selected]?.status);
     if (stepRunning) await showStep(selected);
     if (!RUNNING.has(execution.status)) clearInterval(poll);
@@ -173,7 +175,9 @@ async function executionView(arn) {
   async function showStep(name) {
     const step = await act(() => get("/api/step", { arn, step: name }));
     if (!step || name !== selected) return;
+    // SageMaker re-runs from an execution that ended (SelectiveExecutionConfig).
     const rerun = h("button", {
+      disabled: running, title: running ? "wait until the execution ends" : null,
       onclick: async () => {
         const started = await act(() => post("/api/rerun", { arn, step: name }), (r) => `re-running ${r.selected.join(", ")}`);
         if (started) location.hash = `#/execution/${encodeURIComponent(started.arn)}`;

@@ -1,7 +1,7 @@
 // The pipeline's DAG as SVG. Layout: a step's column is one more than its deepest dependency;
 // within a column, steps keep run order. Only edges that no longer path implies are drawn.
 const SVG = "http://www.w3.org/2000/svg";
-const WIDTH = 172, HEIGHT = 46, GAP_X = 34, GAP_Y = 16, PAD = 8;
+const WIDTH = 164, HEIGHT = 46, GAP_X = 44, GAP_Y = 16, PAD = 8;
 
 function svg(tag, attributes = {}, text) {
   const element = document.createElementNS(SVG, tag);
@@ -39,7 +39,7 @@ export function drawDag(graph, steps, onSelect, selected) {
       const middle = (x1 + x2) / 2;
       root.append(svg("path", { class: "edge", d: `M${x1},${y1} C${middle},${y1} ${middle},${y2} ${x2},${y2}` }));
       if (node.branch && node.branch.condition === dependency) {
-        root.append(svg("text", { class: "branch", x: x2 - 6, y: y2 - 5, "text-anchor": "end" }, node.branch.if ? "if true" : "else"));
+        root.append(svg("text", { class: "branch", x: middle, y: (y1 + y2) / 2 - 4, "text-anchor": "middle" }, node.branch.if ? "true" : "false"));
       }
     }
   }
@@ -50,9 +50,11 @@ export function drawDag(graph, steps, onSelect, selected) {
     const group = svg("g", { class: `node status-${status}${node.name === selected ? " selected" : ""}`, "data-step": node.name, tabindex: 0 });
     group.append(svg("rect", { x, y, width: WIDTH, height: HEIGHT, rx: node.type === "Condition" ? 18 : 5 }));
     group.append(svg("text", { x: x + 8, y: y + 18, class: "name" }, node.name));
-    const seconds = step.seconds == null ? "" : ` · ${Math.round(step.seconds)} s`;
-    const cached = step.cache ? " · cached" : "";
-    group.append(svg("text", { x: x + 8, y: y + 36, class: "detail" }, `${node.type} · ${step.status || "—"}${seconds}${cached}`));
+    // Second line: the step's type until it has a status, then status, time and reuse.
+    const reuse = !step.cache ? "" : step.cache.startsWith("cache hit") ? "cache hit" : "reused";
+    const time = step.seconds == null ? "" : `${Math.round(step.seconds)} s`;
+    const detail = step.status ? [step.status, time, reuse].filter(Boolean).join(" · ") : node.type;
+    group.append(svg("text", { x: x + 8, y: y + 36, class: "detail" }, detail));
     group.append(svg("title", {}, `${node.name} (${node.type})${step.cache ? `\n${step.cache}` : ""}`));
     if (onSelect) {
       group.addEventListener("click", () => onSelect(node.name));
