@@ -726,6 +726,14 @@ def cmd_server(args) -> int:
     return 0
 
 
+def cmd_console(args) -> int:
+    from pipelines.console import api
+    from pipelines.console import server as console
+
+    console.serve(api.connect(args.target, args.region), args.host, args.port)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     for name in recipe.available():
         print(f"{name:<14} {recipe.load(name).description}")
@@ -808,6 +816,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="the local AWS (moto) server")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
     p.set_defaults(func=cmd_server)
+    p = sub.add_parser("console", help="the web console: pipelines, executions, model packages",
+                       description="Serves the web console and prints its URL, which carries the "
+                                   "token that every request needs.")
+    p.add_argument("--target", choices=("local", "aws"),
+                   default=os.environ.get("LLM_PIPELINE_TARGET", "local"))
+    p.add_argument("--region")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free one)")
+    p.set_defaults(func=cmd_console)
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(func=cmd_recipes)
     return parser

@@ -9,8 +9,12 @@ which checks every response against botocore's output shapes.
 import http.client
 import io
 import json
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 
 import boto3
@@ -22,8 +26,10 @@ from pipelines import cost
 from pipelines.console import api
 from pipelines.console.server import ConsoleServer
 from pipelines.local import engine
+from tests.pipelines.conftest import ROOT, clean_env
 from tests.pipelines.console_setup import (
     BUCKET,
+    NEEDS_RUNNING_PIPELINES,
     finished,
     package,
     quick_pipeline,
@@ -167,6 +173,31 @@ def test_the_console_listens_on_loopback_unless_told_otherwise(console):
         server.server_close()
 
 
+def test_the_console_command_prints_a_loopback_url_whose_token_opens_it(local_home):
+    command = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "console", "--port", "0"],
+                               env=clean_env(local_home), cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        printed = [command.stdout.readline(), command.stdout.readline()]
+        url = urllib.parse.urlsplit(printed[1].removeprefix("open ").strip())
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        connection.request("GET", f"/?{url.query}")
+        opened = connection.getresponse()
+        opened.read()
+        connection.request("GET", "/api/overview", headers={
+            "X-Console-Token": urllib.parse.parse_qs(url.query)["token"][0]})
+        overview = json.loads(connection.getresponse().read())
+    finally:
+        command.send_signal(signal.SIGINT)
+        command.wait(timeout=30)
+
+    assert printed[0].startswith("llm-pipeline console (local: http://127.0.0.1:")
+    assert url.hostname == "127.0.0.1" and url.path == "/" and url.query.startswith("token=")
+    assert opened.status == 303 and "SameSite=Strict" in opened.headers["Set-Cookie"]
+    assert overview["target"] == "local" and overview["region"] == "us-east-1"
+    assert command.returncode == 0
+
+
 # -- what the page shows and does ----------------------------------------------------------
 
 def test_approve_and_reject_keep_the_reason_and_a_missing_reason_changes_nothing(console, clients):
@@ -259,6 +290,29 @@ def test_rerun_from_a_step_selects_it_and_everything_downstream_with_the_same_pa
         PipelineExecutionArn=rerun["arn"])["PipelineParameters"]
     assert unknown == 400 and answer["error"] == \
         "no step 'Nope' in this pipeline; its steps are Check, TooFewEpochs"
+
+
+@NEEDS_RUNNING_PIPELINES
+def test_a_failed_execution_shows_its_steps_and_is_retried_from_the_console(console, clients):
+    sagemaker, _ = clients
+    name = quick_pipeline(sagemaker)
+    arn = sagemaker.start_pipeline_execution(
+        PipelineName=name, PipelineParameters=[{"Name": "Epochs", "Value": "3"}])
+    arn = arn["PipelineExecutionArn"]
+    assert finished(sagemaker, arn)["PipelineExecutionStatus"] == "Failed"
+
+    _, shown, _ = request(console, "GET", f"/api/execution?{urllib.parse.urlencode({'arn': arn})}",
+                          **token(console))
+    status, _, _ = request(console, "POST", "/api/retry", {"arn": arn}, **token(console))
+    again = finished(sagemaker, arn)
+
+    steps = {s["name"]: s for s in shown["steps"]}
+    assert shown["error"] == "" and shown["failure_reason"].endswith("3 epochs: too few")
+    assert (steps["Check"]["status"], steps["Check"]["outcome"]) == ("Succeeded",
+                                                                    "condition False")
+    assert (steps["TooFewEpochs"]["status"], steps["TooFewEpochs"]["failure_reason"]) == (
+        "Failed", "3 epochs: too few")
+    assert status == 200 and again["PipelineExecutionStatus"] == "Failed"
 
 
 def test_the_dag_the_page_draws_follows_the_definition(console, local_home):

@@ -20,17 +20,19 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.external import ROOT, require_program
-from tests.pipelines.console_setup import BUCKET, package, quick_pipeline, serving, upsert_sft
+from tests.pipelines.console_setup import (
+    BUCKET,
+    NEEDS_RUNNING_PIPELINES,
+    package,
+    quick_pipeline,
+    serving,
+    upsert_sft,
+)
 
 SCREENSHOTS = ROOT / "test-output" / "console"
 # The flags a headless chromium needs in a container, and none that reaches the network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Remove this mark when the local server runs pipelines (issue 20 items 1-2): strict, so the
-# test fails (XPASS) on the day it starts passing, and the mark cannot outlive its reason.
-NEEDS_RUNNING_PIPELINES = pytest.mark.xfail(
-    strict=True, reason="the local server does not run pipelines yet (issue 20 items 1-2): "
-                        "moto lists no execution steps and runs nothing")
 EXECUTION_MINUTES = 15
 
 
