@@ -190,8 +190,9 @@ async function executionView(arn) {
       step.outcome ? h("p", {}, step.outcome) : "",
       step.job ? h("p", {}, `${step.job.kind} job ${step.job.name} · ${step.job.status} · ${step.job.instance}`) : "",
       h("div.actions", {}, rerun, h("span.hint", {}, ` runs ${step.rerun_steps.join(" → ")}; the other steps reuse this execution's outputs`)),
-      step.metrics.length ? table(["metric", "final value"], step.metrics.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.value.toPrecision(5))))) : "",
-      step.history.length ? drawCurve(step.history) : "",
+      h("div.figures", {},
+        step.metrics.length ? table(["metric", "final value"], step.metrics.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.value.toPrecision(5))))) : "",
+        step.history.length ? drawCurve(step.history) : ""),
       step.report ? h("iframe.report", { sandbox: "", title: "evaluation report", src: `/api/report?${new URLSearchParams({ uri: step.report })}` }) : "",
       h("h4", {}, "log ", h("small", {}, step.log.source)), logBox);
     stepPanel.replaceWith(panel);

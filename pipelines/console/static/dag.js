@@ -1,7 +1,7 @@
 // The pipeline's DAG as SVG. Layout: a step's column is one more than its deepest dependency;
 // within a column, steps keep run order. Only edges that no longer path implies are drawn.
 const SVG = "http://www.w3.org/2000/svg";
-const WIDTH = 164, HEIGHT = 46, GAP_X = 44, GAP_Y = 16, PAD = 8;
+const WIDTH = 170, HEIGHT = 46, GAP_X = 40, GAP_Y = 16, PAD = 8;
 
 function svg(tag, attributes = {}, text) {
   const element = document.createElementNS(SVG, tag);
