@@ -112,7 +112,7 @@ def error_line(exc: BaseException) -> str:
             + (message or str(exc))
         if code in _EXPIRED:
             text += "; your credentials are invalid or expired: renew them (aws sso login, " \
-                    "aws configure) and reload"
+                    "aws configure; keys from the environment need a console restart) and reload"
         elif code in _DENIED:
             text += "; your credentials are not allowed this action"
     elif isinstance(exc, NoCredentialsError):

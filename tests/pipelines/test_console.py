@@ -537,7 +537,7 @@ DENIED = f"User: arn:aws:iam::{ACCOUNT}:user/dev is not authorized to perform: "
     ("ExpiredTokenException", "The security token included in the request is\nexpired",
      ("DescribePipeline: ExpiredTokenException: The security token included in the request is "
       "expired; your credentials are invalid or expired: renew them (aws sso login, aws "
-      "configure) and reload")),
+      "configure; keys from the environment need a console restart) and reload")),
 ])
 def test_aws_refusals_are_one_line_with_what_to_do(code, message, expected):
     error = ClientError({"Error": {"Code": code, "Message": message},
