@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.session
 from boto3.exceptions import Boto3Error, RetriesExceededError
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.validate import ParamValidator
 
 from pipelines import UserError, cost
 from pipelines.local import cache, jobs
@@ -44,9 +42,8 @@ from pipelines.local.expressions import (
     references,
     resolve,
 )
+from pipelines.validation import STEP_OPERATIONS, check_request
 
-_OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJob",
-               "RegisterModel": "CreateModelPackage"}
 _JOB_NAME_FIELD = {"Processing": "ProcessingJobName", "Training": "TrainingJobName"}
 SUPPORTED_TYPES = {"Processing", "Training", "RegisterModel", "Condition", "Fail"}
 # Step types SageMaker retries under RetryPolicies (of those this engine runs).
@@ -232,19 +229,10 @@ def resolve_parameters(definition: dict, overrides: dict[str, str]) -> dict[str,
     return values
 
 
-_sagemaker_model = None
-
-
 def validate_request(step_type: str, request: dict, step_name: str) -> None:
-    """Check a resolved request against botocore's SageMaker API model, as the service would."""
-    global _sagemaker_model
-    if _sagemaker_model is None:
-        _sagemaker_model = botocore.session.get_session().get_service_model("sagemaker")
-    shape = _sagemaker_model.operation_model(_OPERATIONS[step_type]).input_shape
-    report = ParamValidator().validate(request, shape)
-    if report.has_errors():
-        problems = "; ".join(line.strip() for line in report.generate_report().splitlines())
-        raise UserError(f"step {step_name}: {_OPERATIONS[step_type]} request is invalid: {problems}")
+    """Refuse, as SageMaker would, a request its API model does not allow (pipelines.validation):
+    types, lengths, patterns, enums, sizes and ranges, naming the step and the field."""
+    check_request(STEP_OPERATIONS[step_type], request, f"step {step_name}")
 
 
 def failure_cause(error: BaseException | None, failure_reason: str = "") -> str:

@@ -1,0 +1,153 @@
+"""What SageMaker refuses in a request: botocore's SageMaker service model, walked whole.
+
+botocore's own `ParamValidator` checks types and required members only. The service enforces
+more, and its model says what: string lengths and patterns, enums, list and map sizes, integer
+and float ranges. `problems(operation, request)` checks both, walking the request beside the
+operation's input shape, so nothing here is a hand-written list of fields. AWS writes its
+patterns in the Java dialect (`\\p{L}`, `\\p{Z}`); the `regex` module reads them, `re` cannot.
+
+A few rules SageMaker documents but its model cannot express (one field depending on another)
+are in `DOCUMENTED_RULES`, each with the page it comes from.
+
+Used by the local engine on every request it makes (so a local run fails where SageMaker would,
+naming the step and the field), and by the command line to refuse, before anything runs, a
+parameter value that would make a step's request invalid.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import botocore.session
+import regex
+from botocore.model import Shape
+from botocore.validate import ParamValidator
+
+from pipelines import UserError
+
+# What each step type of a definition asks SageMaker for.
+STEP_OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJob",
+                   "RegisterModel": "CreateModelPackage"}
+# The most a training job may run: "The maximum value is 28 days."
+# https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html
+MAX_RUNTIME_LIMIT_SECONDS = 28 * 24 * 3600
+
+
+@functools.cache
+def _service_model():
+    return botocore.session.get_session().get_service_model("sagemaker")
+
+
+def input_shape(operation: str) -> Shape:
+    return _service_model().operation_model(operation).input_shape
+
+
+@functools.cache
+def _pattern(pattern: str) -> regex.Pattern | None:
+    try:
+        return regex.compile(pattern, flags=regex.DOTALL)
+    except regex.error:  # 4 of the model's 466 patterns use UTF-16 surrogates `regex` refuses
+        return None
+
+
+def constraint_problems(value: Any, shape: Shape | None, where: str) -> Iterator[str]:
+    """What the service enforces beyond types, as `<where>: <what is wrong>` lines."""
+    if shape is None:
+        return
+    meta, kind = shape.metadata, shape.type_name
+    if kind == "string" and isinstance(value, str):
+        if "max" in meta and len(value) > meta["max"]:
+            yield f"{where}: {len(value)} characters, over the maximum {meta['max']}"
+        if "min" in meta and len(value) < meta["min"]:
+            yield f"{where}: {len(value)} characters, under the minimum {meta['min']}"
+        if shape.enum and value not in shape.enum:
+            yield f"{where}: {value!r} is not one of {', '.join(shape.enum)}"
+        pattern = _pattern(meta["pattern"]) if "pattern" in meta else None
+        if pattern is not None and pattern.fullmatch(value) is None:
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            yield f"{where}: {shown!r} does not match SageMaker's pattern {meta['pattern']}"
+    elif kind in ("integer", "long", "float", "double") and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        if "max" in meta and value > meta["max"]:
+            yield f"{where}: {value} is over the maximum {meta['max']}"
+        if "min" in meta and value < meta["min"]:
+            yield f"{where}: {value} is under the minimum {meta['min']}"
+    elif kind == "structure" and isinstance(value, dict):
+        for name, member in value.items():
+            yield from constraint_problems(member, shape.members.get(name), _join(where, name))
+    elif kind == "list" and isinstance(value, list):
+        yield from _size_problems(len(value), meta, where, "items")
+        for index, member in enumerate(value):
+            yield from constraint_problems(member, shape.member, f"{where}[{index}]")
+    elif kind == "map" and isinstance(value, dict):
+        yield from _size_problems(len(value), meta, where, "entries")
+        for key, member in value.items():
+            yield from constraint_problems(key, shape.key, f"{_join(where, '')}key {key!r}")
+            yield from constraint_problems(member, shape.value, _join(where, str(key)))
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _size_problems(size: int, meta: dict, where: str, unit: str) -> Iterator[str]:
+    if "max" in meta and size > meta["max"]:
+        yield f"{where}: {size} {unit}, over the maximum {meta['max']}"
+    if "min" in meta and size < meta["min"]:
+        yield f"{where}: {size} {unit}, under the minimum {meta['min']}"
+
+
+def _spot_rules(request: dict) -> Iterator[str]:
+    stopping = request.get("StoppingCondition") or {}
+    runtime, wait = stopping.get("MaxRuntimeInSeconds"), stopping.get("MaxWaitTimeInSeconds")
+    # "The maximum value is 28 days." (API_StoppingCondition, MaxRuntimeInSeconds)
+    if isinstance(runtime, int) and runtime > MAX_RUNTIME_LIMIT_SECONDS:
+        yield (f"StoppingCondition.MaxRuntimeInSeconds: {runtime} is over SageMaker's limit of "
+               f"{MAX_RUNTIME_LIMIT_SECONDS} (28 days)")
+    # MaxWaitTimeInSeconds "must be equal to or greater than MaxRuntimeInSeconds" (same page), and
+    # is refused without managed spot training: "Invalid MaxWaitTimeInSeconds. It is only supported
+    # when EnableManagedSpotTraining is set to true" (CreateTrainingJob's ValidationException,
+    # https://github.com/aws/sagemaker-python-sdk/issues/4140).
+    if wait is not None and not request.get("EnableManagedSpotTraining"):
+        yield ("StoppingCondition.MaxWaitTimeInSeconds: only allowed with "
+               "EnableManagedSpotTraining true")
+    if isinstance(wait, int) and isinstance(runtime, int) and wait < runtime:
+        yield (f"StoppingCondition.MaxWaitTimeInSeconds: {wait} is under MaxRuntimeInSeconds "
+               f"{runtime}; spot training waits at least as long as it may run")
+
+
+# Rules of one field against another, which the service model cannot state.
+DOCUMENTED_RULES: dict[str, Callable[[dict], Iterator[str]]] = {
+    "CreateTrainingJob": _spot_rules,
+}
+
+
+_CONSTRAINT_REPORTS = ("Invalid length for parameter", "Invalid value for parameter",
+                      "Invalid range for parameter")
+
+
+def problems(operation: str, request: dict) -> list[str]:
+    """Everything SageMaker would refuse in `request` for `operation`, one line each."""
+    shape = input_shape(operation)
+    report = ParamValidator().validate(request, shape)
+    # botocore's validator: types, required and unknown members (its minimum checks are among
+    # the constraints below, worded the same way as the rest).
+    found = [" ".join(line.split()) for line in report.generate_report().splitlines()
+             if line.strip() and not line.startswith(_CONSTRAINT_REPORTS)] \
+        if report.has_errors() else []
+    found += constraint_problems(request, shape, "")
+    rule = DOCUMENTED_RULES.get(operation)
+    if rule is not None:
+        found += rule(request)
+    return found
+
+
+def check_request(operation: str, request: dict, where: str) -> None:
+    """Raise a one-line UserError, `<where>: <operation> <field>: <problem>`, if SageMaker would
+    refuse `request`."""
+    found = problems(operation, request)
+    if found:
+        more = f" (and {len(found) - 1} more: {'; '.join(found[1:3])})" if len(found) > 1 else ""
+        raise UserError(f"{where}: {operation} {found[0]}{more}")
