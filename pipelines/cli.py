@@ -40,6 +40,29 @@ def _parameters(pairs: list[str]) -> dict[str, str]:
     return values
 
 
+def _aws_region(args) -> str:
+    """The AWS region a command works in: --region, else boto3's own configuration
+    (AWS_DEFAULT_REGION, the profile's region); a one-line error when there is none."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        region = args.region or boto3.Session().region_name
+    except BotoCoreError as exc:  # a broken profile or config file
+        raise UserError(f"cannot read the AWS configuration ({exc}); pass --region") from None
+    if not region:
+        raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION (or a region in "
+                        "the AWS profile)")
+    return region
+
+
+def _client(service: str, target: dict):
+    """A boto3 client of the target's region (the command's --region, or the resolved one)."""
+    import boto3
+
+    return boto3.client(service, region_name=target["region"])
+
+
 def _connect(args) -> dict:
     """Point boto3 at the chosen target; returns what the commands need to know about it."""
     if args.target == "local":
@@ -57,9 +80,7 @@ def _connect(args) -> dict:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    region = args.region or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
-    if not region:
-        raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    region = _aws_region(args)
     try:
         account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
     except (BotoCoreError, ClientError) as exc:
@@ -78,7 +99,8 @@ def _build(args, role_arn: str, bucket: str, region: str) -> tuple[recipe.Recipe
     """The recipe and its definition text, exactly as the SDK wrote it."""
     chosen = recipe.load(args.recipe)
     return chosen, definition.definition_json(chosen, role_arn=role_arn, bucket=bucket,
-                                              region=region, image_tag=args.image_tag)
+                                              region=region, image_tag=args.image_tag,
+                                              spot=args.spot)
 
 
 def _build_for(args, target: dict) -> tuple[recipe.Recipe, str]:
@@ -99,7 +121,7 @@ def _build_cached(args, target: dict) -> tuple[recipe.Recipe, str]:
     builder = Path(__file__).parent
     key = hashlib.sha256()
     for part in (chosen.source.read_bytes(), target["role_arn"], target["bucket"],
-                 target["region"], args.image_tag or images.code_digest(),
+                 target["region"], args.image_tag or images.code_digest(), f"spot={args.spot}",
                  metadata.version("sagemaker"),
                  *(path.read_bytes() for path in sorted(builder.glob("*.py"))),
                  (builder / "sdk-config.yaml").read_bytes(),
@@ -181,23 +203,37 @@ def _check_data_uris(s3, chosen: recipe.Recipe, overrides: dict[str, str]) -> No
             _check_s3_uri(s3, parameter, value)
 
 
-def _ensure_demo_data(s3, bucket: str, kind: str) -> None:
-    """Upload a built-in demo dataset (recipe.DEMO_DATASETS) unless it is there."""
+def _ensure_demo_data(s3, bucket: str, kind: str) -> bool:
+    """Put a built-in demo dataset (recipe.DEMO_DATASETS) where the recipes' defaults point,
+    unless the same bytes are there already; True when it uploaded.
+
+    The object carries the sha256 of its content as metadata, so that a demo dataset this version
+    of the code writes differently replaces the old one, and an unchanged one is left alone (its
+    DataPrep step stays a cache hit).
+    """
     from botocore.exceptions import ClientError
 
-    key = definition.DEMO_DATA_KEYS[kind]
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except ClientError:
-        from steps import demo_data
+    from steps import demo_data
 
-        writer = {"sft": demo_data.write_demo_dataset, "corpus": demo_data.write_demo_corpus,
-                  "preferences": demo_data.write_demo_preferences,
-                  "prompts": demo_data.write_demo_constitutional_prompts}[kind]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "demo.jsonl"
-            writer(path)
-            s3.upload_file(str(path), bucket, key)
+    key = definition.DEMO_DATA_KEYS[kind]
+    writer = {"sft": demo_data.write_demo_dataset, "corpus": demo_data.write_demo_corpus,
+              "preferences": demo_data.write_demo_preferences,
+              "prompts": demo_data.write_demo_constitutional_prompts}[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "demo.jsonl"
+        writer(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            present = s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise UserError(f"cannot read s3://{bucket}/{key} ({exc}); the demo data goes "
+                                "there: check the bucket and this caller's permissions") from None
+            present = None
+        if present == digest:
+            return False
+        s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
+    return True
 
 
 def _error_line(message: str) -> str:
@@ -282,9 +318,10 @@ class _LiveProgress:
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_definition(args) -> int:
+    # The region names the images' ECR registry: for AWS it is the one the commands would use.
+    region = _aws_region(args) if args.target == "aws" else args.region or definition.DEFAULT_REGION
     _, text = _build(args, args.role_arn or definition.DEFAULT_ROLE_ARN,
-                     args.bucket or definition.DEFAULT_BUCKET,
-                     args.region or definition.DEFAULT_REGION)
+                     args.bucket or definition.DEFAULT_BUCKET, region)
     overrides = _parameters(args.parameter)
     if overrides:
         from pipelines.local.engine import resolve_parameters
@@ -325,7 +362,6 @@ def _local_selection(args, document: dict, pipeline_name: str):
 
 
 def cmd_run(args) -> int:
-    import boto3
 
     from pipelines.local.engine import run_execution, step_names
 
@@ -334,7 +370,7 @@ def cmd_run(args) -> int:
     _check_rerun_flags(args)
     target = _connect(args)
     overrides = _parameters(args.parameter)
-    s3 = boto3.client("s3")
+    s3 = _client("s3", target)
     # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
     _check_data_uris(s3, recipe.load(args.recipe), overrides)
     chosen, text = _build_cached(args, target)
@@ -360,7 +396,7 @@ def cmd_run(args) -> int:
             record = execute(progress)
     else:
         record = execute(_PlainProgress())
-    return _report(record, s3)
+    return _report(record, s3, _client("sagemaker", target))
 
 
 def _step_note(state) -> str:
@@ -374,9 +410,7 @@ def _step_note(state) -> str:
     return ""
 
 
-def _report(record, s3) -> int:
-    import boto3
-
+def _report(record, s3, sagemaker) -> int:
     folder = _executions_dir() / record.pipeline_name / record.execution_id
     print()
     print(f"Execution {record.execution_id}: {record.status}")
@@ -402,7 +436,7 @@ def _report(record, s3) -> int:
                      and s.status == "Succeeded"), None)
     evaluation = next((s for s in record.steps.values() if s.name == "Evaluate"), None)
     if register:
-        package = boto3.client("sagemaker").describe_model_package(ModelPackageName=register.outcome)
+        package = sagemaker.describe_model_package(ModelPackageName=register.outcome)
         print(f"\nRegistered model package: {register.outcome} ({package['ModelApprovalStatus']})")
     if evaluation and evaluation.properties:
         outputs = evaluation.properties.get("ProcessingOutputConfig", {}).get("Outputs", [])
@@ -430,11 +464,9 @@ def _report(record, s3) -> int:
 
 
 def cmd_upsert(args) -> int:
-    import boto3
-
     target = _connect(args)
     chosen, text = _build_for(args, target)
-    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
     name = definition.pipeline_name(chosen)
     # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
     request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
@@ -467,23 +499,40 @@ def cmd_upsert(args) -> int:
         action = "created"
     if args.target == "local":
         _ensure_bucket(s3, target["bucket"], target["region"])
-        for dataset in chosen.demo_data.values():
-            _ensure_demo_data(s3, target["bucket"], dataset)
+    else:
+        _require_bucket(s3, target["bucket"])
+    # The data parameters' defaults point at the demo datasets in the bucket: on AWS too, so that
+    # `start` with no data parameter runs the demo as it does locally.
+    for parameter, dataset in chosen.demo_data.items():
+        uploaded = _ensure_demo_data(s3, target["bucket"], dataset)
+        print(f"{parameter} default: s3://{target['bucket']}/{definition.DEMO_DATA_KEYS[dataset]} "
+              f"({'uploaded' if uploaded else 'already there'})")
     print(f"{action} pipeline {name}: {response['PipelineArn']}")
     return 0
+
+
+def _require_bucket(s3, bucket: str) -> None:
+    """On AWS the bucket comes from the infrastructure (encrypted, versioned): never made here."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        what = "does not exist" if code in ("404", "NoSuchBucket") else f"cannot be read ({code})"
+        raise UserError(f"bucket {bucket} {what}: pass the ArtifactBucket that infra/ created "
+                        "(--bucket or LLM_PIPELINE_BUCKET)") from None
 
 
 _TERMINAL = {"Succeeded", "Failed", "Stopped"}
 
 
 def cmd_start(args) -> int:
-    import boto3
-
     _check_rerun_flags(args)
     target = _connect(args)
     chosen = recipe.load(args.recipe)
     name = definition.pipeline_name(chosen)
-    sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
     overrides = _parameters(args.parameter)
     _check_data_uris(s3, chosen, overrides)
     for parameter in chosen.data_parameters:
@@ -608,12 +657,10 @@ def cmd_cost(args) -> int:
     from pipelines import cost
 
     if args.target == "aws":
-        import boto3
-
         target = _connect(args)
         arn = _execution_arn(args.execution, definition.pipeline_name(recipe.load(args.recipe)),
                              target)
-        ledger = cost.aws_ledger(boto3.client("sagemaker"), arn)
+        ledger = cost.aws_ledger(_client("sagemaker", target), arn)
     else:
         execution_id = args.execution.rstrip("/").rsplit("/", 1)[-1]
         found = sorted(_executions_dir().glob(f"*/{execution_id}/execution.json"))
@@ -631,14 +678,7 @@ REGISTRY_ACTIONS = {"list": 0, "approve": 1, "reject": 1, "promote": 1, "diff": 
 
 def _registry_region(args) -> str:
     """The region of the registry to use; the local target also starts its server."""
-    if args.target == "local":
-        return _connect(args)["region"]
-    import boto3
-
-    region = args.region or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
-    if not region:
-        raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
-    return region
+    return _connect(args)["region"] if args.target == "local" else _aws_region(args)
 
 
 def _registry_promote(args, sagemaker, s3, assumed) -> None:
@@ -765,15 +805,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from-step", metavar="STEP",
                        help="with --reuse: re-run this step and every step downstream of it")
 
+    def spot(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--spot", action="store_true",
+                       help="training jobs use managed spot training (MaxWaitSeconds: how long "
+                            "each may wait for capacity and run); chosen when the pipeline is "
+                            "built, since SageMaker refuses a spot wait on an on-demand job")
+
     p = sub.add_parser("definition", help="print the pipeline definition JSON")
     common(p)
+    spot(p)
     p.set_defaults(func=cmd_definition)
     p = sub.add_parser("run", help="run the pipeline locally")
     common(p)
+    spot(p)
     reruns(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("upsert", help="create or update the pipeline on SageMaker")
     common(p, with_params=False)
+    spot(p)
     p.set_defaults(func=cmd_upsert)
     p = sub.add_parser("start", help="start an execution on SageMaker")
     common(p)

@@ -4,6 +4,10 @@
 template's shape): it makes no AWS call, needs no credentials, and the same inputs give
 the same definition bytes (images are tagged by code digest, output prefixes use the
 execution id, nothing carries a timestamp).
+
+What a step's request holds is kept within what SageMaker accepts for any recipe: a recipe's
+description of any length reaches Evaluate in container arguments of at most 256 characters,
+and model-package metadata joins lists with '+' (its pattern allows no comma).
 """
 
 from __future__ import annotations
@@ -40,7 +44,21 @@ COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
     # The candidate's gate metric must beat the group's newest Approved package by this much.
     "ApprovedMargin": 0.0,
     "ModelPackageGroup": None,  # the recipe's model_package_group
+    # Each training job's StoppingCondition.MaxRuntimeInSeconds; a recipe whose jobs run longer
+    # (pre-training, CPT) sets its own. In seconds, as the API takes it: the definition language
+    # has no arithmetic to turn hours into seconds, and SageMaker's own default of one day
+    # ("The default value is 1 day. The maximum value is 28 days.",
+    # https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html)
+    # is what an SDK-built request loses: ModelTrainer sends 3600 s unless told otherwise.
+    "MaxRuntimeSeconds": 24 * 3600,
 }
+# With --spot: StoppingCondition.MaxWaitTimeInSeconds, the runtime plus the time spent waiting for
+# spot capacity ("It must be equal to or greater than MaxRuntimeInSeconds", same page).
+SPOT_PARAMETER_DEFAULTS: dict[str, object] = {"MaxWaitSeconds": 2 * 24 * 3600}
+# SageMaker's limit on one container argument (botocore: ContainerArgument, max 256).
+CONTAINER_ARGUMENT_LIMIT = 256
+# ... and on a model package's description (ModelPackageDescription is an EntityDescription).
+PACKAGE_DESCRIPTION_LIMIT = 1024
 DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl",
                   "preferences": "datasets/demo/preferences.jsonl",
                   "prompts": "datasets/demo/constitutional-prompts.jsonl"}
@@ -118,13 +136,38 @@ def _account_of(role_arn: str) -> str:
     return parts[4]
 
 
-def _parameters(recipe: Recipe, bucket: str) -> dict[str, object]:
+def argument_pieces(text: str, limit: int = CONTAINER_ARGUMENT_LIMIT) -> list[str]:
+    """`text` as container arguments of at most `limit` characters that join back into it
+    exactly: each cut falls before a space where there is one, the space starting the next piece
+    (so no piece after the first can be read as an --option)."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind(" ", 1, limit + 1)
+        cut = cut if cut > 0 else limit
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return [*pieces, text]
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text`, or its first words and an ellipsis when it is longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 1)
+    return text[:cut if cut > 0 else limit - 1].rstrip() + "…"
+
+
+def _parameters(recipe: Recipe, bucket: str, spot: bool = False) -> dict[str, object]:
     """Pipeline parameter name -> default value, common ones first, then the recipe's own."""
     defaults = dict(COMMON_PARAMETER_DEFAULTS)
+    if spot:
+        defaults.update(SPOT_PARAMETER_DEFAULTS)
     for parameter, dataset in recipe.demo_data.items():
         defaults[parameter] = f"s3://{bucket}/{DEMO_DATA_KEYS[dataset]}"
     defaults["ModelPackageGroup"] = recipe.model_package_group
     defaults.update(recipe.parameters)
+    if not spot:  # a recipe may give spot's wait a default; it only exists with spot
+        defaults.pop("MaxWaitSeconds", None)
     for key, value in defaults.items():
         if not key.isidentifier() or not key[:1].isupper():
             raise UserError(f"{recipe.source}: parameters.{key}: parameter names are CamelCase "
@@ -135,7 +178,7 @@ def _parameters(recipe: Recipe, bucket: str) -> dict[str, object]:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise UserError(f"{recipe.source}: parameters.{key}={value!r}: a default must be a "
                             "string, an integer or a float (write booleans as 'true'/'false')")
-        common = COMMON_PARAMETER_DEFAULTS.get(key)
+        common = {**COMMON_PARAMETER_DEFAULTS, **SPOT_PARAMETER_DEFAULTS}.get(key)
         if common is not None and type(value) is not type(common):
             if not (isinstance(common, float) and isinstance(value, int)):
                 raise UserError(f"{recipe.source}: parameters.{key}={value!r} is not "
@@ -150,7 +193,16 @@ def get_pipeline(
     bucket: str = DEFAULT_BUCKET,
     region: str = DEFAULT_REGION,
     image_tag: str | None = None,
+    spot: bool = False,
 ) -> Pipeline:
+    """The recipe's pipeline. `spot`: its training jobs use managed spot training.
+
+    Spot is chosen when the pipeline is built, not by a pipeline parameter: a job without spot
+    must not carry MaxWaitTimeInSeconds (CreateTrainingJob refuses it: "It is only supported
+    when EnableManagedSpotTraining is set to true"), and the definition language cannot leave a
+    field out depending on a parameter's value
+    (https://github.com/aws/sagemaker-python-sdk/issues/4140).
+    """
     prepare_sdk_environment(region)
     _validate_sdk_config_once()
     import boto3
@@ -210,6 +262,9 @@ def get_pipeline(
         def arguments(self):
             request = super().arguments
             request["AlgorithmSpecification"]["ContainerEntrypoint"] = ["python", "-m", self.module]
+            # Written here because the SDK's StoppingCondition takes literal integers only, and
+            # the limits are pipeline parameters.
+            request["StoppingCondition"] = stopping_condition
             return request
 
     account = _account_of(role_arn)
@@ -220,7 +275,7 @@ def get_pipeline(
 
     make = {str: ParameterString, int: ParameterInteger, float: ParameterFloat}
     params = {key: make[type(value)](name=key, default_value=value)
-              for key, value in _parameters(recipe, bucket).items()}
+              for key, value in _parameters(recipe, bucket, spot).items()}
     p = params
 
     def setting(value: object):
@@ -246,6 +301,18 @@ def get_pipeline(
         return Join(on="/", values=["s3:/", bucket, name, ExecutionVariables.PIPELINE_EXECUTION_ID,
                                     step, output])
 
+    def checkpoint_uri(step: str) -> str:
+        """Where a training step's checkpoints sync: keyed by the code version and the step, never
+        by the execution, because SageMaker's step cache compares a training step's
+        CheckpointConfig with the earlier run's ("Default cache key attributes by pipeline step
+        type", https://docs.aws.amazon.com/sagemaker/latest/dg/pipelines-default-keys.html): an
+        execution id here would make every execution miss the cache from the first training
+        step on. Under it each job writes only below <run key>/<job name>, the run key being its
+        settings and the content of its inputs (steps.common.training.checkpoint_folder), so
+        runs of other settings or data never resume from each other's checkpoints and two
+        executions of the same work at once never write the same object."""
+        return f"s3://{bucket}/{name}/checkpoints/{tag}/{step}"
+
     def s3_input(input_name: str, uri, local_path: str) -> ProcessingInput:
         return ProcessingInput(input_name=input_name, s3_input=ProcessingS3Input(
             s3_uri=uri, local_path=local_path, s3_data_type="S3Prefix", s3_input_mode="File"))
@@ -260,6 +327,10 @@ def get_pipeline(
                          entrypoint=["python", "-m", module], volume_size_in_gb=30,
                          max_runtime_in_seconds=4 * 3600)
 
+    # Every training job's limits; with spot, how long it may also wait for capacity.
+    stopping_condition = {"MaxRuntimeInSeconds": p["MaxRuntimeSeconds"]}
+    if spot:
+        stopping_condition["MaxWaitTimeInSeconds"] = p["MaxWaitSeconds"]
     cache = CacheConfig(enable_caching=True, expire_after="P30D")
     # Service faults and throttling retry quickly; lost capacity and internal job errors after a
     # minute or more. A stage's own failure (bad data, a bad parameter) is not retried.
@@ -292,11 +363,13 @@ def get_pipeline(
             role=role_arn,
             sagemaker_session=session,
             compute=Compute(instance_type=p["TrainingInstanceType"],
-                            instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100),
+                            instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100,
+                            enable_managed_spot_training=True if spot else None),
             hyperparameters={key: setting(value) for key, value in recipe.stages[stage].items()},
             output_data_config=OutputDataConfig(s3_output_path=output_uri(step_name, "model")),
-            # Synced to S3 while the job runs; a retried or restarted job resumes from it.
-            checkpoint_config=CheckpointConfig(s3_uri=output_uri(step_name, "checkpoints"),
+            # Synced to S3 while the job runs; a retried, restarted or spot-interrupted job
+            # resumes from it.
+            checkpoint_config=CheckpointConfig(s3_uri=checkpoint_uri(step_name),
                                                local_path=CHECKPOINT_LOCAL_PATH),
         ).with_metric_definitions([{"name": k, "regex": v} for k, v in METRIC_DEFINITIONS.items()])
         return StageTrainingStep(name=step_name, module=module,
@@ -398,7 +471,8 @@ def get_pipeline(
             arguments=[*(arg for name in inputs
                          for arg in (f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/{name}")),
                        "--output-dir", "/opt/ml/processing/evaluation",
-                       "--description", recipe.description or recipe.name, *cli_args("evaluate")],
+                       "--description", *argument_pieces(recipe.description or recipe.name),
+                       *cli_args("evaluate")],
         ),
         property_files=[evaluation],
         cache_config=cache,
@@ -412,7 +486,7 @@ def get_pipeline(
     # 4. Gate, then registration or failure ------------------------------------------------
     metadata = {
         "recipe": recipe.name,
-        "training_stages": ",".join(recipe.training_stages),
+        "training_stages": "+".join(recipe.training_stages),
         "data_manifest_sha256": JsonGet(step_name=main_prep.name, property_file=main_manifest,
                                         json_path="dataset_sha256"),
         "code_version": tag,
@@ -454,7 +528,8 @@ def get_pipeline(
         step_args=builder.register(
             model_package_group_name=p["ModelPackageGroup"],
             approval_status="PendingManualApproval",
-            description=f"{recipe.name}: {recipe.description}"[:1000],
+            description=shortened(f"{recipe.name}: {recipe.description}",
+                                  PACKAGE_DESCRIPTION_LIMIT),
             content_types=["application/json"],
             response_types=["application/json"],
             inference_instances=["ml.g5.xlarge", "ml.g5.2xlarge"],

@@ -55,7 +55,7 @@ PROCESSING_STAGES = ("constitutional", "teacher_logits", "quantize")
 # Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
 COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
                      "TrainingInstanceCount", "EvalThreshold", "ApprovedMargin",
-                     "ModelPackageGroup")
+                     "ModelPackageGroup", "MaxRuntimeSeconds", "MaxWaitSeconds")
 
 
 @dataclass(frozen=True)
@@ -188,9 +188,13 @@ def load(name_or_path: str) -> Recipe:
     if direction not in ("higher", "lower") or set(gate) - {"metric", "direction"}:
         raise UserError(f"{path}: gate takes 'metric' and 'direction' (higher: register when "
                         "metric >= EvalThreshold; lower: when metric <= EvalThreshold)")
+    description = " ".join(str(data.get("description", "")).split())
+    if description.startswith("-"):
+        # It is passed to Evaluate as a command-line argument, where it would read as an option.
+        raise UserError(f"{path}: description starts with '-'; begin it with a word")
     return Recipe(
         name=str(data["name"]),
-        description=" ".join(str(data.get("description", "")).split()),
+        description=description,
         model_package_group=str(data["model_package_group"]),
         demo_data=demo_data,
         parameters=dict(data["parameters"]),

@@ -9,8 +9,8 @@ into); --data-dir holds validation.jsonl (or is a data file or folder itself). I
 evaluation.json in the SageMaker model-quality shape,
 ``{"metrics": {"<name>": {"value": v, "standard_deviation": s}}, "checks": {...}, ...}``,
 metrics_comparison.png, and from them and the lineage the model records (steps.common.report)
-report.md, report.html, model_card.md and loss_curves.png ([--description TEXT]: what the model is
-for, for the card). Metrics of the tuned model; the base model's carry a ``base_`` prefix (none
+report.md, report.html, model_card.md and loss_curves.png ([--description TEXT [MORE ...]]: what the
+model is for, for the card, in as many pieces as it was passed in, joined as they are). Metrics of the tuned model; the base model's carry a ``base_`` prefix (none
 with --base-model none); standard deviations are over examples, pairs or answers.
 
 On every dataset with responses (prompt-only data is refused: there is nothing to score):
@@ -140,10 +140,12 @@ class EvaluateConfig:
         metadata={"help": "A reward model that steps.reward_model wrote (a folder, or one with "
                   "model.tar.gz) to judge the answers: reward_mean, reward_margin, win_rate."},
     )
-    description: str | None = field(
+    # SageMaker takes a container argument of at most 256 characters, so a pipeline passes a
+    # longer description in pieces (pipelines/definition.py), joined here exactly as they are.
+    description: list[str] | None = field(
         default=None,
-        metadata={"help": "What the model is for, for model_card.md (default: a description in "
-                  "its training summary)."},
+        metadata={"help": "What the model is for, for model_card.md, in one or more pieces "
+                  "joined as they are (default: a description in its training summary)."},
     )
 
     def __post_init__(self) -> None:
@@ -266,7 +268,8 @@ def main(config: EvaluateConfig) -> None:
         )
         _plot_comparison(metrics, staging / "metrics_comparison.png")
         written = write_report(staging, evaluation, read_lineage(folder), model=config.model_dir,
-                               data=str(data_path), description=config.description,
+                               data=str(data_path),
+                               description="".join(config.description or []) or None,
                                adapter=is_adapter)
     print(f"wrote evaluation.json, metrics_comparison.png, {', '.join(written)} to "
           f"{config.output_dir}", flush=True)

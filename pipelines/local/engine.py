@@ -394,8 +394,8 @@ def run_execution(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "definition.json").write_text(json.dumps(definition, indent=1))
 
-    s3 = boto3.client("s3")
-    sagemaker = boto3.client("sagemaker")
+    s3 = boto3.client("s3", region_name=region)
+    sagemaker = boto3.client("sagemaker", region_name=region)
     property_files: dict[tuple[str, str], Any] = {}
 
     def read_property_file(step: str, file_name: str) -> Any:

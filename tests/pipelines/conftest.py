@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,31 @@ def clients(local_home):
     kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
               "aws_secret_access_key": "local"}
     return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
+
+
+# The targets every recipe's definition is built for: the local engine's defaults, and an AWS
+# account's (any account, role and bucket: building makes no AWS call).
+TARGETS = {
+    "local": {},
+    "aws": {"role_arn": "arn:aws:iam::111122223333:role/x", "bucket": "b", "region": "eu-west-1"},
+}
+
+
+@pytest.fixture(scope="session")
+def recipe_definitions(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(recipe, target) -> the definition JSON file, for every shipped recipe and target, built
+    once per session in one offline process (a build imports the SageMaker SDK: seconds each)."""
+    out = tmp_path_factory.mktemp("recipe-definitions")
+    script = ("import json, sys; from pathlib import Path; from pipelines import recipe, definition\n"
+              "targets = json.loads(sys.argv[2])\n"
+              "for name in recipe.available():\n"
+              "    for target, settings in targets.items():\n"
+              "        text = definition.definition_json(recipe.load(name), **settings)\n"
+              "        Path(sys.argv[1], f'{name}.{target}.json').write_text(text)\n")
+    env = clean_env(tmp_path_factory.mktemp("home"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                    AWS_DEFAULT_REGION="us-east-1")
+    result = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(TARGETS)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, check=False,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr
+    return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipelines import recipe
 from tests.external import CHECK_DEFINITION, require_file
-from tests.pipelines.conftest import ROOT, clean_env, cli
+from tests.pipelines.conftest import ROOT, TARGETS, clean_env, cli
 
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
                        "TrainingInstanceCount", "Epochs", "LearningRate", "LoraRank", "PeftMethod",
@@ -56,10 +58,7 @@ def test_definition_exposes_the_documented_parameters_and_dag(definition_text):
     # no timestamps: code is referenced by image digest, never uploaded under a dated prefix
     channels = [c["ChannelName"] for c in steps["SFT"]["Arguments"]["InputDataConfig"]]
     assert channels == ["train", "validation"]  # no uploaded-code channels
-    # Checkpoints sync to an execution-scoped S3 prefix; retries cover service and capacity faults.
-    checkpoint = steps["SFT"]["Arguments"]["CheckpointConfig"]
-    assert checkpoint["LocalPath"] == "/opt/ml/checkpoints"
-    assert {"Get": "Execution.PipelineExecutionId"} in checkpoint["S3Uri"]["Std:Join"]["Values"]
+    # Retries cover service and capacity faults.
     retried = {kind for policy in steps["SFT"]["RetryPolicies"] for kind in policy["ExceptionType"]}
     assert {"Step.SERVICE_FAULT", "SageMaker.CAPACITY_ERROR"} <= retried
     # The pipeline parameters reach the stage as its hyperparameters.
@@ -77,12 +76,53 @@ def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_e
     assert bad.returncode == 2 and "Epochs='lots' is not a valid Integer" in bad.stderr
 
 
-def test_definition_passes_check_definition(definition_text, tmp_path: Path):
-    path = tmp_path / "definition.json"
-    path.write_text(definition_text)
-    result = subprocess.run([sys.executable, str(require_file(CHECK_DEFINITION, 'check-definition')), str(path)], capture_output=True, text=True, check=False)
+def check_definition(path: Path) -> subprocess.CompletedProcess:
+    checker = require_file(CHECK_DEFINITION, "check-definition")
+    return subprocess.run([sys.executable, str(checker), str(path)], capture_output=True,
+                          text=True, check=False)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", recipe.available())
+def test_every_recipe_definition_passes_check_definition_on_every_target(
+        recipe_definitions, name, target):
+    result = check_definition(recipe_definitions[name, target])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 problems" in result.stdout
+
+
+def test_a_description_of_any_length_reaches_the_model_card_whole(offline_env, tmp_path):
+    # SageMaker takes container arguments of at most 256 characters; a user's description is
+    # passed to Evaluate in pieces that join back into it exactly.
+    words = [f"word{i}" for i in range(250)] + ["https://example.com/" + "x" * 300]
+    description = " ".join(words)
+    user_recipe = yaml.safe_load((ROOT / "pipelines/recipes/sft.yaml").read_text())
+    user = tmp_path / "long.yaml"
+    user.write_text(yaml.safe_dump({**user_recipe, "description": description}, sort_keys=False))
+    built = cli(offline_env, "definition", "--recipe", str(user))
+    assert built.returncode == 0, built.stderr
+    path = tmp_path / "long.json"
+    path.write_text(built.stdout)
+    checked = check_definition(path)
+    assert checked.returncode == 0, checked.stdout
+
+    from steps.common.contract import parse_config
+    from steps.evaluate import EvaluateConfig
+
+    arguments = next(s for s in json.loads(built.stdout)["Steps"] if s["Name"] == "Evaluate")[
+        "Arguments"]["AppSpecification"]["ContainerArguments"]
+    plain = [a if isinstance(a, str) else "x" for a in arguments]  # parameters: any value
+    local = [a.replace("/opt/ml/processing", str(tmp_path)) for a in plain]
+    config = parse_config(EvaluateConfig, {}, local)
+    assert "".join(config.description) == description
+    assert all(len(a) <= 256 for a in plain) and len(config.description) > 2
+
+
+def test_metadata_joins_the_training_stages_with_a_character_sagemaker_allows(offline_env):
+    built = cli(offline_env, "definition", "--recipe", "dpo")
+    gate = next(s for s in json.loads(built.stdout)["Steps"] if s["Name"] == "EvaluationGate")
+    metadata = gate["Arguments"]["IfSteps"][0]["Arguments"]["CustomerMetadataProperties"]
+    assert metadata["training_stages"] == "sft+dpo"
 
 
 def test_unknown_recipe_and_bad_recipe_files_are_one_line_errors(offline_env, tmp_path):
