@@ -7,13 +7,14 @@ less than ExpireAfter ago (no ExpireAfter: it never expires). The step then take
 run's properties, so later steps read the earlier outputs, as a cache hit on SageMaker
 points at the original job's outputs.
 
-The key holds the attributes SageMaker compares ("Default cache key attributes by pipeline
-step type" in the SageMaker developer guide), with parameters and step properties resolved:
+The key holds the attributes SageMaker compares ("Default cache key attributes by pipeline step
+type", https://docs.aws.amazon.com/sagemaker/latest/dg/pipelines-default-keys.html) as the step
+sends them, every parameter, step property and execution variable resolved:
 Processing: AppSpecification, Environment, ProcessingInputs; Training: AlgorithmSpecification,
 CheckpointConfig, DebugHookConfig, DebugRuleConfigurations, Environment, HyperParameters,
 InputDataConfig. Output locations and instance types are not in it, so output paths that
-contain the execution id do not defeat the cache. Execution variables inside the key
-attributes stay as placeholders (`{Execution.PipelineExecutionId}`) for the same reason.
+contain the execution id do not defeat the cache; an execution id inside a key attribute does,
+here as on SageMaker, so that a local hit predicts a hit on AWS.
 
 Every run of a Processing or Training step is written down, one JSON file per run, under
 `$LLM_PIPELINE_HOME/cache/PIPELINE/STEP/`; deleting that folder empties the cache.
@@ -74,12 +75,8 @@ def settings(spec: dict) -> tuple[bool, timedelta | None]:
 
 
 def key(step_type: str, arguments: dict, scope: Scope) -> dict:
-    """The step's cache key: its key attributes, resolved, execution variables left as names."""
-    placeholders = Scope(parameters=scope.parameters,
-                         execution={name: f"{{Execution.{name}}}" for name in scope.execution},
-                         step_properties=scope.step_properties,
-                         read_property_file=scope.read_property_file)
-    return {name: resolve(arguments[name], placeholders)
+    """The step's cache key: its key attributes as the step sends them (resolved)."""
+    return {name: resolve(arguments[name], scope)
             for name in KEY_ATTRIBUTES[step_type] if name in arguments}
 
 

@@ -9,7 +9,12 @@ on the hardware the stage runs on (TRL turns on bf16 and activation checkpointin
 
 Checkpoints go to the SageMaker checkpoint folder (`contract.checkpoint_dir()`), which SageMaker
 syncs to the step's `CheckpointConfig.S3Uri` while the job runs and restores into a restarted job;
-`train` resumes from the latest checkpoint there with optimizer, scheduler and RNG state.
+`train` resumes from the latest checkpoint there with optimizer, scheduler and RNG state. The
+pipeline keys that location by code version and step only (so that the step cache can hit), which
+every run of the step shares; each job therefore writes below `<run key>/<job name>/`
+(`checkpoint_folder`): the run key is the job's settings and the content of its input channels, so
+a run of other settings or data never sees another's checkpoints, and the job name keeps two jobs
+of the same run (two executions at once) from ever writing the same file.
 
 Each stage saves its model with `save_training_record`: training_summary.json, the stage's metric
 history (training_metrics.jsonl) and lineage.json, every training stage that made the model with
@@ -24,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 import transformers
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from steps.common import contract
 from steps.common.contract import StageError
@@ -45,6 +51,10 @@ ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 # written under other values of these is still a valid place to resume from.
 _NOT_IN_FINGERPRINT = {"logging_steps", "checkpoint_steps", "checkpoints_to_keep"}
 _FINGERPRINT_FILE = "run_fingerprint.json"
+# Written into a checkpoint folder after the Trainer saved it whole: each file's size and sha256.
+# SageMaker uploads checkpoint files as they appear, in no promised order, so a checkpoint read back
+# from S3 (a restarted job's, another job's) is complete only if it matches this record.
+_CHECKPOINT_RECORD = "checkpoint_files.json"
 
 METRICS_FILE = "metrics.jsonl"  # in SM_OUTPUT_DATA_DIR: the stage's metric history
 # What a model folder records about how it was made, beside its weights (see save_training_record).
@@ -151,7 +161,7 @@ def trainer_arguments(
     trainer has (SFTConfig's max_length, DPOConfig's beta, ...).
     """
     distributed = world_size() > 1
-    checkpoints = contract.checkpoint_dir()
+    checkpoints = checkpoint_folder(knobs) if knobs.checkpoint_steps > 0 else contract.checkpoint_dir()
     saving = {"save_strategy": "no"}
     if knobs.checkpoint_steps > 0:
         saving = {
@@ -263,11 +273,19 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
                                    world_size())
         print(f"global batch: {batch} per process x {steps} accumulation steps x {processes} "
               f"processes = {batch * steps * processes} sequences per optimizer step", flush=True)
-    resume = _resume_checkpoint(knobs, contract.checkpoint_dir())
+    folder = Path(trainer.args.output_dir)  # checkpoint_folder(knobs), from trainer_arguments
+    resume = _resume_checkpoint(knobs, folder)
+    trainer.add_callback(_RecordCheckpointFiles())
 
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
+    if knobs.checkpoint_steps > 0 and is_main_process() and folder.is_dir():
+        # Trained: this job's checkpoints are no longer needed, and every later job of the step
+        # would download them (SageMaker restores the whole CheckpointConfig prefix at start and
+        # deletes in S3 what the job deletes locally: docs.aws.amazon.com/sagemaker/latest/dg/
+        # model-checkpoints.html). Should saving the model fail after this, a retry starts over.
+        shutil.rmtree(folder)
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     # accelerate wraps the model's forward in bf16/fp16 autocast for mixed precision; what the
     # stage measures after training (held-out margins, rewards, generations) is measured on the
@@ -308,17 +326,91 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
     return report
 
 
-def _resume_checkpoint(knobs: TrainingKnobs, checkpoints: Path) -> str | None:
-    """The latest checkpoint of this same run in `checkpoints`, or None to start fresh.
+def _fingerprint(knobs: TrainingKnobs) -> dict[str, Any]:
+    """What makes a run this run: every setting that changes the numbers it computes."""
+    return {k: v for k, v in dataclasses.asdict(knobs).items() if k not in _NOT_IN_FINGERPRINT}
 
-    A checkpoint folder that holds another configuration's checkpoints is an error rather than a
-    silent fresh start (which would mix both runs' checkpoints) or a resume into the wrong run.
+
+def _input_digests() -> dict[str, str]:
+    """sha256 of each input channel's content (file names and bytes), by channel name.
+
+    The channels are those of inputdataconfig.json, which SageMaker writes for every training job
+    ("How Amazon SageMaker provides training information", docs.aws.amazon.com/sagemaker/latest/
+    dg/your-algorithms-training-algo-running-container.html); without it (a stage run by hand),
+    none.
+    """
+    config = contract.input_config_dir() / "inputdataconfig.json"
+    if not config.is_file():
+        return {}
+    digests = {}
+    for name in sorted(json.loads(config.read_text(encoding="utf-8"))):
+        folder = contract.optional_channel_dir(name)
+        if folder is None:
+            continue
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() \
+                else [folder]:
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            digest.update(_file_sha256(path).encode())
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_folder(knobs: TrainingKnobs) -> Path:
+    """This job's own checkpoint folder: `<checkpoint dir>/<run key>/<job name>`.
+
+    The run key is the sha256 of the run's settings and its inputs' content: what determines the
+    work. The job name is SageMaker's TRAINING_JOB_NAME, which a job restarted after a spot
+    interruption keeps (so it resumes in its own folder); a retry is a new job, and finds its
+    predecessor's checkpoints beside its own (`_resume_checkpoint`).
+    """
+    record = {"settings": _fingerprint(knobs), "inputs": _input_digests()}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    job = re.sub(r"[^A-Za-z0-9._-]", "-", os.environ.get("TRAINING_JOB_NAME", "job"))
+    return contract.checkpoint_dir() / key[:16] / job
+
+
+class _RecordCheckpointFiles(TrainerCallback):
+    """After the Trainer saved a checkpoint whole, record its files (`_CHECKPOINT_RECORD`)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                record_checkpoint_files(folder)
+
+
+def record_checkpoint_files(folder: Path) -> None:
+    files = {path.relative_to(folder).as_posix(): [path.stat().st_size, _file_sha256(path)]
+             for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != _CHECKPOINT_RECORD}
+    partial = folder / f"{_CHECKPOINT_RECORD}.partial"
+    partial.write_text(json.dumps(files, indent=1) + "\n")
+    partial.replace(folder / _CHECKPOINT_RECORD)
+
+
+def _resume_checkpoint(knobs: TrainingKnobs, checkpoints: Path) -> str | None:
+    """The latest complete checkpoint of this same run, or None to start fresh.
+
+    `checkpoints` is this job's own folder (`checkpoint_folder`): its checkpoints come first (a
+    job restarted after an interruption); then those of the other jobs of the same run beside it
+    (a retry's predecessor, an earlier execution of the same work), which it only reads: it keeps
+    writing into its own folder. A folder that holds another configuration's checkpoints is an
+    error rather than a silent fresh start (which would mix both runs' checkpoints) or a resume
+    into the wrong run; another job's folder of other settings is passed over.
     """
     if knobs.checkpoint_steps == 0:
         return None
     checkpoints.mkdir(parents=True, exist_ok=True)
-    fingerprint = {k: v for k, v in dataclasses.asdict(knobs).items()
-                   if k not in _NOT_IN_FINGERPRINT}
+    fingerprint = _fingerprint(knobs)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
     record = {"sha256": digest.hexdigest(), "config": fingerprint}
     recorded_path = checkpoints / _FINGERPRINT_FILE
@@ -333,6 +425,8 @@ def _resume_checkpoint(knobs: TrainingKnobs, checkpoints: Path) -> str | None:
                 f"({', '.join(changed) or 'stage'} differ); empty it or give the job a fresh "
                 "checkpoint location"
             )
+    if latest is None:
+        latest = _latest_of_other_jobs(checkpoints, record["sha256"])
     if is_main_process():
         # Written whole then renamed: the other processes of a torchrun job read it meanwhile.
         partial = recorded_path.with_suffix(".partial")
@@ -344,22 +438,57 @@ def _resume_checkpoint(knobs: TrainingKnobs, checkpoints: Path) -> str | None:
     return latest
 
 
+def _latest_of_other_jobs(own: Path, fingerprint_sha256: str) -> str | None:
+    """The newest complete checkpoint in the other job folders of the same run key."""
+    found = []
+    for folder in own.parent.iterdir() if own.parent.is_dir() else []:
+        recorded = folder / _FINGERPRINT_FILE
+        if folder == own or not recorded.is_file():
+            continue
+        if json.loads(recorded.read_text()).get("sha256") != fingerprint_sha256:
+            continue
+        latest = _latest_complete_checkpoint(folder)
+        if latest:
+            found.append((_step_of(Path(latest)), latest))
+    return max(found)[1] if found else None
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def _latest_complete_checkpoint(checkpoints: Path) -> str | None:
     """The newest checkpoint-N folder that was written to the end.
 
-    The Trainer writes trainer_state.json last, so a job killed while saving (a spot interruption)
-    leaves a newest folder without it: resuming from that one would fail, from the one before it
-    only repeats a few steps. (The Trainer overwrites the incomplete folder when it gets there.)
+    A job killed while saving (a spot interruption), or while SageMaker was still uploading the
+    files of its newest checkpoint, leaves a newest folder that does not match its file record
+    (or has none yet): resuming from it would fail, from the one before it only repeats a few
+    steps. (The Trainer overwrites the incomplete folder when it gets there.)
     """
     if not checkpoints.is_dir():
         return None
     found = [(int(m.group(1)), path) for path in checkpoints.iterdir()
              if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
     for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").exists():
+        if _is_complete(path):
             return str(path)
         print(f"ignoring the incomplete checkpoint {path}", flush=True)
     return None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    record = checkpoint / _CHECKPOINT_RECORD
+    if not record.is_file():
+        return False
+    try:
+        files = json.loads(record.read_text())
+    except ValueError:
+        return False
+    for name, (size, sha256) in files.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size or _file_sha256(path) != sha256:
+            return False
+    return True
 
 
 def training_summary(stage: str, config: TrainingKnobs, base_model: str, precision: str,

@@ -32,17 +32,19 @@ def test_a_bad_expire_after_is_refused_with_examples(text):
         cache.parse_duration(text)
 
 
-def training_step(learning_rate: float, instance_type: str) -> dict:
-    job_output = {"Std:Join": {"On": "/", "Values": [
-        "s3://bucket/p", {"Get": "Execution.PipelineExecutionId"}, "SFT"]}}
+EXECUTION_SCOPED = {"Std:Join": {"On": "/", "Values": [
+    "s3://bucket/p", {"Get": "Execution.PipelineExecutionId"}, "SFT"]}}
+
+
+def training_step(learning_rate: float, instance_type: str,
+                  checkpoints: object = "s3://bucket/p/checkpoints/SFT") -> dict:
     return {"AlgorithmSpecification": {"TrainingImage": "img:1", "TrainingInputMode": "File"},
-            "HyperParameters": {"learning_rate": {"Get": "Parameters.LearningRate"},
-                                "run": {"Get": "Execution.PipelineExecutionId"}},
+            "HyperParameters": {"learning_rate": {"Get": "Parameters.LearningRate"}},
             "InputDataConfig": [{"ChannelName": "train", "DataSource": {"S3DataSource": {
                 "S3Uri": {"Get": "Steps.DataPrep.Outputs['data'].S3Uri"}}}}],
             "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": 1},
-            "OutputDataConfig": {"S3OutputPath": job_output},
-            "CheckpointConfig": {"S3Uri": job_output}}
+            "OutputDataConfig": {"S3OutputPath": EXECUTION_SCOPED},
+            "CheckpointConfig": {"S3Uri": checkpoints}}
 
 
 def scope(execution_id: str, learning_rate: float, data_uri: str) -> Scope:
@@ -52,17 +54,60 @@ def scope(execution_id: str, learning_rate: float, data_uri: str) -> Scope:
                                                             "S3Uri": data_uri}]}})
 
 
-def test_the_key_ignores_the_execution_id_and_outputs_but_not_inputs_or_hyperparameters():
+def test_the_key_ignores_outputs_and_instances_but_not_inputs_or_hyperparameters():
     arguments = training_step(0.1, "ml.g5.xlarge")
     first = cache.key("Training", arguments, scope("exec1", 0.1, "s3://bucket/p/exec0/data"))
-    # another execution, on another instance type: the same key
+    # another execution, on another instance type, writing elsewhere: the same key
     again = cache.key("Training", training_step(0.1, "ml.p4d.24xlarge"),
                       scope("exec2", 0.1, "s3://bucket/p/exec0/data"))
     assert again == first
-    assert first["HyperParameters"]["run"] == "{Execution.PipelineExecutionId}"
     changed = cache.key("Training", arguments, scope("exec3", 0.2, "s3://bucket/p/exec9/data"))
     assert cache.differences(first, changed) == [
         "HyperParameters.learning_rate", "InputDataConfig[train].DataSource.S3DataSource.S3Uri"]
+
+
+def test_an_execution_id_in_a_key_attribute_misses_every_time_as_it_does_on_sagemaker():
+    # SageMaker compares the arguments as sent: a checkpoint location holding the execution id
+    # (what the pipeline had before) never matches an earlier execution's, so the local cache
+    # must not hit either, or a local hit would promise an AWS hit that never comes.
+    arguments = training_step(0.1, "ml.g5.xlarge", checkpoints=EXECUTION_SCOPED)
+    first = cache.key("Training", arguments, scope("exec1", 0.1, "s3://bucket/p/exec0/data"))
+    again = cache.key("Training", arguments, scope("exec2", 0.1, "s3://bucket/p/exec0/data"))
+    assert cache.differences(first, again) == ["CheckpointConfig.S3Uri"]
+
+
+def _with_upstream_outputs(value, uri: str):
+    """`value` with every reference to another step's properties replaced by `uri`: the outputs
+    of an upstream step that was a cache hit, the same for two executions."""
+    if isinstance(value, list):
+        return [_with_upstream_outputs(v, uri) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "Std:JsonGet" in value or str(value.get("Get", "")).startswith("Steps."):
+        return uri
+    return {k: _with_upstream_outputs(v, uri) for k, v in value.items()}
+
+
+def test_two_executions_of_every_recipe_send_identical_cache_keys_and_checkpoint_configs(
+        recipe_definitions):
+    # Every job step, resolved as two executions with the same parameters send it: nothing
+    # execution-scoped is left in what SageMaker compares, CheckpointConfig included, so the
+    # second execution's steps can be cache hits on AWS.
+    for (name, target), path in recipe_definitions.items():
+        document = json.loads(path.read_text())
+        parameters = {p["Name"]: p["DefaultValue"] for p in document["Parameters"]}
+        steps = [s for s in document["Steps"] if s["Type"] in cache.KEY_ATTRIBUTES]
+        keys, checkpoints = [], []
+        for execution_id in ("exec1", "exec2"):
+            execution = Scope(parameters=parameters, execution={
+                "PipelineExecutionId": execution_id, "PipelineExecutionArn": f"arn:{execution_id}"})
+            arguments = [_with_upstream_outputs(s["Arguments"], "s3://bucket/p/exec0/out")
+                         for s in steps]
+            keys.append([cache.key(s["Type"], a, execution) for s, a in zip(steps, arguments,
+                                                                           strict=True)])
+            checkpoints.append([k["CheckpointConfig"] for k in keys[-1] if "CheckpointConfig" in k])
+        assert keys[0] == keys[1], (name, target)
+        assert checkpoints[0] and checkpoints[0] == checkpoints[1]
 
 
 def entry(execution_id, ended, status="Succeeded", learning_rate=0.1):

@@ -62,6 +62,10 @@ class TrainingJob:
         folder = self.root / "input" / "data" / name
         write_jsonl(folder / (file_name or f"{name}.jsonl"), records)
         self.monkeypatch.setenv(f"SM_CHANNEL_{name.upper()}", str(folder))
+        # SageMaker lists a job's channels in inputdataconfig.json.
+        listing = self.config_dir / "inputdataconfig.json"
+        channels = json.loads(listing.read_text()) if listing.exists() else {}
+        listing.write_text(json.dumps({**channels, name: {"TrainingInputMode": "File"}}))
         return folder
 
     def hyperparameters(self, **values: str) -> None:

@@ -98,14 +98,17 @@ def test_a_killed_job_restarted_on_its_checkpoints_resumes_and_ends_as_an_uninte
         )
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert "step=5 " in killed.stdout and "step=6 " not in killed.stdout
-        checkpoints = sorted(p.name for p in job.checkpoint_dir.glob("checkpoint-*"))
-        assert checkpoints == ["checkpoint-4"] and not job.model_dir.exists()
-        state = json.loads((job.checkpoint_dir / "checkpoint-4" / "trainer_state.json").read_text())
+        # The job writes below <run key>/<job name> of the checkpoint folder.
+        checkpoints = sorted(job.checkpoint_dir.glob("*/job/checkpoint-*"))
+        assert [p.name for p in checkpoints] == ["checkpoint-4"] and not job.model_dir.exists()
+        state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
 
         # The restarted job: same configuration, same checkpoint folder (SageMaker restores it).
         restarted = run_stage(job)
 
-    assert f"resuming from {job.checkpoint_dir / 'checkpoint-4'}" in restarted.stdout
+    assert f"resuming from {checkpoints[0]}" in restarted.stdout
+    # Trained: its checkpoints are gone, so no later job of the step downloads them.
+    assert not checkpoints[0].parent.exists()
     assert [m["step"] for m in restarted.metrics if "train_loss" in m] == [5, 6, 7, 8, 9, 10]
     report = restarted.summary["training"]
     assert report["resumed_from_step"] == 4 and report["global_step"] == 10
@@ -119,10 +122,20 @@ def test_a_killed_job_restarted_on_its_checkpoints_resumes_and_ends_as_an_uninte
     assert report["tokens"] == uninterrupted.summary["training"]["tokens"] - seen_before
 
 
+def saved_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint-N folder as the Trainer leaves it; `complete`: its file record written too."""
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"w" * 100)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        training.record_checkpoint_files(checkpoint)
+    return checkpoint
+
+
 def test_a_checkpoint_folder_of_another_configuration_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_CHECKPOINT_DIR", str(tmp_path))
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    saved_checkpoint(tmp_path, 4)
     training._resume_checkpoint(TrainingKnobs(learning_rate=1e-3), tmp_path)
 
     with pytest.raises(StageError, match=r"holds checkpoints of a run with other settings "
@@ -135,11 +148,43 @@ def test_a_checkpoint_folder_of_another_configuration_is_refused(tmp_path, monke
 
 
 def test_a_checkpoint_cut_short_by_the_kill_is_passed_over_for_the_one_before(tmp_path):
-    for step in (4, 8):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")  # written last
-
+    saved_checkpoint(tmp_path, 4)
+    saved_checkpoint(tmp_path, 8, complete=False)  # killed before its file record was written
     assert training._resume_checkpoint(TrainingKnobs(), tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+def test_a_checkpoint_whose_upload_was_cut_short_is_passed_over(tmp_path):
+    # SageMaker uploads checkpoint files in no promised order: the record may be in S3 before
+    # the weights are whole.
+    saved_checkpoint(tmp_path, 4)
+    cut = saved_checkpoint(tmp_path, 8)
+    (cut / "model.safetensors").write_bytes(b"w" * 40)
+    assert training._resume_checkpoint(TrainingKnobs(), tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+def test_a_retry_resumes_from_the_jobs_of_the_same_run_and_writes_only_its_own(
+        tmp_path, training_job, monkeypatch):
+    training_job.channel("train", counting_records(8))
+    knobs = TrainingKnobs(learning_rate=1e-3)
+    monkeypatch.setenv("TRAINING_JOB_NAME", "pipelines-a1-SFT")
+    first = training.checkpoint_folder(knobs)
+    training._resume_checkpoint(knobs, first)  # records the run's settings
+    saved_checkpoint(first, 4)
+    saved_checkpoint(first, 8, complete=False)
+
+    # The retry (a new job) of the same run takes the first job's newest complete checkpoint,
+    # and writes in a folder of its own: two jobs of one run never write the same file.
+    monkeypatch.setenv("TRAINING_JOB_NAME", "pipelines-a1-SFT-2")
+    retry = training.checkpoint_folder(knobs)
+    assert retry.parent == first.parent and retry != first
+    assert training._resume_checkpoint(knobs, retry) == str(first / "checkpoint-4")
+
+    # Other settings, or other data, are another run: another folder, nothing to resume from.
+    other = training.checkpoint_folder(TrainingKnobs(learning_rate=2e-3))
+    assert other.parent != first.parent
+    assert training._resume_checkpoint(TrainingKnobs(learning_rate=2e-3), other) is None
+    training_job.channel("train", counting_records(9))
+    assert training.checkpoint_folder(knobs).parent != first.parent
 
 
 def test_bf16_on_a_cpu_is_autocast_on_the_cpu_and_fp16_is_refused():
