@@ -7,6 +7,10 @@ is priced as unknown, never as zero, and so is every total it is part of.
 Billable time is, on SageMaker, a training job's `BillableTimeInSeconds` and a processing
 job's end minus start; locally it is the wall time of the step's jobs on this machine (every
 attempt), which says what the same run would cost if the instance were as fast as this one.
+With managed spot training SageMaker bills fewer seconds than the job trained: the saving is
+1 - BillableTimeInSeconds / TrainingTimeInSeconds (DescribeTrainingJob's BillableTimeInSeconds,
+https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_DescribeTrainingJob.html). The AWS
+ledger shows that saving per step; the local one says that a local run saves nothing.
 A step that reused earlier outputs (a cache hit, or a step not selected in a re-run) ran no
 job and costs nothing in this execution.
 
@@ -118,6 +122,9 @@ def local_ledger(record: dict, prices: PriceTable | None = None) -> dict[str, An
                 f"ran in execution {reused}"
         elif prices.usd_per_hour.get(instance) is None:
             note = f"no price for {instance or 'this instance'} in prices.yaml"
+        elif state.get("properties", {}).get("EnableManagedSpotTraining"):
+            note = ("managed spot: a local run bills every second; SageMaker would bill only "
+                    "the spot-billable ones")
         costs.append(StepCost(state["name"], instance, count, round(seconds, 1),
                               price(instance, count, seconds, prices),
                               0 if reused else training_tokens(state.get("properties", {})), note))
@@ -182,6 +189,8 @@ def aws_step_cost(step: dict, kind: str, job: dict, prices: PriceTable) -> StepC
         note, seconds, tokens = f"{reused}: ran in execution {source.rsplit('/', 1)[-1]}", 0, 0
     elif prices.usd_per_hour.get(instance) is None:
         note = f"no price for {instance} in prices.yaml"
+    elif kind == "Training":
+        note = spot_saving(job)
     return StepCost(step["StepName"], instance, count, float(seconds),
                     price(instance, count, float(seconds), prices), tokens, note)
 
@@ -200,6 +209,16 @@ def aws_ledger(sagemaker, execution_arn: str, prices: PriceTable | None = None) 
         if job:
             costs.append(aws_step_cost(step, job[0], describe_job(sagemaker, *job), prices))
     return ledger(costs, prices, "SageMaker billable time")
+
+
+def spot_saving(job: dict) -> str:
+    """What managed spot training saved a training job, from its DescribeTrainingJob: the
+    seconds billed against the seconds trained."""
+    billable, trained = job.get("BillableTimeInSeconds"), job.get("TrainingTimeInSeconds")
+    if not job.get("EnableManagedSpotTraining") or not billable or not trained:
+        return ""
+    return (f"managed spot: billed {billable:.0f} of {trained:.0f} s trained "
+            f"({1 - billable / trained:.0%} saved)")
 
 
 def _between(start: datetime | None, end: datetime | None) -> float:

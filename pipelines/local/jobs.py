@@ -47,6 +47,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -183,21 +184,60 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+# What SageMaker does when a job reaches StoppingCondition.MaxRuntimeInSeconds: "SageMaker sends
+# the algorithm the SIGTERM signal, which delays job termination for 120 seconds"
+# (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html), then the
+# job is Stopped with the secondary status MaxRuntimeExceeded.
+STOP_GRACE_SECONDS = 120
+MAX_RUNTIME_EXCEEDED = "MaxRuntimeExceeded"
+
+
 def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
-         on_line: Callable[[str], None]) -> int:
+         on_line: Callable[[str], None], max_seconds: float | None = None) -> tuple[int, bool]:
+    """Run the job's command; (exit status, whether it was stopped at `max_seconds`)."""
     secrets = secret_values(env)
+    stopped = threading.Event()
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    text=True, errors="replace", bufsize=1,
                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
+
+        def stop() -> None:
+            stopped.set()
+            process.terminate()
+            try:
+                process.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+        timer = threading.Timer(max_seconds, stop) if max_seconds else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         assert process.stdout is not None
-        for line in process.stdout:
-            line = redact(line, secrets)
-            log.write(line)
-            log.flush()
-            on_line(line.rstrip("\n"))
-        return process.wait()
+        try:
+            for line in process.stdout:
+                line = redact(line, secrets)
+                log.write(line)
+                log.flush()
+                on_line(line.rstrip("\n"))
+            code = process.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return code, stopped.is_set()
+
+
+def _max_runtime(request: dict) -> float | None:
+    seconds = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
+    return float(seconds) if seconds else None
+
+
+def _stopped_reason(request: dict) -> str:
+    return (f"{MAX_RUNTIME_EXCEEDED}: the job ran past StoppingCondition.MaxRuntimeInSeconds "
+            f"({request['StoppingCondition']['MaxRuntimeInSeconds']} s) and was stopped; give "
+            "it more (MaxRuntimeSeconds) or less work")
 
 
 def _die_with_parent() -> None:
@@ -333,7 +373,7 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
                           {"SM_OUTPUT_DIR": str(output_dir)})
 
     log_path = job_dir / "log.txt"
-    code = _run(command, env, job_dir, log_path, on_line)
+    code, stopped = _run(command, env, job_dir, log_path, on_line, _max_runtime(request))
     description = {**request, "ProcessingJobName": job_name, "ProcessingJobArn": arn,
                    "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
     # SageMaker returns the first 1 KB of /opt/ml/output/message as the job's ExitMessage, in any
@@ -341,6 +381,10 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
     message = redact(_read_reason(output_dir / "message"), secret_values(env))
     if message:
         description["ExitMessage"] = message
+    if stopped:  # as a training job is stopped (a processing job's StoppingCondition is alike)
+        reason = _stopped_reason(request)
+        return JobResult(False, {**description, "ProcessingJobStatus": "Stopped",
+                                 "ExitMessage": reason, "FailureReason": reason}, reason)
     if code != 0:
         reason = _failure_reason(code, output_dir / "message", log_path, env)
         return JobResult(False, {**description, "FailureReason": reason}, reason)
@@ -410,15 +454,25 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
             on_line(f"restored {restored} checkpoint files from {request['CheckpointConfig']['S3Uri']}")
         checkpoints.start()
     log_path = job_dir / "log.txt"
+    started = time.time()
     try:
-        code = _run(command, env, job_dir, log_path, watch)
+        code, stopped = _run(command, env, job_dir, log_path, watch, _max_runtime(request))
     finally:
         if checkpoints is not None:
             checkpoints.stop()
+    # Locally every second of the job is billed: with managed spot SageMaker would bill fewer
+    # (BillableTimeInSeconds below TrainingTimeInSeconds); this machine cannot.
+    seconds = round(time.time() - started)
     description = {**request, "TrainingJobName": job_name,
                    "TrainingJobArn": sagemaker["TRAINING_JOB_ARN"],
                    "TrainingJobStatus": "Completed" if code == 0 else "Failed",
+                   "TrainingTimeInSeconds": seconds, "BillableTimeInSeconds": seconds,
                    "FinalMetricDataList": [{"MetricName": k, "Value": v} for k, v in metrics.items()]}
+    if stopped:
+        reason = _stopped_reason(request)
+        return JobResult(False, {**description, "TrainingJobStatus": "Stopped",
+                                 "SecondaryStatus": MAX_RUNTIME_EXCEEDED, "FailureReason": reason},
+                         reason, metrics)
     if code != 0:
         # SageMaker's FailureReason is the first 1024 characters of /opt/ml/output/failure
         # (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-output.html).

@@ -127,6 +127,44 @@ def test_a_sagemaker_execution_is_costed_from_its_jobs_billable_time():
     assert ledger["usd_per_million_training_tokens"] == pytest.approx(1.63 * 2)
 
 
+def test_a_spot_training_job_shows_what_spot_saved_and_costs_its_billable_seconds():
+    sagemaker = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x",
+                             aws_secret_access_key="x")
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:pipeline/llm-cpt/execution/exec1"
+    job_arn = "arn:aws:sagemaker:us-east-1:123456789012:training-job/cpt-job"
+    with Stubber(sagemaker) as stub:
+        stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+            {"StepName": "CPT", "StepStatus": "Succeeded",
+             "Metadata": {"TrainingJob": {"Arn": job_arn}}}]},
+            {"PipelineExecutionArn": arn, "SortOrder": "Ascending"})
+        stub.add_response("describe_training_job", {
+            "TrainingJobName": "cpt-job", "TrainingJobArn": job_arn,
+            "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
+            "AlgorithmSpecification": {"TrainingInputMode": "File"},
+            "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
+            "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1,
+                               "VolumeSizeInGB": 100},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 14400},
+            "EnableManagedSpotTraining": True, "CreationTime": datetime(2026, 1, 1, tzinfo=UTC),
+            # SageMaker's own example: 100 s billed of 500 trained is an 80% saving.
+            "TrainingTimeInSeconds": 500, "BillableTimeInSeconds": 100},
+            {"TrainingJobName": "cpt-job"})
+        ledger = cost.aws_ledger(sagemaker, arn, PRICES)
+    (step,) = ledger["steps"]
+    assert step["billable_seconds"] == 100 and step["usd"] == pytest.approx(1.515 * 100 / 3600)
+    assert step["note"] == "managed spot: billed 100 of 500 s trained (80% saved)"
+    assert "80% saved" in cost.format_ledger(ledger)
+
+
+def test_a_local_spot_job_says_that_a_local_run_saves_nothing():
+    ledger = cost.local_ledger(execution(job_step(
+        "SFT", "Training", "ml.g5.2xlarge", 1, 3600,
+        properties={"EnableManagedSpotTraining": True})), PRICES)
+    (step,) = ledger["steps"]
+    assert step["usd"] == pytest.approx(1.515)  # every second, as on demand
+    assert "a local run bills every second" in step["note"]
+
+
 def processing(name, start, seconds):
     return {"ProcessingJobName": name, "ProcessingJobStatus": "Completed",
             "ProcessingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:processing-job/{name}",

@@ -3,12 +3,14 @@ the environment SageMaker gives a container, and a failed job's reason where Sag
 
 import json
 import sys
+import time
 
 import boto3
 import pytest
 from moto import mock_aws
 
 from pipelines.local import jobs
+from pipelines.local.engine import failure_cause
 from pipelines.local.jobs import run_processing_job, run_training_job
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-lifecycle-processing:test"
@@ -202,3 +204,22 @@ def test_a_secret_in_a_failed_jobs_reason_is_masked(s3, tmp_path, monkeypatch, k
 def test_missing_input_prefix_is_a_clear_error(s3, tmp_path):
     with pytest.raises(FileNotFoundError, match="no S3 objects under s3://bucket/nothing"):
         run_processing_job(s3, request("s3://bucket/nothing"), "job-3", tmp_path, lambda _: None)
+
+
+def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(s3, tmp_path):
+    # SageMaker sends SIGTERM when StoppingCondition.MaxRuntimeInSeconds is reached, and reports
+    # the job Stopped with the secondary status MaxRuntimeExceeded; nothing is uploaded.
+    s3.put_object(Bucket="bucket", Key="in/validation.jsonl",
+                  Body='{"prompt": "q", "completion": "a"}\n')
+    request = {**training_request(base_model="builtin:tiny", max_steps="1000"),
+               "StoppingCondition": {"MaxRuntimeInSeconds": 1}}
+    started = time.monotonic()
+    result = run_training_job(s3, request, "job-4", tmp_path, lambda _: None)
+    assert time.monotonic() - started < 60  # stopped, not trained to the end
+    assert not result.succeeded
+    assert result.description["TrainingJobStatus"] == "Stopped"
+    assert result.description["SecondaryStatus"] == "MaxRuntimeExceeded"
+    assert result.failure_reason.startswith("MaxRuntimeExceeded: the job ran past "
+                                            "StoppingCondition.MaxRuntimeInSeconds (1 s)")
+    assert failure_cause(None, result.failure_reason) == ""  # a limit is not retried
+    assert keys(s3, "models/") == []
