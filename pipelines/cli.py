@@ -660,7 +660,12 @@ def cmd_cost(args) -> int:
         target = _connect(args)
         arn = _execution_arn(args.execution, definition.pipeline_name(recipe.load(args.recipe)),
                              target)
-        ledger = cost.aws_ledger(_client("sagemaker", target), arn)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            ledger = cost.aws_ledger(_client("sagemaker", target), arn)
+        except (BotoCoreError, ClientError) as exc:
+            raise UserError(f"cost ledger of {arn}: {exc}") from None
     else:
         execution_id = args.execution.rstrip("/").rsplit("/", 1)[-1]
         found = sorted(_executions_dir().glob(f"*/{execution_id}/execution.json"))

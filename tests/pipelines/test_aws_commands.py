@@ -2,6 +2,8 @@
 
 import json
 
+import boto3
+import botocore.exceptions
 import pytest
 
 from tests.pipelines.conftest import clean_env, cli
@@ -153,3 +155,80 @@ def test_start_wait_on_sagemaker_names_each_failed_step_and_its_jobs_own_reason(
         ("step DataPrep failed: AlgorithmError: See job logs for more information: "
          "ERROR: train.jsonl:2: field 'completion': expected a string, got 5"),
         "step SFT failed: AlgorithmError: ERROR: input channel 'train' is missing"]
+
+
+# -- --target aws, with the local server standing in for AWS -----------------------------------
+
+ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
+
+
+@pytest.fixture(scope="module")
+def aws(env):
+    """The environment of a user with AWS credentials and no region configured anywhere; the
+    endpoint is the module's server, standing in for AWS (it keeps state per region)."""
+    url = cli(env, "server", "status").stdout.strip()
+    return {**{k: v for k, v in env.items() if not k.startswith("AWS_")},
+            "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
+            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+def regional(env: dict, service: str, region: str):
+    return boto3.client(service, region_name=region, endpoint_url=env["AWS_ENDPOINT_URL"],
+                        aws_access_key_id="key", aws_secret_access_key="secret")
+
+
+@pytest.mark.parametrize("command", [
+    ["definition", "--target", "aws"],
+    ["upsert", "--target", "aws", "--role-arn", ROLE, "--bucket", "b"],
+    ["start", "--target", "aws", "--role-arn", ROLE, "--bucket", "b"],
+    ["cost", "--target", "aws", "exec1"],
+    ["registry", "list", "--target", "aws"],
+])
+def test_an_aws_command_with_no_region_anywhere_says_so_in_one_line(aws, command):
+    result = cli(aws, *command)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ERROR: no AWS region: pass --region")
+    assert len(result.stderr.strip().splitlines()) == 1  # no traceback
+
+
+def test_upsert_on_aws_honours_the_region_and_puts_the_demo_data_where_the_defaults_point(aws):
+    # The region is only on the command line: every client the command makes must use it.
+    s3 = regional(aws, "s3", "eu-west-1")
+    s3.create_bucket(Bucket="demo-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    command = ["upsert", "--target", "aws", "--region", "eu-west-1", "--recipe", "dpo",
+               "--role-arn", ROLE, "--bucket", "demo-eu"]
+    first = cli(aws, *command)
+    assert first.returncode == 0, first.stderr
+    sagemaker = regional(aws, "sagemaker", "eu-west-1")
+    stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-dpo")["PipelineDefinition"])
+    with pytest.raises(botocore.exceptions.ClientError):
+        regional(aws, "sagemaker", "us-east-1").describe_pipeline(PipelineName="llm-dpo")
+    # Every dataset parameter's default exists on "AWS", so `start` with no data runs the demo.
+    defaults = {p["Name"]: p.get("DefaultValue") for p in stored["Parameters"]}
+    objects = {}
+    for parameter in ("InputData", "PreferenceData"):
+        bucket, _, key = defaults[parameter][len("s3://"):].partition("/")
+        assert bucket == "demo-eu"
+        objects[key] = s3.head_object(Bucket=bucket, Key=key)["ETag"]
+        assert f"{parameter} default: s3://demo-eu/{key} (uploaded)" in first.stdout
+
+    again = cli(aws, *command)  # idempotent: the same bytes are not uploaded again
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("(already there)") == 2
+    assert {key: s3.head_object(Bucket="demo-eu", Key=key)["ETag"] for key in objects} == objects
+
+    # start finds the pipeline in that region too, with no region but --region
+    started = cli(aws, "start", "--target", "aws", "--region", "eu-west-1", "--recipe", "dpo",
+                  "--role-arn", ROLE, "--bucket", "demo-eu")
+    assert started.returncode == 0, started.stderr
+    assert ":eu-west-1:" in started.stdout
+
+
+def test_upsert_on_aws_never_creates_the_bucket_and_says_which_to_pass(aws):
+    result = cli(aws, "upsert", "--target", "aws", "--region", "eu-west-1", "--role-arn", ROLE,
+                 "--bucket", "no-such-bucket")
+    assert result.returncode == 2
+    assert result.stderr.startswith("ERROR: bucket no-such-bucket does not exist: pass the "
+                                    "ArtifactBucket that infra/ created")
+    with pytest.raises(botocore.exceptions.ClientError):
+        regional(aws, "s3", "eu-west-1").head_bucket(Bucket="no-such-bucket")
