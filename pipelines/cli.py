@@ -236,6 +236,19 @@ def _ensure_demo_data(s3, bucket: str, kind: str) -> bool:
     return True
 
 
+def _refuse_what_would_fail(chosen: recipe.Recipe, document: dict, values: dict) -> None:
+    """Before the first job runs (and bills): parameter values outside what a stage setting
+    takes, and any that would make a step's request one SageMaker refuses, each in one line
+    naming the parameter."""
+    from pipelines import stage_settings, validation
+
+    problems = stage_settings.value_problems(chosen, values)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    validation.check_execution(document, values)
+
+
 def _error_line(message: str) -> str:
     """`ERROR: <message>` on one line, as the stages print theirs."""
     return "ERROR: " + " ".join(message.split())
@@ -362,8 +375,7 @@ def _local_selection(args, document: dict, pipeline_name: str):
 
 
 def cmd_run(args) -> int:
-
-    from pipelines.local.engine import run_execution, step_names
+    from pipelines.local.engine import resolve_parameters, run_execution, step_names
 
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
@@ -383,9 +395,11 @@ def cmd_run(args) -> int:
                                                 parameter)
         elif parameter in chosen.demo_data:
             _ensure_demo_data(s3, target["bucket"], chosen.demo_data[parameter])
+    _refuse_what_would_fail(chosen, document, resolve_parameters(document, overrides))
 
     print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
           flush=True)
+
     def execute(progress) -> object:
         return run_execution(document, overrides, _executions_dir(), target["region"],
                              target["account"], definition.pipeline_name(chosen), progress,
@@ -549,7 +563,8 @@ def cmd_start(args) -> int:
     from pipelines.local.engine import resolve_parameters
 
     document = json.loads(described["PipelineDefinition"])
-    resolve_parameters(document, overrides)  # validates
+    # Refused here, before StartPipelineExecution: nothing has run or billed yet.
+    _refuse_what_would_fail(chosen, document, resolve_parameters(document, overrides))
     request = {"PipelineName": name,
                "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in overrides.items()]}
     if args.reuse:

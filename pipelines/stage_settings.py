@@ -101,3 +101,45 @@ def unknown_setting_message(stage: str, key: str, hyperparameters: bool) -> str 
         hint = ""
     return (f"stages.{stage}.{key}: not a setting of stage {stage}{hint}; its settings: "
             f"{', '.join(sorted(valid))}")
+
+
+def value_problems(recipe, values: dict[str, object]) -> list[str]:
+    """Why a pipeline parameter's value is one a stage setting it drives does not take, one line
+    each, naming the parameter, its value and what the setting takes: so that `run` and `start`
+    refuse it before the first job runs (and bills), not when the stage's job parses it.
+
+    The values each setting takes are those its config dataclass declares (steps.common.knobs,
+    read without importing torch): today the knobs every training stage shares. A stage's own
+    settings (DPO's beta, PPO's kl_coef, ...) are still checked by the stage's job only.
+    """
+    from pipelines.recipe import parameter_reference
+    from steps.common import knobs  # the declarations; no torch
+
+    found = []
+    for stage, settings in recipe.stages.items():
+        declared = [config for config, names in ((knobs.TrainingKnobs, _TRAINING),
+                                                 (knobs.PeftKnobs, _PEFT))
+                    if names <= CONFIG_FIELDS[stage]]
+        for key, setting in settings.items():
+            name = parameter_reference(setting)
+            if name is None or name not in values:
+                continue
+            rule = next((r for config in declared if (r := knobs.allowed(config, key))), None)
+            value = values[name]
+            if rule is None or rule.allows(_as_number(value, rule)):
+                continue
+            found.append(f"pipeline parameter {name}={value!r}: stage {stage}'s {key} takes "
+                         f"{'values ' if isinstance(rule, knobs.Range) else ''}{rule}")
+    return found
+
+
+def _as_number(value: object, rule) -> object:
+    """A string parameter read as the number a numeric setting parses it into ('1e-4')."""
+    from steps.common import knobs
+
+    if isinstance(rule, knobs.Range) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

@@ -151,3 +151,91 @@ def check_request(operation: str, request: dict, where: str) -> None:
     if found:
         more = f" (and {len(found) - 1} more: {'; '.join(found[1:3])})" if len(found) > 1 else ""
         raise UserError(f"{where}: {operation} {found[0]}{more}")
+
+
+# -- before an execution: what the parameter values would make of each step's request ----------
+
+class _Unknown:
+    """A value known only while the execution runs (another step's output, a property file)."""
+
+
+_EXECUTION_EXAMPLES = {"PipelineExecutionId": "abcdef123456", "PipelineName": "pipeline",
+                       "PipelineExecutionArn": "arn:aws:sagemaker:us-east-1:123456789012:pipeline/"
+                                               "pipeline/execution/abcdef123456",
+                       "StartDateTime": "2026-01-01T00:00:00Z",
+                       "CurrentDateTime": "2026-01-01T00:00:00Z"}
+
+
+def _resolved(value: Any, values: dict[str, Any], where: str,
+              origins: dict[str, set[str]]) -> Any:
+    """`value` with parameters (and execution variables) replaced by what they will be; what
+    only the execution knows becomes _Unknown. `origins`: field path -> parameters it holds."""
+    if isinstance(value, list):
+        return [_resolved(v, values, f"{where}[{i}]", origins) for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)) in ("Get", "Std:Join", "Std:JsonGet"):
+        used: set[str] = set()
+        result = _expression(value, values, used)
+        if used:
+            origins[where] = used
+        return result
+    return {k: _resolved(v, values, _join(where, str(k)), origins) for k, v in value.items()}
+
+
+def _expression(value: dict, values: dict[str, Any], used: set[str]) -> Any:
+    (op, argument), = value.items()
+    if op == "Get" and isinstance(argument, str):
+        namespace, _, name = argument.partition(".")
+        if namespace == "Parameters" and name in values:
+            used.add(name)
+            return values[name]
+        if namespace == "Execution" and name in _EXECUTION_EXAMPLES:
+            return _EXECUTION_EXAMPLES[name]
+        return _Unknown()
+    if op == "Std:Join" and isinstance(argument, dict):
+        parts = [_expression(v, values, used) if isinstance(v, dict) else v
+                 for v in argument.get("Values", [])]
+        if any(isinstance(p, _Unknown) for p in parts):
+            return _Unknown()
+        return str(argument.get("On", "")).join(
+            ("true" if p else "false") if isinstance(p, bool) else str(p) for p in parts)
+    return _Unknown()
+
+
+def _steps(steps: list[dict]) -> Iterator[dict]:
+    for step in steps:
+        yield step
+        if step.get("Type") == "Condition":
+            arguments = step.get("Arguments", {})
+            yield from _steps(arguments.get("IfSteps", []) + arguments.get("ElseSteps", []))
+
+
+def check_execution(definition: dict, values: dict[str, Any]) -> None:
+    """Refuse, before anything runs, parameter values (and recipe settings) that would make a
+    step's request one SageMaker refuses, naming the parameter: a metadata value with a comma, a
+    group name with a space, an instance type that does not exist, a spot wait shorter than the
+    runtime. What only the execution knows (other steps' outputs) is checked when the step runs.
+    """
+    found = []
+    for step in _steps(definition.get("Steps", [])):
+        operation = STEP_OPERATIONS.get(step.get("Type", ""))
+        if operation is None:
+            continue
+        origins: dict[str, set[str]] = {}
+        request = _resolved(step.get("Arguments", {}), values, "", origins)
+        lines = list(constraint_problems(request, input_shape(operation), ""))
+        rule = DOCUMENTED_RULES.get(operation)
+        if rule is not None:
+            lines += rule(request)
+        for line in lines:
+            path = line.split(": ", 1)[0]
+            parameters = sorted({name for field, names in origins.items()
+                                 if field == path or path.startswith(f"{field}.")
+                                 or field.startswith(f"{path}.") for name in names})
+            given = ", ".join(f"{name}={values[name]!r}" for name in parameters)
+            found.append(f"{'parameter ' + given + ': ' if given else ''}step {step['Name']}: "
+                         f"{operation} {line}")
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(found[0] + more)

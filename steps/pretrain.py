@@ -48,6 +48,9 @@ from steps.common.training import (
     training_summary,
 )
 
+# A small model trained from random weights takes large steps (a pretrained one far smaller).
+USUAL_LEARNING_RATE = 3e-3
+
 
 @dataclass
 class PretrainStageConfig(TrainingKnobs):
@@ -81,7 +84,10 @@ class PretrainStageConfig(TrainingKnobs):
         metadata={"help": "Always on: documents are joined with EOS and cut into "
                   "max_seq_length blocks (false is refused)."},
     )
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=USUAL_LEARNING_RATE,
+        metadata={"help": f"Peak learning rate; 0: {USUAL_LEARNING_RATE:g}, the usual rate."},
+    )
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "Fraction of steps of linear warm-up, in [0, 1)."}
     )
@@ -94,6 +100,7 @@ class PretrainStageConfig(TrainingKnobs):
     )
 
     def __post_init__(self) -> None:
+        self.learning_rate = self.learning_rate or USUAL_LEARNING_RATE  # 0, as every stage takes it
         super().__post_init__()
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size"):

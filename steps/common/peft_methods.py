@@ -11,9 +11,10 @@
 PEFT does the work; this module maps the knobs to its configs, loads the model each method needs
 (4-bit for QLoRA), saves in PEFT's layout, and merges LoRA adapters into their base for serving.
 
-A stage config inherits `PeftKnobs` next to `training.TrainingKnobs`
-(``class SFTStageConfig(PeftKnobs, TrainingKnobs)``) and calls both ``__post_init__``s. A stage then
-runs ``load_model_for_training`` -> ``apply_peft`` -> a Trainer -> ``save_model``.
+A stage config inherits `PeftKnobs` next to `TrainingKnobs` (both in steps.common.knobs, with the
+values each knob takes: ``class SFTStageConfig(PeftKnobs, TrainingKnobs)``) and calls both
+``__post_init__``s. A stage then runs ``load_model_for_training`` -> ``apply_peft`` -> a Trainer ->
+``save_model``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +29,13 @@ import torch
 
 from steps.common import models
 from steps.common.contract import StageError
+from steps.common.knobs import PeftKnobs, target_modules
 from steps.common.training import TRAINING_RECORD_FILES
 
 if TYPE_CHECKING:
     from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-PEFT_METHODS = ("none", "lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
-PROMPT_LEARNING_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
-ENCODER_TYPES = ("MLP", "LSTM")
 
 # The peak learning rate each method is usually trained with, used when a stage's learning_rate is
 # left unset: full fine-tuning moves pretrained weights and wants small steps; LoRA starts its B
@@ -51,95 +49,6 @@ DEFAULT_LEARNING_RATES = {
     "p_tuning": 1e-3,
     "prefix_tuning": 1e-2,
 }
-
-
-@dataclass
-class PeftKnobs:
-    """Which parameter-efficient method tunes the model, and its sizes."""
-
-    peft_method: str = field(
-        default="lora",
-        metadata={"help": f"One of: {', '.join(PEFT_METHODS)} (none = full fine-tuning)."},
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora)."})
-    lora_alpha: int = field(
-        default=16, metadata={"help": "LoRA scaling numerator: scale = alpha / r (lora, qlora)."}
-    )
-    lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1) (lora, qlora)."}
-    )
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "'all-linear' (every linear layer but the output head) or a "
-                  "comma-separated list such as 'q_proj,v_proj' (lora, qlora)."},
-    )
-    num_virtual_tokens: int = field(
-        default=20,
-        metadata={"help": "Virtual tokens of the soft prompt or prefix "
-                  "(prompt_tuning, p_tuning, prefix_tuning)."},
-    )
-    prompt_tuning_init_text: str | None = field(
-        default=None,
-        metadata={"help": "Text whose token embeddings start the soft prompt, repeated or cut to "
-                  "num_virtual_tokens (prompt_tuning); unset: random."},
-    )
-    encoder_reparameterization_type: str = field(
-        default="MLP", metadata={"help": "Prompt encoder of p_tuning: MLP or LSTM."}
-    )
-    encoder_hidden_size: int | None = field(
-        default=None,
-        metadata={"help": "Hidden size of the p_tuning prompt encoder or the prefix_tuning "
-                  "projection; unset: the model's hidden size."},
-    )
-    prefix_projection: bool = field(
-        default=False,
-        metadata={"help": "Produce the prefixes with a two-layer MLP (prefix_tuning): more "
-                  "parameters while training, often more stable."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.peft_method not in PEFT_METHODS:
-            raise StageError(
-                f"peft_method '{self.peft_method}' is not one of {', '.join(PEFT_METHODS)}"
-            )
-        if self.prompt_tuning_init_text is not None and not self.prompt_tuning_init_text.strip():
-            self.prompt_tuning_init_text = None  # SageMaker cannot send "unset": "" means it
-        for name in ("lora_r", "lora_alpha", "num_virtual_tokens"):
-            if not getattr(self, name) > 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise StageError(
-                f"encoder_hidden_size must be > 0 (or unset), got {self.encoder_hidden_size}"
-            )
-        if not 0 <= self.lora_dropout < 1:
-            raise StageError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not target_modules(self.lora_target_modules):
-            raise StageError(
-                "lora_target_modules is empty; use 'all-linear' or names such as 'q_proj,v_proj'"
-            )
-        if self.encoder_reparameterization_type not in ENCODER_TYPES:
-            raise StageError(
-                f"encoder_reparameterization_type '{self.encoder_reparameterization_type}' is not "
-                f"one of {', '.join(ENCODER_TYPES)}"
-            )
-        # A knob that only one method reads, set for another, is a mistake the run would hide.
-        misplaced = {
-            "prompt_tuning_init_text": (self.prompt_tuning_init_text is not None,
-                                        ("prompt_tuning",)),
-            "encoder_hidden_size": (self.encoder_hidden_size is not None,
-                                    ("p_tuning", "prefix_tuning")),
-            "prefix_projection": (self.prefix_projection, ("prefix_tuning",)),
-        }
-        for name, (is_set, methods) in misplaced.items():
-            if is_set and self.peft_method not in methods:
-                raise StageError(
-                    f"{name} applies to peft_method {' or '.join(methods)}, not "
-                    f"'{self.peft_method}'; unset it or change peft_method"
-                )
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return self.peft_method in PROMPT_LEARNING_METHODS
 
 
 LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
@@ -161,14 +70,6 @@ def fill_default_learning_rate(config: PeftKnobs,
         return False
     config.learning_rate = (rates or DEFAULT_LEARNING_RATES)[config.peft_method]
     return True
-
-
-def target_modules(value: str) -> str | list[str]:
-    """lora_target_modules as PEFT takes it: 'all-linear' stays a string, a list is split."""
-    value = value.strip()
-    if value == "all-linear":
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 # --- Loading --------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """What every training stage shares: the training knobs, the Trainer arguments they become,
 checkpoints that survive a restarted job, and the end-of-run report.
 
-A stage's config dataclass inherits `TrainingKnobs` (and, for tuning stages, `PeftKnobs` from
-steps.common.peft_methods), so every knob has one name and one default for SageMaker's
-hyperparameters.json, the command line and tests. `trainer_arguments` turns the knobs into
-`transformers.TrainingArguments` or a TRL config, setting explicitly every default that costs speed
-on the hardware the stage runs on (TRL turns on bf16 and activation checkpointing even on a CPU).
+A stage's config dataclass inherits `TrainingKnobs` (and, for tuning stages, `PeftKnobs`), both
+declared in steps.common.knobs with the values each knob takes, so every knob has one name, one
+default and one range for SageMaker's hyperparameters.json, the command line and tests.
+`trainer_arguments` turns the knobs into `transformers.TrainingArguments` or a TRL config, setting
+explicitly every default that costs speed on the hardware the stage runs on (TRL turns on bf16
+and activation checkpointing even on a CPU).
 
 Checkpoints go to the SageMaker checkpoint folder (`contract.checkpoint_dir()`), which SageMaker
 syncs to the step's `CheckpointConfig.S3Uri` while the job runs and restores into a restarted job;
@@ -31,20 +32,19 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from steps.common import contract
 from steps.common.contract import StageError
+from steps.common.knobs import TrainingKnobs
 from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
 from steps.common.models import local_model_folder, resolve_precision
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
 # Knobs that change how a run is observed or saved, not the numbers it computes: a checkpoint
@@ -62,85 +62,6 @@ SUMMARY_FILE = "training_summary.json"
 HISTORY_FILE = "training_metrics.jsonl"
 LINEAGE_FILE = "lineage.json"
 TRAINING_RECORD_FILES = (SUMMARY_FILE, HISTORY_FILE, LINEAGE_FILE)
-
-
-@dataclass
-class TrainingKnobs:
-    """The knobs of every training stage. Stages override defaults by redeclaring a field."""
-
-    epochs: float = field(
-        default=1.0, metadata={"help": "Passes over the training data (ignored if max_steps > 0)."}
-    )
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to run; -1 to run `epochs` epochs."}
-    )
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
-    lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, ...)."}
-    )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of steps of linear warm-up, in [0, 1)."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."}
-    )
-    per_device_batch_size: int = field(
-        default=4, metadata={"help": "Sequences per device (process) per forward pass."}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={"help": "Forward passes per optimizer step; the global batch is "
-                  "per_device_batch_size x gradient_accumulation_steps x processes."},
-    )
-    max_seq_length: int = field(
-        default=512, metadata={"help": "Tokens per sequence; longer ones are truncated."}
-    )
-    packing: bool = field(
-        default=False,
-        metadata={"help": "Pack several sequences into each max_seq_length row (padding-free)."},
-    )
-    precision: str = field(
-        default="auto",
-        metadata={"help": "fp32, or bf16 / fp16 autocast; auto = bf16 where native, else fp32."},
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in the backward pass: less memory, more time."},
-    )
-    seed: int = field(
-        default=42, metadata={"help": "Seed for initialisation, dropout and data order."}
-    )
-    logging_steps: int = field(
-        default=5, metadata={"help": "Print a metrics line every this many optimizer steps."}
-    )
-    checkpoint_steps: int = field(
-        default=100,
-        metadata={"help": "Write a resumable checkpoint every this many steps; 0 for none."},
-    )
-    checkpoints_to_keep: int = field(
-        default=2, metadata={"help": "Checkpoints kept in the checkpoint folder (oldest go)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise StageError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
-        schedulers = [s.value for s in transformers.SchedulerType]
-        if self.lr_scheduler_type not in schedulers:
-            raise StageError(
-                f"lr_scheduler_type '{self.lr_scheduler_type}' is not one of {', '.join(schedulers)}"
-            )
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_seq_length",
-                     "logging_steps", "learning_rate", "epochs", "checkpoints_to_keep"):
-            if not getattr(self, name) > 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "checkpoint_steps"):
-            if getattr(self, name) < 0:
-                raise StageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps != -1 and self.max_steps <= 0:
-            raise StageError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise StageError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def world_size() -> int:
@@ -280,12 +201,8 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
-    if knobs.checkpoint_steps > 0 and is_main_process() and folder.is_dir():
-        # Trained: this job's checkpoints are no longer needed, and every later job of the step
-        # would download them (SageMaker restores the whole CheckpointConfig prefix at start and
-        # deletes in S3 what the job deletes locally: docs.aws.amazon.com/sagemaker/latest/dg/
-        # model-checkpoints.html). Should saving the model fail after this, a retry starts over.
-        shutil.rmtree(folder)
+    if knobs.checkpoint_steps > 0 and is_main_process():
+        _discard_checkpoints(folder)
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     # accelerate wraps the model's forward in bf16/fp16 autocast for mixed precision; what the
     # stage measures after training (held-out margins, rewards, generations) is measured on the
@@ -324,6 +241,15 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
         }, metrics_path)
         plot_loss_curve(metrics.history, metrics_path.parent / "loss_curve.png")
     return report
+
+
+def _discard_checkpoints(folder: Path) -> None:
+    """Trained: this job's checkpoints are no longer needed, and every later job of the step would
+    download them (SageMaker restores the whole CheckpointConfig prefix at start and deletes in S3
+    what the job deletes locally: docs.aws.amazon.com/sagemaker/latest/dg/model-checkpoints.html).
+    Should saving the model fail after this, a retry starts over."""
+    if folder.is_dir():
+        shutil.rmtree(folder)
 
 
 def _fingerprint(knobs: TrainingKnobs) -> dict[str, Any]:

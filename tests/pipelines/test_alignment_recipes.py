@@ -54,7 +54,7 @@ def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, loc
     assert metrics["preference_accuracy"] >= metrics["base_preference_accuracy"]
     assert metrics["kl_to_base"] >= 0
     package = only_package(env, "e2e-dpo")
-    assert package["metadata"]["training_stages"] == "sft,dpo"
+    assert package["metadata"]["training_stages"] == "sft+dpo"
     assert package["metadata"]["gate_metric"] == "logprob_margin_delta"
     assert package["metadata"]["param_Beta"] == "0.1"
     assert len(package["metadata"]["data_manifest_sha256_preference"]) == 64
@@ -75,7 +75,7 @@ def test_rlhf_ppo_recipe_trains_a_reward_model_then_ppo_and_judges_by_win_rate(e
     assert metrics["reward_model_accuracy"] > 0.5  # the judge itself learnt the preference
     assert {"reward_mean", "base_reward_mean", "reward_margin", "kl_to_base"} <= set(metrics)
     package = only_package(env, "e2e-rlhf")
-    assert package["metadata"]["training_stages"] == "sft,reward_model,ppo"
+    assert package["metadata"]["training_stages"] == "sft+reward_model+ppo"
     assert package["metadata"]["gate_metric"] == "win_rate"
 
 

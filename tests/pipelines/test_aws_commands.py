@@ -232,3 +232,19 @@ def test_upsert_on_aws_never_creates_the_bucket_and_says_which_to_pass(aws):
                                     "ArtifactBucket that infra/ created")
     with pytest.raises(botocore.exceptions.ClientError):
         regional(aws, "s3", "eu-west-1").head_bucket(Bucket="no-such-bucket")
+
+
+def test_start_on_aws_refuses_a_bad_value_before_starting_an_execution(aws):
+    s3 = regional(aws, "s3", "eu-central-1")
+    s3.create_bucket(Bucket="demo-fra",
+                     CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    target = ["--target", "aws", "--region", "eu-central-1", "--role-arn", ROLE,
+              "--bucket", "demo-fra", "--recipe", "sft"]
+    assert cli(aws, "upsert", *target).returncode == 0
+    refused = cli(aws, "start", *target, "-p", "LearningRate=-1")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("ERROR: pipeline parameter LearningRate=-1.0: stage sft's "
+                                     "learning_rate takes values >= 0")
+    executions = regional(aws, "sagemaker", "eu-central-1").list_pipeline_executions(
+        PipelineName="llm-sft")["PipelineExecutionSummaries"]
+    assert executions == []  # StartPipelineExecution was never called

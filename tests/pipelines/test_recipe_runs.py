@@ -122,7 +122,7 @@ def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_repor
         "Distill", "Quantize", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register"]
     package = package_of(env, "e2e-full")
     meta = package["metadata"]
-    assert meta["training_stages"] == "cpt,sft,dpo,distill"
+    assert meta["training_stages"] == "cpt+sft+dpo+distill"
     assert meta["quantization"] == "int8" and meta["parent_model"] == "builtin:tiny"
     assert meta["unquantized_model"].endswith("model.tar.gz")
     assert {"data_manifest_sha256_corpus", "data_manifest_sha256_preference"} <= set(meta)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps import pretrain
-from steps.common import contract
+from steps.common import contract, training
 from steps.common.contract import StageError
 from steps.demo_data import demo_corpus
 
@@ -123,15 +123,18 @@ def test_model_shapes_that_cannot_work_are_refused_by_name():
         pretrain.PretrainStageConfig(packing=False)
 
 
-def test_a_restarted_job_resumes_from_its_last_checkpoint(training_job):
+def test_a_restarted_job_resumes_from_its_last_checkpoint(training_job, monkeypatch):
     training_job.channel("train", demo_corpus(max_documents=8))
     config = pretrain.PretrainStageConfig(
         **TINY_CONFIG, max_steps=6, checkpoint_steps=3, logging_steps=1
     )
-    pretrain.main(config)
+    with monkeypatch.context() as dying:  # a job that dies never discards its checkpoints
+        dying.setattr(training, "_discard_checkpoints", lambda folder: None)
+        pretrain.main(config)
     first = json.loads((training_job.model_dir / "training_summary.json").read_text())
     # The job dies after step 3's checkpoint: step 6's never reached the checkpoint folder.
-    shutil.rmtree(training_job.checkpoint_dir / "checkpoint-6")
+    (last,) = training_job.checkpoint_dir.glob("*/job/checkpoint-6")
+    shutil.rmtree(last)
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -211,3 +211,12 @@ def test_the_knobs_reach_the_trainer():
     assert args.gradient_checkpointing and args.seed == 7 and args.data_seed == 7
     assert args.save_strategy == "no" and not args.bf16
     assert Path(args.output_dir) == training.contract.checkpoint_dir()
+
+
+def test_the_schedulers_the_knobs_allow_are_transformers_own():
+    # Written out in steps.common.knobs so that reading them needs no torch; kept equal here.
+    import transformers
+
+    from steps.common.knobs import LR_SCHEDULERS
+
+    assert LR_SCHEDULERS == tuple(s.value for s in transformers.SchedulerType)
