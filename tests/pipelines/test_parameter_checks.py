@@ -24,20 +24,20 @@ def test_every_recipe_runs_on_its_defaults_without_a_refusal(recipe_definitions)
 @pytest.mark.parametrize("parameter, value, expected", [
     # metadata values take no comma (model-package metadata's pattern)
     ("BaseModel", "s3://bucket/base,v2",
-     "parameter BaseModel='s3://bucket/base,v2': step Register: CreateModelPackage "
-     "CustomerMetadataProperties.param_BaseModel: 's3://bucket/base,v2' does not match"),
+     ("parameter BaseModel='s3://bucket/base,v2': step Register: CreateModelPackage "
+      "CustomerMetadataProperties.param_BaseModel: 's3://bucket/base,v2' does not match")),
     # a group name is letters, digits and hyphens
     ("ModelPackageGroup", "my models",
-     "parameter ModelPackageGroup='my models': step Register: CreateModelPackage "
-     "ModelPackageGroupName: 'my models' does not match"),
+     ("parameter ModelPackageGroup='my models': step Register: CreateModelPackage "
+      "ModelPackageGroupName: 'my models' does not match")),
     # instance types are an enum
     ("TrainingInstanceType", "ml.g5.huge",
-     "parameter TrainingInstanceType='ml.g5.huge': step SFT: CreateTrainingJob "
-     "ResourceConfig.InstanceType: 'ml.g5.huge' is not one of"),
+     ("parameter TrainingInstanceType='ml.g5.huge': step SFT: CreateTrainingJob "
+      "ResourceConfig.InstanceType: 'ml.g5.huge' is not one of")),
     # SageMaker's documented limit of 28 days
     ("MaxRuntimeSeconds", 30 * 24 * 3600,
-     "parameter MaxRuntimeSeconds=2592000: step SFT: CreateTrainingJob "
-     "StoppingCondition.MaxRuntimeInSeconds: 2592000 is over SageMaker's limit of 2419200"),
+     ("parameter MaxRuntimeSeconds=2592000: step SFT: CreateTrainingJob "
+      "StoppingCondition.MaxRuntimeInSeconds: 2592000 is over SageMaker's limit of 2419200")),
 ])
 def test_a_value_that_makes_a_request_sagemaker_refuses_is_refused_naming_the_parameter(
         recipe_definitions, parameter, value, expected):
@@ -65,13 +65,13 @@ def env(local_home):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("LearningRate=-1", "pipeline parameter LearningRate=-1.0: stage sft's learning_rate takes "
-                        "values >= 0 (0: the stage's usual rate)"),
+    ("LearningRate=-1", ("pipeline parameter LearningRate=-1.0: stage sft's learning_rate takes "
+                         "values >= 0 (0: the stage's usual rate)")),
     ("Epochs=0", "pipeline parameter Epochs=0: stage sft's epochs takes values > 0"),
-    ("PeftMethod=bogus", "pipeline parameter PeftMethod='bogus': stage sft's peft_method takes "
-                         "one of none, lora, qlora, prompt_tuning, p_tuning, prefix_tuning"),
-    ("Precision=fp8", "pipeline parameter Precision='fp8': stage sft's precision takes one of "
-                      "auto, fp32, bf16, fp16"),
+    ("PeftMethod=bogus", ("pipeline parameter PeftMethod='bogus': stage sft's peft_method takes "
+                          "one of none, lora, qlora, prompt_tuning, p_tuning, prefix_tuning")),
+    ("Precision=fp8", ("pipeline parameter Precision='fp8': stage sft's precision takes one of "
+                       "auto, fp32, bf16, fp16")),
     ("BaseModel=builtin:tiny,v2", "parameter BaseModel='builtin:tiny,v2': step Register"),
 ])
 def test_run_refuses_a_bad_value_before_the_first_job(env, local_home, override, expected):
