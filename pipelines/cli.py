@@ -484,8 +484,18 @@ def cmd_upsert(args) -> int:
     name = definition.pipeline_name(chosen)
     # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
     request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
-               "PipelineDescription": chosen.description[:3000]}
+               "PipelineDescription": definition.shortened(chosen.description, 3072)}
     from botocore.exceptions import ClientError
+
+    from pipelines import validation
+
+    # Refused here as SageMaker would refuse it (a recipe name with '_', a role that is no ARN),
+    # before anything is created.
+    validation.check_request("CreatePipeline", request, f"upsert {name}")
+    if args.target == "local":
+        _ensure_bucket(s3, target["bucket"], target["region"])
+    else:
+        _require_bucket(s3, target["bucket"])
 
     # SageMaker Pipelines registers only into a group that exists: create the one the pipeline's
     # ModelPackageGroup parameter names by default (the recipe's, or the one its file sets), and
@@ -511,10 +521,6 @@ def cmd_upsert(args) -> int:
             raise UserError(f"cannot describe pipeline {name}: {exc}") from None
         response = sagemaker.create_pipeline(**request)
         action = "created"
-    if args.target == "local":
-        _ensure_bucket(s3, target["bucket"], target["region"])
-    else:
-        _require_bucket(s3, target["bucket"])
     # The data parameters' defaults point at the demo datasets in the bucket: on AWS too, so that
     # `start` with no data parameter runs the demo as it does locally.
     for parameter, dataset in chosen.demo_data.items():

@@ -17,6 +17,7 @@ parameter value that would make a step's request invalid.
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,6 +132,9 @@ _CONSTRAINT_REPORTS = ("Invalid length for parameter", "Invalid value for parame
 def problems(operation: str, request: dict) -> list[str]:
     """Everything SageMaker would refuse in `request` for `operation`, one line each."""
     shape = input_shape(operation)
+    # botocore's client fills a missing idempotency token (ClientRequestToken) before it validates.
+    request = {**{name: str(uuid.uuid4()) for name, member in shape.members.items()
+                  if member.metadata.get("idempotencyToken")}, **request}
     report = ParamValidator().validate(request, shape)
     # botocore's validator: types, required and unknown members (its minimum checks are among
     # the constraints below, worded the same way as the rest).

@@ -248,3 +248,20 @@ def test_start_on_aws_refuses_a_bad_value_before_starting_an_execution(aws):
     executions = regional(aws, "sagemaker", "eu-central-1").list_pipeline_executions(
         PipelineName="llm-sft")["PipelineExecutionSummaries"]
     assert executions == []  # StartPipelineExecution was never called
+
+
+def test_upsert_refuses_a_pipeline_name_sagemaker_refuses_before_creating_anything(env, tmp_path,
+                                                                                   clients):
+    from tests.pipelines.conftest import ROOT
+
+    sagemaker, _ = clients
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text()
+                      .replace("name: sft", "name: my_recipe")
+                      .replace("model_package_group: llm-sft", "model_package_group: llm-mine"))
+    result = cli(env, "upsert", "--recipe", str(recipe))
+    assert result.returncode == 2
+    assert result.stderr.startswith("ERROR: upsert llm-my_recipe: CreatePipeline PipelineName: "
+                                    "'llm-my_recipe' does not match SageMaker's pattern")
+    groups = sagemaker.list_model_package_groups()["ModelPackageGroupSummaryList"]
+    assert "llm-mine" not in {g["ModelPackageGroupName"] for g in groups}
