@@ -5,6 +5,7 @@ import json
 
 import boto3
 import pytest
+import yaml
 from botocore.stub import Stubber
 
 from pipelines import UserError
@@ -26,7 +27,14 @@ def env(local_home):
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    return write_quick_recipe(tmp_path_factory.mktemp("recipe"), "rerun-test")
+    """The quick sft recipe, whose LoRA targets are a parameter: naming the output head fails
+    the SFT job (TRL trains no adapter there), a value no check before the run refuses."""
+    path = write_quick_recipe(tmp_path_factory.mktemp("recipe"), "rerun-test")
+    written = yaml.safe_load(path.read_text())
+    written["parameters"]["LoraTargets"] = "all-linear"
+    written["stages"]["sft"]["lora_target_modules"] = "$LoraTargets"
+    path.write_text(yaml.safe_dump(written, sort_keys=False))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +61,15 @@ def record(home, execution):
 
 @pytest.fixture(scope="module")
 def failed(env, recipe, data, local_home):
-    """An execution whose SFT step fails (a LoRA rank of 0) after DataPrep succeeded."""
-    result = run(env, recipe, data, "-p", "LoraRank=0")
+    """An execution whose SFT step fails (LoRA on the output head) after DataPrep succeeded."""
+    result = run(env, recipe, data, "-p", "LoraRank=4", "-p", "LoraTargets=lm_head")
     assert result.returncode == 1 and "step SFT failed" in result.stderr, result.stderr[-2000:]
     return execution_id(result.stdout)
 
 
 @pytest.fixture(scope="module")
 def continued(env, recipe, data, local_home, failed):
-    """The failed execution continued with the rank fixed; its record before and after."""
+    """The failed execution continued with the targets fixed; its record before and after."""
     before = record_path(local_home, failed).read_bytes()
     result = run(env, recipe, data, "-p", "LoraRank=4", "--reuse", failed)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
