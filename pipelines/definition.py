@@ -53,8 +53,10 @@ COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
     "MaxRuntimeSeconds": 24 * 3600,
 }
 # With --spot: StoppingCondition.MaxWaitTimeInSeconds, the runtime plus the time spent waiting for
-# spot capacity ("It must be equal to or greater than MaxRuntimeInSeconds", same page).
-SPOT_PARAMETER_DEFAULTS: dict[str, object] = {"MaxWaitSeconds": 2 * 24 * 3600}
+# spot capacity ("It must be equal to or greater than MaxRuntimeInSeconds", same page); by default
+# the recipe's MaxRuntimeSeconds and a day of waiting.
+SPOT_PARAMETER_DEFAULTS: dict[str, object] = {"MaxWaitSeconds": None}
+SPOT_WAIT_SECONDS = 24 * 3600
 # SageMaker's limit on one container argument (botocore: ContainerArgument, max 256).
 CONTAINER_ARGUMENT_LIMIT = 256
 # ... and on a model package's description (ModelPackageDescription is an EntityDescription).
@@ -168,6 +170,8 @@ def _parameters(recipe: Recipe, bucket: str, spot: bool = False) -> dict[str, ob
     defaults.update(recipe.parameters)
     if not spot:  # a recipe may give spot's wait a default; it only exists with spot
         defaults.pop("MaxWaitSeconds", None)
+    elif defaults["MaxWaitSeconds"] is None:
+        defaults["MaxWaitSeconds"] = int(defaults["MaxRuntimeSeconds"]) + SPOT_WAIT_SECONDS
     for key, value in defaults.items():
         if not key.isidentifier() or not key[:1].isupper():
             raise UserError(f"{recipe.source}: parameters.{key}: parameter names are CamelCase "

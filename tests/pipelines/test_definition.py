@@ -158,3 +158,38 @@ def test_the_sdk_validates_each_config_once_and_still_refuses_a_bad_one(monkeypa
         validate({"Bogus": 1})
     with pytest.raises(jsonschema.ValidationError):  # and again: a failure is not remembered
         validate({"Bogus": 1})
+
+
+def test_training_jobs_stop_after_max_runtime_seconds_with_a_default_per_recipe(
+        recipe_definitions):
+    # Not the SDK's one hour: a day by default, longer where real runs take days.
+    expected = {"sft": 86400, "dpo": 86400, "cpt": 432000, "pretrain": 432000,
+                "full-lifecycle": 432000, "rlhf-ppo": 172800}
+    for name, seconds in expected.items():
+        document = json.loads(recipe_definitions[name, "aws"].read_text())
+        parameters = {p["Name"]: p for p in document["Parameters"]}
+        assert parameters["MaxRuntimeSeconds"] == {"Name": "MaxRuntimeSeconds", "Type": "Integer",
+                                                   "DefaultValue": seconds}
+        assert "MaxWaitSeconds" not in parameters  # on demand: no spot wait
+        for step in (s for s in document["Steps"] if s["Type"] == "Training"):
+            assert step["Arguments"]["StoppingCondition"] == {
+                "MaxRuntimeInSeconds": {"Get": "Parameters.MaxRuntimeSeconds"}}
+            assert "EnableManagedSpotTraining" not in step["Arguments"]
+
+
+def test_a_spot_pipeline_waits_at_most_max_wait_seconds_and_passes_check_definition(
+        offline_env, tmp_path):
+    built = cli(offline_env, "definition", "--recipe", "cpt", "--spot")
+    assert built.returncode == 0, built.stderr
+    document = json.loads(built.stdout)
+    parameters = {p["Name"]: p["DefaultValue"] for p in document["Parameters"]}
+    assert parameters["MaxWaitSeconds"] >= parameters["MaxRuntimeSeconds"]
+    (step,) = [s for s in document["Steps"] if s["Type"] == "Training"]
+    assert step["Arguments"]["EnableManagedSpotTraining"] is True
+    assert step["Arguments"]["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": {"Get": "Parameters.MaxRuntimeSeconds"},
+        "MaxWaitTimeInSeconds": {"Get": "Parameters.MaxWaitSeconds"}}
+    path = tmp_path / "spot.json"
+    path.write_text(built.stdout)
+    checked = check_definition(path)
+    assert checked.returncode == 0, checked.stdout
