@@ -576,6 +576,9 @@ def cmd_start(args) -> int:
     if args.reuse:
         request["SelectiveExecutionConfig"] = _selective_execution_config(
             args, sagemaker, document, name, target)
+    from pipelines import validation
+
+    validation.check_request("StartPipelineExecution", request, f"start {name}")
     response = sagemaker.start_pipeline_execution(**request)
     arn = response["PipelineExecutionArn"]
     print(f"started {arn}", flush=True)
