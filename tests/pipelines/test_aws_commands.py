@@ -265,3 +265,24 @@ def test_upsert_refuses_a_pipeline_name_sagemaker_refuses_before_creating_anythi
                                     "'llm-my_recipe' does not match SageMaker's pattern")
     groups = sagemaker.list_model_package_groups()["ModelPackageGroupSummaryList"]
     assert "llm-mine" not in {g["ModelPackageGroupName"] for g in groups}
+
+
+def test_registry_and_cost_on_aws_work_in_the_region_given(aws):
+    sagemaker = regional(aws, "sagemaker", "ap-southeast-2")
+    sagemaker.create_model_package_group(ModelPackageGroupName="sydney")
+    arn = sagemaker.create_model_package(
+        ModelPackageGroupName="sydney", ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz"}],
+                                "SupportedContentTypes": ["application/json"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+    )["ModelPackageArn"]
+    listed = cli(aws, "registry", "list", "--target", "aws", "--region", "ap-southeast-2",
+                 "--group", "sydney", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [p["arn"] for p in json.loads(listed.stdout)] == [arn]
+    # The local server cannot list an execution's steps: the ledger fails, in one line, for the
+    # execution of the region given.
+    cost = cli(aws, "cost", "--target", "aws", "--region", "ap-southeast-2", "--role-arn", ROLE,
+               "--bucket", "b", "exec1")
+    assert cost.returncode == 2 and len(cost.stderr.strip().splitlines()) == 1
+    assert cost.stderr.startswith("ERROR: cost ledger of arn:aws:sagemaker:ap-southeast-2:")
