@@ -294,9 +294,11 @@ def checkpoint_folder(knobs: TrainingKnobs) -> Path:
     """This job's own checkpoint folder: `<checkpoint dir>/<run key>/<job name>`.
 
     The run key is the sha256 of the run's settings and its inputs' content: what determines the
-    work. The job name is SageMaker's TRAINING_JOB_NAME, which a job restarted after a spot
-    interruption keeps (so it resumes in its own folder); a retry is a new job, and finds its
-    predecessor's checkpoints beside its own (`_resume_checkpoint`).
+    work. The job name is the TRAINING_JOB_NAME SageMaker gives a training container
+    (docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-running-container.html),
+    which a job restarted after a spot interruption keeps (so it resumes in its own folder); a
+    retry is a new job, and finds its predecessor's checkpoints beside its own
+    (`_resume_checkpoint`).
     """
     record = {"settings": _fingerprint(knobs), "inputs": _input_digests()}
     key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
