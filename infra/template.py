@@ -43,6 +43,9 @@ JOB_PREFIX = "pipelines-"
 # (ListPipelineExecutionSteps, DescribePipelineExecution), training-job/${TrainingJobName} and
 # processing-job/${ProcessingJobName} (Describe*Job).
 MODEL_PACKAGE_GROUP_PREFIX = "llm-"
+# Days after which a checkpoint left by a failed or stopped training job is deleted: as long as
+# the step cache keeps a result (CacheConfig ExpireAfter P30D, pipelines/definition.py).
+CHECKPOINT_DAYS = 30
 GITHUB_OIDC = "token.actions.githubusercontent.com"
 
 _HEADER = """\
@@ -182,7 +185,11 @@ def _key() -> dict:
     }
 
 
-def _bucket(purpose: str) -> dict:
+def _bucket(purpose: str, expiring_prefixes: tuple[str, ...] = ()) -> dict:
+    """A project bucket; objects under `expiring_prefixes` expire after CHECKPOINT_DAYS."""
+    expiring = [{"Id": f"ExpireLeftoverCheckpoints{index}", "Status": "Enabled",
+                 "Prefix": prefix, "ExpirationInDays": CHECKPOINT_DAYS}
+                for index, prefix in enumerate(expiring_prefixes, 1)]
     return {
         "Type": "AWS::S3::Bucket",
         # Retained: datasets, models and evaluation reports outlive the stack.
@@ -207,7 +214,7 @@ def _bucket(purpose: str) -> dict:
                 "Status": "Enabled",
                 "NoncurrentVersionExpiration": {"NoncurrentDays": 90},
                 "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7},
-            }]},
+            }, *expiring]},
         },
     }
 
@@ -355,6 +362,11 @@ def _ci_policy(repositories: list[str], pipelines: list[str]) -> dict:
         statement("CreateModelPackageGroupsNamedWithThePrefix",
                   ["sagemaker:CreateModelPackageGroup", "sagemaker:DescribeModelPackageGroup"],
                   [prefixed_groups()]),
+        # `upsert` checks the bucket (HeadBucket) and whether the demo data is there, and
+        # `start` whether a data URI names any object: both need ListBucket, or S3 answers 403
+        # for a missing object instead of 404.
+        statement("CheckTheProjectBuckets", ["s3:ListBucket"],
+                  [get_att("DataBucket", "Arn"), get_att("ArtifactBucket", "Arn")]),
         # `upsert` puts the recipes' demo datasets where their defaults point.
         statement("UploadTheDemoDatasets", ["s3:GetObject", "s3:PutObject"],
                   [sub(f"${{ArtifactBucket.Arn}}/{demo_data_prefix()}/*")]),
@@ -400,7 +412,10 @@ def build() -> dict:
                      "Properties": {"AliasName": f"alias/{PREFIX}", "TargetKeyId": ref("Key")}},
         "DataBucket": _bucket("data"),
         "DataBucketPolicy": _bucket_policy("DataBucket"),
-        "ArtifactBucket": _bucket("artifacts"),
+        # A training job deletes its checkpoints once it finishes; what failed or stopped jobs
+        # leave under a step's shared prefix (pipelines/definition.py) would otherwise be
+        # downloaded by every later job of that step for ever.
+        "ArtifactBucket": _bucket("artifacts", tuple(f"{name}/checkpoints/" for name in pipelines)),
         "ArtifactBucketPolicy": _bucket_policy("ArtifactBucket"),
     }
     for name in repositories:

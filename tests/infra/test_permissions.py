@@ -183,3 +183,28 @@ def test_ci_role_uses_the_bucket_key_only_through_s3(stack):
     for action in ("kms:GenerateDataKey", "kms:Decrypt"):  # write, read (SSE-KMS)
         assert allows(stack["ci"], action, key, through_s3), action
         assert not allows(stack["ci"], action, key), f"{action} outside S3"
+
+
+def test_ci_role_can_check_the_project_buckets_so_a_missing_object_reads_as_missing(stack):
+    # HeadBucket (upsert) and ListObjectsV2 (the data-URI check of start) need s3:ListBucket;
+    # without it S3 answers 403 where the object is absent, not 404.
+    for output in ("ArtifactBucketName", "DataBucketName"):
+        assert allows(stack["ci"], "s3:ListBucket", f"arn:aws:s3:::{stack['outputs'][output]}")
+    assert not allows(stack["ci"], "s3:ListBucket", "arn:aws:s3:::someone-elses-bucket")
+
+
+def test_checkpoints_left_under_every_pipelines_shared_prefix_expire():
+    # Checkpoint locations are shared by every job of a step (keyed by the work, so that step
+    # caching hits on AWS); a finished job deletes its own, a failed one's would stay for ever.
+    from pipelines.definition import definition_json
+
+    committed = yaml.safe_load(template.TEMPLATE.read_text())
+    rules = committed["Resources"]["ArtifactBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    expiring = {rule["Prefix"]: rule["ExpirationInDays"] for rule in rules if "Prefix" in rule}
+    document = json.loads(definition_json(recipe.load("sft")))
+    uri = next(step["Arguments"]["CheckpointConfig"]["S3Uri"] for step in document["Steps"]
+               if step["Type"] == "Training")
+    key = uri.split("/", 3)[3]
+    assert any(key.startswith(prefix) for prefix in expiring), (key, expiring)
+    assert set(expiring.values()) == {template.CHECKPOINT_DAYS}
+    assert len(expiring) == len(pipelines())
