@@ -244,6 +244,9 @@ def resolve_precision(precision: str) -> str:
     bf16 autocast is 1.3-1.9x faster than fp32 on CPUs with native bf16 instructions but can be
     slower without them, so 'auto' checks the hardware rather than assuming.
     """
+    problem = unusable_gpus()
+    if problem:
+        raise StageError(problem)
     if precision == "auto":
         return "bf16" if _bf16_is_native() else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():
@@ -255,6 +258,20 @@ def resolve_precision(precision: str) -> str:
             "precision 'bf16' is not supported by this GPU; use precision 'fp16' or 'fp32'"
         )
     return precision
+
+
+def unusable_gpus(devices: Path = Path("/dev")) -> str | None:
+    """Why the machine's NVIDIA GPUs cannot be used, or None (no GPU, or CUDA works).
+
+    A GPU instance whose driver is older than the CUDA build of the image's torch needs
+    (containers/README.md) would otherwise train on the CPU, slowly, while the GPUs bill.
+    """
+    if torch.cuda.is_available() or not any(devices.glob("nvidia[0-9]*")):
+        return None
+    return (f"this machine has NVIDIA GPUs ({devices}/nvidia*) but torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda or 'none'}) cannot use them, so the stage would run on the "
+            "CPU while the GPUs bill; the driver is likely older than the image's CUDA build "
+            "needs: see containers/README.md for the pairing, or run on a CPU instance type")
 
 
 # Forces what 'auto' takes the hardware to be (1: native bf16, 0: not), so that the whole test

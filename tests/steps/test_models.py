@@ -185,3 +185,14 @@ def test_smollm2_converts_once_and_answers_sensibly():
     )
     output = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0][prompt["input_ids"].shape[1] :])
+
+
+def test_gpus_that_torch_cannot_use_are_refused_rather_than_trained_on_the_cpu(tmp_path):
+    # An image whose CUDA build needs a newer driver than the host's sees the devices but no
+    # CUDA: the stage must fail, not train for hours on the CPU of a billed GPU instance.
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works on this machine")
+    assert models.unusable_gpus(tmp_path) is None  # no GPU at all: the CPU is what there is
+    (tmp_path / "nvidia0").touch()
+    problem = models.unusable_gpus(tmp_path)
+    assert problem and "cannot use them" in problem and "containers/README.md" in problem
