@@ -111,7 +111,8 @@ def local_ledger(record: dict, prices: PriceTable | None = None) -> dict[str, An
     prices = prices or load_prices()
     costs = []
     for state in record["steps"].values():
-        if state["type"] not in JOB_TYPES or state["status"] not in ("Succeeded", "Failed"):
+        if state["type"] not in JOB_TYPES or state["status"] not in ("Succeeded", "Failed",
+                                                                      "Stopped"):
             continue
         instance, count = job_resources(state["type"], state.get("properties", {}))
         reused = state.get("reused_from", "")

@@ -13,7 +13,11 @@ in parallel, which changes timing, not results.
 As on SageMaker, a step with `CacheConfig` may reuse an earlier run (pipelines/local/cache.py),
 a step with `RetryPolicies` is tried again when it fails for a retryable cause (see
 `failure_cause`), and a selective execution runs chosen steps while the others take their
-outputs from an earlier execution. Each execution ends with a cost ledger (pipelines/cost.py).
+outputs from an earlier execution. An execution can be stopped (its running job is stopped, no
+further step starts; `jobs.JobControl`) and a failed one resumed in place from its failed steps,
+as RetryPipelineExecution does. Each execution ends with a cost ledger (pipelines/cost.py).
+What the engine does about a step (cache hits and misses, retries, registration) is written to
+the step's log, beside the job's own output.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ _MAX_RETRIES = 20
 class StepRecord:
     name: str
     type: str
-    status: str = "Pending"  # Pending, Executing, Succeeded, Failed, NotExecuted
+    status: str = "Pending"  # Pending, Executing, Succeeded, Failed, Stopped, NotExecuted
     started: float | None = None
     ended: float | None = None
     failure_reason: str = ""
@@ -96,7 +100,7 @@ class ExecutionRecord:
     arn: str
     parameters: dict[str, Any]
     started: float
-    status: str = "Executing"  # Executing, Succeeded, Failed
+    status: str = "Executing"  # Executing, Succeeded, Failed, Stopped
     ended: float | None = None
     failure_reason: str = ""
     steps: dict[str, StepRecord] = field(default_factory=dict)
@@ -298,9 +302,36 @@ class Progress:
     def step_finished(self, record: StepRecord) -> None: ...
 
 
+def new_execution_id() -> str:
+    return secrets.token_hex(6)
+
+
 def _job_name(execution_id: str, step: str, attempt: int = 1) -> str:
     suffix = "" if attempt == 1 else f"-{attempt}"
     return f"pipelines-{execution_id}-{step}"[:63 - len(suffix)].rstrip("-") + suffix
+
+
+_JOB_OF_EXECUTION = re.compile(r"pipelines-([0-9a-f]{12})-", re.IGNORECASE)
+
+
+def job_execution_id(job_name: str) -> str | None:
+    """The id of the execution that ran the job named `job_name` (see `_job_name`)."""
+    match = _JOB_OF_EXECUTION.match(job_name)
+    return match.group(1).lower() if match else None
+
+
+def _attempt_dir(job_dir: Path, attempt: int) -> Path:
+    # A retry is a new job on a fresh instance: its own folder, its own job name.
+    return job_dir if attempt == 1 else job_dir / f"attempt-{attempt}"
+
+
+def _note(state: StepRecord, progress: Progress, line: str) -> None:
+    """What the engine did about a step: into the step's log (where the job's own output goes)
+    and onto the display."""
+    if state.log:
+        with open(state.log, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+    progress.step_line(state, line)
 
 
 def _now_iso() -> str:
@@ -333,13 +364,27 @@ def _check_selection(selection: Selection, steps: dict[str, _Step], pipeline_nam
     if unknown:
         raise UserError(f"no step(s) {', '.join(unknown)} in this pipeline; its steps are "
                         f"{', '.join(steps)}")
+    selected = set(selection.steps)
+    # "All step(s) in all path(s) between two selected steps should be included"
+    # (SelectiveExecutionConfig, https://docs.aws.amazon.com/sagemaker/latest/APIReference/
+    # API_SelectiveExecutionConfig.html).
     for name in selection.steps:
-        for needed in sorted(steps[name].depends - set(selection.steps)):
+        for between in sorted(_upstream(steps, name) - selected):
+            if _upstream(steps, between) & selected:
+                raise UserError(f"step {between} lies between the selected steps "
+                                f"{', '.join(sorted(_upstream(steps, between) & selected))} and "
+                                f"{name}: select it too")
+    for name in selection.steps:
+        for needed in sorted(steps[name].depends - selected):
             earlier = selection.source.steps.get(needed)
             if earlier is None or earlier.status != "Succeeded":
+                source = selection.source.execution_id
                 raise UserError(
                     f"step {name} needs the outputs of {needed}, which did not succeed in "
-                    f"execution {selection.source.execution_id}; re-run from {needed} instead")
+                    f"execution {source}; re-run from {needed} instead" if source else
+                    f"step {name} needs the outputs of {needed}, which is not selected: select "
+                    f"it, or name the execution to take its outputs from "
+                    f"(SourcePipelineExecutionArn)")
 
 
 def _reuse(state: StepRecord, execution_id: str, properties: dict, outcome: str,
@@ -349,6 +394,26 @@ def _reuse(state: StepRecord, execution_id: str, properties: dict, outcome: str,
     state.job_name = properties.get(_JOB_NAME_FIELD.get(state.type, ""), "")
     state.reused_from = execution_id
     state.source_billable_seconds = billable_seconds
+
+
+def check_execution(definition: dict, overrides: dict[str, str], pipeline_name: str,
+                    selection: Selection | None = None) -> dict[str, Any]:
+    """What StartPipelineExecution refuses before anything runs (unknown step types, a broken
+    graph, bad parameter values, a bad selection); returns the parameters' values."""
+    steps = _flatten(definition.get("Steps", []))
+    unsupported = sorted({s.spec["Type"] for s in steps.values()} - SUPPORTED_TYPES)
+    if unsupported:
+        raise UserError(f"the local engine does not run step type(s) {', '.join(unsupported)}")
+    topological_order(steps)
+    parameters = resolve_parameters(definition, overrides)
+    try:
+        for spec in steps.values():
+            cache.settings(spec.spec)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if selection:
+        _check_selection(selection, steps, pipeline_name)
+    return parameters
 
 
 def run_execution(
@@ -361,41 +426,47 @@ def run_execution(
     progress: Progress | None = None,
     selection: Selection | None = None,
     cache_dir: Path | None = None,
+    *,
+    execution_id: str | None = None,
+    control: jobs.JobControl | None = None,
+    resume: ExecutionRecord | None = None,
 ) -> ExecutionRecord:
     """Execute the definition; returns the record (also saved as JSON next to the logs).
 
     The step cache lives in `cache_dir`, by default `cache/` next to `executions_dir`.
     With `selection`, only the selected steps run, fresh (no cache); the others reuse the
-    source execution's outputs.
+    source execution's outputs. `execution_id` names the execution (the caller's, when it
+    answered StartPipelineExecution before it runs); `control` starts its jobs and carries a
+    stop request. With `resume`, that (failed) execution continues in place: its succeeded steps
+    stay done, the others run again, with their earlier attempts kept.
     """
     progress = progress or Progress()
+    control = control or jobs.JobControl()
     steps = _flatten(definition.get("Steps", []))
-    unsupported = sorted({s.spec["Type"] for s in steps.values()} - SUPPORTED_TYPES)
-    if unsupported:
-        raise UserError(f"the local engine does not run step type(s) {', '.join(unsupported)}")
     order = topological_order(steps)
-    parameters = resolve_parameters(definition, overrides)
-    try:
-        cache_settings = {n: cache.settings(s.spec) for n, s in steps.items()}
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if selection:
-        _check_selection(selection, steps, pipeline_name)
+    if resume:
+        record, parameters = resume, resume.parameters
+        _reopen(record)
+    else:
+        parameters = check_execution(definition, overrides, pipeline_name, selection)
+        execution_id = execution_id or new_execution_id()
+        arn = f"arn:aws:sagemaker:{region}:{account}:pipeline/{pipeline_name}/execution/{execution_id}"
+        record = ExecutionRecord(execution_id, pipeline_name, arn, parameters, time.time(),
+                                 steps={n: StepRecord(n, s.spec["Type"]) for n, s in steps.items()})
+        if selection:
+            record.source_execution = selection.source.execution_id
+            record.selected_steps = list(selection.steps)
+    cache_settings = {n: cache.settings(s.spec) for n, s in steps.items()}
     step_cache = cache.StepCache(cache_dir or executions_dir.parent / "cache", pipeline_name)
-
-    execution_id = secrets.token_hex(6)
-    arn = f"arn:aws:sagemaker:{region}:{account}:pipeline/{pipeline_name}/execution/{execution_id}"
-    record = ExecutionRecord(execution_id, pipeline_name, arn, parameters, time.time(),
-                             steps={n: StepRecord(n, s.spec["Type"]) for n, s in steps.items()})
-    if selection:
-        record.source_execution = selection.source.execution_id
-        record.selected_steps = list(selection.steps)
-    folder = executions_dir / pipeline_name / execution_id
+    folder = executions_dir / pipeline_name / record.execution_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "definition.json").write_text(json.dumps(definition, indent=1))
 
-    s3 = boto3.client("s3", region_name=region)
-    sagemaker = boto3.client("sagemaker", region_name=region)
+    # A session of its own: executions run side by side in one process (the local server), and
+    # boto3's default session is not safe to share between threads.
+    session = boto3.session.Session(region_name=region)
+    s3 = session.client("s3")
+    sagemaker = session.client("sagemaker")
     property_files: dict[tuple[str, str], Any] = {}
 
     def read_property_file(step: str, file_name: str) -> Any:
@@ -434,27 +505,43 @@ def run_execution(
                 return uri
         return None
 
+    started = datetime.fromtimestamp(record.started, UTC).isoformat(timespec="seconds")
     scope = Scope(
         parameters=parameters,
         execution={
-            "PipelineExecutionId": execution_id,
-            "PipelineExecutionArn": arn,
+            "PipelineExecutionId": record.execution_id,
+            "PipelineExecutionArn": record.arn,
             "PipelineName": pipeline_name,
-            "StartDateTime": _now_iso(),
+            "StartDateTime": started,
             "CurrentDateTime": _now_iso(),
         },
         read_property_file=read_property_file,
     )
 
     def save() -> None:
-        (folder / "execution.json").write_text(json.dumps(asdict(record), indent=1, default=str))
+        # Whole files only: the local server reads the record while the execution runs.
+        partial = folder / "execution.json.partial"
+        partial.write_text(json.dumps(asdict(record), indent=1, default=str))
+        partial.replace(folder / "execution.json")
 
+    stopped = False
     for step_name in order:
         step, state = steps[step_name], record.steps[step_name]
         kind = step.spec["Type"]
-        if selection and step_name not in selection.steps:
-            earlier = selection.source.steps.get(step_name)
-            if earlier and earlier.status == "Succeeded" and record.status != "Failed":
+        if state.status == "Succeeded":  # resumed: what succeeded stays done
+            scope.step_properties[step_name] = state.properties
+            continue
+        if record.selected_steps and step_name not in record.selected_steps:
+            earlier = selection.source.steps.get(step_name) if selection else None
+            if resume:
+                continue  # it did not run in this selective execution, and does not now
+            # A step downstream of a selected one does not run, nor take stale outputs: "the
+            # non-selected steps downstream of selected steps do not run" (Selective execution
+            # of pipeline steps, https://docs.aws.amazon.com/sagemaker/latest/dg/
+            # pipelines-selective-ex.html).
+            downstream = _upstream(steps, step_name) & set(record.selected_steps)
+            if earlier and earlier.status == "Succeeded" and record.status != "Failed" \
+                    and not downstream:
                 _reuse(state, selection.source.execution_id, earlier.properties, earlier.outcome,
                        earlier.billable_seconds + earlier.source_billable_seconds)
                 scope.step_properties[step_name] = state.properties
@@ -465,13 +552,14 @@ def run_execution(
             continue
         blocked = [d for d in step.depends if record.steps[d].status != "Succeeded"]
         branch_not_taken = step.gate and record.steps[step.gate[0]].outcome != str(step.gate[1]).lower()
-        if blocked or branch_not_taken or record.status == "Failed":
+        stopped = stopped or control.stop_requested.is_set()
+        if blocked or branch_not_taken or record.status == "Failed" or stopped:
             state.status = "NotExecuted"
             progress.step_finished(state)
             continue
         state.status, state.started = "Executing", time.time()
-        state.log = str(folder / step_name / "log.txt")
-        (folder / step_name).mkdir(exist_ok=True)
+        state.log = str(_attempt_dir(folder / step_name, len(state.attempts) + 1) / "log.txt")
+        Path(state.log).parent.mkdir(parents=True, exist_ok=True)
         progress.step_started(state)
         save()
 
@@ -480,12 +568,12 @@ def run_execution(
             if kind in cache.KEY_ATTRIBUTES:
                 key = cache.key(kind, step.spec.get("Arguments", {}), scope)
                 _use_cache(state, key, cache_settings[step_name], step_cache, missing_output,
-                           selection is not None, progress)
+                           bool(record.selected_steps), progress)
             if not state.reused_from:
                 metadata = ({"estimated_cost_usd": _production_cost(record, steps, step_name)}
                             if kind == "RegisterModel" else {})
                 _run_with_retries(step, state, scope, folder / step_name, s3, sagemaker, record,
-                                  progress, metadata)
+                                  progress, metadata, control)
         except _STEP_ERRORS as exc:
             state.status, state.failure_reason = "Failed", str(exc)
             with open(state.log, "a") as log:
@@ -493,11 +581,12 @@ def run_execution(
         state.ended = time.time()
         if state.status == "Executing":
             state.status = "Succeeded"
+        stopped = stopped or state.status == "Stopped"
         if state.reused_from:
             scope.step_properties[step_name] = state.properties
-        elif key is not None:
-            step_cache.record(step_name, cache.Entry(execution_id, state.ended, state.status, key,
-                                                     state.properties, state.billable_seconds))
+        elif key is not None and state.status != "Stopped":
+            step_cache.record(step_name, cache.Entry(record.execution_id, state.ended, state.status,
+                                                     key, state.properties, state.billable_seconds))
         if state.status == "Failed" and record.status != "Failed":
             record.status = "Failed"
             record.failure_reason = f"step {step_name} failed: {state.failure_reason}"
@@ -506,11 +595,24 @@ def run_execution(
         save()
 
     if record.status != "Failed":
-        record.status = "Succeeded"
+        record.status = "Stopped" if stopped else "Succeeded"
     record.ended = time.time()
     record.cost = cost.local_ledger(asdict(record))
     save()
     return record
+
+
+def _reopen(record: ExecutionRecord) -> None:
+    """Make a failed execution's record ready to continue: the steps that did not succeed are
+    pending again (keeping their attempts and billed time, so that job names stay unique and
+    the ledger counts every job); the execution is executing again."""
+    for state in record.steps.values():
+        if state.status == "Succeeded" or (record.selected_steps
+                                           and state.name not in record.selected_steps):
+            continue
+        state.status, state.started, state.ended, state.failure_reason = "Pending", None, None, ""
+        state.outcome, state.properties, state.cache, state.reused_from = "", {}, "", ""
+    record.status, record.failure_reason, record.ended, record.cost = "Executing", "", None, {}
 
 
 def _use_cache(state: StepRecord, key: dict, settings: tuple[bool, timedelta | None],
@@ -529,11 +631,11 @@ def _use_cache(state: StepRecord, key: dict, settings: tuple[bool, timedelta | N
             hit = lookup.hit
             _reuse(state, hit.execution_id, hit.properties, "", hit.billable_seconds)
             state.cache = f"hit (execution {hit.execution_id})"
-            progress.step_line(state, f"cache hit: reusing the outputs of execution "
-                                      f"{hit.execution_id} ({hit.when})")
+            _note(state, progress, f"cache hit: reusing the outputs of execution "
+                                   f"{hit.execution_id} ({hit.when})")
             return
         state.cache = f"miss: {lookup.reason}"
-    progress.step_line(state, f"cache {state.cache}")
+    _note(state, progress, f"cache {state.cache}")
 
 
 def _production_cost(record: ExecutionRecord, steps: dict[str, _Step], name: str) -> str:
@@ -544,24 +646,24 @@ def _production_cost(record: ExecutionRecord, steps: dict[str, _Step], name: str
 
 def _run_with_retries(step: _Step, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
                       record: ExecutionRecord, progress: Progress,
-                      registration_metadata: dict[str, str]) -> None:
+                      registration_metadata: dict[str, str], control: jobs.JobControl) -> None:
     """Run the step, trying again as long as its RetryPolicies retry the failure's cause."""
     kind = step.spec["Type"]
     if kind not in _RETRYABLE_TYPES:
-        _run_step(step.spec, state, scope, job_dir, s3, sagemaker, record, progress, 1, {})
+        _run_step(step.spec, state, scope, job_dir, s3, sagemaker, record, progress, 1, {},
+                  control)
         return
     policies = step.spec.get("RetryPolicies", [])
-    causes: list[str] = []
+    first = len(state.attempts)  # a resumed step keeps the attempts of its earlier run
     while True:
-        attempt = len(causes) + 1
-        # A retry is a new job on a fresh instance: its own folder, its own job name.
-        attempt_dir = job_dir if attempt == 1 else job_dir / f"attempt-{attempt}"
+        attempt = len(state.attempts) + 1
+        attempt_dir = _attempt_dir(job_dir, attempt)
         attempt_dir.mkdir(parents=True, exist_ok=True)
         state.log = str(attempt_dir / "log.txt")
         state.properties, started, error = {}, time.time(), None
         try:
             _run_step(step.spec, state, scope, attempt_dir, s3, sagemaker, record, progress,
-                      attempt, registration_metadata)
+                      attempt, registration_metadata, control)
         except _STEP_ERRORS as exc:
             error = exc
             state.status, state.failure_reason = "Failed", str(exc)
@@ -569,23 +671,26 @@ def _run_with_retries(step: _Step, state: StepRecord, scope: Scope, job_dir: Pat
         if state.properties and kind in cost.JOB_TYPES:  # a job started: it is billed
             state.billable_seconds += ended - started
         failed = state.status == "Failed"
-        causes.append(failure_cause(error, state.failure_reason) if failed else "")
+        cause = failure_cause(error, state.failure_reason) if failed else ""
         state.attempts.append({"job_name": state.job_name, "started": started, "ended": ended,
                                "failure_reason": state.failure_reason if failed else "",
-                               "cause": causes[-1]})
+                               "cause": cause})
         if not failed:
             return
-        delay = retry_delay(policies, causes, state.attempts[0]["started"], time.time())
+        causes = [a["cause"] for a in state.attempts[first:]]
+        delay = retry_delay(policies, causes, state.attempts[first]["started"], time.time())
         if delay is None:
             if error is not None:
                 raise error
             return
-        progress.step_line(state, f"attempt {attempt} failed ({causes[-1]}: {state.failure_reason}); "
-                                  f"retrying in {delay:g}s")
         if error is not None:  # a job's own log already ends with its error
             with open(state.log, "a") as log:
                 log.write(f"ERROR: {error}\n")
-        time.sleep(delay)
+        _note(state, progress, f"attempt {attempt} failed ({cause}: {state.failure_reason}); "
+                               f"retrying in {delay:g}s")
+        if control.stop_requested.wait(delay):
+            state.status = "Stopped"
+            return
         state.status, state.failure_reason = "Executing", ""
 
 
@@ -618,9 +723,9 @@ def _registered_package(sagemaker, request: dict) -> str | None:
 
 def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
               record: ExecutionRecord, progress: Progress, attempt: int,
-              registration_metadata: dict[str, str]) -> None:
+              registration_metadata: dict[str, str], control: jobs.JobControl) -> None:
     kind, arguments = spec["Type"], spec.get("Arguments", {})
-    on_line: Callable[[str], None] = lambda line: progress.step_line(state, line)
+    on_line: Callable[[str], None] = lambda line: _note(state, progress, line)
 
     if kind == "Condition":
         outcome = all(evaluate_condition(c, scope) for c in arguments.get("Conditions", []))
@@ -643,10 +748,14 @@ def _run_step(spec: dict, state: StepRecord, scope: Scope, job_dir: Path, s3, sa
         # the instance from it); replaced by the job's own description when it ran.
         state.properties = {**request, _JOB_NAME_FIELD[kind]: state.job_name}
         run = jobs.run_processing_job if kind == "Processing" else jobs.run_training_job
-        result = run(s3, request, state.job_name, job_dir, on_line)
+        # The job writes its own output to the log; it reaches the display only.
+        result = run(s3, request, state.job_name, job_dir,
+                     lambda line: progress.step_line(state, line), control=control)
         state.properties = result.description
         scope.step_properties[state.name] = result.description
-        if not result.succeeded:
+        if result.stopped:
+            state.status = "Stopped"
+        elif not result.succeeded:
             state.status, state.failure_reason = "Failed", result.failure_reason
         return
 

@@ -37,13 +37,20 @@ resumes. `InstanceCount` > 1 runs that many processes on this machine (torchrun,
 that many instances. The values of credential variables in the job's environment (AWS keys, API
 keys) are masked in what a job prints, before it reaches the log or the display, and in the
 failure reason.
+
+A job's process is started through its execution's `JobControl`: the one place that decides how
+a job's process comes to be (today a plain subprocess; a warm runner that has already imported the
+ML stack can take its place by forking) and where a stop request reaches the job, which is then
+stopped as SageMaker stops one: SIGTERM to the job's process group, SIGKILL after the grace period.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -67,6 +74,42 @@ class JobResult:
     description: dict  # the Describe*Job response the pipeline's properties read
     failure_reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False  # stopped on request (StopPipelineExecution), not failed
+
+
+# How long a job may take to end after SIGTERM before it is killed, stopped on request or at its
+# StoppingCondition: "SageMaker sends the algorithm the SIGTERM signal, which delays job
+# termination for 120 seconds" (StopTrainingJob,
+# https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StopTrainingJob.html, and
+# https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html). A job
+# stopped at MaxRuntimeInSeconds is Stopped with the secondary status MaxRuntimeExceeded.
+STOP_GRACE_SECONDS = 120.0
+MAX_RUNTIME_EXCEEDED = "MaxRuntimeExceeded"
+STOPPED_ON_REQUEST = "StopRequested"
+
+
+def start_process(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A job's process, leading its own process group (stopping the job stops all of it: torchrun
+    and its workers, a stage's helpers), its output a text pipe of lines."""
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            errors="replace", bufsize=1, start_new_session=True,
+                            preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
+
+
+@dataclass
+class JobControl:
+    """How an execution's jobs are started and asked to stop.
+
+    `start` is the seam for a warm runner: anything that returns an object with `pid` (the leader
+    of the job's own process group), `stdout` (its output, text lines), `poll()` and `wait()`
+    (exit status, negative for a signal), as `subprocess.Popen` does, can start the jobs. A job
+    must still be a fresh process with the environment, folder and output given here.
+    """
+
+    start: Callable[[list[str], dict[str, str], Path], subprocess.Popen] = start_process
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    stop_grace_seconds: float = STOP_GRACE_SECONDS
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -184,49 +227,58 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
-# What SageMaker does when a job reaches StoppingCondition.MaxRuntimeInSeconds: "SageMaker sends
-# the algorithm the SIGTERM signal, which delays job termination for 120 seconds"
-# (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html), then the
-# job is Stopped with the secondary status MaxRuntimeExceeded.
-STOP_GRACE_SECONDS = 120
-MAX_RUNTIME_EXCEEDED = "MaxRuntimeExceeded"
-
-
 def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
-         on_line: Callable[[str], None], max_seconds: float | None = None) -> tuple[int, bool]:
-    """Run the job's command; (exit status, whether it was stopped at `max_seconds`)."""
+         on_line: Callable[[str], None], control: JobControl | None = None,
+         max_seconds: float | None = None) -> tuple[int, str]:
+    """Run the job's command to its end; (exit status, why it was stopped: "" when it was not,
+    STOPPED_ON_REQUEST, or MAX_RUNTIME_EXCEEDED after `max_seconds`)."""
+    control = control or JobControl()
     secrets = secret_values(env)
-    stopped = threading.Event()
     with open(log_path, "a", encoding="utf-8") as log:
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   text=True, errors="replace", bufsize=1,
-                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
-
-        def stop() -> None:
-            stopped.set()
-            process.terminate()
-            try:
-                process.wait(STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-        timer = threading.Timer(max_seconds, stop) if max_seconds else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        process = control.start(command, env, cwd)
+        stopped: list[str] = []
+        watcher = threading.Thread(target=_stop_when_asked,
+                                   args=(process, control, max_seconds, stopped), daemon=True)
+        watcher.start()
         assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                line = redact(line, secrets)
-                log.write(line)
-                log.flush()
-                on_line(line.rstrip("\n"))
-            code = process.wait()
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return code, stopped.is_set()
+        for line in process.stdout:
+            line = redact(line, secrets)
+            log.write(line)
+            log.flush()
+            on_line(line.rstrip("\n"))
+        code = process.wait()
+        watcher.join()
+        return code, stopped[0] if stopped else ""
+
+
+def _stop_when_asked(process: subprocess.Popen, control: JobControl, max_seconds: float | None,
+                     stopped: list[str]) -> None:
+    """While the job runs: when its execution is asked to stop, or it has run `max_seconds`,
+    SIGTERM its process group, and SIGKILL it after the grace period."""
+    deadline = time.monotonic() + max_seconds if max_seconds else None
+    why = STOPPED_ON_REQUEST
+    while not control.stop_requested.wait(0.2):
+        if process.poll() is not None:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            why = MAX_RUNTIME_EXCEEDED
+            break
+    if process.poll() is not None:
+        return
+    stopped.append(why)
+    _signal_group(process.pid, signal.SIGTERM)
+    grace = control.stop_grace_seconds if why == STOPPED_ON_REQUEST else STOP_GRACE_SECONDS
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _max_runtime(request: dict) -> float | None:
@@ -240,18 +292,20 @@ def _stopped_reason(request: dict) -> str:
             "it more (MaxRuntimeSeconds) or less work")
 
 
+# Loaded here, not in the child: a child forked from a threaded process (the local server) must
+# not load libraries between fork and exec.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """In the job's process: ask Linux to SIGTERM it when the engine dies, however it dies.
 
     Otherwise a killed `llm-pipeline run` leaves its job training on (and, under torchrun,
     holding a port); SageMaker stops a job's container when the job is stopped.
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
+    if _LIBC is not None:
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _last_error(log_path: Path) -> str:
@@ -343,7 +397,8 @@ def _command(image: str, entrypoint: list[str] | None, arguments: list[str]) -> 
 
 
 def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
-                       on_line: Callable[[str], None]) -> JobResult:
+                       on_line: Callable[[str], None], control: JobControl | None = None
+                       ) -> JobResult:
     root = job_dir / "opt_ml"
 
     def local(path: str) -> str:
@@ -373,9 +428,11 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
                           {"SM_OUTPUT_DIR": str(output_dir)})
 
     log_path = job_dir / "log.txt"
-    code, stopped = _run(command, env, job_dir, log_path, on_line, _max_runtime(request))
+    code, stopped = _run(command, env, job_dir, log_path, on_line, control, _max_runtime(request))
     description = {**request, "ProcessingJobName": job_name, "ProcessingJobArn": arn,
                    "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
+    if stopped == STOPPED_ON_REQUEST:  # nothing is uploaded: the job did not finish
+        return JobResult(False, {**description, "ProcessingJobStatus": "Stopped"}, stopped=True)
     # SageMaker returns the first 1 KB of /opt/ml/output/message as the job's ExitMessage, in any
     # terminal status; a failed stage leaves its reason there (steps/common/contract.py).
     message = redact(_read_reason(output_dir / "message"), secret_values(env))
@@ -394,7 +451,8 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
 
 
 def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
-                     on_line: Callable[[str], None]) -> JobResult:
+                     on_line: Callable[[str], None], control: JobControl | None = None
+                     ) -> JobResult:
     root = job_dir / "opt_ml"
     config_dir, data_dir = root / "input" / "config", root / "input" / "data"
     model_dir, output_dir = root / "model", root / "output"
@@ -456,7 +514,8 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     log_path = job_dir / "log.txt"
     started = time.time()
     try:
-        code, stopped = _run(command, env, job_dir, log_path, watch, _max_runtime(request))
+        code, stopped = _run(command, env, job_dir, log_path, watch, control,
+                             _max_runtime(request))
     finally:
         if checkpoints is not None:
             checkpoints.stop()
@@ -468,11 +527,14 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
                    "TrainingJobStatus": "Completed" if code == 0 else "Failed",
                    "TrainingTimeInSeconds": seconds, "BillableTimeInSeconds": seconds,
                    "FinalMetricDataList": [{"MetricName": k, "Value": v} for k, v in metrics.items()]}
-    if stopped:
+    if stopped == MAX_RUNTIME_EXCEEDED:
         reason = _stopped_reason(request)
         return JobResult(False, {**description, "TrainingJobStatus": "Stopped",
                                  "SecondaryStatus": MAX_RUNTIME_EXCEEDED, "FailureReason": reason},
                          reason, metrics)
+    if stopped:  # on request: checkpoints were synced above; the model is not uploaded
+        return JobResult(False, {**description, "TrainingJobStatus": "Stopped",
+                                 "SecondaryStatus": "Stopped"}, metrics=metrics, stopped=True)
     if code != 0:
         # SageMaker's FailureReason is the first 1024 characters of /opt/ml/output/failure
         # (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-output.html).

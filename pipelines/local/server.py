@@ -1,10 +1,18 @@
-"""Local AWS: a moto server on 127.0.0.1 that serves S3 and the SageMaker model registry.
+"""The local SageMaker: one server on 127.0.0.1 that runs pipelines and serves S3 and the registry.
 
-The server runs as a background process so its state (buckets, model packages) outlives a
-single command: `llm-pipeline run` registers a package, a later `registry list` sees it.
-It lives until `llm-pipeline server stop` or a reboot (moto keeps state in memory only).
-Commands started at once (two `llm-pipeline run`s) share one server: whoever finds none starts
-it while holding a lock on the home, and the others wait for it and use it.
+It answers the SageMaker Pipelines API itself (pipelines/local/sagemaker_api.py: pipelines,
+executions that the local engine really runs, their steps and jobs) and hands every other
+request (S3, the model registry, endpoints) to moto, in the same process. So boto3, the AWS CLI,
+the SageMaker SDK and `llm-pipeline upsert/start` use it exactly as they use SageMaker: only the
+endpoint differs.
+
+The server runs as a background process so its state outlives a single command: `llm-pipeline
+run` registers a package, a later `registry list` sees it. It lives until `llm-pipeline server
+stop` or a reboot. What survives its end: pipelines and executions (with their logs and job
+folders), kept under $LLM_PIPELINE_HOME; what does not: moto's state (S3 objects, model packages),
+which lives in the process's memory. Commands started at once (two `llm-pipeline run`s) share
+one server: whoever finds none starts it while holding a lock on the home, and the others wait
+for it and use it.
 """
 
 from __future__ import annotations
@@ -38,14 +46,18 @@ def endpoint_configured() -> bool:
 
 
 def _record() -> Path:
-    return home() / "moto-server.json"
+    return home() / "server.json"
+
+
+def log_path() -> Path:
+    return home() / "server.log"
 
 
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
     """Held while the server is started or stopped: one at a time per home, across processes."""
     home().mkdir(parents=True, exist_ok=True)
-    with open(home() / "moto-server.lock", "a") as handle:
+    with open(home() / "server.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
         yield
 
@@ -87,19 +99,28 @@ def ensure_running() -> str:
         return running_url() or _start()
 
 
+def _server_environment() -> dict[str, str]:
+    """The server's environment: the caller's, without its AWS credentials, profile or endpoints
+    (the server is its own AWS; its jobs must not reach the caller's account)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("AWS_") or k == "AWS_DEFAULT_REGION"}
+
+
 def _start() -> str:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(home() / "moto-server.log", "ab") as log:
+    with open(log_path(), "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "pipelines.local.server", "--port", str(port),
+             "--home", str(home())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=_server_environment(),
             start_new_session=True,  # survives the command that started it
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not _alive(url):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise UserError(f"the local AWS server did not start; see {home() / 'moto-server.log'}")
+            raise UserError(f"the local AWS server did not start; see {log_path()}")
         time.sleep(0.2)
     partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
     partial.write_text(json.dumps({"url": url, "pid": process.pid}))
@@ -108,17 +129,35 @@ def _start() -> str:
 
 
 def stop() -> bool:
+    """Stop the home's server; executions it was running end Failed, saying so."""
     with _lock():
+        # moto-server.json: the record of a plain moto server, which earlier versions started.
+        stopped = False
+        for record_path in (_record(), home() / "moto-server.json"):
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                continue
+            _terminate(record.get("pid"))
+            record_path.unlink(missing_ok=True)
+            stopped = True
+        return stopped
+
+
+def _terminate(pid: int | None, timeout: float = 15.0) -> None:
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout  # so that a `server start` right after gets a new one
+    while time.monotonic() < deadline:
         try:
-            record = json.loads(_record().read_text())
-        except (OSError, ValueError):
-            return False
-        try:
-            os.kill(record["pid"], signal.SIGTERM)
-        except (ProcessLookupError, KeyError):
-            pass
-        _record().unlink(missing_ok=True)
-        return True
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def local_environment(url: str) -> dict[str, str]:
@@ -138,3 +177,63 @@ def use_local_aws() -> str:
         os.environ.pop(name, None)
     os.environ.update(local_environment(url))
     return url
+
+
+def serve(port: int) -> None:
+    """The server process: the SageMaker service of pipelines/local/sagemaker_api.py in front of
+    moto, on 127.0.0.1:`port`, until SIGTERM."""
+    import logging
+
+    import boto3
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    from pipelines.definition import LOCAL_ACCOUNT
+    from pipelines.local.executions import Executions
+    from pipelines.local.sagemaker_api import LocalEndpoint, LocalSageMaker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    url = f"http://127.0.0.1:{port}"
+    # The engine's clients and the jobs it starts reach S3 and the registry here.
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *ENDPOINT_VARIABLES):
+        os.environ.pop(name, None)
+    os.environ.update(local_environment(url))
+
+    def read_s3_object(region: str, bucket: str, key: str) -> str:
+        s3 = boto3.session.Session(region_name=region).client("s3")
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+
+    executions = Executions(home())
+    api = LocalSageMaker(home(), LOCAL_ACCOUNT, executions, read_s3_object)
+    application = LocalEndpoint(api, DomainDispatcherApplication(create_backend_app), LOCAL_REGION)
+    http = make_server("127.0.0.1", port, application, threaded=True,
+                       request_handler=MotoRequestHandler)
+
+    def end(signum, frame) -> None:
+        executions.shutdown("the local server was stopped while this execution ran "
+                            "(`llm-pipeline server stop`); retry it (RetryPipelineExecution) or "
+                            "start a new one")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, end)
+    logging.getLogger(__name__).info("serving the local SageMaker on %s (home %s)", url, home())
+    http.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.local.server")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--home", type=Path, required=True)
+    args = parser.parse_args(argv)
+    os.environ["LLM_PIPELINE_HOME"] = str(args.home)
+    serve(args.port)
+
+
+if __name__ == "__main__":
+    main()

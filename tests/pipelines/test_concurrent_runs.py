@@ -2,7 +2,7 @@
 
 What CI does when two commits land close together, or a person starts a run while another is in
 flight: both share the engine home (its server record, definitions, step cache and execution
-records), the one moto server (S3 and the Model Registry) and the pipeline's bucket.
+records), the one local server (pipelines, S3 and the Model Registry) and the pipeline's bucket.
 """
 
 import contextlib
@@ -63,21 +63,21 @@ def test_commands_started_at_once_share_one_local_server(tmp_path):
     try:
         assert len(set(urls)) == 1, urls
         assert cli(env, "server", "status").stdout.strip() == urls[0]
-        log = (home / "moto-server.log").read_text()
-        assert log.count("Running on http://") == 1, log
+        log = (home / "server.log").read_text()
+        assert log.count("serving the local SageMaker on http://") == 1, log
     finally:
         cli(env, "server", "stop")
         _stop_servers_on({port for url in urls if (port := url.rsplit(":", 1)[-1]).isdigit()})
 
 
 def _stop_servers_on(ports: set[str]) -> None:
-    """Stop the moto servers this test started on `ports` that `server stop` did not know of."""
+    """Stop the local servers this test started on `ports` that `server stop` did not know of."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"moto.server" in argv and any(port.encode() in argv for port in ports):
+        if b"pipelines.local.server" in argv and any(port.encode() in argv for port in ports):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(cmdline.parent.name), signal.SIGTERM)
 

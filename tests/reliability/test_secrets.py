@@ -7,7 +7,7 @@ any), so that they reach the engine, the SDK and, as the stand-in for the execut
 credentials, every job's process (the others stay out of jobs, whose environment is SageMaker's,
 not the shell's: tests/pipelines/test_jobs.py). Then everything the run left
 is scanned for them: every file under the engine's home (execution records, the definition, job
-logs, hyperparameters.json, the moto server's log, model and output archives, unpacked), every
+logs, hyperparameters.json, the local server's log, model and output archives, unpacked), every
 object in the bucket (unpacked), the registry's metadata as `registry list --json` shows it, and
 the command's own output. The definition scanned is the one the engine ran (definition.json), the
 bytes `definition` prints and `upsert` sends.
@@ -92,13 +92,13 @@ def test_a_job_that_prints_its_credentials_has_them_masked_in_its_log_and_displa
     env = {"PATH": os.environ["PATH"], **SECRETS, "TOKENIZERS_PARALLELISM": "false",
            "AWS_ENDPOINT_URL": "http://127.0.0.1:5000", "SHORT_TOKEN": "local"}
     shown: list[str] = []
-    code = jobs._run(
+    code, stopped = jobs._run(
         [sys.executable, "-c",
          "import os\nfor name in sorted(os.environ): print(f'{name}={os.environ[name]}')"],
         env, tmp_path, tmp_path / "log.txt", shown.append)
 
     log = (tmp_path / "log.txt").read_text()
-    assert code == 0 and "HF_TOKEN=****" in log and "AWS_SECRET_ACCESS_KEY=****" in log
+    assert code == 0 and not stopped and "HF_TOKEN=****" in log and "AWS_SECRET_ACCESS_KEY=****" in log
     assert leaks("log.txt", log.encode()) == [] and leaks("display", "\n".join(shown).encode()) == []
     # Only credentials, and not short values that are ordinary words.
     assert "TOKENIZERS_PARALLELISM=false" in log and "SHORT_TOKEN=local" in log
@@ -140,7 +140,7 @@ def test_no_secret_reaches_files_s3_objects_the_registry_or_the_definition(run_w
     names = {p.name for p in files}
     # What is scanned holds what a leak would be written to.
     assert {"execution.json", "definition.json", "log.txt", "hyperparameters.json",
-            "model.tar.gz", "moto-server.log"} <= names, names
+            "model.tar.gz", "server.log"} <= names, names
     for path in files:
         found += leaks(str(path.relative_to(home)), path.read_bytes())
 
