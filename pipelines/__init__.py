@@ -5,3 +5,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake a user can fix (bad recipe, parameter, path, credentials); printed as one line."""
+
+
+def error_line(message: str) -> str:
+    """`ERROR: <message>` on one line, as the stages print theirs."""
+    return "ERROR: " + " ".join(message.split())

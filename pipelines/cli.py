@@ -1,8 +1,11 @@
 """`llm-pipeline`: build the definition, run it locally, run it on SageMaker, manage the registry.
 
 Target: `--target local` (the default) uses the AWS endpoint named by AWS_ENDPOINT_URL*
-when set, otherwise a moto server on 127.0.0.1 that the command starts and keeps running.
-`--target aws` (or LLM_PIPELINE_TARGET=aws) uses your AWS credentials and account.
+when set, otherwise the local server on 127.0.0.1 (pipelines/local/server.py: SageMaker's
+Pipelines API run by the local engine, S3 and the registry), which the command starts and keeps
+running. `--target aws` (or LLM_PIPELINE_TARGET=aws) uses your AWS credentials and account.
+`upsert` and `start` are the same code on both targets; `run` is `upsert` + `start --wait` on the
+local one.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from containers import images
-from pipelines import UserError, definition, recipe
+from pipelines import UserError, definition, error_line, recipe
 from pipelines.local import server
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -249,83 +252,8 @@ def _refuse_what_would_fail(chosen: recipe.Recipe, document: dict, values: dict)
     validation.check_execution(document, values)
 
 
-def _error_line(message: str) -> str:
-    """`ERROR: <message>` on one line, as the stages print theirs."""
-    return "ERROR: " + " ".join(message.split())
-
-
 def _executions_dir() -> Path:
     return server.home() / "executions"
-
-
-# -- progress display -------------------------------------------------------------------
-
-class _PlainProgress:
-    """One line per event; used when stdout is not a terminal (CI, logs)."""
-
-    def step_started(self, state) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {state.name} ({state.type}) started", flush=True)
-
-    def step_line(self, state, line: str) -> None:
-        if line.strip():
-            print(f"    {state.name} | {line}", flush=True)
-
-    def step_finished(self, state) -> None:
-        took = f"{state.seconds:.1f}s" if state.seconds is not None else ""
-        reason = f": {state.failure_reason}" if state.failure_reason else ""
-        print(f"[{time.strftime('%H:%M:%S')}] {state.name} {state.status.lower()} {took}{reason}",
-              flush=True)
-
-
-class _LiveProgress:
-    """A live table of steps with status, time and the latest log line of the running step."""
-
-    def __init__(self, step_names: list[str]) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        self.states: dict[str, object] = {}
-        self.names = step_names
-        self.latest: dict[str, str] = {}
-        self.live = Live(self._table(), console=Console(), refresh_per_second=4, transient=False)
-
-    def _table(self):
-        from rich.table import Table
-
-        table = Table(show_header=True, header_style="bold")
-        for column in ("step", "status", "time", "latest"):
-            table.add_column(column, overflow="fold" if column == "latest" else None)
-        colours = {"Succeeded": "green", "Failed": "red", "Executing": "yellow"}
-        for name in self.names:
-            state = self.states.get(name)
-            status = state.status if state else "Pending"
-            took = f"{state.seconds:.0f}s" if state and state.seconds is not None else ""
-            latest = self.latest.get(name, "")[-100:]
-            table.add_row(name, f"[{colours.get(status, 'dim')}]{status}[/]", took, latest)
-        return table
-
-    def __enter__(self):
-        self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.live.update(self._table())
-        self.live.__exit__(*exc)
-
-    def step_started(self, state) -> None:
-        self.states[state.name] = state
-        self.live.update(self._table())
-
-    def step_line(self, state, line: str) -> None:
-        if line.strip():
-            self.latest[state.name] = line.strip()
-            self.live.update(self._table())
-
-    def step_finished(self, state) -> None:
-        self.states[state.name] = state
-        if state.failure_reason:
-            self.latest[state.name] = state.failure_reason
-        self.live.update(self._table())
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -355,140 +283,54 @@ def _check_rerun_flags(args) -> None:
                         "steps before it reuse (its id; on AWS also its ARN)")
 
 
-def _local_selection(args, document: dict, pipeline_name: str):
-    """`--reuse ID [--from-step STEP]`: which steps run, which reuse execution ID's outputs."""
-    from pipelines.local.engine import Selection, load_execution, steps_from, unfinished_steps
-
-    if not args.reuse:
-        return None
-    source = load_execution(_executions_dir(), pipeline_name, args.reuse)
-    if args.from_step:
-        selected = steps_from(document, args.from_step)
-    elif source.status == "Succeeded":
-        raise UserError(f"execution {source.execution_id} succeeded, there is nothing to continue; "
-                        "pass --from-step STEP to re-run from a step")
-    else:
-        selected = unfinished_steps(document, {n: s.status for n, s in source.steps.items()})
-    print(f"Re-running {', '.join(selected)}; the other steps reuse execution "
-          f"{source.execution_id}", flush=True)
-    return Selection(source, selected)
-
-
 def cmd_run(args) -> int:
-    from pipelines.local.engine import resolve_parameters, run_execution, step_names
-
+    """`upsert` and `start --wait` on the local target, with the steps shown as they run: the
+    local endpoint executes the pipeline as SageMaker would."""
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
     _check_rerun_flags(args)
     target = _connect(args)
     overrides = _parameters(args.parameter)
-    s3 = _client("s3", target)
+    sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
     # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
     _check_data_uris(s3, recipe.load(args.recipe), overrides)
     chosen, text = _build_cached(args, target)
-    document = json.loads(text)
-    selection = _local_selection(args, document, definition.pipeline_name(chosen))
-    _ensure_bucket(s3, target["bucket"], target["region"])
-    for parameter in chosen.data_parameters:  # local files go to the bucket; demo data too
-        if parameter in overrides:
-            overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
-                                                parameter)
-        elif parameter in chosen.demo_data:
-            _ensure_demo_data(s3, target["bucket"], chosen.demo_data[parameter])
-    _refuse_what_would_fail(chosen, document, resolve_parameters(document, overrides))
-
-    print(f"Running {definition.pipeline_name(chosen)} locally (AWS endpoint {target['endpoint']})",
-          flush=True)
-
-    def execute(progress) -> object:
-        return run_execution(document, overrides, _executions_dir(), target["region"],
-                             target["account"], definition.pipeline_name(chosen), progress,
-                             selection)
-
-    if sys.stdout.isatty():
-        with _LiveProgress(step_names(document)) as progress:
-            record = execute(progress)
-    else:
-        record = execute(_PlainProgress())
-    return _report(record, s3, _client("sagemaker", target))
+    _upsert(args, target, chosen, text, sagemaker, s3)
+    arn = _start(args, target, chosen, overrides, sagemaker, s3)
+    # `run` owns its execution: interrupting or killing the command stops it (`start --wait`
+    # only stops waiting, as on SageMaker).
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _wait(args, target, arn, sagemaker, s3, poll_seconds=0.5)
+    except KeyboardInterrupt:
+        sagemaker.stop_pipeline_execution(PipelineExecutionArn=arn)
+        print(f"stopping execution {arn}", file=sys.stderr)
+        raise
 
 
-def _step_note(state) -> str:
-    """Why a step took no time, or took several tries."""
-    if state.cache.startswith("hit"):
-        return f"cache {state.cache}"
-    if state.reused_from:
-        return f"reused from execution {state.reused_from}"
-    if len(state.attempts) > 1:
-        return f"{len(state.attempts)} attempts"
-    return ""
-
-
-def _report(record, s3, sagemaker) -> int:
-    folder = _executions_dir() / record.pipeline_name / record.execution_id
-    print()
-    print(f"Execution {record.execution_id}: {record.status}")
-    for state in record.steps.values():
-        took = f"{state.seconds:7.1f}s" if state.seconds is not None else " " * 8
-        print(f"  {state.name:<22} {state.status:<12} {took}  {_step_note(state)}".rstrip())
-    from pipelines import cost
-
-    print("\n" + cost.format_ledger(record.cost))
-    if record.status != "Succeeded":
-        failed = next((s for s in record.steps.values() if s.status == "Failed"), None)
-        if failed and failed.log and Path(failed.log).is_file():
-            tail = Path(failed.log).read_text(errors="replace").splitlines()[-25:]
-            print(f"--- last lines of {failed.name}'s log ({failed.log}) ---", file=sys.stderr)
-            print("\n".join(tail), file=sys.stderr)
-        print(f"Execution record: {folder / 'execution.json'}", file=sys.stderr)
-        # The cause last, on one line: what a CI log or a terminal shows at the bottom.
-        print(_error_line(f"execution {record.execution_id} failed: {record.failure_reason}"),
-              file=sys.stderr)
-        return EXIT_FAILED
-
-    register = next((s for s in record.steps.values() if s.type == "RegisterModel"
-                     and s.status == "Succeeded"), None)
-    evaluation = next((s for s in record.steps.values() if s.name == "Evaluate"), None)
-    if register:
-        package = sagemaker.describe_model_package(ModelPackageName=register.outcome)
-        print(f"\nRegistered model package: {register.outcome} ({package['ModelApprovalStatus']})")
-    if evaluation and evaluation.properties:
-        outputs = evaluation.properties.get("ProcessingOutputConfig", {}).get("Outputs", [])
-        uri = next((o["S3Output"]["S3Uri"] for o in outputs), None)
-        if uri:
-            bucket, _, key = uri[5:].partition("/")
-            metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/evaluation.json")["Body"]
-                                 .read())["metrics"]
-            print("\nMetric              tuned        base")
-            for name in ("eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match"):
-                if name in metrics:
-                    base = metrics.get(f"base_{name}", {}).get("value")
-                    print(f"  {name:<16} {metrics[name]['value']:>10.4f}  "
-                          f"{'-' if base is None else f'{base:>10.4f}'}")
-            if "perplexity_ratio" in metrics:
-                print(f"  perplexity_ratio {metrics['perplexity_ratio']['value']:>10.4f}  "
-                      "(base perplexity / tuned perplexity)")
-            print(f"\nEvaluation report: {uri}/")
-    for state in record.steps.values():
-        artifacts = state.properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
-        if artifacts:
-            print(f"Model artifact ({state.name}): {artifacts}")
-    print(f"Logs and execution record: {folder}")
-    return 0
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_upsert(args) -> int:
     target = _connect(args)
     chosen, text = _build_for(args, target)
-    sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
-    name = definition.pipeline_name(chosen)
-    # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
-    request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
-               "PipelineDescription": definition.shortened(chosen.description, 3072)}
+    _upsert(args, target, chosen, text, _client("sagemaker", target), _client("s3", target))
+    return 0
+
+
+def _upsert(args, target: dict, chosen: recipe.Recipe, text: str, sagemaker, s3) -> None:
+    """Create or update the pipeline from its definition `text`, with what its executions need:
+    the bucket (made locally; on AWS the infrastructure's), the model package group it registers
+    into, and the demo datasets its data parameters default to."""
     from botocore.exceptions import ClientError
 
     from pipelines import validation
 
+    name = definition.pipeline_name(chosen)
+    # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
+    request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
+               "PipelineDescription": definition.shortened(chosen.description, 3072)}
     # Refused here as SageMaker would refuse it (a recipe name with '_', a role that is no ARN),
     # before anything is created.
     validation.check_request("CreatePipeline", request, f"upsert {name}")
@@ -514,21 +356,29 @@ def cmd_upsert(args) -> int:
                             "roles may use only groups named llm-* (infra/README.md)") from None
     try:
         sagemaker.describe_pipeline(PipelineName=name)
-        response = sagemaker.update_pipeline(**request)
-        action = "updated"
+        exists = True
     except ClientError as exc:
         if not any(s in str(exc) for s in ("does not exist", "Could not find", "ResourceNotFound")):
             raise UserError(f"cannot describe pipeline {name}: {exc}") from None
-        response = sagemaker.create_pipeline(**request)
-        action = "created"
+        exists = False
+    action = "updated"
+    if not exists:
+        try:
+            response = sagemaker.create_pipeline(**request)
+            action = "created"
+        except ClientError as exc:  # another upsert created it since: update it (as the SDK does)
+            if "already exists" not in exc.response.get("Error", {}).get("Message", ""):
+                raise
+            exists = True
+    if exists:
+        response = sagemaker.update_pipeline(**request)
     # The data parameters' defaults point at the demo datasets in the bucket: on AWS too, so that
     # `start` with no data parameter runs the demo as it does locally.
     for parameter, dataset in chosen.demo_data.items():
         uploaded = _ensure_demo_data(s3, target["bucket"], dataset)
         print(f"{parameter} default: s3://{target['bucket']}/{definition.DEMO_DATA_KEYS[dataset]} "
               f"({'uploaded' if uploaded else 'already there'})")
-    print(f"{action} pipeline {name}: {response['PipelineArn']}")
-    return 0
+    print(f"{action} pipeline {name}: {response['PipelineArn']}", flush=True)
 
 
 def _require_bucket(s3, bucket: str) -> None:
@@ -544,30 +394,39 @@ def _require_bucket(s3, bucket: str) -> None:
                         "(--bucket or LLM_PIPELINE_BUCKET)") from None
 
 
-_TERMINAL = {"Succeeded", "Failed", "Stopped"}
-
-
 def cmd_start(args) -> int:
     _check_rerun_flags(args)
     target = _connect(args)
-    chosen = recipe.load(args.recipe)
-    name = definition.pipeline_name(chosen)
     sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
-    overrides = _parameters(args.parameter)
+    arn = _start(args, target, recipe.load(args.recipe), _parameters(args.parameter), sagemaker,
+                 s3)
+    if not args.wait:
+        return 0
+    poll_seconds = args.poll_seconds or (30.0 if args.target == "aws" else 1.0)
+    return _wait(args, target, arn, sagemaker, s3, poll_seconds)
+
+
+def _start(args, target: dict, chosen: recipe.Recipe, overrides: dict[str, str], sagemaker,
+           s3) -> str:
+    """StartPipelineExecution of the recipe's pipeline, as it exists on the target; its ARN.
+    Dataset parameters given as local files or folders are uploaded to the bucket first, and
+    parameter values are checked before anything runs or bills."""
+    from botocore.exceptions import ClientError
+
+    from pipelines import validation
+    from pipelines.local.engine import resolve_parameters
+
+    name = definition.pipeline_name(chosen)
     _check_data_uris(s3, chosen, overrides)
     for parameter in chosen.data_parameters:
         if parameter in overrides:
             overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
                                                 parameter)
-    from botocore.exceptions import ClientError
-
     try:
         described = sagemaker.describe_pipeline(PipelineName=name)
     except ClientError:
         raise UserError(f"pipeline {name} does not exist on {target['endpoint']}; "
                         f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
-    from pipelines.local.engine import resolve_parameters
-
     document = json.loads(described["PipelineDefinition"])
     # Refused here, before StartPipelineExecution: nothing has run or billed yet.
     _refuse_what_would_fail(chosen, document, resolve_parameters(document, overrides))
@@ -576,63 +435,26 @@ def cmd_start(args) -> int:
     if args.reuse:
         request["SelectiveExecutionConfig"] = _selective_execution_config(
             args, sagemaker, document, name, target)
-    from pipelines import validation
-
     validation.check_request("StartPipelineExecution", request, f"start {name}")
-    response = sagemaker.start_pipeline_execution(**request)
-    arn = response["PipelineExecutionArn"]
+    arn = sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
     print(f"started {arn}", flush=True)
-    if not args.wait:
-        return 0
-    status = ""
-    while status not in _TERMINAL:
-        described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
-        new_status = described["PipelineExecutionStatus"]
-        if new_status != status:
-            print(f"[{time.strftime('%H:%M:%S')}] {new_status}", flush=True)
-            status = new_status
-        if status not in _TERMINAL:
-            time.sleep(args.poll_seconds)
-    if args.target == "aws":  # the local server runs no jobs: nothing to cost there
-        _print_aws_ledger(sagemaker, arn)
-    if status != "Succeeded":
-        if args.target == "aws":
-            for line in failed_steps(sagemaker, arn):
-                print(line, file=sys.stderr)
-        print(f"execution {status}: {described.get('FailureReason', '')}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return arn
 
 
-def failed_steps(sagemaker, execution_arn: str) -> list[str]:
-    """`step NAME failed: REASON` for each failed step of a SageMaker execution.
+def _wait(args, target: dict, arn: str, sagemaker, s3, poll_seconds: float) -> int:
+    """Show the execution until it ends, then its summary; the exit status says how it ended."""
+    from pipelines import watch
 
-    The execution's own FailureReason only says that a step failed. A step's FailureReason holds
-    a training job's /opt/ml/output/failure; a processing job's reason is in its ExitMessage (the
-    first 1 KB of /opt/ml/output/message,
-    https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html),
-    which only DescribeProcessingJob returns. One line saying why when the steps cannot be read
-    (the caller needs ListPipelineExecutionSteps and DescribeProcessingJob).
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    lines = []
-    try:
-        pages = sagemaker.get_paginator("list_pipeline_execution_steps").paginate(
-            PipelineExecutionArn=execution_arn, SortOrder="Ascending")
-        for step in [s for page in pages for s in page["PipelineExecutionSteps"]]:
-            if step.get("StepStatus") != "Failed":
-                continue
-            reasons = [step.get("FailureReason", "")]
-            job = step.get("Metadata", {}).get("ProcessingJob", {}).get("Arn")
-            if job:
-                reasons.append(sagemaker.describe_processing_job(
-                    ProcessingJobName=job.rsplit("/", 1)[-1]).get("ExitMessage", ""))
-            reason = " ".join(": ".join(r for r in reasons if r).split())
-            lines.append(f"step {step['StepName']} failed: {reason or 'no reason given'}")
-    except (BotoCoreError, ClientError) as exc:
-        return [f"the failed steps' reasons are unavailable: {exc}"]
-    return lines
+    name, execution_id = arn.split(":pipeline/", 1)[1].split("/execution/")
+    logs = watch.StepLogs(_executions_dir() / name / execution_id
+                          if args.target == "local" else None)
+    progress = (watch.LiveProgress(list(watch.step_types(sagemaker, arn)))
+                if sys.stdout.isatty() else watch.PlainProgress())
+    with progress:
+        watch.follow(sagemaker, arn, progress, poll_seconds, logs)
+    timing = "wall time of the local jobs" if args.target == "local" else \
+        "SageMaker billable time"
+    return 0 if watch.summary(sagemaker, s3, arn, logs, timing) else EXIT_FAILED
 
 
 def _execution_arn(reference: str, pipeline_name: str, target: dict) -> str:
@@ -664,17 +486,6 @@ def _selective_execution_config(args, sagemaker, document: dict, name: str, targ
     print(f"re-running {', '.join(selected)}; the other steps reuse {source}", flush=True)
     return {"SourcePipelineExecutionArn": source,
             "SelectedSteps": [{"StepName": step} for step in selected]}
-
-
-def _print_aws_ledger(sagemaker, execution_arn: str) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from pipelines import cost
-
-    try:
-        print("\n" + cost.format_ledger(cost.aws_ledger(sagemaker, execution_arn)))
-    except (BotoCoreError, ClientError) as exc:
-        print(f"cost ledger unavailable for {execution_arn}: {exc}", file=sys.stderr)
 
 
 def cmd_cost(args) -> int:
@@ -844,19 +655,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     spot(p)
     p.set_defaults(func=cmd_definition)
-    p = sub.add_parser("run", help="run the pipeline locally")
+    p = sub.add_parser("run", help="run the pipeline locally: upsert + start --wait on the local "
+                                       "endpoint")
     common(p)
     spot(p)
     reruns(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("upsert", help="create or update the pipeline on SageMaker")
+    p = sub.add_parser("upsert", help="create or update the pipeline on the target")
     common(p, with_params=False)
     spot(p)
     p.set_defaults(func=cmd_upsert)
-    p = sub.add_parser("start", help="start an execution on SageMaker")
+    p = sub.add_parser("start", help="start an execution on the target")
     common(p)
-    p.add_argument("--wait", action="store_true", help="wait; exit status reflects the execution")
-    p.add_argument("--poll-seconds", type=float, default=30.0)
+    p.add_argument("--wait", action="store_true",
+                   help="show the steps until it ends; exit non-zero unless it Succeeded")
+    p.add_argument("--poll-seconds", type=float,
+                   help="how often --wait asks for the execution's status (30 on AWS, 1 locally)")
     reruns(p)
     p.set_defaults(func=cmd_start)
     p = sub.add_parser("cost", help="the cost ledger of an execution")
@@ -891,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="approval description (approve, reject, promote)")
     p.add_argument("--json", action="store_true", help="machine-readable output (list, diff)")
     p.set_defaults(func=cmd_registry, bucket=None)
-    p = sub.add_parser("server", help="the local AWS (moto) server")
+    p = sub.add_parser("server", help="the local server: SageMaker pipelines, S3, the registry")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
     p.set_defaults(func=cmd_server)
     p = sub.add_parser("console", help="the web console: pipelines, executions, model packages",
@@ -927,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(_error_line(str(exc)), file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -158,9 +158,15 @@ def topological_order(steps: dict[str, _Step]) -> list[str]:
     return order
 
 
+def step_specs(definition: dict) -> dict[str, dict]:
+    """Every step of the definition by name, branch steps included, in the order they would run."""
+    steps = _flatten(definition.get("Steps", []))
+    return {name: steps[name].spec for name in topological_order(steps)}
+
+
 def step_names(definition: dict) -> list[str]:
     """Every step of the definition, branch steps included, in the order they would run."""
-    return topological_order(_flatten(definition.get("Steps", [])))
+    return list(step_specs(definition))
 
 
 def _upstream(steps: dict[str, _Step], name: str) -> set[str]:

@@ -493,8 +493,7 @@ class LocalSageMaker:
             raise _validation("PipelineExecutionArn is required")
         execution = self._execution(arn)
         record = self.executions.record(execution)
-        definition = self.executions.definition_of(execution) or {}
-        specs = _step_specs(definition.get("Steps", []))
+        specs = engine.step_specs(self.executions.definition_of(execution) or {})
         stopping = self.executions.status(execution) == "Stopping"
         items = []
         if record is not None:
@@ -700,16 +699,6 @@ def _job_names(state: engine.StepRecord) -> list[str]:
     if running and running not in names:
         names.append(running)
     return names
-
-
-def _step_specs(steps: list[dict]) -> dict[str, dict]:
-    found = {}
-    for spec in steps:
-        found[spec["Name"]] = spec
-        if spec.get("Type") == "Condition":
-            arguments = spec.get("Arguments", {})
-            found.update(_step_specs(arguments.get("IfSteps", []) + arguments.get("ElseSteps", [])))
-    return found
 
 
 def _parameter_text(value: Any) -> str:

@@ -1,15 +1,17 @@
 """A recipe executed by the local endpoint, as SageMaker would execute it: statuses, step metadata,
 the jobs it ran, a failed execution retried in place, a stopped one, and a server that ends while
-an execution runs.
+an execution runs; and `llm-pipeline start --wait`, whose exit status says how it ended.
 
 One small sft pipeline (builtin:tiny, a few training steps) is upserted once; its executions are
-started with boto3, as CI or the console would start them. Every answer of the local service is
-checked against botocore's output shapes (`strict_client`).
+started with boto3, as CI or the console would start them, or with `start`. Every answer of the
+local service is checked against botocore's output shapes (`strict_client`).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import boto3
 import pytest
 
 from pipelines.definition import DEFAULT_BUCKET
-from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.conftest import ROOT, clean_env, cli
 from tests.pipelines.output_shapes import strict_client
 from tests.pipelines.test_cache import write_sums
 
@@ -57,12 +59,18 @@ def env(local_home):
 
 
 @pytest.fixture(scope="module")
-def endpoint(env, tmp_path_factory):
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("endpoint-test") / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def endpoint(env, recipe):
     """The module's server with the pipeline upserted and the data in its bucket."""
     url = cli(env, "server", "start").stdout.strip()
-    folder = tmp_path_factory.mktemp("endpoint-test")
-    (folder / "recipe.yaml").write_text(RECIPE)
-    upserted = cli(env, "upsert", "--recipe", str(folder / "recipe.yaml"))
+    folder = recipe.parent
+    upserted = cli(env, "upsert", "--recipe", str(recipe))
     assert upserted.returncode == 0, upserted.stderr
     s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                       aws_access_key_id="local", aws_secret_access_key="local")
@@ -215,9 +223,28 @@ def test_a_failed_execution_retried_after_its_cause_is_fixed_succeeds_under_the_
         "ProcessingJobStatus"] == "Completed"
 
 
-def test_stopping_an_execution_stops_its_running_job(endpoint, local_home):
+def test_start_wait_of_a_bad_dataset_exits_non_zero_naming_the_step_and_its_reason(
+        env, endpoint, recipe, tmp_path):
+    bad = tmp_path / "bad.jsonl"  # a local file: `start` uploads it, as `run` does
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 5}\n')
+    result = cli(env, "start", "--recipe", str(recipe), "--wait", "-p", f"InputData={bad}",
+                 "--poll-seconds", "0.5")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR: execution ") and " failed: step DataPrep failed: " in last
+    assert "bad.jsonl:2: field 'completion': expected a string, got a number" in last
+    assert "DataPrep (Processing) started" in result.stdout  # the steps were shown as they ran
+
+
+def test_stopping_an_execution_stops_its_running_job_and_start_wait_says_stopped(
+        env, endpoint, recipe, local_home):
     _, sagemaker, _ = endpoint
-    arn = start(sagemaker, MaxSteps=100000)
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "start", "--recipe", str(recipe), "--wait",
+         "--poll-seconds", "0.5", "-p", f"InputData={DATA}", "-p", "MaxSteps=100000"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiting.stdout is not None
+    arn = waiting.stdout.readline().split("started ", 1)[1].strip()
     training, folder = sft_training(local_home, arn)
     watch(sagemaker, arn, until=training)
     assert job_processes(folder)
@@ -229,6 +256,11 @@ def test_stopping_an_execution_stops_its_running_job(endpoint, local_home):
     assert job_processes(folder) == []  # the job and everything it started are gone
     assert sagemaker.describe_training_job(TrainingJobName=job_name(stopped["SFT"]))[
         "TrainingJobStatus"] == "Stopped"
+
+    _, stderr = waiting.communicate(timeout=120)
+    assert waiting.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"ERROR: execution {arn.rsplit('/', 1)[-1]} stopped: stopped while SFT ran")
 
 
 def test_an_execution_running_when_its_server_ends_is_failed_saying_so(endpoint, env, local_home):
@@ -250,4 +282,4 @@ def test_an_execution_running_when_its_server_ends_is_failed_saying_so(endpoint,
     # the pipeline is still there, and so is what the earlier executions recorded
     assert restarted.describe_pipeline(PipelineName=PIPELINE)["PipelineName"] == PIPELINE
     assert len(restarted.list_pipeline_executions(PipelineName=PIPELINE, MaxResults=100)[
-        "PipelineExecutionSummaries"]) == 4
+        "PipelineExecutionSummaries"]) == 5
