@@ -227,7 +227,7 @@ class Executions:
     def _save(self, execution: Execution) -> None:
         path = self._meta_path(execution.pipeline_name, execution.execution_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
         partial.write_text(json.dumps(asdict(execution), indent=1))
         partial.replace(path)
 

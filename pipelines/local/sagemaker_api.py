@@ -28,6 +28,7 @@ import io
 import json
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -119,6 +120,14 @@ def _created_between(items: Iterable[dict], request: dict, field: str) -> list[d
             and (before is None or i[field] < before)]
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write `path` so that readers see the old file or the new one, never a part: requests are
+    answered in threads of their own."""
+    partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 class Pipelines:
     """Pipelines as CreatePipeline/UpdatePipeline left them, every version's definition kept."""
 
@@ -141,9 +150,7 @@ class Pipelines:
     def save(self, pipeline: dict) -> None:
         path = self._path(pipeline["PipelineName"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(pipeline, indent=1))
-        partial.replace(path)
+        _write_whole(path, json.dumps(pipeline, indent=1))
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
@@ -154,9 +161,7 @@ class Pipelines:
         path = self.folder / name / "definitions" / f"{digest}.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            partial.write_text(text, encoding="utf-8")
-            partial.replace(path)
+            _write_whole(path, text)
         return digest
 
     def definition(self, name: str, digest: str) -> str:
@@ -181,6 +186,7 @@ class LocalSageMaker:
         self.pipelines = Pipelines(home)
         self.executions = executions or Executions(home)
         self._read_s3_object = read_s3_object
+        self._changing = threading.Lock()  # one create, update or delete of a pipeline at a time
         self.handlers: dict[str, Callable[[dict, str], dict]] = {
             "CreatePipeline": self.create_pipeline,
             "UpdatePipeline": self.update_pipeline,
@@ -249,6 +255,10 @@ class LocalSageMaker:
         return version
 
     def create_pipeline(self, request: dict, region: str) -> dict:
+        with self._changing:
+            return self._create_pipeline(request, region)
+
+    def _create_pipeline(self, request: dict, region: str) -> dict:
         name = request["PipelineName"]
         if self.pipelines.get(name) is not None:
             # SageMaker's words, which the SageMaker SDK's upsert recognises.
@@ -273,6 +283,10 @@ class LocalSageMaker:
         return {"PipelineArn": pipeline["PipelineArn"]}
 
     def update_pipeline(self, request: dict, region: str) -> dict:
+        with self._changing:
+            return self._update_pipeline(request, region)
+
+    def _update_pipeline(self, request: dict, region: str) -> dict:
         pipeline = self._pipeline(request["PipelineName"])
         now = time.time()
         for field in ("PipelineDisplayName", "PipelineDescription", "RoleArn",
@@ -332,6 +346,10 @@ class LocalSageMaker:
         return _page(summaries, request, "PipelineSummaries")
 
     def delete_pipeline(self, request: dict, region: str) -> dict:
+        with self._changing:
+            return self._delete_pipeline(request, region)
+
+    def _delete_pipeline(self, request: dict, region: str) -> dict:
         pipeline = self._pipeline(request["PipelineName"])
         running = [e.arn for e in self.executions.of_pipeline(pipeline["PipelineName"])
                    if self.executions.is_running(e)]
