@@ -265,8 +265,13 @@ def test_the_ledger_is_printed_recorded_and_the_package_carries_what_the_model_c
     (first, stdout), (second, _), (third, _) = runs
     ledger = first["cost"]
     assert "Estimated cost (on-demand us-east-1 prices of" in stdout
-    assert f"{ledger['total_usd']:.4f}" in stdout and ledger["total_usd"] > 0
+    assert ledger["total_usd"] > 0
     assert ledger["training_tokens"] > 0 and "per million training tokens" in stdout
+    # The printed ledger is the one SageMaker's answers give (the jobs' descriptions, whole
+    # billable seconds): it agrees with the engine's record to within that rounding.
+    printed = float(next(line for line in stdout.splitlines()
+                         if line.strip().startswith("total ")).split()[-1])
+    assert printed == pytest.approx(ledger["total_usd"], abs=0.001)
     # Nothing cached ran again, so nothing of it is billed; only the registry comparison, which is
     # never cached, ran (seconds on a processing instance).
     billed = {s["step"] for s in second["cost"]["steps"] if s["usd"] > 0}

@@ -161,18 +161,20 @@ def in_process_local_aws(local_home, clients, monkeypatch):
 @pytest.mark.e2e
 def test_start_from_a_step_sends_sagemakers_selective_execution_config(
         in_process_local_aws, clients, local_home, recipe, failed):
-    sagemaker, _ = clients
-    definition = (local_home / "executions" / PIPELINE / failed / "definition.json").read_text()
-    sagemaker.create_pipeline(PipelineName=PIPELINE, PipelineDefinition=definition,
-                              RoleArn="arn:aws:iam::123456789012:role/llm-pipeline-execution")
-
+    sagemaker, _ = clients  # the pipeline exists: `run` upserted it
     status = cli_module.main(["start", "--recipe", str(recipe), "--from-step", "SFT",
                               "--reuse", failed])
     assert status == 0
-    assert in_process_local_aws[-1]["SelectiveExecutionConfig"] == {
+    config = {
         "SourcePipelineExecutionArn":
             f"arn:aws:sagemaker:us-east-1:123456789012:pipeline/{PIPELINE}/execution/{failed}",
         "SelectedSteps": [{"StepName": step} for step in DOWNSTREAM_OF_SFT]}
+    assert in_process_local_aws[-1]["SelectiveExecutionConfig"] == config
+    latest = sagemaker.list_pipeline_executions(PipelineName=PIPELINE)[
+        "PipelineExecutionSummaries"][0]["PipelineExecutionArn"]
+    assert sagemaker.describe_pipeline_execution(PipelineExecutionArn=latest)[
+        "SelectiveExecutionConfig"] == config
+    sagemaker.stop_pipeline_execution(PipelineExecutionArn=latest)  # what it runs is not the point
 
 
 @pytest.mark.e2e
@@ -195,11 +197,8 @@ def test_continuing_a_sagemaker_execution_selects_the_steps_that_did_not_succeed
 
 
 @pytest.mark.e2e
-def test_a_succeeded_execution_has_nothing_to_continue(local_home, continued, monkeypatch):
-    monkeypatch.setenv("LLM_PIPELINE_HOME", str(local_home))
-    document = json.loads((local_home / "executions" / PIPELINE / continued / "definition.json")
-                          .read_text())
-    with pytest.raises(UserError, match=f"execution {continued} succeeded, there is nothing to "
-                                        "continue; pass --from-step STEP"):
-        cli_module._local_selection(argparse.Namespace(reuse=continued, from_step=None),
-                                    document, PIPELINE)
+def test_a_succeeded_execution_has_nothing_to_continue(env, recipe, data, continued):
+    result = run(env, recipe, data, "--reuse", continued)
+    assert result.returncode == 2
+    assert f"execution/{continued} is Succeeded, there is nothing to continue; pass --from-step " \
+        "STEP" in result.stderr

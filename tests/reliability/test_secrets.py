@@ -1,11 +1,12 @@
 """Secrets in the environment of a run never reach what the run writes.
 
 A whole local execution (data preparation, SFT, evaluation, registration; builtin:tiny, two
-training steps) runs with realistic-looking fake credentials and tokens in its environment, the
-AWS ones being the credentials it actually uses (against the local moto server, which accepts
-any), so that they reach the engine, the SDK and, as the stand-in for the execution role's
-credentials, every job's process (the others stay out of jobs, whose environment is SageMaker's,
-not the shell's: tests/pipelines/test_jobs.py). Then everything the run left
+training steps) runs with realistic-looking fake credentials and tokens in the environment of the
+command and of the local server that executes it. The AWS ones are the credentials the command
+sends (the local server accepts any); the server itself drops the caller's AWS credentials and
+gives its engine and jobs its own (pipelines/local/server.py), and the others stay out of jobs,
+whose environment is SageMaker's, not the shell's (tests/pipelines/test_jobs.py). Then
+everything the run left
 is scanned for them: every file under the engine's home (execution records, the definition, job
 logs, hyperparameters.json, the local server's log, model and output archives, unpacked), every
 object in the bucket (unpacked), the registry's metadata as `registry list --json` shows it, and
@@ -114,7 +115,8 @@ def run_with_secrets(tmp_path_factory):
     (folder / "train.jsonl").write_text("".join(
         json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}"}) + "\n"
         for a in range(3) for b in range(2)))
-    url = cli(clean_env(home), "server", "start").stdout.strip()
+    # The server runs the jobs: it is started from the same environment as the command.
+    url = cli(clean_env(home, **SECRETS), "server", "start").stdout.strip()
     env = clean_env(home, AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1", **SECRETS)
     result = cli(env, "run", "--recipe", str(folder / "recipe.yaml"),
                  "-p", f"InputData={folder / 'train.jsonl'}", "-p", "EvalThreshold=0")
