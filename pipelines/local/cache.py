@@ -20,7 +20,7 @@ Every run of a Processing or Training step is written down, one JSON file per ru
 `$LLM_PIPELINE_HOME/cache/PIPELINE/STEP/`; deleting that folder empties the cache.
 
 One local addition to SageMaker's rules: a hit needs the earlier run's outputs to still be
-in S3. The local S3 (a moto server) keeps objects only while the server runs; after a
+in S3. The local S3 (moto's, inside the local server) keeps objects only while the server runs; after a
 restart the outputs are gone and the step runs again, naming the missing object.
 """
 
