@@ -11,9 +11,10 @@ the stages' own work.
     step runs. Overhead = the command's wall time minus the sum of the steps' compute. To tell the
     two apart, the runs carry timing hooks (a `sitecustomize` module on PYTHONPATH, active only
     where LLM_BENCH_TIMINGS is set) that record when each process starts and exits and how long
-    named functions of the command and the stages take: the stage's `contract.run` (its `main`),
-    the engine's `run_execution`, each job's input staging, subprocess and output upload. Nothing
-    else changes: the command, its arguments and the code are the user's.
+    named functions of the command, the local server and the stages take: the stage's
+    `contract.run` (its `main`), the engine's `run_execution` (in the local server, which executes
+    the pipeline), each job's input staging, subprocess and output upload. Nothing else changes:
+    the command, its arguments and the code are the user's.
 (c) A fully cached re-run: the same command again; every cached step reuses the earlier run and
     only the never-cached registry comparison runs.
 
@@ -43,7 +44,8 @@ GROUP = "bench-orchestration"
 
 # module -> functions whose calls the hooks time (a name missing from the module is skipped).
 HOOKS = {
-    "pipelines.cli": ["main", "_build_cached", "_report"],
+    "pipelines.cli": ["main", "_build_cached", "_upsert", "_start"],
+    "pipelines.watch": ["follow", "summary"],
     "pipelines.local.server": ["use_local_aws"],
     "pipelines.local.engine": ["run_execution"],
     "pipelines.local.jobs": ["run_processing_job", "run_training_job", "download_prefix", "_run"],
@@ -273,8 +275,7 @@ class Runner:
         executions = sorted((self.home / "executions" / "llm-sft").iterdir(),
                             key=lambda p: (p / "execution.json").stat().st_mtime)
         result["execution"] = json.loads((executions[-1] / "execution.json").read_text())
-        result["breakdown"] = breakdown(result)
-        result["breakdown"]["definition_cached"] = cached_definition
+        result["definition_cached"] = cached_definition
         return result
 
 
@@ -282,12 +283,16 @@ def _calls(record: dict[str, Any], name: str) -> list[tuple[float, float]]:
     return [(start, end) for qualname, start, end in record["calls"] if qualname == name]
 
 
-def breakdown(result: dict[str, Any]) -> dict[str, Any]:
-    """Split the command's wall time into parts that add up to it, from the hooks' records."""
+def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """Split the command's wall time into parts that add up to it, from the hooks' records: the
+    command's, its jobs', and the calls the local server (`server`) made while it ran."""
     records = result["records"]
-    cli = next((r for r in records if _calls(r, "pipelines.cli.main")), None)
-    if cli is None:
+    command = next((r for r in records if _calls(r, "pipelines.cli.main")), None)
+    if command is None:
         raise SystemExit("the timing hooks saw no call of pipelines.cli.main; has it moved?")
+    # One record of the command's calls and the server's calls made during the command.
+    cli = {**command, "calls": command["calls"] + [
+        call for call in server["calls"] if result["started"] <= call[1] <= result["ended"]]}
     stages = [r for r in records if _calls(r, "steps.common.contract.run")]
 
     def total(name: str) -> float:
@@ -301,9 +306,10 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
 
     main_start, _main_end = one("pipelines.cli.main")
     execution_start, execution_end = one("pipelines.local.engine.run_execution")
-    server, definition, report = (total("pipelines.local.server.use_local_aws"),
-                                  total("pipelines.cli._build_cached"),
-                                  total("pipelines.cli._report"))
+    # The summary after the execution ended: the command's report.
+    server_reached, definition, report = (total("pipelines.local.server.use_local_aws"),
+                                          total("pipelines.cli._build_cached"),
+                                          total("pipelines.watch.summary"))
     job_calls = sorted(_calls(cli, "pipelines.local.jobs.run_processing_job")
                        + _calls(cli, "pipelines.local.jobs.run_training_job"))
     runs = sorted(_calls(cli, "pipelines.local.jobs._run"))
@@ -315,7 +321,7 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
     for key, name in (("server", "pipelines.local.server.use_local_aws"),
                       ("definition", "pipelines.cli._build_cached"),
                       ("staging", "pipelines.local.jobs.download_prefix"),
-                      ("report", "pipelines.cli._report")):
+                      ("report", "pipelines.watch.summary")):
         segments += [(key, start - origin, end - origin) for start, end in _calls(cli, name)]
     jobs: list[dict[str, Any]] = []
     for job_start, job_end in job_calls:
@@ -352,9 +358,9 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
     wall = result["wall_s"]
     parts = {
         "cli_start": main_start - result["started"],
-        "server": server,
+        "server": server_reached,
         "definition": definition,
-        "setup": execution_start - main_start - server - definition,
+        "setup": execution_start - main_start - server_reached - definition,
         "staging": staging,
         "spawn": sum(j.get("spawn_s", 0.0) for j in jobs),
         "imports": sum(j.get("imports_s", 0.0) for j in jobs),
@@ -395,9 +401,14 @@ PARTS = [
 
 def measure_runs(root: Path, sizes: dict[str, int]) -> dict[str, Any]:
     runner = Runner(root)
+    server_timings = root / "server-timings"  # the server's record, written when it stops
+    server_timings.mkdir()
     try:
         common.progress("starting the local AWS server")
-        server = runner.command("server", "start", timed=False)
+        started = time.time()
+        subprocess.run([runner.cli, "server", "start"], cwd=root, capture_output=True, check=True,
+                       env={**runner.env, "LLM_BENCH_TIMINGS": str(server_timings)})
+        server = {"wall_s": time.time() - started}
         fresh, cached = [], []
         for i in range(sizes["fresh_runs"]):
             common.progress(f"fresh run {i + 1}/{sizes['fresh_runs']} (new data: every step runs)")
@@ -408,7 +419,12 @@ def measure_runs(root: Path, sizes: dict[str, int]) -> dict[str, Any]:
     finally:
         subprocess.run([runner.cli, "server", "stop"], env=runner.env, capture_output=True,
                        check=False)
+    # The server's process (and the `server start` command's): their calls, by time.
+    server_record = {"calls": [call for path in server_timings.glob("*.json")
+                               for call in json.loads(path.read_text())["calls"]]}
     for result in (*fresh, *cached):
+        result["breakdown"] = breakdown(result, server_record)
+        result["breakdown"]["definition_cached"] = result.pop("definition_cached")
         result["steps"] = {name: {"status": s["status"], "cache": s["cache"],
                                   "seconds": (s["ended"] - s["started"]) if s["ended"] else None}
                            for name, s in result["execution"]["steps"].items()}
