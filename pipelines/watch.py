@@ -173,7 +173,7 @@ def step_types(sagemaker, arn: str) -> dict[str, str]:
 
 def follow(sagemaker, arn: str, progress, poll_seconds: float, logs: StepLogs) -> str:
     """Show the execution's steps as they start and end (and, locally, their log lines) until
-    it ends; its final status."""
+    it ends, then the steps it never reached; its final status."""
     types = step_types(sagemaker, arn)
     views: dict[str, StepView] = {}
     while True:
@@ -197,6 +197,8 @@ def follow(sagemaker, arn: str, progress, poll_seconds: float, logs: StepLogs) -
             if view.status in TERMINAL and was not in TERMINAL:
                 progress.step_finished(view)
         if status in TERMINAL:
+            for name in [n for n in types if n not in views]:  # steps it never reached
+                progress.step_finished(StepView(name, types[name], "NotExecuted"))
             return status
         time.sleep(poll_seconds)
 
