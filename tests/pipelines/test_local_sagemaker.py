@@ -229,7 +229,7 @@ def test_a_selective_execution_runs_the_selected_steps_and_reuses_the_others(sag
 
 
 def test_the_sagemaker_sdk_describes_lists_the_steps_of_and_waits_for_an_execution(
-        url, pipeline, monkeypatch):
+        url, pipeline):
     import boto3
 
     from pipelines.definition import prepare_sdk_environment
