@@ -300,8 +300,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 def _die_with_parent() -> None:
     """In the job's process: ask Linux to SIGTERM it when the engine dies, however it dies.
 
-    Otherwise a killed `llm-pipeline run` leaves its job training on (and, under torchrun,
-    holding a port); SageMaker stops a job's container when the job is stopped.
+    Otherwise a killed engine (the local server, or a program running the engine itself) leaves
+    its job training on (and, under torchrun, holding a port); SageMaker stops a job's container
+    when the job is stopped.
     """
     if _LIBC is not None:
         PR_SET_PDEATHSIG = 1
