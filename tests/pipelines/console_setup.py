@@ -19,14 +19,7 @@ from pipelines.console.server import ConsoleServer
 from tests.pipelines.conftest import clean_env, cli
 from tests.pipelines.test_registry import BUCKET, register
 
-__all__ = ["BUCKET", "NEEDS_RUNNING_PIPELINES", "finished", "package", "quick_pipeline", "serving",
-           "upsert_sft"]
-
-# Remove this mark when the local server runs pipelines (issue 20 items 1-2): strict, so a
-# marked test fails (XPASS) on the day it starts passing, and the mark cannot outlive its reason.
-NEEDS_RUNNING_PIPELINES = pytest.mark.xfail(
-    strict=True, reason="the local server does not run pipelines yet (issue 20 items 1-2): "
-                        "moto lists no execution steps and runs nothing")
+__all__ = ["BUCKET", "finished", "package", "quick_pipeline", "serving", "upsert_sft"]
 
 ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
 # A pipeline that runs no job, so starting it costs nothing: Check (Epochs >= 10), whose else

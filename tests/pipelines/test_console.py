@@ -1,9 +1,9 @@
 """The web console's API and who may use it (pipelines/console/), against a real local server.
 
 The console acts with the user's credentials: a request without its token, or from another
-origin or host, must change nothing. What SageMaker's Pipelines API gives and moto lacks
-(ListPipelineExecutionSteps) is fed in SageMaker's own shapes through botocore's Stubber,
-which checks every response against botocore's output shapes.
+origin or host, must change nothing. The local server runs the executions the console starts;
+what only AWS gives (CloudWatch Logs, a training job's archive on S3) is fed in SageMaker's own
+shapes through botocore's Stubber, which checks every response against botocore's output shapes.
 """
 
 import http.client
@@ -29,7 +29,6 @@ from pipelines.local import engine
 from tests.pipelines.conftest import ROOT, clean_env
 from tests.pipelines.console_setup import (
     BUCKET,
-    NEEDS_RUNNING_PIPELINES,
     finished,
     package,
     quick_pipeline,
@@ -292,7 +291,6 @@ def test_rerun_from_a_step_selects_it_and_everything_downstream_with_the_same_pa
         "no step 'Nope' in this pipeline; its steps are Check, TooFewEpochs"
 
 
-@NEEDS_RUNNING_PIPELINES
 def test_a_failed_execution_shows_its_steps_and_is_retried_from_the_console(console, clients):
     sagemaker, _ = clients
     name = quick_pipeline(sagemaker)

@@ -4,9 +4,8 @@ Screenshots of every page the tests reach go to test-output/console/ (printed at
 each test). A missing chromium fails the tests in CI and skips them elsewhere
 (tests/external.py); `make install` installs it where it can.
 
-What needs a local server that executes pipelines (issue 20, items 1-2: ListPipelineExecution-
-Steps and executions that run) is marked NEEDS_RUNNING_PIPELINES; the rest passes against
-today's local server (moto).
+The local server executes what the page starts (pipelines/local/sagemaker_api.py), as SageMaker
+would: the end-to-end test starts a tiny sft execution from the page and watches it finish.
 """
 
 import contextlib
@@ -22,7 +21,6 @@ from playwright.sync_api import expect, sync_playwright
 from tests.external import ROOT, require_program
 from tests.pipelines.console_setup import (
     BUCKET,
-    NEEDS_RUNNING_PIPELINES,
     package,
     quick_pipeline,
     serving,
@@ -220,10 +218,9 @@ def test_an_unreachable_endpoint_is_one_line_on_the_page(browser, local_home):
     assert "\n" not in text and "Traceback" not in text and "llm-pipeline server status" in text
 
 
-# -- what needs the local server to run pipelines (issue 20 items 1-2) -----------------------
+# -- an execution the local server runs ------------------------------------------------------
 
 @pytest.mark.e2e
-@NEEDS_RUNNING_PIPELINES
 def test_an_execution_started_from_the_page_finishes_reruns_from_a_step_and_is_approved(
         page, clients, local_home, tmp_path):
     sagemaker, s3 = clients
