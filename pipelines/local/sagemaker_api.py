@@ -11,11 +11,12 @@ reason, the cache-hit source, the attempt count, the execution a selective run r
 Requests arrive as SageMaker's JSON protocol sends them: `POST /` with
 `X-Amz-Target: SageMaker.<Operation>` and a JSON body. The operations in `OPERATIONS` are
 answered here; every other request (S3, the model registry, endpoints, a job this server did not
-run) is handed to moto unchanged. Requests are checked against botocore's input shapes first, as
-the service does, and refused with SageMaker's error codes (ValidationException,
-ResourceNotFound, ConflictException).
+run) is handed to moto unchanged. Requests are checked against botocore's whole API model first
+(pipelines/validation.py), as the service does, and refused with SageMaker's error codes
+(ValidationException, ResourceNotFound, ConflictException).
 
-State lives under $LLM_PIPELINE_HOME: pipelines and their versions under `pipelines/`,
+State lives under $LLM_PIPELINE_HOME: pipelines and their versions under `pipelines/REGION/`
+(a pipeline, its executions and jobs exist in the region they were made in, as on SageMaker),
 executions under `executions/`. It survives a restart of the server; moto's own state (S3
 objects, the model registry) does not.
 """
@@ -38,9 +39,8 @@ from typing import Any
 
 import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.validate import ParamValidator
 
-from pipelines import UserError
+from pipelines import UserError, validation
 from pipelines.local import engine
 from pipelines.local.executions import ConflictError, Execution, Executions
 
@@ -76,16 +76,21 @@ def _not_found(message: str) -> ApiError:
 
 
 def _check_input(operation: str, request: dict) -> None:
-    """Refuse what botocore's input shape refuses (types, required and unknown members)."""
-    shape = _model().operation_model(operation).input_shape
+    """Refuse what SageMaker refuses: everything its API model says (pipelines/validation.py:
+    types, required and unknown members, lengths, patterns, enums, sizes, ranges)."""
+    shape = validation.input_shape(operation)
     for name, member in shape.members.items():  # JSON carries timestamps as epoch seconds
         if member.type_name == "timestamp" and isinstance(request.get(name), (int, float)):
             request[name] = datetime.fromtimestamp(request[name])
-    report = ParamValidator().validate(request, shape)
-    if report.has_errors():
-        problems = "; ".join(" ".join(line.split())
-                             for line in report.generate_report().splitlines() if line.strip())
-        raise _validation(problems)
+    found = validation.problems(operation, request)
+    # validation.problems fills a missing idempotency token, as botocore's client does before it
+    # sends; the service requires it from whoever sends the request.
+    found += [f'Missing required parameter in input: "{name}"'
+              for name, member in shape.members.items()
+              if member.metadata.get("idempotencyToken") and name in shape.required_members
+              and name not in request]
+    if found:
+        raise _validation("; ".join(found))
 
 
 def _epoch(value: Any) -> float | None:
@@ -129,43 +134,48 @@ def _write_whole(path: Path, text: str) -> None:
 
 
 class Pipelines:
-    """Pipelines as CreatePipeline/UpdatePipeline left them, every version's definition kept."""
+    """Pipelines as CreatePipeline/UpdatePipeline left them, every version's definition kept; one
+    set per region, as SageMaker keeps them."""
 
     def __init__(self, home: Path) -> None:
         self.folder = home / "pipelines"
 
-    def _path(self, name: str) -> Path:
-        return self.folder / name / "pipeline.json"
+    def _path(self, region: str, name: str) -> Path:
+        return self.folder / region / name / "pipeline.json"
 
-    def get(self, name: str) -> dict | None:
+    def get(self, region: str, name: str) -> dict | None:
         try:
-            return json.loads(self._path(name).read_text())
+            return json.loads(self._path(region, name).read_text())
         except (OSError, ValueError):
             return None
 
-    def all(self) -> list[dict]:
-        found = (self.get(p.parent.name) for p in sorted(self.folder.glob("*/pipeline.json")))
+    def all(self, region: str) -> list[dict]:
+        found = (self.get(region, p.parent.name)
+                 for p in sorted((self.folder / region).glob("*/pipeline.json")))
         return [p for p in found if p is not None]
 
     def save(self, pipeline: dict) -> None:
-        path = self._path(pipeline["PipelineName"])
+        path = self._path(pipeline["region"], pipeline["PipelineName"])
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_whole(path, json.dumps(pipeline, indent=1))
 
-    def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+    def delete(self, pipeline: dict) -> None:
+        self._path(pipeline["region"], pipeline["PipelineName"]).unlink(missing_ok=True)
 
-    def store_definition(self, name: str, text: str) -> str:
+    def store_definition(self, pipeline: dict, text: str) -> str:
         """Keep a definition's exact text, once per content; its key."""
         digest = hashlib.sha256(text.encode()).hexdigest()
-        path = self.folder / name / "definitions" / f"{digest}.json"
+        path = self._path(pipeline["region"], pipeline["PipelineName"]).parent / "definitions" / \
+            f"{digest}.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_whole(path, text)
         return digest
 
-    def definition(self, name: str, digest: str) -> str:
-        return (self.folder / name / "definitions" / f"{digest}.json").read_text(encoding="utf-8")
+    def definition(self, pipeline: dict, digest: str) -> str:
+        path = self._path(pipeline["region"], pipeline["PipelineName"]).parent / "definitions" / \
+            f"{digest}.json"
+        return path.read_text(encoding="utf-8")
 
 
 # The operations answered here; every other request goes to moto.
@@ -216,9 +226,11 @@ class LocalSageMaker:
 
     # -- pipelines ------------------------------------------------------------------------
 
-    def _pipeline(self, name_or_arn: str) -> dict:
+    def _pipeline(self, name_or_arn: str, region: str) -> dict:
         name = _pipeline_name(name_or_arn)
-        pipeline = self.pipelines.get(name) if name else None
+        if name_or_arn.startswith("arn:"):  # an ARN names its region
+            region = name_or_arn.split(":")[3]
+        pipeline = self.pipelines.get(region, name) if name else None
         if pipeline is None:
             arn = name_or_arn if name_or_arn.startswith("arn:") else name
             raise _not_found(f"Pipeline '{arn}' does not exist.")
@@ -249,7 +261,7 @@ class LocalSageMaker:
 
     def _add_version(self, pipeline: dict, text: str, now: float) -> int:
         version = len(pipeline["versions"]) + 1
-        digest = self.pipelines.store_definition(pipeline["PipelineName"], text)
+        digest = self.pipelines.store_definition(pipeline, text)
         pipeline["versions"].append({"PipelineVersionId": version, "CreationTime": now,
                                      "definition": digest})
         return version
@@ -260,7 +272,7 @@ class LocalSageMaker:
 
     def _create_pipeline(self, request: dict, region: str) -> dict:
         name = request["PipelineName"]
-        if self.pipelines.get(name) is not None:
+        if self.pipelines.get(region, name) is not None:
             # SageMaker's words, which the SageMaker SDK's upsert recognises.
             raise _validation(f"Pipeline names must be unique within an AWS account and region. "
                               f"Pipeline with name ({name}) already exists.")
@@ -287,7 +299,7 @@ class LocalSageMaker:
             return self._update_pipeline(request, region)
 
     def _update_pipeline(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
+        pipeline = self._pipeline(request["PipelineName"], region)
         now = time.time()
         for field in ("PipelineDisplayName", "PipelineDescription", "RoleArn",
                       "ParallelismConfiguration"):
@@ -309,18 +321,16 @@ class LocalSageMaker:
         raise _not_found(f"Pipeline '{pipeline['PipelineArn']}' has no version {version_id}.")
 
     def _last_run(self, pipeline: dict) -> float | None:
-        executions = self.executions.of_pipeline(pipeline["PipelineName"])
-        return max((e.created for e in executions), default=None)
+        return max((e.created for e in self._executions_of(pipeline)), default=None)
 
     def describe_pipeline(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
+        pipeline = self._pipeline(request["PipelineName"], region)
         version = self._version(pipeline, request.get("PipelineVersionId"))
         answer = {key: pipeline[key] for key in (
             "PipelineArn", "PipelineName", "PipelineDisplayName", "PipelineDescription",
             "RoleArn", "CreationTime", "LastModifiedTime", "ParallelismConfiguration")
             if pipeline.get(key) not in (None, "")}
-        answer["PipelineDefinition"] = self.pipelines.definition(pipeline["PipelineName"],
-                                                                 version["definition"])
+        answer["PipelineDefinition"] = self.pipelines.definition(pipeline, version["definition"])
         answer["PipelineStatus"] = "Active"
         last_run = self._last_run(pipeline)
         if last_run is not None:
@@ -330,7 +340,7 @@ class LocalSageMaker:
     def list_pipelines(self, request: dict, region: str) -> dict:
         prefix = request.get("PipelineNamePrefix", "")
         summaries = []
-        for pipeline in self.pipelines.all():
+        for pipeline in self.pipelines.all(region):
             if not pipeline["PipelineName"].startswith(prefix):
                 continue
             summary = {key: pipeline[key] for key in (
@@ -350,18 +360,17 @@ class LocalSageMaker:
             return self._delete_pipeline(request, region)
 
     def _delete_pipeline(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
-        running = [e.arn for e in self.executions.of_pipeline(pipeline["PipelineName"])
-                   if self.executions.is_running(e)]
+        pipeline = self._pipeline(request["PipelineName"], region)
+        running = [e.arn for e in self._executions_of(pipeline) if self.executions.is_running(e)]
         if running:
             raise ApiError("ConflictException", f"Pipeline '{pipeline['PipelineArn']}' has "
                            f"executions running ({', '.join(running)}); stop them first.")
-        self.pipelines.delete(pipeline["PipelineName"])
+        self.pipelines.delete(pipeline)
         return {"PipelineArn": pipeline["PipelineArn"]}
 
     def list_pipeline_versions(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
-        executions = self.executions.of_pipeline(pipeline["PipelineName"])
+        pipeline = self._pipeline(request["PipelineName"], region)
+        executions = self._executions_of(pipeline)
         summaries = []
         for version in pipeline["versions"]:
             summary = {"PipelineArn": pipeline["PipelineArn"],
@@ -378,9 +387,13 @@ class LocalSageMaker:
 
     # -- executions -----------------------------------------------------------------------
 
-    def _execution(self, arn: str) -> Execution:
+    def _executions_of(self, pipeline: dict) -> list[Execution]:
+        return [e for e in self.executions.of_pipeline(pipeline["PipelineName"])
+                if e.region == pipeline["region"]]
+
+    def _execution(self, arn: str, region: str) -> Execution:
         execution = self.executions.get(arn)
-        if execution is None:
+        if execution is None or execution.region != region:
             raise _not_found(f"Pipeline execution '{arn}' does not exist.")
         return execution
 
@@ -392,7 +405,8 @@ class LocalSageMaker:
             source = engine.ExecutionRecord("", pipeline["PipelineName"], "", {}, time.time())
             return engine.Selection(source, steps)
         source = self.executions.get(source_arn)
-        if source is None or source.pipeline_name != pipeline["PipelineName"]:
+        if source is None or source.pipeline_name != pipeline["PipelineName"] \
+                or source.region != pipeline["region"]:
             raise _validation(f"SourcePipelineExecutionArn {source_arn} is not an execution of "
                               f"pipeline {pipeline['PipelineName']}")
         status = self.executions.status(source)
@@ -405,14 +419,13 @@ class LocalSageMaker:
         return engine.Selection(record, steps)
 
     def start_pipeline_execution(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
+        pipeline = self._pipeline(request["PipelineName"], region)
         token = request.get("ClientRequestToken", "")
         earlier = self.executions.by_token(token) if token else None
         if earlier:  # the same request again (a client's retry): the same execution
             return {"PipelineExecutionArn": earlier}
         version = self._version(pipeline, request.get("PipelineVersionId"))
-        definition = json.loads(self.pipelines.definition(pipeline["PipelineName"],
-                                                          version["definition"]))
+        definition = json.loads(self.pipelines.definition(pipeline, version["definition"]))
         overrides: dict[str, str] = {}
         for parameter in request.get("PipelineParameters", []):
             if parameter["Name"] in overrides:
@@ -462,12 +475,12 @@ class LocalSageMaker:
         return answer
 
     def describe_pipeline_execution(self, request: dict, region: str) -> dict:
-        return self._describe_execution(self._execution(request["PipelineExecutionArn"]))
+        return self._describe_execution(self._execution(request["PipelineExecutionArn"], region))
 
     def list_pipeline_executions(self, request: dict, region: str) -> dict:
-        pipeline = self._pipeline(request["PipelineName"])
+        pipeline = self._pipeline(request["PipelineName"], region)
         summaries = []
-        for execution in self.executions.of_pipeline(pipeline["PipelineName"]):
+        for execution in self._executions_of(pipeline):
             summary = {"PipelineExecutionArn": execution.arn, "StartTime": execution.created,
                        "PipelineExecutionStatus": self.executions.status(execution),
                        "PipelineExecutionDisplayName": execution.display_name}
@@ -484,20 +497,20 @@ class LocalSageMaker:
         return _page(summaries, request, "PipelineExecutionSummaries")
 
     def describe_definition_for_execution(self, request: dict, region: str) -> dict:
-        execution = self._execution(request["PipelineExecutionArn"])
-        pipeline = self.pipelines.get(execution.pipeline_name)
+        execution = self._execution(request["PipelineExecutionArn"], region)
+        pipeline = self.pipelines.get(execution.region, execution.pipeline_name)
         text = None
         if pipeline is not None:
             version = next((v for v in pipeline["versions"]
                             if v["PipelineVersionId"] == execution.version_id), None)
             if version is not None:
-                text = self.pipelines.definition(execution.pipeline_name, version["definition"])
+                text = self.pipelines.definition(pipeline, version["definition"])
         if text is None:  # the pipeline was deleted since: the definition the engine kept
             text = json.dumps(self.executions.definition_of(execution))
         return {"PipelineDefinition": text, "CreationTime": execution.created}
 
     def list_parameters_for_execution(self, request: dict, region: str) -> dict:
-        execution = self._execution(request["PipelineExecutionArn"])
+        execution = self._execution(request["PipelineExecutionArn"], region)
         record = self.executions.record(execution)
         if record is not None:  # every parameter, defaults included, as the execution used them
             values = [{"Name": k, "Value": _parameter_text(v)} for k, v in record.parameters.items()]
@@ -509,7 +522,7 @@ class LocalSageMaker:
         arn = request.get("PipelineExecutionArn")
         if not arn:
             raise _validation("PipelineExecutionArn is required")
-        execution = self._execution(arn)
+        execution = self._execution(arn, region)
         record = self.executions.record(execution)
         specs = engine.step_specs(self.executions.definition_of(execution) or {})
         stopping = self.executions.status(execution) == "Stopping"
@@ -573,7 +586,7 @@ class LocalSageMaker:
 
     def stop_pipeline_execution(self, request: dict, region: str) -> dict:
         arn = request["PipelineExecutionArn"]
-        self._execution(arn)
+        self._execution(arn, region)
         try:
             self.executions.stop(arn)
         except ConflictError as exc:
@@ -582,7 +595,7 @@ class LocalSageMaker:
 
     def retry_pipeline_execution(self, request: dict, region: str) -> dict:
         arn = request["PipelineExecutionArn"]
-        self._execution(arn)
+        self._execution(arn, region)
         try:
             self.executions.retry(arn, request.get("ParallelismConfiguration"))
         except ConflictError as exc:
@@ -591,9 +604,9 @@ class LocalSageMaker:
 
     # -- the jobs the executions ran ------------------------------------------------------
 
-    def _jobs(self, kind: str) -> Iterable[tuple[Execution, engine.StepRecord, str]]:
-        """Every job of type `kind` the executions ran: (execution, step, job name)."""
-        for execution in self.executions.all():
+    def _jobs(self, kind: str, region: str) -> Iterable[tuple[Execution, engine.StepRecord, str]]:
+        """Every job of type `kind` the region's executions ran: (execution, step, job name)."""
+        for execution in (e for e in self.executions.all() if e.region == region):
             record = self.executions.record(execution)
             if record is None:
                 continue
@@ -603,11 +616,12 @@ class LocalSageMaker:
                 for name in _job_names(state):
                     yield execution, state, name
 
-    def _find_job(self, kind: str, name: str) -> tuple[Execution, engine.StepRecord, str]:
+    def _find_job(self, kind: str, name: str,
+                  region: str) -> tuple[Execution, engine.StepRecord, str]:
         execution_id = engine.job_execution_id(name)
         if execution_id:
             for execution in self.executions.all():
-                if execution.execution_id != execution_id:
+                if execution.execution_id != execution_id or execution.region != region:
                     continue
                 record = self.executions.record(execution)
                 for state in (record.steps.values() if record else []):
@@ -667,12 +681,14 @@ class LocalSageMaker:
         return description
 
     def describe_training_job(self, request: dict, region: str) -> dict:
-        return self._job("Training", *self._find_job("Training", request["TrainingJobName"]))
+        return self._job("Training", *self._find_job("Training", request["TrainingJobName"],
+                                                     region))
 
     def describe_processing_job(self, request: dict, region: str) -> dict:
-        return self._job("Processing", *self._find_job("Processing", request["ProcessingJobName"]))
+        return self._job("Processing", *self._find_job("Processing",
+                                                       request["ProcessingJobName"], region))
 
-    def _list_jobs(self, kind: str, request: dict) -> list[dict]:
+    def _list_jobs(self, kind: str, request: dict, region: str) -> list[dict]:
         prefix = "Training" if kind == "Training" else "Processing"
         summary_fields = {"Training": ("TrainingJobName", "TrainingJobArn", "CreationTime",
                                        "TrainingEndTime", "LastModifiedTime", "TrainingJobStatus",
@@ -681,7 +697,7 @@ class LocalSageMaker:
                                          "ProcessingEndTime", "LastModifiedTime",
                                          "ProcessingJobStatus", "FailureReason", "ExitMessage")}[kind]
         found = []
-        for execution, state, name in self._jobs(kind):
+        for execution, state, name in self._jobs(kind, region):
             if request.get("NameContains", "").lower() not in name.lower():
                 continue
             job = self._job(kind, execution, state, name)
@@ -697,10 +713,11 @@ class LocalSageMaker:
         return found
 
     def list_training_jobs(self, request: dict, region: str) -> dict:
-        return _page(self._list_jobs("Training", request), request, "TrainingJobSummaries")
+        return _page(self._list_jobs("Training", request, region), request, "TrainingJobSummaries")
 
     def list_processing_jobs(self, request: dict, region: str) -> dict:
-        return _page(self._list_jobs("Processing", request), request, "ProcessingJobSummaries")
+        return _page(self._list_jobs("Processing", request, region), request,
+                     "ProcessingJobSummaries")
 
 
 @functools.cache

@@ -159,6 +159,12 @@ def test_what_sagemaker_refuses_is_refused_before_anything_runs(url, sagemaker, 
             start(sagemaker, pipeline, **parameters)
         assert refused.value.response["Error"]["Code"] == "ValidationException"
         assert message in refused.value.response["Error"]["Message"]
+    # What the API model says beyond types, which botocore's client does not check.
+    with pytest.raises(ClientError) as refused:
+        sagemaker.create_pipeline(PipelineName="gate_2", RoleArn=ROLE,
+                                  PipelineDefinition=json.dumps(gate_pipeline()))
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "PipelineName: 'gate_2' does not match" in refused.value.response["Error"]["Message"]
     # What botocore's input shape requires (boto3 would have filled the token in).
     status, answer = raw_call(url, "StartPipelineExecution", {"PipelineName": pipeline})
     assert status == 400 and answer["__type"] == "ValidationException"
