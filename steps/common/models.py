@@ -599,13 +599,15 @@ def _adapter(
     adapter = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     for config in adapter.peft_config.values():
         # The base as loaded here (a bundled copy resolved to its path), so that saving the
-        # adapter again (a stage that continues it) records a base bundle_local_base can copy.
+        # adapter again (a stage that continues it) records a base bundle_base can copy.
         config.base_model_name_or_path = base
     return adapter
 
 
-# Where an adapter keeps a copy of its base when the base was a job's local folder (a model channel
-# that no later job has): adapter_config.json names it relative to the adapter folder.
+# Where an adapter keeps a copy of its base: adapter_config.json names it relative to the adapter
+# folder. A saved adapter carries its base when the base is a job's local folder (a model channel
+# that no later job has) or a builtin spec (which no serving container resolves: a registered
+# package must load on AWS with nothing but its artifact).
 BUNDLED_BASE = "base"
 
 
@@ -618,23 +620,32 @@ def adapter_base(folder: Path) -> str | None:
     return recorded
 
 
-def bundle_local_base(folder: Path) -> bool:
-    """Make a saved adapter folder loadable by later jobs: when its base is a local folder (the
-    model channel of this job, which the next job does not have), copy the base's files into
-    `folder/base` and name that in adapter_config.json. True when it did.
+def bundle_base(folder: Path) -> bool:
+    """Make a saved adapter folder loadable without what the job had: copy its base model's files
+    into `folder/base` and name that in adapter_config.json, when the base is a local folder (the
+    model channel of this job, which the next job does not have) or a builtin spec (resolvable by
+    the project's job images only, not by an endpoint). True when it did.
 
-    Written by hand: PEFT records the base as the path it was loaded from and resolves it against
-    the working directory, with no notion of a base that travels with the adapter.
+    A hub id stays as recorded: whoever loads the adapter fetches the same id. Written by hand:
+    PEFT records the base as the path or id it was loaded from, with no notion of a base that
+    travels with the adapter.
     """
     folder = Path(folder)
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     recorded = config.get("base_model_name_or_path")
-    if not recorded or recorded == BUNDLED_BASE or not Path(recorded).is_dir():
-        return False  # a builtin spec or a hub id: any job can load it again
     target = folder / BUNDLED_BASE
-    shutil.copytree(recorded, target, symlinks=False,
-                    ignore=shutil.ignore_patterns("checkpoint-*", "*.tar.gz"))
+    if recorded == TINY:
+        # Built in code, from a fixed seed: saving it again gives the weights the adapter saw.
+        _tiny_model().save_pretrained(target)
+        _tiny_tokenizer().save_pretrained(target)
+    elif recorded == SMOLLM2:
+        shutil.copytree(_smollm2_folder(), target, symlinks=False)
+    elif recorded and recorded != BUNDLED_BASE and Path(recorded).is_dir():
+        shutil.copytree(recorded, target, symlinks=False,
+                        ignore=shutil.ignore_patterns("checkpoint-*", "*.tar.gz"))
+    else:
+        return False  # already bundled, or a hub id
     config["base_model_name_or_path"] = BUNDLED_BASE
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return True

@@ -323,10 +323,9 @@ def save_model(
     folder = Path(folder)
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
-        if models.bundle_local_base(folder):
-            print(f"the adapter's base was this job's input folder: copied it into "
-                  f"{folder / models.BUNDLED_BASE} so that later steps can load the adapter",
-                  flush=True)
+        if models.bundle_base(folder):
+            print(f"copied the adapter's base model into {folder / models.BUNDLED_BASE}, so that "
+                  "later steps and endpoints load the adapter from its folder alone", flush=True)
     elif knobs.peft_method != "none":
         raise ValueError(f"peft_method '{knobs.peft_method}' but the model has no adapter")
     else:

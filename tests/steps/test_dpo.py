@@ -102,7 +102,7 @@ def test_the_output_reloads_and_generates(runs, method):
     assert summary["hyperparameters"]["beta"] == BETA
     if method == "lora":
         adapter = json.loads((folder / "adapter_config.json").read_text())
-        assert adapter["base_model_name_or_path"] == "builtin:tiny"
+        assert adapter["base_model_name_or_path"] == models.BUNDLED_BASE  # carried with it
     else:
         assert (folder / "model.safetensors").exists()
     assert generates(folder)
@@ -125,7 +125,7 @@ def test_dpo_continues_an_sft_lora_adapter_against_a_frozen_copy_of_it(tmp_path)
     assert run.summary["reference_model"].startswith("a frozen copy of the starting LoRA adapter")
     assert not (run.model_dir / "ref").exists()  # TRL's reference adapter is not saved
     config = json.loads((run.model_dir / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "builtin:tiny" and config["r"] == 4
+    assert config["base_model_name_or_path"] == models.BUNDLED_BASE and config["r"] == 4
     tuned = models.load_model(str(run.model_dir)).eval()
     after = logprob_margins(tuned, tokenizer, pairs(VALIDATION))
     assert sum(after) / len(after) > sum(before) / len(before) + 2.0

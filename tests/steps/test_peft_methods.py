@@ -67,7 +67,9 @@ def test_every_method_saves_a_folder_that_reloads_and_generates(runs, method):
     else:
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
         assert adapter_config["peft_type"] == PEFT_TYPES[method]
-        assert adapter_config["base_model_name_or_path"] == "builtin:tiny"
+        # The builtin base travels with the adapter: an endpoint cannot resolve builtin names.
+        assert adapter_config["base_model_name_or_path"] == models.BUNDLED_BASE
+        assert (folder / models.BUNDLED_BASE / "model.safetensors").exists()
     assert summary["stage"] == "sft" and summary["peft_method"] == method
     assert summary["base_model"] == "builtin:tiny" and summary["precision"] in ("fp32", "bf16")
     assert summary["hyperparameters"]["learning_rate"] == METHODS[method]["learning_rate"]

@@ -140,7 +140,7 @@ def test_the_policy_saved_reloads_and_generates(runs, method):
     assert summary["training"]["global_step"] == ITERATIONS
     if method == "lora":
         adapter = json.loads((folder / "adapter_config.json").read_text())
-        assert adapter["base_model_name_or_path"] == "builtin:tiny"
+        assert adapter["base_model_name_or_path"] == models.BUNDLED_BASE  # carried with it
     else:
         assert (folder / "model.safetensors").exists()
     assert (runs[method].output_data_dir / "loss_curve.png").exists()

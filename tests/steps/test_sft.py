@@ -31,8 +31,10 @@ def test_a_lora_run_saves_an_adapter_in_peft_layout_that_reloads_and_generates(s
     adapter_config = json.loads((sft_run.model_dir / "adapter_config.json").read_text())
     assert (
         adapter_config["peft_type"] == "LORA"
-        and adapter_config["base_model_name_or_path"] == "builtin:tiny"
+        and adapter_config["base_model_name_or_path"] == models.BUNDLED_BASE
     )
+    # The builtin base travels with the adapter, so the folder loads on an endpoint.
+    assert (sft_run.model_dir / models.BUNDLED_BASE / "config.json").exists()
 
     # The base model comes from what adapter_config.json records.
     model = models.load_model(str(sft_run.model_dir))
