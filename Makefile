@@ -46,7 +46,7 @@ images: install
 	$(PY) -m containers.build $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check pipelines steps containers infra tests benchmarks
+	$(VENV)/bin/ruff check pipelines steps serving containers infra tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,19 @@
-"""Fixtures of every test."""
+"""Fixtures of every test, and those more than one test folder uses: the model packages the
+serving and deploy tests serve, each trained or quantized once per session on builtin:tiny
+(seconds each)."""
 
+import contextlib
+import io
 import os
+from pathlib import Path
 
 import pytest
+
+# Before transformers is imported: nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TENANT_ANSWERS = {"tenantA": "aaaa", "tenantB": "zzzz"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,3 +30,34 @@ def sagemaker_output_dir(tmp_path_factory):
         os.environ.pop("SM_OUTPUT_DIR", None)
     else:
         os.environ["SM_OUTPUT_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory) -> Path:
+    """An SFT job's model folder: a LoRA adapter (with its base in base/) that answers every
+    question 'ok ok ok'."""
+    from tests.serving.endpoints import train_lora
+
+    return train_lora(tmp_path_factory.mktemp("lora") / "opt-ml")
+
+
+@pytest.fixture(scope="session")
+def tenant_adapters(tmp_path_factory) -> dict[str, Path]:
+    """A prompt-tuning adapter per tenant over the same builtin:tiny, each answering its own way."""
+    from tests.serving.endpoints import train_prompt_tuning
+
+    return {tenant: train_prompt_tuning(tmp_path_factory.mktemp(tenant) / "opt-ml", answer)
+            for tenant, answer in TENANT_ANSWERS.items()}
+
+
+@pytest.fixture(scope="session")
+def quantized_models(tmp_path_factory) -> Path:
+    """steps.quantize's output for builtin:tiny: int8/ and nf4/ model folders and their archives."""
+    from steps import quantize
+
+    output = tmp_path_factory.mktemp("quantized") / "output"
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize.main(quantize.QuantizeConfig(model_dir="builtin:tiny", output_dir=str(output),
+                                              scheme="both", speed_runs=1, speed_tokens=4,
+                                              archive=True))
+    return output

@@ -340,7 +340,7 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, *,
     The base is loaded afresh in full precision (a QLoRA adapter was trained over 4-bit weights,
     but merging into those would bake the quantization error into the served model); the tokenizer
     and its training record (training_summary.json, lineage.json, ...) come along. Prompt-learning adapters have nothing to merge: they
-    are served with their base (steps.generate).
+    are served with their base (serving.model; several tenants' at once: serving.tenants).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config_path = adapter_dir / "adapter_config.json"
@@ -350,7 +350,7 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, *,
     if peft_type != "LORA":
         raise StageError(
             f"{adapter_dir} holds a {peft_type} adapter, which has no weights to merge into the "
-            "base model; serve it with its base (python -m steps.generate)"
+            "base model; serve it with its base (`llm-pipeline deploy` serves adapter packages)"
         )
     model = models.load_model(str(adapter_dir), base_model=base_model)
     merged = model.merge_and_unload()

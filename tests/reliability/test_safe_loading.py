@@ -141,11 +141,15 @@ def test_an_adapter_with_only_pickle_weights_is_refused_and_loads_with_the_opt_i
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # its own, non-zero weights
 
 
-def test_the_multi_tenant_generator_refuses_a_pickle_adapter(pickled_adapter):
-    from steps.generate import TenantGenerator
+def test_an_endpoint_refuses_a_pickle_adapter_alone_or_as_a_tenant(pickled_adapter, tmp_path):
+    from serving import model, tenants
+    from serving.settings import Settings
 
     with pytest.raises(StageError, match=REFUSED_PICKLE):
-        TenantGenerator("builtin:tiny", {"tenantA": str(pickled_adapter)})
+        model.load(Settings(model_dir=pickled_adapter))
+    with pytest.raises(StageError, match=REFUSED_PICKLE):
+        tenants.assemble({"tenantA": pickled_adapter}, tmp_path / "tenants")
+    assert not (tmp_path / "tenants").exists()
 
 
 def test_hub_models_are_asked_for_safetensors_and_no_code_unless_opted_in(monkeypatch):
