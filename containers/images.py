@@ -22,16 +22,20 @@ IMAGES: dict[str, tuple[str, ...]] = {
     f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
                                       "steps.distill", "steps.reward_model", "steps.dpo",
                                       "steps.ppo"),
+    # Not a job image: SageMaker hosting starts it as `serve` (`python -m serving serve`), for the
+    # model package that names it; `llm-pipeline deploy` runs the same locally.
+    f"{REPOSITORY_PREFIX}-serving": ("serving",),
 }
 
 # What goes into an image and therefore into its tag: each Dockerfile copies exactly these
 # (and its .dockerignore lets nothing else in), so the same tag always means the same code.
 ROOT = Path(__file__).resolve().parent.parent
-CONTENTS = ("steps", "containers", "setup.cfg", "pyproject.toml")
+CONTENTS = ("steps", "serving", "containers", "setup.cfg", "pyproject.toml")
 
 
 def code_digest() -> str:
-    """A short sha256 over the image contents (stage code, container files, dependencies)."""
+    """A short sha256 over the image contents (stage and serving code, container files,
+    dependencies)."""
     digest = hashlib.sha256()
     for entry in CONTENTS:
         path = ROOT / entry

