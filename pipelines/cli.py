@@ -589,6 +589,17 @@ def cmd_registry(args) -> int:
     return 0
 
 
+def cmd_endpoint(args) -> int:
+    """deploy, invoke, endpoints, undeploy (pipelines/deploy.py). Locally only deploy needs the
+    local AWS server (the registry and the artifact); the others read the endpoint records."""
+    from pipelines import deploy
+
+    region = _registry_region(args) if args.target == "aws" or args.command == "deploy" else None
+    command = {"deploy": deploy.cmd_deploy, "invoke": deploy.cmd_invoke,
+               "endpoints": deploy.cmd_endpoints, "undeploy": deploy.cmd_undeploy}[args.command]
+    return command(args, region)
+
+
 def cmd_server(args) -> int:
     if args.action == "start":
         url = server.ensure_running()
@@ -705,6 +716,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="approval description (approve, reject, promote)")
     p.add_argument("--json", action="store_true", help="machine-readable output (list, diff)")
     p.set_defaults(func=cmd_registry, bucket=None)
+
+    def endpoint_target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", choices=("local", "aws"),
+                       default=os.environ.get("LLM_PIPELINE_TARGET", "local"))
+        p.add_argument("--region")
+        p.set_defaults(func=cmd_endpoint, bucket=None, role_arn=None)
+
+    p = sub.add_parser("deploy", help="serve an Approved model package at an endpoint")
+    p.add_argument("arn", help="model package ARN (see `registry list`)")
+    p.add_argument("--name", help="endpoint name (default: the package's group; a name in use "
+                                  "is updated to the package)")
+    p.add_argument("--instance-type", help="default: the first the package lists")
+    endpoint_target(p)
+    p.add_argument("--role-arn", help="--target aws: the role SageMaker hosts the model with "
+                                      "(default: LLM_PIPELINE_ROLE_ARN)")
+    p.add_argument("--poll-seconds", type=float, default=30.0, help=argparse.SUPPRESS)
+    p = sub.add_parser("invoke", help="ask an endpoint")
+    p.add_argument("name", help="endpoint name")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--tenant", help="the tenant whose adapter answers (multi-tenant endpoints)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as is ({\"inputs\": ...}), without the chat template")
+    endpoint_target(p)
+    p = sub.add_parser("endpoints", help="list endpoints: package, status, URL")
+    endpoint_target(p)
+    p = sub.add_parser("undeploy", help="stop an endpoint (on AWS: delete it, its config and "
+                                        "model)")
+    p.add_argument("name", help="endpoint name")
+    endpoint_target(p)
     p = sub.add_parser("server", help="the local server: SageMaker pipelines, S3, the registry")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
     p.set_defaults(func=cmd_server)

@@ -293,19 +293,27 @@ def summary(sagemaker, s3, arn: str, logs: StepLogs, timing: str) -> bool:
               file=sys.stderr)
         return False
 
-    _print_results(sagemaker, s3, steps)
+    registered = _print_results(sagemaker, s3, steps)
     if logs.folder is not None:
         print(f"Logs and execution record: {logs.folder}")
+    if registered:
+        aws = "" if logs.folder is not None else " --target aws"  # no local logs: on SageMaker
+        print(f"\nTo serve the model, approve the package, then deploy it (pipelines/deploy.py):"
+              f"\n  llm-pipeline registry approve {registered}{aws}"
+              f"\n  llm-pipeline deploy {registered}{aws}{' --role-arn ROLE' if aws else ''}")
     return True
 
 
-def _print_results(sagemaker, s3, steps: dict[str, dict]) -> None:
-    """The registered package, the evaluation's metrics and the trained models."""
+def _print_results(sagemaker, s3, steps: dict[str, dict]) -> str | None:
+    """The registered package, the evaluation's metrics and the trained models; the package's
+    ARN (None when the execution registered none)."""
+    registered = None
     for step in steps.values():
         package = step.get("Metadata", {}).get("RegisterModel", {}).get("Arn")
         if package:
             described = sagemaker.describe_model_package(ModelPackageName=package)
             print(f"\nRegistered model package: {package} ({described['ModelApprovalStatus']})")
+            registered = package
     evaluation = _job_name(steps.get("Evaluate", {}), "ProcessingJob")
     if evaluation:
         job = sagemaker.describe_processing_job(ProcessingJobName=evaluation)
@@ -318,6 +326,7 @@ def _print_results(sagemaker, s3, steps: dict[str, dict]) -> None:
         if training:
             job = sagemaker.describe_training_job(TrainingJobName=training)
             print(f"Model artifact ({name}): {job['ModelArtifacts']['S3ModelArtifacts']}")
+    return registered
 
 
 def _print_metrics(s3, uri: str) -> None:
