@@ -10,8 +10,9 @@ they never do); InvokeEndpoint answers through sagemaker-runtime.
 Locally, as the engine runs jobs: no Docker, the serving image's entry point (``python -m
 serving serve``) as a background process of the project's Python, over the layout SageMaker gives
 the container (the package's ModelDataUrl, from the local S3, extracted into
-``$SAGEMAKER_BASE_DIR/model``; the package's container Environment; SAGEMAKER_BIND_TO_PORT) on a
-free port of 127.0.0.1. Each endpoint is a record in $LLM_PIPELINE_HOME/endpoints/NAME.json and a
+``$SAGEMAKER_BASE_DIR/model``) and with a container's environment, as a job gets it
+(pipelines.local.jobs.job_environment: the image's ENV, the package's container Environment, the
+local AWS endpoint), on a free port of 127.0.0.1 (SAGEMAKER_BIND_TO_PORT, SERVING_HOST). Each endpoint is a record in $LLM_PIPELINE_HOME/endpoints/NAME.json and a
 folder of deployments beside it. Deploying to a name that answers already starts the new server,
 waits for its /ping, then stops the old one: requests never meet a gap.
 
@@ -221,7 +222,7 @@ def deploy_local(s3, package: Package, name: str, instance_type: str,
         try:
             _download_model(s3, package.model_data_url, model_dir, say)
             _check_quantized_locally(model_dir)
-            endpoint = _start(package, name, instance_type, deployment, say)
+            endpoint = _start(s3, package, name, instance_type, deployment, say)
         except BaseException:
             # Nothing of a failed deployment stays but its log, which says why.
             shutil.rmtree(model_dir, ignore_errors=True)
@@ -305,18 +306,19 @@ def _check_quantized_locally(model_dir: Path) -> None:
         raise UserError(f"this machine cannot serve the package's model: {problem}")
 
 
-def _start(package: Package, name: str, instance_type: str, deployment: Path,
+def _start(s3, package: Package, name: str, instance_type: str, deployment: Path,
            say: Callable[[str], None]) -> LocalEndpoint:
+    from pipelines.local import jobs
+
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        **package.environment,  # what SageMaker gives the container from the package
+    # A container's environment, not this shell's: the package's Environment is what SageMaker
+    # gives the model's container; the rest stands in for /opt/ml and the instance's port.
+    env = jobs.job_environment(s3, {"Environment": package.environment}, package.image, {}, {
         "SAGEMAKER_BASE_DIR": str(deployment),
         "SAGEMAKER_BIND_TO_PORT": str(port),
         "SERVING_HOST": "127.0.0.1",  # a local endpoint is for this machine only
-        "PYTHONUNBUFFERED": "1",
-    }
+    })
     log_path = deployment / "log.txt"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(

@@ -99,15 +99,14 @@ class Generator:
                cancelled: threading.Event) -> Iterator[str | Completion]:
         """The answer as text pieces while it is generated, then its Completion. Setting
         `cancelled` (the client went away) stops the generation at the next token."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs) -> bool:
                 return cancelled.is_set()
 
         ids, adapter = self.prompt_ids(request), self.adapter(request)
-        streamer = TextIteratorStreamer(self.served.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
+        streamer = TokenStreamer(self.served.tokenizer)
         produced: dict = {}
 
         def run() -> None:
@@ -177,6 +176,49 @@ class Generator:
         else:
             reason = "length"
         return Completion(text, reason, prompt_tokens, len(new), seed)
+
+
+class TokenStreamer:
+    """Text pieces as generate produces tokens, one per token that completes some text.
+
+    transformers' TextIteratorStreamer holds text back until a word ends, which delays the first
+    piece by a few tokens; this decodes the way TGI does instead: the new tokens against the few
+    before them (so that a token's leading space or a multi-byte character comes out right),
+    keeping back only a piece that ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        import queue
+
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # decode ids[prefix:] and show what ids[prefix:read] lacks
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.queue.put(text[len(before):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def end(self) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(text) > len(before):  # what an incomplete character held back, as it is
+            self.queue.put(text[len(before):])
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get()) is not None:
+            yield piece
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

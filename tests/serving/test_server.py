@@ -191,3 +191,23 @@ def test_the_entry_point_runs_only_as_serve_and_refuses_bad_settings_in_one_line
                               "SAGEMAKER_BIND_TO_PORT": "eighty"})
     assert bad.returncode == 2
     assert bad.stderr.strip() == "ERROR: SAGEMAKER_BIND_TO_PORT='eighty' is not an integer"
+
+
+def test_a_stream_sends_a_piece_per_token_and_never_half_a_character():
+    import torch
+
+    from serving.generation import TokenStreamer
+
+    tokenizer = models.load_tokenizer(models.TINY)  # byte-level: "é" is two tokens
+    ids = tokenizer("ab é!", add_special_tokens=False)["input_ids"]
+    streamer = TokenStreamer(tokenizer)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, as generate passes it first
+    pieces = []
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+        while not streamer.queue.empty():
+            pieces.append(streamer.queue.get())
+    streamer.end()
+
+    assert pieces == ["a", "b", " ", "é", "!"]
+    assert list(streamer) == []  # nothing held back
