@@ -17,8 +17,10 @@ folder of deployments beside it. Deploying to a name that answers already starts
 waits for its /ping, then stops the old one: requests never meet a gap.
 
 Both refuse up front what the endpoint could not run: a package that is not Approved, one whose
-image is not the serving image, an instance type the package does not list (or an Arm one: the
-image is built for linux/amd64), and a quantized model where bitsandbytes' kernels are missing.
+image is not the serving image, an Arm instance type (the image is built for linux/amd64), and a
+quantized model where bitsandbytes' kernels are missing. An instance type the package does not
+list is deployed with a note: SageMaker does not refuse it for a registry package, and a
+BaseModel overridden at run time keeps the types sized for the recipe's default.
 """
 
 from __future__ import annotations
@@ -107,9 +109,6 @@ def check_deployable(package: Package, instance_type: str | None) -> str:
                         "to serve")
     chosen = instance_type or (package.instance_types[0] if package.instance_types
                                else DEFAULT_INSTANCE_TYPE)
-    if package.instance_types and chosen not in package.instance_types:
-        raise UserError(f"instance type {chosen} is not one model package {package.arn} supports "
-                        f"({', '.join(package.instance_types)}); pick one with --instance-type")
     if _is_arm(chosen):
         raise UserError(f"{chosen} is an Arm (Graviton) instance; the serving image is built for "
                         "linux/amd64: pick an x86 CPU or GPU instance type")
@@ -119,6 +118,14 @@ def check_deployable(package: Package, instance_type: str | None) -> str:
                         f"whose 4/8-bit kernels run on x86 CPUs and NVIDIA GPUs; {chosen} is "
                         "neither: pick an ml.m/ml.c (CPU) or ml.g/ml.p (GPU) instance type")
     return chosen
+
+
+def unlisted_note(package: Package, instance_type: str) -> str | None:
+    """What to say when `instance_type` is not one the package lists (None when it is)."""
+    if not package.instance_types or instance_type in package.instance_types:
+        return None
+    return (f"note: {instance_type} is not among the instance types model package {package.arn} "
+            f"lists ({', '.join(package.instance_types)}); deploying on it as asked")
 
 
 def endpoint_name(package: Package, name: str | None) -> str:
@@ -608,6 +615,9 @@ def cmd_deploy(args, region: str) -> int:
     package = Package.describe(sagemaker, args.arn)
     instance_type = check_deployable(package, args.instance_type)
     name = endpoint_name(package, args.name)
+    note = unlisted_note(package, instance_type)
+    if note:
+        print(note)
     if args.target == "local":
         endpoint = deploy_local(boto3.client("s3", region_name=region), package, name,
                                 instance_type)

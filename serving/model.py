@@ -70,9 +70,8 @@ def load(settings: Settings) -> ServedModel:
         raise StageError(f"{folder} holds no model (config.json), adapter (adapter_config.json) "
                          f"or {TENANTS}/ folder (found: {found}); package a model folder made by "
                          "save_pretrained")
-    if not getattr(model, "is_loaded_in_8bit", False) and not getattr(
-            model, "is_loaded_in_4bit", False):
-        model = model.to(device)  # bitsandbytes places quantized weights while loading
+    if getattr(model, "hf_quantizer", None) is None:
+        model = model.to(device)  # bitsandbytes places quantized weights while loading them
     model.eval()
     limits = [getattr(model.config, "max_position_embeddings", None),
               getattr(tokenizer, "model_max_length", None)]

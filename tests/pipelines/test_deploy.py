@@ -254,12 +254,14 @@ def package(**changes) -> deploy.Package:
     return deploy.Package(**{**fields, **changes})
 
 
-def test_the_instance_type_defaults_to_the_packages_first_and_must_be_one_it_lists():
+def test_the_instance_type_defaults_to_the_packages_first_and_another_gets_a_note():
     assert deploy.check_deployable(package(), None) == "ml.m5.xlarge"
     assert deploy.check_deployable(package(), "ml.g5.xlarge") == "ml.g5.xlarge"
-    with pytest.raises(UserError, match=r"instance type ml.p4d.24xlarge is not one model package "
-                                        r".* supports \(ml.m5.xlarge, ml.g5.xlarge\)"):
-        deploy.check_deployable(package(), "ml.p4d.24xlarge")
+    assert deploy.unlisted_note(package(), "ml.g5.xlarge") is None
+    # SageMaker deploys a registry package on a type it does not list: so does deploy, saying so.
+    assert deploy.check_deployable(package(), "ml.p4d.24xlarge") == "ml.p4d.24xlarge"
+    assert deploy.unlisted_note(package(), "ml.p4d.24xlarge").startswith(
+        "note: ml.p4d.24xlarge is not among the instance types model package")
 
 
 @pytest.mark.parametrize("changes, instance_type, says", [
@@ -393,3 +395,29 @@ def test_an_aws_update_switches_the_endpoint_then_deletes_what_the_old_one_used(
 
     stub.assert_no_pending_responses()
     assert any("the current model answers until the new one is InService" in s for s in said)
+
+
+# --- The whole path -------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_package_an_sft_run_registers_is_approved_deployed_and_answers(env):
+    run = cli(env, "run", "--recipe", "sft", "-p", "BaseModel=builtin:tiny",
+              "-p", "ModelPackageGroup=llm-serving-e2e", "-p", "EvalThreshold=0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    # The summary ends with the two commands that serve the model.
+    approve_line, deploy_line = run.stdout.strip().splitlines()[-2:]
+    assert approve_line.strip().startswith("llm-pipeline registry approve arn:aws:sagemaker:")
+    arn = approve_line.split()[-1]
+    assert deploy_line.strip() == f"llm-pipeline deploy {arn}"
+
+    approved = cli(env, *approve_line.split()[1:])
+    deployed = cli(env, *deploy_line.split()[1:])
+    try:
+        answer = cli(env, "invoke", "llm-serving-e2e", "--prompt", "Count to 3.",
+                     "--max-new-tokens", "8")
+    finally:
+        cli(env, "undeploy", "llm-serving-e2e")
+    assert approved.returncode == 0 and deployed.returncode == 0, deployed.stderr[-2000:]
+    assert "Endpoint llm-serving-e2e is InService at http://127.0.0.1:" in deployed.stdout
+    assert answer.returncode == 0, answer.stderr
