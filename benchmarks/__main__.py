@@ -11,7 +11,7 @@ import sys
 
 from benchmarks import common, report
 
-SCRIPTS = ("throughput", "memory", "precision", "scaling", "orchestration")
+SCRIPTS = ("throughput", "memory", "precision", "scaling", "orchestration", "serving")
 
 
 def main() -> int:

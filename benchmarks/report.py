@@ -23,6 +23,7 @@ EXPECTED = {
     "precision": "python -m benchmarks.precision",
     "scaling": "python -m benchmarks.scaling",
     "orchestration": "python -m benchmarks.orchestration",
+    "serving": "python -m benchmarks.serving",
 }
 
 
