@@ -291,6 +291,7 @@ def _download_model(s3, uri: str, model_dir: Path, say: Callable[[str], None]) -
         except ClientError as err:
             raise UserError(f"cannot download the package's ModelDataUrl {uri}: "
                             f"{err.response['Error'].get('Message', err)}") from None
+        say(f"extracting {archive.stat().st_size / 2**20:.0f} MiB into {model_dir}")
         try:
             safe_extract(archive, model_dir)
         except StageError as err:
