@@ -47,7 +47,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from containers import images
-from pipelines import UserError, registry
+from pipelines import UserError, registry, validation
 from pipelines.local import server
 
 SERVING_REPOSITORY = f"{images.REPOSITORY_PREFIX}-serving"
@@ -488,16 +488,23 @@ def deploy_aws(sagemaker, package: Package, name: str, instance_type: str, role_
     if previous is not None and previous["EndpointStatus"] in AWS_BUSY:
         raise UserError(f"endpoint {name} is {previous['EndpointStatus']}; wait until it is "
                         "InService or Failed, then deploy again")
+    # Checked against SageMaker's API model before anything is created: one line naming the field.
+    model = model_request(created, package.arn, role_arn)
+    config = endpoint_config_request(created, created, instance_type)
+    endpoint = {"EndpointName": name, "EndpointConfigName": created}
+    for operation, request in (("CreateModel", model), ("CreateEndpointConfig", config),
+                               ("UpdateEndpoint" if previous else "CreateEndpoint", endpoint)):
+        validation.check_request(operation, request, f"deploy {name}")
     try:
-        sagemaker.create_model(**model_request(created, package.arn, role_arn))
-        sagemaker.create_endpoint_config(**endpoint_config_request(created, created, instance_type))
+        sagemaker.create_model(**model)
+        sagemaker.create_endpoint_config(**config)
         if previous is None:
             say(f"creating endpoint {name} ({instance_type}, model {created})")
-            sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=created)
+            sagemaker.create_endpoint(**endpoint)
         else:
             say(f"updating endpoint {name} to model {created} ({instance_type}); the current "
                 "model answers until the new one is InService")
-            sagemaker.update_endpoint(EndpointName=name, EndpointConfigName=created)
+            sagemaker.update_endpoint(**endpoint)
         described = _wait(sagemaker, name, poll_seconds, say)
         if described["EndpointStatus"] != "InService" or described.get(
                 "EndpointConfigName") != created:

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
-from botocore.validate import ParamValidator
 
 from containers import images
-from pipelines import UserError, deploy
+from pipelines import UserError, deploy, validation
 from pipelines.definition import DEFAULT_BUCKET, DEFAULT_ROLE_ARN, LOCAL_ACCOUNT
 from serving import tenants
 from steps.common import models
@@ -285,26 +284,45 @@ def test_a_package_that_cannot_serve_there_is_refused_saying_what_to_do(changes,
 ARN = "arn:aws:sagemaker:us-east-1:123456789012:model-package/llm-sft/3"
 
 
-def validate(operation: str, request: dict) -> None:
-    """`request` against SageMaker's API model, as the service checks it."""
-    import botocore.session
+def checked(client) -> list[str]:
+    """The operations `client` sends from now on, each checked against SageMaker's API model
+    (lengths, patterns, enums, ranges: pipelines.validation) as it is sent."""
+    sent = []
 
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    report = ParamValidator().validate(request, model.operation_model(operation).input_shape)
-    assert not report.has_errors(), report.generate_report()
+    def check(params, model, **kwargs) -> None:
+        sent.append(model.name)
+        assert validation.problems(model.name, params) == [], (model.name, params)
+
+    client.meta.events.register("provide-client-params.sagemaker.*", check)
+    return sent
 
 
 def test_the_aws_requests_are_valid_for_sagemakers_api():
     name = deploy.deployment_names("llm-sft", when=0)
-    validate("CreateModel", deploy.model_request(name, ARN, DEFAULT_ROLE_ARN))
-    validate("CreateEndpointConfig", deploy.endpoint_config_request(name, name, "ml.m5.xlarge"))
+    assert validation.problems("CreateModel",
+                               deploy.model_request(name, ARN, DEFAULT_ROLE_ARN)) == []
+    assert validation.problems("CreateEndpointConfig", deploy.endpoint_config_request(
+        name, name, "ml.m5.xlarge")) == []
     long = deploy.deployment_names("x" * 63, when=0)
     assert len(long) <= 63 and deploy.ENDPOINT_NAME.fullmatch(long)
+
+
+def test_a_request_sagemaker_would_refuse_is_refused_before_anything_is_created(clients,
+                                                                              sft_package):
+    sagemaker, _ = clients
+    package = deploy.Package.describe(sagemaker, sft_package)
+
+    with pytest.raises(UserError, match=r"deploy sft-bad: CreateModel ExecutionRoleArn: "):
+        deploy.deploy_aws(sagemaker, package, "sft-bad", "ml.m5.xlarge", "not-a-role",
+                          poll_seconds=0, say=lambda line: None)
+    assert not [m for m in sagemaker.list_models()["Models"]
+                if m["ModelName"].startswith("sft-bad")]
 
 
 def test_deploy_to_aws_makes_model_config_and_endpoint_from_the_package(clients, sft_package):
     sagemaker, _ = clients
     package = deploy.Package.describe(sagemaker, sft_package)
+    sent = checked(sagemaker)
 
     described = deploy.deploy_aws(sagemaker, package, "sft-aws", "ml.m5.xlarge",
                                   DEFAULT_ROLE_ARN, poll_seconds=0, say=lambda line: None)
@@ -329,6 +347,8 @@ def test_deploy_to_aws_makes_model_config_and_endpoint_from_the_package(clients,
         sagemaker.describe_endpoint_config(EndpointConfigName=created)
     with pytest.raises(ClientError):
         sagemaker.describe_model(ModelName=created)
+    assert {"CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DeleteEndpoint",
+            "DeleteEndpointConfig", "DeleteModel"} <= set(sent)
 
 
 def test_the_deploy_command_on_aws_creates_lists_and_deletes_the_endpoint(clients, env,
@@ -364,6 +384,7 @@ def test_an_aws_update_switches_the_endpoint_then_deletes_what_the_old_one_used(
     endpoint = {"EndpointName": "llm-sft", "EndpointArn":
                 "arn:aws:sagemaker:us-east-1:123456789012:endpoint/llm-sft",
                 "CreationTime": 0, "LastModifiedTime": 0}
+    sent = checked(sagemaker)
     stub = Stubber(sagemaker)
     stub.add_response("describe_endpoint", {**endpoint, "EndpointConfigName": "llm-sft-old",
                                             "EndpointStatus": "InService"})
@@ -394,6 +415,7 @@ def test_an_aws_update_switches_the_endpoint_then_deletes_what_the_old_one_used(
                           DEFAULT_ROLE_ARN, poll_seconds=0, say=said.append)
 
     stub.assert_no_pending_responses()
+    assert "UpdateEndpoint" in sent and "CreateEndpoint" not in sent
     assert any("the current model answers until the new one is InService" in s for s in said)
 
 
