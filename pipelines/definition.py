@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from containers import images
 from pipelines import UserError
 from pipelines.recipe import JUDGE_STAGES, Recipe, parameter_reference
+from serving import sizing
 
 if TYPE_CHECKING:
     from sagemaker.mlops.workflow.pipeline import Pipeline
@@ -525,7 +526,16 @@ def get_pipeline(
                                                                 "quantization.json"])
         model_uri = Join(on="/", values=[produced["quantize"],
                                          Join(on="", values=[setting(scheme), ".tar.gz"])])
-    builder = ModelBuilder(image_uri=training_image, s3_model_data_url=model_uri,
+    # The package names the serving image, which loads the artifact as it is (an adapter carries
+    # its base: steps.common.models), on instances sized from the model the recipe's defaults
+    # name, quantized if a quantize stage registers its variant (serving.sizing).
+    serving_image = images.image_uri(f"{images.REPOSITORY_PREFIX}-serving", account, region, tag)
+    quantization = recipe.stages.get("quantize", {}).get("scheme")
+    if parameter_reference(quantization):
+        quantization = recipe.parameters.get(parameter_reference(quantization))
+    instance_types = sizing.inference_instance_types(str(recipe.parameters.get("BaseModel", "")),
+                                                     quantization)
+    builder = ModelBuilder(image_uri=serving_image, s3_model_data_url=model_uri,
                            sagemaker_session=session, role_arn=role_arn)
     register = ModelStep(
         name="Register",
@@ -536,8 +546,8 @@ def get_pipeline(
                                   PACKAGE_DESCRIPTION_LIMIT),
             content_types=["application/json"],
             response_types=["application/json"],
-            inference_instances=["ml.g5.xlarge", "ml.g5.2xlarge"],
-            transform_instances=["ml.g5.xlarge"],
+            inference_instances=instance_types,
+            transform_instances=instance_types[:1],
             model_metrics=ModelMetrics(model_statistics=MetricsSource(
                 s3_uri=Join(on="/", values=[evaluation_uri, "evaluation.json"]),
                 content_type="application/json")),

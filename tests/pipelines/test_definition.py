@@ -68,6 +68,22 @@ def test_definition_exposes_the_documented_parameters_and_dag(definition_text):
         {"Get": "Parameters.GradientAccumulationSteps"}]
 
 
+def test_the_registered_package_names_the_serving_image_on_instances_sized_for_its_model(
+        definition_text):
+    document = json.loads(definition_text)
+    gate = next(s for s in document["Steps"] if s["Name"] == "EvaluationGate")["Arguments"]
+    specification = gate["IfSteps"][0]["Arguments"]["InferenceSpecification"]
+    container = specification["Containers"][0]
+    # SageMaker starts it as `serve`; the artifact is the SFT job's model.tar.gz, which carries
+    # the adapter's base (steps.common.models), so the image needs nothing else to load it.
+    assert container["Image"].split("/")[-1].startswith("llm-lifecycle-serving:")
+    assert container["ModelDataUrl"] == {"Get": "Steps.SFT.ModelArtifacts.S3ModelArtifacts"}
+    # SmolLM2-135M, the recipe's default, needs no GPU.
+    assert specification["SupportedRealtimeInferenceInstanceTypes"][0] == "ml.m5.xlarge"
+    assert not any(t.startswith(("ml.g", "ml.p"))
+                   for t in specification["SupportedRealtimeInferenceInstanceTypes"])
+
+
 def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_env):
     result = cli(offline_env, "definition", "-p", "Epochs=3", "-p", "BaseModel=builtin:tiny")
     parameters = {p["Name"]: p["DefaultValue"] for p in json.loads(result.stdout)["Parameters"]}
