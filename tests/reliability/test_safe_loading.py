@@ -26,10 +26,6 @@ from tests.reliability.tiny import tiny_model_folder
 # The last line of any pickle refusal names the opt-in, so the user knows what to set.
 REFUSED_PICKLE = r"pickle-based weights are refused.*allow_unsafe_weights=true"
 REFUSED_CODE = r"field 'auto_map' asks to run the model's own code.*trust_remote_code=true"
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
-            "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
-# What the model's "own code" does if it ever runs.
-EVIL_CODE = "raise RuntimeError('the model folder's own code ran')\n"
 
 
 @pytest.fixture(autouse=True)
@@ -171,22 +167,6 @@ def test_hub_models_are_asked_for_safetensors_and_no_code_unless_opted_in(monkey
 # --- Remote code -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def remote_code_folder(tmp_path) -> Path:
-    """builtin:tiny (safetensors) whose config asks for the folder's own code, which raises."""
-    folder = tiny_model_folder(tmp_path / "model", config_extra={"auto_map": AUTO_MAP})
-    (folder / "modeling_evil.py").write_text(EVIL_CODE)
-    return folder
-
-
-def test_a_config_with_auto_map_is_refused_without_the_opt_in(remote_code_folder):
-    # Without the check, transformers would quietly load its own Llama class for this config
-    # (a known model_type) and ignore what the folder asked for; for an unknown model_type it
-    # fails with a many-line error.
-    with pytest.raises(StageError, match=r"config\.json: " + REFUSED_CODE):
-        models.load_model(str(remote_code_folder))
-
-
 def test_a_tokenizer_config_with_auto_map_is_refused_without_the_opt_in(tmp_path):
     folder = tiny_model_folder(tmp_path / "model")
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -196,16 +176,65 @@ def test_a_tokenizer_config_with_auto_map_is_refused_without_the_opt_in(tmp_path
         models.load_tokenizer(str(folder))
 
 
-def test_with_trust_remote_code_the_folder_is_loaded_with_its_code(remote_code_folder,
-                                                                     monkeypatch):
-    from transformers import AutoModelForCausalLM
+# The model's own code in a folder: a Llama whose every next token is "!", and that leaves a
+# mark when its module is imported.
+EXCLAIMING_CODE = """\
+from pathlib import Path
 
-    asked = []
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        lambda folder, **kwargs: asked.append(kwargs) or "model")
+from transformers import LlamaForCausalLM
+
+Path({mark!r}).write_text("imported")
+
+
+class ExclaimingLlamaForCausalLM(LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits[..., {token}] += 1e4
+        return output
+"""
+
+
+@pytest.fixture
+def own_code_folder(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """builtin:tiny (safetensors) whose config.json maps AutoModelForCausalLM to a module file in
+    the folder; and the file its code writes when it runs."""
+    from transformers import dynamic_module_utils
+
+    # transformers copies the folder's module into its modules cache to import it: the test's
+    # own, not the machine's (~/.cache/huggingface/modules).
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    mark = tmp_path / "the-folder's-code-ran"
+    folder = tiny_model_folder(tmp_path / "model", config_extra={
+        "auto_map": {"AutoModelForCausalLM": "modeling_exclaiming.ExclaimingLlamaForCausalLM"}})
+    token = models.load_tokenizer(models.TINY).convert_tokens_to_ids("!")
+    (folder / "modeling_exclaiming.py").write_text(EXCLAIMING_CODE.format(mark=str(mark),
+                                                                          token=token))
+    return folder, mark
+
+
+def test_a_folder_with_its_own_code_is_refused_without_the_opt_in_and_none_of_it_runs(
+        own_code_folder):
+    # Without the check, transformers would quietly load its own Llama class for this config
+    # (a known model_type) and ignore what the folder asked for; for an unknown model_type it
+    # fails with a many-line error.
+    folder, mark = own_code_folder
+    with pytest.raises(StageError, match=r"config\.json: " + REFUSED_CODE):
+        models.load_model(str(folder))
+    assert not mark.exists()
+
+
+def test_with_trust_remote_code_the_folder_is_loaded_with_its_code_which_runs(own_code_folder):
+    folder, mark = own_code_folder
     opt_in(trust_remote_code=True)
-    assert models.load_model(str(remote_code_folder)) == "model"
-    assert asked[0]["trust_remote_code"] is True and asked[0]["use_safetensors"] is True
+    model = models.load_model(str(folder))
+    tokenizer = models.load_tokenizer(str(folder))
+
+    assert mark.read_text() == "imported"
+    assert type(model).__name__ == "ExclaimingLlamaForCausalLM"
+    prompt = tokenizer("Hello", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:]) == "!!!!"
 
 
 # --- Archives and S3 prefixes: what tests/steps/test_models.py leaves out -------------------------------
