@@ -40,13 +40,23 @@ def read_json(s3, uri):
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def test_passing_run_registers_the_package_with_metrics_and_metadata(env, data, clients, local_home):
-    sagemaker, s3 = clients
+@pytest.fixture(scope="module")
+def registered(env, data, clients, local_home):
+    """A passing run of the module's own group, and what the registry listed right after it.
+
+    Every test that needs a registered package takes it from here, so none depends on another
+    having run first (or not having changed the package since)."""
     result = run(env, data, "e2e-pass", "-p", "EvalThreshold=1.0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    listed = cli(env, "registry", "list", "--group", "e2e-pass", "--json")
+    return result, latest_execution(local_home), json.loads(listed.stdout)
+
+
+def test_passing_run_registers_the_package_with_metrics_and_metadata(registered, env, clients):
+    sagemaker, s3 = clients
+    result, execution, packages = registered
     assert "Registered model package" in result.stdout
 
-    execution = latest_execution(local_home)
     assert execution["status"] == "Succeeded"
     statuses = {name: step["status"] for name, step in execution["steps"].items()}
     assert statuses == {"DataPrep": "Succeeded", "SFT": "Succeeded", "Evaluate": "Succeeded",
@@ -54,7 +64,6 @@ def test_passing_run_registers_the_package_with_metrics_and_metadata(env, data, 
                         "Register": "Succeeded", "EvaluationGateFailed": "NotExecuted"}
     assert "no Approved package in group e2e-pass yet" in result.stdout
 
-    packages = json.loads(cli(env, "registry", "list", "--group", "e2e-pass", "--json").stdout)
     assert len(packages) == 1
     package = packages[0]
     assert package["status"] == "PendingManualApproval"
@@ -95,12 +104,11 @@ def test_too_high_threshold_takes_the_fail_branch_and_registers_nothing(env, dat
 
 
 def test_a_candidate_that_does_not_beat_the_approved_package_is_not_registered(
-        env, data, clients, local_home):
-    # After the first test: its package is approved, then the same model is a candidate again,
-    # asked to beat it by a margin (the training steps are cache hits; the registry comparison is
-    # never cached).
+        registered, env, data, clients, local_home):
+    # The registered package is approved, then the same model is a candidate again, asked to beat
+    # it by a margin (the training steps are cache hits; the registry comparison is never cached).
     sagemaker, _ = clients
-    approved = json.loads(cli(env, "registry", "list", "--group", "e2e-pass", "--json").stdout)
+    _, _, approved = registered
     assert len(approved) == 1
     assert cli(env, "registry", "approve", approved[0]["arn"], "--reason", "e2e").returncode == 0
 
