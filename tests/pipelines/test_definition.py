@@ -134,9 +134,9 @@ def test_a_description_of_any_length_reaches_the_model_card_whole(offline_env, t
     assert all(len(a) <= 256 for a in plain) and len(config.description) > 2
 
 
-def test_metadata_joins_the_training_stages_with_a_character_sagemaker_allows(offline_env):
-    built = cli(offline_env, "definition", "--recipe", "dpo")
-    gate = next(s for s in json.loads(built.stdout)["Steps"] if s["Name"] == "EvaluationGate")
+def test_metadata_joins_the_training_stages_with_a_character_sagemaker_allows(recipe_definitions):
+    document = json.loads(recipe_definitions["dpo", "local"].read_text())
+    gate = next(s for s in document["Steps"] if s["Name"] == "EvaluationGate")
     metadata = gate["Arguments"]["IfSteps"][0]["Arguments"]["CustomerMetadataProperties"]
     assert metadata["training_stages"] == "sft+dpo"
 
