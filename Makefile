@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test benchmarks lint images clean
+.PHONY: install browser demo test test-fast benchmarks lint images clean
 
 install: $(STAMP) browser
 
@@ -33,8 +33,14 @@ browser:
 demo: install
 	$(VENV)/bin/llm-pipeline run --recipe sft
 
+# Everything, ending with the 25 slowest tests (where the suite's time goes).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+# What a developer runs between edits: all but the end-to-end runs through the local engine
+# (`@pytest.mark.e2e`).
+test-fast: install
+	$(PY) -m pytest -q -m 'not e2e' --durations=10
 
 # Every CPU benchmark, then benchmarks/BENCHMARKS.md (about an hour on 2 CPUs; ARGS=--quick: minutes).
 benchmarks: install
