@@ -425,7 +425,8 @@ def main() -> None:
     parser.add_argument("--render", action="store_true",
                         help="re-render results/memory.json from its saved figures")
     parser.add_argument("--plan", action="store_true",
-                        help="only the memory plan against measured peaks (results/memory-plan.json)")
+                        help="only the memory plan against measured peaks "
+                             "(results/memory-plan.json)")
     parser.add_argument("--plan-one", nargs=3, metavar=("MODEL", "STAGE", "METHOD"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)

@@ -7,14 +7,16 @@ on a CPU instance), broken down into:
 
   weights            the trained model as it is held: float32 master weights (bf16/fp16 is
                      autocast, steps.common.training), or QLoRA's 4-bit NF4 linear layers with
-                     double quantization (0.516 bytes a weight: 4 bits + an 8-bit scale per 64 and a
-                     float32 one per 256 blocks, Dettmers et al. 2023, "QLoRA", section 3) beside the
-                     embeddings, head and norms in float32 (peft's prepare_model_for_kbit_training)
+                     double quantization (0.516 bytes a weight: 4 bits + an 8-bit scale per 64 and
+                     a float32 one per 256 blocks, Dettmers et al. 2023, "QLoRA", section 3) beside
+                     the embeddings, head and norms in float32 (prepare_model_for_kbit_training)
   gradients          one per trainable weight, in its dtype
   optimizer state    AdamW's two moments per trainable weight, in its dtype (torch keeps them in the
                      parameter's dtype); with the two above, the well-known 16 bytes a parameter of
                      mixed-precision AdamW (Rajbhandari et al. 2020, "ZeRO", section 3.1, counts 2 +
-                     2 + 12 with fp16 weights; here the master weights are the fp32 copy: 4 + 4 + 8)
+                     2 + 12 with fp16 weights; here the master weights are the fp32 copy: 4 + 4 + 8;
+                     Hugging Face's model memory calculator, `accelerate estimate-memory`, counts
+                     training with Adam as 4 x the model's size in its dtype, the same sum)
   weight copies      under bf16/fp16 autocast every linear layer's weight is cast to 16 bits for its
                      matrix product and the copy is kept for the backward pass (2 bytes a weight; a
                      4-bit layer dequantizes one layer at a time instead)
@@ -76,8 +78,9 @@ USABLE_FRACTION = 0.90
 # A CPU instance's memory also holds the stage's process itself: the interpreter, torch,
 # transformers and the data (about 0.4 GiB measured here), and the operating system.
 RUNTIME_BYTES = 2 * GIB
-# The model as a stage's process loads it, before it moves to its GPU: float32 on the host.
-HOST_RUNTIME_BYTES = 2 * GIB  # each GPU process's own runtime on the host (CUDA libraries)
+# Each GPU process's own runtime on the host (interpreter, torch, the CUDA libraries), beside the
+# model it loads there before moving it to its GPU.
+HOST_RUNTIME_BYTES = 2 * GIB
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -105,7 +108,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "prefix_projection": False,
 }
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {"peft_method": "none", "per_device_batch_size": 8, "max_seq_length": 128,
+    "pretrain": {"per_device_batch_size": 8, "max_seq_length": 128,
                  "packing": True, "vocab_size": 4096, "hidden_size": 128, "num_layers": 4,
                  "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384,
                  "tie_word_embeddings": True},
@@ -117,14 +120,16 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # How each stage computes its loss over the vocabulary: the model's own loss over materialised
-# float32 logits, or TRL's fused LM head, which computes log-probabilities in tiles (DPO). The
-# factor is bytes per logit element at the loss's peak, as measured (sft, cpt, pretrain) or counted
-# from the stage's code (distill: the student's logits, the trained positions' copy, the
-# cross-entropy's and the temperature-softened log-softmaxes and their gradients; ppo: the
-# response positions' float32 copy, scaling, log-softmax, its exponential and their gradients).
+# float32 logits, or TRL's fused LM head, which computes log-probabilities in tiles (DPO); a reward
+# model has a one-output head. The factor is bytes per logit element at the loss's peak: measured
+# for the model's own loss (sft, cpt, pretrain: 12, in fp32 and under bf16 autocast alike) and for
+# distillation (16 to 18 on config-built students: the logits, the trained positions' copy, the
+# cross-entropy's and the softened log-softmaxes); counted from the stage's code, not measured, for
+# PPO (the response positions' float32 copy, its scaling, log-softmax and exponential for the
+# entropy, and their gradients).
 LOGITS = {"pretrain": ("materialised", 12), "cpt": ("materialised", 12),
           "sft": ("materialised", 12), "dpo": ("chunked", 0), "ppo": ("materialised", 24),
-          "distill": ("materialised", 28), "reward_model": ("none", 0)}
+          "distill": ("materialised", 20), "reward_model": ("none", 0)}
 # TRL's fused LM head (trl/kernels/chunked_logprob.py): a tile buffer of up to 4096 tokens x 32768
 # vocabulary entries, in the compute dtype.
 CHUNK_TOKENS, CHUNK_VOCABULARY = 4096, 32768
@@ -140,9 +145,10 @@ ACTIVATION_BYTES = {  # (method family, 16-bit autocast) -> coefficients
     ("qlora", False): (40, 8, 16), ("qlora", True): (24, 4, 14),
     ("prompt", False): (16, 8, 12), ("prompt", True): (12, 4, 6),
 }
-OUTSIDE_LAYERS_BYTES = 16  # x hidden per token: the embeddings' output, the final norm, the head input
+# x hidden per token, outside the decoder layers: the embeddings' output, the final norm, the head's
+# input.
+OUTSIDE_LAYERS_BYTES = 16
 NF4_BYTES = 0.516  # bytes a weight in 4-bit NF4 with double quantization (see the docstring)
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 SHARDINGS = ("none", "fsdp")
 
@@ -201,9 +207,9 @@ def instance_types() -> dict[str, InstanceType]:
                 bool(kind["bf16"]), prices.get(name))
         return table
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{cost.PRICES_FILE}: its hardware table is unreadable ({exc}); each entry "
-                        "needs memory_gib, and accelerator, accelerators and accelerator_memory_gib "
-                        "for a GPU instance") from None
+        raise UserError(f"{cost.PRICES_FILE}: its hardware table is unreadable ({exc}); each "
+                        "entry needs memory_gib, and accelerator, accelerators and "
+                        "accelerator_memory_gib for a GPU instance") from None
 
 
 def instance_type(name: str) -> InstanceType:
@@ -327,10 +333,11 @@ def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
                         "(vocab_size, hidden_size, num_hidden_layers, num_attention_heads)")
     kv_heads = 1 if config.get("multi_query") else first("num_key_value_heads", default=heads)
     experts = int(first("num_local_experts", "num_experts", default=1) or 1)
+    inner = first("moe_intermediate_size") if experts > 1 else None
     return ModelShape(
         source=source, model_type=model_type, vocab_size=int(vocab), hidden_size=int(hidden),
-        intermediate_size=int(first("moe_intermediate_size" if experts > 1 else "_", "intermediate_size",
-                                    "n_inner", "ffn_dim", default=4 * hidden)),
+        intermediate_size=int(inner or first("intermediate_size", "n_inner", "ffn_dim",
+                                             default=4 * hidden)),
         num_layers=int(layers), num_heads=int(heads), num_kv_heads=int(kv_heads),
         head_dim=int(first("head_dim", default=hidden // heads)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings",
@@ -401,7 +408,7 @@ def _hub_config(model_id: str) -> dict[str, Any]:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
-    except Exception as exc:  # noqa: BLE001 (offline, gated, unknown id: all say the same to the user)
+    except Exception as exc:  # noqa: BLE001 (offline, gated, unknown id: one answer for all)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"model {model_id!r}: not a local folder, and its config.json could not "
                         f"be read from the Hugging Face Hub ({first[:200]})") from None
@@ -438,7 +445,7 @@ def _smollm2_config() -> dict[str, Any]:
             "num_attention_heads": int(value("attention.head_count")),
             "num_key_value_heads": int(value("attention.head_count_kv")),
             "head_dim": int(value("rope.dimension_count")),
-            # transformers ties the output layer to the embeddings when the file has no output.weight
+            # transformers ties the output layer to the embeddings when there is no output.weight
             "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
 
 
@@ -452,7 +459,8 @@ def _resized(spec: str, base: ModelShape) -> ModelShape:
               "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size",
               "head_dim": "head_dim"}
     changes: dict[str, int] = {}
-    for item in filter(None, (p.strip() for p in spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR))):
+    parts = spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR)
+    for item in filter(None, (p.strip() for p in parts)):
         key, _, value = item.partition("=")
         name = fields.get(CONFIG_KEYS.get(key.strip(), key.strip()))
         if name is None or not value.strip().isdigit():
@@ -465,7 +473,7 @@ def _resized(spec: str, base: ModelShape) -> ModelShape:
     return resized
 
 
-# --- What a stage does on one device ---------------------------------------------------------------
+# --- What a stage does on one device --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -530,13 +538,15 @@ def trainable_parameters(work: Workload) -> int:
             lstm = 2 * 4 * (e * h + e * e + 2 * e) + 2 * 4 * (e * 2 * e + e * e + 2 * e)
             return n * h + lstm + (4 * e * e + 2 * e) + (2 * e * h + h)
         return n * h + (h * e + e) + (e * e + e) + (e * h + h)
-    prefixes = model.num_layers * 2 * model.kv_width  # prefix tuning: keys and values per layer
+    # Prefix tuning: keys and values for every layer; its projection's width is theirs unless set.
+    prefixes = model.num_layers * 2 * model.kv_width
     if work.prefix_projection:
+        e = work.encoder_hidden_size or model.kv_width
         return n * model.kv_width + (model.kv_width * e + e) + (e * prefixes + prefixes)
     return n * prefixes
 
 
-# --- The estimate ----------------------------------------------------------------------------------
+# --- The estimate ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -634,9 +644,11 @@ def estimate(work: Workload) -> MemoryEstimate:
     held = gradients if work.gradient_accumulation > 1 else head_gradient / shards
     resident = weights + optimizer + sum(other.values()) + buffers
     backward_start = weight_copies + activations + logits + held
-    step = gradients + (gradients if work.gradient_accumulation > 1 else 0)
+    # The end of the backward pass and the optimizer step (fused AdamW: in place) hold every
+    # gradient; a rollout (PPO, on-policy distillation) its key/value cache and a forward pass.
+    backward_end = gradients
     rollout = generation + (tokens * per_layer if generation else 0)
-    peak = resident + max(backward_start, step, rollout)
+    peak = resident + max(backward_start, backward_end, rollout)
     host = _host_bytes(work)
     return MemoryEstimate(
         parameters=model.parameters + (trainable if work.method != "none" else 0),
@@ -858,6 +870,7 @@ class StagePlan:
     problem: str = ""  # why it cannot run as set, memory aside
     unknown: str = ""  # why there is no estimate
     cheapest: str | None = None  # the cheapest priced instance type of the same kind that fits
+    unpriced: list[str] = field(default_factory=list)  # smaller ones that fit, price unknown
     alternatives: dict[str, str] = field(default_factory=dict)  # a change -> where it then fits
 
     @property
@@ -880,13 +893,15 @@ class StagePlan:
             why = (f"its {self.instance.processes * self.instance_count} processes load the model "
                    f"into {gib(self.estimate.host_per_instance)} of the instance's memory; "
                    f"{self.instance.name} has {self.instance.memory_gib:g} GiB")
-        if self.cheapest:
-            fix = f"it fits on {self.cheapest}: pass -p TrainingInstanceType={self.cheapest}"
-        elif self.alternatives:
-            change, instance = next(iter(self.alternatives.items()))
-            fix = f"with {change} in stages.{self.stage} it fits on {instance}"
+        if self.cheapest or self.unpriced:
+            named = self.cheapest or self.unpriced[0]
+            fix = f"it fits on {named}: pass -p TrainingInstanceType={named}"
+            if self.cheapest and self.unpriced:
+                fix += f" (or {', '.join(self.unpriced)}, not priced in prices.yaml)"
         else:
             fix = "no instance type in prices.yaml fits it as set"
+        for change, instance in self.alternatives.items():
+            fix += f"; with {change} in stages.{self.stage} it fits on {instance}"
         return (f"stage {self.step} cannot run as set: {why}; {fix} "
                 f"(`llm-pipeline plan --recipe {recipe_name}` shows the breakdown)")
 
@@ -903,6 +918,7 @@ class StagePlan:
             "estimate": asdict(self.estimate) if self.estimate else None,
             "fits": self.fits, "host_fits": self.host_fits, "runs": self.runs,
             "problem": self.problem, "unknown": self.unknown, "cheapest_fit": self.cheapest,
+            "unpriced_fits": self.unpriced,
             "alternatives": self.alternatives,
         }
 
@@ -926,19 +942,17 @@ def _try(stage: str, settings: dict[str, Any], start: ModelShape | None,
     return result, work, result.peak <= instance.device_bytes, host_fits
 
 
-def _cheapest(stage: str, settings: dict[str, Any], start: ModelShape | None,
-              instance: InstanceType, count: int) -> str | None:
-    """The cheapest instance type of `instance`'s kind (GPU or CPU) on which the stage runs as
-    set, at `count` instances; types without a price come last, smallest first."""
-    kind = [t for t in instance_types().values()
-            if t.is_gpu == instance.is_gpu and (t.cuda or not t.is_gpu)]
+def _fitting(stage: str, settings: dict[str, Any], start: ModelShape | None,
+             instance: InstanceType, count: int) -> tuple[str | None, list[str]]:
+    """Where the stage runs as set, at `count` instances, among instance types of `instance`'s
+    kind (GPU or CPU): the cheapest priced one, and smaller ones prices.yaml has no price for."""
+    def size(t: InstanceType) -> float:
+        return t.accelerators * t.accelerator_memory_gib + t.memory_gib
 
-    def order(t: InstanceType) -> tuple:
-        priced = t.usd_per_hour is not None
-        return (not priced, t.usd_per_hour if priced else 0,
-                t.accelerators * t.accelerator_memory_gib + t.memory_gib, t.name)
-
-    for candidate in sorted(kind, key=order):
+    fitting = []
+    for candidate in instance_types().values():
+        if candidate.is_gpu != instance.is_gpu or (candidate.is_gpu and not candidate.cuda):
+            continue
         if stage == "ppo" and candidate.accelerators > 1:
             continue
         try:
@@ -946,8 +960,13 @@ def _cheapest(stage: str, settings: dict[str, Any], start: ModelShape | None,
         except UserError:  # e.g. bf16 asked of a GPU without it
             continue
         if fits and host_fits:
-            return candidate.name
-    return None
+            fitting.append(candidate)
+    priced = sorted((t for t in fitting if t.usd_per_hour is not None),
+                    key=lambda t: (t.usd_per_hour, t.name))
+    cheapest = priced[0] if priced else None
+    unpriced = sorted((t for t in fitting if t.usd_per_hour is None
+                       and (cheapest is None or size(t) < size(cheapest))), key=size)
+    return (cheapest.name if cheapest else None), [t.name for t in unpriced[:3]]
 
 
 def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShape | None,
@@ -974,20 +993,21 @@ def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShap
     if stage == "ppo" and work.world_size > 1:
         result.problem = ("the PPO stage trains in one process; use one instance with one GPU "
                           "(TrainingInstanceCount 1)")
-    result.cheapest = _cheapest(stage, settings, start, instance, count)
+    result.cheapest, result.unpriced = _fitting(stage, settings, start, instance, count)
     if result.runs:
         return result
     if not work.checkpointing:
         changed = {**settings, "gradient_checkpointing": True}
-        where = _cheapest(stage, changed, start, instance, count)
-        if where:
-            result.alternatives["gradient_checkpointing: true"] = where
+        where, smaller = _fitting(stage, changed, start, instance, count)
+        if where or smaller:
+            result.alternatives["gradient_checkpointing: true"] = where or smaller[0]
     # A stage that takes a `sharding` setting (issue 17, item 2) may shard instead.
     if work.sharding == "none" and "sharding" in stage_settings.settings(stage):
         for changed in ({**settings, "sharding": "fsdp"},
                         {**settings, "sharding": "fsdp", "gradient_checkpointing": True}):
-            where = _cheapest(stage, changed, start, instance, count)
-            if where:
+            where, smaller = _fitting(stage, changed, start, instance, count)
+            if where or smaller:
+                where = where or smaller[0]
                 label = "sharding: fsdp" + (", gradient_checkpointing: true"
                                             if changed["gradient_checkpointing"] is True
                                             and not work.checkpointing else "")
@@ -1119,7 +1139,9 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
         price = instance_types()[stage.cheapest].usd_per_hour
         shown = f"${price:g}/hour" if price is not None else "no price in prices.yaml"
         lines.append(f"  cheapest that fits: {stage.cheapest} ({shown})")
-    elif not stage.runs:
+    if stage.unpriced:
+        lines.append(f"  also fits, not priced in prices.yaml: {', '.join(stage.unpriced)}")
+    if not stage.cheapest and not stage.unpriced and not stage.runs:
         lines.append("  no instance type in prices.yaml fits it as set")
     for change, where in stage.alternatives.items():
         lines.append(f"  with {change}: fits on {where}")
