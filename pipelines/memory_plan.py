@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
@@ -885,8 +886,9 @@ class StagePlan:
         """Why the stage cannot run, in one line, and what can."""
         where = self.instance.describe()
         if self.problem:
-            why = self.problem
-        elif not self.fits:
+            return (f"stage {self.step} cannot run as set: {self.problem} (`llm-pipeline plan "
+                    f"--recipe {recipe_name}` shows the breakdown)")
+        if not self.fits:
             why = (f"needs {gib(self.estimate.peak)} per device; {where} has "
                    f"{gib(self.instance.device_bytes)} usable")
         else:
@@ -929,6 +931,9 @@ _SHOWN_SETTINGS = ("precision", "per_device_batch_size", "max_seq_length",
 
 
 def gib(value: float) -> str:
+    """Bytes as people read them: MiB below 1 GiB, GiB above."""
+    if value < GIB:
+        return f"{value / 2**20:,.1f} MiB"
     return f"{value / GIB:,.2f} GiB" if value < 100 * GIB else f"{value / GIB:,.0f} GiB"
 
 
@@ -993,6 +998,7 @@ def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShap
     if stage == "ppo" and work.world_size > 1:
         result.problem = ("the PPO stage trains in one process; use one instance with one GPU "
                           "(TrainingInstanceCount 1)")
+        return result
     result.cheapest, result.unpriced = _fitting(stage, settings, start, instance, count)
     if result.runs:
         return result
@@ -1058,8 +1064,11 @@ def plan(chosen: recipe.Recipe, overrides: dict[str, str],
 # --- Output ---------------------------------------------------------------------------------------
 
 
-def _millions(count: float) -> str:
-    return f"{count / 1e9:,.2f}B" if count >= 1e9 else f"{count / 1e6:,.1f}M"
+def _count(count: float) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= size:
+            return f"{count / size:,.{2 if suffix == 'B' else 1}f}{suffix}"
+    return f"{count:,.0f}"
 
 
 def format_plan(plans: list[StagePlan], recipe_name: str) -> str:
@@ -1091,8 +1100,8 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
         method += f" r={settings['lora_r']}"
     head = f"{stage.step}: "
     if work is not None:
-        head += (f"{work.model.source} ({_millions(e.parameters)} parameters, "
-                 f"{_millions(e.trainable)} trainable), ")
+        head += (f"{work.model.source} ({_count(e.parameters)} parameters, "
+                 f"{_count(e.trainable)} trainable), ")
     precision = work.precision if work else settings["precision"]
     head += (f"method {method}, precision {precision}, "
              f"{settings['per_device_batch_size']} x {settings['max_seq_length']} tokens per "
@@ -1141,7 +1150,7 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
         lines.append(f"  cheapest that fits: {stage.cheapest} ({shown})")
     if stage.unpriced:
         lines.append(f"  also fits, not priced in prices.yaml: {', '.join(stage.unpriced)}")
-    if not stage.cheapest and not stage.unpriced and not stage.runs:
+    if not stage.cheapest and not stage.unpriced and not stage.runs and not stage.problem:
         lines.append("  no instance type in prices.yaml fits it as set")
     for change, where in stage.alternatives.items():
         lines.append(f"  with {change}: fits on {where}")
@@ -1150,9 +1159,15 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
 
 def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
     """Raise UserError, in one line, for the first training stage that cannot run as set on its
-    instance type; `run` and `start` call it before anything runs. A stage whose model's config
-    cannot be read here (a model in S3, the Hub unreachable) is not checked: its job will tell."""
+    instance type; `run` and `start` call it before anything runs. What the plan cannot judge is
+    not refused: an instance type prices.yaml does not describe, a model whose config cannot be
+    read here (in S3, the Hub unreachable); its job will tell."""
     chosen = recipe.load(recipe_name)
+    instance = str(parameter_values(chosen, overrides)["TrainingInstanceType"])
+    if instance not in instance_types():
+        print(f"memory plan: not checked, {instance} is not in prices.yaml's hardware table",
+              file=sys.stderr)
+        return
     for stage in plan(chosen, overrides):
         if stage.runs is False:
             raise UserError(stage.refusal(recipe_name))
