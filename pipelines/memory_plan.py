@@ -23,7 +23,9 @@ on a CPU instance), broken down into:
   activations        what autograd keeps for the backward pass, per token and decoder layer, with
                      activation checkpointing off and on (then only each layer's input is kept, one
                      layer is recomputed at a time); with an attention mask (padding, packed rows)
-                     grouped-query attention repeats the key/value heads and SDPA keeps the mask
+                     grouped-query attention repeats the key/value heads and SDPA keeps the mask.
+                     Autocast computes matrix products in 16 bits but keeps the residual stream
+                     and the norms in float32, so activations shrink by far less than half
   logits             the output layer's (tokens x vocabulary): materialised in float32 for the loss
                      (the logits, their log-softmax and two gradients at the start of the backward
                      pass: 12 bytes an element), or chunked by TRL's fused LM head (DPO)
@@ -134,6 +136,7 @@ LOGITS = {"pretrain": ("materialised", 12), "cpt": ("materialised", 12),
 # TRL's fused LM head (trl/kernels/chunked_logprob.py): a tile buffer of up to 4096 tokens x 32768
 # vocabulary entries, in the compute dtype.
 CHUNK_TOKENS, CHUNK_VOCABULARY = 4096, 32768
+CPU_TILE_BYTES = 20  # its torch fallback's float32 temporaries per tile element (measured)
 
 # Bytes autograd keeps per token and decoder layer, as (x hidden, x key/value width,
 # x intermediate), measured with saved-tensor hooks on transformers' Llama without an attention
@@ -619,9 +622,12 @@ def estimate(work: Workload) -> MemoryEstimate:
     scored = (work.scored_tokens or work.seq_len) * work.batch * work.sequences_per_example
     materialised = scored * model.vocab_size * work.logits_bytes
     # TRL's tile buffer is CHUNK_VOCABULARY wide whatever the vocabulary; its backward pass adds
-    # the hidden states' gradient in float32.
-    chunked = (min(scored, CHUNK_TOKENS) * CHUNK_VOCABULARY * compute_bytes
-               + scored * model.hidden_size * 4)
+    # the hidden states' gradient in float32. Without Triton (a CPU) each tile is worked on by
+    # torch operations, whose float32 temporaries come to about 20 bytes a tile element.
+    tile_tokens = min(scored, CHUNK_TOKENS)
+    chunked = (tile_tokens * CHUNK_VOCABULARY * compute_bytes + scored * model.hidden_size * 4
+               + (0 if work.device == "cuda" else
+                  CPU_TILE_BYTES * tile_tokens * min(model.vocab_size, CHUNK_VOCABULARY)))
     trains_head = work.method == "none" and not model.classifier
     if trains_head:  # the fused head accumulates the output layer's gradient in float32
         chunked += head * 4
