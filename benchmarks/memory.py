@@ -231,6 +231,37 @@ def gpu_estimates() -> list[dict]:
     return rows
 
 
+# Published figures the plan is checked against on the GPU side, where no GPU was at hand: each
+# with what the plan computes for the same settings (`published_checks`).
+LLAMA_65B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 8192,
+             "intermediate_size": 22016, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 64}
+
+
+def published_checks() -> list[list[str]]:
+    from pipelines import memory_plan
+
+    shape = memory_plan.shape_from_config(LLAMA_65B, "LLaMA-65B")
+    a100 = memory_plan.instance_type("ml.p4de.24xlarge")
+    rows = []
+    full = memory_plan.estimate(memory_plan.stage_workload(
+        "sft", {**memory_plan.KNOB_DEFAULTS, "peft_method": "none"}, shape, a100))
+    states = (full.weights + full.gradients + full.optimizer) / shape.parameters
+    rows.append(["mixed-precision AdamW: weights, gradients and optimizer state",
+                 ("16 bytes a parameter (Rajbhandari et al. 2020, ZeRO, section 3.1; Hugging "
+                  "Face's `accelerate estimate-memory`: 4 x the fp32 model for Adam training)"),
+                 f"{states:.1f} bytes a parameter (fp32 masters, gradients, two AdamW moments)"])
+    qlora = memory_plan.estimate(memory_plan.stage_workload(
+        "sft", {**memory_plan.KNOB_DEFAULTS, "peft_method": "qlora", "lora_r": 64,
+                "per_device_batch_size": 1, "max_seq_length": 512,
+                "gradient_checkpointing": True}, shape, a100))
+    rows.append(["QLoRA of LLaMA-65B (r=64 on every linear layer, bf16, checkpointing)",
+                 "fits one 48 GB GPU (Dettmers et al. 2023, QLoRA, abstract and section 4)",
+                 (f"{qlora.peak / 1e9:.1f} GB at 1 x 512 tokens, of which weights (4-bit "
+                  f"layers, fp32 embeddings and head) {qlora.weights / 1e9:.1f} GB")])
+    return rows
+
+
 def measure_plan(models: list[str], steps: int, batch: int, length: int) -> list[dict]:
     results = []
     for model, stage, method in [c for c in PLAN_CASES if c[0] in models]:
@@ -307,6 +338,9 @@ def render_plan(results: list[dict], gpu: list[dict], steps: int) -> str:
             + common.table(["device", "stage", "method", "precision", "batch shape",
                             "estimate MiB", "allocated MiB", "estimate / allocated",
                             "measured"], gpu_rows))
+    text += ("\n\nAgainst published figures (no GPU at hand when this was written; the plan's "
+             "figures are computed when this section is rendered):\n\n"
+             + common.table(["what", "published", "the plan"], published_checks()))
     return text
 
 
