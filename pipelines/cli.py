@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from containers import images
-from pipelines import UserError, definition, error_line, recipe
+from pipelines import UserError, definition, error_line, memory_plan, recipe
 from pipelines.local import server
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -289,8 +289,11 @@ def cmd_run(args) -> int:
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
     _check_rerun_flags(args)
-    target = _connect(args)
     overrides = _parameters(args.parameter)
+    # Before anything starts (the local server, an instance that bills): a training stage that
+    # cannot fit its instance type's memory, in one line naming one that fits (the memory plan).
+    memory_plan.refuse_unfittable(args.recipe, overrides)
+    target = _connect(args)
     sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
     # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
     _check_data_uris(s3, recipe.load(args.recipe), overrides)
@@ -396,10 +399,13 @@ def _require_bucket(s3, bucket: str) -> None:
 
 def cmd_start(args) -> int:
     _check_rerun_flags(args)
+    overrides = _parameters(args.parameter)
+    # Before anything starts (the local server, an instance that bills): a training stage that
+    # cannot fit its instance type's memory, in one line naming one that fits (the memory plan).
+    memory_plan.refuse_unfittable(args.recipe, overrides)
     target = _connect(args)
     sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
-    arn = _start(args, target, recipe.load(args.recipe), _parameters(args.parameter), sagemaker,
-                 s3)
+    arn = _start(args, target, recipe.load(args.recipe), overrides, sagemaker, s3)
     if not args.wait:
         return 0
     poll_seconds = args.poll_seconds or (30.0 if args.target == "aws" else 1.0)
@@ -513,8 +519,6 @@ def cmd_cost(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from pipelines import memory_plan
-
     chosen = recipe.load(args.recipe)
     plans = memory_plan.plan(chosen, _parameters(args.parameter), args.instance_type)
     if args.json:

@@ -64,7 +64,7 @@ import json
 import os
 import sys
 import tarfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from typing import Any
 import yaml
 
 from pipelines import UserError, cost, recipe, stage_settings
+from steps.common import knobs  # the knobs' declarations, without torch
 
 GIB = 2**30
 # Of an accelerator's documented memory, what the training's tensors may use: the driver reports
@@ -99,16 +100,19 @@ TINY_CONFIG = {"model_type": "llama", "vocab_size": 288, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "tie_word_embeddings": False}
 
-# The defaults of the settings the plan reads, as the stages' config dataclasses declare them:
-# written out because importing the stages costs seconds (torch), checked against them by
-# tests/pipelines/test_memory_plan.py.
+# The defaults of the settings the plan reads: the knobs every training stage shares, as
+# steps.common.knobs declares them (no torch), and each stage's own or changed ones, written out
+# because importing the stages costs seconds (torch); tests/pipelines/test_memory_plan.py checks
+# them against the stages' config dataclasses.
+PLANNED_KNOBS = ("peft_method", "precision", "per_device_batch_size",
+                 "gradient_accumulation_steps", "max_seq_length", "packing",
+                 "gradient_checkpointing", "lora_r", "lora_dropout", "lora_target_modules",
+                 "num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size",
+                 "prefix_projection")
 KNOB_DEFAULTS: dict[str, Any] = {
-    "base_model": BUILTIN_SMOLLM2, "peft_method": "lora", "precision": "auto",
-    "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": 512,
-    "packing": False, "gradient_checkpointing": False, "lora_r": 8, "lora_dropout": 0.05,
-    "lora_target_modules": "all-linear", "num_virtual_tokens": 20,
-    "encoder_reparameterization_type": "MLP", "encoder_hidden_size": None,
-    "prefix_projection": False,
+    "base_model": BUILTIN_SMOLLM2,
+    **{f.name: f.default for config in (knobs.TrainingKnobs, knobs.PeftKnobs)
+       for f in fields(config) if f.name in PLANNED_KNOBS},
 }
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"per_device_batch_size": 8, "max_seq_length": 128,
@@ -458,15 +462,15 @@ def _resized(spec: str, base: ModelShape) -> ModelShape:
     if "," in spec:
         raise UserError(f"student_model {spec}: sizes are joined by '{CONFIG_SEPARATOR}' "
                         "(config:layers=2+hidden=128), not ','")
-    fields = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
-              "intermediate_size": "intermediate_size", "num_attention_heads": "num_heads",
-              "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size",
-              "head_dim": "head_dim"}
+    named = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
+             "intermediate_size": "intermediate_size", "num_attention_heads": "num_heads",
+             "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size",
+             "head_dim": "head_dim"}
     changes: dict[str, int] = {}
     parts = spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR)
     for item in filter(None, (p.strip() for p in parts)):
         key, _, value = item.partition("=")
-        name = fields.get(CONFIG_KEYS.get(key.strip(), key.strip()))
+        name = named.get(CONFIG_KEYS.get(key.strip(), key.strip()))
         if name is None or not value.strip().isdigit():
             raise UserError(f"student_model {spec}: '{item}' is not KEY=INTEGER with KEY one of "
                             f"{', '.join(CONFIG_KEYS)}")
@@ -1169,7 +1173,13 @@ def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
     not refused: an instance type prices.yaml does not describe, a model whose config cannot be
     read here (in S3, the Hub unreachable); its job will tell."""
     chosen = recipe.load(recipe_name)
-    instance = str(parameter_values(chosen, overrides)["TrainingInstanceType"])
+    try:
+        values = parameter_values(chosen, overrides)
+    except UserError:
+        return  # a value of the wrong type: the checks before StartPipelineExecution say so
+    if stage_settings.value_problems(chosen, values):
+        return  # a value a stage does not take: the same
+    instance = str(values["TrainingInstanceType"])
     if instance not in instance_types():
         print(f"memory plan: not checked, {instance} is not in prices.yaml's hardware table",
               file=sys.stderr)
