@@ -2,7 +2,7 @@
 
     python -m steps.evaluate --model-dir MODEL --data-dir DATA --output-dir OUT
         [--base-model SPEC] [--reward-model-dir RM] [--max-new-tokens 64] [--max-samples 32]
-        [--batch-size 8]
+        [--batch-size 8] [--quantization-dir QUANTIZED]
 
 --model-dir holds a training stage's output (a folder, or the model.tar.gz SageMaker packed it
 into); --data-dir holds validation.jsonl (or is a data file or folder itself). It writes
@@ -44,9 +44,21 @@ reward model judges the answers:
   reward_model_accuracy     the reward model's own pairwise accuracy on the held-out pairs
                             (preference data): whether the judge itself can be trusted
 
+For a distilled student whose stage compared it with its baselines (steps.distill,
+compare_students), the figures that stage measured with this module's functions on the same
+held-out data (`student_comparison`):
+  initial_student_*, hard_label_student_*   eval_loss, perplexity, rouge_l, exact_match and
+                            kl_to_teacher of the student before training, and of the same initial
+                            student trained on the ground truth alone for the same steps
+  kl_to_teacher             the evaluated student's KL to the teacher's top-k outputs
+  perplexity_ratio_vs_hard_label, rouge_l_delta_vs_hard_label, perplexity_ratio_vs_initial
+                            the distilled student against each (above 1 / 0: distilling won)
+
 "checks" in evaluation.json reports whether the tokenizer's chat template renders a user turn with
 a generation prompt, and the tuned model's eos_rate; the stage does not fail on them (a
-registration gate can use eos_rate).
+registration gate can use eos_rate). "stage_effects" says what each training stage of the model's
+lineage bought on held-out data (steps.common.report.stage_effects), with --quantization-dir the
+quantized variant's size, speed and perplexity against this model too.
 """
 
 from __future__ import annotations
@@ -81,7 +93,7 @@ from steps.common.preference import (
     reward_scores,
     win_rate,
 )
-from steps.common.report import write_report
+from steps.common.report import stage_effects, write_report
 from steps.common.training import read_lineage
 
 # The metrics metrics_comparison.png shows: a pair of bars (base, tuned) where there is a base_
@@ -147,6 +159,12 @@ class EvaluateConfig:
         metadata={"help": "What the model is for, for model_card.md, in one or more pieces "
                   "joined as they are (default: a description in its training summary)."},
     )
+    quantization_dir: str | None = field(
+        default=None,
+        metadata={"help": "A folder with the quantization.json steps.quantize wrote for this "
+                  "model: its size, speed and perplexity delta join the report's table of what "
+                  "each stage bought."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "max_seq_length"):
@@ -203,25 +221,20 @@ def main(config: EvaluateConfig) -> None:
             base_tokenizer = tokenizer
     print(f"tuned: {source}{' (adapter)' if is_adapter else ''}; base: {base_spec}", flush=True)
 
-    # What SFT trains on, for the loss; the prompt/response pairs among them, for generation.
-    # Preference pairs: the chosen response is the reference, for both.
-    chat_template = bool(tokenizer.chat_template)
-    held_out = preference_pairs(records, fmt, chat_template) if fmt.name == "preference" else []
-    if held_out:
-        examples = [{"prompt": pair.prompt, "completion": pair.chosen} for pair in held_out]
-    else:
-        examples = [sft_example(record.data, fmt, chat_template) for record in records]
-        examples = [example for example in examples if example is not None]
-    pairs = [prompt_and_completion(example) for example in examples]
-    # (An implicit prompt that TRL's split leaves empty has nothing to answer.)
-    pairs = [pair for pair in pairs if pair is not None and pair[0]][: config.max_samples]
-    results = {"tuned": _score("tuned", tuned, tokenizer, examples, pairs, held_out, config)}
+    examples, pairs, held_out = held_out_examples(records, fmt, bool(tokenizer.chat_template),
+                                                  config.max_samples)
+    settings = {"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                "max_seq_length": config.max_seq_length}
+    results = {"tuned": score_model("tuned", tuned, tokenizer, examples, pairs, held_out,
+                                    **settings)}
     if compare and base_inside:
         # The base model is the same weights with the adapter switched off: no second load.
         with tuned.disable_adapter():
-            results["base"] = _score("base", tuned, tokenizer, examples, pairs, held_out, config)
+            results["base"] = score_model("base", tuned, tokenizer, examples, pairs, held_out,
+                                          **settings)
     elif compare:
-        results["base"] = _score("base", base, base_tokenizer, examples, pairs, held_out, config)
+        results["base"] = score_model("base", base, base_tokenizer, examples, pairs, held_out,
+                                      **settings)
 
     prompts = [prompt for prompt, _ in pairs]
     judged: dict[str, Any] = {}
@@ -239,7 +252,8 @@ def main(config: EvaluateConfig) -> None:
         _judge(reward_model, reward_tokenizer, results, judged, prompts, held_out,
                config.batch_size)
 
-    metrics = _metrics(results, judged)
+    metrics = model_metrics(results, judged)
+    metrics.update(student_comparison(summary.get("distillation", {}).get("comparison")))
     for name, metric in metrics.items():
         print(f"{name}: {metric['value']:.6g}", flush=True)
     checks = _checks(tuned, tokenizer, results["tuned"], config.max_new_tokens)
@@ -252,6 +266,8 @@ def main(config: EvaluateConfig) -> None:
         **({"num_preference_pairs": len(held_out)} if held_out else {}),
         "base_model": base_spec,
         **({"reward_model": reward_source} if reward_source else {}),
+        "stage_effects": stage_effects(metrics, read_lineage(folder),
+                                       _quantization_report(config.quantization_dir)),
         "samples": [
             {
                 "prompt": prompt,
@@ -275,7 +291,7 @@ def main(config: EvaluateConfig) -> None:
           f"{config.output_dir}", flush=True)
 
 
-def _metrics(
+def model_metrics(
     results: dict[str, dict[str, list]], judged: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
     """evaluation.json's metrics (see the module docstring). Standard deviations are over examples
@@ -355,20 +371,100 @@ def _metrics(
     return metrics
 
 
-def _score(
+# The figures of the students a distillation stage compared (steps.distill, compare_students), as
+# evaluation.json names them: <student>_student_<figure>.
+COMPARED_STUDENTS = ("initial", "hard_label")
+COMPARED_FIGURES = ("eval_loss", "perplexity", "rouge_l", "exact_match", "kl_to_teacher")
+
+
+def student_comparison(comparison: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """evaluation.json's metrics of the students a distillation stage measured beside the one it
+    saved: initial_student_* (before training), hard_label_student_* (the same start and steps
+    on the ground truth alone), the saved student's kl_to_teacher, and how the distilled student
+    compares with each, from the same measurement (steps.distill measures all three with this
+    module's functions):
+
+      perplexity_ratio_vs_hard_label   hard-label perplexity / distilled perplexity (> 1: the
+                                       teacher's outputs taught more than the labels alone)
+      rouge_l_delta_vs_hard_label      distilled minus hard-label ROUGE-L
+      perplexity_ratio_vs_initial      initial perplexity / distilled perplexity
+    """
+    if not comparison:
+        return {}
+    measured = comparison["students"]
+    metrics = {}
+    for student in COMPARED_STUDENTS:
+        for figure in COMPARED_FIGURES:
+            if figure in measured.get(student, {}):
+                metrics[f"{student}_student_{figure}"] = measured[student][figure]
+    distilled = measured["distilled"]
+    if "kl_to_teacher" in distilled:
+        metrics["kl_to_teacher"] = distilled["kl_to_teacher"]
+
+    def aggregate(value: float) -> dict[str, float]:  # a ratio or difference of two means
+        return {"value": float(value), "standard_deviation": 0.0}
+
+    if "hard_label" in measured:
+        hard_label = measured["hard_label"]
+        metrics["perplexity_ratio_vs_hard_label"] = aggregate(
+            hard_label["perplexity"]["value"] / distilled["perplexity"]["value"])
+        if "rouge_l" in distilled:
+            metrics["rouge_l_delta_vs_hard_label"] = aggregate(
+                distilled["rouge_l"]["value"] - hard_label["rouge_l"]["value"])
+    if "initial" in measured:
+        metrics["perplexity_ratio_vs_initial"] = aggregate(
+            measured["initial"]["perplexity"]["value"] / distilled["perplexity"]["value"])
+    return metrics
+
+
+def _quantization_report(quantization_dir: str | None) -> dict[str, Any] | None:
+    if not quantization_dir:
+        return None
+    path = Path(quantization_dir)
+    path = path / "quantization.json" if path.is_dir() else path
+    if not path.is_file():
+        raise StageError(f"--quantization-dir {quantization_dir} holds no quantization.json; give "
+                         "the output folder of steps.quantize")
+    return json.loads(path.read_text())
+
+
+def held_out_examples(
+    records: list, fmt: Any, chat_template: bool, max_samples: int
+) -> tuple[list[dict[str, Any]], list[tuple[Any, Any]], list[PreferencePair]]:
+    """What SFT trains on, for the loss; the prompt/response pairs among them (at most
+    `max_samples`), for generation; the preference pairs of preference data, whose chosen response
+    is the reference for both."""
+    held_out = preference_pairs(records, fmt, chat_template) if fmt.name == "preference" else []
+    if held_out:
+        examples = [{"prompt": pair.prompt, "completion": pair.chosen} for pair in held_out]
+    else:
+        examples = [sft_example(record.data, fmt, chat_template) for record in records]
+        examples = [example for example in examples if example is not None]
+    pairs = [prompt_and_completion(example) for example in examples]
+    # (An implicit prompt that TRL's split leaves empty has nothing to answer.)
+    pairs = [pair for pair in pairs if pair is not None and pair[0]][:max_samples]
+    return examples, pairs, held_out
+
+
+def score_model(
     name: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[dict[str, Any]],
     pairs: list[tuple[Any, Any]],
     held_out: list[PreferencePair],
-    config: EvaluateConfig,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_seq_length: int,
 ) -> dict[str, list]:
+    """One model's per-example figures on the held-out data (`held_out_examples`): losses, greedy
+    answers and their scores, margins of preference pairs; `model_metrics` sums them up."""
     print(f"{name}: loss on {len(examples)} examples", flush=True)
-    losses = example_losses(model, tokenizer, examples, config.batch_size, config.max_seq_length)
+    losses = example_losses(model, tokenizer, examples, batch_size, max_seq_length)
     print(f"{name}: generating {len(pairs)} answers", flush=True)
     generations, stopped, token_ids = generate_answers(
-        model, tokenizer, [prompt for prompt, _ in pairs], config.max_new_tokens, config.batch_size
+        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size
     )
     references = [response_text(completion) for _, completion in pairs]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -386,7 +482,7 @@ def _score(
     }
     if held_out:
         print(f"{name}: log-probability margins of {len(held_out)} preference pairs", flush=True)
-        result["margins"] = logprob_margins(model, tokenizer, held_out, config.batch_size)
+        result["margins"] = logprob_margins(model, tokenizer, held_out, batch_size)
     return result
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import transformers
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -225,10 +225,16 @@ def main(config: SFTStageConfig) -> None:
         trainer.train_dataset, trainer.model, tokenizer, config.max_seq_length
     )
 
-    # 4. Train (resuming from the latest checkpoint, if a restarted job left one), then evaluate.
+    # 4. Train (resuming from the latest checkpoint, if a restarted job left one), then evaluate;
+    # the held-out loss before training too, so the record says what this stage bought.
+    trainer.remove_callback(PrinterCallback)  # it prints each log as a dict, beside our lines
+    eval_loss_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     report = train(trainer, config, metrics, metrics_path)
     if not trainer.is_world_process_zero():  # with several processes, one of them saves
         return
+    if eval_loss_before is not None:
+        print(f"validation loss: {eval_loss_before:.4f} before, {report.eval_loss:.4f} after",
+              flush=True)
 
     # 5. Save, all or nothing: the model folder must load on its own for evaluation and serving.
     summary = training_summary(
@@ -237,6 +243,7 @@ def main(config: SFTStageConfig) -> None:
         data_format=train_format.name,
         train_examples=len(train_dataset),
         validation_examples=len(eval_dataset) if eval_dataset is not None else 0,
+        eval_loss_before=eval_loss_before,
         stop_tokens=stop_tokens,
     )
     with contract.atomic_output(model_dir) as staging:

@@ -10,7 +10,15 @@
                             the model package) is a single object, where links to images beside it
                             would not resolve; report.md links them relatively, for a folder view
     model_card.md           what the model is for, how it was made (each stage of its lineage),
-                            its evaluation, intended use and limitations, and how to load it
+                            its evaluation, what each stage bought, intended use and limitations,
+                            and how to load it
+    students.png            a distilled student's perplexity and ROUGE-L beside its teacher's,
+                            its initial student's and a hard-label student's (when the
+                            distillation stage compared them)
+
+Both report.md and the card hold the table of what each stage bought (evaluation.json's
+stage_effects, `stage_effects`) and, for a distilled student, its comparison with the teacher,
+the initial student and a hard-label student.
 
 Every sentence is a fixed caveat or is made from evaluation.json and the lineage. Values from the
 data are escaped for Markdown (and so for HTML); sample answers go into fenced code blocks.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -105,7 +114,8 @@ def write_report(
     """
     plotted, notes = plot_lineage(lineage, folder / LOSS_CURVES)
     comparison = (folder / METRICS_COMPARISON).exists()
-    report = _report(evaluation, lineage, model, data, plotted, notes, comparison)
+    students = plot_students(evaluation.get("metrics") or {}, folder / STUDENTS_PLOT)
+    report = _report(evaluation, lineage, model, data, plotted, notes, comparison, students)
     (folder / REPORT_MD).write_text(report, encoding="utf-8")
     (folder / REPORT_HTML).write_text(
         markdown_to_html(report, folder, "Evaluation report"), encoding="utf-8"
@@ -117,7 +127,8 @@ def write_report(
     (folder / MODEL_CARD).write_text(
         _model_card(evaluation, lineage, model, data, description, adapter), encoding="utf-8"
     )
-    return [REPORT_MD, REPORT_HTML, MODEL_CARD] + ([LOSS_CURVES] if plotted else [])
+    return ([REPORT_MD, REPORT_HTML, MODEL_CARD] + ([LOSS_CURVES] if plotted else [])
+            + ([STUDENTS_PLOT] if students else []))
 
 
 def plot_lineage(
@@ -173,6 +184,211 @@ def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
     )
 
 
+# --- What each stage bought -----------------------------------------------------------------------
+
+# Figures whose change reads best relative to where they started (a perplexity 12% lower, a model
+# half the size); the others (margins, accuracies, ROUGE-L) as a difference.
+RELATIVE_FIGURES = ("perplexity", "size_mb", "tokens_per_second")
+
+
+def stage_effects(
+    metrics: dict[str, dict[str, float]],
+    lineage: list[dict[str, Any]],
+    quantization: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Per stage that made the model, what it changed on held-out data, against what it started
+    from: {"stage", "compared_with", "measured_on", "figures": [{"name", "before", "after"}]}.
+
+    Each stage's own held-out measurement from its training record (CPT and SFT: perplexity before
+    and after; DPO: the preference margin and accuracy against the SFT model it started from;
+    PPO: the reward model's mean reward; a reward model: its pairwise accuracy against chance); a
+    distilled student: this evaluation, student against teacher (`metrics`); a quantized variant:
+    size, speed and perplexity against the unquantized model (steps.quantize's quantization.json).
+    """
+    effects = []
+    for index, stage in enumerate(lineage):
+        name = str(stage.get("stage", "unknown"))
+        summary = stage.get("summary") or {}
+        training = summary.get("training") or {}
+        after_loss = training.get("eval_loss")
+        row: dict[str, Any] = {"stage": name, "compared_with": (
+            f"the model of {lineage[index - 1].get('stage')}" if index else
+            f"{stage.get('base_model')}"), "measured_on": "", "figures": []}
+        if name in ("cpt", "sft") and summary.get("eval_loss_before") is not None and after_loss:
+            counted = summary.get("validation_blocks") or summary.get("validation_examples")
+            row["measured_on"] = (f"{counted} held-out "
+                                  f"{'corpus blocks' if name == 'cpt' else 'examples'}")
+            row["figures"].append(_figure("perplexity", _exp(summary["eval_loss_before"]),
+                                          _exp(after_loss)))
+        elif name == "pretrain" and after_loss:
+            row.update(compared_with="random weights", measured_on=(
+                f"{summary.get('validation_blocks')} held-out corpus blocks"))
+            row["figures"].append(_figure("perplexity", _exp(summary.get("loss_at_random")),
+                                          _exp(after_loss)))
+        elif name == "dpo" and summary.get("held_out"):
+            held_out = summary["held_out"]
+            row["measured_on"] = f"{held_out.get('pairs')} {held_out.get('on')} preference pairs"
+            for figure in ("logprob_margin", "preference_accuracy"):
+                row["figures"].append(_figure(figure, held_out["before"].get(figure),
+                                              held_out["after"].get(figure)))
+        elif name == "ppo" and summary.get("validation_reward_after") is not None:
+            row["measured_on"] = "held-out prompts, scored by the reward model"
+            row["figures"].append(_figure("reward_mean", summary.get("validation_reward_before"),
+                                          summary["validation_reward_after"]))
+        elif name == "reward_model" and summary.get("pairwise_accuracy") is not None:
+            row.update(compared_with="chance", measured_on=(
+                f"{summary.get('validation_pairs')} {summary.get('pairwise_accuracy_on')} pairs"))
+            row["figures"].append(_figure("pairwise_accuracy", 0.5, summary["pairwise_accuracy"]))
+        elif name == "distill" and index == len(lineage) - 1 and "base_perplexity" in metrics:
+            row.update(compared_with="the teacher", measured_on="this evaluation's held-out data")
+            for figure in ("perplexity", "rouge_l", "exact_match"):
+                if figure in metrics and f"base_{figure}" in metrics:
+                    row["figures"].append(_figure(figure, metrics[f"base_{figure}"]["value"],
+                                                  metrics[figure]["value"]))
+        effects.append(row)
+    for scheme, variant in ((quantization or {}).get("variants") or {}).items():
+        reference = quantization["variants"].get("reference")
+        if scheme == "reference" or not reference:
+            continue
+        row = {"stage": f"quantize ({scheme})", "compared_with": "the unquantized model",
+               "measured_on": (f"{quantization.get('num_loss_examples')} held-out examples; "
+                               f"speed on {quantization.get('device')}"), "figures": [
+                   _figure("size_mb", reference["size_bytes"] / 2**20,
+                           variant["size_bytes"] / 2**20),
+                   _figure("tokens_per_second", reference.get("tokens_per_second"),
+                           variant.get("tokens_per_second"))]}
+        if reference.get("perplexity") is not None:
+            row["figures"].append(_figure("perplexity", reference["perplexity"],
+                                          variant.get("perplexity")))
+        effects.append(row)
+    return effects
+
+
+def _figure(name: str, before: float | None, after: float | None) -> dict[str, Any]:
+    return {"name": name, "before": before, "after": after}
+
+
+def _exp(loss: float | None) -> float | None:
+    return math.exp(min(loss, 700.0)) if loss is not None else None
+
+
+def _effect_rows(effects: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for effect in effects:
+        figures = effect.get("figures") or [None]
+        for number, figure in enumerate(figures):
+            first = number == 0
+            cells = [_text(effect["stage"]) if first else "",
+                     _text(str(effect.get("compared_with") or "")) if first else "",
+                     _text(str(effect.get("measured_on") or "")) if first else ""]
+            if figure is None:
+                rows.append(cells + ["not measured by the stage", "", "", ""])
+                continue
+            before, after = figure.get("before"), figure.get("after")
+            rows.append(cells + [_text(figure["name"]), _optional(before), _optional(after),
+                                 _change(figure["name"], before, after)])
+    return rows
+
+
+def _change(name: str, before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return ""
+    if name in RELATIVE_FIGURES:
+        return f"{100 * (after - before) / before:+.1f}%" if before else ""
+    return f"{after - before:+.4g}"
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None else _number(float(value))
+
+
+def _effects_section(evaluation: dict[str, Any]) -> list[str]:
+    effects = evaluation.get("stage_effects") or []
+    if not effects:
+        return []
+    return [
+        "## What each stage bought", "",
+        ("Each stage against the model it started from, on held-out data: measured by the stage "
+         "itself as it trained (the distilled student: by this evaluation, against its teacher; a "
+         "quantized variant: by the quantization stage). Perplexity, size and speed change "
+         "relatively, the other figures by their difference."), "",
+        *_table(["stage", "compared with", "measured on", "figure", "before", "after", "change"],
+                _effect_rows(effects)), "",
+    ]
+
+
+# --- Distillation: the student against its teacher, its start and a hard-label student -----------
+
+STUDENTS_PLOT = "students.png"
+STUDENT_COLUMNS = (("teacher", "base_"), ("distilled student", ""),
+                   ("hard-label student", "hard_label_student_"),
+                   ("initial student", "initial_student_"))
+STUDENT_FIGURES = ("perplexity", "rouge_l", "exact_match", "kl_to_teacher")
+
+
+def _students_section(metrics: dict[str, dict[str, float]], plotted: bool) -> list[str]:
+    """The student against its teacher, the same student before training and trained on the labels
+    alone: whether distillation earned its place. Empty unless the stage compared them."""
+    if "hard_label_student_perplexity" not in metrics and \
+            "initial_student_perplexity" not in metrics:
+        return []
+    rows = []
+    for figure in STUDENT_FIGURES:
+        cells = [_value(metrics.get(f"{prefix}{figure}")) for _, prefix in STUDENT_COLUMNS]
+        if figure == "kl_to_teacher":
+            cells[0] = "0"
+        rows.append([_text(figure), *cells])
+    verdict = []
+    if "perplexity_ratio_vs_hard_label" in metrics:
+        ratio = metrics["perplexity_ratio_vs_hard_label"]["value"]
+        verdict.append(
+            f"Distillation {'beat' if ratio > 1 else 'did not beat'} training the same student on "
+            f"the labels alone for the same steps: {_code('perplexity_ratio_vs_hard_label')} "
+            f"{_number(ratio)} (hard-label perplexity / distilled perplexity)"
+            + (f", {_code('rouge_l_delta_vs_hard_label')} "
+               f"{_number(metrics['rouge_l_delta_vs_hard_label']['value'])}"
+               if "rouge_l_delta_vs_hard_label" in metrics else "") + ".")
+    return [
+        "## Distillation: the student against its teacher and its baselines", "",
+        ("The teacher and the distilled student as this evaluation measured them; the hard-label "
+         "student (the same initial student trained on the ground truth alone, with the same "
+         "steps, batches and seed) and the initial student (before any training) as the "
+         "distillation stage measured them, with this evaluation's functions on the same held-out "
+         "data."), "",
+        *_table(["figure", *(name for name, _ in STUDENT_COLUMNS)], rows), "",
+        *verdict, *([""] if verdict else []),
+        *([f"![The students against the teacher]({STUDENTS_PLOT})", ""] if plotted else []),
+    ]
+
+
+def plot_students(metrics: dict[str, dict[str, float]], path: Path) -> bool:
+    """students.png: perplexity (log scale) and ROUGE-L of the teacher and the three students."""
+    if "hard_label_student_perplexity" not in metrics and \
+            "initial_student_perplexity" not in metrics:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for axis, name, log in ((axes[0], "perplexity", True), (axes[1], "rouge_l", False)):
+        shown = [(label, metrics[f"{prefix}{name}"]["value"]) for label, prefix in STUDENT_COLUMNS
+                 if f"{prefix}{name}" in metrics]
+        labels, values = zip(*shown) if shown else ((), ())
+        axis.bar([label.replace(" ", "\n") for label in labels], values,
+                 color=["#9e9e9e", "#1f77b4", "#ff7f0e", "#d62728"][:len(values)])
+        if log:
+            axis.set_yscale("log")
+        axis.set_title(f"{name}{' (log scale)' if log else ''}")
+        for x, value in enumerate(values):
+            axis.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
 # --- report.md ------------------------------------------------------------------------------------
 
 
@@ -184,8 +400,11 @@ def _report(
     plotted: dict[str, Any],
     notes: list[str],
     comparison: bool,
+    students: bool,
 ) -> str:
     lines = ["# Evaluation report", "", *_header(evaluation, lineage, model, data), ""]
+    lines += _effects_section(evaluation)
+    lines += _students_section(evaluation.get("metrics") or {}, students)
     lines += ["## Metrics", ""]
     if evaluation.get("metrics"):
         lines += [
@@ -250,8 +469,33 @@ def _metric_rows(metrics: dict[str, dict[str, float]], meanings: bool = False) -
         tuned, base = metrics.get(name), metrics.get(f"base_{name}")
         delta = (_number(tuned["value"] - base["value"]) if tuned and base else "")
         rows.append([_text(name), _value(tuned), _value(base), delta]
-                    + ([MEANINGS.get(name, "")] if meanings else []))
+                    + ([_meaning(name)] if meanings else []))
     return rows
+
+
+STUDENT_MEANINGS = {
+    "initial_student_": "the student before any training: ",
+    "hard_label_student_": "the same initial student trained on the ground truth alone for the "
+                           "same steps: ",
+}
+MEANINGS.update({
+    "kl_to_teacher": "KL(teacher || student) over the teacher's top-k tokens at each held-out "
+                     "response position, temperature 1; lower is closer",
+    "perplexity_ratio_vs_hard_label": "hard-label student perplexity / distilled student "
+                                      "perplexity; above 1, distillation taught more than the "
+                                      "labels alone",
+    "rouge_l_delta_vs_hard_label": "distilled minus hard-label student ROUGE-L; above 0, "
+                                   "distillation answers closer to the references",
+    "perplexity_ratio_vs_initial": "initial student perplexity / distilled student perplexity: "
+                                   "what training bought",
+})
+
+
+def _meaning(name: str) -> str:
+    for prefix, who in STUDENT_MEANINGS.items():
+        if name.startswith(prefix) and name.removeprefix(prefix) in MEANINGS:
+            return who + MEANINGS[name.removeprefix(prefix)]
+    return MEANINGS.get(name, "")
 
 
 def _checks(checks: dict[str, Any]) -> list[str]:
@@ -312,6 +556,9 @@ def _model_card(
     if metrics:
         lines += _table(["metric", "tuned", "base", "delta", "meaning"],
                         _metric_rows(metrics, meanings=True)) + [""]
+    lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line
+              for line in _effects_section(evaluation)
+              + _students_section(metrics, plotted=False)]
 
     lines += ["## Intended use and limitations", "",
               *[f"- {line}" for line in _limitations(evaluation, lineage, data)], ""]

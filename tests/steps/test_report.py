@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -173,3 +174,23 @@ def test_a_model_with_no_training_record_gets_a_report_without_loss_curves(two_s
     assert not (tmp_path / "loss_curves.png").exists()
     assert "no loss curves" in (tmp_path / "report.md").read_text()
     assert "how it was made is not known" in (tmp_path / "model_card.md").read_text()
+
+
+def test_the_report_and_the_card_say_what_each_stage_bought_on_held_out_data(two_stages):
+    effects = two_stages.evaluation["stage_effects"]
+    first = two_stages.first.summary
+    before, after = (math.exp(first["eval_loss_before"]),
+                     math.exp(first["training"]["eval_loss"]))
+    report_md = (two_stages.output_dir / "report.md").read_text()
+    card = (two_stages.output_dir / "model_card.md").read_text()
+
+    assert [effect["stage"] for effect in effects] == ["sft", "sft"]
+    assert effects[0]["compared_with"] == "builtin:tiny"
+    assert effects[0]["figures"] == [{"name": "perplexity", "before": before, "after": after}]
+    assert after < before
+    assert effects[1]["figures"] == []  # the second stage had no held-out data to measure on
+    row = (f"| sft | builtin:tiny | 4 held-out examples | perplexity | {before:.4g} | "
+           f"{after:.4g} | {100 * (after - before) / before:+.1f}% |")
+    assert "## What each stage bought" in report_md and row in report_md
+    assert "| sft | the model of sft |  | not measured by the stage |  |  |  |" in report_md
+    assert "### What each stage bought" in card and row in card
