@@ -387,7 +387,7 @@ def plain_trainer(ws: Workspace, stage: str, out: str) -> float | None:
                                  train_dataset=dataset, data_collator=_pair_collator(tokenizer))
         return tokens_per_second(trainer)
     if stage == "distill":
-        from steps.distill import build_student
+        from steps.common.students import config_student
 
         teacher = AutoModelForCausalLM.from_pretrained(ws.model).eval().requires_grad_(False)
 
@@ -404,7 +404,7 @@ def plain_trainer(ws: Workspace, stage: str, out: str) -> float | None:
                 kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
                 return alpha * out.loss + (1 - alpha) * temperature**2 * kl
 
-        student = build_student("config:layers=2", teacher.config.to_dict(), 42, tokenizer)
+        student = config_student("config:layers=2", teacher.config.to_dict(), 42)
         trainer = OnTheFlyDistillation(model=student, args=args,
                                        train_dataset=Dataset.from_list(_sft_rows(ws, tokenizer)),
                                        data_collator=_sft_collator(tokenizer))

@@ -47,8 +47,9 @@ CONFIG_FIELDS: dict[str, frozenset[str]] = {
         "num_mini_batches", "ppo_epochs", "response_length", "temperature", "vf_coef",
     },
     "distill": _TRAINING | _PEFT | {  # steps.distill.DistillStageConfig
-        "alpha", "max_new_tokens", "on_policy", "student_model", "teacher_batch_size",
-        "teacher_model", "temperature", "top_k",
+        "alpha", "compare_students", "comparison_new_tokens", "comparison_samples",
+        "max_new_tokens", "on_policy", "student_model", "teacher_batch_size", "teacher_model",
+        "temperature", "top_k",
     },
     "constitutional": frozenset({  # steps.constitutional.ConstitutionalConfig
         "batch_size", "bedrock_model_id", "constitution", "critic", "critic_model", "data_dir",
@@ -66,7 +67,8 @@ CONFIG_FIELDS: dict[str, frozenset[str]] = {
     }),
     "evaluate": frozenset({  # steps.evaluate.EvaluateConfig
         "base_dir", "base_model", "batch_size", "data_dir", "description", "max_new_tokens",
-        "max_samples", "max_seq_length", "model_dir", "output_dir", "reward_model_dir",
+        "max_samples", "max_seq_length", "model_dir", "output_dir", "quantization_dir",
+        "reward_model_dir",
     }),
 }
 

@@ -38,12 +38,32 @@ Where the teacher's distributions come from (`teacher_outputs` in training_summa
               by its generated tokens (their count is not known before generation) and divided by
               the accumulation steps: exact only without accumulation.
 
-The student: the 'model' channel, or `student_model`: a model spec (a smaller model of the same
-tokenizer), or ``config:layers=1+hidden=128+...``, the teacher's architecture resized, with random
-weights and the teacher's tokenizer (keys: layers, hidden, intermediate, heads, kv_heads, or any
-config attribute). Teacher and student must share the tokenizer: distributions are compared token id
-by token id, so a student whose vocabulary fingerprint differs from the teacher's is refused (an
-explicit vocabulary mapping is out of scope).
+The student: the 'model' channel, or `student_model` (steps.common.students):
+  teacher:layers=N[+intermediate=I]   the teacher itself cut down: N of its decoder layers kept,
+                                      evenly spaced (or teacher:keep_layers=0/4/8/...), and
+                                      optionally its MLP narrowed to the I channels most active on
+                                      a few training batches; trained fully (peft_method none).
+                                      Needs the teacher's weights: the 'teacher_model' channel (or
+                                      teacher_model) beside the cached outputs. The default of the
+                                      recipes: it starts from what the teacher knows.
+  config:layers=L+hidden=H+...        the teacher's architecture resized, with random weights
+                                      (keys: layers, hidden, intermediate, heads, kv_heads, or any
+                                      config attribute): it must learn the language from scratch.
+  a model spec                        a smaller pretrained model of the teacher's tokenizer.
+Teacher and student must share the tokenizer: distributions are compared token id by token id, so
+a student whose vocabulary fingerprint differs from the teacher's is refused (an explicit
+vocabulary mapping is out of scope).
+
+With compare_students=true the stage also answers whether distillation earned its place: it
+measures on the validation split, with steps.evaluate's own measurements (loss and perplexity of
+the responses, greedy answers' ROUGE-L, exact match and EOS rate, at most comparison_samples
+answers of comparison_new_tokens tokens) and the KL to the teacher,
+  initial     the student as it started, before any training;
+  hard_label  the same initial student trained on the ground truth alone (alpha 1) with the same
+              steps, schedule, batches and seed: what the same compute buys without a teacher;
+  distilled   the student this stage saves;
+and records them under distillation.comparison in training_summary.json, from which steps.evaluate
+reports them. It costs a second training run of the student.
 
 Writes to SM_MODEL_DIR the student (a full model, or an adapter for a PEFT method over a pretrained
 student), its tokenizer and training_summary.json (with a `distillation` record: teacher, T, alpha,
@@ -53,8 +73,12 @@ metrics.jsonl and loss_curve.png.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +86,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback
 
-from steps.common import contract, distillation
+from steps.common import contract, distillation, students
 from steps.common.contract import StageError
-from steps.common.datasets import load_records
+from steps.common.datasets import DatasetFormat, Record, load_records
 from steps.common.distillation import Example, TeacherCounter
 from steps.common.metrics import log_metrics
 from steps.common.models import load_model, load_tokenizer, resolve_model_source, stop_token_ids
@@ -86,27 +110,27 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
+from steps.evaluate import held_out_examples, model_metrics, score_model
 
-CONFIG_PREFIX = "config:"
-# Sizes are joined by '+' (config:layers=2+hidden=128): the spec is a pipeline parameter, and every
-# parameter is recorded in the model package's metadata, whose values SageMaker restricts to
-# letters, digits, spaces and _.:/=+-@ (no comma).
-CONFIG_SEPARATOR = "+"
-CONFIG_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size",
-               "intermediate": "intermediate_size", "heads": "num_attention_heads",
-               "kv_heads": "num_key_value_heads"}
 # A config-built student starts from random weights: the rate of pre-training from scratch
 # (steps.pretrain), not the small one that fine-tunes pretrained weights.
 RANDOM_INIT_LEARNING_RATE = 3e-3
+# A student cut from its teacher starts from pretrained weights that lost half their layers: it
+# must move further than a fine-tuned model (2e-5) and less than a random one (3e-3). Measured on
+# SmolLM2-135M-Instruct kept at 15 of 30 layers (benchmarks/distillation.py).
+PRUNED_LEARNING_RATE = 2e-4
+# Training examples whose MLP activations rank the channels a width-pruned student keeps.
+CALIBRATION_EXAMPLES = 64
 
 
 @dataclass
 class DistillStageConfig(PeftKnobs, TrainingKnobs):
     student_model: str | None = field(
         default=None,
-        metadata={"help": "The student: a model spec (same tokenizer as the teacher), or "
+        metadata={"help": "The student: teacher:layers=N[+intermediate=I] (the teacher cut down), "
                   "config:layers=N+hidden=H+... (the teacher's architecture resized, random "
-                  "weights). Ignored when the 'model' channel holds a model."},
+                  "weights) or a model spec of the teacher's tokenizer. Ignored when the 'model' "
+                  "channel holds a model."},
     )
     teacher_model: str | None = field(
         default=None,
@@ -145,21 +169,35 @@ class DistillStageConfig(PeftKnobs, TrainingKnobs):
     learning_rate: float | None = field(
         default=None,
         metadata={"help": f"Peak learning rate; unset or 0: {RANDOM_INIT_LEARNING_RATE:g} for a "
-                  "config-built student, else the PEFT method's usual one."},
+                  f"config-built student, {PRUNED_LEARNING_RATE:g} for one cut from its teacher, "
+                  "else the PEFT method's usual one."},
+    )
+    compare_students: bool = field(
+        default=False,
+        metadata={"help": "Also measure the initial student and the same student trained on the "
+                  "ground truth alone for the same steps (a second training run) against the "
+                  "distilled one, on the validation split."},
+    )
+    comparison_samples: int = field(
+        default=24, metadata={"help": "Held-out prompts each compared student answers."}
+    )
+    comparison_new_tokens: int = field(
+        default=32, metadata={"help": "Generation length limit of the compared answers."}
     )
 
     def __post_init__(self) -> None:
         PeftKnobs.__post_init__(self)
+        self.student = students.parse(self.student_model)  # a wrong spec fails here, in one line
         self.learning_rate_is_default = not self.learning_rate
         if self.learning_rate_is_default:
-            self.learning_rate = (RANDOM_INIT_LEARNING_RATE if self.is_config_student
-                                  else DEFAULT_LEARNING_RATES[self.peft_method])
+            self.learning_rate = default_learning_rate(self.student_model, self.peft_method)
         TrainingKnobs.__post_init__(self)
         if not self.temperature > 0:
             raise StageError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise StageError(f"alpha must be in [0, 1], got {self.alpha}")
-        for name in ("top_k", "max_new_tokens", "teacher_batch_size"):
+        for name in ("top_k", "max_new_tokens", "teacher_batch_size", "comparison_samples",
+                     "comparison_new_tokens"):
             if getattr(self, name) <= 0:
                 raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.packing:
@@ -167,15 +205,26 @@ class DistillStageConfig(PeftKnobs, TrainingKnobs):
                 "packing is not supported by distillation (teacher outputs are per example); "
                 "set packing=false"
             )
-        if self.is_config_student and self.peft_method != "none":
+        if self.student is not None and self.peft_method != "none":
+            what = ("starts from random weights, which" if students.is_config_student(
+                self.student_model) else "lost layers of its teacher, which only full training "
+                "makes up for and which")
             raise StageError(
-                f"student_model {self.student_model} starts from random weights, which "
-                f"peft_method {self.peft_method} would keep frozen; use peft_method=none"
+                f"student_model {self.student_model} {what} peft_method {self.peft_method} would "
+                "keep frozen; use peft_method=none"
             )
+        if self.compare_students and self.on_policy:
+            raise StageError("compare_students trains a hard-label student on the same batches, "
+                             "which on_policy=true does not use; set one of them to false")
 
-    @property
-    def is_config_student(self) -> bool:
-        return bool(self.student_model and self.student_model.startswith(CONFIG_PREFIX))
+
+def default_learning_rate(student_model: str | None, peft_method: str) -> float:
+    """The peak rate a student trains at unless told: by how far it starts from a useful model."""
+    if students.is_config_student(student_model):
+        return RANDOM_INIT_LEARNING_RATE
+    if isinstance(students.parse(student_model), students.PrunedStudent):
+        return PRUNED_LEARNING_RATE
+    return DEFAULT_LEARNING_RATES[peft_method]
 
 
 class TopKDistillationTrainer(Trainer):
@@ -206,8 +255,8 @@ class TopKDistillationTrainer(Trainer):
         outputs = None
         ce_sum = torch.zeros((), device=labels.device)
         if not on_policy or self.alpha > 0:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits = _trained_logits(outputs.logits, inputs["input_ids"], mask)
+            logits, outputs = self._trained_logits(model, inputs["input_ids"],
+                                                   inputs["attention_mask"], mask)
             ce_sum = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
         # num_items_in_batch counts every process's tokens while DDP averages the gradients over
         # the processes: a sum over all tokens / all tokens needs the average undone, as
@@ -219,11 +268,31 @@ class TopKDistillationTrainer(Trainer):
         elif on_policy:
             kl = self._on_policy_kl(model, inputs)
             loss = self.alpha * ce_sum / count + (1 - self.alpha) * self.temperature**2 * kl
+        elif self.alpha == 1:  # the ground truth alone (a hard-label student): no KL to compute
+            loss = ce_sum / count
         else:
             kl_sum = distillation.top_k_kl(logits, inputs["top_k_ids"], inputs["top_k_logprobs"],
                                            self.temperature).sum()
             loss = (self.alpha * ce_sum + (1 - self.alpha) * self.temperature**2 * kl_sum) / count
         return (loss, outputs) if return_outputs else loss
+
+    def _trained_logits(self, model: PreTrainedModel, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The logits that predict a trained token, [trained positions, vocab], and the outputs.
+
+        The output head runs only at the positions some row of the batch trains
+        (transformers' logits_to_keep): the vocabulary projection is about a third of a small
+        student's compute, and the prompts, most of each sequence, train nothing. A
+        prompt-learning adapter prepends virtual tokens, which shift the positions: it gets
+        every position's logits, as does a model whose forward takes no logits_to_keep.
+        """
+        if _keeps_logits(self.accelerator.unwrap_model(model)):
+            kept = mask.any(0).nonzero().squeeze(-1)
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask,
+                            logits_to_keep=kept)
+            return outputs.logits[mask[:, kept]], outputs
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+        return _trained_logits(outputs.logits, input_ids, mask), outputs
 
     def _on_policy_kl(self, model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean KL(teacher_T || student_T) over the tokens the student samples for the prompts."""
@@ -259,6 +328,15 @@ class TopKDistillationTrainer(Trainer):
         top_logprobs = torch.cat([s.top_k_logprobs for s in samples]).to(device)
         kl = distillation.top_k_kl(logits, top_ids, top_logprobs, self.temperature)
         return kl.mean() / self.current_gradient_accumulation_steps
+
+
+def _keeps_logits(model: PreTrainedModel) -> bool:
+    """Whether `model`'s forward computes the logits of chosen positions only (logits_to_keep)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return False
+    base = model.get_base_model() if config is not None else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _trained_logits(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -328,7 +406,8 @@ def main(config: DistillStageConfig) -> None:
     if manifest is not None and mode != "cached":
         print(f"on_policy: the cached outputs in {cache_dir} are not used", flush=True)
     if mode == "cached" and teacher_spec is not None:
-        print(f"teacher_model {teacher_spec} is not run: the cached outputs are used", flush=True)
+        print(f"teacher_model {teacher_spec}: its cached outputs are used, not run again",
+              flush=True)
     teacher_name = manifest["teacher"]["model"] if mode == "cached" else teacher_spec
     print(f"teacher: {teacher_name} ({mode}); T={config.temperature:g}, alpha={config.alpha:g}, "
           f"top_k={config.top_k}", flush=True)
@@ -350,14 +429,25 @@ def main(config: DistillStageConfig) -> None:
     student_spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
     if student_spec is None:
         raise StageError(
-            "no student: set student_model (a model spec, or config:layers=N+... for a resized "
-            "copy of the teacher's architecture) or give the job a 'model' channel"
+            "no student: set student_model (teacher:layers=N for the teacher cut down, "
+            "config:layers=N+... for a resized copy of its architecture, or a model spec) or give "
+            "the job a 'model' channel"
         )
-    config_student = student_spec.startswith(CONFIG_PREFIX)
+    config_student = students.is_config_student(student_spec)
+    pruned = students.parse(student_spec)
+    if not isinstance(pruned, students.PrunedStudent):
+        pruned = None
+    elif teacher_spec is None:
+        raise StageError(
+            f"student_model {student_spec} is cut from the teacher's weights, which this job does "
+            "not have (cached outputs hold no weights): give it a 'teacher_model' channel or set "
+            "teacher_model"
+        )
     if config.learning_rate_is_default:  # the 'model' channel may have replaced student_model
-        config.learning_rate = (RANDOM_INIT_LEARNING_RATE if config_student
-                                else DEFAULT_LEARNING_RATES[config.peft_method])
-    if config_student:
+        config.learning_rate = default_learning_rate(student_spec, config.peft_method)
+    if pruned:
+        tokenizer = load_tokenizer(teacher_spec)  # the teacher's, with its chat template
+    elif config_student:
         tokenizer = (load_tokenizer(str(cache_dir / distillation.TOKENIZER_FOLDER))
                      if mode == "cached" else load_tokenizer(teacher_spec))
     else:
@@ -371,7 +461,7 @@ def main(config: DistillStageConfig) -> None:
             f"the student's tokenizer ({student_spec}: vocab sha256 {student_vocab[:12]}, "
             f"{len(tokenizer)} tokens) is not the teacher's ({teacher_where}: vocab sha256 "
             f"{teacher_vocab[:12]}); distillation compares distributions token by token, so use "
-            "a student of the teacher's tokenizer, e.g. student_model=config:layers=N"
+            "a student of the teacher's tokenizer, e.g. student_model=teacher:layers=N"
         )
 
     # 4. Examples, tokenized as the teacher's were, and the teacher's top-k for each.
@@ -408,10 +498,16 @@ def main(config: DistillStageConfig) -> None:
     default = " (default)" if config.learning_rate_is_default else ""
     print(f"student: {student_spec}; peft_method: {config.peft_method}; learning rate: "
           f"{config.learning_rate:g}{default}", flush=True)
-    if config_student:
+    cut = None
+    if pruned:
+        student, cut = _cut_from_teacher(teacher_spec, pruned, train_examples, config,
+                                         tokenizer.pad_token_id)
+    elif config_student:
         teacher_config = (json.loads((cache_dir / distillation.TEACHER_CONFIG).read_text())
                           if mode == "cached" else _config_of(teacher).to_dict())
-        student = build_student(student_spec, teacher_config, config.seed, tokenizer)
+        student = students.config_student(student_spec, teacher_config, config.seed)
+        student.generation_config.eos_token_id = tokenizer.eos_token_id
+        student.generation_config.pad_token_id = tokenizer.pad_token_id
     else:
         student = apply_peft(load_model_for_training(student_spec, config, precision), config,
                              tokenizer)
@@ -419,6 +515,11 @@ def main(config: DistillStageConfig) -> None:
     if mode == "on_the_fly":
         teacher = None  # its outputs are attached to the examples: free it before training
     print(f"student parameters: {sum(p.numel() for p in student.parameters()):,}", flush=True)
+    comparing = config.compare_students and bool(validation_examples)
+    if config.compare_students and not comparing:
+        print("compare_students: no validation data to compare the students on; skipped",
+              flush=True)
+    initial = copy.deepcopy(student) if comparing else None
 
     # 6. Train with the shared knobs, checkpoints and metrics; evaluate.
     metrics, metrics_path = metrics_callback()
@@ -433,6 +534,9 @@ def main(config: DistillStageConfig) -> None:
         max_new_tokens=config.max_new_tokens,
     )
     report = train(trainer, config, metrics, metrics_path)
+    hard_label, hard_label_runtime = (train_hard_label(copy.deepcopy(initial), config, precision,
+                                                       tokenizer, train_examples)
+                                      if comparing else (None, None))
     if not trainer.is_world_process_zero():
         return
     kl = None
@@ -440,13 +544,19 @@ def main(config: DistillStageConfig) -> None:
         kl = kl_to_teacher(trainer.model, validation_examples, config.per_device_batch_size,
                            tokenizer.pad_token_id)
         log_metrics({"step": report.global_step, "eval_kl_to_teacher": kl}, metrics_path)
+    comparison = None
+    if comparing:
+        comparison = compare_students(
+            {"initial": initial, "hard_label": hard_label, "distilled": trainer.model},
+            tokenizer, validation, validation_examples, config)
+        comparison.update(steps=report.global_step, hard_label_runtime_s=hard_label_runtime)
 
     # 7. Save, all or nothing.
     summary = training_summary(
         "distill", config,
         # What evaluation compares the student with: the model it started from, or (for a
-        # config-built student, which started from noise) its teacher.
-        teacher_name if config_student else student_spec,
+        # student built from or cut from its teacher) the teacher.
+        teacher_name if config_student or pruned else student_spec,
         precision, report,
         student_model=student_spec,
         data_format=train_format.name,
@@ -462,13 +572,107 @@ def main(config: DistillStageConfig) -> None:
             "on_policy": config.on_policy,
             "vocab_sha256": student_vocab,
             "eval_kl_to_teacher": kl,
+            **({"student": cut} if cut else {}),
+            **({"comparison": comparison} if comparison else {}),
         },
     )
     with contract.atomic_output(model_dir) as staging:
         save_model(trainer.model, tokenizer, staging, config)
-        save_training_record(staging, summary, started_from=student_spec)
+        # A student cut from its teacher continues the teacher's lineage.
+        save_training_record(staging, summary, started_from=teacher_spec if pruned else student_spec)
     print(f"teacher forward passes in this job: {counter.forward_passes}", flush=True)
     print(f"saved the student, tokenizer and training_summary.json to {model_dir}", flush=True)
+
+
+def _cut_from_teacher(teacher_spec: str, pruned: students.PrunedStudent,
+                      examples: list[Example], config: DistillStageConfig,
+                      pad_token_id: int) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The student `pruned` names, cut from a fresh copy of the teacher (an adapter merged into its
+    base first), and the record of the cut."""
+    print(f"cutting the student from the teacher {teacher_spec}", flush=True)
+    teacher = load_model(teacher_spec).eval()
+    if hasattr(teacher, "merge_and_unload"):
+        teacher = teacher.merge_and_unload()
+    calibration = [
+        dict(zip(("input_ids", "attention_mask"), distillation.pad_batch(
+            examples[start:start + config.per_device_batch_size], pad_token_id)[:2]))
+        for start in range(0, min(len(examples), CALIBRATION_EXAMPLES),
+                           config.per_device_batch_size)
+    ]
+    student, record = students.pruned_student(teacher, pruned, calibration)
+    width = (f", MLP {record['intermediate']['teacher']} -> {record['intermediate']['student']} "
+             "channels" if "intermediate" in record else "")
+    print(f"student: layers {'/'.join(map(str, record['kept_layers']))} of the teacher's "
+          f"{record['teacher_layers']}{width}; {record['student_parameters']:,} of "
+          f"{record['teacher_parameters']:,} parameters", flush=True)
+    return student, record
+
+
+class HardLabelProgress(TrainerCallback):
+    """The hard-label student's training loss, printed as hard_label_train_loss: not train_loss,
+    which SageMaker's metric definitions would read as the distilled student's."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            log_metrics({"step": state.global_step, "hard_label_train_loss": float(logs["loss"])})
+
+
+def train_hard_label(student: PreTrainedModel, config: DistillStageConfig, precision: str,
+                     tokenizer: transformers.PreTrainedTokenizerBase,
+                     examples: list[Example]) -> tuple[PreTrainedModel, float]:
+    """`student` trained as the stage trains, with the same steps, schedule, batches and seed, on
+    the ground truth alone (alpha 1): the baseline distillation must beat; and the seconds its
+    training took. Not checkpointed: a restarted job trains it again."""
+    print("hard-label student: the same initial student, the same steps and batches, on the "
+          "ground truth alone", flush=True)
+    baseline = dataclasses.replace(config, alpha=1.0, checkpoint_steps=0)
+    trainer = TopKDistillationTrainer(
+        model=student,
+        args=trainer_arguments(baseline, precision, remove_unused_columns=False,
+                               prediction_loss_only=True),
+        train_dataset=examples, processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id, config.top_k, on_policy=False),
+        callbacks=[HardLabelProgress()], temperature=config.temperature, alpha=1.0,
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    runtime = round(time.perf_counter() - started, 2)
+    # Measured in fp32, as the distilled student is (steps.common.training.train).
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), runtime
+
+
+COMPARED = ("eval_loss", "perplexity", "rouge_l", "exact_match", "eos_rate")
+
+
+def compare_students(compared: dict[str, PreTrainedModel],
+                     tokenizer: transformers.PreTrainedTokenizerBase,
+                     validation: tuple[DatasetFormat, list[Record]],
+                     validation_examples: list[Example],
+                     config: DistillStageConfig) -> dict[str, Any]:
+    """Each student's held-out figures, measured as steps.evaluate measures a model (its own
+    functions, on the same validation records), and its top-k KL to the teacher."""
+    fmt, records = validation
+    examples, pairs, held_out = held_out_examples(records, fmt, bool(tokenizer.chat_template),
+                                                  config.comparison_samples)
+    comparison: dict[str, Any] = {"samples": len(pairs), "loss_examples": len(examples),
+                                  "max_new_tokens": config.comparison_new_tokens,
+                                  "students": {}}
+    for name, model in compared.items():
+        model.eval()
+        result = score_model(name, model, tokenizer, examples, pairs, held_out,
+                             max_new_tokens=config.comparison_new_tokens,
+                             batch_size=config.per_device_batch_size,
+                             max_seq_length=config.max_seq_length)
+        figures = {key: value for key, value in model_metrics({"tuned": result}, {}).items()
+                   if key in COMPARED}
+        kl = kl_to_teacher(model, validation_examples, config.per_device_batch_size,
+                           tokenizer.pad_token_id)
+        figures["kl_to_teacher"] = {"value": kl, "standard_deviation": 0.0}
+        comparison["students"][name] = figures
+        print(f"{name} student: " + ", ".join(f"{key} {value['value']:.4g}"
+                                              for key, value in figures.items()), flush=True)
+    return comparison
 
 
 def _model_spec(channel: Path | None, spec: str | None) -> str | None:
@@ -494,50 +698,6 @@ def _cached(cache_dir: Path, manifest: dict[str, Any], split: str, examples: lis
             "max_seq_length"
         )
     return distillation.read_cache(cache_dir, split, config.top_k)
-
-
-def build_student(spec: str, teacher_config: dict[str, Any], seed: int,
-                  tokenizer: transformers.PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The teacher's architecture with `spec`'s sizes (config:layers=1+hidden=64), random weights."""
-    if "," in spec:
-        raise StageError(f"student_model {spec}: sizes are joined by '{CONFIG_SEPARATOR}' "
-                         "(config:layers=2+hidden=128), not ','")
-    values = dict(teacher_config)
-    for key in ("quantization_config", "_name_or_path", "transformers_version"):
-        values.pop(key, None)
-    changed = set()
-    for item in filter(None, (part.strip()
-                              for part in spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR))):
-        key, _, value = item.partition("=")
-        name = CONFIG_KEYS.get(key.strip(), key.strip())
-        if name not in values or not value.strip():
-            raise StageError(
-                f"student_model {spec}: '{item}' is not KEY=VALUE for a size of the teacher's "
-                f"config; use {', '.join(CONFIG_KEYS)} (or a config attribute name), joined by "
-                f"'{CONFIG_SEPARATOR}' as in config:layers=2+hidden=128"
-            )
-        try:
-            values[name] = int(value)
-        except ValueError:
-            raise StageError(f"student_model {spec}: {key}={value} is not an integer") from None
-        changed.add(name)
-    if changed & {"hidden_size", "num_attention_heads"}:
-        values.pop("head_dim", None)  # recomputed as hidden_size / num_attention_heads
-    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
-    kv_heads = values.get("num_key_value_heads") or heads
-    if hidden and heads and (hidden % heads or heads % kv_heads):
-        raise StageError(
-            f"student_model {spec}: hidden_size {hidden} must be a multiple of heads {heads}, "
-            f"and heads of kv_heads {kv_heads}"
-        )
-    model_type = values.pop("model_type")
-    student_config = type(AutoConfig.for_model(model_type)).from_dict(values)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(student_config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def _config_of(model: PreTrainedModel) -> transformers.PretrainedConfig:

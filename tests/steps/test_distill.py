@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steps import distill, teacher_logits
-from steps.common import contract, distillation, models
+from steps import distill, evaluate, teacher_logits
+from steps.common import contract, distillation, models, students
 from steps.common.contract import StageError
 
 from .conftest import TrainingJob, counting_records, write_jsonl
@@ -41,8 +41,9 @@ def cache(sft_run, data_dir, tmp_path_factory) -> Path:
 
 
 def run_distill(root: Path, data_dir: Path, teacher: Path | None = None,
-                **hyperparameters: str) -> StageRun:
-    """One distillation training job under `root`: channels train, validation (and teacher)."""
+                teacher_model: Path | None = None, **hyperparameters: str) -> StageRun:
+    """One distillation training job under `root`: channels train, validation (and teacher, the
+    cached outputs; teacher_model, the teacher's weights)."""
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
         job = TrainingJob(root, monkeypatch)
@@ -50,6 +51,8 @@ def run_distill(root: Path, data_dir: Path, teacher: Path | None = None,
         monkeypatch.setenv("SM_CHANNEL_VALIDATION", str(data_dir / "validation.jsonl"))
         if teacher is not None:
             monkeypatch.setenv("SM_CHANNEL_TEACHER", str(teacher))
+        if teacher_model is not None:
+            monkeypatch.setenv("SM_CHANNEL_TEACHER_MODEL", str(teacher_model))
         job.hyperparameters(**hyperparameters)
         try:
             contract.run(distill.main, distill.DistillStageConfig, job="training")
@@ -250,7 +253,7 @@ def test_gradient_accumulation_gives_the_gradients_of_the_whole_batch(cache):
     examples = distillation.read_cache(cache, "train", top_k=16)[:4]
     tokenizer = models.load_tokenizer(str(cache / "tokenizer"))
     config = json.loads((cache / "teacher_config.json").read_text())
-    model = distill.build_student("config:layers=1", config, 0, tokenizer)
+    model = students.config_student("config:layers=1", config, 0)
     collate = distill.Collator(tokenizer.pad_token_id, 16, on_policy=False)
     trainer = distill.TopKDistillationTrainer(
         model=model, args=distill.trainer_arguments(
@@ -270,14 +273,234 @@ def test_gradient_accumulation_gives_the_gradients_of_the_whole_batch(cache):
     assert ((whole - halves).norm() / whole.norm()).item() < 1e-5
 
 
+def test_the_output_head_runs_only_where_the_batch_trains_and_the_loss_is_unchanged(cache):
+    examples = distillation.read_cache(cache, "train", top_k=16)[:4]
+    config = json.loads((cache / "teacher_config.json").read_text())
+    model = students.config_student("config:layers=1", config, 0)
+    batch = distill.Collator(0, 16, on_policy=False)(examples)
+    trainer = distill.TopKDistillationTrainer(
+        model=model, args=distill.trainer_arguments(
+            distill.DistillStageConfig(student_model="config:layers=1", checkpoint_steps=0),
+            "fp32", remove_unused_columns=False),
+        temperature=2.0, alpha=0.3)
+    head_positions = []
+    model.lm_head.register_forward_hook(
+        lambda module, inputs, output: head_positions.append(inputs[0].shape[1]))
+
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=None)
+    # By hand, from every position's logits.
+    mask = batch["labels"][:, 1:] != -100
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    ce = F.cross_entropy(logits, batch["labels"][:, 1:][mask], reduction="sum")
+    kl = distillation.top_k_kl(logits, batch["top_k_ids"], batch["top_k_logprobs"], 2.0).sum()
+
+    torch.testing.assert_close(loss, (0.3 * ce + 0.7 * 4.0 * kl) / mask.sum())
+    assert head_positions[0] == int(mask.any(0).sum()) < batch["input_ids"].shape[1]
+
+
 def test_a_config_student_takes_several_sizes_joined_by_plus_and_refuses_commas(cache):
     # '+' joins the sizes: the spec is recorded in the model package's metadata, where SageMaker
-    # allows no comma.
-    tokenizer = models.load_tokenizer(str(cache / "tokenizer"))
+    # allows no comma. The spec is checked when the stage's settings are read, before any work.
     config = json.loads((cache / "teacher_config.json").read_text())
-    model = distill.build_student("config:layers=1+hidden=32+intermediate=64", config, 0,
-                                  tokenizer)
+    model = students.config_student("config:layers=1+hidden=32+intermediate=64", config, 0)
     assert (model.config.num_hidden_layers, model.config.hidden_size,
             model.config.intermediate_size) == (1, 32, 64)
     with pytest.raises(StageError, match=r"joined by '\+'"):
-        distill.build_student("config:layers=1,hidden=32", config, 0, tokenizer)
+        distill.DistillStageConfig(student_model="config:layers=1,hidden=32")
+
+
+# --- Students cut from their teacher ----------------------------------------------------------
+
+def _merged_teacher(sft_run) -> torch.nn.Module:
+    return models.load_model(str(sft_run.model_dir)).merge_and_unload().eval()
+
+
+def _loss(model: torch.nn.Module, cache: Path) -> float:
+    """Mean token loss of `model` on the cached validation examples' responses."""
+    examples = distillation.read_cache(cache, "validation", top_k=1)
+    ids, mask, labels = distillation.pad_batch(examples, 0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def test_a_student_that_keeps_every_layer_and_channel_of_its_teacher_is_the_teacher(sft_run):
+    teacher = _merged_teacher(sft_run)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+
+    student, record = students.pruned_student(
+        teacher, students.parse("teacher:keep_layers=0/1+intermediate=128"), [])
+
+    assert record["kept_layers"] == [0, 1]
+    assert record["student_parameters"] == record["teacher_parameters"]
+    torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+def test_depth_pruning_keeps_evenly_spaced_layers_with_their_weights_renumbered(sft_run):
+    teacher = _merged_teacher(sft_run)
+
+    student, record = students.pruned_student(teacher, students.parse("teacher:layers=1"), [])
+
+    assert students.evenly_spaced(15, 30) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27,
+                                              29]
+    assert students.evenly_spaced(2, 30) == [0, 29]
+    # A fraction of the teacher's layers: one spec for a teacher of any depth.
+    assert students.parse("teacher:layers=0.5").layer_indices(30) == students.evenly_spaced(15, 30)
+    assert students.parse("teacher:layers=0.5").layer_indices(2) == [1]
+    assert record["kept_layers"] == [1] and student.config.num_hidden_layers == 1
+    kept = teacher.model.layers[1].state_dict()
+    for name, tensor in student.model.layers[0].state_dict().items():
+        torch.testing.assert_close(tensor, kept[name])
+    assert record["student_parameters"] < record["teacher_parameters"]
+
+
+def test_width_pruning_keeps_the_mlp_channels_most_active_on_the_calibration_data(
+    sft_run, cache
+):
+    teacher = _merged_teacher(sft_run)
+    examples = distillation.read_cache(cache, "train", top_k=1)
+    ids, mask, _ = distillation.pad_batch(examples, 0)
+    calibration = [{"input_ids": ids, "attention_mask": mask}]
+
+    student, record = students.pruned_student(
+        teacher, students.parse("teacher:layers=2+intermediate=32"), calibration)
+    # The same width, keeping the least active channels instead: what the ranking is worth.
+    least = {index: scores.topk(32, largest=False).indices.sort().values
+             for index, scores in _activation_rms(teacher, calibration).items()}
+    weakest = students._rebuilt(teacher, [0, 1],
+                                students._width_state(teacher.state_dict(), least), 32)
+
+    mlp = student.model.layers[0].mlp
+    assert (mlp.gate_proj.weight.shape, mlp.down_proj.weight.shape) == ((32, 64), (64, 32))
+    assert record["intermediate"]["student"] == 32
+    assert _loss(student, cache) < _loss(weakest, cache)
+
+
+def _activation_rms(model, calibration) -> dict[int, torch.Tensor]:
+    """Per layer, the RMS of each MLP channel's activation over the calibration tokens."""
+    found: dict[int, torch.Tensor] = {}
+    mask = calibration[0]["attention_mask"].bool()
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda module, inputs, index=index: found.__setitem__(
+            index, inputs[0][mask].pow(2).mean(0).sqrt()))
+        for index, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(**calibration[0])
+    for handle in handles:
+        handle.remove()
+    return found
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("teacher:layers=0", "teacher:layers=0: layers=0 is not a positive integer"),
+    ("teacher:layers=1.5", "layers=1.5 is neither a number of layers nor a fraction"),
+    ("teacher:layers=2+keep_layers=0/1", "either layers=N (evenly spaced) or keep_layers="),
+    ("teacher:keep_layers=1/0", "keep_layers must list each layer once, in increasing order"),
+    ("teacher:keep_layers=0,1", "sizes are joined by '+'"),
+    ("teacher:hidden=32+layers=1", "'hidden' is not one of layers, keep_layers, intermediate"),
+    ("teacher:layers", "'layers' is not KEY=VALUE"),
+    ("config:layers=two", "layers=two is not a positive integer"),
+])
+def test_a_wrong_student_spec_fails_when_the_settings_are_read_in_one_line(spec, message):
+    with pytest.raises(StageError) as error:
+        distill.DistillStageConfig(student_model=spec)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_student_cut_from_its_teacher_trains_fully_at_its_own_rate():
+    config = distill.DistillStageConfig(student_model="teacher:layers=2")
+
+    assert config.learning_rate == distill.PRUNED_LEARNING_RATE
+    with pytest.raises(StageError, match="use peft_method=none"):
+        distill.DistillStageConfig(student_model="teacher:layers=2", peft_method="lora")
+
+
+def test_a_student_cut_from_its_teacher_needs_the_teachers_weights(cache, data_dir, tmp_path):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        job = TrainingJob(tmp_path / "opt-ml", monkeypatch)
+        monkeypatch.setenv("SM_CHANNEL_TRAIN", str(data_dir / "train.jsonl"))
+        monkeypatch.setenv("SM_CHANNEL_TEACHER", str(cache))
+        with pytest.raises(StageError, match=r"student_model teacher:layers=1 is cut from the "
+                           r"teacher's weights, .*give it a 'teacher_model' channel"):
+            distill.main(distill.DistillStageConfig(student_model="teacher:layers=1"))
+    assert not job.model_dir.exists()
+
+
+# --- Distillation against its baselines -------------------------------------------------------
+
+# A student cut from the teacher, measured against its start and a hard-label student.
+PRUNED = {**STUDENT, "student_model": "teacher:layers=1", "alpha": "0.2", "learning_rate": "3e-3",
+          "comparison_samples": "4", "comparison_new_tokens": "8"}
+
+
+@pytest.fixture(scope="module")
+def compared(cache, sft_run, data_dir, tmp_path_factory) -> StageRun:
+    return run_distill(tmp_path_factory.mktemp("compared") / "opt-ml", data_dir, cache,
+                       teacher_model=sft_run.model_dir, compare_students="true", **PRUNED)
+
+
+def test_a_pruned_student_continues_its_teachers_lineage_with_its_tokenizer(compared, sft_run):
+    lineage = json.loads((compared.model_dir / "lineage.json").read_text())
+    tokenizer = models.load_tokenizer(str(compared.model_dir))
+    teacher_tokenizer = models.load_tokenizer(str(sft_run.model_dir))
+    record = compared.summary["distillation"]["student"]
+
+    assert [stage["stage"] for stage in lineage] == ["sft", "distill"]
+    assert tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    assert tokenizer.chat_template == teacher_tokenizer.chat_template
+    assert record["kept_layers"] == [1] and record["teacher_layers"] == 2
+    assert compared.summary["base_model"] == str(sft_run.model_dir)
+
+
+def test_the_stage_compares_the_distilled_student_with_its_start_and_a_hard_label_student(
+    compared, cache, sft_run, data_dir, tmp_path
+):
+    comparison = compared.summary["distillation"]["comparison"]
+    figures = comparison["students"]
+    # The baseline the stage trained is the stage itself run with alpha 1: same start and steps.
+    hard_label = run_distill(tmp_path / "opt-ml", data_dir, cache, teacher_model=sft_run.model_dir,
+                             **{**PRUNED, "alpha": "1.0"})
+
+    assert set(figures) == {"initial", "hard_label", "distilled"}
+    assert comparison["samples"] == 4 and comparison["steps"] == 40
+    assert figures["hard_label"]["kl_to_teacher"]["value"] == pytest.approx(
+        hard_label.summary["distillation"]["eval_kl_to_teacher"], rel=1e-4)
+    assert figures["distilled"]["kl_to_teacher"]["value"] == pytest.approx(
+        compared.summary["distillation"]["eval_kl_to_teacher"], rel=1e-6)
+    assert (figures["distilled"]["kl_to_teacher"]["value"]
+            < figures["hard_label"]["kl_to_teacher"]["value"]
+            < figures["initial"]["kl_to_teacher"]["value"])
+    assert figures["distilled"]["perplexity"]["value"] < figures["initial"]["perplexity"]["value"]
+    # The baseline's losses do not pass for the distilled student's in SageMaker's metrics.
+    assert "hard_label_train_loss=" in compared.stdout
+    assert len(compared.losses) == len(hard_label.losses)
+
+
+def test_evaluation_reports_the_student_against_its_teacher_start_and_hard_label_student(
+    compared, sft_run, data_dir, tmp_path
+):
+    output = tmp_path / "evaluation"
+    evaluate.main(evaluate.EvaluateConfig(
+        model_dir=str(compared.model_dir), data_dir=str(data_dir), output_dir=str(output),
+        base_dir=str(sft_run.model_dir), max_samples=4, max_new_tokens=8))
+    metrics = json.loads((output / "evaluation.json").read_text())["metrics"]
+    measured = compared.summary["distillation"]["comparison"]["students"]
+    report = (output / "report.md").read_text()
+    card = (output / "model_card.md").read_text()
+
+    for student in ("initial", "hard_label"):
+        for figure in ("perplexity", "rouge_l", "kl_to_teacher"):
+            assert metrics[f"{student}_student_{figure}"] == measured[student][figure]
+    # The stage measured its students as evaluation measures the model: the same figure here.
+    assert metrics["perplexity"]["value"] == pytest.approx(
+        measured["distilled"]["perplexity"]["value"], rel=1e-4)
+    assert metrics["perplexity_ratio_vs_hard_label"]["value"] == pytest.approx(
+        measured["hard_label"]["perplexity"]["value"]
+        / measured["distilled"]["perplexity"]["value"])
+    verdict = "beat" if metrics["perplexity_ratio_vs_hard_label"]["value"] > 1 else "did not beat"
+    for text in (report, card):
+        assert "Distillation: the student against its teacher and its baselines" in text
+        assert "| figure | teacher | distilled student | hard-label student | initial student |" \
+            in text
+        assert f"Distillation {verdict} training the same student on the labels alone" in text
+    assert (output / "students.png").exists()
