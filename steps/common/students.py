@@ -235,11 +235,10 @@ def pruned_student(
         model = _rebuilt(model, list(range(len(kept))),
                          _width_state(model.state_dict(), channels),
                          intermediate=student.intermediate)
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in calibration)
         record["intermediate"] = {"teacher": config.intermediate_size,
                                   "student": student.intermediate,
-                                  "importance": "RMS of the MLP activation over "
-                                                f"{sum(int(b['attention_mask'].sum()) for b in calibration)} "
-                                                "calibration tokens"}
+                                  "calibration_tokens": tokens}
     record["student_parameters"] = _parameters(model)
     return model, record
 
@@ -289,21 +288,18 @@ def _important_channels(model: PreTrainedModel, calibration: list[dict[str, torc
                 f"layer, which {type(model).__name__} lacks; keep the teacher's width (drop "
                 "intermediate= from student_model)")
     squares = torch.zeros(len(layers), model.config.intermediate_size)
-    batch: dict[str, torch.Tensor] = {}
-
-    def recorder(index: int):
-        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            tokens = batch["attention_mask"].unsqueeze(-1).float()  # [batch, sequence, 1]
-            squares[index] += (inputs[0].float().pow(2) * tokens).sum((0, 1)).cpu()
-        return record
-
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(recorder(index))
-               for index, layer in enumerate(layers)]
+    captured: dict[int, torch.Tensor] = {}  # layer -> the input of its down_proj, this batch
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda module, inputs, index=index: captured.__setitem__(index, inputs[0]))
+        for index, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
         for batch in calibration:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            tokens = batch["attention_mask"].unsqueeze(-1).float()  # padding counts for nothing
+            for index, activation in captured.items():
+                squares[index] += (activation.float().pow(2) * tokens).sum((0, 1)).cpu()
     finally:
         for handle in handles:
             handle.remove()
@@ -316,13 +312,13 @@ def _rebuilt(model: PreTrainedModel, kept: list[int], state: dict[str, torch.Ten
              intermediate: int) -> PreTrainedModel:
     """A model of `model`'s class with len(kept) layers and MLP width `intermediate`, loaded
     strictly with `state`."""
+    from transformers.initialization import no_init_weights
+
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.num_hidden_layers = len(kept)
     config.intermediate_size = intermediate
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # every weight is overwritten below: skip the random initialisation
         student = type(model)(config).to(next(model.parameters()).dtype)
     try:
