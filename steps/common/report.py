@@ -338,16 +338,7 @@ def _students_section(metrics: dict[str, dict[str, float]], plotted: bool) -> li
         if figure == "kl_to_teacher":
             cells[0] = "0"
         rows.append([_text(figure), *cells])
-    verdict = []
-    if "perplexity_ratio_vs_hard_label" in metrics:
-        ratio = metrics["perplexity_ratio_vs_hard_label"]["value"]
-        verdict.append(
-            f"Distillation {'beat' if ratio > 1 else 'did not beat'} training the same student on "
-            f"the labels alone for the same steps: {_code('perplexity_ratio_vs_hard_label')} "
-            f"{_number(ratio)} (hard-label perplexity / distilled perplexity)"
-            + (f", {_code('rouge_l_delta_vs_hard_label')} "
-               f"{_number(metrics['rouge_l_delta_vs_hard_label']['value'])}"
-               if "rouge_l_delta_vs_hard_label" in metrics else "") + ".")
+    verdict = _against_hard_label(metrics)
     return [
         "## Distillation: the student against its teacher and its baselines", "",
         ("The teacher and the distilled student as this evaluation measured them; the hard-label "
@@ -356,9 +347,32 @@ def _students_section(metrics: dict[str, dict[str, float]], plotted: bool) -> li
          "distillation stage measured them, with this evaluation's functions on the same held-out "
          "data."), "",
         *_table(["figure", *(name for name, _ in STUDENT_COLUMNS)], rows), "",
-        *verdict, *([""] if verdict else []),
+        *verdict,
         *([f"![The students against the teacher]({STUDENTS_PLOT})", ""] if plotted else []),
     ]
+
+
+def _against_hard_label(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """One sentence: on which held-out figures distilling beat training on the labels alone."""
+    if "perplexity_ratio_vs_hard_label" not in metrics:
+        return []
+    outcomes = {"perplexity": metrics["perplexity_ratio_vs_hard_label"]["value"] - 1}
+    if "rouge_l_delta_vs_hard_label" in metrics:
+        outcomes["ROUGE-L"] = metrics["rouge_l_delta_vs_hard_label"]["value"]
+    if "kl_to_teacher" in metrics and "hard_label_student_kl_to_teacher" in metrics:
+        outcomes["KL to the teacher"] = (metrics["hard_label_student_kl_to_teacher"]["value"]
+                                         - metrics["kl_to_teacher"]["value"])
+    won = [name for name, margin in outcomes.items() if margin > 0]
+    lost = [name for name, margin in outcomes.items() if margin < 0]
+    tied = [name for name, margin in outcomes.items() if margin == 0]
+    parts = [f"won on {' and '.join(won)}" if won else "won on nothing"]
+    parts += [f"lost on {' and '.join(lost)}"] if lost else []
+    parts += [f"tied on {' and '.join(tied)}"] if tied else []
+    return [
+        (f"Against the same initial student trained on the labels alone for the same steps, "
+        f"distillation {'; '.join(parts)} ({_code('perplexity_ratio_vs_hard_label')} "
+        f"{_number(metrics['perplexity_ratio_vs_hard_label']['value'])}: hard-label perplexity / "
+        "distilled perplexity)."), ""]
 
 
 def plot_students(metrics: dict[str, dict[str, float]], path: Path) -> bool:
