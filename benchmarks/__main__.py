@@ -11,7 +11,8 @@ import sys
 
 from benchmarks import common, report
 
-SCRIPTS = ("throughput", "memory", "precision", "scaling", "orchestration", "serving")
+SCRIPTS = ("throughput", "memory", "precision", "scaling", "orchestration", "serving",
+           "distillation")
 
 
 def main() -> int:

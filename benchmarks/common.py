@@ -314,15 +314,20 @@ def stage_job(channels: dict[str, Path]) -> Iterator[Path]:
 
 
 def run_stage(main: Callable[[Any], None], config: Any, channels: dict[str, Path],
-              quiet: bool = True) -> dict[str, Any]:
+              quiet: bool = True, keep: Path | None = None) -> dict[str, Any]:
     """Run a training stage's `main(config)` in this process; its training_summary.json.
 
     The stage's own figures (tokens/s over `trainer.train()`, peak memory, trainable parameters)
-    are what its jobs log; the benchmarks read them from the summary.
+    are what its jobs log; the benchmarks read them from the summary. `keep`: where to copy the
+    model folder the stage wrote, for a later stage to start from.
     """
+    import shutil
+
     with stage_job(channels) as root:
         with _maybe_quiet(quiet):
             main(config)
+        if keep is not None:
+            shutil.copytree(root / "model", keep)
         return json.loads((root / "model" / "training_summary.json").read_text())
 
 

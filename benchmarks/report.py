@@ -24,6 +24,7 @@ EXPECTED = {
     "scaling": "python -m benchmarks.scaling",
     "orchestration": "python -m benchmarks.orchestration",
     "serving": "python -m benchmarks.serving",
+    "distillation": "python -m benchmarks.distillation",
 }
 
 

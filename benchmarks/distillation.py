@@ -1,0 +1,204 @@
+"""Distillation on SmolLM2-135M-Instruct: which student the recipes start from, and what
+distilling it bought over training it on the labels alone.
+
+    python -m benchmarks.distillation [--teacher MODEL] [--student SPEC ...] [--steps N]
+        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--quick]
+
+The demo SFT data are prepared as the distill recipe prepares them (steps.data_prep: 10% held
+out, seed 42); the teacher's top-16 outputs are computed once (steps.teacher_logits); then the
+distillation stage (steps.distill) runs once per student spec with compare_students on, as the
+recipes run it: each run trains the distilled student and a hard-label student (the same initial
+student, alpha 1, the same steps and batches) and measures both and the initial student with
+steps.evaluate's functions on the held-out split. The teacher is measured the same way.
+
+--teacher: the model the students learn from and are cut from. Default `sft`: the distill
+recipe's teacher, SmolLM2-135M-Instruct after the recipe's SFT stage (LoRA, --teacher-steps
+steps, run here).
+Or a model spec or folder: builtin:smollm2-135m-instruct itself, or a pipeline's teacher such as
+full-lifecycle's DPO output (.../DPO/opt_ml/model).
+
+Per student: seconds per optimizer step (the stage's own runtime / steps, distilled and
+hard-label), held-out perplexity and perplexity_ratio (teacher / student), ROUGE-L as a fraction
+of the teacher's, and the hard-label and initial students' figures. The targets of the recipes'
+default student: perplexity_ratio >= 0.7 and ROUGE-L >= 0.7x the teacher's, distilled beating
+hard-label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+NAME, TITLE, ORDER = "distillation", "Distillation: the default student and its baselines", 60
+STUDENTS = ("teacher:layers=15", "teacher:layers=10", ("config:layers=2+hidden=128+"
+            "intermediate=512+heads=4+kv_heads=2"))
+SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
+
+
+def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, str]:
+    """The demo data split as DataPrep splits it, the teacher (the distill recipe's SFT stage run
+    here, for `sft`) and its cached top-k outputs."""
+    from steps import data_prep, demo_data, sft, teacher_logits
+    from steps.common.models import SMOLLM2
+
+    raw = demo_data.write_demo_dataset(root / "raw" / "sft-demo.jsonl")
+    data = root / "data"
+    data_prep.main(data_prep.DataPrepConfig(input_dir=str(raw.parent), output_dir=str(data),
+                                            tokenizer=SMOLLM2 if teacher == "sft" else teacher,
+                                            validation_fraction=0.1, seed=42))
+    if teacher == "sft":  # the distill recipe's SFT stage, as it sets it
+        common.progress("training the teacher: the distill recipe's SFT stage")
+        summary = common.run_stage(
+            sft.main, sft.SFTStageConfig(base_model=SMOLLM2, peft_method="lora",
+                                         max_seq_length=SEQUENCE, per_device_batch_size=8,
+                                         max_steps=teacher_steps, checkpoint_steps=0,
+                                         seed=42),
+            {"train": data / "train.jsonl", "validation": data / "validation.jsonl"},
+            keep=root / "sft-teacher")
+        teacher = str(root / "sft-teacher")
+        common.progress(f"teacher: eval_loss {summary['training']['eval_loss']:.4f}")
+    cache = root / "teacher"
+    teacher_logits.main(teacher_logits.TeacherLogitsConfig(
+        model_dir=teacher, data_dir=str(data), output_dir=str(cache), top_k=TOP_K,
+        max_seq_length=SEQUENCE))
+    return data, cache, teacher
+
+
+def teacher_figures(teacher: str, data: Path) -> dict[str, dict[str, float]]:
+    """The teacher's held-out figures, measured as the stage measures its students."""
+    from steps.common.datasets import load_records
+    from steps.common.models import load_model, load_tokenizer
+    from steps.evaluate import held_out_examples, model_metrics, score_model
+
+    fmt, records = load_records(data / "validation.jsonl")
+    tokenizer = load_tokenizer(teacher)
+    model = load_model(teacher).eval()
+    examples, pairs, held_out = held_out_examples(records, fmt, bool(tokenizer.chat_template),
+                                                  SAMPLES)
+    result = score_model("teacher", model, tokenizer, examples, pairs, held_out,
+                         max_new_tokens=NEW_TOKENS, batch_size=8, max_seq_length=SEQUENCE)
+    return model_metrics({"tuned": result}, {})
+
+
+def distil(student: str, teacher: str, data: Path, cache: Path,
+           settings: dict[str, Any]) -> dict[str, Any]:
+    """One distillation stage run with compare_students: its training summary."""
+    from steps import distill
+
+    config = distill.DistillStageConfig(
+        student_model=student, compare_students=True, comparison_samples=SAMPLES,
+        comparison_new_tokens=NEW_TOKENS, top_k=TOP_K, max_seq_length=SEQUENCE,
+        checkpoint_steps=0, logging_steps=10, seed=42, **settings)
+    channels = {"train": data / "train.jsonl", "validation": data / "validation.jsonl",
+                "teacher": cache}
+    if student.startswith("teacher:"):
+        channels["teacher_model"] = Path(teacher) if Path(teacher).exists() else None
+        if channels["teacher_model"] is None:  # a builtin spec: no channel, the setting
+            del channels["teacher_model"]
+            config.teacher_model = teacher
+    return common.run_stage(distill.main, config, channels)
+
+
+def summarise(teacher: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for student, summary in runs.items():
+        comparison = summary["distillation"]["comparison"]
+        figures = comparison["students"]
+        steps = summary["training"]["global_step"]
+
+        def value(who: str, name: str, figures: dict = figures) -> float:
+            return figures[who][name]["value"]
+
+        rows.append({
+            "student": student,
+            "parameters": summary["training"]["total_parameters"],
+            "steps": steps,
+            "s_per_step": summary["training"]["runtime_s"] / steps,
+            "hard_label_s_per_step": comparison["hard_label_runtime_s"] / steps,
+            "learning_rate": summary["hyperparameters"]["learning_rate"],
+            "teacher_perplexity": teacher["perplexity"]["value"],
+            "teacher_rouge_l": teacher["rouge_l"]["value"],
+            **{f"{who}_{name}": value(who, name) for who in ("distilled", "hard_label", "initial")
+               for name in ("perplexity", "rouge_l", "kl_to_teacher")},
+            "perplexity_ratio": teacher["perplexity"]["value"] / value("distilled", "perplexity"),
+            "rouge_l_fraction": value("distilled", "rouge_l") / max(teacher["rouge_l"]["value"],
+                                                                     1e-9),
+            "perplexity_ratio_vs_hard_label": (value("hard_label", "perplexity")
+                                               / value("distilled", "perplexity")),
+        })
+    return rows
+
+
+def render(rows: list[dict[str, Any]], settings: dict[str, Any], teacher: str) -> str:
+    header = ["student", "parameters", "steps", "s/step (distil, hard-label)", "perplexity",
+              "perplexity_ratio", "ROUGE-L (x teacher)", "hard-label perplexity, ROUGE-L",
+              "initial perplexity", "distilled beats hard-label"]
+    table = [[f"`{r['student']}`", f"{r['parameters'] / 1e6:.1f}M", r["steps"],
+              f"{r['s_per_step']:.2f}, {r['hard_label_s_per_step']:.2f}",
+              f"{r['distilled_perplexity']:.3g} (teacher {r['teacher_perplexity']:.3g})",
+              f"{r['perplexity_ratio']:.3f}",
+              f"{r['distilled_rouge_l']:.3f} ({r['rouge_l_fraction']:.2f}x)",
+              f"{r['hard_label_perplexity']:.3g}, {r['hard_label_rouge_l']:.3f}",
+              f"{r['initial_perplexity']:.3g}",
+              (f"{'yes' if r['perplexity_ratio_vs_hard_label'] > 1 else 'no'} "
+              f"({r['perplexity_ratio_vs_hard_label']:.3f})")] for r in rows]
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return "\n".join([
+        (f"Teacher `{teacher}`; the demo SFT data as the distill recipe prepares it; cached top-"
+        f"{TOP_K} teacher outputs; {shown}; held-out figures on the validation split "
+        f"({SAMPLES} greedy answers of at most {NEW_TOKENS} tokens). Seconds per step are the "
+        "stage's own training time over its steps, on a machine others may share: compare them "
+        "with each other, not across sessions."), "",
+        common.table(header, table), "",
+        ("perplexity_ratio = teacher perplexity / student perplexity; a hard-label student is the "
+        "same initial student trained on the labels alone for the same steps and batches."),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="sft")
+    parser.add_argument("--teacher-steps", type=int, default=40,
+                        help="SFT steps of the `sft` teacher (the distill recipe's)")
+    parser.add_argument("--student", action="append", help="student spec (repeatable)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the stage's default")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--quick", action="store_true",
+                        help="one student, 10 steps (a teacher of 5 SFT steps)")
+    parser.add_argument("--work", type=Path, help="keep the data and teacher outputs here")
+    args = parser.parse_args()
+    students = args.student or (STUDENTS[:1] if args.quick else STUDENTS)
+    settings = {"max_steps": 10 if args.quick else args.steps, "learning_rate": args.learning_rate,
+                "alpha": args.alpha, "temperature": args.temperature,
+                "per_device_batch_size": args.batch}
+    with tempfile.TemporaryDirectory(prefix="bench-distillation-") as tmp:
+        root = args.work or Path(tmp)
+        if (root / "teacher" / "manifest.json").exists():
+            data, cache = root / "data", root / "teacher"
+            teacher_model = (str(root / "sft-teacher") if args.teacher == "sft"
+                             else args.teacher)
+        else:
+            common.progress(f"preparing the data and the outputs of {args.teacher}")
+            data, cache, teacher_model = prepare(root, args.teacher,
+                                                 5 if args.quick else args.teacher_steps)
+        common.progress("measuring the teacher")
+        teacher = teacher_figures(teacher_model, data)
+        runs = {}
+        for student in students:
+            common.progress(f"distilling {student}")
+            runs[student] = distil(student, teacher_model, data, cache, settings)
+    rows = summarise(teacher, runs)
+    common.save_result(NAME, TITLE, render(rows, settings, args.teacher),
+                       {"teacher": args.teacher, "settings": settings, "rows": rows,
+                        "summaries": {s: r["distillation"] for s, r in runs.items()}}, ORDER)
+
+
+if __name__ == "__main__":
+    main()
