@@ -1,4 +1,5 @@
-"""End to end: the pretrain and cpt recipes through the local engine on tiny models."""
+"""End to end: the pretrain, cpt, distill and full-lifecycle recipes through the local engine on
+tiny models."""
 
 import json
 
@@ -77,18 +78,25 @@ def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_ba
 
 def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teacher_pass(
         env, local_home):
+    # The default student: the SFT teacher with half its layers (one of builtin:tiny's two).
     first = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
-                "-p", "StudentModel=config:layers=1", "-p", "ModelPackageGroup=e2e-distill")
+                "-p", "ModelPackageGroup=e2e-distill")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     folder, execution = latest_execution(local_home, "llm-distill")
     assert execution["steps"]["Register"]["status"] == "Succeeded"
     summary = json.loads(_model_file(folder, "Distill", "training_summary.json"))
-    # Trained from the cached teacher outputs: no teacher forward pass in the student job.
+    # Trained from the cached teacher outputs: no teacher forward pass in the student job; the
+    # teacher's weights (its 'teacher_model' channel) only gave the student its layers.
     assert summary["distillation"]["teacher_forward_passes"] == 0
+    assert summary["distillation"]["student"]["kept_layers"] == [1]
+    # Evaluated against its teacher, its start and a hard-label student.
+    metrics = json.loads(next(folder.glob("Evaluate/**/evaluation.json")).read_text())["metrics"]
+    assert {"base_perplexity", "initial_student_perplexity", "hard_label_student_perplexity",
+            "perplexity_ratio_vs_hard_label"} <= set(metrics)
 
     # Another student: the teacher and its outputs are reused from the step cache.
     second = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
-                 "-p", "StudentModel=config:layers=1+hidden=32+intermediate=64",
+                 "-p", "StudentModel=teacher:keep_layers=0", "-p", "EvalThreshold=0.0",
                  "-p", "ModelPackageGroup=e2e-distill")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     _, execution = latest_execution(local_home, "llm-distill")
@@ -112,8 +120,7 @@ def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_repor
     # CPT -> SFT (LoRA) -> DPO -> teacher outputs -> distilled student -> quantized -> evaluated
     # (student vs its teacher) -> registered: every stage of the product on tiny models.
     result = cli(env, "run", "--recipe", "full-lifecycle", "-p", "BaseModel=builtin:tiny",
-                 "-p", f"CorpusData={corpus}", "-p", "StudentModel=config:layers=1",
-                 "-p", "ModelPackageGroup=e2e-full")
+                 "-p", f"CorpusData={corpus}", "-p", "ModelPackageGroup=e2e-full")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     folder, execution = latest_execution(local_home, "llm-full-lifecycle")
@@ -138,6 +145,20 @@ def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_repor
         assert (evaluation / name).is_file(), name
     assert meta["model_card"].endswith("/model_card.md")
     assert meta["evaluation_report"].endswith("/report.html")
+    # What each stage bought, on held-out data, in one table of the report and the card.
+    effects = json.loads((evaluation / "evaluation.json").read_text())["stage_effects"]
+    figures = {effect["stage"]: {f["name"]: f for f in effect["figures"]} for effect in effects}
+    assert list(figures) == ["cpt", "sft", "dpo", "distill", "quantize (int8)"]
+    assert set(figures["cpt"]) == {"perplexity"} and set(figures["sft"]) == {"perplexity"}
+    assert set(figures["dpo"]) == {"logprob_margin", "preference_accuracy"}
+    assert {"perplexity", "rouge_l"} <= set(figures["distill"])
+    assert set(figures["quantize (int8)"]) == {"size_mb", "tokens_per_second", "perplexity"}
+    assert figures["quantize (int8)"]["size_mb"]["after"] < figures["quantize (int8)"][
+        "size_mb"]["before"]
+    assert all(f["before"] is not None and f["after"] is not None
+               for stage in figures.values() for f in stage.values())
+    for document in ("report.md", "model_card.md"):
+        assert "What each stage bought" in (evaluation / document).read_text()
 
 
 def _file_in(archive, name: str) -> str:

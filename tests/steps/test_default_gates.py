@@ -1,0 +1,119 @@
+"""No default gate is a formality: each recipe's own EvaluationGate, as its definition holds it
+with the default EvalThreshold, evaluated by the local engine's expression evaluator on the
+evaluation.json that steps.evaluate writes for a deliberately broken model, refuses it; and lets
+through a model that is not worse than what it replaces."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import recipe
+from pipelines.definition import definition_json
+from pipelines.local.expressions import Scope, evaluate_condition
+from steps import evaluate
+from steps.common import models
+
+from .conftest import counting_records, write_jsonl
+
+# What CompareWithApproved writes while the group has no Approved package: nothing to beat, so
+# the gate's verdict is the EvalThreshold condition's alone.
+NO_APPROVED_PACKAGE = {"beats_approved": 1, "reason": "no Approved package in the group"}
+
+
+def gate_registers(recipe_name: str, evaluation_json: Path) -> bool:
+    """Whether the recipe's EvaluationGate, on its default parameters, takes the Register branch."""
+    definition = json.loads(definition_json(recipe.load(recipe_name)))
+    gate = next(step for step in definition["Steps"] if step["Type"] == "Condition")
+    evaluation = json.loads(evaluation_json.read_text())
+    files = {"Evaluation": evaluation, "ApprovedGate": NO_APPROVED_PACKAGE}
+    scope = Scope(parameters={p["Name"]: p["DefaultValue"] for p in definition["Parameters"]},
+                  execution={}, read_property_file=lambda step, name: files[name])
+    return all(evaluate_condition(condition, scope)
+               for condition in gate["Arguments"]["Conditions"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_jsonl(folder / "validation.jsonl", counting_records(8))
+    # Pairs whose chosen answer is the one the SFT teacher learnt to give.
+    write_jsonl(folder / "preferences.jsonl", [
+        {"prompt": record["prompt"], "chosen": record["completion"],
+         "rejected": record["completion"][::-1].upper()} for record in counting_records(8)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def broken_student(sft_run, tmp_path_factory) -> Path:
+    """A student well below its teacher: the teacher with its output logits halved. It ranks
+    tokens as the teacher does, but its distributions are so flat that its held-out perplexity is
+    about 7x the teacher's, as a student distilled far too little."""
+    folder = tmp_path_factory.mktemp("broken-student")
+    model = models.load_model(str(sft_run.model_dir)).merge_and_unload()
+    with torch.no_grad():
+        model.get_output_embeddings().weight /= 2
+    model.save_pretrained(folder)
+    models.load_tokenizer(str(sft_run.model_dir)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_copy(sft_run, tmp_path_factory) -> Path:
+    """The SFT teacher merged into a full model: a student exactly as good as its teacher."""
+    folder = tmp_path_factory.mktemp("teacher-copy")
+    models.load_model(str(sft_run.model_dir)).merge_and_unload().save_pretrained(folder)
+    models.load_tokenizer(str(sft_run.model_dir)).save_pretrained(folder)
+    return folder
+
+
+def evaluation_of(model: Path, base: Path | str, data: Path, output: Path) -> Path:
+    """steps.evaluate's evaluation.json of `model` against `base` (a folder or a builtin spec)."""
+    where = {"base_model": base} if str(base).startswith("builtin:") else {"base_dir": str(base)}
+    evaluate.main(evaluate.EvaluateConfig(model_dir=str(model), data_dir=str(data),
+                                          output_dir=str(output), max_samples=2,
+                                          max_new_tokens=4, **where))
+    return output / "evaluation.json"
+
+
+@pytest.mark.parametrize("recipe_name", ["distill", "full-lifecycle"])
+def test_the_default_gate_refuses_a_broken_student_and_registers_one_as_good_as_its_teacher(
+    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path
+):
+    validation = data_dir / "validation.jsonl"
+    broken = evaluation_of(broken_student, sft_run.model_dir, validation, tmp_path / "broken")
+    fine = evaluation_of(teacher_copy, sft_run.model_dir, validation, tmp_path / "fine")
+
+    # A gate at perplexity_ratio >= 0.01 would have registered it.
+    assert 0.01 < json.loads(broken.read_text())["metrics"]["perplexity_ratio"]["value"] < 0.3
+    assert json.loads(fine.read_text())["metrics"]["perplexity_ratio"]["value"] == \
+        pytest.approx(1.0, abs=1e-3)
+    assert not gate_registers(recipe_name, broken)
+    assert gate_registers(recipe_name, fine)
+
+
+@pytest.mark.parametrize("recipe_name", ["sft", "cpt"])
+def test_the_default_gate_refuses_a_model_that_fits_the_data_worse_than_its_base(
+    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path
+):
+    validation = data_dir / "validation.jsonl"
+    # A model worse than the one it would replace.
+    broken = evaluation_of(broken_student, teacher_copy, validation, tmp_path / "broken")
+    tuned = evaluation_of(teacher_copy, models.TINY, validation, tmp_path / "tuned")
+
+    assert not gate_registers(recipe_name, broken)
+    assert gate_registers(recipe_name, tuned)
+
+
+@pytest.mark.parametrize("recipe_name", ["dpo", "constitutional"])
+def test_the_default_gate_refuses_a_model_that_prefers_the_chosen_answers_less_than_its_base(
+    recipe_name, broken_student, teacher_copy, data_dir, tmp_path
+):
+    preferences = data_dir / "preferences.jsonl"
+    broken = evaluation_of(broken_student, teacher_copy, preferences, tmp_path / "broken")
+    aligned = evaluation_of(teacher_copy, broken_student, preferences, tmp_path / "aligned")
+
+    assert json.loads(broken.read_text())["metrics"]["logprob_margin_delta"]["value"] < 0
+    assert not gate_registers(recipe_name, broken)
+    assert gate_registers(recipe_name, aligned)
