@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipelines import recipe
 from pipelines.definition import definition_json
 from pipelines.local.expressions import Scope, evaluate_condition
 from steps import evaluate
 from steps.common import models
+from steps.common.lm_data import train_tokenizer
+from steps.demo_data import demo_corpus
 
 from .conftest import counting_records, write_jsonl
 
@@ -69,8 +72,10 @@ def teacher_copy(sft_run, tmp_path_factory) -> Path:
 
 
 def evaluation_of(model: Path, base: Path | str, data: Path, output: Path) -> Path:
-    """steps.evaluate's evaluation.json of `model` against `base` (a folder or a builtin spec)."""
-    where = {"base_model": base} if str(base).startswith("builtin:") else {"base_dir": str(base)}
+    """steps.evaluate's evaluation.json of `model` against `base` (a folder, a builtin spec, or
+    `none`: the model alone, as pretrain evaluates it)."""
+    where = ({"base_model": base} if str(base).startswith("builtin:") or base == "none"
+             else {"base_dir": str(base)})
     evaluate.main(evaluate.EvaluateConfig(model_dir=str(model), data_dir=str(data),
                                           output_dir=str(output), max_samples=2,
                                           max_new_tokens=4, **where))
@@ -117,3 +122,26 @@ def test_the_default_gate_refuses_a_model_that_prefers_the_chosen_answers_less_t
     assert json.loads(broken.read_text())["metrics"]["logprob_margin_delta"]["value"] < 0
     assert not gate_registers(recipe_name, broken)
     assert gate_registers(recipe_name, aligned)
+
+
+def test_the_pretrain_gate_refuses_a_model_that_learnt_nothing(teacher_copy, data_dir, tmp_path):
+    # What pretrain would register had its training done nothing: its own tokenizer of the
+    # recipe's VocabSize over the demo corpus, and a model of random weights.
+    corpus = [document["text"] for document in demo_corpus(max_documents=240)]
+    tokenizer = train_tokenizer(corpus[:200], vocab_size=4096, model_max_length=128)
+    untrained = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    untrained.save_pretrained(tmp_path / "untrained")
+    tokenizer.save_pretrained(tmp_path / "untrained")
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"text": text} for text in corpus[200:]])
+
+    broken = evaluation_of(tmp_path / "untrained", "none", held_out, tmp_path / "broken")
+    # A model that fits its held-out data: the SFT teacher on its own task's validation split.
+    trained = evaluation_of(teacher_copy, "none", data_dir / "validation.jsonl",
+                            tmp_path / "trained")
+
+    assert json.loads(broken.read_text())["metrics"]["perplexity"]["value"] > 1000
+    assert not gate_registers("pretrain", broken)
+    assert gate_registers("pretrain", trained)
