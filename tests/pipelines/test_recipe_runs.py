@@ -78,9 +78,11 @@ def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_ba
 
 def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teacher_pass(
         env, local_home):
-    # The default student: the SFT teacher with half its layers (one of builtin:tiny's two).
+    # The default student: the SFT teacher with half its layers (one of builtin:tiny's two). A
+    # tiny teacher learns little in a test's steps, so its student's quality says nothing: the
+    # gate is opened here, and test_default_gates shows the default one refusing a bad student.
     first = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
-                "-p", "ModelPackageGroup=e2e-distill")
+                "-p", "EvalThreshold=0.0", "-p", "ModelPackageGroup=e2e-distill")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     folder, execution = latest_execution(local_home, "llm-distill")
     assert execution["steps"]["Register"]["status"] == "Succeeded"
@@ -119,8 +121,10 @@ def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_repor
         env, corpus, local_home):
     # CPT -> SFT (LoRA) -> DPO -> teacher outputs -> distilled student -> quantized -> evaluated
     # (student vs its teacher) -> registered: every stage of the product on tiny models.
+    # The gate opened, as for distill: a tiny teacher's student proves the plumbing, not quality.
     result = cli(env, "run", "--recipe", "full-lifecycle", "-p", "BaseModel=builtin:tiny",
-                 "-p", f"CorpusData={corpus}", "-p", "ModelPackageGroup=e2e-full")
+                 "-p", f"CorpusData={corpus}", "-p", "EvalThreshold=0.0",
+                 "-p", "ModelPackageGroup=e2e-full")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     folder, execution = latest_execution(local_home, "llm-full-lifecycle")
