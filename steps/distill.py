@@ -383,154 +383,39 @@ def main(config: DistillStageConfig) -> None:
     print(f"train: {len(train_records)} {train_format.name} records; validation: "
           f"{len(validation[1]) if validation else 0} records", flush=True)
 
-    # 2. The teacher: cached outputs, or a model to run here.
-    cache_dir = contract.optional_channel_dir("teacher")
-    teacher_spec = _model_spec(contract.optional_channel_dir("teacher_model"), config.teacher_model)
-    manifest = distillation.read_manifest(cache_dir) if cache_dir else None
-    if config.on_policy:
-        mode = "on_policy"
-        if teacher_spec is None:
-            raise StageError(
-                "on_policy=true needs a teacher model to score the student's samples (cached "
-                "outputs cover the data only): set teacher_model or give a 'teacher_model' channel"
-            )
-    elif manifest is not None:
-        mode = "cached"
-    elif teacher_spec is not None:
-        mode = "on_the_fly"
-    else:
-        raise StageError(
-            "no teacher: give the job a 'teacher' channel (steps.teacher_logits output), or set "
-            "teacher_model (or a 'teacher_model' channel) to run the teacher in this job"
-        )
-    if manifest is not None and mode != "cached":
-        print(f"on_policy: the cached outputs in {cache_dir} are not used", flush=True)
-    if mode == "cached" and teacher_spec is not None:
-        print(f"teacher_model {teacher_spec}: its cached outputs are used, not run again",
-              flush=True)
-    teacher_name = manifest["teacher"]["model"] if mode == "cached" else teacher_spec
-    print(f"teacher: {teacher_name} ({mode}); T={config.temperature:g}, alpha={config.alpha:g}, "
-          f"top_k={config.top_k}", flush=True)
-    if mode == "cached" and config.top_k > manifest["top_k"]:
-        raise StageError(
-            f"top_k={config.top_k} but the cached teacher outputs in {cache_dir} hold the top "
-            f"{manifest['top_k']}; set top_k <= {manifest['top_k']} or rerun teacher_logits"
-        )
-    teacher = load_model(teacher_spec).eval() if mode != "cached" else None
-    if teacher is not None:
-        rows = teacher.get_output_embeddings().weight.shape[0]
-        if config.top_k > rows:
-            raise StageError(f"top_k={config.top_k} exceeds the teacher's {rows} output tokens; "
-                             "lower top_k")
-        if torch.cuda.is_available():
-            teacher.to("cuda")
+    # 2. Who teaches, who learns, and the examples with the teacher's top-k for each.
+    teacher = resolve_teacher(config)
+    student = resolve_student(config, teacher)
+    train_examples, validation_examples, counter = build_data(
+        config, teacher, student.tokenizer, (train_format, train_records), validation)
 
-    # 3. The student and its tokenizer, which must be the teacher's.
-    student_spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
-    if student_spec is None:
-        raise StageError(
-            "no student: set student_model (teacher:layers=N for the teacher cut down, "
-            "config:layers=N+... for a resized copy of its architecture, or a model spec) or give "
-            "the job a 'model' channel"
-        )
-    config_student = students.is_config_student(student_spec)
-    pruned = students.parse(student_spec)
-    if not isinstance(pruned, students.PrunedStudent):
-        pruned = None
-    elif teacher_spec is None:
-        raise StageError(
-            f"student_model {student_spec} is cut from the teacher's weights, which this job does "
-            "not have (cached outputs hold no weights): give it a 'teacher_model' channel or set "
-            "teacher_model"
-        )
-    if config.learning_rate_is_default:  # the 'model' channel may have replaced student_model
-        config.learning_rate = default_learning_rate(student_spec, config.peft_method)
-    if pruned:
-        tokenizer = load_tokenizer(teacher_spec)  # the teacher's, with its chat template
-    elif config_student:
-        tokenizer = (load_tokenizer(str(cache_dir / distillation.TOKENIZER_FOLDER))
-                     if mode == "cached" else load_tokenizer(teacher_spec))
-    else:
-        tokenizer = load_tokenizer(student_spec)
-    teacher_vocab = (manifest["tokenizer"]["vocab_sha256"] if mode == "cached"
-                     else distillation.vocab_fingerprint(load_tokenizer(teacher_spec)))
-    teacher_where = f"{cache_dir}/{distillation.MANIFEST}" if mode == "cached" else teacher_spec
-    student_vocab = distillation.vocab_fingerprint(tokenizer)
-    if student_vocab != teacher_vocab:
-        raise StageError(
-            f"the student's tokenizer ({student_spec}: vocab sha256 {student_vocab[:12]}, "
-            f"{len(tokenizer)} tokens) is not the teacher's ({teacher_where}: vocab sha256 "
-            f"{teacher_vocab[:12]}); distillation compares distributions token by token, so use "
-            "a student of the teacher's tokenizer, e.g. student_model=teacher:layers=N"
-        )
-
-    # 4. Examples, tokenized as the teacher's were, and the teacher's top-k for each.
-    train_examples = distillation.tokenize_examples(train_records, train_format, tokenizer,
-                                                    config.max_seq_length)
-    validation_examples = (distillation.tokenize_examples(validation[1], validation[0], tokenizer,
-                                                          config.max_seq_length)
-                           if validation else [])
-    counter = TeacherCounter()
-    if mode == "cached":
-        train_examples = _cached(cache_dir, manifest, "train", train_examples, config)
-        if validation_examples and "validation" in manifest["splits"]:
-            validation_examples = _cached(cache_dir, manifest, "validation", validation_examples,
-                                          config)
-        elif validation_examples:
-            print("the teacher outputs have no validation split: no KL to the teacher is measured "
-                  "on validation", flush=True)
-    else:
-        for name, examples in (("train", train_examples), ("validation", validation_examples)):
-            if examples and (mode == "on_the_fly" or name == "validation"):
-                print(f"teacher: scoring {len(examples)} {name} examples", flush=True)
-                distillation.teacher_top_k(teacher, examples, config.top_k,
-                                           config.teacher_batch_size, tokenizer.pad_token_id,
-                                           counter)
-    if config.on_policy and any(e.prompt_length == 0 for e in train_examples):
-        raise StageError(
-            f"on_policy=true needs prompts to continue, and the {train_format.name} data has "
-            "examples that train from their first token; use prompt/completion or conversational "
-            "data, or on_policy=false"
-        )
-
-    # 5. The student model.
+    # 3. The student model.
     precision = prepare_precision(config)
     default = " (default)" if config.learning_rate_is_default else ""
-    print(f"student: {student_spec}; peft_method: {config.peft_method}; learning rate: "
+    print(f"student: {student.spec}; peft_method: {config.peft_method}; learning rate: "
           f"{config.learning_rate:g}{default}", flush=True)
-    cut = None
-    if pruned:
-        student, cut = _cut_from_teacher(teacher_spec, pruned, train_examples, config,
-                                         tokenizer.pad_token_id)
-    elif config_student:
-        teacher_config = (json.loads((cache_dir / distillation.TEACHER_CONFIG).read_text())
-                          if mode == "cached" else _config_of(teacher).to_dict())
-        student = students.config_student(student_spec, teacher_config, config.seed)
-        student.generation_config.eos_token_id = tokenizer.eos_token_id
-        student.generation_config.pad_token_id = tokenizer.pad_token_id
-    else:
-        student = apply_peft(load_model_for_training(student_spec, config, precision), config,
-                             tokenizer)
-    _check_vocabulary_size(student, train_examples + validation_examples, student_spec)
-    if mode == "on_the_fly":
-        teacher = None  # its outputs are attached to the examples: free it before training
-    print(f"student parameters: {sum(p.numel() for p in student.parameters()):,}", flush=True)
+    model, cut = build_student_model(config, student, teacher, train_examples, precision)
+    _check_vocabulary_size(model, train_examples + validation_examples, student.spec)
+    if teacher.mode == "on_the_fly":
+        teacher.model = None  # its outputs are attached to the examples: free it before training
+    print(f"student parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     comparing = config.compare_students and bool(validation_examples)
     if config.compare_students and not comparing:
         print("compare_students: no validation data to compare the students on; skipped",
               flush=True)
-    initial = copy.deepcopy(student) if comparing else None
+    initial = copy.deepcopy(model) if comparing else None
+    tokenizer = student.tokenizer
 
-    # 6. Train with the shared knobs, checkpoints and metrics; evaluate.
+    # 4. Train with the shared knobs, checkpoints and metrics; evaluate.
     metrics, metrics_path = metrics_callback()
     args = trainer_arguments(config, precision, remove_unused_columns=False,
                              prediction_loss_only=True)
     trainer = TopKDistillationTrainer(
-        model=student, args=args, train_dataset=train_examples,
+        model=model, args=args, train_dataset=train_examples,
         eval_dataset=validation_examples or None, processing_class=tokenizer,
         data_collator=Collator(tokenizer.pad_token_id, config.top_k, config.on_policy),
         callbacks=[metrics], temperature=config.temperature, alpha=config.alpha,
-        teacher=teacher if config.on_policy else None, counter=counter,
+        teacher=teacher.model if config.on_policy else None, counter=counter,
         max_new_tokens=config.max_new_tokens,
     )
     report = train(trainer, config, metrics, metrics_path)
@@ -551,26 +436,27 @@ def main(config: DistillStageConfig) -> None:
             tokenizer, validation, validation_examples, config)
         comparison.update(steps=report.global_step, hard_label_runtime_s=hard_label_runtime)
 
-    # 7. Save, all or nothing.
+    # 5. Save, all or nothing.
+    from_teacher = student.built or student.pruned is not None
     summary = training_summary(
         "distill", config,
         # What evaluation compares the student with: the model it started from, or (for a
         # student built from or cut from its teacher) the teacher.
-        teacher_name if config_student or pruned else student_spec,
+        teacher.name if from_teacher else student.spec,
         precision, report,
-        student_model=student_spec,
+        student_model=student.spec,
         data_format=train_format.name,
         train_examples=len(train_examples),
         validation_examples=len(validation_examples),
         distillation={
-            "teacher": teacher_name,
-            "teacher_outputs": mode,
+            "teacher": teacher.name,
+            "teacher_outputs": teacher.mode,
             "teacher_forward_passes": counter.forward_passes,
             "temperature": config.temperature,
             "alpha": config.alpha,
             "top_k": config.top_k,
             "on_policy": config.on_policy,
-            "vocab_sha256": student_vocab,
+            "vocab_sha256": student.vocab_sha256,
             "eval_kl_to_teacher": kl,
             **({"student": cut} if cut else {}),
             **({"comparison": comparison} if comparison else {}),
@@ -579,9 +465,198 @@ def main(config: DistillStageConfig) -> None:
     with contract.atomic_output(model_dir) as staging:
         save_model(trainer.model, tokenizer, staging, config)
         # A student cut from its teacher continues the teacher's lineage.
-        save_training_record(staging, summary, started_from=teacher_spec if pruned else student_spec)
+        save_training_record(staging, summary, started_from=(
+            teacher.spec if student.pruned else student.spec))
     print(f"teacher forward passes in this job: {counter.forward_passes}", flush=True)
     print(f"saved the student, tokenizer and training_summary.json to {model_dir}", flush=True)
+
+
+# --- Setting up: the teacher, the student, the examples ------------------------------------------
+
+
+@dataclass
+class Teacher:
+    """Where this job's teacher distributions come from (`mode`, as training_summary.json records
+    it), and the teacher's weights when the job has them."""
+
+    mode: str                          # cached | on_the_fly | on_policy
+    name: str                          # the teacher as recorded: the cache's model, or `spec`
+    spec: str | None                   # the teacher model this job can load, if any
+    cache_dir: Path | None = None      # steps.teacher_logits' output, for `cached`
+    manifest: dict[str, Any] | None = None
+    model: PreTrainedModel | None = None  # loaded when this job runs it
+
+    @property
+    def vocab_sha256(self) -> str:
+        if self.mode == "cached":
+            return self.manifest["tokenizer"]["vocab_sha256"]
+        return distillation.vocab_fingerprint(load_tokenizer(self.spec))
+
+    @property
+    def where(self) -> str:
+        return f"{self.cache_dir}/{distillation.MANIFEST}" if self.mode == "cached" else self.spec
+
+
+def resolve_teacher(config: DistillStageConfig) -> Teacher:
+    """The teacher: its cached outputs (the 'teacher' channel), or a model this job runs (the
+    'teacher_model' channel or setting), loaded unless its outputs are cached."""
+    cache_dir = contract.optional_channel_dir("teacher")
+    spec = _model_spec(contract.optional_channel_dir("teacher_model"), config.teacher_model)
+    manifest = distillation.read_manifest(cache_dir) if cache_dir else None
+    if config.on_policy:
+        mode = "on_policy"
+        if spec is None:
+            raise StageError(
+                "on_policy=true needs a teacher model to score the student's samples (cached "
+                "outputs cover the data only): set teacher_model or give a 'teacher_model' channel"
+            )
+    elif manifest is not None:
+        mode = "cached"
+    elif spec is not None:
+        mode = "on_the_fly"
+    else:
+        raise StageError(
+            "no teacher: give the job a 'teacher' channel (steps.teacher_logits output), or set "
+            "teacher_model (or a 'teacher_model' channel) to run the teacher in this job"
+        )
+    if manifest is not None and mode != "cached":
+        print(f"on_policy: the cached outputs in {cache_dir} are not used", flush=True)
+    if mode == "cached" and spec is not None:
+        print(f"teacher_model {spec}: its cached outputs are used, not run again", flush=True)
+    teacher = Teacher(mode=mode, name=manifest["teacher"]["model"] if mode == "cached" else spec,
+                      spec=spec, cache_dir=cache_dir if mode == "cached" else None,
+                      manifest=manifest if mode == "cached" else None)
+    print(f"teacher: {teacher.name} ({mode}); T={config.temperature:g}, alpha={config.alpha:g}, "
+          f"top_k={config.top_k}", flush=True)
+    if mode == "cached":
+        if config.top_k > manifest["top_k"]:
+            raise StageError(
+                f"top_k={config.top_k} but the cached teacher outputs in {cache_dir} hold the top "
+                f"{manifest['top_k']}; set top_k <= {manifest['top_k']} or rerun teacher_logits"
+            )
+        return teacher
+    teacher.model = load_model(spec).eval()
+    rows = teacher.model.get_output_embeddings().weight.shape[0]
+    if config.top_k > rows:
+        raise StageError(f"top_k={config.top_k} exceeds the teacher's {rows} output tokens; "
+                         "lower top_k")
+    if torch.cuda.is_available():
+        teacher.model.to("cuda")
+    return teacher
+
+
+@dataclass
+class Student:
+    """The student as its spec names it, before any weights load, and its tokenizer."""
+
+    spec: str
+    pruned: students.PrunedStudent | None  # cut from the teacher's weights
+    built: bool                            # config-built from random weights
+    tokenizer: transformers.PreTrainedTokenizerBase
+
+    @property
+    def vocab_sha256(self) -> str:
+        return distillation.vocab_fingerprint(self.tokenizer)
+
+
+def resolve_student(config: DistillStageConfig, teacher: Teacher) -> Student:
+    """The student the 'model' channel or `student_model` names, its learning rate when left at
+    the default, and its tokenizer, which must be the teacher's."""
+    spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
+    if spec is None:
+        raise StageError(
+            "no student: set student_model (teacher:layers=N for the teacher cut down, "
+            "config:layers=N+... for a resized copy of its architecture, or a model spec) or give "
+            "the job a 'model' channel"
+        )
+    built = students.is_config_student(spec)
+    pruned = students.parse(spec)
+    if not isinstance(pruned, students.PrunedStudent):
+        pruned = None
+    elif teacher.spec is None:
+        raise StageError(
+            f"student_model {spec} is cut from the teacher's weights, which this job does not "
+            "have (cached outputs hold no weights): give it a 'teacher_model' channel or set "
+            "teacher_model"
+        )
+    if config.learning_rate_is_default:  # the 'model' channel may have replaced student_model
+        config.learning_rate = default_learning_rate(spec, config.peft_method)
+    if pruned:
+        tokenizer = load_tokenizer(teacher.spec)  # the teacher's, with its chat template
+    elif built:
+        tokenizer = (load_tokenizer(str(teacher.cache_dir / distillation.TOKENIZER_FOLDER))
+                     if teacher.mode == "cached" else load_tokenizer(teacher.spec))
+    else:
+        tokenizer = load_tokenizer(spec)
+    student = Student(spec=spec, pruned=pruned, built=built, tokenizer=tokenizer)
+    if student.vocab_sha256 != teacher.vocab_sha256:
+        raise StageError(
+            f"the student's tokenizer ({spec}: vocab sha256 {student.vocab_sha256[:12]}, "
+            f"{len(tokenizer)} tokens) is not the teacher's ({teacher.where}: vocab sha256 "
+            f"{teacher.vocab_sha256[:12]}); distillation compares distributions token by token, "
+            "so use a student of the teacher's tokenizer, e.g. student_model=teacher:layers=N"
+        )
+    return student
+
+
+def build_data(config: DistillStageConfig, teacher: Teacher,
+               tokenizer: transformers.PreTrainedTokenizerBase,
+               train_data: tuple[DatasetFormat, list[Record]],
+               validation: tuple[DatasetFormat, list[Record]] | None,
+               ) -> tuple[list[Example], list[Example], TeacherCounter]:
+    """The training and validation examples, tokenized as the teacher's were, each with the
+    teacher's top-k (from the cache, or from running the teacher here); and the count of teacher
+    forward passes this made."""
+    train_format, train_records = train_data
+    train_examples = distillation.tokenize_examples(train_records, train_format, tokenizer,
+                                                    config.max_seq_length)
+    validation_examples = (distillation.tokenize_examples(validation[1], validation[0], tokenizer,
+                                                          config.max_seq_length)
+                           if validation else [])
+    counter = TeacherCounter()
+    if teacher.mode == "cached":
+        train_examples = _cached(teacher.cache_dir, teacher.manifest, "train", train_examples,
+                                 config)
+        if validation_examples and "validation" in teacher.manifest["splits"]:
+            validation_examples = _cached(teacher.cache_dir, teacher.manifest, "validation",
+                                          validation_examples, config)
+        elif validation_examples:
+            print("the teacher outputs have no validation split: no KL to the teacher is measured "
+                  "on validation", flush=True)
+    else:
+        for name, examples in (("train", train_examples), ("validation", validation_examples)):
+            if examples and (teacher.mode == "on_the_fly" or name == "validation"):
+                print(f"teacher: scoring {len(examples)} {name} examples", flush=True)
+                distillation.teacher_top_k(teacher.model, examples, config.top_k,
+                                           config.teacher_batch_size, tokenizer.pad_token_id,
+                                           counter)
+    if config.on_policy and any(e.prompt_length == 0 for e in train_examples):
+        raise StageError(
+            f"on_policy=true needs prompts to continue, and the {train_format.name} data has "
+            "examples that train from their first token; use prompt/completion or conversational "
+            "data, or on_policy=false"
+        )
+    return train_examples, validation_examples, counter
+
+
+def build_student_model(config: DistillStageConfig, student: Student, teacher: Teacher,
+                        train_examples: list[Example], precision: str,
+                        ) -> tuple[PreTrainedModel, dict[str, Any] | None]:
+    """The student's weights: cut from the teacher (and the record of the cut), built from the
+    teacher's config with random weights, or loaded (with its PEFT method)."""
+    tokenizer = student.tokenizer
+    if student.pruned:
+        return _cut_from_teacher(teacher.spec, student.pruned, train_examples, config,
+                                 tokenizer.pad_token_id)
+    if student.built:
+        teacher_config = (json.loads((teacher.cache_dir / distillation.TEACHER_CONFIG).read_text())
+                          if teacher.mode == "cached" else _config_of(teacher.model).to_dict())
+        model = students.config_student(student.spec, teacher_config, config.seed)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, None
+    return apply_peft(load_model_for_training(student.spec, config, precision), config,
+                      tokenizer), None
 
 
 def _cut_from_teacher(teacher_spec: str, pruned: students.PrunedStudent,
