@@ -37,6 +37,7 @@ TEMPLATE = Path(__file__).with_name("template.yaml")
 NO_RESOURCE_LEVEL: dict[str, str | None] = {
     "ecr:GetAuthorizationToken": None,
     "cloudwatch:PutMetricData": "cloudwatch:namespace",
+    "sagemaker:ListEndpointConfigs": None,
 }
 _PUBLIC_ACLS = {"PublicRead", "PublicReadWrite", "AuthenticatedRead"}
 

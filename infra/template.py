@@ -28,6 +28,8 @@ from pipelines import recipe
 from pipelines.definition import DEMO_DATA_KEYS, pipeline_name
 
 TEMPLATE = Path(__file__).with_name("template.yaml")
+# The deployment-on-approval function's source, carried inline by the template (Code.ZipFile).
+DEPLOY_ON_APPROVAL = Path(__file__).with_name("deploy_on_approval.py")
 PREFIX = images.REPOSITORY_PREFIX
 # SageMaker Pipelines names the jobs it starts `pipelines-<execution id>-<step>-<suffix>`, and
 # SageMaker writes job ARNs in lower case.
@@ -248,8 +250,11 @@ def _execution_policy(repositories: list[str], pipelines: list[str]) -> dict:
     pipeline_arns = [arn("sagemaker", f"pipeline/{name.lower()}") for name in pipelines]
     execution_arns = [arn("sagemaker", f"pipeline/{name.lower()}/execution/*")
                       for name in pipelines]
+    # Jobs and endpoints (the model of `llm-pipeline deploy --target aws` and of deployment on
+    # approval is hosted with this role) write to these groups.
     log_groups = [arn("logs", f"log-group:/aws/sagemaker/{kind}:*")
                   for kind in ("ProcessingJobs", "TrainingJobs")]
+    log_groups.append(arn("logs", "log-group:/aws/sagemaker/Endpoints/*"))
     statements = [
         statement("ListTheProjectBuckets", ["s3:GetBucketLocation", "s3:ListBucket"],
                   [get_att("DataBucket", "Arn"), get_att("ArtifactBucket", "Arn")]),
@@ -380,6 +385,95 @@ def _ci_policy(repositories: list[str], pipelines: list[str]) -> dict:
                            "PolicyDocument": policy(*statements)}}
 
 
+def _deploy_on_approval() -> dict:
+    """The rule and function that serve each package Approved in DeployOnApprovalGroup at
+    StagingEndpointName (infra/deploy_on_approval.py), with a role that may do only that."""
+    condition = "HasDeployOnApproval"
+    name = f"{PREFIX}-deploy-on-approval"
+    endpoint = "${StagingEndpointName}"
+    # deployment_names: the Model and EndpointConfig of each deployment are `<endpoint>-<stamp>`.
+    deployments = [arn("sagemaker", f"model/{endpoint}-*"),
+                   arn("sagemaker", f"endpoint-config/{endpoint}-*")]
+    statements = [
+        statement("WriteItsOwnLog", ["logs:CreateLogStream", "logs:PutLogEvents"],
+                  [get_att("DeployOnApprovalLogGroup", "Arn")]),
+        statement("ReadThePackagesOfTheGroup", ["sagemaker:DescribeModelPackage"],
+                  [arn("sagemaker", "model-package/${DeployOnApprovalGroup}/*")]),
+        statement("MakeAndRetireTheStagingDeployments",
+                  ["sagemaker:CreateEndpointConfig", "sagemaker:CreateModel",
+                   "sagemaker:DeleteEndpointConfig", "sagemaker:DeleteModel",
+                   "sagemaker:DescribeEndpointConfig", "sagemaker:DescribeModel"], deployments),
+        statement("ServeThemAtTheStagingEndpoint",
+                  ["sagemaker:CreateEndpoint", "sagemaker:DescribeEndpoint",
+                   "sagemaker:UpdateEndpoint"],
+                  [arn("sagemaker", f"endpoint/{endpoint}"), deployments[1]]),
+        # Finding the deployments before the last one to delete them: List* actions have no
+        # resource-level permissions in SageMaker.
+        statement("ListEndpointConfigsHasNoResourceLevelPermissions",
+                  ["sagemaker:ListEndpointConfigs"], ["*"]),
+        # CreateModel hands SageMaker the role the model is hosted with.
+        statement("PassTheExecutionRoleToSageMakerOnly", ["iam:PassRole"],
+                  [get_att("ExecutionRole", "Arn")],
+                  {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+    ]
+    # SageMaker's event when a package's approval status changes (SageMaker developer guide,
+    # "Events that Amazon SageMaker AI sends to Amazon EventBridge", model package state change).
+    pattern = {"source": ["aws.sagemaker"],
+               "detail-type": ["SageMaker Model Package State Change"],
+               "detail": {"ModelPackageGroupName": [ref("DeployOnApprovalGroup")],
+                          "ModelApprovalStatus": ["Approved"]}}
+    return {
+        "DeployOnApprovalLogGroup": {
+            "Type": "AWS::Logs::LogGroup", "Condition": condition,
+            "Properties": {"LogGroupName": f"/aws/lambda/{name}", "RetentionInDays": 90}},
+        "DeployOnApprovalRole": {
+            "Type": "AWS::IAM::Role", "Condition": condition,
+            "Properties": {
+                "Description": f"{PREFIX}: what deployment on approval may do (serve an "
+                               "Approved package at the staging endpoint)",
+                "AssumeRolePolicyDocument": policy({
+                    "Sid": "LambdaRunsTheFunction", "Effect": "Allow",
+                    "Principal": {"Service": "lambda.amazonaws.com"},
+                    "Action": "sts:AssumeRole"})}},
+        "DeployOnApprovalPolicy": {
+            "Type": "AWS::IAM::Policy", "Condition": condition,
+            "Properties": {"PolicyName": name, "Roles": [ref("DeployOnApprovalRole")],
+                           "PolicyDocument": policy(*statements)}},
+        "DeployOnApprovalFunction": {
+            "Type": "AWS::Lambda::Function", "Condition": condition,
+            # Its first event must find the role allowed.
+            "DependsOn": ["DeployOnApprovalPolicy"],
+            "Properties": {
+                "FunctionName": name,
+                "Description": "Serves each package Approved in the production model package "
+                               "group at the staging endpoint (infra/deploy_on_approval.py)",
+                "Runtime": "python3.13",
+                "Handler": "index.deploy_approved_package",
+                "Role": get_att("DeployOnApprovalRole", "Arn"),
+                "Timeout": 60,
+                "MemorySize": 256,
+                "Code": {"ZipFile": DEPLOY_ON_APPROVAL.read_text()},
+                "LoggingConfig": {"LogGroup": ref("DeployOnApprovalLogGroup")},
+                "Environment": {"Variables": {
+                    "ENDPOINT_NAME": ref("StagingEndpointName"),
+                    "EXECUTION_ROLE_ARN": get_att("ExecutionRole", "Arn"),
+                    "INSTANCE_TYPE": ref("StagingInstanceType")}}}},
+        "DeployOnApprovalRule": {
+            "Type": "AWS::Events::Rule", "Condition": condition,
+            "Properties": {"Description": "A package Approved in the production group",
+                           "State": "ENABLED", "EventPattern": pattern,
+                           "Targets": [{"Id": "DeployOnApproval",
+                                        "Arn": get_att("DeployOnApprovalFunction", "Arn")}]}},
+        "DeployOnApprovalPermission": {
+            "Type": "AWS::Lambda::Permission", "Condition": condition,
+            "Properties": {"Action": "lambda:InvokeFunction",
+                           "FunctionName": ref("DeployOnApprovalFunction"),
+                           "Principal": "events.amazonaws.com",
+                           "SourceAccount": ref("AWS::AccountId"),
+                           "SourceArn": get_att("DeployOnApprovalRule", "Arn")}},
+    }
+
+
 def _pipeline(chosen: recipe.Recipe) -> dict:
     name = pipeline_name(chosen)
     return {
@@ -441,6 +535,7 @@ def build() -> dict:
         resources[logical_id("Pipeline", chosen.name)] = _pipeline(chosen)
     resources["CiRole"] = _ci_role()
     resources["CiPolicy"] = _ci_policy(repositories, pipelines)
+    resources.update(_deploy_on_approval())
 
     outputs: dict = {
         "ExecutionRoleArn": {"Description": "llm-pipeline --role-arn",
@@ -455,6 +550,11 @@ def build() -> dict:
                           "Value": sub("llm-pipeline upsert --target aws --region ${AWS::Region}"
                                        " --role-arn ${ExecutionRole.Arn}"
                                        " --bucket ${ArtifactBucket} --recipe RECIPE")},
+        "StagingEndpoint": {"Condition": "HasDeployOnApproval",
+                            "Description": "where packages Approved in DeployOnApprovalGroup "
+                                           "are served",
+                            "Value": sub("llm-pipeline invoke ${StagingEndpointName} --target aws"
+                                         " --region ${AWS::Region} --prompt 'Hello'")},
         "CiRoleArn": {"Condition": "HasCiRole",
                       "Description": "role-to-assume of .github/workflows/pipeline.yml",
                       "Value": get_att("CiRole", "Arn")},
@@ -466,7 +566,8 @@ def build() -> dict:
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": f"{PREFIX}: buckets, key, image repositories, execution role, model "
-                       "package groups and pipelines of the LLM lifecycle pipeline",
+                       "package groups, pipelines and deployment on approval of the LLM "
+                       "lifecycle pipeline",
         "Parameters": {
             "DefinitionsPrefix": {
                 "Type": "String", "Default": "", "AllowedPattern": "^[A-Za-z0-9._/-]*[^/]$|^$",
@@ -490,8 +591,30 @@ def build() -> dict:
                 "Description": "Bedrock foundation model the constitutional recipe's critic may "
                                "invoke (its Critic=bedrock). Empty: none.",
             },
+            "DeployOnApprovalGroup": {
+                "Type": "String", "Default": "",
+                "AllowedPattern": f"^$|^{MODEL_PACKAGE_GROUP_PREFIX}[a-z0-9](-*[a-z0-9])*$",
+                "Description": "The production model package group: each package Approved in "
+                               "it is served at StagingEndpointName by a function of the stack. "
+                               "Empty: nothing is deployed on approval.",
+            },
+            "StagingEndpointName": {
+                # Lower case (SageMaker's ARNs are) and at most 48 characters, so that
+                # `<name>-<14-digit stamp>` names its models and configs within 63.
+                "Type": "String", "Default": f"{MODEL_PACKAGE_GROUP_PREFIX}staging",
+                "AllowedPattern": "^[a-z0-9](-*[a-z0-9]){0,47}$",
+                "Description": "The endpoint Approved packages of DeployOnApprovalGroup are "
+                               "served at (created, then updated).",
+            },
+            "StagingInstanceType": {
+                "Type": "String", "Default": "", "AllowedPattern": "^$|^ml\\.[a-z0-9.]+$",
+                "Description": "Instance type of the staging endpoint. Empty: the first the "
+                               "package lists (the Register step sizes them from the model).",
+            },
         },
         "Conditions": {
+            "HasDeployOnApproval": {"Fn::Not": [{"Fn::Equals": [ref("DeployOnApprovalGroup"),
+                                                                 ""]}]},
             "HasCriticEndpoint": {"Fn::Not": [{"Fn::Equals": [ref("CriticEndpointName"), ""]}]},
             "HasCriticBedrockModel": {"Fn::Not": [{"Fn::Equals": [ref("CriticBedrockModelId"),
                                                                    ""]}]},
@@ -508,6 +631,15 @@ class _Dumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data) -> bool:
         return True
+
+
+def _text_block(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    # The function's inline source stays readable in the template: a literal block.
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _text_block)
 
 
 def render() -> str:

@@ -76,7 +76,9 @@ def stack() -> dict:
                 cloudformation.create_stack(
                     StackName="llm-lifecycle", TemplateBody=json.dumps(deployable),
                     Parameters=[{"ParameterKey": "GitHubRepository",
-                                 "ParameterValue": "acme/llm"}],
+                                 "ParameterValue": "acme/llm"},
+                                {"ParameterKey": "DeployOnApprovalGroup",
+                                 "ParameterValue": "llm-sft"}],
                     Capabilities=["CAPABILITY_IAM"])
             described = cloudformation.describe_stacks(StackName="llm-lifecycle")["Stacks"][0]
             outputs = {o["OutputKey"]: o["OutputValue"] for o in described["Outputs"]}
@@ -86,6 +88,12 @@ def stack() -> dict:
                 role = outputs[role_output].rsplit("/", 1)[1]
                 policies[policy] = iam.get_role_policy(
                     RoleName=role, PolicyName=f"{template.PREFIX}-{policy}")["PolicyDocument"]
+            function = boto3.client("lambda", region_name=REGION).get_function(
+                FunctionName=f"{template.PREFIX}-deploy-on-approval")["Configuration"]
+            role = function["Role"].rsplit("/", 1)[1]
+            policies["deploy_on_approval"] = iam.get_role_policy(
+                RoleName=role, PolicyName=f"{template.PREFIX}-deploy-on-approval")["PolicyDocument"]
+            policies["function_environment"] = function["Environment"]["Variables"]
     finally:
         for key, value in saved.items():
             if value is None:
@@ -208,3 +216,52 @@ def test_checkpoints_left_under_every_pipelines_shared_prefix_expire():
     assert any(key.startswith(prefix) for prefix in expiring), (key, expiring)
     assert set(expiring.values()) == {template.CHECKPOINT_DAYS}
     assert len(expiring) == len(pipelines())
+
+
+# -- deployment on approval (DeployOnApprovalGroup=llm-sft, StagingEndpointName llm-staging) ----
+
+def test_deploy_on_approval_reads_the_packages_of_the_production_group_only(stack):
+    role = stack["deploy_on_approval"]
+    assert allows(role, "sagemaker:DescribeModelPackage",
+                  sagemaker_arn(stack, "model-package/llm-sft/7"))
+    assert not allows(role, "sagemaker:DescribeModelPackage",
+                      sagemaker_arn(stack, "model-package/llm-dpo/7"))
+    assert not allows(role, "sagemaker:UpdateModelPackage",
+                      sagemaker_arn(stack, "model-package/llm-sft/7"))
+
+
+def test_deploy_on_approval_creates_and_updates_the_staging_endpoint_and_no_other(stack):
+    role = stack["deploy_on_approval"]
+    deployment = "llm-staging-20261205100000"
+    for action, resource in (("sagemaker:CreateModel", f"model/{deployment}"),
+                             ("sagemaker:CreateEndpointConfig", f"endpoint-config/{deployment}"),
+                             ("sagemaker:CreateEndpoint", "endpoint/llm-staging"),
+                             ("sagemaker:UpdateEndpoint", "endpoint/llm-staging"),
+                             ("sagemaker:DeleteEndpointConfig", f"endpoint-config/{deployment}"),
+                             ("sagemaker:DeleteModel", f"model/{deployment}")):
+        assert allows(role, action, sagemaker_arn(stack, resource)), action
+    for action, resource in (("sagemaker:UpdateEndpoint", "endpoint/llm-production"),
+                             ("sagemaker:DeleteEndpoint", "endpoint/llm-staging"),
+                             ("sagemaker:DeleteModel", "model/someone-elses-model"),
+                             ("sagemaker:CreateTrainingJob", "training-job/llm-staging-1")):
+        assert not allows(role, action, sagemaker_arn(stack, resource)), action
+
+
+def test_deploy_on_approval_hosts_the_model_with_the_execution_role_and_passes_nothing_else(
+        stack):
+    role, execution = stack["deploy_on_approval"], stack["outputs"]["ExecutionRoleArn"]
+    assert stack["function_environment"]["EXECUTION_ROLE_ARN"] == execution
+    assert stack["function_environment"]["ENDPOINT_NAME"] == "llm-staging"
+    to_sagemaker = {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    assert allows(role, "iam:PassRole", execution, to_sagemaker)
+    assert not allows(role, "iam:PassRole", execution, {"iam:PassedToService":
+                                                        "lambda.amazonaws.com"})
+    assert not allows(role, "iam:PassRole", execution.replace("llm-lifecycle", "admin"),
+                      to_sagemaker)
+
+
+def test_the_execution_role_writes_the_logs_of_the_endpoints_it_hosts(stack):
+    group = (f"arn:aws:logs:{REGION}:{stack['account']}:log-group:/aws/sagemaker/Endpoints/"
+             "llm-staging:log-stream:AllTraffic/i-0abc")
+    assert allows(stack["execution"], "logs:PutLogEvents", group)
+    assert allows(stack["execution"], "logs:CreateLogStream", group)
