@@ -211,3 +211,25 @@ def test_a_stream_sends_a_piece_per_token_and_never_half_a_character():
 
     assert pieces == ["a", "b", " ", "é", "!"]
     assert list(streamer) == []  # nothing held back
+
+
+@pytest.mark.parametrize("peft_method, kind", [
+    ("none", "full model"),  # as a distilled student is: a full model folder
+    ("p_tuning", "P_TUNING adapter over its base (PEFT)"),
+    ("prefix_tuning", "PREFIX_TUNING adapter over its base (PEFT)"),
+])
+def test_every_kind_of_sft_output_serves_both_request_formats(tmp_path, peft_method, kind):
+    from tests.serving.endpoints import answer_records
+    from tests.steps.stage_runs import run_sft
+
+    folder = run_sft(tmp_path / "opt-ml", answer_records("ok"), base_model="builtin:tiny",
+                     peft_method=peft_method, num_virtual_tokens=4, max_steps=2,
+                     logging_steps=1).model_dir
+
+    with running(folder) as served:
+        status, text = post(served.url, {"inputs": "Question 3?",
+                                          "parameters": {"max_new_tokens": 4}})
+        answered = chat(served.url, "Question 3?", max_tokens=4)
+    assert served.server.generator.served.kind == kind
+    assert status == 200 and isinstance(json.loads(text)[0]["generated_text"], str)
+    assert answered["usage"]["completion_tokens"] >= 1
