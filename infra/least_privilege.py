@@ -14,6 +14,8 @@ A finding names the resource (and the policy statement) and what is wrong:
   a named parent (`${Bucket.Arn}/*`, `pipeline/llm-sft/execution/*`);
 - an Allow to Principal `*` (anyone) in a resource or trust policy;
 - iam:PassRole without an iam:PassedToService condition;
+- a Lambda permission for a service principal without a SourceArn (any rule, bucket or topic of
+  any account could invoke the function);
 - a bucket without default encryption by a KMS key of this template, without versioning,
   without a full public access block, with a public canned ACL, or without a bucket policy that
   denies requests made without TLS; a KMS key without rotation.
@@ -211,6 +213,11 @@ def findings(template: dict) -> list[str]:
         props = resource.get("Properties") or {}
         if resource.get("Type") == "AWS::S3::Bucket":
             found += _bucket_findings(name, props, resources)
+        if (resource.get("Type") == "AWS::Lambda::Permission"
+                and str(props.get("Principal", "")).endswith(".amazonaws.com")
+                and "SourceArn" not in props):
+            found.append(f"{name}: lets any {props['Principal']} resource invoke the function; "
+                         "set SourceArn to the one that should")
         if resource.get("Type") == "AWS::KMS::Key" and props.get("EnableKeyRotation") is not True:
             found.append(f"{name}: key rotation is off; set EnableKeyRotation: true")
     return found

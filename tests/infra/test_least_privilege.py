@@ -133,6 +133,16 @@ def _conditional_grant_widened(t):
         "Resource"] = ["*"]
 
 
+def _function_invocable_by_any_rule(t):
+    del t["Resources"]["DeployOnApprovalPermission"]["Properties"]["SourceArn"]
+
+
+def _function_may_serve_any_endpoint(t):
+    resources = statement(t, "DeployOnApprovalPolicy", "ServeThemAtTheStagingEndpoint")["Resource"]
+    resources[0]["Fn::Sub"] = resources[0]["Fn::Sub"].replace("endpoint/${StagingEndpointName}",
+                                                              "endpoint/*")
+
+
 MUTATIONS = [
     (_wildcard_action, "ExecutionPolicy policy: statement ReadData: wildcard action s3:*"),
     (_wildcard_resource, "ExecutionPolicy policy: statement ReadData: s3:GetObject on Resource"),
@@ -157,6 +167,10 @@ MUTATIONS = [
     (_job_arn_in_every_region, "statement ReadTheJobsOfTheExecutions: allows every region"),
     (_conditional_grant_widened,
      "statement InvokeTheConstitutionalCriticBedrockModel: bedrock:InvokeModel on Resource '*'"),
+    (_function_invocable_by_any_rule,
+     "DeployOnApprovalPermission: lets any events.amazonaws.com resource invoke the function"),
+    (_function_may_serve_any_endpoint,
+     "ServeThemAtTheStagingEndpoint: allows every sagemaker endpoint"),
     (_trust_opened,
      "ExecutionRole trust policy: statement SageMakerRunsThePipelinesAndJobs: allows Principal"),
 ]
