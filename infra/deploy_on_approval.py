@@ -62,6 +62,13 @@ def deploy(sagemaker, package_arn: str, *, endpoint_name: str, role_arn: str,
     if endpoint is not None and package_arn in _served_packages(sagemaker, endpoint):
         return _said({"action": "skipped", "package": package_arn,
                       "reason": f"endpoint {endpoint_name} already serves it"})
+    if endpoint is not None and endpoint["EndpointStatus"] == "Failed":
+        # DeleteEndpoint is the only operation SageMaker allows on a failed endpoint (API
+        # reference, DescribeEndpoint EndpointStatus): delete it, and let Lambda's retry create it
+        # again once it is gone.
+        sagemaker.delete_endpoint(EndpointName=endpoint_name)
+        raise RuntimeError(f"endpoint {endpoint_name} had failed ({endpoint.get('FailureReason')}); "
+                           f"deleted it: the retry of this event creates it with {package_arn}")
     if endpoint is not None and endpoint["EndpointStatus"] in BUSY:
         # Raised so that Lambda retries: a deployment in progress usually ends within minutes.
         raise RuntimeError(f"endpoint {endpoint_name} is {endpoint['EndpointStatus']}; "

@@ -404,8 +404,9 @@ def _deploy_on_approval() -> dict:
                    "sagemaker:DeleteEndpointConfig", "sagemaker:DeleteModel",
                    "sagemaker:DescribeEndpointConfig", "sagemaker:DescribeModel"], deployments),
         statement("ServeThemAtTheStagingEndpoint",
-                  ["sagemaker:CreateEndpoint", "sagemaker:DescribeEndpoint",
-                   "sagemaker:UpdateEndpoint"],
+                  # DeleteEndpoint: the one operation SageMaker allows on a failed endpoint.
+                  ["sagemaker:CreateEndpoint", "sagemaker:DeleteEndpoint",
+                   "sagemaker:DescribeEndpoint", "sagemaker:UpdateEndpoint"],
                   [arn("sagemaker", f"endpoint/{endpoint}"), deployments[1]]),
         # Finding the deployments before the last one to delete them: List* actions have no
         # resource-level permissions in SageMaker.

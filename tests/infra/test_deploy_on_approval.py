@@ -194,6 +194,40 @@ def test_a_failed_deployment_raises_for_lambda_to_retry_and_leaves_no_model_behi
     assert sagemaker.list_models()["Models"] == []
 
 
+def test_a_failed_staging_endpoint_is_deleted_so_that_the_retry_creates_it_again():
+    # moto's endpoints never fail: SageMaker's answers are stubbed.
+    sagemaker = boto3.client("sagemaker", region_name=REGION, aws_access_key_id="x",
+                             aws_secret_access_key="x")
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{GROUP}/3"
+    failed = "llm-staging-20261204100000"
+    stub = Stubber(sagemaker)
+    stub.add_response("describe_model_package", {
+        "ModelPackageName": GROUP, "ModelPackageArn": arn, "CreationTime": 0,
+        "ModelPackageStatus": "Completed", "ModelApprovalStatus": "Approved",
+        "ModelPackageStatusDetails": {"ValidationStatuses": [], "ImageScanStatuses": []}},
+        {"ModelPackageName": arn})
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "llm-staging", "EndpointConfigName": failed,
+        "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/llm-staging",
+        "EndpointStatus": "Failed", "FailureReason": "the container did not pass /ping",
+        "CreationTime": 0, "LastModifiedTime": 0}, {"EndpointName": "llm-staging"})
+    stub.add_response("describe_endpoint_config", {
+        "EndpointConfigName": failed, "CreationTime": 0,
+        "EndpointConfigArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint-config/{failed}",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": failed}]},
+        {"EndpointConfigName": failed})
+    stub.add_response("describe_model", {
+        "ModelName": failed, "CreationTime": 0,
+        "ModelArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model/{failed}",
+        "PrimaryContainer": {"ModelPackageName": arn.replace("/3", "/2")}}, {"ModelName": failed})
+    stub.add_response("delete_endpoint", {}, {"EndpointName": "llm-staging"})
+
+    with stub, pytest.raises(RuntimeError, match=r"endpoint llm-staging had failed \(the "
+                                                 r"container did not pass /ping\); deleted it"):
+        deploy_on_approval.deploy(sagemaker, arn, endpoint_name="llm-staging", role_arn=ROLE)
+    stub.assert_no_pending_responses()
+
+
 def test_the_function_sends_the_requests_llm_pipeline_deploy_sends():
     # Two copies because the function's inline source cannot import the project; held equal here.
     arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{GROUP}/1"

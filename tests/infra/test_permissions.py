@@ -237,11 +237,12 @@ def test_deploy_on_approval_creates_and_updates_the_staging_endpoint_and_no_othe
                              ("sagemaker:CreateEndpointConfig", f"endpoint-config/{deployment}"),
                              ("sagemaker:CreateEndpoint", "endpoint/llm-staging"),
                              ("sagemaker:UpdateEndpoint", "endpoint/llm-staging"),
+                             ("sagemaker:DeleteEndpoint", "endpoint/llm-staging"),
                              ("sagemaker:DeleteEndpointConfig", f"endpoint-config/{deployment}"),
                              ("sagemaker:DeleteModel", f"model/{deployment}")):
         assert allows(role, action, sagemaker_arn(stack, resource)), action
     for action, resource in (("sagemaker:UpdateEndpoint", "endpoint/llm-production"),
-                             ("sagemaker:DeleteEndpoint", "endpoint/llm-staging"),
+                             ("sagemaker:DeleteEndpoint", "endpoint/llm-production"),
                              ("sagemaker:DeleteModel", "model/someone-elses-model"),
                              ("sagemaker:CreateTrainingJob", "training-job/llm-staging-1")):
         assert not allows(role, action, sagemaker_arn(stack, resource)), action
