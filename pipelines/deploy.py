@@ -488,6 +488,11 @@ def deploy_aws(sagemaker, package: Package, name: str, instance_type: str, role_
     if previous is not None and previous["EndpointStatus"] in AWS_BUSY:
         raise UserError(f"endpoint {name} is {previous['EndpointStatus']}; wait until it is "
                         "InService or Failed, then deploy again")
+    if previous is not None and previous["EndpointStatus"] == "Failed":
+        # DeleteEndpoint is the only operation SageMaker allows on a failed endpoint.
+        raise UserError(f"endpoint {name} is Failed ({previous.get('FailureReason', 'no reason')})"
+                        f" and cannot be updated: `llm-pipeline undeploy {name} --target aws`, "
+                        "then deploy again")
     # Checked against SageMaker's API model before anything is created: one line naming the field.
     model = model_request(created, package.arn, role_arn)
     config = endpoint_config_request(created, created, instance_type)

@@ -419,6 +419,27 @@ def test_an_aws_update_switches_the_endpoint_then_deletes_what_the_old_one_used(
     assert any("the current model answers until the new one is InService" in s for s in said)
 
 
+def test_a_failed_aws_endpoint_is_refused_naming_undeploy_before_anything_is_created():
+    # SageMaker allows only DeleteEndpoint on a failed endpoint; moto's never fail: stubbed.
+    import boto3
+
+    sagemaker = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x",
+                             aws_secret_access_key="x")
+    stub = Stubber(sagemaker)
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "llm-sft", "EndpointConfigName": "llm-sft-old",
+        "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/llm-sft",
+        "EndpointStatus": "Failed", "FailureReason": "the container did not pass /ping",
+        "CreationTime": 0, "LastModifiedTime": 0})
+
+    with stub, pytest.raises(UserError, match=r"endpoint llm-sft is Failed \(the container did "
+                                              r"not pass /ping\) and cannot be updated: "
+                                              r"`llm-pipeline undeploy llm-sft --target aws`"):
+        deploy.deploy_aws(sagemaker, package(arn=ARN), "llm-sft", "ml.m5.xlarge",
+                          DEFAULT_ROLE_ARN, poll_seconds=0, say=lambda line: None)
+    stub.assert_no_pending_responses()  # and nothing was created: no other call was answered
+
+
 # --- The whole path -------------------------------------------------------------------------------
 
 
