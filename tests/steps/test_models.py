@@ -171,10 +171,7 @@ def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_precision_this_machine_runs()
     assert models.resolve_precision("fp32") == "fp32"
 
 
-@pytest.mark.skipif(
-    not os.environ.get("LLM_PIPELINE_TEST_SMOLLM2"),
-    reason="converts and runs SmolLM2-135M (minutes); set LLM_PIPELINE_TEST_SMOLLM2=1",
-)
+@pytest.mark.e2e  # the real default model: converted once per machine (about a minute), then loaded
 def test_smollm2_converts_once_and_answers_sensibly():
     tokenizer, model = models.load_tokenizer(models.SMOLLM2), models.load_model(models.SMOLLM2)
     prompt = tokenizer.apply_chat_template(
