@@ -72,7 +72,8 @@ from typing import Any
 import yaml
 
 from pipelines import UserError, cost, recipe, stage_settings
-from steps.common import knobs  # the knobs' declarations, without torch
+from steps.common import knobs, students  # the knobs' declarations, the student specs: no torch
+from steps.common.contract import StageError
 
 GIB = 2**30
 # Of an accelerator's documented memory, what the training's tensors may use: the driver reports
@@ -88,11 +89,6 @@ HOST_RUNTIME_BYTES = 2 * GIB
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
-CONFIG_PREFIX = "config:"  # a config-built distillation student (steps.distill.build_student)
-CONFIG_SEPARATOR = "+"
-CONFIG_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size",
-               "intermediate": "intermediate_size", "heads": "num_attention_heads",
-               "kv_heads": "num_key_value_heads"}
 
 # builtin:tiny is built in code (steps.common.models._tiny_model), so it has no config.json to
 # read; these are its sizes (tests/pipelines/test_memory_plan.py checks them against the model).
@@ -366,10 +362,10 @@ def model_shape(spec: str, base: ModelShape | None = None) -> ModelShape:
     config.json (nothing else is needed), a model.tar.gz, a Hugging Face Hub id; or a
     config-built student (config:layers=2+hidden=128, steps.distill), `base`'s sizes changed.
     """
-    if spec.startswith(CONFIG_PREFIX):
+    if spec.startswith((students.CONFIG_PREFIX, students.TEACHER_PREFIX)):
         if base is None:
-            raise UserError(f"{spec}: a config-built model needs the model it resizes")
-        return _resized(spec, base)
+            raise UserError(f"{spec}: a student built from its teacher needs the teacher's shape")
+        return _student(spec, base)
     if spec == BUILTIN_TINY:
         return shape_from_config(TINY_CONFIG, spec)
     if spec == BUILTIN_SMOLLM2:
@@ -457,26 +453,27 @@ def _smollm2_config() -> dict[str, Any]:
             "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
 
 
-def _resized(spec: str, base: ModelShape) -> ModelShape:
-    """steps.distill.build_student's resizing, on the shape alone."""
-    if "," in spec:
-        raise UserError(f"student_model {spec}: sizes are joined by '{CONFIG_SEPARATOR}' "
-                        "(config:layers=2+hidden=128), not ','")
+def _student(spec: str, base: ModelShape) -> ModelShape:
+    """steps.distill's student on the shape alone: `base` (the teacher) cut down (teacher:...) or
+    resized (config:...), the spec read by the stage's own parser."""
+    try:
+        parsed = students.parse(spec)
+        if isinstance(parsed, students.PrunedStudent):
+            layers = len(parsed.layer_indices(base.num_layers))
+            return replace(base, source=spec, num_layers=layers,
+                           intermediate_size=parsed.intermediate or base.intermediate_size)
+    except StageError as err:
+        raise UserError(str(err)) from None
     named = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
              "intermediate_size": "intermediate_size", "num_attention_heads": "num_heads",
              "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size",
              "head_dim": "head_dim"}
-    changes: dict[str, int] = {}
-    parts = spec[len(CONFIG_PREFIX):].split(CONFIG_SEPARATOR)
-    for item in filter(None, (p.strip() for p in parts)):
-        key, _, value = item.partition("=")
-        name = named.get(CONFIG_KEYS.get(key.strip(), key.strip()))
-        if name is None or not value.strip().isdigit():
-            raise UserError(f"student_model {spec}: '{item}' is not KEY=INTEGER with KEY one of "
-                            f"{', '.join(CONFIG_KEYS)}")
-        changes[name] = int(value)
-    resized = replace(base, source=spec, **changes)
-    if "head_dim" not in changes and ("hidden_size" in changes or "num_heads" in changes):
+    unknown = [key for key in parsed if key not in named]
+    if unknown:
+        raise UserError(f"student_model {spec}: '{unknown[0]}' is not one of "
+                        f"{', '.join(students.CONFIG_KEYS)}")
+    resized = replace(base, source=spec, **{named[key]: value for key, value in parsed.items()})
+    if "head_dim" not in parsed and parsed.keys() & {"hidden_size", "num_attention_heads"}:
         resized = replace(resized, head_dim=resized.hidden_size // resized.num_heads)
     return resized
 

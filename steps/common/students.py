@@ -38,11 +38,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from steps.common.contract import StageError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
 TEACHER_PREFIX = "teacher:"
@@ -175,6 +174,7 @@ def _positive(spec: str, key: str, value: str) -> int:
 
 def config_student(spec: str, teacher_config: dict[str, Any], seed: int) -> PreTrainedModel:
     """The teacher's architecture with `spec`'s sizes (config:layers=1+hidden=64), random weights."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = dict(teacher_config)
@@ -273,11 +273,12 @@ def _width_state(state: dict[str, torch.Tensor],
     return result
 
 
-@torch.no_grad()
 def _important_channels(model: PreTrainedModel, calibration: list[dict[str, torch.Tensor]],
                         width: int) -> dict[int, torch.Tensor]:
     """Per layer, the `width` MLP channels of largest RMS activation over the calibration tokens
     (the input of down_proj, padding excluded), in increasing order."""
+    import torch
+
     layers = _decoder_layers(model)
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
@@ -296,7 +297,8 @@ def _important_channels(model: PreTrainedModel, calibration: list[dict[str, torc
     model.eval()
     try:
         for batch in calibration:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             tokens = batch["attention_mask"].unsqueeze(-1).float()  # padding counts for nothing
             for index, activation in captured.items():
                 squares[index] += (activation.float().pow(2) * tokens).sum((0, 1)).cpu()
@@ -334,6 +336,8 @@ def _rebuilt(model: PreTrainedModel, kept: list[int], state: dict[str, torch.Ten
 
 
 def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    import torch
+
     base = getattr(model, model.base_model_prefix, model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):

@@ -160,14 +160,38 @@ def test_a_model_tar_gz_is_read_for_its_config_alone(tmp_path):
 
 
 def test_a_config_built_student_is_its_teachers_architecture_resized():
-    from steps import distill
-    from steps.common import models
+    from steps.common import students
 
     teacher = {**memory_plan.TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256}
     spec = "config:layers=1+hidden=64+intermediate=96+heads=2+kv_heads=1"
-    student = distill.build_student(spec, teacher, 0, models.load_tokenizer("builtin:tiny"))
+    student = students.config_student(spec, teacher, 0)
     shape = memory_plan.model_shape(spec, base=memory_plan.shape_from_config(teacher, "teacher"))
     assert shape.parameters == sum(p.numel() for p in student.parameters())
+
+
+@pytest.mark.parametrize("spec", ["teacher:layers=0.5", "teacher:keep_layers=0/1+intermediate=48"])
+def test_a_student_cut_from_its_teacher_has_the_parameters_the_plan_counts(spec):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steps.common import students
+
+    config = dict(memory_plan.TINY_CONFIG)
+    teacher = AutoModelForCausalLM.from_config(
+        type(AutoConfig.for_model(config["model_type"])).from_dict(
+            {k: v for k, v in config.items() if k != "model_type"}))
+    batch = {"input_ids": torch.randint(0, config["vocab_size"], (2, 8)),
+             "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    student, _ = students.pruned_student(teacher, students.parse(spec), [batch])
+    shape = memory_plan.model_shape(spec, base=memory_plan.shape_from_config(config, "teacher"))
+    assert shape.parameters == sum(p.numel() for p in student.parameters())
+
+
+def test_a_student_the_stage_would_refuse_is_refused_by_the_plan_in_the_stages_words():
+    teacher = memory_plan.shape_from_config(memory_plan.TINY_CONFIG, "teacher")
+    with pytest.raises(Exception, match="keep at most") as raised:
+        memory_plan.model_shape("teacher:layers=99", base=teacher)
+    assert "\n" not in str(raised.value)
 
 
 def test_a_model_the_plan_cannot_read_says_what_it_needs_in_one_line(tmp_path):
