@@ -144,6 +144,10 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
     def torch_call(self, examples):
         batch = super().torch_call(examples)
         batch.pop("attention_mask", None)  # a mask would hide the packed sequences' boundaries
+        # The first token of each packed sequence is no target: without this, the last token of
+        # one sequence would be trained to predict the next one's first. TRL masks it in its
+        # padding-free batches only, not in rows (trl 1.16, DataCollatorForLanguageModeling).
+        batch["labels"][batch["position_ids"] == 0] = -100
         return batch
 
 
@@ -191,33 +195,10 @@ def main(config: SFTStageConfig) -> None:
         else None
     )
 
-    # 3. Trainer: TRL's SFTTrainer; every TRL default that costs speed is set in trainer_arguments.
+    # 3. Trainer: TRL's SFTTrainer; every TRL default that costs speed is set in sft_trainer.
     metrics, metrics_path = metrics_callback()
-    args = trainer_arguments(
-        config,
-        precision,
-        SFTConfig,
-        max_length=config.max_seq_length,
-        packing=config.packing,
-        # The loss covers completions for prompt-completion data (TRL's default), assistant turns
-        # of conversations when the chat template marks them, else the whole sequence.
-        completion_only_loss=None,
-        assistant_only_loss=(
-            "messages" in train_dataset.column_names
-            and has_generation_markers(tokenizer.chat_template or "")
-        ),
-    )
-    trainer = SFTTrainerWithModelLoss(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=[metrics],
-    )
-    set_quantized_adapter_dtype(trainer.model)  # TRL cast a QLoRA adapter to bf16 regardless
-    if config.packing and (collator := packed_rows_collator(model, tokenizer)) is not None:
-        trainer.data_collator = collator  # TRL takes no collator of ours with best-fit packing
+    trainer = sft_trainer(config, precision, model, tokenizer, train_dataset, eval_dataset,
+                          callbacks=[metrics])
     if config.packing:
         print(f"packing: {len(train_dataset)} examples in {len(trainer.train_dataset)} rows of up "
               f"to {config.max_seq_length} tokens", flush=True)
@@ -257,6 +238,40 @@ def main(config: SFTStageConfig) -> None:
     what = "model" if config.peft_method == "none" else "adapter"
     what = "merged model" if config.merge_lora else what
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)
+
+
+def sft_trainer(
+    config: SFTStageConfig, precision: str, model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, eval_dataset: Dataset | None,
+    callbacks: list | None = None,
+) -> SFTTrainerWithModelLoss:
+    """TRL's SFTTrainer as the stage trains with it: its datasets tokenized, masked and packed."""
+    args = trainer_arguments(
+        config,
+        precision,
+        SFTConfig,
+        max_length=config.max_seq_length,
+        packing=config.packing,
+        # The loss covers completions for prompt-completion data (TRL's default), assistant turns
+        # of conversations when the chat template marks them, else the whole sequence.
+        completion_only_loss=None,
+        assistant_only_loss=(
+            "messages" in train_dataset.column_names
+            and has_generation_markers(tokenizer.chat_template or "")
+        ),
+    )
+    trainer = SFTTrainerWithModelLoss(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    set_quantized_adapter_dtype(trainer.model)  # TRL cast a QLoRA adapter to bf16 regardless
+    if config.packing and (collator := packed_rows_collator(model, tokenizer)) is not None:
+        trainer.data_collator = collator  # TRL takes no collator of ours with best-fit packing
+    return trainer
 
 
 def _trl_dataset(records: list[Record], fmt: DatasetFormat, chat_template: bool) -> Dataset:

@@ -2,14 +2,14 @@
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import torch
 from datasets import Dataset
-from trl import SFTConfig
 
 from steps import sft
-from steps.common import contract, models, training
+from steps.common import contract, models
 from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, sft_example
 
@@ -109,20 +109,19 @@ def test_fp16_on_a_cpu_fails_before_training(training_job):
 
 # --- Stopping: the EOS the model generates up to ----------------------------------------------
 
+def _trainer(examples: list[dict], tokenizer=None, max_length: int = 128, packing: bool = False):
+    """The stage's trainer on these examples: TRL's tokenized, masked (and packed) dataset."""
+    tokenizer = tokenizer or models.load_tokenizer(models.TINY)
+    model = models.load_model(models.TINY)
+    config = sft.SFTStageConfig(base_model=models.TINY, checkpoint_steps=0,
+                                max_seq_length=max_length, packing=packing)
+    return sft.sft_trainer(config, "fp32", model, tokenizer, Dataset.from_list(examples), None)
+
+
 def _tokenized_examples(examples: list[dict], tokenizer=None,
                         max_length: int = 128) -> tuple[Dataset, object]:
     """The training examples as the stage's trainer tokenizes and masks them."""
-    tokenizer = tokenizer or models.load_tokenizer(models.TINY)
-    model = models.load_model(models.TINY)
-    config = sft.SFTStageConfig(base_model=models.TINY, checkpoint_steps=0)
-    args = training.trainer_arguments(
-        config, "fp32", SFTConfig, max_length=max_length, packing=False, completion_only_loss=None,
-        assistant_only_loss="messages" in examples[0],
-    )
-    trainer = sft.SFTTrainerWithModelLoss(
-        model=model, args=args, train_dataset=Dataset.from_list(examples),
-        processing_class=tokenizer,
-    )
+    trainer = _trainer(examples, tokenizer, max_length)
     return trainer.train_dataset, trainer.model
 
 
@@ -228,6 +227,44 @@ def test_packed_rows_keep_their_sequences_apart_without_a_batch_sized_mask():
     torch.testing.assert_close(packed[0, :5], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[0, 5:], alone[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1, :3], alone[2], atol=1e-5, rtol=1e-4)
+
+
+def _trained_targets(trainer) -> Counter:
+    """What a trainer's batches train: (the document's tokens up to an input position, the token
+    that position is trained to predict), counted. The model predicts labels[j] at position j - 1;
+    the context is read from the document that holds position j - 1."""
+    rows = list(trainer.train_dataset)
+    batch = trainer.data_collator(rows)
+    targets = Counter()
+    for row, input_ids, labels in zip(rows, batch["input_ids"].tolist(), batch["labels"].tolist()):
+        lengths = row.get("seq_lengths") or [len(row["input_ids"])]
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        for j in range(1, len(labels)):
+            if labels[j] != -100:
+                start = max(s for s in starts if s <= j - 1)
+                targets[tuple(input_ids[start:j]), labels[j]] += 1
+    return targets
+
+
+@pytest.mark.parametrize("data_format", ["text", "prompt_completion", "messages"])
+def test_a_packed_batch_trains_the_same_targets_as_its_documents_unpacked(data_format):
+    """Packing is a speed-up, not a different objective: no document is trained to predict the
+    next document's first token, and every masked prompt or user turn stays masked."""
+    records = counting_records(6)
+    examples = {
+        "text": [{"text": f"{r['prompt']} {r['completion']}"} for r in records],
+        "prompt_completion": [sft_example(r, PROMPT_COMPLETION, True) for r in records],
+        "messages": [{"messages": [{"role": "user", "content": r["prompt"]},
+                                   {"role": "assistant", "content": r["completion"]}]}
+                     for r in records],
+    }[data_format]
+
+    packed = _trainer(examples, max_length=128, packing=True)
+    unpacked = _trainer(examples, max_length=128, packing=False)
+
+    assert len(packed.train_dataset) < len(examples)  # several documents share a row
+    assert isinstance(packed.data_collator, sft.PackedRowsCollator)
+    assert _trained_targets(packed) == _trained_targets(unpacked)
 
 
 def test_a_flash_attention_model_keeps_trl_padding_free_batches():
