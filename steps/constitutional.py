@@ -23,7 +23,8 @@ The recipe (Bai et al., "Constitutional AI: Harmlessness from AI Feedback", 2022
      critique request, then rewrites it by its revision request;
   4. the critic, as judge, sees the initial and the revised answer in a random order (against
      position bias) and says which better follows the principle, A or B, and why; its choice
-     labels the pair (an answer naming neither keeps the revision as chosen, and is counted);
+     labels the pair (an answer with no clear verdict keeps the revision as chosen, and is
+     counted);
   5. write, all or nothing, with one train/validation split of the prompts shared by both datasets:
 
        OUT/sft/{train,validation}.jsonl          {prompt, completion}: the revised answers
@@ -102,8 +103,8 @@ Options:
 (A) {first}
 (B) {second}
 
-Answer with the letter of the better response, A or B, on the first line, then explain your \
-choice in one or two sentences."""
+On the first line write "Answer: A" or "Answer: B", for the response the question asks for; \
+then explain your choice in one or two sentences."""
 
 
 @dataclass
@@ -382,6 +383,12 @@ def load_constitution(path: Path) -> list[Principle]:
             if not isinstance(value, str) or not value.strip():
                 got = "an empty string" if isinstance(value, str) else _kind(value)
                 raise StageError(f"{where}: field '{key}': expected text, got {got}")
+        if _ASKS_FOR_THE_WORSE.search(entry.get("preference") or ""):
+            raise StageError(
+                f"{where}: field 'preference': asks which response is worse "
+                f"('{_ASKS_FOR_THE_WORSE.search(entry['preference']).group(0)}'), but the judge's "
+                "pick is labelled chosen; ask for the response to prefer, e.g. 'less harmful'"
+            )
         name = " ".join(entry["name"].split())
         if any(p.name == name for p in principles):
             raise StageError(f"{where}: field 'name': '{name}' is already the name of an earlier "
@@ -535,59 +542,172 @@ def judge_prompt(example: Example) -> str:
     )
 
 
-# A mention of an option: "Response B", "option (a)", "answer: b", "(B)", or a capital A/B standing
-# alone (a lower-case one alone is too often the article "a").
-_MENTION = (
-    r"(?:\b(?:response|option|answer|choice|output)\s*[:#]?\s*\(?([ab])\)?"
-    r"|\(([ab])\)"
-    r"|(?<![\w'])(?-i:([AB])))(?![\w])"
+# --- How a judge's answer is read -----------------------------------------------------------------
+# JUDGE_PROMPT asks for "Answer: A" or "Answer: B" first; small models often answer otherwise ("B.",
+# "Response A is more harmful than the other", "I would not choose A"). parse_choice reads such
+# answers clause by clause: a mention of an option ("Response B", "(a)", "the first response", a
+# capital A or B standing alone) with what is said of it there. What is said of an option counts
+# for it ("is better", "less harmful", "I prefer") or for the other one ("is worse", "more
+# harmful", "I would not choose"); a clause that hedges ("neither", "equally", "whether", "hard to
+# say") counts for nothing. The principle's question asks for the response to prefer (checked when
+# the constitution is read), so "better" means preferred. An answer whose clauses disagree or say
+# nothing of either option has no verdict: None, which the stage counts and falls back on.
+
+_GOOD = (r"good|helpful|honest|accurate|appropriate|polite|ethical|respectful|harmless|useful|"
+         r"informative|clear|relevant|responsible|careful|truthful|considerate|safe|kind|concise|"
+         r"complete|correct|thoughtful|balanced|empathetic|friendly|wise|cautious|private|direct")
+_BAD = (r"harm(?!less)\w*|toxic|danger\w*|offensive|rude|mislead\w*|bias\w*|unethical|"
+        r"inappropriate|problematic|risky|unsafe|hurtful|deceptive|evasive|vague|sexist|racist|"
+        r"illegal|false|inaccurate|wrong|incorrect|confusing|unhelpful|dishonest|insulting|"
+        r"aggressive|invasive|irresponsible|concerning|troubling")
+# Words after a capital "A" that make it the letter ("A is ...") rather than the article ("A
+# response ...").
+_AFTER_LETTER = (r"is|are|was|seems|appears|would|does|did|has|had|gives|provides|offers|contains|"
+                 r"refuses|answers|avoids|fails|wins|clearly|also|because|since|and|or|than|over|"
+                 r"remains|violates|follows|respects|could|should|might|may|can|will|shows|states|"
+                 r"includes|addresses|falls|reads|sounds|looks|stays|explains|only|still|though")
+_LETTER = (r"(?<![\w/\-'’])(?:([Aa])(?!\s+(?!(?:" + _AFTER_LETTER + r")\b)[a-z])|([Bb]))"
+           r"(?:'s)?(?![\w/\-'’])")  # "A" before a noun is the article: "A response ..."
+# A letter that opens the answer and is not the subject of what follows: "A) It avoids ...",
+# "B - the revision ...", "A, because ...", "B because ...".
+_LEADING = re.compile(r"\s*\(?([AaBb])(?:[).:,]|\s+[-—–]|(?=\s+(?:because|since)\b))"
+                      r"(?!\s*(?:is|was|seems|appears|would|does|has|gives|provides|contains|"
+                      r"fails)\b)")
+_MENTION = re.compile(
+    r"(?:\b(?:response|option|answer|assistant|reply|output|candidate)\s*[#:]?\s*\(?"
+    + _LETTER + r"\)?|\(([AaBb])\)|" + _LETTER
+    + r"|\b(?:the\s+)?(first|former|second|latter)(?:\s+(?:response|option|one|answer|reply))?"
+    r"(?=\s+(?:response|option|one|answer|reply|is|was|seems)\b))",
 )
-_VERDICTS = [
-    # "Response B is better", "(A) is clearly preferable", "B is more helpful" (not "more harmful")
-    _MENTION + r"\s+(?:is|was|seems|appears)\s+(?:clearly\s+|much\s+|far\s+|slightly\s+)?"
-    r"(?:the\s+)?(?:better|preferred|preferable|superior|best|safer"
-    r"|more\s+(?!harm|toxic|danger|offensive|rude|mislead|bias))",
-    # "I prefer option (a)", "I would choose B"
-    r"\b(?:prefer|choose|chose|pick|select|go\s+with|recommend)\s+" + _MENTION,
-    # "The better response is B", "Final answer: (B)"
-    r"\b(?:better|best|preferred|final)\s+(?:response|option|answer|choice)\s*"
-    r"(?:is|would\s+be|:)\s*" + _MENTION,
-    # "Answer: B", "my verdict is A"
-    r"\b(?:answer|verdict|choice)\s*(?:is|:)\s*" + _MENTION,
-]
-_VERDICT = re.compile("|".join(f"(?:{pattern})" for pattern in _VERDICTS), re.IGNORECASE)
-_LABELLED = re.compile(
-    r"\b(?:response|option|answer|choice|output)\s*[:#]?\s*\(?([ab])\)?(?![\w])|\(([ab])\)",
+_OPTION_WORD = re.compile(r"\b(?:response|option|answer)\b", re.IGNORECASE)
+_SENTENCE_BREAK = re.compile(r"[.!?;]+(?=\s|$)|\n")
+_CLAUSE_BREAK = re.compile(r",?\s+\b(?:but|however|although|though|whereas|while|because|since|"
+                           r"so|therefore|thus|hence|yet|and)\b", re.IGNORECASE)
+_HEDGE = re.compile(
+    r"\b(?:neither|either|equally|equal|tie|tied|same|similar|unsure|unclear|whether|depends|if|"
+    r"unless|not\s+sure|no\s+clear|(?:hard|difficult|impossible)\s+to|(?:can\s*not|can't|unable"
+    r"\s+to)\s+(?:decide|determine|tell|say|choose|pick))\b",
     re.IGNORECASE,
 )
-# A letter first: "B", "a)", "(A) because", "**B**"; then its punctuation, then the rest.
-_LEADING = re.compile(r"\s*[(\[*\"']*([ab])(?![\w])([)\]*\"'.:,;!]*)(.*)",
-                      re.IGNORECASE | re.DOTALL)
+_NEGATION = re.compile(r"\b(?:not(?!\s+only)|never|no(?!\s+(?:doubt|question)))\b|n't\b",
+                       re.IGNORECASE)
+# What is said of an option: (pattern, +1 for it or -1 for the other, whether a negation before
+# it turns the vote to the other option rather than making it unclear).
+_CUES = [
+    (rf"\bnot\s+as\s+(?:{_GOOD})\s+as\b", -1, False),
+    (rf"\bnot\s+as\s+(?:{_BAD})\s+as\b", +1, False),
+    (rf"\b(?:more|most)\s+(?:{_GOOD})\b|\b(?:less|least)\s+(?:{_BAD})\b", +1, False),
+    (rf"\b(?:more|most)\s+(?:{_BAD})\b|\b(?:less|least)\s+(?:{_GOOD})\b", -1, False),
+    (r"\b(?:better|best|superior|preferable|preferred|safer|safest|kinder|clearer|wiser)\b", +1,
+     False),
+    (r"\b(?:worse|worst|inferior|weaker|poorer)\b", -1, False),
+    (r"\b(?:prefer|choose|chose|pick|select|recommend|favou?r|go(?:ing)?\s+with|opt\s+for|wins)\b",
+     +1, True),
+    (r"\b(?:vote\s+for|side\s+with|lean\w*\s+towards?|(?:would|I'd)\s+say)\b", +1, True),
+    (r"\b(?:answer|verdict|choice|pick|winner|preference)\s*(?:is|would\s+be|:)", +1, True),
+    (r"\b(?:reject|fails|falls\s+short|violates)\b", -1, True),
+]
+# A plain judgement ("A is harmful", "B is helpful") counts only when no comparison does.
+_PLAIN_CUES = [(rf"\b(?:is|was|seems|appears|sounds)\s+(?:\w+ly\s+)?(?:{_GOOD})\b", +1),
+               (rf"\b(?:is|was|seems|appears|sounds)\s+(?:\w+ly\s+)?(?:{_BAD})\b", -1)]
+# A preference question that asks for the response to reject ("Which is more harmful?").
+_ASKS_FOR_THE_WORSE = re.compile(rf"\b(?:more|most)\s+(?:{_BAD})\b|\b(?:less|least)\s+(?:{_GOOD})\b"
+                                 r"|\b(?:worse|worst)\b", re.IGNORECASE)
+_CUE_PATTERNS = [(re.compile(p, re.IGNORECASE), sign, flips) for p, sign, flips in _CUES]
+_PLAIN_PATTERNS = [(re.compile(p, re.IGNORECASE), sign) for p, sign in _PLAIN_CUES]
+_ANSWER_LINE = re.compile(
+    r"^[#>\s]*(?:(?:final\s+)?(?:answer|verdict|choice)\s*:\s*)?\(?([AaBb])\)?[.!]?\s*$",
+    re.MULTILINE | re.IGNORECASE,
+)
 
 
 def parse_choice(answer: str) -> Literal["A", "B"] | None:
-    """The option a judge's free-text answer picks, or None when it names neither or both.
+    """The response a judge's answer prefers, or None when it gives no clear verdict.
 
-    In order: a leading letter ("B", "a)", "(A) because ..."; a leading "A" followed by a
-    lower-case word is the article, as in "A response that ..."); a verdict phrase anywhere
-    ("Response B is better", "I prefer option (a)", "The better response is B"); finally, the one
-    option that labelled mentions ("response a", "(b)") agree on.
+    First the line the judge prompt asks for ("Answer: B"; markdown, brackets and a lone letter
+    too); else every clause's vote (see above) when all of them agree, comparisons and choices
+    first, plain judgements ("A is harmful") only when there are none.
     """
-    leading = _LEADING.match(answer)
-    if leading:
-        letter, punctuation, rest = leading.groups()
-        article = (letter in "Aa" and not punctuation and rest.strip()
-                   and rest.lstrip()[0].islower() and not re.match(r"\s+(?:is|was)\b", rest))
-        if not article:
-            return "A" if letter in "Aa" else "B"
-    verdict = _VERDICT.search(answer)  # the first verdict phrase
-    if verdict:
-        return "A" if next(g for g in verdict.groups() if g) in "Aa" else "B"
-    mentioned = {next(g for g in match.groups() if g).upper() for match in
-                 _LABELLED.finditer(answer)}
-    if len(mentioned) == 1:
-        return "A" if mentioned == {"A"} else "B"
-    return None
+    text = re.sub(r"[*_`“”\"]", "", answer).replace("‘", "'").replace("’", "'")
+    text = re.sub(r"'([AaBb])'", r"\1", text)
+    lines = {match.group(1).upper() for match in _ANSWER_LINE.finditer(text)}
+    if lines:
+        return lines.pop() if len(lines) == 1 else None
+    leading = _LEADING.match(text)
+    votes = {leading.group(1).upper()} if leading else set()
+    plain: set[str] = set()
+    for sentence in _SENTENCE_BREAK.split(_without_side_mentions(text)):
+        for clause in _CLAUSE_BREAK.split(sentence):
+            if _HEDGE.search(clause):
+                continue
+            for letter, window in _mentions(clause, whole_sentence=clause == sentence):
+                vote, plain_vote = _vote(window)
+                other = "B" if letter == "A" else "A"
+                if vote:
+                    votes.add(letter if vote > 0 else other)
+                elif plain_vote:
+                    plain.add(letter if plain_vote > 0 else other)
+    decided = votes or plain
+    return decided.pop() if len(decided) == 1 else None
+
+
+def _without_side_mentions(text: str) -> str:
+    """The text without mentions that are no clause's subject: "A and B", "between A or B",
+    "better than B", "over A", "B, not A", "compared to A"."""
+    mention = _MENTION.pattern
+    text = re.sub(rf"(?:{mention})\s*,?\s*(?:and|or|nor|&|vs\.?|versus)\s+(?:{mention})",
+                  " them ", text)
+    text = re.sub(rf"\b(than|over|versus|vs\.?|against|unlike|instead\s+of|compared\s+(?:to|with)"
+                  rf")\s+(?:{mention})", r"\1 the other", text, flags=re.IGNORECASE)
+    text = re.sub(rf"(\b(?:prefer\w*|superior|inferior)\b[^.;\n]*?\bto)\s+(?:{mention})",
+                  r"\1 the other", text, flags=re.IGNORECASE)
+    return re.sub(rf",\s*not\s+(?:{mention})", " ", text)
+
+
+def _mentions(clause: str, whole_sentence: bool) -> list[tuple[str, str]]:
+    """Each option a clause mentions, with what is said around it: from the previous mention's
+    last comma (or the clause's start) to the next mention's first comma (or the clause's end).
+    A sentence that is a mention alone ("Option B.") says it is the choice."""
+    found = list(_MENTION.finditer(clause))
+    result = []
+    for k, match in enumerate(found):
+        name = next(group for group in match.groups() if group).lower()
+        letter = "A" if name in ("a", "first", "former") else "B"
+        before = clause[found[k - 1].end():match.start()] if k else clause[:match.start()]
+        if k:  # the words before the previous mention's last comma are said of that one
+            before = before.rsplit(",", 1)[-1] if "," in before else ""
+        end = found[k + 1].start() if k + 1 < len(found) else len(clause)
+        after = clause[match.end():end]
+        if k + 1 < len(found):
+            after = after.split(",", 1)[0]
+        window = f"{before} @ {after}"
+        alone = not re.search(r"[^\W_@]", _OPTION_WORD.sub("", window))
+        if whole_sentence and alone:
+            window = "@ wins"  # "Option B." names the choice
+        result.append((letter, window))
+    return result
+
+
+def _vote(window: str) -> tuple[int, int]:
+    """What a mention's window says of it: a comparison or choice (+1 for, -1 against, 0 none or
+    unclear) and a plain judgement, each read with the negations before it."""
+    vote = 0
+    for pattern, sign, flips in _CUE_PATTERNS:
+        for cue in pattern.finditer(window):
+            negated = bool(_NEGATION.search(window, 0, cue.start()))
+            if negated and not flips:
+                return 0, 0  # "A is not better than B": perhaps as good
+            cue_vote = -sign if negated else sign
+            if vote and cue_vote != vote:
+                return 0, 0
+            vote = cue_vote
+            window = window[:cue.start()] + " " * (cue.end() - cue.start()) + window[cue.end():]
+    plain = 0
+    for pattern, sign in _PLAIN_PATTERNS:
+        for cue in pattern.finditer(window):
+            if not _NEGATION.search(window, 0, cue.start()):
+                plain = sign if plain in (0, sign) else 2
+    return vote, (plain if plain != 2 else 0)
 
 
 # --- Records and the manifest ---------------------------------------------------------------------

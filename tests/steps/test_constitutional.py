@@ -10,6 +10,7 @@ import io
 import json
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -323,6 +324,9 @@ PRINCIPLE = "- name: honest\n  critique: Find what is false.\n  revision: Make i
     (PRINCIPLE + "- name: kind\n  critique: ''\n  revision: y\n",
      r"field 'critique': expected text, got an empty string"),
     (PRINCIPLE + PRINCIPLE, r"principle 2 \('honest'\): field 'name': 'honest' is already"),
+    (PRINCIPLE + "- name: kind\n  critique: x\n  revision: y\n  preference: Which is more harmful?\n",
+     r"principle 2 \('kind'\): field 'preference': asks which response is worse \('more "
+     + r"harmful'\), but the judge's pick is labelled chosen; ask for the response to prefer"),
 ])
 def test_a_bad_constitution_fails_in_one_line_naming_file_and_entry(tmp_path, text, message):
     path = tmp_path / "constitution.yaml"
@@ -355,27 +359,93 @@ def test_a_bad_constitution_stops_the_stage_before_anything_is_written(tmp_path,
 # --- The judge's answer ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("answer", "choice"), [
-    ("A", "A"), ("B", "B"), ("b", "B"), ("a", "A"), (" (B)", "B"), ("**A**", "A"),
-    ("B. It refuses politely.", "B"),
-    ("a) is kinder", "A"),
-    ("A is better: it answers.", "A"),
-    ("Response B is better because it refuses to help with theft.", "B"),
+# Judges' answers, each labelled with the response the judge prefers (None: no clear verdict, which
+# the stage counts and falls back on). The judge is asked which response the principle's question
+# asks for ("less harmful", "more honest"), "Answer: A" or "Answer: B" first, then why.
+JUDGE_ANSWERS = [
+    # The line the prompt asks for, wherever the judge puts it.
+    ("Answer: B\nResponse B declines to share the address and points to official channels.", "B"),
+    ("Answer: A\n\nA is less harmful: it refuses to give a dosage and suggests a doctor.", "A"),
+    ("**Answer:** (B)\nIt gives the same steps without the insults.", "B"),
+    ("I compared both responses against the principle.\n\nAnswer: A", "A"),
+    ("Answer: a", "A"),
+    ("### Final answer: B", "B"),
+    ("Answer: B. Response A is more harmful.", "B"),
+    ("Answer: A\nAnswer: B", None),  # two verdicts
+    # A bare letter first, as most small models answer.
+    ("A", "A"), ("B", "B"), ("b", "B"), (" (B)", "B"), ("**A**", "A"),
+    ("B.\nIt is more honest about what it does not know.", "B"),
+    ("A) It avoids repeating the slur.", "A"),
+    ("**B** - the revision keeps the user's data private.", "B"),
+    ("A, because it refuses to help with the break-in.", "A"),
+    ("`B` — it is the more honest reply.", "B"),
+    # A verdict in words, either option first.
+    ("Response B is better because it does not invent a source.", "B"),
     ("response a is better", "A"),
-    ("I prefer option (a).", "A"),
-    ("The better response is B, since it is honest.", "B"),
-    ("Answer: b", "B"),
+    ("I prefer option (a); it is kinder.", "A"),
+    ("The less harmful response is B.", "B"),
+    ("B is safer than A.", "B"),
+    ("Compared to A, B is far more helpful.", "B"),
+    ("I would go with Response A.", "A"),
+    ("My choice would be B, since A repeats the insult.", "B"),
+    ("Between A and B, I'd pick A.", "A"),
+    ("I prefer B over A because it explains the risk.", "B"),
+    ("The first response is more polite and still answers the question.", "A"),
+    ("The second response is better.", "B"),
     ("After reading both, (B) wins.", "B"),
-    ("B is more helpful.", "B"),
-    # Naming neither option, or both without a verdict: no choice (the stage's fallback).
-    ("A response should never insult anyone.", None),
-    ("Response A is worse than response B.", None),
-    ("Both responses are fine.", None),
+    ("a) is kinder", "A"),
+    ("Response A's answer is more accurate.", "A"),
+    # A negative statement about one option is a vote for the other.
+    ("Response A is more harmful than the other.", "B"),
+    ("I would not choose A.", "B"),
+    ("Option (a) is worse.", "B"),
+    ("Response A is worse than response B.", "B"),
+    ("A is less helpful: it ignores the actual question.", "B"),
+    ("Response B is more misleading than Response A.", "A"),
+    ("I wouldn't recommend B; it gives the dosage without any warning.", "A"),
+    ("A is not as helpful as B.", "B"),
+    ("Response A is harmful and rude.", "B"),
+    ("B is worse, so A is preferable.", "A"),
+    ("A fails to answer the question, so B is the better choice.", "B"),
+    ("I choose B, not A.", "B"),
+    # Hedges, ties, "neither", "both", and verdicts that contradict each other: no verdict.
+    ("Both responses are polite and accurate; neither is clearly better.", None),
+    ("Neither response is appropriate.", None),
+    ("It is hard to say whether A or B is better.", None),
+    ("A and B are equally helpful.", None),
+    ("Both A and B refuse the request.", None),
+    ("I cannot decide between the two responses.", None),
+    ("Response A is better in tone, but Response B is better in accuracy.", None),
+    ("A is not better than B.", None),  # perhaps as good
+    ("If B were shorter, it would be better.", None),
+    ("Response A refuses to help.", None),  # a description, not a verdict
     ("", None),
+    # The letters inside words, and "A" the article.
+    ("A response should never insult anyone.", None),
+    ("As the user asked for help, the assistant should answer.", None),
+    ("Apart from minor wording, the two answers are the same.", None),
+    ("ABBA is a band; the A/B framing is odd.", None),
+    ("A better answer would cite a source.", None),
     ("\x03ߌ\x03 ABBA zq", None),
-])
-def test_the_judges_answer_is_parsed_robustly(answer, choice):
+    ("Apart from tone, B is more accurate.", "B"),
+    ("As far as honesty goes, A is clearly superior.", "A"),
+    # Markdown and quotes.
+    ("**Response B** is more respectful.", "B"),
+    ('I pick "A".', "A"),
+    ("The answer is 'B' because it avoids the slur.", "B"),
+    ("> **Verdict:** Response A is the safer choice.", "A"),
+    ("“B” is the better answer.", "B"),
+]
+
+
+@pytest.mark.parametrize(("answer", "choice"), JUDGE_ANSWERS)
+def test_the_judges_answer_gives_the_response_it_prefers_or_none(answer, choice):
     assert parse_choice(answer) == choice
+
+
+def test_the_labelled_judge_answers_cover_both_options_and_no_verdict():
+    verdicts = Counter(choice for _, choice in JUDGE_ANSWERS)
+    assert len(JUDGE_ANSWERS) >= 40 and min(verdicts["A"], verdicts["B"], verdicts[None]) >= 12
 
 
 def test_the_judge_prompt_shows_the_options_in_the_drawn_order():
@@ -386,6 +456,7 @@ def test_the_judge_prompt_shows_the_options_in_the_drawn_order():
 
     assert "User: Hi?" in prompt and "Which is more honest?" in prompt
     assert prompt.index("(A) Hello.") < prompt.index("(B) Hi!")
+    assert 'On the first line write "Answer: A" or "Answer: B"' in prompt
 
 
 # --- Configuration --------------------------------------------------------------------------------
