@@ -6,10 +6,17 @@
 Reads every .jsonl/.json/.csv/.parquet file under --input-dir (or the one file it names), checks
 every record against one TRL dataset format (steps.common.datasets: text, conversational,
 prompt-completion, preference, unpaired preference, and prompt-only for the online methods), drops
-exact duplicates, shuffles, and writes train.jsonl, validation.jsonl and manifest.json (counts,
-content hashes, token-length statistics) to --output-dir. Nothing is written unless every record is
-valid, and, with --max-record-tokens, no record written is longer than that. A manifest.json in
---input-dir (an earlier run's output read again) is not read as data.
+exact duplicates, shuffles, splits by prompt, and writes train.jsonl, validation.jsonl and
+manifest.json (counts, content hashes, token-length statistics) to --output-dir. Nothing is written
+unless every record is valid, and, with --max-record-tokens, no record written is longer than that.
+A manifest.json in --input-dir (an earlier run's output read again) is not read as data.
+
+The split holds out prompts, not records: every record of a prompt is on one side, and which side
+is a function of the prompt (normalised, `prompt_key`) and the seed alone, a keyed hash below
+--validation-fraction. The DataPrep steps of a recipe all run with the recipe's one data_prep
+settings, so a prompt held out of one dataset is held out of every other one too (the demo SFT data
+and preference pairs share most prompts): no stage trains on another's validation prompts, and no
+step needs another's output to know which.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from steps.common.datasets import (
     DatasetFormat,
     Record,
     data_files,
+    prompt_key,
     read_records,
     sft_example,
     validate_records,
@@ -45,9 +53,11 @@ class DataPrepConfig:
         metadata={"help": "Where train.jsonl, validation.jsonl and manifest.json go."}
     )
     validation_fraction: float = field(
-        default=0.1, metadata={"help": "Share of records held out, in (0, 1)."}
+        default=0.1, metadata={"help": "Share of prompts held out (about), in (0, 1)."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the shuffle before the split."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the shuffle and of which prompts are held out."}
+    )
     tokenizer: str = field(
         default="builtin:tiny", metadata={"help": "Model spec whose tokenizer measures lengths."}
     )
@@ -112,13 +122,29 @@ def main(config: DataPrepConfig) -> None:
             f"{input_path}: {len(unique)} unique record(s); a train/validation split needs at "
             "least 2"
         )
-    n_validation = min(max(1, round(len(unique) * config.validation_fraction)), len(unique) - 1)
-    kept = {"train": unique[n_validation:], "validation": unique[:n_validation]}
+    keys = [prompt_key(record.data, fmt) for record in unique]
+    if len(set(keys)) < 2:
+        raise StageError(
+            f"{input_path}: the {len(unique)} unique records all answer one prompt; a split by "
+            "prompt needs at least 2 (give records of more prompts)"
+        )
+    held_out, forced = held_out_prompts(set(keys), config.seed, config.validation_fraction)
+    kept = {
+        "train": [record for record, key in zip(unique, keys) if key not in held_out],
+        "validation": [record for record, key in zip(unique, keys) if key in held_out],
+    }
     splits = {name: [record.data for record in split] for name, split in kept.items()}
+    prompts = {"train": len(set(keys) - held_out), "validation": len(held_out)}
     print(
-        f"split: {len(splits['train'])} train, {n_validation} validation (seed {config.seed})",
+        f"split by prompt: {len(splits['train'])} train records ({prompts['train']} prompts), "
+        f"{len(splits['validation'])} validation records ({prompts['validation']} prompts) "
+        f"(seed {config.seed})",
         flush=True,
     )
+    if forced:
+        print(f"warning: validation_fraction {config.validation_fraction} put all {len(set(keys))}"
+              " prompts on one side; the one nearest the line was moved to the other, where "
+              "another dataset of the recipe may not hold it", flush=True)
 
     tokenizer = load_tokenizer(config.tokenizer)
     lengths = {
@@ -146,7 +172,12 @@ def main(config: DataPrepConfig) -> None:
                 "duplicates_removed": duplicates,
                 "train": len(splits["train"]),
                 "validation": len(splits["validation"]),
+                "train_prompts": prompts["train"],
+                "validation_prompts": prompts["validation"],
+                # Prompts moved to keep both splits non-empty, so off the recipe-wide rule.
+                "prompts_moved": int(forced),
             },
+            "split": "by prompt: blake2b(normalised prompt, key=seed) below validation_fraction",
             "inputs": inputs,
             "outputs": outputs,
             # One hash for the prepared data: of the sorted "<file> <sha256>" lines (sha256sum's).
@@ -168,6 +199,28 @@ def main(config: DataPrepConfig) -> None:
         f"(dataset_sha256 {manifest['dataset_sha256'][:12]})",
         flush=True,
     )
+
+
+def held_out_prompts(keys: set[str], seed: int, fraction: float) -> tuple[set[str], bool]:
+    """The prompts held out for validation, and whether one had to be moved to keep both sides.
+
+    A prompt is held out when its keyed hash, read as a number in [0, 1), is below `fraction`: the
+    same prompt, seed and fraction give the same side in any dataset. Where that leaves a side
+    empty (a handful of prompts), the prompt nearest the line crosses it. Needs two prompts.
+    """
+    position = {key: _hash_position(key, seed) for key in keys}
+    held_out = {key for key, value in position.items() if value < fraction}
+    if not held_out:
+        return {min(position, key=position.get)}, True
+    if held_out == keys:
+        return held_out - {max(position, key=position.get)}, True
+    return held_out, False
+
+
+def _hash_position(key: str, seed: int) -> float:
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8,
+                             key=str(seed).encode("utf-8")).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _deduplicate(records: list[Record]) -> list[Record]:

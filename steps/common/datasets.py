@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,43 @@ def load_records(path: Path) -> tuple[DatasetFormat, list[Record]]:
     """Read and check every data file at `path` (a file or folder)."""
     records = [record for file in data_files(path) for record in read_records(file)]
     return validate_records(records), records
+
+
+# --- The prompt a record answers, which a split keeps on one side ---------------------------------
+
+
+def record_prompt(data: dict[str, Any], fmt: DatasetFormat) -> Any:
+    """The prompt a record answers, a string or a list of messages: its `prompt`; for a
+    conversation the turns before its last assistant turn; for a preference pair with an implicit
+    prompt the start that chosen and rejected share (TRL's extract_prompt). A text document answers
+    no prompt: it is its own, so that a document sits on one side of a split."""
+    if fmt.name == "language_modeling":
+        return data["text"]
+    if fmt.name == "conversational":
+        messages = data["messages"]
+        return messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    if "prompt" in data:
+        return data["prompt"]
+    from trl.data_utils import extract_prompt  # the preference format with an implicit prompt
+
+    return extract_prompt({"chosen": data["chosen"], "rejected": data["rejected"]})["prompt"]
+
+
+def prompt_key(data: dict[str, Any], fmt: DatasetFormat) -> str:
+    """The record's prompt as one normalised string: the same request gives the same key whether
+    it is a string or a user turn, with or without a system turn (which changes no request),
+    in other spacing, capitals or Unicode forms. Records with one key are held out together."""
+    prompt = record_prompt(data, fmt)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    lines = [f"{turn['role']}: {text}" for turn in turns
+             if turn["role"] != "system" and (text := _normalised(turn["content"]))]
+    # A conversation that opens with the assistant, or a pair that shares no start: the record
+    # itself is its prompt.
+    return "\n".join(lines) or json.dumps(data, sort_keys=True, ensure_ascii=False)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 # --- What supervised fine-tuning learns from a record ---------------------------------------------

@@ -1,4 +1,5 @@
-"""The data preparation stage: de-duplication, a seeded split, the manifest; nothing on bad data."""
+"""The data preparation stage: de-duplication, a seeded split by prompt, the manifest; nothing on
+bad data."""
 
 import hashlib
 import json
@@ -11,7 +12,13 @@ import pytest
 
 from steps import data_prep
 from steps.common.contract import StageError
-from steps.demo_data import demo_records, write_demo_dataset
+from steps.demo_data import (
+    demo_records,
+    write_demo_constitutional_prompts,
+    write_demo_corpus,
+    write_demo_dataset,
+    write_demo_preferences,
+)
 
 from .conftest import ROOT, write_jsonl
 
@@ -35,19 +42,18 @@ def test_duplicates_are_removed_and_the_split_is_deterministic(tmp_path):
     prepare(source, tmp_path / "b", seed=7)
     prepare(source, tmp_path / "c", seed=8)
 
-    n_validation = round(len(unique) * 0.1)
-    assert manifest["counts"] == {
-        "records_read": 120,
-        "duplicates_removed": 120 - len(unique),
-        "train": len(unique) - n_validation,
-        "validation": n_validation,
-    }
-    assert manifest["counts"]["duplicates_removed"] > 0
+    counts = manifest["counts"]
     train, validation = (
         read_jsonl(tmp_path / "a" / "train.jsonl"),
         read_jsonl(tmp_path / "a" / "validation.jsonl"),
     )
+    assert (counts["records_read"], counts["duplicates_removed"]) == (120, 120 - len(unique))
+    assert counts["duplicates_removed"] > 0
+    assert (counts["train"], counts["validation"]) == (len(train), len(validation))
     assert {json.dumps(r, sort_keys=True) for r in train + validation} == unique
+    assert counts["train_prompts"] == len({r["prompt"] for r in train})
+    assert counts["validation_prompts"] == len({r["prompt"] for r in validation})
+    assert 0.03 < counts["validation_prompts"] / len({r["prompt"] for r in train + validation}) < 0.2
     assert (tmp_path / "a" / "validation.jsonl").read_bytes() == (
         tmp_path / "b" / "validation.jsonl"
     ).read_bytes()
@@ -97,7 +103,8 @@ def test_csv_message_columns_are_written_as_message_lists(tmp_path):
 def test_max_records_caps_the_prepared_data(tmp_path):
     source = write_demo_dataset(tmp_path / "demo.jsonl", n=60)
     manifest = prepare(source, tmp_path / "out", max_records=20, validation_fraction=0.25)
-    assert (manifest["counts"]["train"], manifest["counts"]["validation"]) == (15, 5)
+    counts = manifest["counts"]
+    assert counts["train"] + counts["validation"] == 20 and counts["validation"] > 0
 
 
 def test_max_record_tokens_passes_a_record_at_the_limit_and_fails_one_over_it(tmp_path):
@@ -132,6 +139,79 @@ def test_fewer_than_two_unique_records_cannot_be_split(tmp_path):
     with pytest.raises(StageError, match="at least 2"):
         prepare(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_records_of_one_prompt_only_cannot_be_split(tmp_path):
+    pairs = [{"prompt": "Sky colour?", "chosen": "Blue.", "rejected": answer}
+             for answer in ("Green.", "Red.", "Pink.")]
+    with pytest.raises(StageError, match=r"the 3 unique records all answer one prompt; a split by "
+                       r"prompt needs at least 2"):
+        prepare(write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- Held out by prompt ---------------------------------------------------------------------------
+
+
+def _prompts(path: Path, field: str = "prompt") -> set[str]:
+    return {" ".join(record[field].casefold().split()) for record in read_jsonl(path)}
+
+
+def test_every_record_of_a_prompt_is_on_the_same_side(tmp_path):
+    # Three pairs a prompt, spread through the file: a split by record would scatter them.
+    pairs = [{"prompt": f"Name a colour, {k}.", "chosen": f"Blue {j}.", "rejected": f"No {j}."}
+             for j in range(3) for k in range(40)]
+    manifest = prepare(write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "out")
+
+    train, validation = (_prompts(tmp_path / "out" / f"{split}.jsonl")
+                         for split in ("train", "validation"))
+    assert train and validation and not train & validation
+    counts = manifest["counts"]
+    assert (counts["train_prompts"], counts["validation_prompts"]) == (len(train), len(validation))
+    assert (counts["train"], counts["validation"]) == (3 * len(train), 3 * len(validation))
+    assert counts["prompts_moved"] == 0
+
+
+def test_no_demo_dataset_trains_on_a_prompt_another_one_holds_out(tmp_path):
+    """The recipe's DataPrep steps run apart, with the same settings: the demo SFT records, the
+    demo preference pairs (most of whose prompts are SFT prompts too), the constitutional AI
+    prompts and the text corpus. No validation prompt of one is in another's training split."""
+    raw = {
+        "sft": write_demo_dataset(tmp_path / "raw" / "sft.jsonl"),
+        "preferences": write_demo_preferences(tmp_path / "raw" / "preferences.jsonl"),
+        "prompts": write_demo_constitutional_prompts(tmp_path / "raw" / "prompts.jsonl"),
+        "corpus": write_demo_corpus(tmp_path / "raw" / "corpus.jsonl", max_documents=60),
+    }
+    splits, manifests = {}, {}
+    for name, path in raw.items():
+        manifests[name] = prepare(path, tmp_path / name, validation_fraction=0.1, seed=42)
+        field = "text" if name == "corpus" else "prompt"
+        splits[name] = {split: _prompts(tmp_path / name / f"{split}.jsonl", field)
+                        for split in ("train", "validation")}
+    shared = (splits["sft"]["train"] | splits["sft"]["validation"]) & (
+        splits["preferences"]["train"] | splits["preferences"]["validation"])
+    assert len(shared) > 100  # the overlap the split must respect
+
+    for held_out_of, held_out in splits.items():
+        assert held_out["validation"], held_out_of
+        for trained_in, trained in splits.items():
+            leaked = held_out["validation"] & trained["train"]
+            assert not leaked, f"{held_out_of} holds out {len(leaked)} prompts {trained_in} trains on"
+    for name, manifest in manifests.items():
+        counts = manifest["counts"]
+        assert counts["train_prompts"] == len(splits[name]["train"])
+        assert counts["validation_prompts"] == len(splits[name]["validation"])
+        assert counts["prompts_moved"] == 0
+    assert manifests["sft"]["counts"]["duplicates_removed"] == 8
+
+
+def test_a_split_that_leaves_a_side_empty_moves_one_prompt_and_says_so(tmp_path, capsys):
+    records = [{"prompt": f"What is {k} + 1?", "completion": f"{k + 1}"} for k in range(4)]
+    manifest = prepare(write_jsonl(tmp_path / "few.jsonl", records), tmp_path / "out",
+                       validation_fraction=0.01)
+
+    assert (manifest["counts"]["validation_prompts"], manifest["counts"]["prompts_moved"]) == (1, 1)
+    assert "warning: validation_fraction 0.01 put all 4 prompts on one side" in capsys.readouterr().out
 
 
 def test_validation_fraction_outside_zero_one_names_the_parameter():
@@ -251,10 +331,12 @@ def test_prompt_only_records_are_prepared_with_prompt_token_lengths(tmp_path):
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (manifest["format"], manifest["conversational"]) == ("prompt_only", False)
-    assert manifest["counts"] == {"records_read": 6, "duplicates_removed": 1, "train": 4,
-                                  "validation": 1}
     splits = {name: read_jsonl(tmp_path / "out" / f"{name}.jsonl")
               for name in ("train", "validation")}
+    counts = manifest["counts"]
+    assert (counts["records_read"], counts["duplicates_removed"]) == (6, 1)
+    assert counts["train"] == counts["train_prompts"] == len(splits["train"]) >= 1
+    assert counts["validation"] == counts["validation_prompts"] == len(splits["validation"]) >= 1
     written = splits["train"] + splits["validation"]
     assert sorted(r["prompt"] for r in written) == sorted({r["prompt"] for r in PROMPTS})
     # Measured as a policy is prompted: a user turn and the generation prompt.

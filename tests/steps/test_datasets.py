@@ -9,8 +9,10 @@ import pytest
 
 from steps.common.contract import StageError
 from steps.common.datasets import (
+    Record,
     data_files,
     load_records,
+    prompt_key,
     read_records,
     sft_example,
     validate_records,
@@ -138,6 +140,35 @@ def test_prompt_only_records_give_a_stage_that_needs_responses_a_one_line_error(
     message = str(caught.value)
     assert "is prompt-only records" in message and "this stage needs responses" in message
     assert "\n" not in message
+
+
+def test_one_request_has_one_prompt_key_in_every_format_it_can_be_written_in():
+    question, answer = "What is the capital of Peru?", "Lima."
+    user = {"role": "user", "content": question}
+    written = {  # format name -> a record asking `question`
+        "prompt_completion": {"prompt": question, "completion": answer},
+        "prompt_completion/conversational": {
+            "prompt": [user], "completion": [{"role": "assistant", "content": answer}]},
+        "prompt_only": {"prompt": "  what is the CAPITAL of Peru?\n"},  # spacing and capitals
+        "conversational": {"messages": [{"role": "system", "content": "Be brief."}, user,
+                                        {"role": "assistant", "content": answer}]},
+        "preference": {"prompt": question, "chosen": answer, "rejected": "Quito."},
+        "preference/implicit-conversational": {
+            "chosen": [user, {"role": "assistant", "content": answer}],
+            "rejected": [user, {"role": "assistant", "content": "Quito."}]},
+        "unpaired_preference": {"prompt": question, "completion": answer, "label": True},
+    }
+    keys = {}
+    for name, data in written.items():
+        fmt = validate_records([Record(data, name)])
+        keys[name] = prompt_key(data, fmt)
+
+    assert set(keys.values()) == {"user: what is the capital of peru?"}, keys
+    other = {"prompt": "What is the capital of Chile?", "completion": answer}
+    assert prompt_key(other, validate_records([Record(other, "x")])) not in keys.values()
+    # A document answers no prompt: its text is its key.
+    text = {"text": "The sky is blue."}
+    assert prompt_key(text, validate_records([Record(text, "x")])) == "user: the sky is blue."
 
 
 def test_a_folder_without_data_files_is_an_error(tmp_path):
