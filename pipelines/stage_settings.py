@@ -44,7 +44,8 @@ CONFIG_FIELDS: dict[str, frozenset[str]] = {
     "dpo": _TRAINING | _PEFT | {"base_model", "beta", "loss_type"},  # steps.dpo.DPOStageConfig
     "ppo": _TRAINING | _PEFT | {  # steps.ppo.PPOStageConfig
         "base_model", "cliprange", "cliprange_value", "gamma", "kl_coef", "lam",
-        "num_mini_batches", "ppo_epochs", "response_length", "temperature", "vf_coef",
+        "missing_eos_penalty", "num_mini_batches", "ppo_epochs", "response_length", "temperature",
+        "value_learning_rate", "vf_coef",
     },
     "distill": _TRAINING | _PEFT | {  # steps.distill.DistillStageConfig
         "alpha", "compare_students", "comparison_new_tokens", "comparison_samples",

@@ -19,9 +19,12 @@ x ``num_mini_batches`` prompts each):
 
   1. Rollout: the policy pi samples a response y = (y_1..y_T) to each prompt x, at most
      ``response_length`` tokens at ``temperature``.
-  2. Score: s = RM(x, y), the reward model's score of the whole response. With the policy frozen
-     as it is now (pi_old), the per-token log-probabilities log pi_old(y_t | x, y_<t), those of the
-     reference log ref(y_t | ...) and the values V(s_t) of the states before each token.
+  2. Score: s = RM(x, y), the reward model's score of the whole response, less
+     ``missing_eos_penalty`` where the response ran out of tokens before its stop token (the reward
+     model would score the unfinished answer as if complete; Huang et al.'s detail, TRL's former
+     PPOConfig.missing_eos_penalty). With the policy frozen as it is now (pi_old), the per-token
+     log-probabilities log pi_old(y_t | x, y_<t), those of the reference log ref(y_t | ...) and
+     the values V(s_t) of the states before each token.
   3. Per-token reward, the KL penalty to the reference on every token and the score at the last:
          r_t = -kl_coef * (log pi_old(y_t) - log ref(y_t)) + [t = T] * s
   4. Advantages by generalised advantage estimation (Schulman et al. 2016):
@@ -34,6 +37,8 @@ x ``num_mini_batches`` prompts each):
          V_clip   = V_old + clip(V - V_old, -cliprange_value, cliprange_value)
          L_value  = 1/2 mean_t max((V - R_t)^2, (V_clip - R_t)^2)
      (means over the response tokens of the minibatch, accumulated exactly over micro-batches).
+     The value head learns at its own ``value_learning_rate``: it starts at zero and must fit the
+     returns within a few iterations, while the policy must move little.
 
 The reference is the starting policy. With peft_method lora it costs no copy: the policy is the
 base model plus a LoRA adapter, and the reference is the same weights with the adapter switched
@@ -48,7 +53,8 @@ initialised one from the reward model) is steadier on large models but doubles t
 
 Logged every ``logging_steps`` iterations: mean_reward (the reward model's score), kl (sequence
 KL to the reference, summed over tokens), policy_loss, value_loss, clip_fraction, entropy,
-approx_kl (between pi_old and pi after the update), response_length, learning_rate. Writes the
+approx_kl (between pi_old and pi after the update), response_length, truncated_fraction (responses
+cut before their stop token), learning_rate (the policy's). Writes the
 policy (a LoRA adapter, or a full model), the tokenizer and training_summary.json to SM_MODEL_DIR,
 metrics.jsonl and loss_curve.png to SM_OUTPUT_DATA_DIR. No mid-run checkpoints: a restarted job
 starts over.
@@ -62,6 +68,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -71,6 +78,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steps.common import contract
 from steps.common.contract import StageError
+from steps.common.knobs import NOT_NEGATIVE, POSITIVE, Range
 from steps.common.metrics import log_metrics, peak_memory_mb, plot_loss_curve
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
@@ -100,6 +108,9 @@ from steps.common.training import (
 
 # RL moves a model that already answers well: small steps (the rates TRL's PPO examples use).
 DEFAULT_LEARNING_RATES = {"none": 3e-6, "lora": 5e-5}
+# The value head starts at zero and must fit the returns within a few iterations: at the policy's
+# rate it barely moves (see value_learning_rate).
+VALUE_LEARNING_RATE = 1e-3
 
 
 @dataclass
@@ -143,6 +154,18 @@ class PPOStageConfig(PeftKnobs, TrainingKnobs):
         default=0.2, metadata={"help": "Clip range of the value update around the old values."}
     )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    value_learning_rate: float = field(
+        default=VALUE_LEARNING_RATE,
+        metadata={"help": "Peak learning rate of the value head, a layer that starts at zero and "
+                  "must learn the returns in a few iterations, unlike the policy, which must move "
+                  "little (learning_rate)."},
+    )
+    missing_eos_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Subtracted from the reward model's score of a response cut at "
+                  "response_length before its stop token, which the reward model would score as "
+                  "if complete; 0: no penalty."},
+    )
     ppo_epochs: int = field(
         default=4, metadata={"help": "Passes of PPO updates over each rollout batch."}
     )
@@ -153,22 +176,25 @@ class PPOStageConfig(PeftKnobs, TrainingKnobs):
         default=1, metadata={"help": "Print a metrics line every this many PPO iterations."}
     )
 
+    # The values PPO's own knobs take (the shared ones are declared in steps.common.knobs). Not
+    # annotated ClassVar: under `from __future__ import annotations` dataclasses looks ClassVar up
+    # in the module by name, which a module run by runpy (tests/pipelines/test_stage_settings.py)
+    # does not hold, and would take it for a field.
+    ALLOWED = MappingProxyType({
+        "response_length": POSITIVE, "temperature": POSITIVE, "ppo_epochs": POSITIVE,
+        "num_mini_batches": POSITIVE, "kl_coef": NOT_NEGATIVE, "cliprange": NOT_NEGATIVE,
+        "cliprange_value": NOT_NEGATIVE, "vf_coef": NOT_NEGATIVE, "gamma": Range(low=0, high=1),
+        "lam": Range(low=0, high=1), "value_learning_rate": POSITIVE,
+        "missing_eos_penalty": NOT_NEGATIVE,
+    })
+
     def __post_init__(self) -> None:
         PeftKnobs.__post_init__(self)
         if self.peft_method not in ALIGNMENT_PEFT_METHODS:
             raise StageError(f"peft_method '{self.peft_method}' is not supported by the PPO "
                              "stage; use none or lora")
         self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
-        TrainingKnobs.__post_init__(self)
-        for name in ("response_length", "temperature", "ppo_epochs", "num_mini_batches"):
-            if not getattr(self, name) > 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "cliprange", "cliprange_value", "vf_coef"):
-            if getattr(self, name) < 0:
-                raise StageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise StageError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        TrainingKnobs.__post_init__(self)  # checks every knob against ALLOWED, PPO's included
         if self.packing:
             raise StageError("packing does not apply to PPO (responses are sampled); set "
                              "packing=false")
@@ -204,6 +230,7 @@ class Rollout:
     prompt_length: int  # P
     response_mask: torch.Tensor  # 1 up to and including the stop token, 0 after
     scores: torch.Tensor  # [B] reward model scores
+    truncated: torch.Tensor  # [B] True where response_length ran out before a stop token
     logprobs: torch.Tensor  # log pi_old(y_t)
     ref_logprobs: torch.Tensor  # log ref(y_t)
     values: torch.Tensor  # V_old(s_t)
@@ -239,8 +266,8 @@ def main(config: PPOStageConfig) -> None:
     # 2. Policy, reference and value head.
     precision = prepare_precision(config)
     default = " (the stage's usual rate)" if config.learning_rate_is_default else ""
-    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}",
-          flush=True)
+    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}, "
+          f"of the value head {config.value_learning_rate:g}", flush=True)
     print(f"loading policy {source}", flush=True)
     policy = load_policy(source, config)
     reference, reference_note = make_reference(policy, config, tokenizer)
@@ -254,14 +281,18 @@ def main(config: PPOStageConfig) -> None:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden_size = policy.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size).to(device)
-    trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    policy_parameters = [p for p in policy.parameters() if p.requires_grad]
+    trainable = policy_parameters + list(value_head.parameters())
     in_memory = _parameters_in_memory([policy, reference.model, value_head])
 
     iterations = config.max_steps if config.max_steps > 0 else max(
         1, math.ceil(config.epochs * len(prompts) / config.rollout_batch_size))
     optimizer_steps = iterations * config.ppo_epochs * config.num_mini_batches
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_parameters, "lr": config.learning_rate},
+         {"params": list(value_head.parameters()), "lr": config.value_learning_rate}],
+        weight_decay=config.weight_decay,
+    )
     scheduler = transformers.get_scheduler(
         config.lr_scheduler_type, optimizer,
         num_warmup_steps=int(config.warmup_ratio * optimizer_steps),
@@ -460,6 +491,7 @@ def collect_rollout(policy: PreTrainedModel, reference: Reference, value_head: V
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
     response_mask = (~after_stop).long()
     responses = responses.masked_fill(after_stop, pad)
+    truncated = ~is_stop.any(1)
     lengths = response_mask.sum(1)
 
     input_ids = torch.cat([query, responses], dim=1)
@@ -484,7 +516,7 @@ def collect_rollout(policy: PreTrainedModel, reference: Reference, value_head: V
         values.append(v)
         ref_logprobs.append(ref_lp)
     mask = response_mask.float()
-    return Rollout(input_ids, attention_mask, width, mask, scores,
+    return Rollout(input_ids, attention_mask, width, mask, scores, truncated,
                    torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask,
                    torch.cat(values) * mask)
 
@@ -518,11 +550,16 @@ def policy_forward(model: PreTrainedModel, value_head: ValueHead | None, input_i
 
 
 def compute_advantages(rollout: Rollout, config: PPOStageConfig) -> None:
-    """Steps 3-4: per-token rewards (KL penalty + score at the last token), then GAE."""
+    """Steps 3-4: per-token rewards (KL penalty + score at the last token), then GAE.
+
+    A response cut before its stop token scores missing_eos_penalty less: the reward model scored
+    it as if complete, and the policy must not learn that running on pays.
+    """
     mask = rollout.response_mask
     rewards = -config.kl_coef * (rollout.logprobs - rollout.ref_logprobs) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(last)), last] += rollout.scores
+    scores = rollout.scores - config.missing_eos_penalty * rollout.truncated.to(rollout.scores.dtype)
+    rewards[torch.arange(len(last)), last] += scores
     values = rollout.values * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -626,6 +663,8 @@ def _iteration_metrics(rollout: Rollout, stats: dict[str, float]) -> dict[str, f
         "entropy": stats["entropy"],
         "approx_kl": stats["approx_kl"],
         "response_length": rollout.response_mask.sum(1).mean().item(),
+        # Responses cut at response_length before a stop token, which missing_eos_penalty costs.
+        "truncated_fraction": rollout.truncated.float().mean().item(),
     }
 
 

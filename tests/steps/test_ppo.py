@@ -106,11 +106,30 @@ def test_ppo_raises_the_mean_reward_while_the_kl_to_the_reference_stays_bounded(
 def test_each_iteration_logs_reward_kl_losses_and_clipping(runs, method):
     stdout = runs[method].stdout
     for name in ("mean_reward", "kl", "policy_loss", "value_loss", "clip_fraction", "entropy",
-                 "approx_kl", "response_length"):
+                 "approx_kl", "response_length", "truncated_fraction"):
         values = re.findall(rf"[ ]{name}=([0-9.eE+-]+)", stdout)
         assert len(values) == ITERATIONS, name
     clipped = [m["clip_fraction"] for m in _iterations(runs[method])]
     assert all(0 <= c <= 1 for c in clipped) and max(clipped) > 0
+
+
+def test_the_value_head_learns_the_returns_at_its_own_rate(tmp_path, reward_model_dir):
+    """The value head starts at zero: at the policy's rate (LoRA's 5e-5, as both shared before
+    value_learning_rate) it barely moves in a run's first iterations; at its own it fits."""
+    def late_value_loss(value_learning_rate: float) -> float:
+        run = run_stage(
+            ppo.main, ppo.PPOStageConfig, tmp_path / f"value-{value_learning_rate}" / "opt-ml",
+            {"train": TRAIN, "reward_model": reward_model_dir}, base_model="builtin:tiny",
+            peft_method="lora", max_steps=12, per_device_batch_size=8, response_length=8,
+            temperature=1.0, lr_scheduler_type="constant", checkpoint_steps=0, seed=1,
+            value_learning_rate=value_learning_rate,
+        )
+        return sum(m["value_loss"] for m in _iterations(run)[-4:]) / 4
+
+    policy_rate = ppo.PPOStageConfig(peft_method="lora").learning_rate
+    default = ppo.PPOStageConfig().value_learning_rate
+
+    assert late_value_loss(default) < 0.7 * late_value_loss(policy_rate)
 
 
 def test_lora_ppo_holds_no_second_copy_of_the_policy(runs):
@@ -177,11 +196,12 @@ def test_without_a_reward_model_the_job_fails_in_one_line(tmp_path, capsys):
 # --- The algorithm's parts ------------------------------------------------------------------------
 
 
-def _rollout(scores, logprobs, ref_logprobs, values, mask) -> ppo.Rollout:
+def _rollout(scores, logprobs, ref_logprobs, values, mask, truncated=None) -> ppo.Rollout:
     tensor = torch.tensor
     return ppo.Rollout(
         input_ids=torch.zeros(len(scores), 1, dtype=torch.long), attention_mask=None,
         prompt_length=1, response_mask=tensor(mask, dtype=torch.float), scores=tensor(scores),
+        truncated=tensor(truncated or [False] * len(scores)),
         logprobs=tensor(logprobs), ref_logprobs=tensor(ref_logprobs), values=tensor(values),
     )
 
@@ -202,6 +222,24 @@ def test_gae_with_gamma_and_lambda_one_returns_the_reward_to_go():
     assert rollout.advantages[1, 2] == 0  # nothing after the response
     real = rollout.advantages[rollout.response_mask.bool()]
     assert real.mean().abs() < 1e-5 and real.std(unbiased=False) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_response_cut_before_its_stop_token_earns_the_missing_eos_penalty_less():
+    # Two responses the reward model scored alike; the second ran out of response_length before
+    # its stop token, so the score is of an unfinished answer.
+    same = {"logprobs": [[-1.0, -1.0]] * 2, "ref_logprobs": [[-1.0, -1.0]] * 2,
+            "values": [[0.0, 0.0]] * 2, "mask": [[1, 1]] * 2}
+    rollout = _rollout(scores=[1.0, 1.0], truncated=[False, True], **same)
+    config = ppo.PPOStageConfig(gamma=1.0, lam=1.0)
+
+    ppo.compute_advantages(rollout, config)
+
+    assert config.missing_eos_penalty == 1.0  # on by default
+    assert rollout.returns.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert (rollout.advantages[1] < rollout.advantages[0]).all()
+    switched_off = _rollout(scores=[1.0, 1.0], truncated=[False, True], **same)
+    ppo.compute_advantages(switched_off, ppo.PPOStageConfig(missing_eos_penalty=0.0))
+    assert switched_off.returns[0].tolist() == switched_off.returns[1].tolist()
 
 
 def test_the_clipped_objective_stops_pushing_ratios_beyond_the_clip_range():
@@ -250,6 +288,8 @@ def test_prompts_come_from_every_format_that_has_them(tmp_path):
     ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
     ({"peft_method": "prefix_tuning"}, "peft_method 'prefix_tuning' is not supported"),
     ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"missing_eos_penalty": -1.0}, r"missing_eos_penalty must be >= 0, got -1.0"),
+    ({"value_learning_rate": 0.0}, r"value_learning_rate must be > 0, got 0.0"),
 ])
 def test_bad_settings_are_refused_by_name(knobs, message):
     with pytest.raises(StageError, match=message):
