@@ -77,6 +77,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.datasets import load_records, needs_responses, sft_example
+from steps.common.labels import sft_tokens_and_labels, trains_a_token
 from steps.common.models import (
     load_model,
     load_tokenizer,
@@ -600,12 +601,10 @@ def example_losses(
     batch_size: int,
     max_seq_length: int,
 ) -> list[tuple[float, int]]:
-    """(summed token loss, token count, byte count) per example, over the tokens SFT trains on: the
-    completion, the last assistant turn of a conversation, or all of a plain text."""
-    tokenized = [_tokens_and_labels(example, tokenizer, max_seq_length) for example in examples]
-    tokenized = [
-        (ids, labels) for ids, labels in tokenized if any(label != -100 for label in labels[1:])
-    ]
+    """(summed token loss, token count, byte count) per example, over the tokens SFT trains on
+    (steps.common.labels: TRL's labels), so that this is the loss training minimised."""
+    tokenized = [sft_tokens_and_labels(example, tokenizer, max_seq_length) for example in examples]
+    tokenized = [(ids, labels) for ids, labels in tokenized if trains_a_token(labels)]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     results = []
@@ -641,41 +640,6 @@ def example_losses(
             flush=True,
         )
     return results
-
-
-def _tokens_and_labels(
-    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
-) -> tuple[list[int], list[int]]:
-    # Built as TRL's SFTTrainer builds a training example, so this is the loss training minimised.
-    split = prompt_and_completion(example)
-    if split is None:  # no prompt: every token counts (TRL appends EOS to plain text)
-        if "text" in example:
-            text = example["text"] + tokenizer.eos_token
-        else:
-            text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
-        ids = _encode(tokenizer, text)[:max_seq_length]
-        return ids, ids
-    prompt, completion = split
-    if isinstance(prompt, list):
-        prompt_text = tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True
-        )
-        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    else:
-        prompt_text, full_text = prompt, prompt + completion + tokenizer.eos_token
-    prompt_ids, full_ids = _encode(tokenizer, prompt_text), _encode(tokenizer, full_text)
-    # The completion starts where the two sequences diverge (tokens can merge across the boundary).
-    shared = next(
-        (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
-        min(len(prompt_ids), len(full_ids)),
-    )
-    labels = [-100] * shared + full_ids[shared:]
-    return full_ids[:max_seq_length], labels[:max_seq_length]
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # The chat template already holds any special tokens: adding them again would duplicate a BOS.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --- Generation -----------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 outputs and the file format they are cached in, and the loss.
 
 The teacher stage (steps.teacher_logits) and the student stage (steps.distill) must agree token for
-token on what they score, so both tokenize with `tokenize_examples` (TRL's SFTTrainer rules, below)
-and the student checks the cache's `tokens_sha256` against its own before it trusts a single
-number in it.
+token on what they score, so both tokenize with `tokenize_examples` (TRL's SFTTrainer rules,
+steps.common.labels) and the student checks the cache's `tokens_sha256` against its own before it
+trusts a single number in it.
 
 The cache (a folder):
 
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.chat_template_utils import has_generation_markers
 
 from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record, sft_example
+from steps.common.labels import sft_tokens_and_labels, trains_a_token
 
 CACHE_FORMAT = "llm-pipeline/teacher-top-k"
 CACHE_VERSION = 1
@@ -89,14 +89,9 @@ def tokenize_examples(
     records: list[Record], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
 ) -> list[Example]:
-    """The records as TRL's SFTTrainer tokenizes and masks them (steps.sft), truncated at the end.
-
-    SFT's shape of each record (`sft_example`), then TRL 1.16's rules, rewritten here because TRL
-    runs them only inside an SFTTrainer: text gets EOS and every token trains; a conversation trains
-    its assistant turns when the chat template marks them ({% generation %}), else every token; a
-    prompt + completion trains the completion, which starts where the tokenized prompt (with the
-    generation prompt) and prompt + completion diverge; a string completion gets EOS. Examples cut
-    to nothing trainable are dropped, as TRL drops them.
+    """The records as TRL's SFTTrainer tokenizes and masks them (steps.sft), truncated at the end:
+    SFT's shape of each record (`sft_example`) labelled by steps.common.labels. Examples cut to
+    nothing trainable are dropped, as TRL drops them.
     """
     if fmt.conversational and not tokenizer.chat_template:
         raise StageError(
@@ -104,15 +99,13 @@ def tokenize_examples(
             "or give the data as text / prompt+completion strings"
         )
     chat_template = bool(tokenizer.chat_template)
-    marks_assistant = has_generation_markers(tokenizer.chat_template or "")
     examples = []
     for record in records:
         example = sft_example(record.data, fmt, chat_template)
         if example is None:
             continue
-        ids, labels = _tokens_and_labels(example, tokenizer, marks_assistant)
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if any(label != -100 for label in labels[1:]):
+        ids, labels = sft_tokens_and_labels(example, tokenizer, max_seq_length)
+        if trains_a_token(labels):
             examples.append(Example(ids, labels))
     if not examples:
         raise StageError(
@@ -120,39 +113,6 @@ def tokenize_examples(
             f"{max_seq_length}; raise max_seq_length or check the data"
         )
     return examples
-
-
-def _tokens_and_labels(
-    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, marks_assistant: bool
-) -> tuple[list[int], list[int]]:
-    eos = tokenizer.eos_token
-    if "text" in example:
-        text = example["text"] if example["text"].endswith(eos) else example["text"] + eos
-        ids = tokenizer(text)["input_ids"]
-        return ids, list(ids)
-    if "messages" in example:
-        out = tokenizer.apply_chat_template(
-            example["messages"], tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=marks_assistant,
-        )
-        ids = list(out["input_ids"])
-        masks = out.get("assistant_masks") or [1] * len(ids)
-        return ids, [token if mask else -100 for token, mask in zip(ids, masks)]
-    prompt, completion = example["prompt"], example["completion"]
-    if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(
-            prompt, tokenize=True, return_dict=True, add_generation_prompt=True
-        )["input_ids"]
-        ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    else:
-        completion = completion if completion.endswith(eos) else completion + eos
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + completion)["input_ids"]
-    ids = list(ids)
-    shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b),
-                  min(len(prompt_ids), len(ids)))
-    return ids, [-100] * shared + ids[shared:]
 
 
 def tokens_sha256(examples: list[Example]) -> str:

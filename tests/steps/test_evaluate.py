@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 
-from steps import evaluate
+from steps import evaluate, sft
 from steps.common import contract, models
+from steps.common.datasets import Record, sft_example, validate_records
 
 from .conftest import counting_records, write_jsonl
 
@@ -252,3 +254,27 @@ def test_prompt_only_data_fails_in_one_line_and_writes_nothing(sft_run, tmp_path
     assert "prompts.jsonl:1: the data is prompt-only records" in last_line
     assert "this stage needs responses" in last_line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("records", [
+    [{"messages": [{"role": "user", "content": f"Count to {n}."},
+                   {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))},
+                   {"role": "user", "content": "Again."},
+                   {"role": "assistant", "content": "Once more."}]} for n in (2, 3, 4)],
+    counting_records(3),
+    [{"text": f"The number {n} follows {n - 1}."} for n in (2, 3, 4)],
+], ids=["messages", "prompt and completion", "text"])
+def test_the_eval_loss_is_the_loss_sft_evaluates_on_the_same_records(records):
+    tokenizer = models.load_tokenizer(models.TINY)
+    model = models.load_model(models.TINY).eval()
+    fmt = validate_records([Record(data, f"x:{i}") for i, data in enumerate(records)])
+    examples = [sft_example(data, fmt, chat_template=True) for data in records]
+    config = sft.SFTStageConfig(base_model=models.TINY, checkpoint_steps=0,
+                                per_device_batch_size=len(examples))
+    trainer = sft.sft_trainer(config, "fp32", model, tokenizer, Dataset.from_list(examples),
+                              Dataset.from_list(examples))
+
+    losses = evaluate.example_losses(model, tokenizer, examples, len(examples), 512)
+
+    eval_loss = sum(total for total, _, _ in losses) / sum(count for _, count, _ in losses)
+    assert eval_loss == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
