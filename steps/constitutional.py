@@ -56,14 +56,7 @@ import yaml
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.critics import BedrockModel, Critic, LocalModel, Prompt, SageMakerEndpoint
-from steps.common.datasets import (
-    DatasetFormat,
-    Record,
-    data_files,
-    read_records,
-    record_problem,
-    validate_records,
-)
+from steps.common.datasets import distinct_prompts, read_prompts
 from steps.common.models import SMOLLM2, TINY, resolve_model_source
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitution.yaml")
@@ -233,15 +226,15 @@ def main(config: ConstitutionalConfig) -> None:
     principles = load_constitution(constitution_path)
     print(f"constitution {constitution_path}: {len(principles)} principles "
           f"({', '.join(p.name for p in principles)})", flush=True)
-    prompts, input_format, records_read = read_prompts(Path(config.data_dir))
-    unique = _deduplicate(prompts)
+    data_format, prompts = read_prompts(Path(config.data_dir))
+    unique = distinct_prompts(prompts)
     rng = random.Random(config.seed)
     rng.shuffle(unique)
     selected = unique[: config.samples]
     if len(selected) < 2:
         raise StageError(f"{config.data_dir}: {len(selected)} distinct prompt(s); a train/"
                          "validation split needs at least 2")
-    print(f"prompts: {records_read} {input_format} records, {len(unique)} distinct, using "
+    print(f"prompts: {len(prompts)} {data_format.name} records, {len(unique)} distinct, using "
           f"{len(selected)} (seed {config.seed})", flush=True)
 
     # 2-4. The policy answers; the critic critiques, revises and judges.
@@ -273,8 +266,8 @@ def main(config: ConstitutionalConfig) -> None:
         for dataset, record in (("sft", sft_record), ("preferences", preference_record))
         for split, split_examples in splits.items()
     }
-    manifest = _manifest(config, source, critic, constitution_path, principles, input_format,
-                         records_read, len(unique), examples, kept, dropped, splits, files)
+    manifest = _manifest(config, source, critic, constitution_path, principles, data_format.name,
+                         len(prompts), len(unique), examples, kept, dropped, splits, files)
     output_dir = Path(config.output_dir)
     with contract.atomic_output(output_dir) as staging:
         for name, payload in files.items():
@@ -404,97 +397,7 @@ def load_constitution(path: Path) -> list[Principle]:
     return principles
 
 
-# --- Prompts --------------------------------------------------------------------------------------
-
-
-def read_prompts(path: Path) -> tuple[list[Prompt], str, int]:
-    """(prompts, input format, records read) of every data file at `path`.
-
-    Formats steps.common.datasets knows with their responses (prompt/completion, preference,
-    unpaired preference) are checked by it; prompt-only records and conversations are checked
-    here, since a conversation that ends with the user's turn has no assistant turn to learn from
-    and datasets.py (rightly, for SFT) refuses it.
-    """
-    records = [record for file in data_files(path) for record in read_records(file)]
-    first = records[0]
-    if not isinstance(first.data, dict):
-        raise StageError(f"{first.location}: expected a JSON object, got {_kind(first.data)}")
-    keys = set(first.data)
-    if keys & {"completion", "chosen", "rejected"}:
-        fmt = validate_records(records)
-        return [_prompt_of(record, fmt) for record in records], fmt.name, len(records)
-    if "messages" in keys or "prompt" in keys:
-        field_name = "messages" if "messages" in keys else "prompt"
-        conversational = field_name == "messages" or isinstance(first.data[field_name], list)
-        prompts, problems = [], []
-        for record in records:
-            problem, prompt = _checked_prompt(record, field_name, conversational)
-            if problem:
-                problems.append(f"{record.location}: {problem}")
-            prompts.append(prompt)
-        if problems:
-            more = f" ({len(problems) - 1} more records have problems)" if len(problems) > 1 else ""
-            raise StageError(problems[0] + more)
-        name = "conversational" if field_name == "messages" else "prompt_only"
-        return prompts, name, len(records)
-    listing = sorted(keys) if len(keys) < 20 else f"{len(keys)} fields"
-    text_only = "; 'text' records have no prompt to answer" if "text" in keys else ""
-    raise StageError(
-        f"{first.location}: no prompts in fields {listing}{text_only}; give records with "
-        "'prompt' (a string or messages), 'messages', 'prompt'+'completion' or "
-        "'prompt'+'chosen'+'rejected'"
-    )
-
-
-def _checked_prompt(record: Record, field_name: str, conversational: bool) -> tuple[str | None,
-                                                                                  Any]:
-    data = record.data
-    if not isinstance(data, dict):
-        return f"expected a JSON object, got {_kind(data)}", None
-    if field_name not in data:
-        return f"field '{field_name}': missing; every record needs the first one's", None
-    value = data[field_name]
-    if field_name == "messages" and isinstance(value, list) and value:
-        last = value[-1]
-        if isinstance(last, dict) and last.get("role") == "assistant":
-            value = value[:-1]  # answered anew from the turn before
-            if not value:
-                return "field 'messages': only an assistant turn; a prompt needs a user turn", None
-    # datasets.py has no prompt-only format: check the value as the prompt of a prompt/completion
-    # record beside a placeholder completion (always valid), so the rules and wording are its own.
-    placeholder = [{"role": "assistant", "content": "-"}] if conversational else "-"
-    problem = record_problem({"prompt": value, "completion": placeholder},
-                             DatasetFormat("prompt_completion", conversational))
-    if problem and field_name == "messages":
-        problem = problem.replace("field 'prompt", "field 'messages", 1)
-    return problem, value
-
-
-def _prompt_of(record: Record, fmt: DatasetFormat) -> Prompt:
-    data = record.data
-    if "prompt" in data:
-        return data["prompt"]
-    if fmt.name == "preference":  # implicit prompt: split off as TRL does
-        from trl.data_utils import extract_prompt
-
-        prompt = extract_prompt({"chosen": data["chosen"], "rejected": data["rejected"]})["prompt"]
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-            raise StageError(f"{record.location}: 'chosen' and 'rejected' share no prompt; give "
-                             "the prompt in a 'prompt' field")
-        return prompt
-    raise StageError(f"{record.location}: {fmt.name} records have no prompt to answer; give "
-                     "records with 'prompt' or 'messages'")
-
-
-def _deduplicate(prompts: list[Prompt]) -> list[Prompt]:
-    seen: set[str] = set()
-    unique = []
-    for prompt in prompts:
-        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
-            unique.append(prompt)
-    return unique
+# --- Models ---------------------------------------------------------------------------------------
 
 
 def _model_source(spec: str) -> str:

@@ -70,14 +70,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.datasets import load_records, needs_responses, sft_example
-from steps.common.labels import sft_tokens_and_labels, trains_a_token
 from steps.common.models import (
     load_model,
     load_tokenizer,
@@ -95,6 +92,17 @@ from steps.common.preference import (
     win_rate,
 )
 from steps.common.report import stage_effects, write_report
+from steps.common.scoring import (
+    answer_kl,
+    exact_match,
+    example_losses,
+    generate_answers,
+    mean_loss,
+    perplexity,
+    prompt_and_completion,
+    response_text,
+    rouge_l,
+)
 from steps.common.training import read_lineage
 
 # The metrics metrics_comparison.png shows: a pair of bars (base, tuned) where there is a base_
@@ -112,9 +120,6 @@ METRIC_NAMES = (
     "kl_to_base",
     "win_rate",
 )
-# Chat templates' end-of-turn tokens: an answer that ends with one has stopped, even where the
-# tokenizer's EOS is another token (ChatML, Llama 3, Gemma, Phi-3).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass
@@ -308,11 +313,11 @@ def model_metrics(
         if name not in results:
             continue
         losses = results[name]["losses"]
-        total = sum(loss for loss, _, _ in losses)
-        loss = total / max(sum(count for _, count, _ in losses), 1)
+        total, loss = sum(loss for loss, _, _ in losses), mean_loss(losses)
         per_example = [loss_sum / count for loss_sum, count, _ in losses]
         metrics[f"{prefix}eval_loss"] = _metric(loss, per_example)
-        metrics[f"{prefix}perplexity"] = _metric(_exp(loss), [_exp(x) for x in per_example])
+        metrics[f"{prefix}perplexity"] = _metric(perplexity(loss),
+                                                 [perplexity(x) for x in per_example])
         # Bits per byte do not depend on the tokenizer: comparable across vocabularies.
         metrics[f"{prefix}bits_per_byte"] = _metric(
             total / math.log(2) / max(sum(size for _, _, size in losses), 1),
@@ -344,7 +349,7 @@ def model_metrics(
         tokens = max(sum(count for _, count, _ in tuned_losses), 1)
         gap = sum(x for x, _, _ in base_losses) - sum(x for x, _, _ in tuned_losses)
         metrics["perplexity_ratio"] = {  # a ratio of two aggregates: no per-sample spread
-            "value": _exp(gap / tokens),
+            "value": perplexity(gap / tokens),
             "standard_deviation": 0.0,
         }
         if "margins" in results["tuned"]:
@@ -468,16 +473,11 @@ def score_model(
         model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size
     )
     references = [response_text(completion) for _, completion in pairs]
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
     result = {
         "losses": losses,
         "generations": generations,
-        "rouge_l": [
-            scorer.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(references, generations)
-        ],
-        "exact_match": [
-            float(_normalise(ref) == _normalise(gen)) for ref, gen in zip(references, generations)
-        ],
+        "rouge_l": rouge_l(references, generations),
+        "exact_match": exact_match(references, generations),
         "eos_rate": [float(flag) for flag in stopped],
         "token_ids": token_ids,
     }
@@ -570,7 +570,7 @@ def _checks(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """evaluation.json's "checks": the tuned model's chat template and whether its answers stop."""
-    stops = stop_tokens(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     answers = len(result["eos_rate"])
     eos_rate = _mean(result["eos_rate"]) if answers else None
     checks = {
@@ -591,203 +591,7 @@ def _checks(
     return checks
 
 
-# --- Loss -----------------------------------------------------------------------------------------
-
-
-def example_losses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[dict[str, Any]],
-    batch_size: int,
-    max_seq_length: int,
-) -> list[tuple[float, int]]:
-    """(summed token loss, token count, byte count) per example, over the tokens SFT trains on
-    (steps.common.labels: TRL's labels), so that this is the loss training minimised."""
-    tokenized = [sft_tokens_and_labels(example, tokenizer, max_seq_length) for example in examples]
-    tokenized = [(ids, labels) for ids, labels in tokenized if trains_a_token(labels)]
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    results = []
-    for start in range(0, len(tokenized), batch_size):
-        batch = tokenized[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor(
-            [ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=device
-        )
-        labels = torch.tensor(
-            [lab + [-100] * (width - len(lab)) for _, lab in batch], device=device
-        )
-        attention_mask = torch.tensor(
-            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device
-        )
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        # A prompt-tuning or p-tuning adapter prepends its virtual tokens, and their logits.
-        logits = logits[:, -input_ids.shape[1] :]
-        # Token t is predicted from the logits at t-1.
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-        )
-        counted = labels[:, 1:] != -100
-        for row, (_, row_labels) in enumerate(batch):
-            scored = [label for label in row_labels[1:] if label != -100]
-            size = len(tokenizer.decode(scored).encode("utf-8"))
-            results.append(
-                (token_loss[row][counted[row]].sum().item(), int(counted[row].sum()), size)
-            )
-        print(
-            f"  loss batch {start // batch_size + 1}/{math.ceil(len(tokenized) / batch_size)}",
-            flush=True,
-        )
-    return results
-
-
-# --- Generation -----------------------------------------------------------------------------------
-
-
-def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens an answer ends at: the model's and the tokenizer's EOS, and the chat template's
-    end-of-turn token where the tokenizer has one as an added token."""
-    added = tokenizer.get_added_vocab()
-    end_of_turn = [added[token] for token in END_OF_TURN_TOKENS if token in added]
-    return sorted({*stop_token_ids(model, tokenizer), *end_of_turn})
-
-
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Any],
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy answers to `prompts` (message lists get the chat template's generation prompt)."""
-    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)[0]
-
-
-def generate_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Any],
-    max_new_tokens: int,
-    batch_size: int,
-) -> tuple[list[str], list[bool], list[tuple[list[int], list[int]]]]:
-    """Greedy answers to `prompts`, whether each ended with a stop token (`stop_tokens`) within
-    `max_new_tokens` rather than being cut off there, and each (prompt, answer) as token ids (the
-    answer up to and including its stop token), for scoring the very tokens generated."""
-    stops = stop_tokens(model, tokenizer)
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        if isinstance(p, list)
-        else p
-        for p in prompts
-    ]
-    device = next(model.parameters()).device
-    answers, stopped, token_ids = [], [], []
-    # Pad on the left, so that every prompt in a batch ends where generation continues.
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size],
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            with torch.no_grad():
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stops,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += [
-                text.strip()
-                for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            ]
-            # Generation ends a row at its first stop token; rows that did not stop are full.
-            is_stop = torch.isin(new_tokens, torch.tensor(stops, device=device))
-            stopped += is_stop.any(-1).tolist()
-            for row in range(new_tokens.shape[0]):
-                prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-                end = int(is_stop[row].int().argmax()) + 1 if is_stop[row].any() else None
-                token_ids.append((prompt_ids, new_tokens[row][:end].tolist()))
-            batches = math.ceil(len(texts) / batch_size)
-            print(f"  generation batch {start // batch_size + 1}/{batches}", flush=True)
-    finally:
-        tokenizer.padding_side = padding_side
-    return answers, stopped, token_ids
-
-
-@torch.no_grad()
-def answer_kl(
-    model: PreTrainedModel,
-    sequences: list[tuple[list[int], list[int]]],
-    pad_token_id: int,
-    batch_size: int,
-    reference: PreTrainedModel | None = None,
-) -> list[float]:
-    """Per (prompt, answer) token ids: the sum over the answer's tokens of the exact
-    KL(model(. | context) || reference(. | context)) between the two next-token distributions.
-
-    Always >= 0 and 0 only where the two models agree; it scores the tokens generated, so no
-    decode/re-encode round trip changes them. `reference` None: `model` with its adapter switched
-    off (a LoRA model's base). Written here because neither TRL nor transformers has it for a
-    model pair outside a trainer.
-    """
-    device = next(model.parameters()).device
-    results: list[float] = []
-    for first in range(0, len(sequences), batch_size):
-        batch = sequences[first:first + batch_size]
-        width = max(len(p) + len(a) for p, a in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, device=device)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        scored = torch.zeros((len(batch), width), dtype=torch.bool, device=device)
-        for row, (prompt, answer) in enumerate(batch):
-            input_ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            attention_mask[row, :len(prompt) + len(answer)] = 1
-            # The distributions that predicted each answer token: positions P-1 .. P+T-2.
-            scored[row, max(len(prompt) - 1, 0):len(prompt) + len(answer) - 1] = True
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        # Prompt-learning adapters prepend virtual tokens: keep the last `width` positions.
-        tuned = model(**inputs).logits[:, -width:].float().log_softmax(-1)
-        if reference is None:
-            with model.disable_adapter():
-                base = model(**inputs).logits[:, -width:].float().log_softmax(-1)
-        else:
-            base = reference(**inputs).logits[:, -width:].float().log_softmax(-1)
-        kl = (tuned.exp() * (tuned - base)).sum(-1).clamp_min(0)  # rounding can dip below 0
-        results += (kl * scored).sum(-1).tolist()
-    return results
-
-
 # --- Helpers of this stage ------------------------------------------------------------------------
-
-
-def prompt_and_completion(example: dict[str, Any]) -> tuple[Any, Any] | None:
-    """What the model is given and what it should answer; None for text with no prompt."""
-    if "prompt" in example:
-        return example["prompt"], example["completion"]
-    if "messages" in example:
-        messages = example["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return (messages[:last], [messages[last]]) if last > 0 else None
-    return None
-
-
-def response_text(completion: Any) -> str:
-    if isinstance(completion, list):
-        return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
-    return completion
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _exp(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # a diverged model's loss must not overflow the report
 
 
 def _mean(values: list[float]) -> float:

@@ -95,6 +95,7 @@ from steps.common.preference import (
     load_reward_model,
     reward_scores,
 )
+from steps.common.scoring import generate
 from steps.common.training import (
     TrainingKnobs,
     TrainingReport,
@@ -688,8 +689,6 @@ def _validation_reward(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                        config: PPOStageConfig, autocast: contextlib.AbstractContextManager,
                        ) -> float:
     """The mean reward of the policy's greedy responses to `prompts`."""
-    from steps.evaluate import generate
-
     with autocast:
         responses = generate(policy, tokenizer, prompts, config.response_length,
                              config.per_device_batch_size)

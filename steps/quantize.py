@@ -25,8 +25,8 @@ quantized with no extra argument), with the tokenizer and a training_summary.jso
 Per variant, and for the full-precision reference, it measures: size on disk of the weights, load
 time, memory footprint, generation speed (new tokens per second, greedy, batch 1, the median of
 `speed_runs` runs after a warm-up) and, with data, the mean token loss and perplexity on the
-responses (steps.evaluate.example_losses) and ROUGE-L / exact match of greedy answers against the
-references and agreement with the reference model's own answers (steps.evaluate.generate).
+responses and ROUGE-L / exact match of greedy answers against the references, as steps.evaluate
+measures them (steps.common.scoring), and agreement with the reference model's own answers.
 
 Writes to --output-dir, all or nothing: int8/ and/or nf4/ (each a loadable model folder),
 quantization.json and quantization_comparison.png. quantization.json:
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import statistics
 import tempfile
@@ -54,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from steps.common import contract
@@ -71,8 +69,17 @@ from steps.common.models import (
     resolve_model_source,
 )
 from steps.common.peft_methods import merge_adapter
+from steps.common.scoring import (
+    exact_match,
+    example_losses,
+    generate,
+    mean_loss,
+    perplexity,
+    prompt_and_completion,
+    response_text,
+    rouge_l,
+)
 from steps.common.training import HISTORY_FILE, LINEAGE_FILE
-from steps.evaluate import example_losses, generate, prompt_and_completion, response_text
 
 SCHEMES = ("int8", "nf4")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -328,18 +335,15 @@ def _measure(name: str, folder: Path, tokenizer, examples: list[dict], pairs: li
         print(f"{name}: loss on {len(examples)} examples", flush=True)
         losses = example_losses(model, tokenizer, examples, config.batch_size,
                                 config.max_seq_length)
-        loss = sum(x for x, _, _ in losses) / max(sum(n for _, n, _ in losses), 1)
-        result["eval_loss"], result["perplexity"] = loss, math.exp(min(loss, 700.0))
+        loss = mean_loss(losses)
+        result["eval_loss"], result["perplexity"] = loss, perplexity(loss)
     if pairs:
         print(f"{name}: generating {len(pairs)} answers", flush=True)
         answers = generate(model, tokenizer, [p for p, _ in pairs], config.max_new_tokens,
                            config.batch_size)
         references = [response_text(completion) for _, completion in pairs]
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        result["rouge_l"] = statistics.fmean(
-            scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers))
-        result["exact_match"] = statistics.fmean(
-            float(_normalise(r) == _normalise(a)) for r, a in zip(references, answers))
+        result["rouge_l"] = statistics.fmean(rouge_l(references, answers))
+        result["exact_match"] = statistics.fmean(exact_match(references, answers))
         # How often the quantized model says exactly what the full-precision one says.
         result["agreement"] = statistics.fmean(
             float(a == b) for a, b in zip(answers, reference_answers or answers))
@@ -395,10 +399,6 @@ def _add_deltas(result: dict[str, Any], reference: dict[str, Any]) -> None:
             result[f"{name}_delta"] = result[name] - reference[name]
     if result["perplexity"] is not None and reference["perplexity"]:
         result["perplexity_ratio"] = result["perplexity"] / reference["perplexity"]
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:

@@ -380,8 +380,7 @@ def record_prompt(data: dict[str, Any], fmt: DatasetFormat) -> Any:
     if fmt.name == "language_modeling":
         return data["text"]
     if fmt.name == "conversational":
-        messages = data["messages"]
-        return messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        return turns_before_answer(data["messages"])
     if "prompt" in data:
         return data["prompt"]
     from trl.data_utils import extract_prompt  # the preference format with an implicit prompt
@@ -404,6 +403,75 @@ def prompt_key(data: dict[str, Any], fmt: DatasetFormat) -> str:
 
 def _normalised(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def turns_before_answer(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns before a conversation's last assistant turn: what that answer answers."""
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    return messages[:answers[-1]] if answers else messages
+
+
+# --- Prompts, for the stages that write their own answers (PPO, constitutional AI) ----------------
+
+
+def read_prompts(path: Path) -> tuple[DatasetFormat, list[Any]]:
+    """The format of the data at `path` (a file or folder) and the prompt of each record, in order.
+
+    Every format with prompts: prompt-only, prompt-completion and unpaired preference (the
+    completions are not read), preference (an implicit prompt split off as TRL does) and
+    conversations, which may end with the user's turn (a prompt to answer) or with an answer (then
+    answered anew from the turn before). Text has no prompts: a StageError, as is a record with none.
+    """
+    records = [record for file in data_files(path) for record in read_records(file)]
+    first = records[0] if records else None
+    if first is not None and isinstance(first.data, dict) and "messages" in first.data:
+        return DatasetFormat("conversational", True), _conversation_prompts(records)
+    fmt = validate_records(records)
+    if fmt.name == "language_modeling":
+        raise StageError(
+            f"{first.location}: 'text' records have no prompt to answer; give records with "
+            "'prompt' (a string or messages), 'messages', 'prompt'+'completion' or "
+            "'prompt'+'chosen'+'rejected'"
+        )
+    prompts = [record_prompt(record.data, fmt) for record in records]
+    for record, prompt in zip(records, prompts):
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise StageError(f"{record.location}: 'chosen' and 'rejected' share no prompt; give "
+                             "the prompt in a 'prompt' field")
+    return fmt, prompts
+
+
+def distinct_prompts(prompts: list[Any]) -> list[Any]:
+    """The prompts without repeats, in order of first appearance."""
+    return list({json.dumps(prompt, sort_keys=True, ensure_ascii=False): prompt
+                 for prompt in prompts}.values())
+
+
+def _conversation_prompts(records: list[Record]) -> list[Any]:
+    prompts, problems = [], []
+    for record in records:
+        data, prompt, problem = record.data, None, None
+        if not isinstance(data, dict):
+            problem = f"expected a JSON object, got {_kind(data)}"
+        elif "messages" not in data:
+            problem = "field 'messages': missing; every record needs the first one's"
+        else:
+            problem = _messages_problem(data["messages"], "messages", needs_assistant=False)
+            if problem is None:
+                messages = data["messages"]
+                prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+                problem = (
+                    "field 'messages': only an assistant turn; a prompt needs a user turn"
+                    if not prompt else
+                    _messages_problem(prompt, "messages", needs_assistant=False, is_prompt=True)
+                )
+        if problem:
+            problems.append(f"{record.location}: {problem}")
+        prompts.append(prompt)
+    if problems:
+        more = f" ({len(problems) - 1} more records have problems)" if len(problems) > 1 else ""
+        raise StageError(problems[0] + more)
+    return prompts
 
 
 # --- What supervised fine-tuning learns from a record ---------------------------------------------

@@ -157,11 +157,20 @@ def load_model(
     return _from_folder(folder, dtype, quantization_config)
 
 
+# Chat templates' end-of-turn tokens: an answer that ends with one has stopped, even where the
+# tokenizer's EOS is another token (ChatML, Llama 3, Gemma, Phi-3).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens generation ends at: the generation config's EOS ids and the tokenizer's EOS."""
+    """The tokens an answer ends at: the generation config's EOS ids, the tokenizer's EOS, and the
+    chat template's end-of-turn token where the tokenizer has one as an added token."""
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
-    return sorted({token for token in [*ids, tokenizer.eos_token_id] if token is not None})
+    added = tokenizer.get_added_vocab()
+    end_of_turn = [added[token] for token in END_OF_TURN_TOKENS if token in added]
+    return sorted({token for token in [*ids, tokenizer.eos_token_id, *end_of_turn]
+                   if token is not None})
 
 
 def resolve_model_source(channel_dir: Path | None, base_model_spec: str) -> str:

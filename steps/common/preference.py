@@ -37,11 +37,9 @@ from steps.common.contract import StageError
 from steps.common.datasets import (
     DatasetFormat,
     Record,
-    data_files,
+    distinct_prompts,
     load_records,
-    read_records,
-    record_problem,
-    validate_records,
+    read_prompts,
 )
 
 if TYPE_CHECKING:
@@ -363,62 +361,14 @@ def win_rate(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def load_prompts(path: Path, chat_template: bool) -> list[Any]:
-    """The distinct prompts of the data at `path`, in order, in the shape a policy is prompted with.
-
-    Any TRL format with prompts: preference records (explicit or implicit prompt), prompt-completion
-    and unpaired preference records (the completions are not used), conversations (the turns before
-    the last assistant turn) and prompt-only records ({"prompt": ...}). With a chat template a
-    string prompt becomes a user turn, as in training.
-    """
-    from trl.data_utils import extract_prompt
-
-    records = [record for file in data_files(path) for record in read_records(file)]
-    if isinstance(records[0].data, dict) and set(records[0].data) == {"prompt"}:
-        fmt = _check_prompt_only(records)
-        prompts = [record.data["prompt"] for record in records]
-    else:
-        fmt = validate_records(records)
-        if fmt.name == "language_modeling":
-            raise StageError(
-                f"{records[0].location}: plain text records have no prompts to answer; give "
-                "preference, prompt-completion, conversational or prompt-only ({'prompt': ...}) "
-                "records"
-            )
-        if fmt.name == "conversational":
-            prompts = []
-            for record in records:
-                messages = record.data["messages"]
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                if last == 0:
-                    raise StageError(f"{record.location}: field 'messages': the conversation "
-                                     "starts with the assistant, so there is no prompt to answer")
-                prompts.append(messages[:last])
-        elif fmt.name == "preference" and "prompt" not in records[0].data:
-            prompts = [extract_prompt(record.data)["prompt"] for record in records]
-        else:
-            prompts = [record.data["prompt"] for record in records]
+    """The distinct prompts of the data at `path` (steps.common.datasets.read_prompts: any format
+    with prompts), in order, in the shape a policy is prompted with: with a chat template a string
+    prompt becomes a user turn, as in training."""
+    fmt, prompts = read_prompts(path)
     if fmt.conversational and not chat_template:
         raise StageError("the prompts are conversational but the model's tokenizer has no chat "
                          "template; use a chat model or give the prompts as strings")
-    distinct = list({json.dumps(prompt, sort_keys=True): prompt for prompt in prompts}.values())
+    distinct = distinct_prompts(prompts)
     if chat_template:
         distinct = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in distinct]
     return distinct
-
-
-def _check_prompt_only(records: list[Record]) -> DatasetFormat:
-    # Prompt-only records are TRL's format for online methods, which data preparation does not
-    # list: check each prompt as the prompt of a prompt-completion record (which it would be).
-    conversational = isinstance(records[0].data["prompt"], list)
-    fmt = DatasetFormat("prompt_completion", conversational)
-    completion = [{"role": "assistant", "content": "-"}] if conversational else "-"
-    for record in records:
-        data = record.data
-        if not isinstance(data, dict) or set(data) != {"prompt"}:
-            found = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise StageError(f"{record.location}: expected a prompt-only record like the first "
-                             f"one ({{'prompt': ...}}), got {found}")
-        problem = record_problem({"prompt": data["prompt"], "completion": completion}, fmt)
-        if problem:
-            raise StageError(f"{record.location}: {problem}")
-    return DatasetFormat("prompt_only", conversational)

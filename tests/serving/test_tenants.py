@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from serving import tenants
 from steps.common import models
 from steps.common.contract import StageError
-from steps.evaluate import example_losses
+from steps.common.scoring import example_losses
 from tests.conftest import TENANT_ANSWERS
 from tests.serving.endpoints import chat, post, running
 

@@ -23,7 +23,7 @@ from moto import mock_aws
 from steps import constitutional
 from steps.common import contract, critics
 from steps.common.contract import StageError
-from steps.common.datasets import load_records
+from steps.common.datasets import load_records, read_prompts
 from steps.constitutional import ConstitutionalConfig, Example, Principle, parse_choice
 from steps.demo_data import demo_constitutional_prompts, write_demo_constitutional_prompts
 
@@ -243,54 +243,11 @@ def test_unchanged_revisions_give_no_pair_and_too_few_pairs_fail_without_output(
 def test_the_demo_prompts_are_distinct_seeded_and_readable(tmp_path):
     path = write_demo_constitutional_prompts(tmp_path / "prompts.jsonl")
 
-    prompts, input_format, count = constitutional.read_prompts(path)
+    data_format, prompts = read_prompts(path)
 
-    assert (input_format, count, len(set(prompts))) == ("prompt_only", 28, 28)
+    assert (data_format.name, len(prompts), len(set(prompts))) == ("prompt_only", 28, 28)
     assert demo_constitutional_prompts(seed=1) != demo_constitutional_prompts(seed=0)
     assert demo_constitutional_prompts(5) == demo_constitutional_prompts()[:5]
-
-
-@pytest.mark.parametrize(("record", "prompt"), [
-    ({"prompt": "Hi?"}, "Hi?"),
-    ({"prompt": "Hi?", "completion": "Hello."}, "Hi?"),
-    ({"prompt": "Hi?", "completion": "Hello.", "label": True}, "Hi?"),
-    ({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}, "Hi?"),
-    ({"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
-      "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}]},
-     [{"role": "user", "content": "Hi?"}]),
-    ({"messages": [{"role": "user", "content": "Hi?"}]}, [{"role": "user", "content": "Hi?"}]),
-])
-def test_prompts_come_from_every_format_that_has_them(tmp_path, record, prompt):
-    path = write_jsonl(tmp_path / "data.jsonl", [record, record])
-
-    prompts, _, count = constitutional.read_prompts(path)
-
-    assert prompts == [prompt, prompt] and count == 2
-
-
-@pytest.mark.parametrize(("records", "message"), [
-    ([{"text": "Once upon a time."}], (r"data.jsonl:1: no prompts in fields \['text'\]; 'text' "
-                                      "records have no prompt")),
-    ([{"prompt": "Hi?"}, {"question": "Hi?"}], r"data.jsonl:2: field 'prompt': missing"),
-    ([{"prompt": "Hi?"}, {"prompt": "  "}], r"data.jsonl:2: field 'prompt': empty string"),
-    ([{"prompt": "Hi?"}, {"prompt": [{"role": "user", "content": "Hi?"}]}],
-     r"data.jsonl:2: field 'prompt': expected a string like the first record's, got a list"),
-    ([{"messages": [{"role": "user", "content": "Hi?"}]},
-      {"messages": [{"role": "user", "content": "Hi?"}, {"role": "system", "content": "X"}]}],
-     r"data.jsonl:2: field 'messages\[1\].role': a prompt must end with a user, tool or assistant"),
-    ([{"messages": "Hi?"}], r"data.jsonl:1: field 'messages': expected a list of messages"),
-    ([{"messages": [{"role": "assistant", "content": "Hello."}]}],
-     r"data.jsonl:1: field 'messages': only an assistant turn"),
-    ([{"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}],
-     r"data.jsonl:1: fields 'chosen' and 'rejected' are identical"),
-])
-def test_records_without_a_usable_prompt_fail_in_one_line(tmp_path, records, message):
-    path = write_jsonl(tmp_path / "data.jsonl", records)
-
-    with pytest.raises(StageError, match=message) as raised:
-        constitutional.read_prompts(path)
-
-    assert "\n" not in str(raised.value)
 
 
 # --- The constitution -----------------------------------------------------------------------------

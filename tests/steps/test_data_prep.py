@@ -369,8 +369,9 @@ def test_conversational_prompts_have_their_roles_checked(tmp_path):
 
 
 def test_prepared_prompts_feed_ppo_and_constitutional_ai_and_sft_refuses_them(tmp_path, capsys):
-    from steps import constitutional, sft
+    from steps import sft
     from steps.common import contract
+    from steps.common.datasets import read_prompts
     from steps.common.preference import load_prompts
 
     from .conftest import TrainingJob
@@ -381,10 +382,10 @@ def test_prepared_prompts_feed_ppo_and_constitutional_ai_and_sft_refuses_them(tm
 
     # The whole output folder: train.jsonl and validation.jsonl, and manifest.json left alone.
     ppo_prompts = load_prompts(tmp_path / "prepared", chat_template=True)
-    cai_prompts, input_format, count = constitutional.read_prompts(tmp_path / "prepared")
+    data_format, cai_prompts = read_prompts(tmp_path / "prepared")
 
     assert sorted(p[0]["content"] for p in ppo_prompts) == expected
-    assert sorted(cai_prompts) == expected and (input_format, count) == ("prompt_only", 5)
+    assert sorted(cai_prompts) == expected and data_format.name == "prompt_only"
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         job = TrainingJob(tmp_path / "opt-ml", monkeypatch)

@@ -13,6 +13,7 @@ from steps.common.datasets import (
     data_files,
     load_records,
     prompt_key,
+    read_prompts,
     read_records,
     sft_example,
     validate_records,
@@ -286,3 +287,52 @@ def test_a_parquet_row_is_located_by_its_index(tmp_path):
         StageError, match=r"t.parquet: row 1: field 'text': expected a string, got null"
     ):
         validate_records(read_records(path))
+
+
+# --- Prompts, for the stages that write their own answers ----------------------------------------
+
+
+@pytest.mark.parametrize(("record", "prompt"), [
+    ({"prompt": "Hi?"}, "Hi?"),
+    ({"prompt": "Hi?", "completion": "Hello."}, "Hi?"),
+    ({"prompt": "Hi?", "completion": "Hello.", "label": True}, "Hi?"),
+    ({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}, "Hi?"),
+    ({"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}]},
+     [{"role": "user", "content": "Hi?"}]),
+    ({"messages": [{"role": "user", "content": "Hi?"}]}, [{"role": "user", "content": "Hi?"}]),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]},
+     [{"role": "user", "content": "Hi?"}]),
+])
+def test_prompts_come_from_every_format_that_has_them(tmp_path, record, prompt):
+    path = write(tmp_path / "data.jsonl", [record, record])
+
+    _, prompts = read_prompts(path)
+
+    assert prompts == [prompt, prompt]
+
+
+@pytest.mark.parametrize(("records", "message"), [
+    ([{"text": "Once upon a time."}], r"data.jsonl:1: 'text' records have no prompt to answer"),
+    ([{"chosen": "Yes.", "rejected": "No."}],
+     r"data.jsonl:1: 'chosen' and 'rejected' share no prompt"),
+    ([{"prompt": "Hi?"}, {"question": "Hi?"}], r"data.jsonl:2: field 'prompt': missing"),
+    ([{"prompt": "Hi?"}, {"prompt": "  "}], r"data.jsonl:2: field 'prompt': empty string"),
+    ([{"prompt": "Hi?"}, {"prompt": [{"role": "user", "content": "Hi?"}]}],
+     r"data.jsonl:2: field 'prompt': expected a string like the first record's, got a list"),
+    ([{"messages": [{"role": "user", "content": "Hi?"}]},
+      {"messages": [{"role": "user", "content": "Hi?"}, {"role": "system", "content": "X"}]}],
+     r"data.jsonl:2: field 'messages\[1\].role': a prompt must end with a user, tool or assistant"),
+    ([{"messages": "Hi?"}], r"data.jsonl:1: field 'messages': expected a list of messages"),
+    ([{"messages": [{"role": "assistant", "content": "Hello."}]}],
+     r"data.jsonl:1: field 'messages': only an assistant turn"),
+    ([{"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}],
+     r"data.jsonl:1: fields 'chosen' and 'rejected' are identical"),
+])
+def test_records_without_a_usable_prompt_fail_in_one_line(tmp_path, records, message):
+    path = write(tmp_path / "data.jsonl", records)
+
+    with pytest.raises(StageError, match=message) as raised:
+        read_prompts(path)
+
+    assert "\n" not in str(raised.value)

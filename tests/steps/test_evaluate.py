@@ -12,6 +12,7 @@ from datasets import Dataset
 from steps import evaluate, sft
 from steps.common import contract, models
 from steps.common.datasets import Record, sft_example, validate_records
+from steps.common.scoring import example_losses, mean_loss
 
 from .conftest import counting_records, write_jsonl
 
@@ -274,7 +275,6 @@ def test_the_eval_loss_is_the_loss_sft_evaluates_on_the_same_records(records):
     trainer = sft.sft_trainer(config, "fp32", model, tokenizer, Dataset.from_list(examples),
                               Dataset.from_list(examples))
 
-    losses = evaluate.example_losses(model, tokenizer, examples, len(examples), 512)
+    losses = example_losses(model, tokenizer, examples, len(examples), 512)
 
-    eval_loss = sum(total for total, _, _ in losses) / sum(count for _, count, _ in losses)
-    assert eval_loss == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+    assert mean_loss(losses) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)

@@ -276,9 +276,9 @@ def test_prompts_come_from_every_format_that_has_them(tmp_path):
         expected = "Q: Hi?" if name == "implicit" else "Hi?"  # TRL splits at the space
         assert prompts == [[{"role": "user", "content": expected}]], name
 
-    with pytest.raises(StageError, match="plain text records have no prompts"):
+    with pytest.raises(StageError, match="'text' records have no prompt to answer"):
         load_prompts(write_jsonl(tmp_path / "text.jsonl", [{"text": "abc"}]), True)
-    with pytest.raises(StageError, match=r"prompt_only.jsonl:2: expected a prompt-only record"):
+    with pytest.raises(StageError, match=r"prompt_only.jsonl:2: field 'completion': unexpected"):
         load_prompts(write_jsonl(tmp_path / "prompt_only.jsonl",
                                  [{"prompt": "a"}, counting_records(1)[0]]), True)
 

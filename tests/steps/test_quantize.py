@@ -8,7 +8,7 @@ import pytest
 from steps import quantize
 from steps.common import contract, models
 from steps.common.datasets import load_records, sft_example
-from steps.evaluate import example_losses
+from steps.common.scoring import example_losses
 
 from .conftest import counting_records, write_jsonl
 
