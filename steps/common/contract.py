@@ -364,6 +364,13 @@ def _quiet_logs() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # PEFT saves a checkpoint's adapter with save_embedding_layers="auto" (transformers' Trainer
+    # passes no choice) and, to tell whether the vocabulary grew, looks the base up on the Hub,
+    # which a job cannot reach (nor a builtin: spec name): it warns and assumes the vocabulary did
+    # not grow. That assumption is this project's rule: new tokens' rows are trainable tokens saved
+    # in the adapter (steps.cpt), and peft_methods.save_model says so explicitly.
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* - will assume "
+                            "that the vocabulary was not modified", category=UserWarning)
 
 
 @contextlib.contextmanager

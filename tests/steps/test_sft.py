@@ -1,7 +1,10 @@
 """The SFT training stage, run as SageMaker runs it: hyperparameters.json, SM_* folders, no args."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -13,7 +16,7 @@ from steps.common import contract, models
 from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, sft_example
 
-from .conftest import counting_records
+from .conftest import TrainingJob, counting_records
 from .stage_runs import run_sft
 
 PROMPT_COMPLETION = DatasetFormat("prompt_completion", conversational=False)
@@ -271,3 +274,19 @@ def test_a_flash_attention_model_keeps_trl_padding_free_batches():
     model = models.load_model(models.TINY)
     model.config._attn_implementation = "flash_attention_2"
     assert sft.packed_rows_collator(model, models.load_tokenizer(models.TINY)) is None
+
+
+def test_a_job_log_has_no_library_warnings_about_the_hub_or_optional_kernels(tmp_path,
+                                                                               monkeypatch):
+    # As SageMaker runs the stage: its own process, a LoRA adapter checkpointed during training.
+    job = TrainingJob(tmp_path / "opt-ml", monkeypatch)
+    job.channel("train", counting_records(8))
+    job.hyperparameters(base_model="builtin:tiny", max_steps="2", checkpoint_steps="1")
+
+    done = subprocess.run([sys.executable, "-m", "steps.sft"], capture_output=True, text=True,
+                          env=os.environ, timeout=600, check=False)
+
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "kernels-community" not in log
+    assert "Could not find a config file" not in log
