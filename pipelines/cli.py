@@ -22,7 +22,7 @@ from pathlib import Path
 
 from containers import images
 from pipelines import UserError, definition, error_line, memory_plan, recipe
-from pipelines.local import server
+from pipelines.local import runner, server
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -72,7 +72,7 @@ def _connect(args) -> dict:
         if server.endpoint_configured():
             endpoint = "named by AWS_ENDPOINT_URL*"
         else:
-            endpoint = server.use_local_aws()
+            endpoint = server.use_local_aws(getattr(args, "job_runner", None))
         os.environ.setdefault("AWS_DEFAULT_REGION", server.LOCAL_REGION)
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -289,6 +289,7 @@ def cmd_run(args) -> int:
     if args.target != "local":
         raise UserError("`run` executes locally; use `upsert` and `start --wait` for SageMaker")
     _check_rerun_flags(args)
+    args.job_runner = runner.requested(args.job_runner)
     overrides = _parameters(args.parameter)
     # Before anything starts (the local server, an instance that bills): a training stage that
     # cannot fit its instance type's memory, in one line naming one that fits (the memory plan).
@@ -618,13 +619,14 @@ def cmd_endpoint(args) -> int:
 
 
 def cmd_server(args) -> int:
+    job_runner = runner.requested(args.job_runner)
     if args.action == "start":
-        url = server.ensure_running()
+        url = server.ensure_running(job_runner)
         print(url)
     elif args.action == "stop":
         print("stopped" if server.stop() else "no local server was running")
     elif args.action == "env":
-        url = server.ensure_running()
+        url = server.ensure_running(job_runner)
         for key, value in server.local_environment(url).items():
             print(f"export {key}={value}")
     else:
@@ -673,6 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from-step", metavar="STEP",
                        help="with --reuse: re-run this step and every step downstream of it")
 
+    def job_runner(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--job-runner", choices=runner.CHOICES,
+                       help="how a local server that this command starts runs its jobs: warm (the "
+                            "default) forks each from a process that has imported the ML stack "
+                            "already; subprocess starts each as a fresh Python process. "
+                            f"{runner.VARIABLE} sets it too; a running server keeps its own "
+                            "(stop it to change)")
+
     def spot(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spot", action="store_true",
                        help="training jobs use managed spot training (MaxWaitSeconds: how long "
@@ -688,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     spot(p)
     reruns(p)
+    job_runner(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("upsert", help="create or update the pipeline on the target")
     common(p, with_params=False)
@@ -774,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_target(p)
     p = sub.add_parser("server", help="the local server: SageMaker pipelines, S3, the registry")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
+    job_runner(p)
     p.set_defaults(func=cmd_server)
     p = sub.add_parser("console", help="the web console: pipelines, executions, model packages",
                        description="Serves the web console and prints its URL, which carries the "

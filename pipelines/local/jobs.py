@@ -1,4 +1,4 @@
-"""Processing and training jobs under the SageMaker container contract, as local subprocesses.
+"""Processing and training jobs under the SageMaker container contract, as local processes.
 
 Each job gets its own folder standing in for the container's `/opt/ml`: inputs are staged
 from S3 into it, the configuration files are written as SageMaker writes them, the image's stage
@@ -39,8 +39,9 @@ keys) are masked in what a job prints, before it reaches the log or the display,
 failure reason.
 
 A job's process is started through its execution's `JobControl`: the one place that decides how
-a job's process comes to be (today a plain subprocess; a warm runner that has already imported the
-ML stack can take its place by forking) and where a stop request reaches the job, which is then
+a job's process comes to be (a plain subprocess, or a child forked by the warm job runner, which
+has imported the ML stack already: pipelines/local/runner.py; either way a new process of its own
+with exactly the environment above) and where a stop request reaches the job, which is then
 stopped as SageMaker stops one: SIGTERM to the job's process group, SIGKILL after the grace period.
 """
 
@@ -384,6 +385,17 @@ def job_environment(s3, request: dict, image: str, sagemaker: dict[str, str],
             **{k: str(v) for k, v in request.get("Environment", {}).items()},
             **sagemaker, "AWS_REGION": s3.meta.region_name,
             **local_paths, **_local_aws(), **_this_machine()}
+
+
+def warm_environment() -> dict[str, str]:
+    """The environment the warm job runner imports its libraries under: what every job of the
+    project's images gets besides the request's Environment and the per-job variables (the ENV
+    the images share, and this machine's part)."""
+    shared: dict[str, str] | None = None
+    for repository in images.IMAGES:
+        env = image_environment(repository)
+        shared = env if shared is None else {k: v for k, v in shared.items() if env.get(k) == v}
+    return {**(shared or {}), **_this_machine()}
 
 
 def _job_arn(request: dict, kind: str, job_name: str, region: str) -> str:

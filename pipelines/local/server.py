@@ -13,6 +13,11 @@ folders), kept under $LLM_PIPELINE_HOME; what does not: moto's state (S3 objects
 which lives in the process's memory. Commands started at once (two `llm-pipeline run`s) share
 one server: whoever finds none starts it while holding a lock on the home, and the others wait
 for it and use it.
+
+The server runs each job as a process of its own. With the warm job runner (the default;
+`--job-runner`, LLM_PIPELINE_JOB_RUNNER) it starts that runner beside itself with its first job, a
+process that imports the ML stack once, and forks the jobs from it (pipelines/local/runner.py); with
+`subprocess`, each job is a fresh Python process. The choice is the server's, made when it starts.
 """
 
 from __future__ import annotations
@@ -87,16 +92,28 @@ def running_url() -> str | None:
     return url if _alive(url) else None
 
 
-def ensure_running() -> str:
-    """The URL of the local server, starting it when none is running."""
+def ensure_running(job_runner: str | None = None) -> str:
+    """The URL of the local server, starting it when none is running; its jobs run with
+    `job_runner` (runner.CHOICES; None: whatever the running server uses, warm for a new one)."""
     url = running_url()
-    if url:
-        return url
-    with _lock():
-        # Another command may have started one while this one waited for the lock: without
-        # the lock both would start their own, and one's S3 objects and model packages would
-        # go to a server the home no longer records (and `server stop` does not stop).
-        return running_url() or _start()
+    if not url:
+        with _lock():
+            # Another command may have started one while this one waited for the lock: without
+            # the lock both would start their own, and one's S3 objects and model packages would
+            # go to a server the home no longer records (and `server stop` does not stop).
+            url = running_url() or _start(job_runner or "warm")
+    running = _running_job_runner()
+    if job_runner and running != job_runner:
+        raise UserError(f"the local server (home {home()}) runs its jobs with the {running} job "
+                        f"runner, not {job_runner}; stop it first (llm-pipeline server stop)")
+    return url
+
+
+def _running_job_runner() -> str:
+    try:
+        return json.loads(_record().read_text()).get("job_runner", "warm")
+    except (OSError, ValueError):
+        return "warm"
 
 
 def _server_environment() -> dict[str, str]:
@@ -106,13 +123,13 @@ def _server_environment() -> dict[str, str]:
             if not k.startswith("AWS_") or k == "AWS_DEFAULT_REGION"}
 
 
-def _start() -> str:
+def _start(job_runner: str) -> str:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path(), "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipelines.local.server", "--port", str(port),
-             "--home", str(home())],
+             "--home", str(home()), "--job-runner", job_runner],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=_server_environment(),
             start_new_session=True,  # survives the command that started it
@@ -123,14 +140,18 @@ def _start() -> str:
             raise UserError(f"the local AWS server did not start; see {log_path()}")
         time.sleep(0.2)
     partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
-    partial.write_text(json.dumps({"url": url, "pid": process.pid}))
+    partial.write_text(json.dumps({"url": url, "pid": process.pid, "job_runner": job_runner}))
     partial.replace(_record())
     return url
 
 
 def stop() -> bool:
-    """Stop the home's server; executions it was running end Failed, saying so."""
+    """Stop the home's server (and its warm job runner); executions it was running end Failed,
+    saying so."""
+    from pipelines.local import runner
+
     with _lock():
+        runner.stop()  # it takes no more jobs, and leaves when the server's jobs have ended
         # moto-server.json: the record of a plain moto server, which earlier versions started.
         stopped = False
         for record_path in (_record(), home() / "moto-server.json"):
@@ -170,18 +191,18 @@ def local_environment(url: str) -> dict[str, str]:
     }
 
 
-def use_local_aws() -> str:
+def use_local_aws(job_runner: str | None = None) -> str:
     """Start (or reuse) the local server and point this process's AWS clients at it."""
-    url = ensure_running()
+    url = ensure_running(job_runner)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *ENDPOINT_VARIABLES):
         os.environ.pop(name, None)
     os.environ.update(local_environment(url))
     return url
 
 
-def serve(port: int) -> None:
+def serve(port: int, job_runner: str = "warm") -> None:
     """The server process: the SageMaker service of pipelines/local/sagemaker_api.py in front of
-    moto, on 127.0.0.1:`port`, until SIGTERM."""
+    moto, on 127.0.0.1:`port`, until SIGTERM; its jobs start with `job_runner`."""
     import logging
 
     import boto3
@@ -207,7 +228,7 @@ def serve(port: int) -> None:
         s3 = boto3.session.Session(region_name=region).client("s3")
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
 
-    executions = Executions(home())
+    executions = Executions(home(), _job_start(job_runner))
     api = LocalSageMaker(home(), LOCAL_ACCOUNT, executions, read_s3_object)
     application = LocalEndpoint(api, DomainDispatcherApplication(create_backend_app), LOCAL_REGION)
     http = make_server("127.0.0.1", port, application, threaded=True,
@@ -224,15 +245,29 @@ def serve(port: int) -> None:
     http.serve_forever()
 
 
+def _job_start(job_runner: str):
+    """How the server starts its jobs (jobs.JobControl.start): forked by the warm job runner,
+    which the first job starts, or each a fresh subprocess."""
+    import logging
+
+    from pipelines.local import jobs, runner
+
+    if job_runner == "subprocess":
+        logging.getLogger(__name__).info("jobs run as fresh processes (--job-runner subprocess)")
+        return jobs.start_process
+    return runner.WarmStart()
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.local.server")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--job-runner", choices=("warm", "subprocess"), default="warm")
     args = parser.parse_args(argv)
     os.environ["LLM_PIPELINE_HOME"] = str(args.home)
-    serve(args.port)
+    serve(args.port, args.job_runner)
 
 
 if __name__ == "__main__":
