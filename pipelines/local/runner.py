@@ -694,10 +694,14 @@ def ensure_running(environment: dict[str, str]) -> Runner:
             # Another code version or Python: it stops taking jobs and leaves when its own end.
             os.kill(record["pid"], signal.SIGTERM)
         socket_path.unlink(missing_ok=True)  # left by a runner that was killed
+        # Its own empty folder: `python -m` puts the working folder first on sys.path, and the
+        # home holds folders (pipelines/) that would shadow the project's packages.
+        folder = home / "job-runner"
+        folder.mkdir(exist_ok=True)
         with open(log_path(), "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.local.runner", str(socket_path)],
-                env=environment, cwd=home, stdin=subprocess.DEVNULL, stdout=log,
+                env=environment, cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)  # outlives this command
         partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
         partial.write_text(json.dumps({"pid": process.pid, "socket": str(socket_path),
