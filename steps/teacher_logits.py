@@ -36,6 +36,7 @@ from steps.common.datasets import data_files, load_records
 from steps.common.models import (
     SMOLLM2,
     TINY,
+    base_name,
     load_model,
     load_tokenizer,
     resolve_model_source,
@@ -116,7 +117,8 @@ def main(config: TeacherLogitsConfig) -> None:
         "teacher": {
             "model": source,
             "adapter": is_adapter,
-            "base_model": (config.base_model or teacher.active_peft_config.base_model_name_or_path
+            "base_model": (config.base_model
+                           or base_name(teacher.active_peft_config.base_model_name_or_path)
                            if is_adapter else None),
             "model_type": teacher_config.model_type,
             "parameters": sum(p.numel() for p in teacher.parameters()),

@@ -620,6 +620,9 @@ def _adapter(
 BUNDLED_BASE = "base"
 
 
+BUNDLED_FROM = "BUNDLED_FROM"  # in a bundled copy of a builtin base: the spec it was made from
+
+
 def adapter_base(folder: Path) -> str | None:
     """The base model an adapter folder records: a spec, a path, or its bundled copy."""
     recorded = json.loads((Path(folder) / "adapter_config.json").read_text()).get(
@@ -627,6 +630,13 @@ def adapter_base(folder: Path) -> str | None:
     if recorded == BUNDLED_BASE and (Path(folder) / BUNDLED_BASE).is_dir():
         return str(Path(folder) / BUNDLED_BASE)
     return recorded
+
+
+def base_name(base: str) -> str:
+    """A loaded adapter's base, for records (manifests, lineage): the builtin spec a bundled copy
+    was made from rather than the folder this job extracted it to; any other base as given."""
+    origin = Path(base) / BUNDLED_FROM
+    return origin.read_text(encoding="utf-8").strip() if origin.is_file() else base
 
 
 def bundle_base(folder: Path) -> bool:
@@ -655,6 +665,8 @@ def bundle_base(folder: Path) -> bool:
                         ignore=shutil.ignore_patterns("checkpoint-*", "*.tar.gz"))
     else:
         return False  # already bundled, or a hub id
+    if recorded in (TINY, SMOLLM2):
+        (target / BUNDLED_FROM).write_text(recorded + "\n", encoding="utf-8")
     config["base_model_name_or_path"] = BUNDLED_BASE
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return True
