@@ -12,6 +12,7 @@ needs.
     python -m benchmarks.memory              # both models, every method; then the plan check
     python -m benchmarks.memory --quick      # the small model only
     python -m benchmarks.memory --plan       # only the memory plan against measured peaks
+    python -m benchmarks.memory --loss       # only the next-token loss: chunked against the model's
 
 The memory plan check (pipelines/memory_plan.py) runs SFT (full, LoRA, QLoRA) and DPO (full, LoRA)
 on builtin:tiny and SmolLM2-135M with batches that fill the sequence length, and compares the
@@ -344,6 +345,90 @@ def render_plan(results: list[dict], gpu: list[dict], steps: int) -> str:
     return text
 
 
+# The next-token loss check (steps.common.lm_loss): SmolLM2-135M's architecture, random weights.
+LOSS_BATCH, LOSS_LENGTH = 4, 512  # the SFT stage's defaults
+
+
+def measure_loss(repeats: int) -> dict:
+    """One forward and backward pass of full fine-tuning in float32 with the model's own loss
+    (full-vocabulary float32 logits) and with the chunked loss: the allocated peak (PyTorch's
+    profiler) and the time (median of `repeats`, the two interleaved), in this process."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines import memory_plan
+    from steps.common import lm_loss
+
+    config = LlamaConfig(**{k: v for k, v in memory_plan._smollm2_config().items()
+                            if k != "model_type"})
+    torch.manual_seed(0)
+    models = {"own": LlamaForCausalLM(config), "chunked": LlamaForCausalLM(config)}
+    models["chunked"].load_state_dict(models["own"].state_dict())
+    assert lm_loss.add_memory_light_loss(models["chunked"], "cpu") == "chunked"
+    ids = torch.randint(0, config.vocab_size, (LOSS_BATCH, LOSS_LENGTH))
+    inputs = {"input_ids": ids, "labels": ids}
+
+    def step(name: str) -> float:
+        models[name].zero_grad(set_to_none=True)
+        loss = models[name](**inputs).loss
+        loss.backward()
+        return loss.item()
+
+    result: dict = {"batch": LOSS_BATCH, "length": LOSS_LENGTH, "vocabulary": config.vocab_size,
+                    "parameters": models["own"].num_parameters()}
+    for name, model in models.items():
+        common.progress(f"loss check: {name} loss (profiled) ...")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as run:
+            result[f"{name}_loss"] = step(name)
+        model.zero_grad(set_to_none=True)
+        result[f"{name}_allocated_mb"] = _allocated_peak(run) / 2**20
+    times: dict[str, list[float]] = {"own": [], "chunked": []}
+    for _ in range(repeats):
+        for name in models:
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+    result.update({f"{name}_seconds": values for name, values in times.items()})
+    estimate = memory_plan.estimate(memory_plan.stage_workload(
+        "sft", {**memory_plan.KNOB_DEFAULTS, "peft_method": "none"},
+        memory_plan.model_shape(memory_plan.BUILTIN_SMOLLM2),
+        memory_plan.InstanceType("this machine", 0.0), precision="fp32", device="cpu"))
+    result["plan_logits_mb"] = {"own": estimate.logits_materialised / 2**20,
+                                "chunked": estimate.logits_chunked / 2**20}
+    return result
+
+
+def render_loss(r: dict) -> str:
+    rows = [[name, f"{r[f'{name}_loss']:.6f}", f"{r[f'{name}_allocated_mb']:,.0f}",
+             common.ratio(r[f"{name}_allocated_mb"], r["own_allocated_mb"]),
+             (f"{common.median(r[f'{name}_seconds']):.2f} ({min(r[f'{name}_seconds']):.2f}–"
+              f"{max(r[f'{name}_seconds']):.2f})"),
+             common.ratio(common.median(r["own_seconds"]), common.median(r[f"{name}_seconds"]))]
+            for name in ("own", "chunked")]
+    saved = r["own_allocated_mb"] - r["chunked_allocated_mb"]
+    return (
+        f"One forward and backward pass of full fine-tuning in float32 on this CPU, SmolLM2-135M's "
+        f"architecture ({r['parameters']:,} parameters, {r['vocabulary']:,} vocabulary entries, "
+        f"random weights), a batch of {r['batch']} x {r['length']} tokens (the SFT stage's "
+        f"defaults): the model's own loss, which materialises the full-vocabulary float32 logits, "
+        f"against the stages' chunked loss (steps/common/lm_loss.py). *Allocated*: the peak of "
+        f"PyTorch's tensor memory over the pass (its profiler); time: median (min–max) of "
+        f"{len(r['own_seconds'])} interleaved passes; speed is the model's own loss's time over "
+        f"this one's.\n\n"
+        + common.table(["loss", "loss value", "allocated MiB", "allocated / own", "seconds",
+                        "speed / own"], rows)
+        + f"\n\nThe chunked loss holds {saved:,.0f} MiB less at its peak "
+        f"({r['chunked_allocated_mb'] / r['own_allocated_mb']:.2f}x of the model's own loss); "
+        f"the memory plan counts {r['plan_logits_mb']['own']:,.0f} MiB for the materialised logits "
+        f"and {r['plan_logits_mb']['chunked']:,.0f} MiB for the chunked loss at this shape. On a "
+        f"GPU the stages use TRL's fused LM head instead (its Triton kernel), not measured here."
+    )
+
+
 def measure(models: list[str], steps: int, batch: int, length: int) -> list[dict]:
     results = []
     for model in models:
@@ -464,7 +549,16 @@ def main() -> None:
     parser.add_argument("--plan-one", nargs=3, metavar=("MODEL", "STAGE", "METHOD"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", action="store_true",
+                        help="only the chunked next-token loss against the model's own "
+                             "(results/memory-loss.json)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per loss (--loss)")
     args = parser.parse_args()
+    if args.loss:
+        result = measure_loss(args.repeats)
+        common.save_result("memory-loss", "Next-token loss without full logits",
+                           render_loss(result), result, order=22)
+        return
     if args.one:
         model, method = args.one
         result = one_run(MODELS.get(model, model), method, args.steps, args.batch, args.length)

@@ -28,7 +28,10 @@ on a CPU instance), broken down into:
                      and the norms in float32, so activations shrink by far less than half
   logits             the output layer's (tokens x vocabulary): materialised in float32 for the loss
                      (the logits, their log-softmax and two gradients at the start of the backward
-                     pass: 12 bytes an element), or chunked by TRL's fused LM head (DPO)
+                     pass: 12 bytes an element: PPO, distillation), or never whole: the next-token
+                     loss of pretrain, cpt and sft (steps.common.lm_loss) goes through TRL's fused
+                     LM head on a GPU and a chunk of positions at a time on a CPU, and DPO's
+                     log-probabilities through TRL's fused LM head everywhere
   other models       held beside the trained one: DPO's and PPO's reference (a frozen copy for full
                      fine-tuning, none for LoRA: the adapter switched off), PPO's reward model, a
                      distillation teacher run live (cached teacher outputs cost no model)
@@ -122,17 +125,23 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
                 "on_policy": False, "alpha": 0.5, "top_k": 16, "teacher_batch_size": 8},
 }
 
-# How each stage computes its loss over the vocabulary: the model's own loss over materialised
-# float32 logits, or TRL's fused LM head, which computes log-probabilities in tiles (DPO); a reward
-# model has a one-output head. The factor is bytes per logit element at the loss's peak: measured
-# for the model's own loss (sft, cpt, pretrain: 12, in fp32 and under bf16 autocast alike) and for
-# distillation (16 to 18 on config-built students: the logits, the trained positions' copy, the
+# How each stage computes its loss over the vocabulary: "chunked", the next-token loss of
+# steps.common.lm_loss (TRL's fused LM head on a GPU, chunks of positions elsewhere); "fused",
+# TRL's fused LM head, which computes log-probabilities in tiles (DPO); or over materialised
+# float32 logits; a reward model has a one-output head. The factor is bytes per logit element at
+# the loss's peak when materialised: measured for the model's own loss (12, in fp32 and under bf16
+# autocast alike) and for distillation (16 to 18 on config-built students: the logits, the trained positions' copy, the
 # cross-entropy's and the softened log-softmaxes); counted from the stage's code, not measured, for
 # PPO (the response positions' float32 copy, its scaling, log-softmax and exponential for the
 # entropy, and their gradients).
-LOGITS = {"pretrain": ("materialised", 12), "cpt": ("materialised", 12),
-          "sft": ("materialised", 12), "dpo": ("chunked", 0), "ppo": ("materialised", 24),
-          "distill": ("materialised", 20), "reward_model": ("none", 0)}
+LOGITS = {"pretrain": ("chunked", 12), "cpt": ("chunked", 12), "sft": ("chunked", 12),
+          "dpo": ("fused", 12), "ppo": ("materialised", 24), "distill": ("materialised", 20),
+          "reward_model": ("none", 0)}
+# steps.common.lm_loss's chunks on a CPU: CHUNK_ELEMENTS logits (positions x vocabulary) at a
+# time, each element held as the logits, their float32 copy, log-softmax and gradients
+# (tests/pipelines/test_memory_plan.py checks the constant against the module).
+LOSS_CHUNK_ELEMENTS = 2**24
+LOSS_CHUNK_BYTES = 16
 # TRL's fused LM head (trl/kernels/chunked_logprob.py): a tile buffer of up to 4096 tokens x 32768
 # vocabulary entries, in the compute dtype.
 CHUNK_TOKENS, CHUNK_VOCABULARY = 4096, 32768
@@ -494,7 +503,7 @@ class Workload:
     seq_len: int
     gradient_accumulation: int = 1
     checkpointing: bool = False
-    logits: str = "materialised"  # materialised | chunked | none
+    logits: str = "materialised"  # materialised | chunked | fused | none
     logits_bytes: int = 12  # bytes per logit element when materialised
     sharding: str = "none"
     world_size: int = 1  # processes training together (GPUs x instances)
@@ -626,13 +635,21 @@ def estimate(work: Workload) -> MemoryEstimate:
     # the hidden states' gradient in float32. Without Triton (a CPU) each tile is worked on by
     # torch operations, whose float32 temporaries come to about 20 bytes a tile element.
     tile_tokens = min(scored, CHUNK_TOKENS)
-    chunked = (tile_tokens * CHUNK_VOCABULARY * compute_bytes + scored * model.hidden_size * 4
+    fused = (tile_tokens * CHUNK_VOCABULARY * compute_bytes + scored * model.hidden_size * 4
                + (0 if work.device == "cuda" else
                   CPU_TILE_BYTES * tile_tokens * min(model.vocab_size, CHUNK_VOCABULARY)))
     trains_head = work.method == "none" and not model.classifier
     if trains_head:  # the fused head accumulates the output layer's gradient in float32
-        chunked += head * 4
-    logits = {"materialised": materialised, "chunked": chunked, "none": 0.0}[work.logits]
+        fused += head * 4
+    # steps.common.lm_loss: TRL's fused head on a GPU; elsewhere one chunk's logits at a time, and
+    # the scored positions' hidden states copied (and their gradient) in float32.
+    chunk_positions = min(scored, max(1, LOSS_CHUNK_ELEMENTS // model.vocab_size))
+    chunked = fused if work.device == "cuda" else (
+        chunk_positions * model.vocab_size * LOSS_CHUNK_BYTES + scored * model.hidden_size * 8)
+    if work.logits == "fused":
+        chunked = fused
+    logits = {"materialised": materialised, "chunked": chunked, "fused": fused,
+              "none": 0.0}[work.logits]
 
     other = {name: shape.parameters * 4 / shards for name, shape in work.other_models}
     buffers = 0.0

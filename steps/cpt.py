@@ -35,6 +35,7 @@ from steps.common.lm_data import (
     pack_blocks,
     read_documents,
 )
+from steps.common.lm_loss import add_memory_light_loss
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
 from steps.common.peft_methods import (
@@ -166,6 +167,7 @@ def main(config: CPTStageConfig) -> None:
 
     # 5. PEFT: LoRA/QLoRA also train the new tokens' rows; the rest of the base stays frozen.
     model = apply_peft(model, config, tokenizer, new_token_ids=new_token_ids)
+    print(f"next-token loss: {add_memory_light_loss(model)}", flush=True)  # steps.common.lm_loss
 
     # 6. Train, between two measurements of the validation loss.
     metrics, metrics_path = metrics_callback()

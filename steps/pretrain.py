@@ -38,6 +38,7 @@ from transformers import (
 from steps.common import contract
 from steps.common.contract import StageError
 from steps.common.lm_data import pack_blocks, read_documents, train_tokenizer
+from steps.common.lm_loss import add_memory_light_loss
 from steps.common.training import (
     TrainingKnobs,
     metrics_callback,
@@ -155,6 +156,7 @@ def main(config: PretrainStageConfig) -> None:
     model = _new_model(config, tokenizer)
     print(f"model: Llama-style, {config.num_layers} layers x {config.hidden_size} wide, "
           f"{model.num_parameters():,} parameters", flush=True)
+    print(f"next-token loss: {add_memory_light_loss(model)}", flush=True)  # steps.common.lm_loss
 
     # 5. Train. Blocks are full, so the default collator only stacks them (nothing to pad).
     precision = prepare_precision(config)

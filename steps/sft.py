@@ -40,6 +40,7 @@ from steps.common.datasets import (
     needs_responses,
     sft_example,
 )
+from steps.common.lm_loss import add_memory_light_loss
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
     LEARNING_RATE_HELP,
@@ -187,6 +188,7 @@ def main(config: SFTStageConfig) -> None:
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
     model = apply_peft(load_model_for_training(source, config, precision), config, tokenizer)
+    print(f"next-token loss: {add_memory_light_loss(model)}", flush=True)  # steps.common.lm_loss
     chat_template = bool(tokenizer.chat_template)
     train_dataset = _trl_dataset(train_records, train_format, chat_template)
     eval_dataset = (

@@ -216,10 +216,20 @@ def test_activation_checkpointing_and_chunked_logits_each_lower_the_peak():
     shape = memory_plan.shape_from_config(LLAMA_7B, "7b")
     plain = memory_plan.estimate(sft_work(shape, "qlora"))
     checkpointed = memory_plan.estimate(sft_work(shape, "qlora", gradient_checkpointing=True))
-    chunked = memory_plan.estimate(replace(sft_work(shape, "qlora"), logits="chunked"))
+    materialised = memory_plan.estimate(replace(sft_work(shape, "qlora"), logits="materialised"))
     assert checkpointed.activations == plain.activations_with_checkpointing
     assert checkpointed.activations < plain.activations / 5
-    assert checkpointed.peak < plain.peak and chunked.peak < plain.peak
+    assert checkpointed.peak < plain.peak < materialised.peak
+    assert plain.logits == plain.logits_chunked < materialised.logits / 4
+
+
+def test_the_chunk_the_plan_assumes_is_the_one_the_stages_loss_uses():
+    from steps.common import lm_loss
+
+    assert memory_plan.LOSS_CHUNK_ELEMENTS == lm_loss.CHUNK_ELEMENTS
+    on_cpu = memory_plan.estimate(sft_work(memory_plan.shape_from_config(LLAMA_7B, "7b"), "lora",
+                                           "ml.m5.12xlarge"))
+    assert on_cpu.logits == on_cpu.logits_chunked < on_cpu.logits_materialised
 
 
 def test_a_7b_full_fine_tune_does_not_fit_ml_g5_xlarge_and_the_plan_names_where_it_does(tmp_path):
