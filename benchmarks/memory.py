@@ -9,7 +9,7 @@ what the process held before the stage started (the interpreter and imported lib
 for every method): the ratios to full fine-tuning use the latter, the memory the training itself
 needs.
 
-    python -m benchmarks.memory              # both models, every method; then the plan check
+    python -m benchmarks.memory              # both models, every method; the plan and loss checks
     python -m benchmarks.memory --quick      # the small model only
     python -m benchmarks.memory --plan       # only the memory plan against measured peaks
     python -m benchmarks.memory --loss       # only the next-token loss: chunked against the model's
@@ -592,6 +592,9 @@ def main() -> None:
     common.save_result("memory-plan", "Memory plan against measured peaks",
                        render_plan(results, gpu, args.steps),
                        {"results": results, "gpu": gpu, "steps": args.steps}, order=21)
+    loss = measure_loss(args.repeats)
+    common.save_result("memory-loss", "Next-token loss without full logits", render_loss(loss),
+                       loss, order=22)
 
 
 def _render_saved(name: str, render_section) -> None:

@@ -18,6 +18,8 @@ OUTPUT = Path(__file__).resolve().parent / "BENCHMARKS.md"
 EXPECTED = {
     "throughput": "python -m benchmarks.throughput",
     "memory": "python -m benchmarks.memory",
+    "memory-plan": "python -m benchmarks.memory --plan",
+    "memory-loss": "python -m benchmarks.memory --loss",
     "gpu": "python -m benchmarks.gpu --prepare .gpu/smollm2-135m, then on a GPU machine "
            "python -m benchmarks.gpu --model .gpu/smollm2-135m",
     "precision": "python -m benchmarks.precision",

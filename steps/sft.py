@@ -118,8 +118,9 @@ class SFTTrainerWithModelLoss(SFTTrainer):
     setting turns it off; on a CPU it halves throughput for the same loss (measured: 2,300 against
     4,755 tokens/s). `transformers.Trainer.compute_loss` passes the labels and `num_items_in_batch`
     to the model, whose loss is then normalised over the whole accumulated batch as TRL's is, so
-    the Trainer does not divide it by the accumulation steps again. Given up: the entropy and
-    token-accuracy log entries.
+    the Trainer does not divide it by the accumulation steps again. That forward is
+    steps.common.lm_loss's (`add_memory_light_loss` in `main`), so the full-vocabulary logits are
+    not materialised either. Given up: the entropy and token-accuracy log entries.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
