@@ -68,8 +68,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, vocabular
         return hidden.sum() * 0.0
     total = None
     positions = chunk_positions(vocabulary)
-    for part, targets in zip(hidden.split(positions), labels.split(positions)):
-        loss = checkpoint(_chunk_loss, head, part, targets, use_reentrant=False)
+    parts = list(zip(hidden.split(positions), labels.split(positions)))
+    for index, (part, targets) in enumerate(parts):
+        # The last chunk's logits are the first the backward pass uses, so keeping them costs no
+        # more than recomputing them would: only the others are recomputed (and a batch that
+        # fits one chunk, every small model's, costs no extra forward pass at all).
+        if index == len(parts) - 1:
+            loss = _chunk_loss(head, part, targets)
+        else:
+            loss = checkpoint(_chunk_loss, head, part, targets, use_reentrant=False)
         total = loss if total is None else total + loss
     return total
 
