@@ -1,4 +1,4 @@
-"""The explicit table of the project's container images and the stage entry points each holds.
+"""The project's container images and the stage entry points each holds.
 
 A pipeline definition names images; SageMaker starts the image's entry point (or the
 ``ContainerEntrypoint`` the step gives). The local engine has no Docker, so it looks the
@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from steps.stages import STAGES
+
 REPOSITORY_PREFIX = "llm-lifecycle"
 
-# repository name -> the stage modules baked into that image (run as `python -m MODULE`).
+# repository name -> the stage modules baked into that image (run as `python -m MODULE`): each
+# stage's job kind names its image (steps/stages.py).
 IMAGES: dict[str, tuple[str, ...]] = {
-    f"{REPOSITORY_PREFIX}-processing": ("steps.data_prep", "steps.evaluate",
-                                        "steps.teacher_logits", "steps.quantize",
-                                        "steps.constitutional", "steps.compare_approved"),
-    f"{REPOSITORY_PREFIX}-training": ("steps.pretrain", "steps.cpt", "steps.sft",
-                                      "steps.distill", "steps.reward_model", "steps.dpo",
-                                      "steps.ppo"),
+    **{f"{REPOSITORY_PREFIX}-{image}": tuple(stage.module for stage in STAGES.values()
+                                             if stage.image == image)
+       for image in dict.fromkeys(stage.image for stage in STAGES.values())},
     # Not a job image: SageMaker hosting starts it as `serve` (`python -m serving serve`), for the
     # model package that names it; `llm-pipeline deploy` runs the same locally.
     f"{REPOSITORY_PREFIX}-serving": ("serving",),

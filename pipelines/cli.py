@@ -239,19 +239,6 @@ def _ensure_demo_data(s3, bucket: str, kind: str) -> bool:
     return True
 
 
-def _refuse_what_would_fail(chosen: recipe.Recipe, document: dict, values: dict) -> None:
-    """Before the first job runs (and bills): parameter values outside what a stage setting
-    takes, and any that would make a step's request one SageMaker refuses, each in one line
-    naming the parameter."""
-    from pipelines import stage_settings, validation
-
-    problems = stage_settings.value_problems(chosen, values)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(problems[0] + more)
-    validation.check_execution(document, values)
-
-
 def _executions_dir() -> Path:
     return server.home() / "executions"
 
@@ -436,7 +423,7 @@ def _start(args, target: dict, chosen: recipe.Recipe, overrides: dict[str, str],
                         f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
     document = json.loads(described["PipelineDefinition"])
     # Refused here, before StartPipelineExecution: nothing has run or billed yet.
-    _refuse_what_would_fail(chosen, document, resolve_parameters(document, overrides))
+    validation.check_execution(document, resolve_parameters(document, overrides))
     request = {"PipelineName": name,
                "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in overrides.items()]}
     if args.reuse:

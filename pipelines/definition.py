@@ -24,6 +24,7 @@ from containers import images
 from pipelines import UserError
 from pipelines.recipe import JUDGE_STAGES, Recipe, parameter_reference
 from serving import sizing
+from steps.stages import STAGES
 
 if TYPE_CHECKING:
     from sagemaker.mlops.workflow.pipeline import Pipeline
@@ -66,16 +67,6 @@ DEMO_DATA_KEYS = {"sft": DEMO_DATA_KEY, "corpus": "datasets/demo/corpus.jsonl",
                   "preferences": "datasets/demo/preferences.jsonl",
                   "prompts": "datasets/demo/constitutional-prompts.jsonl"}
 
-# Recipe stage kind -> (step name, container module). Training stages run in the recipe's order.
-TRAINING_STEPS = {"pretrain": ("Pretrain", "steps.pretrain"), "cpt": ("CPT", "steps.cpt"),
-                  "sft": ("SFT", "steps.sft"), "reward_model": ("RewardModel", "steps.reward_model"),
-                  "dpo": ("DPO", "steps.dpo"), "ppo": ("PPO", "steps.ppo"),
-                  "distill": ("Distill", "steps.distill")}
-# Processing stages between DataPrep and Evaluate: each reads its inputs (model, data, ...) as
-# folders named by --<input>-dir and writes one output folder, --output-dir.
-PROCESSING_STEPS = {"constitutional": ("Constitutional", "steps.constitutional"),
-                    "teacher_logits": ("TeacherLogits", "steps.teacher_logits"),
-                    "quantize": ("Quantize", "steps.quantize")}
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # steps.common.contract.checkpoint_dir's default
 
 # What the training stage prints (steps/common/metrics.py) and SageMaker reads from the log.
@@ -351,7 +342,7 @@ def get_pipeline(
 
     def training_stage(stage: str, inputs: dict[str, str]) -> TrainingStep:
         """A training step: channels train/validation from `data`, one channel per other input."""
-        step_name, module = TRAINING_STEPS[stage]
+        step_name, module = STAGES[stage].step, STAGES[stage].module
         inputs = dict(inputs)
         data_uri = resolve_input(inputs.pop("data"))
         channels = [
@@ -382,8 +373,9 @@ def get_pipeline(
                                  cache_config=cache, retry_policies=retries)
 
     def processing_stage(stage: str, inputs: dict[str, str]) -> ProcessingStep:
-        """A processing step: each input a folder (--<name>-dir), one output folder."""
-        step_name, module = PROCESSING_STEPS[stage]
+        """A processing step between DataPrep and Evaluate: each input a folder
+        (--<name>-dir), one output folder (--output-dir)."""
+        step_name, module = STAGES[stage].step, STAGES[stage].module
         located = {name: resolve_input(reference) for name, reference in inputs.items()}
         located = {name: uri for name, uri in located.items() if uri is not None}
         return ProcessingStep(
@@ -412,10 +404,10 @@ def get_pipeline(
             manifest = PropertyFile(name=f"DataManifest{suffix}", output_name="data",
                                     path="manifest.json")
             step = ProcessingStep(
-                name=f"DataPrep{suffix}",
-                step_args=processor("steps.data_prep").run(
+                name=f"{STAGES['data_prep'].step}{suffix}",
+                step_args=processor(STAGES["data_prep"].module).run(
                     inputs=[s3_input("raw", p[parameter], "/opt/ml/processing/input/raw")],
-                    outputs=[s3_output("data", output_uri(f"DataPrep{suffix}", "data"),
+                    outputs=[s3_output("data", output_uri(f"{STAGES['data_prep'].step}{suffix}", "data"),
                                        "/opt/ml/processing/output")],
                     arguments=["--input-dir", "/opt/ml/processing/input/raw",
                                "--output-dir", "/opt/ml/processing/output",
@@ -450,7 +442,7 @@ def get_pipeline(
     for stage in recipe.middle_stages:
         inputs = {"data": "$InputData", "model": previous_model, **recipe.inputs[stage]}
         data_of[stage] = inputs["data"]
-        if stage in PROCESSING_STEPS:
+        if STAGES[stage].job == "processing":
             step = processing_stage(stage, inputs)
             produced[stage] = step.properties.ProcessingOutputConfig.Outputs["output"].S3Output.S3Uri
         else:
@@ -466,12 +458,12 @@ def get_pipeline(
     model_uri = resolve_input(inputs["model"])
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
     evaluate = ProcessingStep(
-        name="Evaluate",
-        step_args=processor("steps.evaluate").run(
+        name=STAGES["evaluate"].step,
+        step_args=processor(STAGES["evaluate"].module).run(
             inputs=[s3_input(name, resolve_input(reference),
                              f"/opt/ml/processing/{name}")
                     for name, reference in inputs.items()],
-            outputs=[s3_output("evaluation", output_uri("Evaluate", "evaluation"),
+            outputs=[s3_output("evaluation", output_uri(STAGES["evaluate"].step, "evaluation"),
                                "/opt/ml/processing/evaluation")],
             arguments=[*(arg for name in inputs
                          for arg in (f"--{name.replace('_', '-')}-dir", f"/opt/ml/processing/{name}")),
@@ -559,11 +551,11 @@ def get_pipeline(
     # since its answer depends on the registry, which no cache key sees (steps.compare_approved).
     approved_gate = PropertyFile(name="ApprovedGate", output_name="gate", path="gate.json")
     compare = ProcessingStep(
-        name="CompareWithApproved",
-        step_args=processor("steps.compare_approved").run(
+        name=STAGES["compare_approved"].step,
+        step_args=processor(STAGES["compare_approved"].module).run(
             inputs=[s3_input("evaluation", evaluation_uri, "/opt/ml/processing/evaluation"),
                     s3_input("data", resolve_input(inputs["data"]), "/opt/ml/processing/data")],
-            outputs=[s3_output("gate", output_uri("CompareWithApproved", "gate"),
+            outputs=[s3_output("gate", output_uri(STAGES["compare_approved"].step, "gate"),
                                "/opt/ml/processing/gate")],
             arguments=["--evaluation-dir", "/opt/ml/processing/evaluation",
                        "--data-dir", "/opt/ml/processing/data",

@@ -74,9 +74,10 @@ from typing import Any
 
 import yaml
 
-from pipelines import UserError, cost, recipe, stage_settings
+from pipelines import UserError, cost, recipe
 from steps.common import knobs, students  # the knobs' declarations, the student specs: no torch
 from steps.common.contract import StageError
+from steps.stages import STAGES
 
 GIB = 2**30
 # Of an accelerator's documented memory, what the training's tensors may use: the driver reports
@@ -1032,7 +1033,7 @@ def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShap
         if where or smaller:
             result.alternatives["gradient_checkpointing: true"] = where or smaller[0]
     # A stage that takes a `sharding` setting (issue 17, item 2) may shard instead.
-    if work.sharding == "none" and "sharding" in stage_settings.settings(stage):
+    if work.sharding == "none" and "sharding" in STAGES[stage].settings():
         for changed in ({**settings, "sharding": "fsdp"},
                         {**settings, "sharding": "fsdp", "gradient_checkpointing": True}):
             where, smaller = _fitting(stage, changed, start, instance, count)
@@ -1050,8 +1051,6 @@ def plan(chosen: recipe.Recipe, overrides: dict[str, str],
          instance: str | None = None) -> list[StagePlan]:
     """The plan of every training stage of `chosen` with the parameter `overrides` (as `-p`
     gives them), on its TrainingInstanceType x TrainingInstanceCount, or on `instance`."""
-    from pipelines.definition import TRAINING_STEPS
-
     values = parameter_values(chosen, overrides)
     chosen_type = instance_type(str(instance or values["TrainingInstanceType"]))
     count = int(values["TrainingInstanceCount"])
@@ -1071,7 +1070,7 @@ def plan(chosen: recipe.Recipe, overrides: dict[str, str],
                     start = model_shape(str(settings.get("base_model")))
             except UserError as exc:
                 unknown = str(exc)
-        stage_plan = plan_stage(stage, TRAINING_STEPS[stage][0], settings, start, chosen_type,
+        stage_plan = plan_stage(stage, STAGES[stage].step, settings, start, chosen_type,
                                 count, unknown)
         plans.append(stage_plan)
         if stage not in recipe.JUDGE_STAGES and stage != "distill":
@@ -1191,7 +1190,9 @@ def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
         values = parameter_values(chosen, overrides)
     except UserError:
         return  # a value of the wrong type: the checks before StartPipelineExecution say so
-    if stage_settings.value_problems(chosen, values):
+    from pipelines import validation
+
+    if validation.recipe_setting_problems(chosen, values):
         return  # a value a stage does not take: the same
     instance = str(values["TrainingInstanceType"])
     if instance not in instance_types():

@@ -13,8 +13,8 @@
     gate: {metric: perplexity_ratio, direction: higher}
 
 A setting whose value is `$Name` takes the value of pipeline parameter Name at execution time;
-any other value is baked into the definition. Each setting must be one the stage takes (its
-config's fields, pipelines/stage_settings.py), so a misspelt one fails here, not in its job.
+any other value is baked into the definition. Each setting must be one the stage takes (a field
+of its config dataclass, steps/stages.py), so a misspelt one fails here, not in its job.
 Training stages run in the order written, each starting from the model the one before it
 produced and training on InputData, unless the stage says otherwise under `inputs` (not a
 hyperparameter):
@@ -33,12 +33,14 @@ prompts), or maps each dataset parameter to one: {InputData: sft, PreferenceData
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipelines import UserError, stage_settings
+from pipelines import UserError
+from steps.stages import STAGES
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # Recipes that changed name, so that an old script gets told what to run instead.
@@ -46,12 +48,15 @@ RENAMED = {"sft-lora": "sft (LoRA is its default PeftMethod)"}
 _KEYS = {"name", "description", "model_package_group", "demo_data", "parameters", "stages",
          "gate"}
 DEMO_DATASETS = ("sft", "corpus", "preferences", "prompts")
-# Stage kinds, in the order they may appear. Training stages chain their models.
+# Stage kinds (steps/stages.py), in the order they may appear. Training stages chain their models.
 ENDS = ("data_prep", "evaluate")  # every recipe starts and ends with these
-TRAINING_STAGES = ("pretrain", "cpt", "sft", "reward_model", "dpo", "ppo", "distill")
+TRAINING_STAGES = tuple(name for name, stage in STAGES.items() if stage.job == "training")
 JUDGE_STAGES = ("reward_model",)  # training stages whose model scores the policy, not replaces it
-# Processing stages between the ends.
-PROCESSING_STAGES = ("constitutional", "teacher_logits", "quantize")
+# Processing stages between the ends (compare_approved is every pipeline's, before its gate).
+PROCESSING_STAGES = tuple(name for name, stage in STAGES.items() if stage.job == "processing"
+                          and name not in (*ENDS, "compare_approved"))
+# Keys of a stage block that are the recipe's, not the stage's (taken out before the settings).
+RECIPE_KEYS = frozenset({"inputs"})
 # Parameters every recipe's pipeline has (defaults given by the pipeline when the recipe is silent).
 COMMON_PARAMETERS = ("InputData", "ProcessingInstanceType", "TrainingInstanceType",
                      "TrainingInstanceCount", "EvalThreshold", "ApprovedMargin",
@@ -155,8 +160,7 @@ def load(name_or_path: str) -> Recipe:
                                 declared)
         for key, value in settings.items():
             # Checked here, not first when the stage's job runs (after the stages before it).
-            problem = stage_settings.unknown_setting_message(
-                stage, str(key), hyperparameters=stage in TRAINING_STAGES)
+            problem = unknown_setting_message(stage, str(key))
             if problem:
                 raise UserError(f"{path}: {problem}")
             if isinstance(value, (dict, list)) or value is None:
@@ -204,6 +208,28 @@ def load(name_or_path: str) -> Recipe:
         gate_direction=direction,
         source=path,
     )
+
+
+def unknown_setting_message(stage: str, key: str) -> str | None:
+    """None when `key` is a setting of `stage`; else why not, and the closest valid name.
+
+    A training stage's settings are hyperparameters, matched by exact name, so only
+    `max_steps` works there; a processing stage's become `--<key, - for _>` arguments, which its
+    parser takes in either spelling, so `max-records` works there too.
+    """
+    valid = STAGES[stage].settings()
+    underscored = key.replace("-", "_")
+    hyperparameters = STAGES[stage].job == "training"
+    if key in RECIPE_KEYS or (key if hyperparameters else underscored) in valid:
+        return None
+    if underscored in valid:
+        hint = f" (a training stage's settings are hyperparameters: write '{underscored}')"
+    elif close := difflib.get_close_matches(underscored, sorted(valid), n=1):
+        hint = f" (did you mean '{close[0]}'?)"
+    else:
+        hint = ""
+    return (f"stages.{stage}.{key}: not a setting of stage {stage}{hint}; its settings: "
+            f"{', '.join(sorted(valid))}")
 
 
 def _inputs(path: Path, stage: str, given: object, earlier: list[str],

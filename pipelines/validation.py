@@ -11,12 +11,14 @@ are in `DOCUMENTED_RULES`, each with the page it comes from.
 
 Used by the local engine on every request it makes (so a local run fails where SageMaker would,
 naming the step and the field), and by the command line to refuse, before anything runs, a
-parameter value that would make a step's request invalid.
+parameter value that would make a step's request invalid, or that a stage setting it drives does
+not take (the ranges each stage's config dataclass declares, steps/stages.py).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +29,8 @@ from botocore.model import Shape
 from botocore.validate import ParamValidator
 
 from pipelines import UserError
+from steps.common import knobs  # the declared ranges; no torch
+from steps.stages import STAGES, stage_running
 
 # What each step type of a definition asks SageMaker for.
 STEP_OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJob",
@@ -215,13 +219,83 @@ def _steps(steps: list[dict]) -> Iterator[dict]:
             yield from _steps(arguments.get("IfSteps", []) + arguments.get("ElseSteps", []))
 
 
-def check_execution(definition: dict, values: dict[str, Any]) -> None:
-    """Refuse, before anything runs, parameter values (and recipe settings) that would make a
-    step's request one SageMaker refuses, naming the parameter: a metadata value with a comma, a
-    group name with a space, an instance type that does not exist, a spot wait shorter than the
-    runtime. What only the execution knows (other steps' outputs) is checked when the step runs.
-    """
+def _stage_settings(step: dict) -> tuple[str | None, dict[str, Any]]:
+    """The stage a step runs (steps/stages.py) and its settings as the definition gives them:
+    a training job's hyperparameters, a processing job's `--name value` container arguments."""
+    arguments = step.get("Arguments", {})
+    if step.get("Type") == "Training":
+        entrypoint = arguments.get("AlgorithmSpecification", {}).get("ContainerEntrypoint")
+        settings = dict(arguments.get("HyperParameters") or {})
+    elif step.get("Type") == "Processing":
+        entrypoint = arguments.get("AppSpecification", {}).get("ContainerEntrypoint")
+        given = arguments.get("AppSpecification", {}).get("ContainerArguments") or []
+        settings = {key[2:].replace("-", "_"): value for key, value in itertools.pairwise(given)
+                    if isinstance(key, str) and key.startswith("--")}
+    else:
+        return None, {}
+    if not (isinstance(entrypoint, list) and len(entrypoint) == 3):
+        return None, {}
+    return stage_running(entrypoint[2]), settings
+
+
+def _as_setting(value: Any, rule: knobs.Range | knobs.OneOf) -> Any:
+    """A parameter's value as the stage parses it: a number for a numeric setting ('1e-4')."""
+    if isinstance(rule, knobs.Range) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def setting_problems(definition: dict, values: dict[str, Any]) -> list[str]:
+    """Parameter values outside what the stage setting they drive takes, one line each, naming
+    the parameter, its value and what the setting takes: refused before the first job runs (and
+    bills), not when the stage's job parses them after the stages before it."""
     found = []
+    for step in _steps(definition.get("Steps", [])):
+        stage, settings = _stage_settings(step)
+        if stage is None:
+            continue
+        for key, setting in settings.items():
+            used: set[str] = set()
+            value = _expression(setting, values, used) if isinstance(setting, dict) else setting
+            if used and not isinstance(value, _Unknown):
+                found += _setting_problems(stage, key, value, used, values)
+    return list(dict.fromkeys(found))
+
+
+def recipe_setting_problems(chosen, values: dict[str, Any]) -> list[str]:
+    """`setting_problems` of a recipe's stages before its definition is built (`$Name` settings
+    take the parameter's value)."""
+    from pipelines.recipe import parameter_reference
+
+    found = []
+    for stage, settings in chosen.stages.items():
+        for key, setting in settings.items():
+            name = parameter_reference(setting)
+            if name is not None and name in values:
+                found += _setting_problems(stage, key, values[name], {name}, values)
+    return list(dict.fromkeys(found))
+
+
+def _setting_problems(stage: str, key: str, value: Any, used: set[str],
+                      values: dict[str, Any]) -> list[str]:
+    rule = knobs.allowed(STAGES[stage].config, key)
+    if rule is None or rule.allows(_as_setting(value, rule)):
+        return []
+    return [f"pipeline parameter {name}={values[name]!r}: stage {stage}'s {key} takes "
+            f"{'values ' if isinstance(rule, knobs.Range) else ''}{rule}" for name in sorted(used)]
+
+
+def check_execution(definition: dict, values: dict[str, Any]) -> None:
+    """Refuse, before anything runs, parameter values that a stage setting does not take (DPO's
+    beta, PPO's kl_coef, a learning rate: `setting_problems`) or that would make a step's request
+    one SageMaker refuses, naming the parameter: a metadata value with a comma, a group name with
+    a space, an instance type that does not exist, a spot wait shorter than the runtime. What only
+    the execution knows (other steps' outputs) is checked when the step runs.
+    """
+    found = setting_problems(definition, values)
     for step in _steps(definition.get("Steps", [])):
         operation = STEP_OPERATIONS.get(step.get("Type", ""))
         if operation is None:

@@ -31,39 +31,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steps.common import contract
 from steps.common.contract import StageError
-
-
-@dataclass
-class CompareApprovedConfig:
-    evaluation_dir: str = field(metadata={"help": "The Evaluate step's output (evaluation.json)."})
-    output_dir: str = field(metadata={"help": "Where gate.json goes."})
-    model_package_group: str = field(metadata={"help": "The registry group to compare with."})
-    gate_metric: str = field(metadata={"help": "The metric of evaluation.json the gate compares."})
-    gate_direction: str = field(
-        default="higher", metadata={"help": "higher or lower: which way the metric is better."}
-    )
-    approved_margin: float = field(
-        default=0.0,
-        metadata={"help": "How much better than the Approved package the candidate must be, in "
-                  "the metric's units (0: at least as good)."},
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "The evaluation data (a data preparation output with manifest.json), "
-                  "to tell whether the Approved package was measured on the same data."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.gate_direction not in ("higher", "lower"):
-            raise StageError(f"gate_direction must be higher or lower, got {self.gate_direction}")
-        if not math.isfinite(self.approved_margin):
-            raise StageError(f"approved_margin must be a finite number, got {self.approved_margin}")
+from steps.compare_approved_config import CompareApprovedConfig
 
 
 def main(config: CompareApprovedConfig) -> None:

@@ -21,8 +21,6 @@ SageMaker checkpoint folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import transformers
 from transformers import PrinterCallback, Trainer, default_data_collator
 
@@ -39,15 +37,11 @@ from steps.common.lm_loss import add_memory_light_loss
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
 from steps.common.peft_methods import (
-    LEARNING_RATE_HELP,
-    PeftKnobs,
     apply_peft,
-    fill_default_learning_rate,
     load_model_for_training,
     save_model,
 )
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -55,51 +49,7 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-
-@dataclass
-class CPTStageConfig(PeftKnobs, TrainingKnobs):
-    base_model: str = field(
-        default="builtin:smollm2-135m-instruct",
-        metadata={
-            "help": "Model spec: builtin:tiny, builtin:smollm2-135m-instruct, a folder, a "
-            "model.tar.gz or a hub id. Ignored when the 'model' channel holds a model."
-        },
-    )
-    extend_vocabulary: int = field(
-        default=0,
-        metadata={"help": "Add up to this many of the corpus's frequent words that the base "
-                  "tokenizer splits as new tokens (0: keep the vocabulary). Needs peft_method "
-                  "none, lora or qlora, which train the new rows."},
-    )
-    learning_rate: float | None = field(default=None, metadata={"help": LEARNING_RATE_HELP})
-    max_seq_length: int = field(
-        default=256,
-        metadata={"help": "Tokens per training block; at most the model's maximum positions."},
-    )
-    packing: bool = field(
-        default=True,
-        metadata={"help": "Always on: documents are joined with EOS and cut into "
-                  "max_seq_length blocks (false is refused)."},
-    )
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        self.learning_rate_is_default = fill_default_learning_rate(self)
-        TrainingKnobs.__post_init__(self)
-        if self.extend_vocabulary < 0:
-            raise StageError(f"extend_vocabulary must be >= 0, got {self.extend_vocabulary}")
-        if self.extend_vocabulary and self.is_prompt_learning:
-            raise StageError(
-                f"extend_vocabulary needs the new tokens' embeddings to train, which "
-                f"peft_method {self.peft_method} cannot do; use peft_method none, lora or qlora, "
-                "or set extend_vocabulary=0"
-            )
-        if not self.packing:
-            raise StageError(
-                "packing=false is not supported by continued pre-training: documents are always "
-                "joined with EOS and cut into max_seq_length blocks; remove the setting"
-            )
+from steps.cpt_config import CPTStageConfig
 
 
 def main(config: CPTStageConfig) -> None:
@@ -116,9 +66,7 @@ def main(config: CPTStageConfig) -> None:
     # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
-    usual = f" (the usual rate for {config.peft_method})" if config.learning_rate_is_default else ""
-    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{usual}",
-          flush=True)
+    print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
     model = load_model_for_training(source, config, precision)

@@ -79,7 +79,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,11 @@ from steps.common.distillation import Example, TeacherCounter
 from steps.common.metrics import log_metrics
 from steps.common.models import load_model, load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
-    DEFAULT_LEARNING_RATES,
-    PeftKnobs,
     apply_peft,
     load_model_for_training,
     save_model,
 )
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -110,121 +107,11 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
+from steps.distill_config import DistillStageConfig
 from steps.evaluate import held_out_examples, model_metrics, score_model
 
-# A config-built student starts from random weights: the rate of pre-training from scratch
-# (steps.pretrain), not the small one that fine-tunes pretrained weights.
-RANDOM_INIT_LEARNING_RATE = 3e-3
-# A student cut from its teacher starts from pretrained weights that lost half their layers: it
-# must move further than a fine-tuned model (2e-5) and less than a random one (3e-3). Measured on
-# SmolLM2-135M-Instruct kept at 15 of 30 layers (benchmarks/distillation.py).
-PRUNED_LEARNING_RATE = 2e-4
 # Training examples whose MLP activations rank the channels a width-pruned student keeps.
 CALIBRATION_EXAMPLES = 64
-
-
-@dataclass
-class DistillStageConfig(PeftKnobs, TrainingKnobs):
-    student_model: str | None = field(
-        default=None,
-        metadata={"help": "The student: teacher:layers=N[+intermediate=I] (the teacher cut down), "
-                  "config:layers=N+hidden=H+... (the teacher's architecture resized, random "
-                  "weights) or a model spec of the teacher's tokenizer. Ignored when the 'model' "
-                  "channel holds a model."},
-    )
-    teacher_model: str | None = field(
-        default=None,
-        metadata={"help": "Teacher model spec, for on-the-fly or on-policy teacher outputs; "
-                  "not needed with the 'teacher' channel (cached outputs)."},
-    )
-    temperature: float = field(
-        default=2.0, metadata={"help": "Softening temperature T of both distributions (> 0)."}
-    )
-    alpha: float = field(
-        default=0.5,
-        metadata={"help": "Weight of the ground-truth CE; 1 - alpha weighs T^2 * KL to the "
-                  "teacher. 1.0 = plain hard-label training."},
-    )
-    top_k: int = field(
-        default=16,
-        metadata={"help": "Teacher tokens per position; with cached outputs at most the cached k "
-                  "(the largest top_k of them are used)."},
-    )
-    on_policy: bool = field(
-        default=False,
-        metadata={"help": "GKD-style: distil on the student's own sampled continuations of the "
-                  "prompts (needs a teacher model)."},
-    )
-    max_new_tokens: int = field(
-        default=64, metadata={"help": "Tokens the student samples per prompt (on_policy)."}
-    )
-    teacher_batch_size: int = field(
-        default=8, metadata={"help": "Sequences per teacher forward pass (on the fly)."}
-    )
-    peft_method: str = field(
-        default="none",
-        metadata={"help": "none (full training of the student, the usual for distillation), "
-                  "lora, qlora, prompt_tuning, p_tuning or prefix_tuning over a pretrained one."},
-    )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={"help": f"Peak learning rate; unset or 0: {RANDOM_INIT_LEARNING_RATE:g} for a "
-                  f"config-built student, {PRUNED_LEARNING_RATE:g} for one cut from its teacher, "
-                  "else the PEFT method's usual one."},
-    )
-    compare_students: bool = field(
-        default=False,
-        metadata={"help": "Also measure the initial student and the same student trained on the "
-                  "ground truth alone for the same steps (a second training run) against the "
-                  "distilled one, on the validation split."},
-    )
-    comparison_samples: int = field(
-        default=24, metadata={"help": "Held-out prompts each compared student answers."}
-    )
-    comparison_new_tokens: int = field(
-        default=32, metadata={"help": "Generation length limit of the compared answers."}
-    )
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        self.student = students.parse(self.student_model)  # a wrong spec fails here, in one line
-        self.learning_rate_is_default = not self.learning_rate
-        if self.learning_rate_is_default:
-            self.learning_rate = default_learning_rate(self.student_model, self.peft_method)
-        TrainingKnobs.__post_init__(self)
-        if not self.temperature > 0:
-            raise StageError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise StageError(f"alpha must be in [0, 1], got {self.alpha}")
-        for name in ("top_k", "max_new_tokens", "teacher_batch_size", "comparison_samples",
-                     "comparison_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.packing:
-            raise StageError(
-                "packing is not supported by distillation (teacher outputs are per example); "
-                "set packing=false"
-            )
-        if self.student is not None and self.peft_method != "none":
-            what = ("starts from random weights, which" if students.is_config_student(
-                self.student_model) else "lost layers of its teacher, which only full training "
-                "makes up for and which")
-            raise StageError(
-                f"student_model {self.student_model} {what} peft_method {self.peft_method} would "
-                "keep frozen; use peft_method=none"
-            )
-        if self.compare_students and self.on_policy:
-            raise StageError("compare_students trains a hard-label student on the same batches, "
-                             "which on_policy=true does not use; set one of them to false")
-
-
-def default_learning_rate(student_model: str | None, peft_method: str) -> float:
-    """The peak rate a student trains at unless told: by how far it starts from a useful model."""
-    if students.is_config_student(student_model):
-        return RANDOM_INIT_LEARNING_RATE
-    if isinstance(students.parse(student_model), students.PrunedStudent):
-        return PRUNED_LEARNING_RATE
-    return DEFAULT_LEARNING_RATES[peft_method]
 
 
 class TopKDistillationTrainer(Trainer):
@@ -391,9 +278,8 @@ def main(config: DistillStageConfig) -> None:
 
     # 3. The student model.
     precision = prepare_precision(config)
-    default = " (default)" if config.learning_rate_is_default else ""
-    print(f"student: {student.spec}; peft_method: {config.peft_method}; learning rate: "
-          f"{config.learning_rate:g}{default}", flush=True)
+    print(f"student: {student.spec}; peft_method: {config.peft_method}; "
+          f"{config.learning_rate_line()}", flush=True)
     model, cut = build_student_model(config, student, teacher, train_examples, precision)
     _check_vocabulary_size(model, train_examples + validation_examples, student.spec)
     if teacher.mode == "on_the_fly":
@@ -560,8 +446,8 @@ class Student:
 
 
 def resolve_student(config: DistillStageConfig, teacher: Teacher) -> Student:
-    """The student the 'model' channel or `student_model` names, its learning rate when left at
-    the default, and its tokenizer, which must be the teacher's."""
+    """The student the 'model' channel or `student_model` names, and its tokenizer, which must be
+    the teacher's."""
     spec = _model_spec(contract.optional_channel_dir("model"), config.student_model)
     if spec is None:
         raise StageError(
@@ -579,8 +465,14 @@ def resolve_student(config: DistillStageConfig, teacher: Teacher) -> Student:
             "have (cached outputs hold no weights): give it a 'teacher_model' channel or set "
             "teacher_model"
         )
-    if config.learning_rate_is_default:  # the 'model' channel may have replaced student_model
-        config.learning_rate = default_learning_rate(spec, config.peft_method)
+    if config.student is not None and spec != config.student_model:
+        # The learning rate was chosen for that student (steps.distill_config); the channel's
+        # model would train at a rate meant for another start.
+        raise StageError(
+            f"student_model {config.student_model} asks for a new student, but the job's 'model' "
+            "channel holds one; remove student_model, or give the stage no model input "
+            "(inputs: {model: base})"
+        )
     if pruned:
         tokenizer = load_tokenizer(teacher.spec)  # the teacher's, with its chat template
     elif built:

@@ -39,7 +39,6 @@ head against 142 s from the logits in fp32, 91 s against 123 s in bf16).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import transformers
 from datasets import Dataset
@@ -47,18 +46,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
 from steps.common import contract
-from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
 from steps.common.peft_methods import (
-    PeftKnobs,
-    fill_default_learning_rate,
     peft_config,
     save_model,
 )
 from steps.common.preference import (
-    ALIGNMENT_PEFT_METHODS,
     PreferencePair,
     is_peft_model,
     load_policy,
@@ -68,7 +63,6 @@ from steps.common.preference import (
     preference_pairs,
 )
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -76,15 +70,7 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-# DPO moves a model that already answers well: rates far below SFT's. TRL's default for full
-# fine-tuning; about 50x that for LoRA, whose B matrices start at zero.
-DEFAULT_LEARNING_RATES = {"none": 1e-6, "lora": 5e-5}
-
-# TRL's pairwise losses that need no knob beyond beta (see trl.DPOConfig.loss_type):
-# sigmoid = DPO, hinge = SLiC, ipo = IPO, and their relatives.
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot",
-              "apo_zero", "apo_down", "sigmoid_norm")
+from steps.dpo_config import DPOStageConfig
 
 # DPOTrainer's log entries, as metric names (training lines; eval_... on evaluation).
 LOGGED = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
@@ -92,46 +78,6 @@ LOGGED = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejecte
           "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
 
 
-@dataclass
-class DPOStageConfig(PeftKnobs, TrainingKnobs):
-    base_model: str = field(
-        default="builtin:smollm2-135m-instruct",
-        metadata={"help": "Model spec to align (builtin:tiny, builtin:smollm2-135m-instruct, a "
-                  "folder, a model.tar.gz or a hub id). Ignored when the 'model' channel holds a "
-                  "model."},
-    )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak learning rate; unset or 0: 1e-06 for peft_method none, 5e-05 for "
-                  "lora."},
-    )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Strength of the pull towards the reference: larger keeps the policy "
-                  "closer to it (DPO's beta, the inverse temperature of the implicit reward)."},
-    )
-    loss_type: str = field(
-        default="sigmoid",
-        metadata={"help": f"DPO loss: one of {', '.join(LOSS_TYPES)} (sigmoid = DPO, hinge = SLiC, "
-                  "ipo = IPO)."},
-    )
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        if self.peft_method not in ALIGNMENT_PEFT_METHODS:
-            raise StageError(
-                f"peft_method '{self.peft_method}' is not supported by the DPO stage; use none or "
-                "lora"
-            )
-        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
-        TrainingKnobs.__post_init__(self)
-        if self.packing:
-            raise StageError("packing does not apply to DPO (each pair is scored whole); set "
-                             "packing=false")
-        if not self.beta > 0:
-            raise StageError(f"beta must be > 0, got {self.beta}")
-        if self.loss_type not in LOSS_TYPES:
-            raise StageError(f"loss_type '{self.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
 
 
 def main(config: DPOStageConfig) -> None:
@@ -150,9 +96,8 @@ def main(config: DPOStageConfig) -> None:
     # 2. Model: the policy, and what it is measured against.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
-    default = " (the stage's usual rate)" if config.learning_rate_is_default else ""
     print(f"peft_method: {config.peft_method}; beta: {config.beta:g}; loss_type: "
-          f"{config.loss_type}; learning rate: {config.learning_rate:g}{default}", flush=True)
+          f"{config.loss_type}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
     policy = load_policy(source, config)

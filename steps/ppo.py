@@ -67,8 +67,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,17 +77,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steps.common import contract
 from steps.common.contract import StageError
-from steps.common.knobs import NOT_NEGATIVE, POSITIVE, Range
 from steps.common.metrics import log_metrics, peak_memory_mb, plot_loss_curve
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
-    PeftKnobs,
     apply_peft,
-    fill_default_learning_rate,
     save_model,
 )
 from steps.common.preference import (
-    ALIGNMENT_PEFT_METHODS,
     is_peft_model,
     load_policy,
     load_prompts,
@@ -97,7 +92,6 @@ from steps.common.preference import (
 )
 from steps.common.scoring import generate
 from steps.common.training import (
-    TrainingKnobs,
     TrainingReport,
     metrics_callback,
     prepare_precision,
@@ -106,107 +100,7 @@ from steps.common.training import (
     training_summary,
     world_size,
 )
-
-# RL moves a model that already answers well: small steps (the rates TRL's PPO examples use).
-DEFAULT_LEARNING_RATES = {"none": 3e-6, "lora": 5e-5}
-# The value head starts at zero and must fit the returns within a few iterations: at the policy's
-# rate it barely moves (see value_learning_rate).
-VALUE_LEARNING_RATE = 1e-3
-
-
-@dataclass
-class PPOStageConfig(PeftKnobs, TrainingKnobs):
-    base_model: str = field(
-        default="builtin:smollm2-135m-instruct",
-        metadata={"help": "Model spec of the policy to start from. Ignored when the 'model' "
-                  "channel holds a model."},
-    )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak learning rate; unset or 0: 3e-06 for peft_method none, 5e-05 for "
-                  "lora."},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "PPO iterations (rollout, then ppo_epochs of updates); -1: `epochs` "
-                  "passes over the prompts."},
-    )
-    per_device_batch_size: int = field(
-        default=4,
-        metadata={"help": "Sequences per forward pass; a rollout has per_device_batch_size x "
-                  "gradient_accumulation_steps x num_mini_batches prompts."},
-    )
-    response_length: int = field(
-        default=32, metadata={"help": "Most tokens a sampled response has."}
-    )
-    temperature: float = field(
-        default=0.7, metadata={"help": "Sampling temperature of the rollouts (> 0)."}
-    )
-    kl_coef: float = field(
-        default=0.05,
-        metadata={"help": "Weight of the per-token KL penalty to the reference in the reward."},
-    )
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE, in [0, 1]."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE, in [0, 1]."})
-    cliprange: float = field(
-        default=0.2, metadata={"help": "Clip range of the policy ratio, epsilon of PPO."}
-    )
-    cliprange_value: float = field(
-        default=0.2, metadata={"help": "Clip range of the value update around the old values."}
-    )
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    value_learning_rate: float = field(
-        default=VALUE_LEARNING_RATE,
-        metadata={"help": "Peak learning rate of the value head, a layer that starts at zero and "
-                  "must learn the returns in a few iterations, unlike the policy, which must move "
-                  "little (learning_rate)."},
-    )
-    missing_eos_penalty: float = field(
-        default=1.0,
-        metadata={"help": "Subtracted from the reward model's score of a response cut at "
-                  "response_length before its stop token, which the reward model would score as "
-                  "if complete; 0: no penalty."},
-    )
-    ppo_epochs: int = field(
-        default=4, metadata={"help": "Passes of PPO updates over each rollout batch."}
-    )
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "Minibatches (optimizer steps) per pass over a rollout."}
-    )
-    logging_steps: int = field(
-        default=1, metadata={"help": "Print a metrics line every this many PPO iterations."}
-    )
-
-    # The values PPO's own knobs take (the shared ones are declared in steps.common.knobs). Not
-    # annotated ClassVar: under `from __future__ import annotations` dataclasses looks ClassVar up
-    # in the module by name, which a module run by runpy (tests/pipelines/test_stage_settings.py)
-    # does not hold, and would take it for a field.
-    ALLOWED = MappingProxyType({
-        "response_length": POSITIVE, "temperature": POSITIVE, "ppo_epochs": POSITIVE,
-        "num_mini_batches": POSITIVE, "kl_coef": NOT_NEGATIVE, "cliprange": NOT_NEGATIVE,
-        "cliprange_value": NOT_NEGATIVE, "vf_coef": NOT_NEGATIVE, "gamma": Range(low=0, high=1),
-        "lam": Range(low=0, high=1), "value_learning_rate": POSITIVE,
-        "missing_eos_penalty": NOT_NEGATIVE,
-    })
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        if self.peft_method not in ALIGNMENT_PEFT_METHODS:
-            raise StageError(f"peft_method '{self.peft_method}' is not supported by the PPO "
-                             "stage; use none or lora")
-        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
-        TrainingKnobs.__post_init__(self)  # checks every knob against ALLOWED, PPO's included
-        if self.packing:
-            raise StageError("packing does not apply to PPO (responses are sampled); set "
-                             "packing=false")
-        if self.response_length >= self.max_seq_length:
-            raise StageError(f"response_length ({self.response_length}) must be below "
-                             f"max_seq_length ({self.max_seq_length}), which holds prompt and "
-                             "response")
-
-    @property
-    def rollout_batch_size(self) -> int:
-        return self.per_device_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+from steps.ppo_config import PPOStageConfig
 
 
 class ValueHead(nn.Module):
@@ -266,9 +160,8 @@ def main(config: PPOStageConfig) -> None:
 
     # 2. Policy, reference and value head.
     precision = prepare_precision(config)
-    default = " (the stage's usual rate)" if config.learning_rate_is_default else ""
-    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}, "
-          f"of the value head {config.value_learning_rate:g}", flush=True)
+    print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}, of the value head "
+          f"{config.value_learning_rate:g}", flush=True)
     print(f"loading policy {source}", flush=True)
     policy = load_policy(source, config)
     reference, reference_note = make_reference(policy, config, tokenizer)

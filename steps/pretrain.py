@@ -22,7 +22,6 @@ the corpus's phrasing. The same stage trains larger models by its knobs on a GPU
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -36,11 +35,9 @@ from transformers import (
 )
 
 from steps.common import contract
-from steps.common.contract import StageError
 from steps.common.lm_data import pack_blocks, read_documents, train_tokenizer
 from steps.common.lm_loss import add_memory_light_loss
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -48,84 +45,7 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-# A small model trained from random weights takes large steps (a pretrained one far smaller).
-USUAL_LEARNING_RATE = 3e-3
-
-
-@dataclass
-class PretrainStageConfig(TrainingKnobs):
-    vocab_size: int = field(
-        default=4096, metadata={"help": "Tokens of the BPE tokenizer, special tokens included."}
-    )
-    hidden_size: int = field(default=128, metadata={"help": "Width of the model."})
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: int = field(
-        default=4, metadata={"help": "Attention heads; hidden_size must divide by it."}
-    )
-    num_kv_heads: int = field(
-        default=2,
-        metadata={"help": "Key/value heads (grouped-query attention); num_heads must be a "
-                  "multiple of it."},
-    )
-    intermediate_size: int = field(
-        default=384, metadata={"help": "Width of each layer's gated MLP."}
-    )
-    tie_word_embeddings: bool = field(
-        default=True,
-        metadata={"help": "Share the input embeddings with the output head (fewer parameters)."},
-    )
-    # TrainingKnobs whose defaults differ for a small model learning from nothing.
-    max_seq_length: int = field(
-        default=128,
-        metadata={"help": "Tokens per training block, and the model's maximum positions."},
-    )
-    packing: bool = field(
-        default=True,
-        metadata={"help": "Always on: documents are joined with EOS and cut into "
-                  "max_seq_length blocks (false is refused)."},
-    )
-    learning_rate: float = field(
-        default=USUAL_LEARNING_RATE,
-        metadata={"help": f"Peak learning rate; 0: {USUAL_LEARNING_RATE:g}, the usual rate."},
-    )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "Fraction of steps of linear warm-up, in [0, 1)."}
-    )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    per_device_batch_size: int = field(
-        default=8, metadata={"help": "Blocks per device (process) per forward pass."}
-    )
-    epochs: float = field(
-        default=4.0, metadata={"help": "Passes over the training data (ignored if max_steps > 0)."}
-    )
-
-    def __post_init__(self) -> None:
-        self.learning_rate = self.learning_rate or USUAL_LEARNING_RATE  # 0, as every stage takes it
-        super().__post_init__()
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.vocab_size < 300:
-            raise StageError(
-                f"vocab_size must be at least 300 (256 byte tokens, special tokens and some "
-                f"merges), got {self.vocab_size}"
-            )
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise StageError(
-                f"hidden_size {self.hidden_size} must divide into num_heads {self.num_heads} heads "
-                "of an even size (rotary position embeddings rotate pairs)"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise StageError(
-                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
-            )
-        if not self.packing:
-            raise StageError(
-                "packing=false is not supported by pre-training: documents are always joined "
-                "with EOS and cut into max_seq_length blocks; remove the setting"
-            )
+from steps.pretrain_config import PretrainStageConfig
 
 
 def main(config: PretrainStageConfig) -> None:

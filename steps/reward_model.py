@@ -26,8 +26,6 @@ SageMaker checkpoint folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import transformers
 from datasets import Dataset
@@ -39,9 +37,8 @@ from steps.common.contract import StageError
 from steps.common.datasets import DatasetFormat, Record
 from steps.common.metrics import log_metrics
 from steps.common.models import load_tokenizer, resolve_model_source
-from steps.common.peft_methods import PeftKnobs, fill_default_learning_rate, peft_config
+from steps.common.peft_methods import PeftKnobs, peft_config
 from steps.common.preference import (
-    ALIGNMENT_PEFT_METHODS,
     load_policy,
     load_preference_records,
     preference_example,
@@ -49,7 +46,6 @@ from steps.common.preference import (
     reward_accuracy,
 )
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -57,50 +53,13 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-# Reward models are usually trained at a smaller rate than SFT for full fine-tuning (the whole
-# backbone moves) and the LoRA rate for adapters; the score head starts random either way.
-DEFAULT_LEARNING_RATES = {"none": 1e-5, "lora": 1e-4}
+from steps.reward_model_config import RewardModelStageConfig
 
 # TRL's RewardTrainer log entries, as metric names (training lines; eval_... on evaluation).
 LOGGED = {"accuracy": "reward_accuracy", "margin": "reward_margin",
           "mean_reward": "mean_reward"}
 
 
-@dataclass
-class RewardModelStageConfig(PeftKnobs, TrainingKnobs):
-    base_model: str = field(
-        default="builtin:smollm2-135m-instruct",
-        metadata={"help": "Model spec to start from (builtin:tiny, builtin:smollm2-135m-instruct, "
-                  "a folder, a model.tar.gz or a hub id). Ignored when the 'model' channel holds "
-                  "a model."},
-    )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak learning rate; unset or 0: 1e-05 for peft_method none, 0.0001 for "
-                  "lora."},
-    )
-    center_rewards_coefficient: float = field(
-        default=0.0,
-        metadata={"help": "Weight of a penalty on (r(chosen) + r(rejected))^2 that keeps rewards "
-                  "centred on zero (Eisenstein et al. 2023; 0.01 is usual); 0 for none."},
-    )
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        if self.peft_method not in ALIGNMENT_PEFT_METHODS:
-            raise StageError(
-                f"peft_method '{self.peft_method}' is not supported by the reward model stage; "
-                "use none or lora"
-            )
-        self.learning_rate_is_default = fill_default_learning_rate(self, DEFAULT_LEARNING_RATES)
-        TrainingKnobs.__post_init__(self)
-        if self.packing:
-            raise StageError("packing does not apply to reward modelling (pairs are scored whole); "
-                             "set packing=false")
-        if self.center_rewards_coefficient < 0:
-            raise StageError(f"center_rewards_coefficient must be >= 0, got "
-                             f"{self.center_rewards_coefficient}")
 
 
 def main(config: RewardModelStageConfig) -> None:
@@ -119,9 +78,7 @@ def main(config: RewardModelStageConfig) -> None:
     # 2. Model: the starting causal LM's backbone under a one-output score head.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
-    default = " (the stage's usual rate)" if config.learning_rate_is_default else ""
-    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}",
-          flush=True)
+    print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
     # A reward model is a new model: whatever peft_method trains it, it starts from full weights

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
@@ -43,18 +42,13 @@ from steps.common.datasets import (
 from steps.common.lm_loss import add_memory_light_loss
 from steps.common.models import load_tokenizer, resolve_model_source, stop_token_ids
 from steps.common.peft_methods import (
-    LEARNING_RATE_HELP,
-    PeftKnobs,
     apply_peft,
-    fill_default_learning_rate,
     load_model_for_training,
     merge_adapter,
     save_model,
     set_quantized_adapter_dtype,
-    target_modules,
 )
 from steps.common.training import (
-    TrainingKnobs,
     metrics_callback,
     prepare_precision,
     save_training_record,
@@ -62,53 +56,7 @@ from steps.common.training import (
     trainer_arguments,
     training_summary,
 )
-
-
-@dataclass
-class SFTStageConfig(PeftKnobs, TrainingKnobs):
-    base_model: str = field(
-        default="builtin:smollm2-135m-instruct",
-        metadata={
-            "help": "Model spec: builtin:tiny, builtin:smollm2-135m-instruct, a folder, a "
-            "model.tar.gz or a hub id. Ignored when the 'model' channel holds a model."
-        },
-    )
-    learning_rate: float | None = field(default=None, metadata={"help": LEARNING_RATE_HELP})
-    merge_lora: bool = field(
-        default=False,
-        metadata={"help": "Save LoRA/QLoRA as a full model, the adapter merged into a freshly "
-                  "loaded full-precision base (for serving without PEFT)."},
-    )
-
-    def __post_init__(self) -> None:
-        PeftKnobs.__post_init__(self)
-        self.learning_rate_is_default = fill_default_learning_rate(self)
-        TrainingKnobs.__post_init__(self)
-        if self.merge_lora and self.peft_method not in ("lora", "qlora"):
-            raise StageError(
-                f"merge_lora needs peft_method lora or qlora, not '{self.peft_method}' (full "
-                "fine-tuning saves a full model already; prompt-learning adapters cannot merge)"
-            )
-        if "lm_head" in target_modules(self.lora_target_modules):
-            # TRL 1.16 refuses adapters on the output head (its fused loss reads lm_head.weight).
-            raise StageError(
-                "lora_target_modules cannot include lm_head (TRL does not train adapters on it); "
-                "remove it or use 'all-linear'"
-            )
-        if self.peft_method == "prefix_tuning" and self.gradient_checkpointing:
-            # Recomputing a layer re-reads the prefix cache, which has grown by then: a size
-            # mismatch in attention (peft 0.21, transformers 5.24).
-            raise StageError(
-                "gradient_checkpointing does not work with peft_method prefix_tuning; set "
-                "gradient_checkpointing=false, or use prompt_tuning or p_tuning"
-            )
-        if self.is_prompt_learning and self.packing:
-            # Packed rows keep their sequences apart by position ids, which PEFT drops for
-            # prompt_tuning/p_tuning and offsets for prefix_tuning: examples would see each other.
-            raise StageError(
-                f"packing does not work with peft_method {self.peft_method} (the virtual tokens "
-                "would be shared by every sequence packed in a row); set packing=false"
-            )
+from steps.sft_config import SFTStageConfig
 
 
 class SFTTrainerWithModelLoss(SFTTrainer):
@@ -183,9 +131,7 @@ def main(config: SFTStageConfig) -> None:
     # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model; PEFT wraps it.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
-    default = f" (the usual rate for {config.peft_method})" if config.learning_rate_is_default else ""
-    print(f"peft_method: {config.peft_method}; learning rate: {config.learning_rate:g}{default}",
-          flush=True)
+    print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
     model = apply_peft(load_model_for_training(source, config, precision), config, tokenizer)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,36 +41,7 @@ from steps.common.models import (
     resolve_model_source,
     stop_token_ids,
 )
-
-
-@dataclass
-class TeacherLogitsConfig:
-    model_dir: str = field(
-        metadata={"help": "The teacher: a model or adapter folder, a model.tar.gz or a folder "
-                  "holding one, or builtin:tiny / builtin:smollm2-135m-instruct."}
-    )
-    data_dir: str = field(
-        metadata={"help": "Data preparation output (train.jsonl [+ validation.jsonl]), or a data "
-                  "file or folder (scored as the train split)."}
-    )
-    output_dir: str = field(metadata={"help": "Where the shards and manifest.json go."})
-    top_k: int = field(
-        default=16, metadata={"help": "Log-probabilities kept per position (the largest k)."}
-    )
-    max_seq_length: int = field(
-        default=512,
-        metadata={"help": "Tokens per example, longer ones cut: must equal the student's."},
-    )
-    batch_size: int = field(default=8, metadata={"help": "Sequences per teacher forward pass."})
-    base_model: str | None = field(
-        default=None,
-        metadata={"help": "Base model spec of an adapter teacher; default: the one it records."},
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("top_k", "max_seq_length", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise StageError(f"{name} must be > 0, got {getattr(self, name)}")
+from steps.teacher_logits_config import TeacherLogitsConfig
 
 
 def main(config: TeacherLogitsConfig) -> None:

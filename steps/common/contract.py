@@ -31,6 +31,9 @@ from typing import Any, Literal, TypeVar
 
 from transformers import HfArgumentParser
 
+# Defined beside the stage configs, which import no transformers; stages raise contract.StageError.
+from steps.common.knobs import LoadPolicy, StageError
+
 # Fallbacks for when the SM_* variables are unset: SageMaker's layout inside a training container.
 SAGEMAKER_ROOT = Path("/opt/ml")
 DEFAULT_INPUT_CONFIG_DIR = SAGEMAKER_ROOT / "input" / "config"
@@ -42,15 +45,6 @@ DEFAULT_CHECKPOINT_DIR = SAGEMAKER_ROOT / "checkpoints"
 
 Job = Literal["training", "processing"]
 ConfigT = TypeVar("ConfigT")
-
-
-class StageError(Exception):
-    """A problem the user can fix: bad data, a bad parameter, missing model files.
-
-    The message is one line saying what is wrong, where (file:line:field or the
-    parameter name) and what to do. `run` prints it as ``ERROR: <message>`` and
-    exits with status 2; anything else is a bug and exits with status 1.
-    """
 
 
 def input_config_dir() -> Path:
@@ -160,27 +154,6 @@ def _hyperparameter_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     return json.dumps(value)
-
-
-@dataclasses.dataclass
-class LoadPolicy:
-    """What loading a model may do, for every stage: the two opt-ins of the safe defaults.
-
-    By default weights load from safetensors only and no code shipped with a model runs. Each
-    stage accepts these as hyperparameters (training) or arguments (processing), so a user opts in
-    by name, per stage, for files they trust.
-    """
-
-    allow_unsafe_weights: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "Load pickle-based weights (pytorch_model.bin, adapter_model.bin) when a "
-                  "model has no safetensors; unpickling can run code: only for files you trust."},
-    )
-    trust_remote_code: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "Run the Python code a model ships (auto_map in its config); only for "
-                  "code you trust."},
-    )
 
 
 # The policy of this process's stage, set by parse_config; read by steps.common.models.

@@ -1,11 +1,16 @@
 """The knobs every training stage shares, and the values each may take, importable without torch.
 
+This module and the stage configs built on it (`steps/<stage>_config.py`) import nothing heavier
+than the standard library, so that the command line reads every stage's settings, defaults and
+ranges in milliseconds: `StageError` and `LoadPolicy` live here for that reason, and
+steps.common.contract, which imports transformers, re-exports them.
+
 `TrainingKnobs` (every training stage) and `PeftKnobs` (every stage that tunes an existing model)
 declare each knob once: its default and help as a field, and in the class's `ALLOWED` the values it
 takes (`Range` or `OneOf`; a field's metadata cannot hold them, since transformers'
 HfArgumentParser hands all of it to argparse). `check_allowed(config)` enforces `ALLOWED` in a
 config's `__post_init__`, and the command line reads the same declarations to refuse a pipeline
-parameter value before anything runs (pipelines/stage_settings.py), without importing torch. Rules
+parameter value before anything runs (pipelines/validation.py), without importing torch. Rules
 that tie one knob to another stay in `__post_init__`.
 
 A stage config inherits both (``class SFTStageConfig(PeftKnobs, TrainingKnobs)``), redeclaring a
@@ -18,6 +23,37 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+
+class StageError(Exception):
+    """A problem the user can fix: bad data, a bad parameter, missing model files.
+
+    The message is one line saying what is wrong, where (file:line:field or the
+    parameter name) and what to do. `run` prints it as ``ERROR: <message>`` and
+    exits with status 2; anything else is a bug and exits with status 1.
+    """
+
+
+@dataclass
+class LoadPolicy:
+    """What loading a model may do, for every stage: the two opt-ins of the safe defaults.
+
+    By default weights load from safetensors only and no code shipped with a model runs. Each
+    stage accepts these as hyperparameters (training) or arguments (processing), so a user opts in
+    by name, per stage, for files they trust.
+    """
+
+    allow_unsafe_weights: bool = field(
+        default=False,
+        metadata={"help": "Load pickle-based weights (pytorch_model.bin, adapter_model.bin) when a "
+                  "model has no safetensors; unpickling can run code: only for files you trust."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the Python code a model ships (auto_map in its config); only for "
+                  "code you trust."},
+    )
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # transformers.SchedulerType's values (tests/steps/test_training.py keeps them equal): written out
 # so that reading them does not import transformers' trainer, and with it torch.
@@ -28,6 +64,16 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 PEFT_METHODS = ("none", "lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
 PROMPT_LEARNING_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 ENCODER_TYPES = ("MLP", "LSTM")
+# The peak learning rate each method is usually trained with, for a stage whose learning_rate is
+# left unset: full fine-tuning moves pretrained weights and wants small steps; LoRA starts its B
+# matrices at zero and wants about 10x larger ones; a soft prompt is a few embeddings that start
+# far from anything useful (PEFT's guides: 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning).
+# Stages that train gentler (DPO, PPO, reward models) declare their own table.
+USUAL_LEARNING_RATES = {"none": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt_tuning": 3e-2,
+                        "p_tuning": 1e-3, "prefix_tuning": 1e-2}
+# The methods the alignment stages (reward model, DPO, PPO) train with: the reference of a LoRA
+# policy is the same weights with the adapter switched off, of a full one a frozen copy.
+ALIGNMENT_PEFT_METHODS = ("none", "lora")
 
 
 @dataclass(frozen=True)
@@ -106,8 +152,6 @@ def problem(config_class: type, name: str, value: Any) -> str | None:
 
 def check_allowed(config: Any) -> None:
     """Raise the stage's one-line error for the first field outside what it declares."""
-    from steps.common.contract import StageError  # here: reading the declarations needs no stage
-
     for declared in dataclasses.fields(config):
         found = problem(type(config), declared.name, getattr(config, declared.name))
         if found:
@@ -124,7 +168,10 @@ class TrainingKnobs:
 
     epochs: float = _knob(1.0, "Passes over the training data (ignored if max_steps > 0).")
     max_steps: int = _knob(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
-    learning_rate: float = _knob(2e-4, "Peak learning rate.")
+    learning_rate: float | None = _knob(
+        None, "Peak learning rate; unset or 0: the stage's usual rate for its peft_method "
+        "(its config's USUAL_LEARNING_RATES), which the job prints and training_summary.json "
+        "records.")
     lr_scheduler_type: str = _knob("cosine", "transformers scheduler name (cosine, linear, ...).")
     warmup_ratio: float = _knob(0.0, "Fraction of steps of linear warm-up, in [0, 1).")
     weight_decay: float = _knob(0.0, "AdamW weight decay.")
@@ -146,6 +193,8 @@ class TrainingKnobs:
                                   "for none.")
     checkpoints_to_keep: int = _knob(2, "Checkpoints kept in the checkpoint folder (oldest go).")
 
+    # The stage's usual peak learning rate per peft_method (stages without one: "none").
+    USUAL_LEARNING_RATES: ClassVar[dict[str, float]] = USUAL_LEARNING_RATES
     # The values each knob takes.
     ALLOWED: ClassVar[dict[str, Range | OneOf]] = {
         "epochs": POSITIVE, "max_steps": Range(low=0, low_open=True, also=(-1,), note="use epochs"),
@@ -159,12 +208,21 @@ class TrainingKnobs:
     }
 
     def __post_init__(self) -> None:
-        from steps.common.contract import StageError
-
         check_allowed(self)
-        # A stage whose learning_rate may be left unset or 0 fills in its usual rate first.
+        # Resolved here, once: from now on the config holds, and the training record keeps, the
+        # rate the stage trains with. 0 stands for unset (a pipeline parameter cannot be unset).
         if not self.learning_rate:
-            raise StageError(f"learning_rate must be > 0, got {self.learning_rate}")
+            self.learning_rate = self.usual_learning_rate()
+
+    def usual_learning_rate(self) -> float:
+        """The rate this stage trains with when learning_rate is unset."""
+        return self.USUAL_LEARNING_RATES[getattr(self, "peft_method", "none")]
+
+    def learning_rate_line(self) -> str:
+        """What a job prints about its learning rate: the rate, and whether it is the usual one."""
+        usual = " (the stage's usual rate)" if self.learning_rate == self.usual_learning_rate() \
+            else ""
+        return f"learning rate: {self.learning_rate:g}{usual}"
 
 
 @dataclass
@@ -201,7 +259,6 @@ class PeftKnobs:
     }
 
     def __post_init__(self) -> None:
-        from steps.common.contract import StageError
 
         if self.prompt_tuning_init_text is not None and not self.prompt_tuning_init_text.strip():
             self.prompt_tuning_init_text = None  # SageMaker cannot send "unset": "" means it

@@ -37,41 +37,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-# The peak learning rate each method is usually trained with, used when a stage's learning_rate is
-# left unset: full fine-tuning moves pretrained weights and wants small steps; LoRA starts its B
-# matrices at zero and wants about 10x larger ones; a soft prompt is a few embeddings that start
-# far from anything useful (PEFT's guides: 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning).
-DEFAULT_LEARNING_RATES = {
-    "none": 2e-5,
-    "lora": 2e-4,
-    "qlora": 2e-4,
-    "prompt_tuning": 3e-2,
-    "p_tuning": 1e-3,
-    "prefix_tuning": 1e-2,
-}
-
-
-LEARNING_RATE_HELP = "Peak learning rate; unset or 0: the method's usual one (" + ", ".join(
-    f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items()
-) + ")."
-
-
-def fill_default_learning_rate(config: PeftKnobs,
-                               rates: dict[str, float] | None = None) -> bool:
-    """Set `config.learning_rate` to its method's usual rate when it is unset (None, or 0 from a
-    pipeline parameter, which cannot be unset); True if it did. `rates`: a stage's own table of
-    usual rates per method (DPO, PPO and reward models train gentler than SFT); default: SFT's.
-
-    For a stage config that redeclares ``learning_rate: float | None = None``; call it in
-    ``__post_init__`` before TrainingKnobs' checks. A LoRA rate is 10x too large for full
-    fine-tuning and 100x too small for a soft prompt, so one default for all would not do.
-    """
-    if config.learning_rate:
-        return False
-    config.learning_rate = (rates or DEFAULT_LEARNING_RATES)[config.peft_method]
-    return True
-
-
 # --- Loading --------------------------------------------------------------------------------------
 
 

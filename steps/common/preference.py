@@ -41,15 +41,12 @@ from steps.common.datasets import (
     load_records,
     read_prompts,
 )
+from steps.common.knobs import ALIGNMENT_PEFT_METHODS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from steps.common.peft_methods import PeftKnobs
-
-# The peft_method values the alignment stages train with: the reference of a LoRA policy is the
-# same weights with the adapter switched off, of a full one a frozen copy.
-ALIGNMENT_PEFT_METHODS = ("none", "lora")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipelines import UserError, recipe, stage_settings
-from pipelines.validation import check_execution
+from pipelines import UserError
+from pipelines.validation import check_execution, setting_problems
 from tests.pipelines.conftest import clean_env, cli
 
 
@@ -15,10 +15,30 @@ def defaults(document: dict) -> dict:
 
 
 def test_every_recipe_runs_on_its_defaults_without_a_refusal(recipe_definitions):
-    for (name, target), path in recipe_definitions.items():
+    for path in recipe_definitions.values():
         document = json.loads(path.read_text())
         check_execution(document, defaults(document))
-        assert stage_settings.value_problems(recipe.load(name), defaults(document)) == []
+        assert setting_problems(document, defaults(document)) == []
+
+
+@pytest.mark.parametrize("recipe_name, parameter, value, expected", [
+    # A stage's own settings, from the ranges its config dataclass declares (steps/stages.py).
+    ("dpo", "Beta", -0.1, "pipeline parameter Beta=-0.1: stage dpo's beta takes values > 0"),
+    ("rlhf-ppo", "KLCoef", -1.0,
+     "pipeline parameter KLCoef=-1.0: stage ppo's kl_coef takes values >= 0"),
+    ("distill", "Alpha", 1.5,
+     "pipeline parameter Alpha=1.5: stage distill's alpha takes values in [0, 1]"),
+    ("dpo", "PeftMethod", "qlora",
+     "pipeline parameter PeftMethod='qlora': stage dpo's peft_method takes one of none, lora"),
+])
+def test_a_value_a_stage_setting_does_not_take_is_refused_naming_the_parameter(
+        recipe_definitions, recipe_name, parameter, value, expected):
+    document = json.loads(recipe_definitions[recipe_name, "local"].read_text())
+    assert parameter in defaults(document), f"{recipe_name} has no parameter {parameter}"
+    with pytest.raises(UserError) as error:
+        check_execution(document, {**defaults(document), parameter: value})
+    assert str(error.value).startswith(expected), error.value
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("parameter, value, expected", [

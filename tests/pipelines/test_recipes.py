@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import UserError, recipe
-from pipelines.definition import TRAINING_STEPS
 from pipelines.recipe import JUDGE_STAGES
+from steps.stages import STAGES
 from tests.external import CHECK_DEFINITION, require_file
 
 MINIMAL = """
@@ -96,17 +96,11 @@ def test_a_renamed_recipe_names_its_new_name():
 def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
     # A misspelt setting would otherwise fail only when the job runs, possibly hours in.
     import dataclasses
-    import importlib
-
-    from pipelines.definition import PROCESSING_STEPS, TRAINING_STEPS
 
     for name in recipe.available():
         loaded = recipe.load(name)
         for stage in loaded.middle_stages:
-            module = importlib.import_module({**TRAINING_STEPS, **PROCESSING_STEPS}[stage][1])
-            config_class = next(obj for obj in vars(module).values()
-                                if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
-                                and obj.__name__.endswith("Config"))
+            config_class = STAGES[stage].config
             fields = {f.name for f in dataclasses.fields(config_class)}
             unknown = set(loaded.stages[stage]) - fields
             assert not unknown, f"{name}: stages.{stage}: {sorted(unknown)} not in {config_class}"
@@ -150,7 +144,7 @@ def test_the_documented_recipes_exist_and_chain_their_training_stages(definition
         # the policy stage before it through its 'model' channel, unless the recipe names its
         # inputs. A reward model is no policy: the stage after it starts from the one before.
         named = {} if name == "chained" else recipe.load(name).inputs
-        stage_of = {step: stage for stage, (step, _) in TRAINING_STEPS.items()}
+        stage_of = {entry.step: stage for stage, entry in STAGES.items()}
         policies = [s for s in training if stage_of[s["Name"]] not in JUDGE_STAGES]
         for after in training[1:]:
             if "model" in named.get(stage_of[after["Name"]], {}):

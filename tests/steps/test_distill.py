@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steps import distill, evaluate, teacher_logits
+from steps import distill, distill_config, evaluate, teacher_logits
 from steps.common import contract, distillation, models, students
 from steps.common.contract import StageError
 
@@ -410,7 +410,7 @@ def test_a_wrong_student_spec_fails_when_the_settings_are_read_in_one_line(spec,
 def test_a_student_cut_from_its_teacher_trains_fully_at_its_own_rate():
     config = distill.DistillStageConfig(student_model="teacher:layers=2")
 
-    assert config.learning_rate == distill.PRUNED_LEARNING_RATE
+    assert config.learning_rate == distill_config.PRUNED_LEARNING_RATE
     with pytest.raises(StageError, match="use peft_method=none"):
         distill.DistillStageConfig(student_model="teacher:layers=2", peft_method="lora")
 

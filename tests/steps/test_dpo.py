@@ -159,7 +159,7 @@ def test_data_that_is_not_preference_pairs_fails_in_one_line_and_writes_nothing(
 @pytest.mark.parametrize("knobs, message", [
     ({"loss_type": "kto"}, "loss_type 'kto' is not one of sigmoid"),
     ({"beta": 0.0}, "beta must be > 0"),
-    ({"peft_method": "qlora"}, "peft_method 'qlora' is not supported by the DPO stage"),
+    ({"peft_method": "qlora"}, "peft_method 'qlora' is not one of none, lora"),
 ])
 def test_bad_settings_are_refused_by_name(knobs, message):
     with pytest.raises(StageError, match=message):

@@ -286,7 +286,7 @@ def test_prompts_come_from_every_format_that_has_them(tmp_path):
 @pytest.mark.parametrize("knobs, message", [
     ({"response_length": 600}, r"response_length \(600\) must be below max_seq_length"),
     ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
-    ({"peft_method": "prefix_tuning"}, "peft_method 'prefix_tuning' is not supported"),
+    ({"peft_method": "prefix_tuning"}, "peft_method 'prefix_tuning' is not one of none, lora"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"missing_eos_penalty": -1.0}, r"missing_eos_penalty must be >= 0, got -1.0"),
     ({"value_learning_rate": 0.0}, r"value_learning_rate must be > 0, got 0.0"),

@@ -126,7 +126,7 @@ def test_data_that_is_not_preference_pairs_fails_in_one_line_and_writes_nothing(
 
 
 @pytest.mark.parametrize("knobs, message", [
-    ({"peft_method": "prompt_tuning"}, "peft_method 'prompt_tuning' is not supported"),
+    ({"peft_method": "prompt_tuning"}, "peft_method 'prompt_tuning' is not one of none, lora"),
     ({"packing": True}, "packing does not apply"),
     ({"center_rewards_coefficient": -1.0}, "center_rewards_coefficient must be >= 0"),
 ])
