@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from containers import images
@@ -59,14 +60,26 @@ def _aws_region(args) -> str:
     return region
 
 
-def _client(service: str, target: dict):
+@dataclass(frozen=True)
+class Target:
+    """Where the commands work: the account, region, role and bucket of the local server or of
+    AWS, and the endpoint, in words."""
+
+    region: str
+    account: str
+    role_arn: str
+    bucket: str
+    endpoint: str
+
+
+def _client(service: str, target: Target):
     """A boto3 client of the target's region (the command's --region, or the resolved one)."""
     import boto3
 
-    return boto3.client(service, region_name=target["region"])
+    return boto3.client(service, region_name=target.region)
 
 
-def _connect(args) -> dict:
+def _connect(args) -> Target:
     """Point boto3 at the chosen target; returns what the commands need to know about it."""
     if args.target == "local":
         if server.endpoint_configured():
@@ -77,9 +90,9 @@ def _connect(args) -> dict:
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         region = args.region or os.environ["AWS_DEFAULT_REGION"]
-        return {"region": region, "account": definition.LOCAL_ACCOUNT,
-                "role_arn": args.role_arn or definition.DEFAULT_ROLE_ARN,
-                "bucket": args.bucket or definition.DEFAULT_BUCKET, "endpoint": endpoint}
+        return Target(region=region, account=definition.LOCAL_ACCOUNT,
+                      role_arn=args.role_arn or definition.DEFAULT_ROLE_ARN,
+                      bucket=args.bucket or definition.DEFAULT_BUCKET, endpoint=endpoint)
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -94,23 +107,20 @@ def _connect(args) -> dict:
     if not role or not bucket:
         raise UserError("--target aws needs --role-arn and --bucket (or LLM_PIPELINE_ROLE_ARN and "
                         "LLM_PIPELINE_BUCKET); infra/ creates both")
-    return {"region": region, "account": account, "role_arn": role, "bucket": bucket,
-            "endpoint": "AWS"}
+    return Target(region=region, account=account, role_arn=role, bucket=bucket, endpoint="AWS")
 
 
-def _build(args, role_arn: str, bucket: str, region: str) -> tuple[recipe.Recipe, str]:
-    """The recipe and its definition text, exactly as the SDK wrote it."""
-    chosen = recipe.load(args.recipe)
-    return chosen, definition.definition_json(chosen, role_arn=role_arn, bucket=bucket,
-                                              region=region, image_tag=args.image_tag,
-                                              spot=args.spot)
+def _build(args, chosen: recipe.Recipe, role_arn: str, bucket: str, region: str) -> str:
+    """The recipe's definition text, exactly as the SDK wrote it."""
+    return definition.definition_json(chosen, role_arn=role_arn, bucket=bucket, region=region,
+                                      image_tag=args.image_tag, spot=args.spot)
 
 
-def _build_for(args, target: dict) -> tuple[recipe.Recipe, str]:
-    return _build(args, target["role_arn"], target["bucket"], target["region"])
+def _build_for(args, chosen: recipe.Recipe, target: Target) -> str:
+    return _build(args, chosen, target.role_arn, target.bucket, target.region)
 
 
-def _build_cached(args, target: dict) -> tuple[recipe.Recipe, str]:
+def _build_cached(args, chosen: recipe.Recipe, target: Target) -> str:
     """`_build_for`, reusing the definition an earlier local run built from the same inputs.
 
     Building imports the SageMaker SDK (10-20 s), and a definition is a pure function of the
@@ -120,26 +130,27 @@ def _build_cached(args, target: dict) -> tuple[recipe.Recipe, str]:
     """
     from importlib import metadata
 
-    chosen = recipe.load(args.recipe)
     builder = Path(__file__).parent
     key = hashlib.sha256()
-    for part in (chosen.source.read_bytes(), target["role_arn"], target["bucket"],
-                 target["region"], args.image_tag or images.code_digest(), f"spot={args.spot}",
+    for part in (chosen.source.read_bytes(), target.role_arn, target.bucket,
+                 target.region, args.image_tag or images.code_digest(), f"spot={args.spot}",
                  metadata.version("sagemaker"),
                  *(path.read_bytes() for path in sorted(builder.glob("*.py"))),
                  (builder / "sdk-config.yaml").read_bytes(),
-                 (builder.parent / "containers" / "images.py").read_bytes()):
+                 (builder.parent / "containers" / "images.py").read_bytes(),
+                 # the stage table: step names and modules
+                 (builder.parent / "steps" / "stages.py").read_bytes()):
         key.update(part if isinstance(part, bytes) else str(part).encode())
         key.update(b"\0")
     path = server.home() / "definitions" / f"{key.hexdigest()[:32]}.json"
     if path.is_file():
-        return chosen, path.read_text(encoding="utf-8")
-    chosen, text = _build_for(args, target)
+        return path.read_text(encoding="utf-8")
+    text = _build_for(args, chosen, target)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent runs: whole files only
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
-    return chosen, text
+    return text
 
 
 def _ensure_bucket(s3, bucket: str, region: str) -> None:
@@ -248,11 +259,11 @@ def _executions_dir() -> Path:
 def cmd_definition(args) -> int:
     # The region names the images' ECR registry: for AWS it is the one the commands would use.
     region = _aws_region(args) if args.target == "aws" else args.region or definition.DEFAULT_REGION
-    _, text = _build(args, args.role_arn or definition.DEFAULT_ROLE_ARN,
-                     args.bucket or definition.DEFAULT_BUCKET, region)
+    text = _build(args, recipe.load(args.recipe), args.role_arn or definition.DEFAULT_ROLE_ARN,
+                  args.bucket or definition.DEFAULT_BUCKET, region)
     overrides = _parameters(args.parameter)
     if overrides:
-        from pipelines.local.engine import resolve_parameters
+        from pipelines.graph import resolve_parameters
 
         document = json.loads(text)
         values = resolve_parameters(document, overrides)
@@ -284,15 +295,17 @@ def cmd_run(args) -> int:
     target = _connect(args)
     sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
     # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
-    _check_data_uris(s3, recipe.load(args.recipe), overrides)
-    chosen, text = _build_cached(args, target)
+    chosen = recipe.load(args.recipe)
+    # Before the build (seconds): a data URI that cannot work fails here, with nothing run.
+    _check_data_uris(s3, chosen, overrides)
+    text = _build_cached(args, chosen, target)
     _upsert(args, target, chosen, text, sagemaker, s3)
     arn = _start(args, target, chosen, overrides, sagemaker, s3)
     # `run` owns its execution: interrupting or killing the command stops it (`start --wait`
     # only stops waiting, as on SageMaker).
     signal.signal(signal.SIGTERM, _interrupted)
     try:
-        return _wait(args, target, arn, sagemaker, s3, poll_seconds=0.5)
+        return _wait(args, arn, chosen, sagemaker, s3, poll_seconds=0.5)
     except KeyboardInterrupt:
         sagemaker.stop_pipeline_execution(PipelineExecutionArn=arn)
         print(f"stopping execution {arn}", file=sys.stderr)
@@ -305,12 +318,13 @@ def _interrupted(signum, frame) -> None:
 
 def cmd_upsert(args) -> int:
     target = _connect(args)
-    chosen, text = _build_for(args, target)
+    chosen = recipe.load(args.recipe)
+    text = _build_for(args, chosen, target)
     _upsert(args, target, chosen, text, _client("sagemaker", target), _client("s3", target))
     return 0
 
 
-def _upsert(args, target: dict, chosen: recipe.Recipe, text: str, sagemaker, s3) -> None:
+def _upsert(args, target: Target, chosen: recipe.Recipe, text: str, sagemaker, s3) -> None:
     """Create or update the pipeline from its definition `text`, with what its executions need:
     the bucket (made locally; on AWS the infrastructure's), the model package group it registers
     into, and the demo datasets its data parameters default to."""
@@ -320,15 +334,15 @@ def _upsert(args, target: dict, chosen: recipe.Recipe, text: str, sagemaker, s3)
 
     name = definition.pipeline_name(chosen)
     # The SDK's own bytes: an unchanged tree gives an unchanged definition (step caching).
-    request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target["role_arn"],
+    request = {"PipelineName": name, "PipelineDefinition": text, "RoleArn": target.role_arn,
                "PipelineDescription": definition.shortened(chosen.description, 3072)}
     # Refused here as SageMaker would refuse it (a recipe name with '_', a role that is no ARN),
     # before anything is created.
     validation.check_request("CreatePipeline", request, f"upsert {name}")
     if args.target == "local":
-        _ensure_bucket(s3, target["bucket"], target["region"])
+        _ensure_bucket(s3, target.bucket, target.region)
     else:
-        _require_bucket(s3, target["bucket"])
+        _require_bucket(s3, target.bucket)
 
     # SageMaker Pipelines registers only into a group that exists: create the one the pipeline's
     # ModelPackageGroup parameter names by default (the recipe's, or the one its file sets), and
@@ -366,8 +380,8 @@ def _upsert(args, target: dict, chosen: recipe.Recipe, text: str, sagemaker, s3)
     # The data parameters' defaults point at the demo datasets in the bucket: on AWS too, so that
     # `start` with no data parameter runs the demo as it does locally.
     for parameter, dataset in chosen.demo_data.items():
-        uploaded = _ensure_demo_data(s3, target["bucket"], dataset)
-        print(f"{parameter} default: s3://{target['bucket']}/{definition.DEMO_DATA_KEYS[dataset]} "
+        uploaded = _ensure_demo_data(s3, target.bucket, dataset)
+        print(f"{parameter} default: s3://{target.bucket}/{definition.DEMO_DATA_KEYS[dataset]} "
               f"({'uploaded' if uploaded else 'already there'})")
     print(f"{action} pipeline {name}: {response['PipelineArn']}", flush=True)
 
@@ -393,14 +407,15 @@ def cmd_start(args) -> int:
     memory_plan.refuse_unfittable(args.recipe, overrides)
     target = _connect(args)
     sagemaker, s3 = _client("sagemaker", target), _client("s3", target)
-    arn = _start(args, target, recipe.load(args.recipe), overrides, sagemaker, s3)
+    chosen = recipe.load(args.recipe)
+    arn = _start(args, target, chosen, overrides, sagemaker, s3)
     if not args.wait:
         return 0
     poll_seconds = args.poll_seconds or (30.0 if args.target == "aws" else 1.0)
-    return _wait(args, target, arn, sagemaker, s3, poll_seconds)
+    return _wait(args, arn, chosen, sagemaker, s3, poll_seconds)
 
 
-def _start(args, target: dict, chosen: recipe.Recipe, overrides: dict[str, str], sagemaker,
+def _start(args, target: Target, chosen: recipe.Recipe, overrides: dict[str, str], sagemaker,
            s3) -> str:
     """StartPipelineExecution of the recipe's pipeline, as it exists on the target; its ARN.
     Dataset parameters given as local files or folders are uploaded to the bucket first, and
@@ -408,18 +423,18 @@ def _start(args, target: dict, chosen: recipe.Recipe, overrides: dict[str, str],
     from botocore.exceptions import ClientError
 
     from pipelines import validation
-    from pipelines.local.engine import resolve_parameters
+    from pipelines.graph import resolve_parameters
 
     name = definition.pipeline_name(chosen)
     _check_data_uris(s3, chosen, overrides)
     for parameter in chosen.data_parameters:
         if parameter in overrides:
-            overrides[parameter] = _stage_input(s3, target["bucket"], overrides[parameter],
+            overrides[parameter] = _stage_input(s3, target.bucket, overrides[parameter],
                                                 parameter)
     try:
         described = sagemaker.describe_pipeline(PipelineName=name)
     except ClientError:
-        raise UserError(f"pipeline {name} does not exist on {target['endpoint']}; "
+        raise UserError(f"pipeline {name} does not exist on {target.endpoint}; "
                         f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
     document = json.loads(described["PipelineDefinition"])
     # Refused here, before StartPipelineExecution: nothing has run or billed yet.
@@ -435,7 +450,7 @@ def _start(args, target: dict, chosen: recipe.Recipe, overrides: dict[str, str],
     return arn
 
 
-def _wait(args, target: dict, arn: str, sagemaker, s3, poll_seconds: float) -> int:
+def _wait(args, arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: float) -> int:
     """Show the execution until it ends, then its summary; the exit status says how it ended."""
     from pipelines import watch
 
@@ -448,20 +463,21 @@ def _wait(args, target: dict, arn: str, sagemaker, s3, poll_seconds: float) -> i
         watch.follow(sagemaker, arn, progress, poll_seconds, logs)
     timing = "wall time of the local jobs" if args.target == "local" else \
         "SageMaker billable time"
-    return 0 if watch.summary(sagemaker, s3, arn, logs, timing) else EXIT_FAILED
+    return 0 if watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric) \
+        else EXIT_FAILED
 
 
-def _execution_arn(reference: str, pipeline_name: str, target: dict) -> str:
+def _execution_arn(reference: str, pipeline_name: str, target: Target) -> str:
     if reference.startswith("arn:"):
         return reference
-    return (f"arn:aws:sagemaker:{target['region']}:{target['account']}:pipeline/"
+    return (f"arn:aws:sagemaker:{target.region}:{target.account}:pipeline/"
             f"{pipeline_name}/execution/{reference}")
 
 
-def _selective_execution_config(args, sagemaker, document: dict, name: str, target: dict) -> dict:
+def _selective_execution_config(args, sagemaker, document: dict, name: str, target: Target) -> dict:
     """SageMaker's SelectiveExecutionConfig for `--reuse EXECUTION [--from-step STEP]`: the step
     and everything downstream of it, or without --from-step the steps that did not succeed."""
-    from pipelines.local.engine import steps_from, unfinished_steps
+    from pipelines.graph import steps_from, unfinished_steps
 
     source = _execution_arn(args.reuse, name, target)
     if args.from_step:
@@ -523,7 +539,7 @@ REGISTRY_ACTIONS = {"list": 0, "approve": 1, "reject": 1, "promote": 1, "diff": 
 
 def _registry_region(args) -> str:
     """The region of the registry to use; the local target also starts its server."""
-    return _connect(args)["region"] if args.target == "local" else _aws_region(args)
+    return _connect(args).region if args.target == "local" else _aws_region(args)
 
 
 def _registry_promote(args, sagemaker, s3, assumed) -> None:

@@ -18,8 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines import cost, error_line
-from pipelines.local import engine
+from pipelines import cost, error_line, graph
+
+# What Evaluate writes beside evaluation.json for people to read (steps.common.report).
+REPORT_FILE = "report.html"
 
 TERMINAL = ("Succeeded", "Failed", "Stopped")
 
@@ -168,7 +170,7 @@ def step_types(sagemaker, arn: str) -> dict[str, str]:
     """Each step of the execution's definition and its type, in the order they run."""
     text = sagemaker.describe_pipeline_definition_for_execution(
         PipelineExecutionArn=arn)["PipelineDefinition"]
-    return {name: spec["Type"] for name, spec in engine.step_specs(json.loads(text)).items()}
+    return {name: spec["Type"] for name, spec in graph.step_specs(json.loads(text)).items()}
 
 
 def follow(sagemaker, arn: str, progress, poll_seconds: float, logs: StepLogs) -> str:
@@ -250,9 +252,11 @@ def _job_name(step: dict, kind: str) -> str | None:
     return arn.rsplit("/", 1)[-1] if arn else None
 
 
-def summary(sagemaker, s3, arn: str, logs: StepLogs, timing: str) -> bool:
+def summary(sagemaker, s3, arn: str, logs: StepLogs, timing: str,
+            gate_metric: str | None = None) -> bool:
     """Print the execution's outcome: its steps, what it cost, and either why it did not succeed
-    (on stderr, the cause last, on one line) or what it made; whether it succeeded."""
+    (on stderr, the cause last, on one line) or what it made, with the recipe's `gate_metric`
+    among the evaluation's metrics; whether it succeeded."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
@@ -293,7 +297,7 @@ def summary(sagemaker, s3, arn: str, logs: StepLogs, timing: str) -> bool:
               file=sys.stderr)
         return False
 
-    registered = _print_results(sagemaker, s3, steps)
+    registered = _print_results(sagemaker, s3, steps, logs, gate_metric)
     if logs.folder is not None:
         print(f"Logs and execution record: {logs.folder}")
     if registered:
@@ -304,7 +308,8 @@ def summary(sagemaker, s3, arn: str, logs: StepLogs, timing: str) -> bool:
     return True
 
 
-def _print_results(sagemaker, s3, steps: dict[str, dict]) -> str | None:
+def _print_results(sagemaker, s3, steps: dict[str, dict], logs: StepLogs,
+                   gate_metric: str | None) -> str | None:
     """The registered package, the evaluation's metrics and the trained models; the package's
     ARN (None when the execution registered none)."""
     registered = None
@@ -320,7 +325,11 @@ def _print_results(sagemaker, s3, steps: dict[str, dict]) -> str | None:
         outputs = job.get("ProcessingOutputConfig", {}).get("Outputs", [])
         uri = next((o["S3Output"]["S3Uri"] for o in outputs), None)
         if uri:
-            _print_metrics(s3, uri)
+            _print_metrics(s3, uri, gate_metric)
+            print(f"\nEvaluation report: {uri.rstrip('/')}/{REPORT_FILE}")
+            on_disk = _local_report(logs)
+            if on_disk is not None:
+                print(f"  on disk: {on_disk}")
     for name, step in steps.items():
         training = _job_name(step, "TrainingJob")
         if training:
@@ -329,12 +338,17 @@ def _print_results(sagemaker, s3, steps: dict[str, dict]) -> str | None:
     return registered
 
 
-def _print_metrics(s3, uri: str) -> None:
+def _print_metrics(s3, uri: str, gate_metric: str | None) -> None:
     bucket, _, key = uri[5:].partition("/")
     metrics: dict[str, Any] = json.loads(s3.get_object(
         Bucket=bucket, Key=f"{key.rstrip('/')}/evaluation.json")["Body"].read())["metrics"]
     print("\nMetric              tuned        base")
-    for name in ("eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match"):
+    # The recipe's gate metric (logprob_margin_delta of dpo, win_rate of rlhf-ppo, ...) with the
+    # usual ones, so that the number that decided registration is on screen.
+    shown = ["eval_loss", "perplexity", "bits_per_byte", "rouge_l", "exact_match"]
+    if gate_metric and gate_metric not in (*shown, "perplexity_ratio"):
+        shown.append(gate_metric)
+    for name in shown:
         if name in metrics:
             base = metrics.get(f"base_{name}", {}).get("value")
             print(f"  {name:<16} {metrics[name]['value']:>10.4f}  "
@@ -342,4 +356,15 @@ def _print_metrics(s3, uri: str) -> None:
     if "perplexity_ratio" in metrics:
         print(f"  perplexity_ratio {metrics['perplexity_ratio']['value']:>10.4f}  "
               "(base perplexity / tuned perplexity)")
-    print(f"\nEvaluation report: {uri}/")
+    if gate_metric:
+        print(f"  (registration gate: {gate_metric})")
+
+
+def _local_report(logs: StepLogs) -> Path | None:
+    """Where a local execution's Evaluate job wrote report.html (its newest attempt), if it ran
+    here: the local engine keeps each job's /opt/ml under the execution's folder."""
+    if logs.folder is None:
+        return None
+    found = sorted(logs.folder.glob(f"Evaluate/**/processing/evaluation/{REPORT_FILE}"),
+                   key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None

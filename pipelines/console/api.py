@@ -35,8 +35,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from pipelines import UserError, cost, registry
-from pipelines.local import engine, server
+from pipelines import UserError, cost, graph, registry
+from pipelines.local import server
 
 # Written by the stages (steps.common.report.REPORT_HTML, steps.common.training.METRICS_FILE);
 # named here rather than imported, which would load torch into the console.
@@ -165,7 +165,7 @@ def pipeline(target: Target, name: str) -> dict:
         PipelineName=name, SortBy="CreationTime", SortOrder="Descending", MaxResults=50)
     return {"name": name, "arn": described["PipelineArn"],
             "description": described.get("PipelineDescription", ""),
-            "parameters": document.get("Parameters", []), "graph": engine.step_graph(document),
+            "parameters": document.get("Parameters", []), "graph": graph.step_graph(document),
             "executions": [{"arn": e["PipelineExecutionArn"],
                             "status": e["PipelineExecutionStatus"],
                             "started": e.get("StartTime"),
@@ -274,7 +274,7 @@ def execution(target: Target, arn: str) -> dict:
             "modified": described.get("LastModifiedTime"),
             "selective": described.get("SelectiveExecutionConfig"),
             "parameters": {p["Name"]: p["Value"] for p in parameters},
-            "graph": engine.step_graph(document), "steps": rows,
+            "graph": graph.step_graph(document), "steps": rows,
             "cost": cost.ledger(costs, target.prices, timing) if costs else None,
             "error": problems[0] if problems else ""}
 
@@ -389,7 +389,7 @@ def step(target: Target, execution_arn: str, name: str) -> dict:
     """One step: its job, final metrics, metric history, log, report, and what re-running
     from it would run."""
     document = _definition_of(target, execution_arn)
-    rerun = engine.steps_from(document, name)  # UserError naming the steps for an unknown one
+    rerun = graph.steps_from(document, name)  # UserError naming the steps for an unknown one
     detail = {"name": name, "rerun_steps": rerun, "job": None, "metrics": [], "history": [],
               "report": "", "error": ""}
     try:
@@ -434,7 +434,7 @@ def start(target: Target, pipeline_name: str, parameters: dict[str, str]) -> dic
         if not str(value).strip():
             # Every parameter ends up in the model package's metadata, which holds no empty value.
             raise UserError(f"parameter {name}: empty value; give one, or leave the default")
-    engine.resolve_parameters(document, parameters)  # unknown names, wrong types, enums
+    graph.resolve_parameters(document, parameters)  # unknown names, wrong types, enums
     response = target.sagemaker.start_pipeline_execution(
         PipelineName=pipeline_name,
         PipelineParameters=[{"Name": k, "Value": str(v)} for k, v in parameters.items()])
@@ -458,7 +458,7 @@ def rerun(target: Target, arn: str, from_step: str) -> dict:
     """A selective execution of `from_step` and every step downstream of it, with the source
     execution's parameters; the other steps reuse the source's outputs."""
     document = _definition_of(target, arn)
-    selected = engine.steps_from(document, from_step)
+    selected = graph.steps_from(document, from_step)
     parameters = target.sagemaker.list_pipeline_parameters_for_execution(
         PipelineExecutionArn=arn).get("PipelineParameters", [])
     response = target.sagemaker.start_pipeline_execution(

@@ -37,13 +37,12 @@ from boto3.exceptions import Boto3Error, RetriesExceededError
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from pipelines import UserError, cost
+from pipelines import UserError, cost, graph
 from pipelines.local import cache, jobs
 from pipelines.local.expressions import (
     ExpressionError,
     Scope,
     evaluate_condition,
-    references,
     resolve,
 )
 from pipelines.validation import STEP_OPERATIONS, check_request
@@ -117,126 +116,6 @@ class Selection:
 
     source: ExecutionRecord
     steps: list[str]
-
-
-@dataclass
-class _Step:
-    spec: dict
-    depends: set[str]
-    gate: tuple[str, bool] | None  # (condition step, branch taken) that enables this step
-
-
-def _flatten(steps: list[dict], gate: tuple[str, bool] | None = None) -> dict[str, _Step]:
-    found: dict[str, _Step] = {}
-    for spec in steps:
-        arguments = spec.get("Arguments", {})
-        depends = set(spec.get("DependsOn", [])) | references(arguments)
-        if gate:
-            depends.add(gate[0])
-        found[spec["Name"]] = _Step(spec, depends, gate)
-        if spec["Type"] == "Condition":
-            found.update(_flatten(arguments.get("IfSteps", []), (spec["Name"], True)))
-            found.update(_flatten(arguments.get("ElseSteps", []), (spec["Name"], False)))
-    return found
-
-
-def topological_order(steps: dict[str, _Step]) -> list[str]:
-    for name, step in steps.items():
-        unknown = step.depends - set(steps)
-        if unknown:
-            raise UserError(f"step {name} depends on unknown step(s) {', '.join(sorted(unknown))}")
-    order: list[str] = []
-    done: set[str] = set()
-    while len(order) < len(steps):
-        ready = [n for n, s in steps.items() if n not in done and s.depends <= done]
-        if not ready:
-            cycle = sorted(set(steps) - done)
-            raise UserError(f"the definition has a dependency cycle among {', '.join(cycle)}")
-        for name in ready:  # definition order among the ready ones
-            order.append(name)
-            done.add(name)
-    return order
-
-
-def step_specs(definition: dict) -> dict[str, dict]:
-    """Every step of the definition by name, branch steps included, in the order they would run."""
-    steps = _flatten(definition.get("Steps", []))
-    return {name: steps[name].spec for name in topological_order(steps)}
-
-
-def step_names(definition: dict) -> list[str]:
-    """Every step of the definition, branch steps included, in the order they would run."""
-    return list(step_specs(definition))
-
-
-def _upstream(steps: dict[str, _Step], name: str) -> set[str]:
-    found: set[str] = set()
-    pending = list(steps[name].depends)
-    while pending:
-        step = pending.pop()
-        if step not in found:
-            found.add(step)
-            pending += steps[step].depends
-    return found
-
-
-def steps_from(definition: dict, step: str) -> list[str]:
-    """`step` and every step downstream of it, in run order: what a re-run from `step` runs."""
-    steps = _flatten(definition.get("Steps", []))
-    if step not in steps:
-        raise UserError(f"no step {step!r} in this pipeline; its steps are {', '.join(steps)}")
-    return [n for n in topological_order(steps) if n == step or step in _upstream(steps, n)]
-
-
-def step_graph(definition: dict) -> list[dict]:
-    """Every step in run order with its type, the steps it waits for (data, `DependsOn` and the
-    condition whose branch holds it) and that branch: the DAG as the console draws it."""
-    steps = _flatten(definition.get("Steps", []))
-    return [{"name": name, "type": steps[name].spec["Type"],
-             "depends": sorted(steps[name].depends),
-             "branch": ({"condition": steps[name].gate[0], "if": steps[name].gate[1]}
-                        if steps[name].gate else None)}
-            for name in topological_order(steps)]
-
-
-def unfinished_steps(definition: dict, statuses: dict[str, str]) -> list[str]:
-    """The steps that did not succeed in an execution (`statuses`: step -> status), in run
-    order: what continuing that execution runs."""
-    return [n for n in step_names(definition) if statuses.get(n) != "Succeeded"]
-
-
-def resolve_parameters(definition: dict, overrides: dict[str, str]) -> dict[str, Any]:
-    """Parameter values with defaults and typed overrides, as StartPipelineExecution does."""
-    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
-    unknown = set(overrides) - set(declared)
-    if unknown:
-        raise UserError(f"unknown pipeline parameter(s) {', '.join(sorted(unknown))}; "
-                        f"this pipeline has {', '.join(declared)}")
-    values: dict[str, Any] = {}
-    for name, spec in declared.items():
-        kind = spec.get("Type", "String")
-        if name not in overrides:
-            if "DefaultValue" not in spec:
-                raise UserError(f"pipeline parameter {name} has no default; pass -p {name}=VALUE")
-            values[name] = spec["DefaultValue"]
-            continue
-        raw = overrides[name]
-        try:
-            if kind == "Integer":
-                values[name] = int(raw)
-            elif kind == "Float":
-                values[name] = float(raw)
-            elif kind == "Boolean":
-                if str(raw).lower() not in ("true", "false"):
-                    raise ValueError
-                values[name] = str(raw).lower() == "true"
-            else:
-                values[name] = str(raw)
-        except ValueError:
-            raise UserError(f"pipeline parameter {name}={raw!r} is not a valid {kind}") from None
-        if kind == "String" and spec.get("EnumValues") and values[name] not in spec["EnumValues"]:
-            raise UserError(f"pipeline parameter {name}={raw!r} must be one of {spec['EnumValues']}")
-    return values
 
 
 def validate_request(step_type: str, request: dict, step_name: str) -> None:
@@ -362,7 +241,7 @@ def load_execution(executions_dir: Path, pipeline_name: str, execution_id: str) 
     return ExecutionRecord(**{k: v for k, v in data.items() if k in execution_fields}, steps=steps)
 
 
-def _check_selection(selection: Selection, steps: dict[str, _Step], pipeline_name: str) -> None:
+def _check_selection(selection: Selection, steps: dict[str, graph.Step], pipeline_name: str) -> None:
     if selection.source.pipeline_name != pipeline_name:
         raise UserError(f"execution {selection.source.execution_id} is of pipeline "
                         f"{selection.source.pipeline_name}, not {pipeline_name}")
@@ -375,10 +254,10 @@ def _check_selection(selection: Selection, steps: dict[str, _Step], pipeline_nam
     # (SelectiveExecutionConfig, https://docs.aws.amazon.com/sagemaker/latest/APIReference/
     # API_SelectiveExecutionConfig.html).
     for name in selection.steps:
-        for between in sorted(_upstream(steps, name) - selected):
-            if _upstream(steps, between) & selected:
+        for between in sorted(graph.upstream(steps, name) - selected):
+            if graph.upstream(steps, between) & selected:
                 raise UserError(f"step {between} lies between the selected steps "
-                                f"{', '.join(sorted(_upstream(steps, between) & selected))} and "
+                                f"{', '.join(sorted(graph.upstream(steps, between) & selected))} and "
                                 f"{name}: select it too")
     for name in selection.steps:
         for needed in sorted(steps[name].depends - selected):
@@ -406,12 +285,12 @@ def check_execution(definition: dict, overrides: dict[str, str], pipeline_name: 
                     selection: Selection | None = None) -> dict[str, Any]:
     """What StartPipelineExecution refuses before anything runs (unknown step types, a broken
     graph, bad parameter values, a bad selection); returns the parameters' values."""
-    steps = _flatten(definition.get("Steps", []))
+    steps = graph.flatten(definition.get("Steps", []))
     unsupported = sorted({s.spec["Type"] for s in steps.values()} - SUPPORTED_TYPES)
     if unsupported:
         raise UserError(f"the local engine does not run step type(s) {', '.join(unsupported)}")
-    topological_order(steps)
-    parameters = resolve_parameters(definition, overrides)
+    graph.topological_order(steps)
+    parameters = graph.resolve_parameters(definition, overrides)
     try:
         for spec in steps.values():
             cache.settings(spec.spec)
@@ -448,8 +327,8 @@ def run_execution(
     """
     progress = progress or Progress()
     control = control or jobs.JobControl()
-    steps = _flatten(definition.get("Steps", []))
-    order = topological_order(steps)
+    steps = graph.flatten(definition.get("Steps", []))
+    order = graph.topological_order(steps)
     if resume:
         record, parameters = resume, resume.parameters
         _reopen(record)
@@ -545,7 +424,7 @@ def run_execution(
             # non-selected steps downstream of selected steps do not run" (Selective execution
             # of pipeline steps, https://docs.aws.amazon.com/sagemaker/latest/dg/
             # pipelines-selective-ex.html).
-            downstream = _upstream(steps, step_name) & set(record.selected_steps)
+            downstream = graph.upstream(steps, step_name) & set(record.selected_steps)
             if earlier and earlier.status == "Succeeded" and record.status != "Failed" \
                     and not downstream:
                 _reuse(state, selection.source.execution_id, earlier.properties, earlier.outcome,
@@ -644,13 +523,13 @@ def _use_cache(state: StepRecord, key: dict, settings: tuple[bool, timedelta | N
     _note(state, progress, f"cache {state.cache}")
 
 
-def _production_cost(record: ExecutionRecord, steps: dict[str, _Step], name: str) -> str:
+def _production_cost(record: ExecutionRecord, steps: dict[str, graph.Step], name: str) -> str:
     """What the steps upstream of `name` cost to produce (for a model package's metadata)."""
-    usd = cost.production_cost([asdict(record.steps[n]) for n in _upstream(steps, name)])
+    usd = cost.production_cost([asdict(record.steps[n]) for n in graph.upstream(steps, name)])
     return "unknown" if usd is None else f"{usd:.4f}"
 
 
-def _run_with_retries(step: _Step, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
+def _run_with_retries(step: graph.Step, state: StepRecord, scope: Scope, job_dir: Path, s3, sagemaker,
                       record: ExecutionRecord, progress: Progress,
                       registration_metadata: dict[str, str], control: jobs.JobControl) -> None:
     """Run the step, trying again as long as its RetryPolicies retry the failure's cause."""

@@ -175,16 +175,3 @@ def evaluate_condition(condition: dict, scope: Scope) -> bool:
     raise ExpressionError(f"unsupported condition type {kind!r}")
 
 
-def references(value: Any) -> set[str]:
-    """Names of the steps an argument tree reads from (data dependencies)."""
-    found: set[str] = set()
-    if isinstance(value, list):
-        for v in value:
-            found |= references(v)
-    elif isinstance(value, dict):
-        get = value.get("Get")
-        if isinstance(get, str) and get.startswith("Steps."):
-            found.add(get.split(".")[1])
-        for v in value.values():
-            found |= references(v)
-    return found

@@ -40,7 +40,7 @@ from typing import Any
 import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import UserError, validation
+from pipelines import UserError, graph, validation
 from pipelines.local import engine
 from pipelines.local.executions import ConflictError, Execution, Executions
 
@@ -252,7 +252,7 @@ class LocalSageMaker:
                                   f"{exc}") from None
         try:
             definition = json.loads(text)
-            engine.step_names(definition)  # every reference known, no cycle
+            graph.step_names(definition)  # every reference known, no cycle
         except ValueError as exc:
             raise _validation(f"PipelineDefinition is not valid JSON: {exc}") from None
         except (UserError, KeyError, TypeError, AttributeError) as exc:
@@ -524,7 +524,7 @@ class LocalSageMaker:
             raise _validation("PipelineExecutionArn is required")
         execution = self._execution(arn, region)
         record = self.executions.record(execution)
-        specs = engine.step_specs(self.executions.definition_of(execution) or {})
+        specs = graph.step_specs(self.executions.definition_of(execution) or {})
         stopping = self.executions.status(execution) == "Stopping"
         items = []
         if record is not None:

@@ -43,8 +43,8 @@ def only_package(env, group: str) -> dict:
 
 
 def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, local_home):
-    run(env, "dpo", "-p", "LearningRate=0.01", "-p", "DPOSteps=24", "-p", "EvalThreshold=0.0",
-        "-p", "ModelPackageGroup=e2e-dpo")
+    result = run(env, "dpo", "-p", "LearningRate=0.01", "-p", "DPOSteps=24",
+                 "-p", "EvalThreshold=0.0", "-p", "ModelPackageGroup=e2e-dpo")
 
     folder, execution = latest_execution(local_home, "llm-dpo")
     assert [s for s in execution["steps"] if execution["steps"][s]["status"] == "Succeeded"] == [
@@ -53,6 +53,9 @@ def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, loc
     metrics = evaluation_of(folder)
     # Judged on held-out pairs: the aligned policy prefers the chosen answers more than its base.
     assert metrics["logprob_margin_delta"] > 0
+    # The summary shows the number that decided registration.
+    assert "  logprob_margin_delta" in result.stdout
+    assert "(registration gate: logprob_margin_delta)" in result.stdout
     assert metrics["preference_accuracy"] >= metrics["base_preference_accuracy"]
     assert metrics["kl_to_base"] > 0  # it moved away from its base (0 only for the same model)
     package = only_package(env, "e2e-dpo")

@@ -4,7 +4,9 @@ import pytest
 
 from containers import images
 from pipelines import UserError
-from pipelines.local.engine import _flatten, resolve_parameters, topological_order, validate_request
+from pipelines.graph import flatten as _flatten
+from pipelines.graph import resolve_parameters, topological_order
+from pipelines.local.engine import validate_request
 
 DEFINITION = {"Parameters": [
     {"Name": "Epochs", "Type": "Integer", "DefaultValue": 1},

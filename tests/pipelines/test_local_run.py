@@ -1,6 +1,8 @@
 """End to end: the sft recipe through the local engine on a tiny model, against moto."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +65,12 @@ def test_passing_run_registers_the_package_with_metrics_and_metadata(registered,
                         "CompareWithApproved": "Succeeded", "EvaluationGate": "Succeeded",
                         "Register": "Succeeded", "EvaluationGateFailed": "NotExecuted"}
     assert "no Approved package in group e2e-pass yet" in result.stdout
+    # The report, where the registry points and where it lies on this machine.
+    report = re.search(r"Evaluation report: (s3://\S+/report\.html)\n  on disk: (\S+)\n",
+                       result.stdout)
+    assert report, result.stdout[-2000:]
+    assert Path(report[2]).read_bytes() == clients[1].get_object(
+        Bucket=report[1][5:].split("/", 1)[0], Key=report[1][5:].split("/", 1)[1])["Body"].read()
 
     assert len(packages) == 1
     package = packages[0]
