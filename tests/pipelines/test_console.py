@@ -23,9 +23,9 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 from pipelines import cost
+from pipelines import graph as definition_graph
 from pipelines.console import api
 from pipelines.console.server import ConsoleServer
-from pipelines.local import engine
 from tests.pipelines.conftest import ROOT, clean_env
 from tests.pipelines.console_setup import (
     BUCKET,
@@ -545,7 +545,7 @@ def test_aws_refusals_are_one_line_with_what_to_do(code, message, expected):
 
 
 def test_step_graph_lists_branch_steps_after_their_condition():
-    graph = engine.step_graph(definition())
+    graph = definition_graph.step_graph(definition())
 
     assert [(n["name"], n["depends"]) for n in graph] == [
         ("DataPrep", []), ("SFT", ["DataPrep"]), ("Evaluate", ["SFT"]), ("Gate", ["Evaluate"]),
