@@ -232,6 +232,22 @@ def test_cached_outputs_of_other_data_are_refused(cache, tmp_path):
     assert not job.model_dir.exists()
 
 
+def test_a_new_student_asked_for_beside_a_model_channel_is_refused(cache, sft_run, data_dir,
+                                                                   tmp_path):
+    # Its learning rate (a new student's, 3e-3) would have trained the channel's pretrained model.
+    config = distill.DistillStageConfig(student_model="config:layers=1")
+    assert config.learning_rate == distill_config.RANDOM_INIT_LEARNING_RATE
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        job = TrainingJob(tmp_path / "opt-ml", monkeypatch)
+        monkeypatch.setenv("SM_CHANNEL_TRAIN", str(data_dir / "train.jsonl"))
+        monkeypatch.setenv("SM_CHANNEL_TEACHER", str(cache))
+        monkeypatch.setenv("SM_CHANNEL_MODEL", str(sft_run.model_dir))
+        with pytest.raises(contract.StageError, match=r"student_model config:layers=1 asks for a "
+                           r"new student, but the job's 'model' channel holds one"):
+            distill.main(config)
+    assert not job.model_dir.exists()
+
+
 # --- The loss ---------------------------------------------------------------------------------
 
 def test_with_k_the_whole_vocabulary_the_loss_is_the_exact_softened_kl():
