@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from containers import images
-from pipelines import UserError, definition, error_line, memory_plan, recipe
+from pipelines import UserError, definition, error_line, memory_plan, recipe, tracking
 from pipelines.local import runner, server
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -437,8 +437,11 @@ def _start(args, target: Target, chosen: recipe.Recipe, overrides: dict[str, str
         raise UserError(f"pipeline {name} does not exist on {target.endpoint}; "
                         f"run `llm-pipeline upsert --recipe {args.recipe}` first") from None
     document = json.loads(described["PipelineDefinition"])
+    _default_tracking(args, document, overrides)
     # Refused here, before StartPipelineExecution: nothing has run or billed yet.
     validation.check_execution(document, resolve_parameters(document, overrides))
+    if overrides.get(tracking.PARAMETER) == tracking.local_uri(server.home()):
+        tracking.prepare_local_store(server.home())
     request = {"PipelineName": name,
                "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in overrides.items()]}
     if args.reuse:
@@ -448,6 +451,34 @@ def _start(args, target: Target, chosen: recipe.Recipe, overrides: dict[str, str
     arn = sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
     print(f"started {arn}", flush=True)
     return arn
+
+
+def _default_tracking(args, document: dict, overrides: dict[str, str]) -> None:
+    """MlflowTrackingUri when the command is not given one (pipelines/tracking.py): the shell's
+    MLFLOW_TRACKING_URI, else the local store on the local target. A pipeline upserted before
+    the parameter existed is left as it is."""
+    if tracking.PARAMETER in overrides or not any(
+            p["Name"] == tracking.PARAMETER for p in document.get("Parameters", [])):
+        return
+    uri = tracking.default_uri(args.target, server.home())
+    if uri is not None:
+        overrides[tracking.PARAMETER] = uri
+
+
+def _close_tracked_run(sagemaker, arn: str, succeeded: bool) -> None:
+    """The execution's MLflow run ends as the execution did, naming the model package it
+    registered."""
+    parameters = sagemaker.list_pipeline_parameters_for_execution(
+        PipelineExecutionArn=arn).get("PipelineParameters", [])
+    uri = next((p["Value"] for p in parameters if p["Name"] == tracking.PARAMETER), "")
+    if not uri.strip() or uri.strip().lower() == "none":
+        return
+    steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn)
+    package = next((step["Metadata"]["RegisterModel"]["Arn"]
+                    for step in steps.get("PipelineExecutionSteps", [])
+                    if step.get("Metadata", {}).get("RegisterModel", {}).get("Arn")), None)
+    name, execution_id = arn.split(":pipeline/", 1)[1].split("/execution/")
+    tracking.close_execution_run(uri, name, execution_id, succeeded, package)
 
 
 def _wait(args, arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: float) -> int:
@@ -463,8 +494,15 @@ def _wait(args, arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: fl
         watch.follow(sagemaker, arn, progress, poll_seconds, logs)
     timing = "wall time of the local jobs" if args.target == "local" else \
         "SageMaker billable time"
-    return 0 if watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric) \
-        else EXIT_FAILED
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    succeeded = watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric)
+    try:
+        _close_tracked_run(sagemaker, arn, succeeded)
+    except (BotoCoreError, ClientError) as error:  # how the execution ended is said above
+        print(f"warning: could not read the execution's parameters and steps to close its "
+              f"MLflow run ({error})", file=sys.stderr)
+    return 0 if succeeded else EXIT_FAILED
 
 
 def _execution_arn(reference: str, pipeline_name: str, target: Target) -> str:
@@ -647,6 +685,10 @@ def cmd_console(args) -> int:
     return 0
 
 
+def cmd_mlflow(args) -> int:
+    return tracking.serve_ui(server.home(), args.host, args.port)
+
+
 def cmd_recipes(args) -> int:
     for name in recipe.available():
         print(f"{name:<14} {recipe.load(name).description}")
@@ -800,6 +842,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free one)")
     p.set_defaults(func=cmd_console)
+    p = sub.add_parser("mlflow", help="MLflow's UI on the local tracking store (every local "
+                                      "execution, its steps' params, metrics and plots)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
+    p.set_defaults(func=cmd_mlflow)
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(func=cmd_recipes)
     return parser

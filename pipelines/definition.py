@@ -53,7 +53,13 @@ COMMON_PARAMETER_DEFAULTS: dict[str, object] = {
     # https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html)
     # is what an SDK-built request loses: ModelTrainer sends 3600 s unless told otherwise.
     "MaxRuntimeSeconds": 24 * 3600,
+    # Where every step tracks its run in MLflow (steps/common/tracking.py): a SageMaker managed
+    # MLflow tracking server ARN, any MLflow tracking URI, or empty (or 'none') for no tracking.
+    # Off on AWS unless given; `run` and `start` locally default it to the local store.
+    "MlflowTrackingUri": "",
 }
+# Common parameters that may be empty: they are not registered as model-package metadata.
+OPTIONAL_PARAMETERS = {"MlflowTrackingUri"}
 # With --spot: StoppingCondition.MaxWaitTimeInSeconds, the runtime plus the time spent waiting for
 # spot capacity ("It must be equal to or greater than MaxRuntimeInSeconds", same page); by default
 # the recipe's MaxRuntimeSeconds and a day of waiting.
@@ -168,7 +174,7 @@ def _parameters(recipe: Recipe, bucket: str, spot: bool = False) -> dict[str, ob
         if not key.isidentifier() or not key[:1].isupper():
             raise UserError(f"{recipe.source}: parameters.{key}: parameter names are CamelCase "
                             "identifiers such as LearningRate")
-        if isinstance(value, str) and not value.strip():
+        if isinstance(value, str) and not value.strip() and key not in OPTIONAL_PARAMETERS:
             raise UserError(f"{recipe.source}: parameters.{key} is empty; registration records "
                             "every parameter and metadata holds no empty value: write 'none'")
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -317,11 +323,19 @@ def get_pipeline(
         return ProcessingOutput(output_name=output_name, s3_output=ProcessingS3Output(
             s3_uri=uri, local_path=local_path, s3_upload_mode="EndOfJob"))
 
-    def processor(module: str) -> Processor:
+    def tracking_environment(step_name: str) -> dict:
+        """What a step's container needs to track its run in MLflow (steps/common/tracking.py).
+        Nothing here varies between executions: a job's Environment is part of its step's cache
+        key; the container reads its execution from its job's name."""
+        return {"MLFLOW_TRACKING_URI": p["MlflowTrackingUri"], "LLM_PIPELINE_NAME": name,
+                "LLM_PIPELINE_STEP": step_name, "LLM_PIPELINE_RECIPE": recipe.name,
+                "LLM_PIPELINE_CODE_VERSION": tag}
+
+    def processor(module: str, step_name: str) -> Processor:
         return Processor(role=role_arn, image_uri=processing_image, instance_count=1,
                          instance_type=p["ProcessingInstanceType"], sagemaker_session=session,
                          entrypoint=["python", "-m", module], volume_size_in_gb=30,
-                         max_runtime_in_seconds=4 * 3600)
+                         max_runtime_in_seconds=4 * 3600, env=tracking_environment(step_name))
 
     # Every training job's limits; with spot, how long it may also wait for capacity.
     stopping_condition = {"MaxRuntimeInSeconds": p["MaxRuntimeSeconds"]}
@@ -362,6 +376,7 @@ def get_pipeline(
                             instance_count=p["TrainingInstanceCount"], volume_size_in_gb=100,
                             enable_managed_spot_training=True if spot else None),
             hyperparameters={key: setting(value) for key, value in recipe.stages[stage].items()},
+            environment=tracking_environment(step_name),
             output_data_config=OutputDataConfig(s3_output_path=output_uri(step_name, "model")),
             # Synced to S3 while the job runs; a retried, restarted or spot-interrupted job
             # resumes from it.
@@ -380,7 +395,7 @@ def get_pipeline(
         located = {name: uri for name, uri in located.items() if uri is not None}
         return ProcessingStep(
             name=step_name,
-            step_args=processor(module).run(
+            step_args=processor(module, step_name).run(
                 inputs=[s3_input(name, uri, f"/opt/ml/processing/input/{name}")
                         for name, uri in located.items()],
                 outputs=[s3_output("output", output_uri(step_name, "output"),
@@ -405,7 +420,8 @@ def get_pipeline(
                                     path="manifest.json")
             step = ProcessingStep(
                 name=f"{STAGES['data_prep'].step}{suffix}",
-                step_args=processor(STAGES["data_prep"].module).run(
+                step_args=processor(STAGES["data_prep"].module,
+                                    f"{STAGES['data_prep'].step}{suffix}").run(
                     inputs=[s3_input("raw", p[parameter], "/opt/ml/processing/input/raw")],
                     outputs=[s3_output("data", output_uri(f"{STAGES['data_prep'].step}{suffix}", "data"),
                                        "/opt/ml/processing/output")],
@@ -457,9 +473,11 @@ def get_pipeline(
     inputs = {"model": last, "data": data_of[last], **recipe.inputs["evaluate"]}
     model_uri = resolve_input(inputs["model"])
     evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
+    # The execution's MLflow run ("none" untracked), for the package (steps/common/tracking.py).
+    tracked_run = PropertyFile(name="MlflowRun", output_name="evaluation", path="mlflow_run.json")
     evaluate = ProcessingStep(
         name=STAGES["evaluate"].step,
-        step_args=processor(STAGES["evaluate"].module).run(
+        step_args=processor(STAGES["evaluate"].module, STAGES["evaluate"].step).run(
             inputs=[s3_input(name, resolve_input(reference),
                              f"/opt/ml/processing/{name}")
                     for name, reference in inputs.items()],
@@ -471,7 +489,7 @@ def get_pipeline(
                        "--description", *argument_pieces(recipe.description or recipe.name),
                        *cli_args("evaluate")],
         ),
-        property_files=[evaluation],
+        property_files=[evaluation, tracked_run],
         cache_config=cache,
         retry_policies=retries,
     )
@@ -491,6 +509,9 @@ def get_pipeline(
         "gate_metric": recipe.gate_metric,
         f"eval_{recipe.gate_metric}": gate_value.to_string(),
     }
+    metadata["mlflow_run_id"] = JsonGet(step_name=evaluate.name, property_file=tracked_run,
+                                        json_path="execution_run_id")
+    metadata["mlflow_experiment"] = name
     # Every other dataset's manifest too (the preference pairs of an alignment recipe, ...).
     for parameter, (step, manifest) in prepared.items():
         if step is not main_prep:
@@ -552,7 +573,8 @@ def get_pipeline(
     approved_gate = PropertyFile(name="ApprovedGate", output_name="gate", path="gate.json")
     compare = ProcessingStep(
         name=STAGES["compare_approved"].step,
-        step_args=processor(STAGES["compare_approved"].module).run(
+        step_args=processor(STAGES["compare_approved"].module,
+                            STAGES["compare_approved"].step).run(
             inputs=[s3_input("evaluation", evaluation_uri, "/opt/ml/processing/evaluation"),
                     s3_input("data", resolve_input(inputs["data"]), "/opt/ml/processing/data")],
             outputs=[s3_output("gate", output_uri(STAGES["compare_approved"].step, "gate"),

@@ -71,7 +71,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steps.common import contract
+from steps.common import contract, tracking
 from steps.common.contract import StageError
 from steps.common.datasets import load_records, needs_responses, sft_example
 from steps.common.models import (
@@ -231,6 +231,8 @@ def main(config: EvaluateConfig) -> None:
             json.dumps(evaluation, indent=2) + "\n", encoding="utf-8"
         )
         _plot_comparison(metrics, staging / "metrics_comparison.png")
+        # The execution's MLflow run, which the registered package's metadata names.
+        tracking.write_run_link(staging / tracking.RUN_LINK_FILE)
         written = write_report(staging, evaluation, read_lineage(folder), model=config.model_dir,
                                data=str(data_path),
                                description="".join(config.description or []) or None,

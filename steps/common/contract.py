@@ -31,6 +31,8 @@ from typing import Any, Literal, TypeVar
 
 from transformers import HfArgumentParser
 
+from steps.common import tracking
+
 # Defined beside the stage configs, which import no transformers; stages raise contract.StageError.
 from steps.common.knobs import LoadPolicy, StageError
 
@@ -229,20 +231,38 @@ def run(main: Callable[[ConfigT], None], config_class: type[ConfigT], job: Job) 
             print(f"launching {' '.join(launch[2:])}", flush=True)
             sys.stdout.flush()
             os.execv(launch[0], launch)  # torchrun starts this stage once per process
+        tracking.start(config)
         main(config)
+        _end_tracking(job, config)
         _finish_distributed()
     except StageError as err:
         # One line, so that it is the last line a log viewer shows.
         message = "ERROR: " + " ".join(str(err).split())
         sys.stdout.flush()
+        tracking.end(False, [])
         _write_failure(job, message)
         print(message, file=sys.stderr, flush=True)
         code = 2
     except Exception as err:  # noqa: BLE001 (a bug, not a user error: keep the traceback)
         traceback.print_exc()
+        tracking.end(False, [])
         _write_failure(job, f"{type(err).__name__}: {err}")
         code = 1
     _exit(code, entry_point=main.__module__ == "__main__")
+
+
+def _end_tracking(job: Job, config: Any) -> None:
+    """End the step's MLflow run with what the stage left for people to see: a training job's
+    extra outputs (metrics, loss curve) and its model's record (training_summary.json,
+    lineage.json; not the weights); a processing job's output folder (evaluation.json, reports,
+    plots)."""
+    if job == "training":
+        from steps.common.training import TRAINING_RECORD_FILES
+
+        tracking.end(True, [output_data_dir()], model_dir(), TRAINING_RECORD_FILES)
+    else:
+        folder = getattr(config, "output_dir", None)
+        tracking.end(True, [Path(folder)] if folder else [])
 
 
 def _exit(code: int, entry_point: bool) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from steps.common import tracking
+
 
 def format_metrics_line(metrics: dict[str, Any]) -> str:
     parts = []
@@ -31,12 +33,17 @@ def format_metrics_line(metrics: dict[str, Any]) -> str:
     return "[metrics] " + " ".join(parts)
 
 
-def log_metrics(metrics: dict[str, Any], jsonl_path: Path | None = None) -> None:
-    """Print one metrics line and append the same values to `jsonl_path`."""
+def log_metrics(metrics: dict[str, Any], jsonl_path: Path | None = None,
+                tracked: bool = True) -> None:
+    """Print one metrics line, append the same values to `jsonl_path`, and (`tracked`) log them
+    in the step's MLflow run when it has one, at their "step"."""
     print(format_metrics_line(metrics), flush=True)
     if jsonl_path is not None:
         with open(jsonl_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
+    run = tracking.current()
+    if tracked and run is not None:
+        run.log_metrics(metrics)
 
 
 def peak_memory_mb() -> float:
@@ -107,7 +114,14 @@ class MetricsCallback(TrainerCallback):
         else:
             return  # the end-of-training summary: the stage logs its own final line
         self.history.append(metrics)
-        log_metrics(metrics, self.jsonl_path)
+        # The Trainer's own entries reach the step's MLflow run through transformers'
+        # MLflowCallback (steps.common.tracking.trainer_callback); only what this line adds does
+        # from here.
+        log_metrics(metrics, self.jsonl_path, tracked=False)
+        run = tracking.current()
+        if run is not None and "tokens_per_second" in metrics:
+            run.log_metrics({"tokens_per_second": metrics["tokens_per_second"]},
+                            step=state.global_step)
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:

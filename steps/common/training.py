@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from steps.common import contract
+from steps.common import contract, tracking
 from steps.common.contract import StageError
 from steps.common.knobs import TrainingKnobs
 from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
@@ -197,6 +197,9 @@ def train(trainer: Trainer, knobs: TrainingKnobs, metrics: MetricsCallback,
     folder = Path(trainer.args.output_dir)  # checkpoint_folder(knobs), from trainer_arguments
     resume = _resume_checkpoint(knobs, folder)
     trainer.add_callback(_RecordCheckpointFiles())
+    reporting = tracking.trainer_callback()
+    if reporting is not None:
+        trainer.add_callback(reporting)
 
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)

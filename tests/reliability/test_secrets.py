@@ -8,7 +8,8 @@ gives its engine and jobs its own (pipelines/local/server.py), and the others st
 whose environment is SageMaker's, not the shell's (tests/pipelines/test_jobs.py). Then
 everything the run left
 is scanned for them: every file under the engine's home (execution records, the definition, job
-logs, hyperparameters.json, the local server's log, model and output archives, unpacked), every
+logs, hyperparameters.json, the local server's log, model and output archives, unpacked, the local
+MLflow store's database and artifacts), every
 object in the bucket (unpacked), the registry's metadata as `registry list --json` shows it, and
 the command's own output. The definition scanned is the one the engine ran (definition.json), the
 bytes `definition` prints and `upsert` sends.
@@ -140,9 +141,10 @@ def test_no_secret_reaches_files_s3_objects_the_registry_or_the_definition(run_w
 
     files = sorted(p for p in home.rglob("*") if p.is_file())
     names = {p.name for p in files}
-    # What is scanned holds what a leak would be written to.
+    # What is scanned holds what a leak would be written to, the local MLflow store included
+    # (the runs' params, tags and metrics, and their artifacts beside it).
     assert {"execution.json", "definition.json", "log.txt", "hyperparameters.json",
-            "model.tar.gz", "server.log"} <= names, names
+            "model.tar.gz", "server.log", "mlflow.db", "training_summary.json"} <= names, names
     for path in files:
         found += leaks(str(path.relative_to(home)), path.read_bytes())
 

@@ -1,0 +1,97 @@
+"""MLflow on the command's side: the local tracking store, its UI, and the link to the registry.
+
+Each step tracks its own run (steps/common/tracking.py); what is here needs the whole execution:
+  - locally, tracking is on by default, in an SQLite store under $LLM_PIPELINE_HOME/mlflow
+    (MLflow's own recommended local backend; artifacts beside it), which `llm-pipeline mlflow`
+    shows in MLflow's UI, offline;
+  - when the execution ends, its run ends as it did, tagged with the model package it registered
+    (the package's metadata already names the run: pipelines/definition.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines import UserError
+
+PARAMETER = "MlflowTrackingUri"
+
+
+def local_store(home: Path) -> Path:
+    return home / "mlflow"
+
+
+def local_uri(home: Path) -> str:
+    return f"sqlite:///{local_store(home) / 'mlflow.db'}"
+
+
+def default_uri(target: str, home: Path) -> str | None:
+    """The MlflowTrackingUri an execution gets when the command is not given one: the shell's
+    MLFLOW_TRACKING_URI, else the local store for the local target; None (off) on AWS."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return os.environ["MLFLOW_TRACKING_URI"].strip()
+    return local_uri(home) if target == "local" else None
+
+
+def prepare_local_store(home: Path) -> None:
+    """Create the local store's tables once, before any step uses it: MLflow migrates a new
+    SQLite database on first use (seconds), and steps that start together must not race at it."""
+    database = local_store(home) / "mlflow.db"
+    if database.exists():
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow import MlflowClient
+
+    # MLflow (its import sets its loggers up) and alembic log each migration step; the command's
+    # output is the execution's.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    MlflowClient(local_uri(home)).search_experiments(max_results=1)
+
+
+def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,
+                        package_arn: str | None) -> None:
+    """End the execution's run as the execution ended, tagged with the model package it
+    registered; a failure is one line on stderr, never the command's failure."""
+    if uri.strip().lower() in ("", "none"):
+        return
+    try:
+        from mlflow import MlflowClient
+
+        from steps.common.tracking import EXECUTION_TAG, MODEL_PACKAGE_TAG
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(pipeline)
+        if experiment is None:
+            return
+        for run in client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`{EXECUTION_TAG}` = '{execution_id}'",
+                                      max_results=1, order_by=["attributes.start_time ASC"]):
+            if package_arn:
+                client.set_tag(run.info.run_id, MODEL_PACKAGE_TAG, package_arn)
+            client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
+            print(f"MLflow run {run.info.run_id} (experiment {pipeline})"
+                  + (f" tagged with {package_arn}" if package_arn else ""), flush=True)
+    except Exception as error:  # noqa: BLE001 (the execution's own outcome is what counts)
+        print(f"warning: could not close the MLflow run of execution {execution_id} "
+              f"({' '.join(str(error).split())[:300]})", file=sys.stderr, flush=True)
+
+
+def serve_ui(home: Path, host: str, port: int) -> int:
+    """MLflow's UI on the local store (MLflow's own server: no network beyond `host`)."""
+    database = local_store(home) / "mlflow.db"
+    if not database.exists():
+        raise UserError(f"no local MLflow store at {database}: run a recipe first "
+                        "(`llm-pipeline run --recipe sft`)")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", local_uri(home),
+               "--host", host, "--port", str(port)]
+    print(f"MLflow UI on http://{host}:{port} (store {database}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0

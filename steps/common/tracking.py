@@ -1,0 +1,374 @@
+"""Experiment tracking in MLflow: one run per pipeline execution, one nested run per step.
+
+Where to track comes from the job's environment, which the pipeline definition sets on every step
+(pipelines/definition.py):
+
+    MLFLOW_TRACKING_URI        the MlflowTrackingUri parameter: empty or 'none' is off; a SageMaker
+                               managed MLflow tracking server (or app) ARN, which the
+                               sagemaker-mlflow plugin resolves and signs with the job's role; any
+                               other MLflow URI (sqlite:///..., http://...)
+    LLM_PIPELINE_NAME          the pipeline: the experiment's name
+    LLM_PIPELINE_STEP          the step: the nested run's name
+    LLM_PIPELINE_RECIPE, LLM_PIPELINE_CODE_VERSION   tags of the execution's run
+
+The execution a job belongs to is read from the job's own name, never from its Environment: the
+Environment is part of a step's cache key ("Default cache key attributes by pipeline step type",
+https://docs.aws.amazon.com/sagemaker/latest/dg/pipelines-default-keys.html), and an execution id
+there would make every execution miss the cache. SageMaker names a pipeline's jobs
+`pipelines-<execution id>-<step>-...` and tells a training container its name (TRAINING_JOB_NAME,
+TRAINING_JOB_ARN) and a processing container its own in /opt/ml/config/processingjobconfig.json.
+
+The execution's run is found by its tag (`sagemaker.pipeline_execution_id`) or created by the
+first step that tracks; steps that start together may both create one, and then every step adopts
+the oldest and the others are deleted. Each step leaves that run as the execution stands: RUNNING
+while a step runs, FINISHED when one ends, FAILED once one failed (until a retry of that step
+succeeds); `llm-pipeline start --wait` and `run` set the final status when the execution ends.
+
+Tracking never breaks a step: the first failure (an unreachable server, a missing permission, a
+URI MLflow does not know) is reported in one line and the step goes on untracked; its metrics
+still reach the log, metrics.jsonl and the model package.
+
+Written by hand: MLflow has no notion of a run shared by several processes that start at
+different times, nor of a pipeline; training metrics themselves go through transformers' own
+MLflowCallback (`trainer_callback`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+EXECUTION_TAG = "sagemaker.pipeline_execution_id"
+EXECUTION_ARN_TAG = "sagemaker.pipeline_execution_arn"
+STEP_TAG = "sagemaker.pipeline_step"
+MODEL_PACKAGE_TAG = "sagemaker.model_package_arn"
+# On the execution's run while a step's last attempt failed: the run stays FAILED.
+FAILED_STEP_TAG = "sagemaker.failed_step"
+# Files a step's outputs hold that are worth seeing beside its run: reports, plots, metric
+# histories, summaries. Data splits and weights are not (they are in S3 already, and large).
+ARTIFACT_SUFFIXES = (".json", ".md", ".html", ".png", ".svg")
+ARTIFACT_MAX_BYTES = 5 * 2**20
+_JOB_OF_EXECUTION = re.compile(r"pipelines-([a-z0-9]{12})-", re.IGNORECASE)
+# Names of settings whose values are never logged (a token passed as a setting).
+_SECRET_NAME = re.compile(r"token|secret|password|api_key|credential", re.IGNORECASE)
+
+# What Evaluate writes beside evaluation.json: the execution's run, for the model package.
+RUN_LINK_FILE = "mlflow_run.json"
+NO_RUN = "none"
+
+_current: StageRun | None = None
+
+
+def tracking_uri() -> str | None:
+    """The tracking URI the job was given; None when tracking is off."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return None if uri.lower() in ("", "none") else uri
+
+
+def current() -> StageRun | None:
+    """The run of the stage in this process, if it is tracked."""
+    return _current
+
+
+def _job() -> tuple[str | None, str | None]:
+    """(job name, job ARN) as SageMaker tells the container; (None, None) outside a job."""
+    if os.environ.get("TRAINING_JOB_NAME"):
+        return os.environ["TRAINING_JOB_NAME"], os.environ.get("TRAINING_JOB_ARN")
+    # Processing: /opt/ml/config beside /opt/ml/output (the local engine maps both).
+    from steps.common import contract
+
+    path = contract.output_dir().parent / "config" / "processingjobconfig.json"
+    try:
+        config = json.loads(path.read_text())
+        return config.get("ProcessingJobName"), config.get("ProcessingJobArn")
+    except (OSError, ValueError):
+        return None, None
+
+
+def execution_of_job() -> tuple[str | None, str | None]:
+    """(execution id, execution ARN) of the pipeline execution that started this job."""
+    name, arn = _job()
+    match = _JOB_OF_EXECUTION.match(name or "")
+    if not match:
+        return None, None
+    execution_id = match.group(1).lower()
+    pipeline = os.environ.get("LLM_PIPELINE_NAME")
+    parts = (arn or "").split(":")
+    if not pipeline or len(parts) < 6:
+        return execution_id, None
+    region, account = parts[3], parts[4]
+    return execution_id, (f"arn:aws:sagemaker:{region}:{account}:pipeline/{pipeline}/"
+                          f"execution/{execution_id}")
+
+
+def _warn(what: str, error: BaseException) -> None:
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    print(f"warning: MLflow tracking off for this step: {what} failed ({reason}); the step goes "
+          "on, and its metrics are still in its log and metrics.jsonl", file=sys.stderr, flush=True)
+
+
+def _settings(config: Any) -> dict[str, str]:
+    """A stage config's settings as MLflow params (no value of a secret-looking name)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return {}
+    params = {}
+    for key, value in dataclasses.asdict(config).items():
+        if _SECRET_NAME.search(key) or value is None:
+            continue
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        params[key] = text[:6000]  # MLflow's limit on a param value
+    return params
+
+
+class StageRun:
+    """The MLflow run of one step (nested in its execution's run): params, metrics, artifacts.
+
+    Every method reports the first failure in one line and turns tracking off for the step.
+    """
+
+    def __init__(self, client, run_id: str, parent_run_id: str | None, step: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.step = step
+        self.active = True
+
+    def _guarded(self, what: str, call, *args, **kwargs) -> Any:
+        if not self.active:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
+            self.active = False
+            _warn(what, error)
+            return None
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Numeric values of `metrics` at `step` (its "step" entry when None)."""
+        from mlflow.entities import Metric
+
+        step = int(metrics.get("step", 0) if step is None else step)
+        now = int(time.time() * 1000)
+        values = [Metric(_metric_name(key), float(value), now, step)
+                  for key, value in metrics.items()
+                  if key not in ("step", "epoch") and isinstance(value, (int, float))
+                  and not isinstance(value, bool) and math.isfinite(float(value))]
+        if values:
+            self._guarded("logging metrics", self.client.log_batch, self.run_id, metrics=values)
+
+    def log_artifacts(self, folders: Iterable[Path], names: Iterable[str] | None = None) -> None:
+        """The report-like files directly in `folders` (or only those named `names`)."""
+        wanted = set(names) if names is not None else None
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if not path.is_file() or path.stat().st_size > ARTIFACT_MAX_BYTES:
+                    continue
+                keep = (path.name in wanted if wanted is not None else
+                        path.suffix in ARTIFACT_SUFFIXES or path.name.endswith("metrics.jsonl"))
+                if keep:
+                    self._guarded(f"uploading {path.name}", self.client.log_artifact,
+                                  self.run_id, str(path))
+
+    def log_evaluation(self, folders: Iterable[Path]) -> None:
+        """The metrics of an evaluation.json (SageMaker's model-quality shape) in `folders`."""
+        for folder in folders:
+            path = folder / "evaluation.json"
+            if path.is_file():
+                try:
+                    metrics = json.loads(path.read_text()).get("metrics", {})
+                except (OSError, ValueError, AttributeError):
+                    continue
+                self.log_metrics({name: entry.get("value") for name, entry in metrics.items()
+                                  if isinstance(entry, dict)}, step=0)
+
+    def finish(self, succeeded: bool) -> None:
+        import mlflow
+
+        status = "FINISHED" if succeeded else "FAILED"
+        # Ends the fluent run too, after flushing what the Trainer's callback logged in the
+        # background.
+        self._guarded("ending the run", mlflow.end_run, status)
+        if not self.parent_run_id:
+            return
+        parent = self._guarded("reading the execution's run", self.client.get_run,
+                               self.parent_run_id)
+        if parent is None:
+            return
+        failed_step = parent.data.tags.get(FAILED_STEP_TAG)
+        if not succeeded:
+            self._guarded("updating the execution's run", self.client.set_tag,
+                          self.parent_run_id, FAILED_STEP_TAG, self.step)
+        elif failed_step is not None and failed_step != self.step:
+            return  # another step failed: the execution's run stays FAILED
+        elif failed_step is not None:  # this step failed before, and its retry succeeded
+            self._guarded("updating the execution's run", self.client.delete_tag,
+                          self.parent_run_id, FAILED_STEP_TAG)
+        self._guarded("updating the execution's run", self.client.set_terminated,
+                      self.parent_run_id, status)
+
+
+def _metric_name(key: str) -> str:
+    # MLflow allows letters, digits, _ - . space : / in names.
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", key)
+
+
+def _execution_run(client, experiment_id: str, execution_id: str,
+                   execution_arn: str | None) -> str:
+    """The run of the execution: found by its tag, else created; the oldest wins a race."""
+    query = f"tags.`{EXECUTION_TAG}` = '{execution_id}'"
+
+    def runs():
+        return client.search_runs([experiment_id], filter_string=query, max_results=50,
+                                  order_by=["attributes.start_time ASC"])
+
+    found = runs()
+    if not found:
+        tags = {EXECUTION_TAG: execution_id,
+                "recipe": os.environ.get("LLM_PIPELINE_RECIPE", ""),
+                "code_version": os.environ.get("LLM_PIPELINE_CODE_VERSION", "")}
+        if execution_arn:
+            tags[EXECUTION_ARN_TAG] = execution_arn
+        mine = client.create_run(experiment_id, run_name=execution_id,
+                                 tags={k: v for k, v in tags.items() if v}).info.run_id
+        found = runs()
+        for run in found[1:]:  # another step created one too: keep the oldest only
+            if run.info.run_id == mine:
+                client.delete_run(mine)
+        if not found:
+            return mine
+    parent = found[0]
+    if FAILED_STEP_TAG not in parent.data.tags:
+        client.update_run(parent.info.run_id, status="RUNNING")
+    return parent.info.run_id
+
+
+def start(config: Any) -> StageRun | None:
+    """Start the step's run (nested in its execution's), with `config`'s settings as params.
+
+    None when tracking is off, in a process other than the first of a distributed job, or when
+    the tracking store cannot be used (reported in one line).
+    """
+    global _current
+    uri = tracking_uri()
+    if uri is None or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    # An unreachable server must not hold a step for minutes (MLflow retries 7 times by default).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # The sagemaker-mlflow plugin's request-header provider fails on every URI but an ARN, and
+    # MLflow logs that at each request; the requests themselves are unaffected.
+    logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
+    step = os.environ.get("LLM_PIPELINE_STEP") or "stage"
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        name = os.environ.get("LLM_PIPELINE_NAME") or "llm-pipeline"
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else _create_experiment(client, name, uri))
+        execution_id, execution_arn = execution_of_job()
+        parent = (_execution_run(client, experiment_id, execution_id, execution_arn)
+                  if execution_id else None)
+        tags = {STEP_TAG: step}
+        if parent:
+            tags.update({"mlflow.parentRunId": parent, EXECUTION_TAG: execution_id})
+        run_id = client.create_run(experiment_id, run_name=step, tags=tags).info.run_id
+        # The fluent API's active run is the step's, so that transformers' MLflowCallback
+        # reports into it rather than starting a run of its own.
+        mlflow.start_run(run_id=run_id)
+    except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
+        _warn(f"reaching the tracking store {uri}", error)
+        return None
+    run = StageRun(client, run_id, parent, step)
+    params = _settings(config)
+    items = list(params.items())
+    from mlflow.entities import Param
+
+    for i in range(0, len(items), 100):  # MLflow takes 100 params per batch
+        run._guarded("logging settings", client.log_batch, run_id,
+                     params=[Param(k, v) for k, v in items[i:i + 100]])
+    print(f"MLflow: step run {run_id}" + (f" in execution run {parent}" if parent else "")
+          + f" at {uri}", flush=True)
+    _current = run
+    return run
+
+
+def _create_experiment(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    # A server (SageMaker's, or any over HTTP) places artifacts itself; a client on an SQLite
+    # file would put them under the job's working folder: beside the database instead.
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another step created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def write_run_link(path: Path) -> None:
+    """{"execution_run_id": ...} at `path`: the execution's MLflow run, or "none" when the step
+    is not tracked (the pipeline reads it with a property file, so it is always written)."""
+    run = _current
+    run_id = (run.parent_run_id or run.run_id) if run is not None else None
+    path.write_text(json.dumps({"execution_run_id": run_id or NO_RUN}) + "\n")
+
+
+def end(succeeded: bool, folders: Iterable[Path] = (), model_folder: Path | None = None,
+        model_files: Iterable[str] = ()) -> None:
+    """End the step's run; when it succeeded, first log what it left in `folders` (reports,
+    plots, metric histories, evaluation metrics) and the `model_files` of `model_folder` (the
+    model's record, not its weights)."""
+    global _current
+    run, _current = _current, None
+    if run is None:
+        return
+    folders = list(folders)
+    if succeeded:
+        run.log_evaluation(folders)
+        run.log_artifacts(folders)
+        if model_folder is not None:
+            run.log_artifacts([model_folder], names=model_files)
+    run.finish(succeeded)
+
+
+def trainer_callback():
+    """transformers' MLflowCallback reporting a training stage's Trainer logs (loss, learning
+    rate, grad norm, eval loss, TRL's rewards and KL, ...) into the step's run at each step, or
+    None when the step is not tracked. Its failures are reported once and end its reporting."""
+    if _current is None or not _current.active:
+        return None
+    from transformers.integrations import MLflowCallback
+
+    # The stage's own settings are the run's params (`start`); the Trainer's ~200 arguments would
+    # repeat them under other names.
+    os.environ.setdefault("MLFLOW_MAX_LOG_PARAMS", "0")
+    run = _current
+
+    class GuardedMLflowCallback(MLflowCallback):
+        def on_train_begin(self, *args, **kwargs):
+            run._guarded("reporting training", super().on_train_begin, *args, **kwargs)
+
+        def on_log(self, *args, **kwargs):
+            run._guarded("reporting training", super().on_log, *args, **kwargs)
+
+        def on_train_end(self, *args, **kwargs):
+            run._guarded("reporting training", super().on_train_end, *args, **kwargs)
+
+    return GuardedMLflowCallback()

@@ -1,0 +1,104 @@
+"""A stage's MLflow run, seen from inside its job: nested in its execution's run, found by the
+job's name, its settings as params (never a secret's value), failures marked on both runs.
+
+Each test plays training jobs of one execution as SageMaker names them
+(`pipelines-<execution id>-<step>-...`, TRAINING_JOB_NAME and TRAINING_JOB_ARN) against an SQLite
+store in a temporary folder, and reads the runs back with MLflow's own client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from mlflow import MlflowClient
+
+from steps.common import tracking
+
+EXECUTION = "0a1b2c3d4e5f"
+
+
+@dataclass
+class Settings:
+    learning_rate: float = 0.001
+    max_steps: int = 3
+    hub_token: str = "hf_NotARealTokenButItMustNotBeLogged"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments(max_results=1)  # the first migration, once
+    return uri
+
+
+def job(monkeypatch, uri: str, step: str, execution: str = EXECUTION) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LLM_PIPELINE_NAME", "llm-unit")
+    monkeypatch.setenv("LLM_PIPELINE_STEP", step)
+    monkeypatch.setenv("LLM_PIPELINE_RECIPE", "unit")
+    name = f"pipelines-{execution}-{step}"
+    monkeypatch.setenv("TRAINING_JOB_NAME", name)
+    monkeypatch.setenv("TRAINING_JOB_ARN",
+                       f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{name.lower()}")
+
+
+def runs_of(uri: str, execution: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("llm-unit")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{tracking.EXECUTION_TAG}` = '{execution}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+
+
+def test_steps_of_one_execution_nest_in_one_run_found_by_the_job_name(monkeypatch, store):
+    for step in ("DataPrep", "SFT"):
+        job(monkeypatch, store, step)
+        run = tracking.start(Settings())
+        run.log_metrics({"step": 1, "train_loss": 2.5, "epoch": 0.5})
+        tracking.end(True)
+
+    parents, steps = runs_of(store, EXECUTION)
+    assert len(parents) == 1 and set(steps) == {"DataPrep", "SFT"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in steps.values()} == {parents[0].info.run_id}
+    assert parents[0].data.tags[tracking.EXECUTION_ARN_TAG] == (
+        f"arn:aws:sagemaker:us-east-1:111122223333:pipeline/llm-unit/execution/{EXECUTION}")
+    assert parents[0].info.status == "FINISHED"
+    sft = steps["SFT"]
+    assert sft.data.params["learning_rate"] == "0.001" and sft.data.metrics == {"train_loss": 2.5}
+
+
+def test_a_secret_looking_setting_is_never_logged(monkeypatch, store):
+    job(monkeypatch, store, "SFT", execution="5e5e5e5e5e5e")
+    tracking.start(Settings())
+    tracking.end(True)
+
+    sft = runs_of(store, "5e5e5e5e5e5e")[1]["SFT"]
+    assert "hub_token" not in sft.data.params and "max_steps" in sft.data.params
+
+
+def test_a_failed_step_fails_the_execution_run_and_a_later_step_does_not_clear_it(
+        monkeypatch, store):
+    job(monkeypatch, store, "SFT", execution="fa11edfa11ed")
+    tracking.start(Settings())
+    tracking.end(False)
+    job(monkeypatch, store, "Evaluate", execution="fa11edfa11ed")
+    tracking.start(Settings())
+    tracking.end(True)
+
+    parents, steps = runs_of(store, "fa11edfa11ed")
+    assert steps["SFT"].info.status == "FAILED" and steps["Evaluate"].info.status == "FINISHED"
+    assert parents[0].info.status == "FAILED"
+
+
+def test_tracking_off_or_unusable_leaves_the_stage_untracked_with_one_line(monkeypatch, capsys,
+                                                                           tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
+    assert tracking.start(Settings()) is None
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    assert tracking.start(Settings()) is None
+    tracking.end(True, [tmp_path])  # nothing to end: no error
+    lines = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
+    assert len(lines) == 1 and "tracking off for this step" in lines[0]
