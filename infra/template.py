@@ -342,6 +342,52 @@ def _ci_role() -> dict:
                            "AssumeRolePolicyDocument": policy(trust)}}
 
 
+# What a step does on a SageMaker managed MLflow tracking server (steps/common/tracking.py):
+# find or create the pipeline's experiment, find or create the execution's run, create its own
+# nested run, log params, metrics and tags in batches, and end both runs. The actions are those of
+# the Service Authorization Reference, "Actions, resources, and condition keys for Amazon SageMaker
+# with MLflow" (service prefix sagemaker-mlflow, resource mlflow-tracking-server).
+MLFLOW_ACTIONS = ["sagemaker-mlflow:CreateExperiment", "sagemaker-mlflow:CreateRun",
+                  "sagemaker-mlflow:DeleteRun", "sagemaker-mlflow:DeleteTag",
+                  "sagemaker-mlflow:GetExperimentByName", "sagemaker-mlflow:GetRun",
+                  "sagemaker-mlflow:LogBatch", "sagemaker-mlflow:SearchRuns",
+                  "sagemaker-mlflow:SetTag", "sagemaker-mlflow:UpdateRun"]
+
+
+def _mlflow_policies() -> dict:
+    """The execution role on the one MLflow tracking server named when the stack was made: its
+    API, and its artifact store in S3, which MLflow clients write artifacts to themselves."""
+    return {
+        # `start --wait` ends the execution's run as the execution ended, tagged with the model
+        # package it registered.
+        "CiMlflowPolicy": {
+            "Type": "AWS::IAM::Policy", "Condition": "CiTracksOnMlflow",
+            "Properties": {"PolicyName": f"{PREFIX}-ci-mlflow", "Roles": [ref("CiRole")],
+                           "PolicyDocument": policy(statement(
+                               "TagExecutionRunsWithTheirModelPackage",
+                               ["sagemaker-mlflow:GetExperimentByName",
+                                "sagemaker-mlflow:SearchRuns", "sagemaker-mlflow:SetTag",
+                                "sagemaker-mlflow:UpdateRun"],
+                               [ref("MlflowTrackingServerArn")]))}},
+        "MlflowTrackingPolicy": {
+            "Type": "AWS::IAM::Policy", "Condition": "HasMlflowTrackingServer",
+            "Properties": {"PolicyName": f"{PREFIX}-mlflow-tracking",
+                           "Roles": [ref("ExecutionRole")],
+                           "PolicyDocument": policy(statement(
+                               "TrackRunsOnTheNamedMlflowTrackingServer", MLFLOW_ACTIONS,
+                               [ref("MlflowTrackingServerArn")]))}},
+        "MlflowArtifactsPolicy": {
+            "Type": "AWS::IAM::Policy", "Condition": "HasMlflowArtifactStore",
+            "Properties": {"PolicyName": f"{PREFIX}-mlflow-artifacts",
+                           "Roles": [ref("ExecutionRole")],
+                           "PolicyDocument": policy(statement(
+                               "WriteRunArtifactsToTheMlflowArtifactStore",
+                               ["s3:GetObject", "s3:PutObject"],
+                               [sub("arn:${AWS::Partition}:s3:::${MlflowArtifactBucket}/"
+                                    "${MlflowArtifactPrefix}/*")]))}},
+    }
+
+
 def _ci_policy(repositories: list[str], pipelines: list[str]) -> dict:
     pipeline_arns = [arn("sagemaker", f"pipeline/{name.lower()}") for name in pipelines]
     execution_arns = [arn("sagemaker", f"pipeline/{name.lower()}/execution/*")
@@ -359,7 +405,9 @@ def _ci_policy(repositories: list[str], pipelines: list[str]) -> dict:
                    "sagemaker:UpdatePipeline"], pipeline_arns + execution_arns),
         # The cost ledger (`start --wait`, `cost`) and `start --reuse` read an execution's steps,
         # and the ledger each step's job.
-        statement("ReadTheExecutionsSteps", ["sagemaker:ListPipelineExecutionSteps"],
+        # ... and `start --wait` the execution's parameters (which MLflow store it tracked to).
+        statement("ReadTheExecutionsSteps", ["sagemaker:ListPipelineExecutionSteps",
+                                             "sagemaker:ListPipelineParametersForExecution"],
                   execution_arns),
         statement("ReadTheJobsOfTheExecutions",
                   ["sagemaker:DescribeProcessingJob", "sagemaker:DescribeTrainingJob"], job_arns()),
@@ -532,6 +580,7 @@ def build() -> dict:
     }
     resources["ExecutionPolicy"] = _execution_policy(repositories, pipelines)
     resources.update(_critic_policies())
+    resources.update(_mlflow_policies())
     for chosen in loaded:
         resources[logical_id("Pipeline", chosen.name)] = _pipeline(chosen)
     resources["CiRole"] = _ci_role()
@@ -612,10 +661,36 @@ def build() -> dict:
                 "Description": "Instance type of the staging endpoint. Empty: the first the "
                                "package lists (the Register step sizes them from the model).",
             },
+            "MlflowTrackingServerArn": {
+                "Type": "String", "Default": "",
+                "AllowedPattern": "^$|^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:"
+                                  "mlflow-tracking-server/[a-zA-Z0-9](-*[a-zA-Z0-9])*$",
+                "Description": "SageMaker managed MLflow tracking server the pipelines' steps "
+                               "may track runs on (their MlflowTrackingUri). Empty: none.",
+            },
+            "MlflowArtifactBucket": {
+                "Type": "String", "Default": "",
+                "AllowedPattern": "^$|^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+                "Description": "bucket of that tracking server's artifact store (its "
+                               "ArtifactStoreUri), where steps write their runs' artifacts. "
+                               "Empty: none.",
+            },
+            "MlflowArtifactPrefix": {
+                "Type": "String", "Default": "mlflow",
+                "AllowedPattern": "^[\\w.-]+(/[\\w.-]+)*$",
+                "Description": "the artifact store's prefix in that bucket (no leading or "
+                               "trailing /).",
+            },
         },
         "Conditions": {
             "HasDeployOnApproval": {"Fn::Not": [{"Fn::Equals": [ref("DeployOnApprovalGroup"),
                                                                  ""]}]},
+            "HasMlflowTrackingServer": {"Fn::Not": [{"Fn::Equals": [
+                ref("MlflowTrackingServerArn"), ""]}]},
+            "CiTracksOnMlflow": {"Fn::And": [{"Condition": "HasCiRole"},
+                                             {"Condition": "HasMlflowTrackingServer"}]},
+            "HasMlflowArtifactStore": {"Fn::Not": [{"Fn::Equals": [ref("MlflowArtifactBucket"),
+                                                                    ""]}]},
             "HasCriticEndpoint": {"Fn::Not": [{"Fn::Equals": [ref("CriticEndpointName"), ""]}]},
             "HasCriticBedrockModel": {"Fn::Not": [{"Fn::Equals": [ref("CriticBedrockModelId"),
                                                                    ""]}]},

@@ -143,6 +143,11 @@ def _function_may_serve_any_endpoint(t):
                                                               "endpoint/*")
 
 
+def _tracking_server_widened(t):
+    statement(t, "MlflowTrackingPolicy", "TrackRunsOnTheNamedMlflowTrackingServer")[
+        "Resource"] = ["*"]
+
+
 MUTATIONS = [
     (_wildcard_action, "ExecutionPolicy policy: statement ReadData: wildcard action s3:*"),
     (_wildcard_resource, "ExecutionPolicy policy: statement ReadData: s3:GetObject on Resource"),
@@ -171,6 +176,8 @@ MUTATIONS = [
      "DeployOnApprovalPermission: lets any events.amazonaws.com resource invoke the function"),
     (_function_may_serve_any_endpoint,
      "ServeThemAtTheStagingEndpoint: allows every sagemaker endpoint"),
+    (_tracking_server_widened,
+     "statement TrackRunsOnTheNamedMlflowTrackingServer: sagemaker-mlflow:CreateExperiment, "),
     (_trust_opened,
      "ExecutionRole trust policy: statement SageMakerRunsThePipelinesAndJobs: allows Principal"),
 ]

@@ -59,9 +59,9 @@ def _holds(operator: str, key: str, expected, context: dict) -> bool:
     return any(match(context[key], e) for e in _as_list(expected))
 
 
-@pytest.fixture(scope="module")
-def stack() -> dict:
-    """The stack deployed on moto with a CI role: outputs, and each policy's resolved document."""
+def deploy(parameters: dict[str, str], policies: dict[str, tuple[str, str]]) -> dict:
+    """The stack deployed on moto with `parameters`: its outputs, its account, and for each name
+    in `policies` the resolved document of (role output, policy name)."""
     committed = yaml.safe_load(template.TEMPLATE.read_text())
     supported = get_model_map()
     deployable = {**committed, "Resources": {name: r for name, r in committed["Resources"].items()
@@ -75,25 +75,25 @@ def stack() -> dict:
                 warnings.simplefilter("ignore")  # moto warns about every type it skips
                 cloudformation.create_stack(
                     StackName="llm-lifecycle", TemplateBody=json.dumps(deployable),
-                    Parameters=[{"ParameterKey": "GitHubRepository",
-                                 "ParameterValue": "acme/llm"},
-                                {"ParameterKey": "DeployOnApprovalGroup",
-                                 "ParameterValue": "llm-sft"}],
+                    Parameters=[{"ParameterKey": k, "ParameterValue": v}
+                                for k, v in parameters.items()],
                     Capabilities=["CAPABILITY_IAM"])
             described = cloudformation.describe_stacks(StackName="llm-lifecycle")["Stacks"][0]
             outputs = {o["OutputKey"]: o["OutputValue"] for o in described["Outputs"]}
             iam = boto3.client("iam", region_name=REGION)
-            policies = {}
-            for role_output, policy in (("ExecutionRoleArn", "execution"), ("CiRoleArn", "ci")):
+            documents = {}
+            for name, (role_output, policy) in policies.items():
                 role = outputs[role_output].rsplit("/", 1)[1]
-                policies[policy] = iam.get_role_policy(
-                    RoleName=role, PolicyName=f"{template.PREFIX}-{policy}")["PolicyDocument"]
-            function = boto3.client("lambda", region_name=REGION).get_function(
-                FunctionName=f"{template.PREFIX}-deploy-on-approval")["Configuration"]
-            role = function["Role"].rsplit("/", 1)[1]
-            policies["deploy_on_approval"] = iam.get_role_policy(
-                RoleName=role, PolicyName=f"{template.PREFIX}-deploy-on-approval")["PolicyDocument"]
-            policies["function_environment"] = function["Environment"]["Variables"]
+                documents[name] = iam.get_role_policy(
+                    RoleName=role, PolicyName=policy)["PolicyDocument"]
+            if parameters.get("DeployOnApprovalGroup"):
+                function = boto3.client("lambda", region_name=REGION).get_function(
+                    FunctionName=f"{template.PREFIX}-deploy-on-approval")["Configuration"]
+                role = function["Role"].rsplit("/", 1)[1]
+                documents["deploy_on_approval"] = iam.get_role_policy(
+                    RoleName=role,
+                    PolicyName=f"{template.PREFIX}-deploy-on-approval")["PolicyDocument"]
+                documents["function_environment"] = function["Environment"]["Variables"]
     finally:
         for key, value in saved.items():
             if value is None:
@@ -101,7 +101,15 @@ def stack() -> dict:
             else:
                 os.environ[key] = value
     account = outputs["ExecutionRoleArn"].split(":")[4]
-    return {"outputs": outputs, "account": account, **policies}
+    return {"outputs": outputs, "account": account, **documents}
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict:
+    """The stack deployed on moto with a CI role: outputs, and each policy's resolved document."""
+    return deploy({"GitHubRepository": "acme/llm", "DeployOnApprovalGroup": "llm-sft"},
+                  {"execution": ("ExecutionRoleArn", f"{template.PREFIX}-execution"),
+                   "ci": ("CiRoleArn", f"{template.PREFIX}-ci")})
 
 
 def sagemaker_arn(stack: dict, resource: str) -> str:
@@ -266,3 +274,57 @@ def test_the_execution_role_writes_the_logs_of_the_endpoints_it_hosts(stack):
              "llm-staging:log-stream:AllTraffic/i-0abc")
     assert allows(stack["execution"], "logs:PutLogEvents", group)
     assert allows(stack["execution"], "logs:CreateLogStream", group)
+
+
+# -- a SageMaker managed MLflow tracking server, when the stack names one --------------------
+
+TRACKING_SERVER = "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/team"
+
+
+@pytest.fixture(scope="module")
+def tracked_stack() -> dict:
+    return deploy({"MlflowTrackingServerArn": TRACKING_SERVER, "GitHubRepository": "acme/llm",
+                   "MlflowArtifactBucket": "team-mlflow", "MlflowArtifactPrefix": "store"},
+                  {"tracking": ("ExecutionRoleArn", f"{template.PREFIX}-mlflow-tracking"),
+                   "artifacts": ("ExecutionRoleArn", f"{template.PREFIX}-mlflow-artifacts"),
+                   "ci": ("CiRoleArn", f"{template.PREFIX}-ci-mlflow"),
+                   "ci_pipelines": ("CiRoleArn", f"{template.PREFIX}-ci")})
+
+
+def test_execution_role_tracks_runs_on_the_named_tracking_server_only(tracked_stack):
+    # What steps.common.tracking asks of the server: experiment, execution run, step run, logs.
+    for action in ("CreateExperiment", "GetExperimentByName", "SearchRuns", "CreateRun",
+                   "GetRun", "LogBatch", "UpdateRun", "DeleteRun", "SetTag", "DeleteTag"):
+        assert allows(tracked_stack["tracking"], f"sagemaker-mlflow:{action}", TRACKING_SERVER)
+    other = TRACKING_SERVER.replace("/team", "/other-team")
+    assert not allows(tracked_stack["tracking"], "sagemaker-mlflow:CreateRun", other)
+    # Reading or deleting experiments, the UI, the MLflow model registry: not a step's business.
+    for action in ("DeleteExperiment", "AccessUI", "CreateRegisteredModel"):
+        assert not allows(tracked_stack["tracking"], f"sagemaker-mlflow:{action}",
+                          TRACKING_SERVER)
+
+
+def test_execution_role_writes_artifacts_under_the_artifact_store_prefix_only(tracked_stack):
+    inside = "arn:aws:s3:::team-mlflow/store/3/0a1b2c/artifacts/loss_curve.png"
+    assert allows(tracked_stack["artifacts"], "s3:PutObject", inside)
+    assert not allows(tracked_stack["artifacts"], "s3:PutObject",
+                      "arn:aws:s3:::team-mlflow/other/loss_curve.png")
+    assert not allows(tracked_stack["artifacts"], "s3:DeleteObject", inside)
+
+
+def test_without_a_tracking_server_the_stack_grants_no_mlflow_access():
+    committed = yaml.safe_load(template.TEMPLATE.read_text())
+    for name in ("MlflowTrackingPolicy", "MlflowArtifactsPolicy", "CiMlflowPolicy"):
+        assert committed["Resources"][name]["Condition"] in committed["Conditions"]
+    assert committed["Parameters"]["MlflowTrackingServerArn"]["Default"] == ""
+    assert committed["Parameters"]["MlflowArtifactBucket"]["Default"] == ""
+
+
+def test_ci_role_ends_the_execution_run_tagged_with_its_model_package(tracked_stack):
+    # `start --wait` reads which store the execution tracked to, then tags and ends its run.
+    execution = sagemaker_arn(tracked_stack, "pipeline/llm-sft/execution/7k2x9q0abcde")
+    assert allows(tracked_stack["ci_pipelines"], "sagemaker:ListPipelineParametersForExecution",
+                  execution)
+    for action in ("GetExperimentByName", "SearchRuns", "SetTag", "UpdateRun"):
+        assert allows(tracked_stack["ci"], f"sagemaker-mlflow:{action}", TRACKING_SERVER)
+    assert not allows(tracked_stack["ci"], "sagemaker-mlflow:CreateRun", TRACKING_SERVER)
