@@ -12,7 +12,7 @@ import sys
 from benchmarks import common, report
 
 SCRIPTS = ("throughput", "memory", "precision", "scaling", "orchestration", "serving",
-           "distillation")
+           "distillation", "tracking")
 
 
 def main() -> int:

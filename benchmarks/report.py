@@ -27,6 +27,7 @@ EXPECTED = {
     "orchestration": "python -m benchmarks.orchestration",
     "serving": "python -m benchmarks.serving",
     "distillation": "python -m benchmarks.distillation",
+    "tracking": "python -m benchmarks.tracking",
 }
 
 
