@@ -87,7 +87,9 @@ WARM_IMPORTS = (
 )
 # Variables that only code a job imports itself reads, or that libraries read when called, not
 # when imported: a job may differ from the runner in these and still be forked.
-RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_")
+# MLFLOW_: the stage imports MLflow itself when it tracks (steps/common/tracking.py), so a job
+# given the MlflowTrackingUri parameter is still forked.
+RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_", "MLFLOW_")
 # Signals whose start-up disposition a job gets back (the runner changes SIGTERM and SIGINT).
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
                   signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2)
