@@ -28,9 +28,12 @@ from .preference_runs import (
 )
 
 ITERATIONS = 24
+# missing_eos_penalty off: at response_length 8 the tiny policy's every response is cut, so the
+# penalty is a constant that only teaches it to stop early, which fp32 runs learn before the
+# reward model's preference (the penalty has its own test below).
 COMMON = {"max_steps": ITERATIONS, "per_device_batch_size": 8, "response_length": 8,
           "temperature": 1.0, "kl_coef": 0.05, "ppo_epochs": 4, "lr_scheduler_type": "constant",
-          "checkpoint_steps": 0}
+          "checkpoint_steps": 0, "missing_eos_penalty": 0.0}
 SETTINGS = {"none": {"learning_rate": 3e-3},
             "lora": {"learning_rate": 3e-2, "lora_dropout": 0.0}}
 
