@@ -2,12 +2,12 @@
 
 import pytest
 
+from pipelines.graph import references
 from pipelines.local.expressions import (
     ExpressionError,
     Scope,
     evaluate_condition,
     parse_path,
-    references,
     resolve,
 )
 
