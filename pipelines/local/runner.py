@@ -53,10 +53,12 @@ the job leads that group. Linux only (fork, pidfd).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import gc
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -408,8 +410,28 @@ class Job:
         self.stdout = self._lines()
 
     def _lines(self) -> Iterator[str]:
+        # Read as a text file reads (universal newlines), but never wait on the output alone: a
+        # job whose runner died got SIGTERM (PDEATHSIG), yet a process it started may still hold
+        # the output open. Its process group goes then, as the engine ends a subprocess job's.
+        fd = self._output.fileno()
+        decoder = io.IncrementalNewlineDecoder(
+            codecs.getincrementaldecoder("utf-8")(errors="replace"), translate=True)
+        pending = ""
         with self._output:
-            yield from self._output
+            while True:
+                if not select.select([fd], [], [], 0.5)[0]:
+                    if self.poll() is not None and self.runner_lost:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(self.pid, signal.SIGKILL)
+                    continue
+                chunk = os.read(fd, 65536)
+                pending += decoder.decode(chunk, final=not chunk)
+                *complete, pending = pending.split("\n")
+                yield from (line + "\n" for line in complete)
+                if not chunk:
+                    break
+        if pending:
+            yield pending
         if self.wait() and self.runner_lost:
             yield (f"ERROR: the warm job runner stopped while the job ran, and the job with it; "
                    f"see {log_path()}\n")
