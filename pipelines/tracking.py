@@ -10,6 +10,7 @@ Each step tracks its own run (steps/common/tracking.py); what is here needs the 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -41,17 +42,22 @@ def prepare_local_store(home: Path) -> None:
     """Create the local store's tables once, before any step uses it: MLflow migrates a new
     SQLite database on first use (seconds), and steps that start together must not race at it."""
     database = local_store(home) / "mlflow.db"
-    if database.exists():
-        return
     database.parent.mkdir(parents=True, exist_ok=True)
-    from mlflow import MlflowClient
+    # Two commands started together (two `run`s) would migrate the same new database at once,
+    # and alembic fails the second: one creates it while the others wait, then find it made
+    # (the file exists from the migration's first statement, so it is looked for under the lock).
+    with open(database.parent / "create.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if database.exists():
+            return
+        from mlflow import MlflowClient
 
-    # MLflow (its import sets its loggers up) and alembic log each migration step; the command's
-    # output is the execution's.
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        # MLflow (its import sets its loggers up) and alembic log each migration step; the
+        # command's output is the execution's.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
-    MlflowClient(local_uri(home)).search_experiments(max_results=1)
+        MlflowClient(local_uri(home)).search_experiments(max_results=1)
 
 
 def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,
