@@ -496,12 +496,16 @@ def _wait(args, arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: fl
         "SageMaker billable time"
     from botocore.exceptions import BotoCoreError, ClientError
 
-    succeeded = watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric)
+    # The MLflow run is closed first, so that the summary's last lines are what to do next
+    # (approve and deploy the package, or why the execution failed).
     try:
-        _close_tracked_run(sagemaker, arn, succeeded)
-    except (BotoCoreError, ClientError) as error:  # how the execution ended is said above
+        status = sagemaker.describe_pipeline_execution(
+            PipelineExecutionArn=arn)["PipelineExecutionStatus"]
+        _close_tracked_run(sagemaker, arn, status == "Succeeded")
+    except (BotoCoreError, ClientError) as error:  # how the execution ended is said below
         print(f"warning: could not read the execution's parameters and steps to close its "
               f"MLflow run ({error})", file=sys.stderr)
+    succeeded = watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric)
     return 0 if succeeded else EXIT_FAILED
 
 
