@@ -25,7 +25,9 @@ import html
 import json
 import mimetypes
 import secrets
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from datetime import date, datetime
@@ -297,6 +299,11 @@ def serve(target: api.Target, host: str = "127.0.0.1", port: int = 8765) -> None
               "machine can reach the console, which only the token guards", file=sys.stderr)
     print(f"llm-pipeline console ({target.kind}: {target.endpoint}, region {target.region})")
     print(f"open {console.url}?token={console.token}", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and a service manager's SIGTERM both stop it, even where the shell started it
+        # in the background with SIGINT ignored (which Python then leaves ignored).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler)
     try:
         console.serve_forever()
     except KeyboardInterrupt:
