@@ -517,14 +517,19 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
                     pass
         on_line(line)
 
+    log_path = job_dir / "log.txt"
     checkpoints = None
     if request.get("CheckpointConfig", {}).get("S3Uri"):
         checkpoints = CheckpointSync(s3, root / "checkpoints", request["CheckpointConfig"]["S3Uri"])
         restored = checkpoints.restore()
         if restored:
-            on_line(f"restored {restored} checkpoint files from {request['CheckpointConfig']['S3Uri']}")
+            # Into the job's log too: `run`, `watch` and the console show a job's log, not the
+            # engine's own lines, and a resumed job should say where its checkpoints came from.
+            line = f"restored {restored} checkpoint files from {request['CheckpointConfig']['S3Uri']}"
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(line + "\n")
+            on_line(line)
         checkpoints.start()
-    log_path = job_dir / "log.txt"
     started = time.time()
     try:
         code, stopped = _run(command, env, job_dir, log_path, watch, control,

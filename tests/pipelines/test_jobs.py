@@ -201,6 +201,40 @@ def test_a_secret_in_a_failed_jobs_reason_is_masked(s3, tmp_path, monkeypatch, k
                                      if k != "Environment"})
 
 
+# A stage that lists the checkpoint folder it starts with, saves a checkpoint of its own and
+# rotates an old file out, as the Trainer does.
+_CHECKPOINTING = """
+import os, pathlib
+folder = pathlib.Path(os.environ["SM_CHECKPOINT_DIR"])
+for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    print("found", path.relative_to(folder).as_posix())
+(folder / "run/job-9/checkpoint-4").mkdir(parents=True)
+(folder / "run/job-9/checkpoint-4/weights").write_text("new")
+(folder / "run/job-0/rotated-out").unlink()
+"""
+
+
+def test_a_training_job_starts_on_the_s3_checkpoints_says_so_and_mirrors_its_folder_back(
+        s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "_command", lambda image, entrypoint, arguments: [
+        sys.executable, "-c", _CHECKPOINTING])
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    for name in ("checkpoint-2/weights", "rotated-out"):  # an earlier attempt's
+        s3.put_object(Bucket="bucket", Key=f"checkpoints/SFT/run/job-0/{name}", Body=b"old")
+    job = {**training_request(), "CheckpointConfig": {
+        "S3Uri": "s3://bucket/checkpoints/SFT", "LocalPath": "/opt/ml/checkpoints"}}
+
+    result = run_training_job(s3, job, "job-9", tmp_path, lambda _: None)
+
+    assert result.succeeded, result.failure_reason
+    # The job's log, which `run`, `watch` and the console show, says where its checkpoints came from.
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    assert log[:3] == ["restored 2 checkpoint files from s3://bucket/checkpoints/SFT",
+                       "found run/job-0/checkpoint-2/weights", "found run/job-0/rotated-out"]
+    assert keys(s3, "checkpoints/") == ["checkpoints/SFT/run/job-0/checkpoint-2/weights",
+                                        "checkpoints/SFT/run/job-9/checkpoint-4/weights"]
+
+
 def test_missing_input_prefix_is_a_clear_error(s3, tmp_path):
     with pytest.raises(FileNotFoundError, match="no S3 objects under s3://bucket/nothing"):
         run_processing_job(s3, request("s3://bucket/nothing"), "job-3", tmp_path, lambda _: None)
