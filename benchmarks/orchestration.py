@@ -58,7 +58,9 @@ GROUP = "bench-orchestration"
 HOOKS = {
     # module -> functions whose calls the hooks time (a name missing from the module is skipped)
     "timed": {
-        "pipelines.cli": ["main", "_build_cached", "_upsert", "_start"],
+        "pipelines.cli": ["main"],
+        "pipelines.definition": ["cached_definition_json"],
+        "pipelines.pipeline": ["_upsert", "_start"],
         "pipelines.watch": ["follow", "summary"],
         "pipelines.local.server": ["use_local_aws"],
         "pipelines.local.engine": ["run_execution"],
@@ -406,7 +408,7 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
     execution_start, execution_end = one("pipelines.local.engine.run_execution")
     # The summary after the execution ended: the command's report.
     server, definition, report = (total("pipelines.local.server.use_local_aws"),
-                                  total("pipelines.cli._build_cached"),
+                                  total("pipelines.definition.cached_definition_json"),
                                   total("pipelines.watch.summary"))
     job_calls = sorted(_calls(cli, "pipelines.local.jobs.run_processing_job")
                        + _calls(cli, "pipelines.local.jobs.run_training_job"))
@@ -417,7 +419,7 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
     # (part, start, end) in seconds from the command's start, for the timeline plot
     segments: list[tuple[str, float, float]] = [("cli_start", 0.0, main_start - origin)]
     for key, name in (("server", "pipelines.local.server.use_local_aws"),
-                      ("definition", "pipelines.cli._build_cached"),
+                      ("definition", "pipelines.definition.cached_definition_json"),
                       ("staging", "pipelines.local.jobs.download_prefix"),
                       ("report", "pipelines.watch.summary")):
         segments += [(key, start - origin, end - origin) for start, end in _calls(cli, name)]

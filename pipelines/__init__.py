@@ -10,3 +10,8 @@ class UserError(Exception):
 def error_line(message: str) -> str:
     """`ERROR: <message>` on one line, as the stages print theirs."""
     return "ERROR: " + " ".join(message.split())
+
+
+# A command's exit status when what it did or checked failed (an execution, a plan that does not
+# fit); a UserError exits with 2, as argparse does for a usage error.
+EXIT_FAILED = 1

@@ -20,6 +20,7 @@ jobs trained on, read from the `total_tokens` metric of their FinalMetricDataLis
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -248,3 +249,32 @@ def format_ledger(entry: dict[str, Any]) -> str:
         label = f"per million training tokens ({entry['training_tokens']:,} trained)"
         lines.append(f"  {label:<57}{shown:>10}")
     return "\n".join(lines)
+
+
+def show_ledger(args) -> int:
+    """`llm-pipeline cost EXECUTION`: the ledger of a local execution (read from the local
+    server's records, without starting it) or, with --target aws, of a SageMaker one."""
+    # Imported here: the local engine imports this module for the ledger, not the commands.
+    from pipelines import definition, recipe
+    from pipelines.pipeline import executions_dir
+    from pipelines.targets import connect
+
+    if args.target == "aws":
+        target = connect(args)
+        arn = target.execution_arn(args.execution,
+                                   definition.pipeline_name(recipe.load(args.recipe)))
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            entry = aws_ledger(target.client("sagemaker"), arn)
+        except (BotoCoreError, ClientError) as exc:
+            raise UserError(f"cost ledger of {arn}: {exc}") from None
+    else:
+        execution_id = args.execution.rstrip("/").rsplit("/", 1)[-1]
+        found = sorted(executions_dir().glob(f"*/{execution_id}/execution.json"))
+        if not found:
+            raise UserError(f"no local execution {execution_id} under {executions_dir()}; "
+                            "`run` prints the id of each execution it makes")
+        entry = local_ledger(json.loads(found[0].read_text()))
+    print(json.dumps(entry, indent=1) if args.json else format_ledger(entry))
+    return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -630,3 +631,54 @@ def definition_json(recipe: Recipe, **settings) -> str:
             return get_pipeline(recipe, **settings).definition()
     finally:
         logging.disable(logging.NOTSET)
+
+
+def cached_definition_json(recipe: Recipe, cache: Path, *, role_arn: str, bucket: str,
+                           region: str, image_tag: str | None, spot: bool) -> str:
+    """`definition_json`, reusing the text an earlier call built from the same inputs, kept in the
+    folder `cache`.
+
+    Building imports the SageMaker SDK (10-20 s), and a definition is a pure function of the
+    recipe file, the role/bucket/region, the image tag and the code that builds it, so the text is
+    kept keyed by all of them. Only `run` uses it: `definition` and `upsert` always build afresh.
+    """
+    import hashlib
+    from importlib import metadata
+
+    builder = Path(__file__).parent
+    key = hashlib.sha256()
+    for part in (recipe.source.read_bytes(), role_arn, bucket, region,
+                 image_tag or images.code_digest(), f"spot={spot}",
+                 metadata.version("sagemaker"),
+                 *(path.read_bytes() for path in sorted(builder.glob("*.py"))),
+                 (builder / "sdk-config.yaml").read_bytes(),
+                 (builder.parent / "containers" / "images.py").read_bytes(),
+                 # the stage table: step names and modules
+                 (builder.parent / "steps" / "stages.py").read_bytes()):
+        key.update(part if isinstance(part, bytes) else str(part).encode())
+        key.update(b"\0")
+    path = cache / f"{key.hexdigest()[:32]}.json"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    text = definition_json(recipe, role_arn=role_arn, bucket=bucket, region=region,
+                           image_tag=image_tag, spot=spot)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent runs: whole files only
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return text
+
+
+def with_parameter_defaults(text: str, overrides: dict[str, str]) -> str:
+    """The definition `text` with the parameters in `overrides` defaulting to the values given
+    (checked and typed as an execution would take them); `text` itself when there are none."""
+    if not overrides:
+        return text
+    from pipelines.graph import resolve_parameters
+
+    document = json.loads(text)
+    values = resolve_parameters(document, overrides)
+    for parameter in document["Parameters"]:
+        if parameter["Name"] in overrides:
+            parameter["DefaultValue"] = values[parameter["Name"]]
+    return json.dumps(document)

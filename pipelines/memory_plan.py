@@ -74,7 +74,7 @@ from typing import Any
 
 import yaml
 
-from pipelines import UserError, cost, recipe
+from pipelines import EXIT_FAILED, UserError, cost, recipe
 from steps.common import knobs, students  # the knobs' declarations, the student specs: no torch
 from steps.common.contract import StageError
 from steps.stages import STAGES
@@ -1180,12 +1180,12 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
     return lines
 
 
-def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
-    """Raise UserError, in one line, for the first training stage that cannot run as set on its
-    instance type; `run` and `start` call it before anything runs. What the plan cannot judge is
-    not refused: an instance type prices.yaml does not describe, a model whose config cannot be
-    read here (in S3, the Hub unreachable); its job will tell."""
-    chosen = recipe.load(recipe_name)
+def refuse_unfittable(chosen: recipe.Recipe, overrides: dict[str, str], recipe_name: str) -> None:
+    """Raise UserError, in one line, for the first training stage of `chosen` (the recipe the
+    command named `recipe_name`) that cannot run as set on its instance type; `run` and `start`
+    call it before anything runs. What the plan cannot judge is not refused: an instance type
+    prices.yaml does not describe, a model whose config cannot be read here (in S3, the Hub
+    unreachable); its job will tell."""
     try:
         values = parameter_values(chosen, overrides)
     except UserError:
@@ -1202,3 +1202,16 @@ def refuse_unfittable(recipe_name: str, overrides: dict[str, str]) -> None:
     for stage in plan(chosen, overrides):
         if stage.runs is False:
             raise UserError(stage.refusal(recipe_name))
+
+
+def show(chosen: recipe.Recipe, overrides: dict[str, str], instance_type: str | None,
+         as_json: bool) -> int:
+    """`llm-pipeline plan`: print each training stage's plan; exit status 1 when one cannot
+    run as set."""
+    plans = plan(chosen, overrides, instance_type)
+    if as_json:
+        print(json.dumps({"recipe": chosen.name, "stages": [p.as_dict() for p in plans]},
+                         indent=1, default=str))
+    else:
+        print(format_plan(plans, chosen.name))
+    return EXIT_FAILED if any(p.runs is False for p in plans) else 0

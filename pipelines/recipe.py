@@ -101,6 +101,11 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def listing() -> str:
+    """The built-in recipes, one a line: name and description (`llm-pipeline recipes`)."""
+    return "\n".join(f"{name:<14} {load(name).description}" for name in available())
+
+
 def parameter_reference(value: object) -> str | None:
     """'BaseModel' for the setting value '$BaseModel', else None."""
     if isinstance(value, str) and value.startswith("$") and value[1:].isidentifier():

@@ -267,3 +267,67 @@ def format_diff(arn_a: str, arn_b: str, rows: list[dict]) -> str:
     return head + "\n" + "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths + [0])).rstrip()
         for line in table)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+def _promote_command(args, sagemaker, s3, assumed) -> None:
+    target = assumed.client("sagemaker") if assumed else None
+    arn, created = promote(sagemaker, args.arn, args.to_group, args.reason, target)
+    if created:
+        print(f"{arn}: promoted from {args.arn} to group {args.to_group} (Approved)")
+    else:
+        print(f"{arn}: already promoted from {args.arn} to group {args.to_group}; "
+              "not promoting it again")
+
+
+def _list_command(args, sagemaker, s3, assumed) -> None:
+    packages = list_packages(sagemaker, s3, args.group)
+    if args.json:
+        print(json.dumps(packages, indent=1, default=str))
+    elif not packages:
+        print("no model packages" + (f" in group {args.group}" if args.group else ""))
+    else:
+        print(format_list(packages))
+
+
+def _diff_command(args, sagemaker, s3, assumed) -> None:
+    rows = diff(sagemaker, s3, args.arn, args.other)
+    if args.json:
+        print(json.dumps({"a": args.arn, "b": args.other, "differences": rows}, indent=1,
+                         default=str))
+    else:
+        print(format_diff(args.arn, args.other, rows))
+
+
+def _status_command(args, sagemaker, s3, assumed) -> None:
+    status = {"approve": "Approved", "reject": "Rejected"}[args.action]
+    package = set_status(sagemaker, args.arn, status, args.reason)
+    print(f"{package['ModelPackageArn']}: {package['ModelApprovalStatus']}")
+
+
+def run_action(args) -> int:
+    """`llm-pipeline registry ACTION`: the action on the target's registry, in the role's account
+    with --role-arn (promote: from the caller's account into the role's)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    from pipelines.targets import registry_region
+
+    region = registry_region(args)
+    try:
+        home = boto3.Session(region_name=region)
+        assumed = (assume_role(home.client("sts"), args.role_arn, region)
+                   if args.role_arn else None)
+        # promote reads the source with the caller's credentials and writes with the role's;
+        # every other action works in the role's account.
+        session = assumed if assumed and args.action != "promote" else home
+        action = {"list": _list_command, "diff": _diff_command,
+                  "promote": _promote_command}.get(args.action, _status_command)
+        action(args, session.client("sagemaker"), session.client("s3"), assumed)
+    except ClientError as exc:
+        raise UserError(f"registry {args.action}: {exc}") from None
+    except BotoCoreError as exc:
+        raise UserError(f"registry {args.action}: {exc}; check the AWS credentials and region "
+                        "(`aws configure`, AWS_PROFILE, --region)") from None
+    return 0

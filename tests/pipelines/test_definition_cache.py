@@ -1,39 +1,35 @@
 """`run` reuses a definition built from the same inputs instead of importing the SDK again."""
 
-import argparse
-import dataclasses
-
-from pipelines import cli
+from pipelines import definition, recipe
 from tests.pipelines.test_recipes import MINIMAL
 
-TARGET = cli.Target(region="us-east-1", account="123456789012",
-                    role_arn="arn:aws:iam::123456789012:role/r", bucket="b", endpoint="local")
+SETTINGS = {"role_arn": "arn:aws:iam::123456789012:role/r", "bucket": "b",
+            "region": "us-east-1", "image_tag": "tag1", "spot": False}
 
 
 def test_the_same_inputs_reuse_the_definition_and_any_change_builds_anew(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path / "home"))
     path = tmp_path / "custom.yaml"
     path.write_text(MINIMAL)
+    cache = tmp_path / "home" / "definitions"
     builds = []
 
-    def build(args, chosen, target):
-        builds.append(target.bucket)
+    def build(chosen, **settings):
+        builds.append(settings["bucket"])
         return f'{{"built": {len(builds)}}}'
 
-    def cached(args, target):
-        return cli._build_cached(args, cli.recipe.load(args.recipe), target)
+    def cached(**changed):
+        return definition.cached_definition_json(recipe.load(str(path)), cache,
+                                                 **{**SETTINGS, **changed})
 
-    monkeypatch.setattr(cli, "_build_for", build)
-    args = argparse.Namespace(recipe=str(path), image_tag="tag1", spot=False)
-    first = cached(args, TARGET)
-    assert cached(args, TARGET) == first and len(builds) == 1
+    monkeypatch.setattr(definition, "definition_json", build)
+    first = cached()
+    assert cached() == first and len(builds) == 1
 
     # Whatever the definition depends on makes another: the target, the image tag, spot, the recipe.
-    cached(args, dataclasses.replace(TARGET, bucket="other"))
-    cached(argparse.Namespace(recipe=str(path), image_tag="tag2", spot=False), TARGET)
-    cached(argparse.Namespace(recipe=str(path), image_tag="tag1", spot=True), TARGET)
+    cached(bucket="other")
+    cached(image_tag="tag2")
+    cached(spot=True)
     path.write_text(MINIMAL.replace("max_steps: 5", "max_steps: 6"))
-    cached(args, TARGET)
+    cached()
     assert len(builds) == 5
-    assert len(list((tmp_path / "home" / "definitions").glob("*.json"))) == 5
-
+    assert len(list(cache.glob("*.json"))) == 5

@@ -377,12 +377,13 @@ def test_plan_json_is_for_machines_and_exits_1_when_a_stage_cannot_fit(tmp_path)
 
 def test_what_the_plan_cannot_judge_is_not_refused(tmp_path, capsys):
     # An instance type prices.yaml does not describe, a model whose config is out of reach.
-    memory_plan.refuse_unfittable("sft", {"TrainingInstanceType": "ml.p6-b200.48xlarge"})
+    sft = recipe.load("sft")
+    memory_plan.refuse_unfittable(sft, {"TrainingInstanceType": "ml.p6-b200.48xlarge"}, "sft")
     assert "not checked" in capsys.readouterr().err
-    memory_plan.refuse_unfittable("sft", {"BaseModel": "s3://bucket/model/"})
+    memory_plan.refuse_unfittable(sft, {"BaseModel": "s3://bucket/model/"}, "sft")
     with pytest.raises(Exception, match="stage SFT cannot run as set"):
-        memory_plan.refuse_unfittable("sft", {"BaseModel": str(config_folder(tmp_path, LLAMA_7B)),
-                                              "PeftMethod": "none"})
+        memory_plan.refuse_unfittable(sft, {"BaseModel": str(config_folder(tmp_path, LLAMA_7B)),
+                                            "PeftMethod": "none"}, "sft")
 
 
 @pytest.mark.parametrize("command", ["run", "start"])

@@ -1,6 +1,5 @@
 """Selective re-runs: continue a failed execution, re-run from a step, locally and on SageMaker."""
 
-import argparse
 import json
 
 import boto3
@@ -8,7 +7,7 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
-from pipelines import UserError
+from pipelines import UserError, pipeline
 from pipelines import cli as cli_module
 from pipelines.local import server
 from pipelines.local.engine import Selection, load_execution, run_execution
@@ -184,14 +183,13 @@ def test_continuing_a_sagemaker_execution_selects_the_steps_that_did_not_succeed
     arn = f"arn:aws:sagemaker:eu-west-1:111122223333:pipeline/{PIPELINE}/execution/x1"
     sagemaker = boto3.client("sagemaker", region_name="eu-west-1", aws_access_key_id="x",
                              aws_secret_access_key="x")
-    args = argparse.Namespace(reuse=arn, from_step=None)
     with Stubber(sagemaker) as stub:
         stub.add_response("describe_pipeline_execution", {"PipelineExecutionStatus": "Failed"},
                           {"PipelineExecutionArn": arn})
         stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
             {"StepName": "SFT", "StepStatus": "Failed"},
             {"StepName": "DataPrep", "StepStatus": "Succeeded"}]}, {"PipelineExecutionArn": arn})
-        config = cli_module._selective_execution_config(args, sagemaker, document, PIPELINE, {})
+        config = pipeline.selective_execution_config(sagemaker, document, arn, from_step=None)
     assert config == {"SourcePipelineExecutionArn": arn,
                       "SelectedSteps": [{"StepName": step} for step in DOWNSTREAM_OF_SFT]}
 
