@@ -42,7 +42,8 @@ SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
 def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, str]:
     """The demo data split as DataPrep splits it, the teacher (the distill recipe's SFT stage run
     here, for `sft`) and its cached top-k outputs."""
-    from steps import data_prep, demo_data, sft, teacher_logits
+    from steps import data_prep, sft, teacher_logits
+    from steps.common import demo_data
     from steps.common.models import SMOLLM2
 
     raw = demo_data.write_demo_dataset(root / "raw" / "sft-demo.jsonl")

@@ -162,7 +162,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     from benchmarks.throughput import Shape
-    from steps import demo_data
+    from steps.common import demo_data
 
     shape = (Shape(2, args.length, 2) if args.quick
              else Shape(args.batch, args.length, args.steps))

@@ -57,7 +57,8 @@ def one_run(model: str, method: str, steps: int, batch: int, length: int) -> dic
     """Train `method` on `model` through steps.sft in this process; its memory figures."""
     import torch
 
-    from steps import demo_data, sft
+    from steps import sft
+    from steps.common import demo_data
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         root = Path(tmp)
@@ -180,7 +181,7 @@ def _filling_records(stage: str) -> list[dict]:
     """Records long enough to fill any sequence length the check uses: SFT completions of mixed
     lengths (packed several to a row, so rows are full and carry sequence boundaries); DPO pairs
     whose chosen answer runs past the length and whose rejected one is short (padding)."""
-    from steps import demo_data
+    from steps.common import demo_data
 
     text = " ".join(d["text"] for d in demo_data.demo_corpus(max_documents=40))
     if stage == "sft":

@@ -51,7 +51,7 @@ FULL = {"batch": 8, "seq": 256, "steps": 6, "repeats": 2, "warm_up": True,
 def text_records(count: int, length: int) -> list[dict[str, str]]:
     """`count` text records of `length` characters, consecutive slices of the demo corpus (the
     tiny tokenizer is byte-level: at least `length` tokens each, so truncation fills the row)."""
-    from steps.demo_data import demo_corpus
+    from steps.common.demo_data import demo_corpus
 
     text = "\n\n".join(record["text"] for record in demo_corpus())
     slices = [text[i:i + length] for i in range(0, len(text) - length, length)]

@@ -52,7 +52,7 @@ class Shape:
 
 class Workspace:
     def __init__(self, root: Path, shape: Shape) -> None:
-        from steps import demo_data
+        from steps.common import demo_data
 
         self.root, self.shape = root, shape
         self.model = common.small_model_folder(root)

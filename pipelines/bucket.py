@@ -100,7 +100,7 @@ def ensure_demo_data(s3, bucket: str, kind: str) -> bool:
     """
     from botocore.exceptions import ClientError
 
-    from steps import demo_data
+    from steps.common import demo_data
 
     key = definition.DEMO_DATA_KEYS[kind]
     writer = {"sft": demo_data.write_demo_dataset, "corpus": demo_data.write_demo_corpus,

@@ -14,9 +14,9 @@ The recipe:
   6. save the model, the tokenizer and training_summary.json to SM_MODEL_DIR, all or nothing.
 
 The defaults make a small model (1.3M parameters) that visibly learns on a 2-core CPU in a couple
-of minutes: on the demo corpus (python -m steps.demo_data corpus.jsonl --corpus), 4 epochs take
-the loss from 8.3 (ln 4096, a uniform guess) to about 4.7, and its samples turn from noise into
-the corpus's phrasing. The same stage trains larger models by its knobs on a GPU instance.
+of minutes: on the demo corpus (python -m steps.common.demo_data corpus.jsonl --corpus), 4 epochs
+take the loss from 8.3 (ln 4096, a uniform guess) to about 4.7, and its samples turn from noise
+into the corpus's phrasing. The same stage trains larger models by its knobs on a GPU instance.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from steps.demo_data import demo_corpus
+from steps.common.demo_data import demo_corpus
 from tests.pipelines.conftest import clean_env, cli
 
 pytestmark = pytest.mark.e2e

@@ -15,9 +15,9 @@ import torch
 
 from steps.common import contract, models
 from steps.common.datasets import Record, validate_records
+from steps.common.demo_data import demo_preferences
 from steps.common.peft_methods import PeftKnobs, apply_peft, save_model
 from steps.common.preference import PreferencePair, preference_pairs
-from steps.demo_data import demo_preferences
 
 from .conftest import TrainingJob
 

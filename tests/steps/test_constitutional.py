@@ -24,8 +24,8 @@ from steps import constitutional
 from steps.common import contract, critics
 from steps.common.contract import StageError
 from steps.common.datasets import load_records, read_prompts
+from steps.common.demo_data import demo_constitutional_prompts, write_demo_constitutional_prompts
 from steps.constitutional import ConstitutionalConfig, Example, Principle, parse_choice
-from steps.demo_data import demo_constitutional_prompts, write_demo_constitutional_prompts
 
 from .conftest import write_jsonl
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from steps import cpt
 from steps.common import contract, lm_data, models
 from steps.common.contract import StageError
-from steps.demo_data import demo_corpus
+from steps.common.demo_data import demo_corpus
 
 from .conftest import TrainingJob, write_jsonl
 

@@ -12,7 +12,7 @@ import pytest
 
 from steps import data_prep
 from steps.common.contract import StageError
-from steps.demo_data import (
+from steps.common.demo_data import (
     demo_records,
     write_demo_constitutional_prompts,
     write_demo_corpus,

@@ -15,8 +15,8 @@ from pipelines.definition import definition_json
 from pipelines.local.expressions import Scope, evaluate_condition
 from steps import evaluate
 from steps.common import models
+from steps.common.demo_data import demo_corpus
 from steps.common.lm_data import train_tokenizer
-from steps.demo_data import demo_corpus
 
 from .conftest import counting_records, write_jsonl
 

@@ -3,7 +3,7 @@
 import json
 
 from steps.common.datasets import load_records
-from steps.demo_data import demo_records, write_demo_dataset
+from steps.common.demo_data import demo_records, write_demo_dataset
 
 
 def test_the_demo_dataset_is_deterministic_valid_and_has_a_few_duplicates(tmp_path):

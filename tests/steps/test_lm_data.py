@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from steps.common import lm_data, models
 from steps.common.contract import StageError
-from steps.demo_data import demo_corpus, write_demo_corpus
+from steps.common.demo_data import demo_corpus, write_demo_corpus
 
 from .conftest import write_jsonl
 

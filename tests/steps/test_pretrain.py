@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steps import pretrain
 from steps.common import contract, training
 from steps.common.contract import StageError
-from steps.demo_data import demo_corpus
+from steps.common.demo_data import demo_corpus
 
 from .conftest import TrainingJob
 

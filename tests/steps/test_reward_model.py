@@ -13,8 +13,8 @@ import torch
 from steps import reward_model
 from steps.common import models
 from steps.common.contract import StageError
+from steps.common.demo_data import demo_preferences, follows_demo_preference
 from steps.common.preference import load_reward_model, reward_accuracy, reward_scores, win_rate
-from steps.demo_data import demo_preferences, follows_demo_preference
 
 from .conftest import counting_records
 from .preference_runs import (

@@ -45,3 +45,11 @@ def test_the_table_and_every_stage_config_import_without_torch():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                             text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_steps_holds_the_stages_their_configs_and_the_table_and_common_holds_the_rest():
+    # A newcomer finds a stage at steps/<stage>.py and everything stages share in steps/common/.
+    config_modules = {stage.config.__module__ for stage in STAGES.values()}
+    stage_modules = {stage.module for stage in STAGES.values()}
+    modules = {f"steps.{path.stem}" for path in (ROOT / "steps").glob("*.py")} - {"steps.__init__"}
+    assert modules - stage_modules - config_modules == {"steps.stages"}

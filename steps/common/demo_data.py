@@ -15,8 +15,11 @@ Also a small language-modelling corpus (`text` records) for pre-training and con
 pre-training: the Python language reference's topics that ship with CPython (see
 `demo_corpus`).
 
-    python -m steps.demo_data OUT.jsonl [--n 400] [--seed 0]
-    python -m steps.demo_data OUT.jsonl --corpus [--max-chars 2000] [--max-documents N]
+Shared data, not a stage: `llm-pipeline upsert` uploads these datasets where the recipes' data
+parameters default to (pipelines/bucket.py), and tests and benchmarks train on them.
+
+    python -m steps.common.demo_data OUT.jsonl [--n 400] [--seed 0]
+    python -m steps.common.demo_data OUT.jsonl --corpus [--max-chars 2000] [--max-documents N]
 """
 
 from __future__ import annotations
