@@ -185,10 +185,15 @@ def demo_records(n: int = 400, seed: int = 0, duplicates: int = 8) -> list[dict[
 
 def write_demo_dataset(path: Path, n: int = 400, seed: int = 0) -> Path:
     """Write the demo dataset as JSONL to `path` and return it."""
+    return _write_jsonl(path, demo_records(n, seed))
+
+
+def _write_jsonl(path: Path, records: list[dict[str, str]], ensure_ascii: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in demo_records(n, seed))
+        handle.writelines(json.dumps(record, ensure_ascii=ensure_ascii) + "\n"
+                          for record in records)
     return path
 
 
@@ -232,14 +237,7 @@ def write_demo_corpus(
     path: Path, max_chars: int = 2000, max_documents: int | None = None
 ) -> Path:
     """Write the demo corpus (`demo_corpus`) as JSONL to `path` and return it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(
-            json.dumps(record, ensure_ascii=False) + "\n"
-            for record in demo_corpus(max_chars, max_documents)
-        )
-    return path
+    return _write_jsonl(path, demo_corpus(max_chars, max_documents), ensure_ascii=False)
 
 
 # --- The demo preference pairs for reward modelling, DPO and PPO ---------------------------------
@@ -282,11 +280,7 @@ def follows_demo_preference(response: str) -> bool:
 
 def write_demo_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
     """Write the demo preference pairs (`demo_preferences`) as JSONL to `path` and return it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in demo_preferences(n, seed))
-    return path
+    return _write_jsonl(path, demo_preferences(n, seed))
 
 
 if __name__ == "__main__":
@@ -360,8 +354,4 @@ def demo_constitutional_prompts(n: int | None = None, seed: int = 0) -> list[dic
 
 def write_demo_constitutional_prompts(path: Path, n: int | None = None, seed: int = 0) -> Path:
     """Write the demo Constitutional AI prompts (`demo_constitutional_prompts`) as JSONL."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in demo_constitutional_prompts(n, seed))
-    return path
+    return _write_jsonl(path, demo_constitutional_prompts(n, seed))
