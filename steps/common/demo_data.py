@@ -165,7 +165,11 @@ TASKS = (_addition, _conversion, _capital, _reverse, _uppercase)
 
 
 def demo_records(n: int = 400, seed: int = 0, duplicates: int = 8) -> list[dict[str, str]]:
-    """`n` prompt/completion records, `duplicates` of them exact repeats of earlier ones."""
+    """`n` prompt/completion records, `duplicates` of them (at most half) exact repeats of earlier
+    ones."""
+    if n < 1:
+        raise ValueError(f"the demo dataset needs at least 1 record, not {n}")
+    duplicates = min(duplicates, n // 2)
     rng = random.Random(seed)
     records: list[dict[str, str]] = []
     seen: set[tuple[str, str]] = set()
@@ -296,6 +300,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-chars", type=int, default=2000, help="corpus: characters a document")
     parser.add_argument("--max-documents", type=int, default=None, help="corpus: documents to keep")
     arguments = parser.parse_args()
+    if arguments.n < 1:
+        parser.error(f"--n must be at least 1, not {arguments.n}")
     if arguments.corpus:
         path = write_demo_corpus(arguments.path, arguments.max_chars, arguments.max_documents)
         count = sum(1 for _ in path.open(encoding="utf-8"))

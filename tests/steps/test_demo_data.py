@@ -18,3 +18,10 @@ def test_the_demo_dataset_is_deterministic_valid_and_has_a_few_duplicates(tmp_pa
     assert demo_records(400, seed=1) != demo_records(400, seed=0)
     # Short answers keep evaluation's generation cheap.
     assert max(len(r.data["completion"]) for r in records) < 60
+
+
+def test_a_small_demo_dataset_has_the_records_asked_for_and_at_most_half_repeated():
+    for n in (1, 2, 5, 8):
+        records = demo_records(n, seed=0)
+        distinct = {json.dumps(r, sort_keys=True) for r in records}
+        assert len(records) == n and len(distinct) >= (n + 1) // 2
