@@ -164,7 +164,7 @@ ACTIVATION_BYTES = {  # (method family, 16-bit autocast) -> coefficients
 OUTSIDE_LAYERS_BYTES = 16
 NF4_BYTES = 0.516  # bytes a weight in 4-bit NF4 with double quantization (see the docstring)
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
-SHARDINGS = ("none", "fsdp")
+SHARDINGS = knobs.SHARDINGS
 
 
 # --- Instance types -------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from steps.common.knobs import PeftKnobs, StageError, TrainingKnobs
+from steps.common.knobs import PeftKnobs, ShardingKnob, StageError, TrainingKnobs
 
 
 @dataclass
-class CPTStageConfig(PeftKnobs, TrainingKnobs):
+class CPTStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
     base_model: str = field(
         default="builtin:smollm2-135m-instruct",
         metadata={

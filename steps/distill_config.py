@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from steps.common.knobs import POSITIVE, OneOf, PeftKnobs, Range, StageError, TrainingKnobs
+from steps.common.knobs import (
+    POSITIVE,
+    OneOf,
+    PeftKnobs,
+    Range,
+    ShardingKnob,
+    StageError,
+    TrainingKnobs,
+)
 
 # A config-built student starts from random weights: the rate of pre-training from scratch
 # (steps.pretrain), not the small one that fine-tunes pretrained weights.
@@ -19,7 +27,7 @@ RANDOM_INIT_LEARNING_RATE = 3e-3
 # SmolLM2-135M-Instruct kept at 15 of 30 layers (benchmarks/distillation.py).
 PRUNED_LEARNING_RATE = 2e-4
 @dataclass
-class DistillStageConfig(PeftKnobs, TrainingKnobs):
+class DistillStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
     student_model: str | None = field(
         default=None,
         metadata={"help": "The student: teacher:layers=N[+intermediate=I] (the teacher cut down), "

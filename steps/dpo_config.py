@@ -15,6 +15,7 @@ from steps.common.knobs import (
     OneOf,
     PeftKnobs,
     Range,
+    ShardingKnob,
     StageError,
     TrainingKnobs,
 )
@@ -24,7 +25,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "a
 
 
 @dataclass
-class DPOStageConfig(PeftKnobs, TrainingKnobs):
+class DPOStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
     base_model: str = field(
         default="builtin:smollm2-135m-instruct",
         metadata={"help": "Model spec to align (builtin:tiny, builtin:smollm2-135m-instruct, a "

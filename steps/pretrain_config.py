@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from steps.common.knobs import POSITIVE, OneOf, Range, StageError, TrainingKnobs
+from steps.common.knobs import POSITIVE, OneOf, Range, ShardingKnob, StageError, TrainingKnobs
 
 
 @dataclass
-class PretrainStageConfig(TrainingKnobs):
+class PretrainStageConfig(ShardingKnob, TrainingKnobs):
     vocab_size: int = field(
         default=4096, metadata={"help": "Tokens of the BPE tokenizer, special tokens included."}
     )

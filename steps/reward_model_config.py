@@ -15,13 +15,14 @@ from steps.common.knobs import (
     OneOf,
     PeftKnobs,
     Range,
+    ShardingKnob,
     StageError,
     TrainingKnobs,
 )
 
 
 @dataclass
-class RewardModelStageConfig(PeftKnobs, TrainingKnobs):
+class RewardModelStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
     base_model: str = field(
         default="builtin:smollm2-135m-instruct",
         metadata={"help": "Model spec to start from (builtin:tiny, builtin:smollm2-135m-instruct, "

@@ -74,6 +74,9 @@ USUAL_LEARNING_RATES = {"none": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt_tunin
 # The methods the alignment stages (reward model, DPO, PPO) train with: the reference of a LoRA
 # policy is the same weights with the adapter switched off, of a full one a frozen copy.
 ALIGNMENT_PEFT_METHODS = ("none", "lora")
+# How a stage's model is spread over the processes that train it (steps.common.sharding): none (each
+# holds the whole model, data-parallel) or fsdp (weights, gradients and optimizer state sharded).
+SHARDINGS = ("none", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,19 @@ class PeftKnobs:
     @property
     def is_prompt_learning(self) -> bool:
         return self.peft_method in PROMPT_LEARNING_METHODS
+
+
+@dataclass
+class ShardingKnob:
+    """Whether the stage shards its model across every GPU of every instance of its job: the
+    stages trained with transformers' Trainer (not PPO, which trains in one process)."""
+
+    sharding: str = _knob(
+        "none", "none (every GPU holds the whole model) or fsdp (weights, gradients and optimizer "
+        "state sharded across every GPU of every instance: PyTorch FSDP through accelerate; a "
+        "CPU job runs unsharded and says so).")
+
+    ALLOWED: ClassVar[dict[str, Range | OneOf]] = {"sharding": OneOf(SHARDINGS)}
 
 
 def target_modules(value: str) -> str | list[str]:
