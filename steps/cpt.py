@@ -41,6 +41,7 @@ from steps.common.peft_methods import (
     load_model_for_training,
     save_model,
 )
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -66,6 +67,7 @@ def main(config: CPTStageConfig) -> None:
     # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
+    prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
     print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
@@ -133,6 +135,7 @@ def main(config: CPTStageConfig) -> None:
     trainer.remove_callback(PrinterCallback)  # it prints each log as a dict, beside our lines
     eval_loss_before = trainer.evaluate()["eval_loss"] if eval_blocks is not None else None
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     if not trainer.is_world_process_zero():  # with several processes, one of them saves
         return
     if eval_loss_before is not None:
@@ -154,7 +157,8 @@ def main(config: CPTStageConfig) -> None:
     with contract.atomic_output(model_dir) as staging:
         # The new rows of a LoRA run are in the adapter (trainable tokens), so the embedding
         # matrices need not be saved whole.
-        save_model(trainer.model, tokenizer, staging, config, save_embedding_layers=False)
+        save_model(trainer.model, tokenizer, staging, config, save_embedding_layers=False,
+                   state_dict=weights)
         save_training_record(staging, summary, started_from=source)
     what = "model" if config.peft_method == "none" else "adapter"
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)

@@ -99,6 +99,7 @@ from steps.common.peft_methods import (
     load_model_for_training,
     save_model,
 )
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -278,6 +279,7 @@ def main(config: DistillStageConfig) -> None:
 
     # 3. The student model.
     precision = prepare_precision(config)
+    prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
     print(f"student: {student.spec}; peft_method: {config.peft_method}; "
           f"{config.learning_rate_line()}", flush=True)
     model, cut = build_student_model(config, student, teacher, train_examples, precision)
@@ -305,6 +307,7 @@ def main(config: DistillStageConfig) -> None:
         max_new_tokens=config.max_new_tokens,
     )
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     hard_label, hard_label_runtime = (train_hard_label(copy.deepcopy(initial), config, precision,
                                                        tokenizer, train_examples)
                                       if comparing else (None, None))
@@ -349,7 +352,7 @@ def main(config: DistillStageConfig) -> None:
         },
     )
     with contract.atomic_output(model_dir) as staging:
-        save_model(trainer.model, tokenizer, staging, config)
+        save_model(trainer.model, tokenizer, staging, config, state_dict=weights)
         # A student cut from its teacher continues the teacher's lineage.
         save_training_record(staging, summary, started_from=(
             teacher.spec if student.pruned else student.spec))

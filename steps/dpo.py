@@ -62,6 +62,7 @@ from steps.common.preference import (
     preference_example,
     preference_pairs,
 )
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -96,6 +97,7 @@ def main(config: DPOStageConfig) -> None:
     # 2. Model: the policy, and what it is measured against.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
+    prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
     print(f"peft_method: {config.peft_method}; beta: {config.beta:g}; loss_type: "
           f"{config.loss_type}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
@@ -143,6 +145,7 @@ def main(config: DPOStageConfig) -> None:
 
     # 5. Train (resuming from the latest checkpoint, if a restarted job left one), then measure.
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     if not trainer.is_world_process_zero():
         return
     if is_peft_model(model) and "ref" in model.peft_config:
@@ -170,7 +173,7 @@ def main(config: DPOStageConfig) -> None:
                   "measured_in": "fp32", "before": before, "after": after},
     )
     with contract.atomic_output(model_dir) as staging:
-        save_model(model, tokenizer, staging, config)
+        save_model(model, tokenizer, staging, config, state_dict=weights)
         save_training_record(staging, summary, started_from=source)
     what = "adapter" if is_peft_model(model) else "model"
     print(f"saved the {what}, tokenizer and training_summary.json to {model_dir}", flush=True)

@@ -37,6 +37,7 @@ from transformers import (
 from steps.common import contract
 from steps.common.lm_data import pack_blocks, read_documents, train_tokenizer
 from steps.common.lm_loss import add_memory_light_loss
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -80,6 +81,7 @@ def main(config: PretrainStageConfig) -> None:
 
     # 5. Train. Blocks are full, so the default collator only stacks them (nothing to pad).
     precision = prepare_precision(config)
+    prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
     metrics, metrics_path = metrics_callback()
     trainer = Trainer(
         model=model,
@@ -91,6 +93,7 @@ def main(config: PretrainStageConfig) -> None:
         callbacks=[metrics],
     )
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     if not trainer.is_world_process_zero():  # with several processes, one of them saves
         return
     sample = _sample(model, tokenizer, (validation_texts or train_texts)[0])
@@ -110,7 +113,7 @@ def main(config: PretrainStageConfig) -> None:
     )
     model_dir = contract.model_dir()
     with contract.atomic_output(model_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(staging)
         save_training_record(staging, summary, started_from=None)
     print(f"saved the model, tokenizer and training_summary.json to {model_dir}", flush=True)

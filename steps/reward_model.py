@@ -45,6 +45,7 @@ from steps.common.preference import (
     preference_pairs,
     reward_accuracy,
 )
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -78,6 +79,11 @@ def main(config: RewardModelStageConfig) -> None:
     # 2. Model: the starting causal LM's backbone under a one-output score head.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
+    if prepare_sharding(config) and config.peft_method == "lora":  # FSDP, or one line why not
+        # The LoRA is merged into the saved model by the first process alone, which a sharded
+        # PeftModel cannot do without the others (not run on a GPU here: refused, not risked).
+        raise StageError("the reward model stage cannot merge a LoRA trained with sharding fsdp; "
+                         "use peft_method none (full fine-tuning shards) or sharding none")
     print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
@@ -115,6 +121,7 @@ def main(config: RewardModelStageConfig) -> None:
 
     # 4. Train (resuming from the latest checkpoint, if a restarted job left one), then measure.
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     if not trainer.is_world_process_zero():
         return
     reward_model = trainer.model
@@ -141,7 +148,7 @@ def main(config: RewardModelStageConfig) -> None:
         reward_margin=margin,
     )
     with contract.atomic_output(model_dir) as staging:
-        reward_model.save_pretrained(staging, safe_serialization=True)
+        reward_model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(staging)
         save_training_record(staging, summary, started_from=source)
     print(f"saved the reward model (sequence classification, 1 output), tokenizer and "

@@ -48,6 +48,7 @@ from steps.common.peft_methods import (
     save_model,
     set_quantized_adapter_dtype,
 )
+from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
@@ -131,6 +132,7 @@ def main(config: SFTStageConfig) -> None:
     # 2. Model: the 'model' channel (an earlier stage's output) wins over base_model; PEFT wraps it.
     source = resolve_model_source(contract.optional_channel_dir("model"), config.base_model)
     precision = prepare_precision(config)
+    prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
     print(f"peft_method: {config.peft_method}; {config.learning_rate_line()}", flush=True)
     print(f"loading model {source}", flush=True)
     tokenizer = load_tokenizer(source)
@@ -160,6 +162,7 @@ def main(config: SFTStageConfig) -> None:
     trainer.remove_callback(PrinterCallback)  # it prints each log as a dict, beside our lines
     eval_loss_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     report = train(trainer, config, metrics, metrics_path)
+    weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     if not trainer.is_world_process_zero():  # with several processes, one of them saves
         return
     if eval_loss_before is not None:
@@ -179,10 +182,11 @@ def main(config: SFTStageConfig) -> None:
     with contract.atomic_output(model_dir) as staging:
         if config.merge_lora:
             with tempfile.TemporaryDirectory(prefix="adapter-") as adapter_dir:
-                save_model(trainer.model, tokenizer, Path(adapter_dir), config)
+                save_model(trainer.model, tokenizer, Path(adapter_dir), config,
+                           state_dict=weights)
                 merge_adapter(adapter_dir, staging, base_model=source)
         else:
-            save_model(trainer.model, tokenizer, staging, config)
+            save_model(trainer.model, tokenizer, staging, config, state_dict=weights)
         save_training_record(staging, summary, started_from=source)
     what = "model" if config.peft_method == "none" else "adapter"
     what = "merged model" if config.merge_lora else what

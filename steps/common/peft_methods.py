@@ -278,23 +278,27 @@ def save_model(
     knobs: PeftKnobs,
     *,
     save_embedding_layers: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The tuned model in `folder`: PEFT's adapter layout, or a full model for none; the tokenizer
     (with its chat template) beside it, so that the folder loads on its own.
 
     `save_embedding_layers` saves the embedding matrices with a LoRA adapter, for a stage that
     changed them (new tokens); otherwise PEFT would look the base model up on the Hub to decide.
+    `state_dict`: the model's weights gathered whole when it trained sharded
+    (steps.common.sharding.gather_trained_model); None: the model's own.
     """
     folder = Path(folder)
     if hasattr(model, "peft_config"):
-        model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
+        model.save_pretrained(folder, save_embedding_layers=save_embedding_layers,
+                              state_dict=state_dict)
         if models.bundle_base(folder):
             print(f"copied the adapter's base model into {folder / models.BUNDLED_BASE}, so that "
                   "later steps and endpoints load the adapter from its folder alone", flush=True)
     elif knobs.peft_method != "none":
         raise ValueError(f"peft_method '{knobs.peft_method}' but the model has no adapter")
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from steps.common import contract, tracking
+from steps.common import contract, sharding, tracking
 from steps.common.contract import StageError
 from steps.common.knobs import TrainingKnobs
 from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
@@ -107,7 +107,8 @@ def trainer_arguments(
         # activation checkpointing (about +50% time on a CPU) only when asked.
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=knobs.gradient_checkpointing,
+        # Under FSDP its own wrapper checkpoints instead (steps.common.sharding.fsdp_arguments).
+        activation_checkpointing=knobs.gradient_checkpointing and not sharding.is_sharded(knobs),
         seed=knobs.seed,
         data_seed=knobs.seed,
         logging_steps=knobs.logging_steps,
@@ -125,6 +126,7 @@ def trainer_arguments(
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False if distributed else None,
         **saving,
+        **sharding.fsdp_arguments(knobs),  # FSDP on GPUs with `sharding: fsdp`, else nothing
         **extra,
     )
 
