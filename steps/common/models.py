@@ -473,8 +473,13 @@ def _quantized_loading(quantization_config: BitsAndBytesConfig | None) -> dict:
     if quantization_config is None:
         return {}
     # bitsandbytes quantizes weights as they move to the GPU, so each process's copy goes straight
-    # to its own GPU (torchrun's LOCAL_RANK); on a CPU they are quantized where they are.
-    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else None
+    # to its own GPU (torchrun's LOCAL_RANK); on a CPU they are quantized where they are. Under
+    # FSDP (steps.common.sharding.prepare_sharding sets what transformers reads for it) the first
+    # process loads on the CPU and FSDP moves each shard to its GPU: no device map, as
+    # bitsandbytes' FSDP-QLoRA guide loads (huggingface.co/docs/bitsandbytes/main/fsdp_qlora).
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    device_map = ({"": int(os.environ.get("LOCAL_RANK", "0"))}
+                  if torch.cuda.is_available() and not fsdp else None)
     return {"quantization_config": quantization_config, "device_map": device_map}
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steps.common import models
+from steps.common import models, sharding
 from steps.common.contract import StageError
 from steps.common.knobs import PeftKnobs, target_modules
 from steps.common.training import TRAINING_RECORD_FILES
@@ -64,15 +64,23 @@ def load_model_for_training(source: str, knobs: PeftKnobs, precision: str) -> Pr
 
     require_4bit_backend()
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    sharded = sharding.is_sharded(knobs)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,  # quantizes the quantization constants too: ~0.4 bit/weight
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards floating-point tensors only, all of one dtype: the packed 4-bit weights are
+        # stored as the compute dtype and the rest of the model loads in it (bitsandbytes'
+        # FSDP-QLoRA guide, huggingface.co/docs/bitsandbytes/main/fsdp_qlora). Not run here.
+        **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
     )
-    model = models.load_model(source, quantization_config=quantization)
+    model = models.load_model(source, quantization_config=quantization,
+                              dtype=compute_dtype if sharded else torch.float32)
     print(f"qlora: base weights in 4-bit NF4 (double quantization), compute in {compute_dtype}, "
           f"{model.get_memory_footprint() / 2**20:.1f} MiB", flush=True)
+    if sharded:  # norms and embeddings stay in the compute dtype, as FSDP needs (above)
+        return model
     # Checkpointing is the Trainer's business (the gradient_checkpointing knob), not PEFT's default.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

@@ -274,6 +274,26 @@ def test_a_70b_qlora_needs_fsdp_across_the_gpus_of_an_instance_of_24_gb_gpus(tmp
     assert without_checkpointing.fits is False  # activations are not sharded
 
 
+def test_sharding_fsdp_divides_a_7b_model_among_every_gpu_and_the_plan_names_a_multi_gpu_one(tmp_path):
+    overrides = {"BaseModel": str(config_folder(tmp_path, LLAMA_7B)), "PeftMethod": "none",
+                 "TrainingInstanceType": "ml.p4d.24xlarge"}  # 8 x A100 40 GB
+    [whole] = memory_plan.plan(recipe.load("sft"), overrides)
+    [sharded] = memory_plan.plan(recipe.load("sft"), {**overrides, "Sharding": "fsdp"})
+    assert whole.runs is False and sharded.runs is True  # 7B x 16 bytes: 100 GiB, or 1/8 of it
+    assert sharded.work.sharding == "fsdp" and sharded.work.world_size == 8
+    for part in ("weights", "gradients", "optimizer"):
+        assert getattr(sharded.estimate, part) == pytest.approx(
+            getattr(whole.estimate, part) / 8), part
+    # Unsharded, no instance fits it as set; the plan says sharding would, on several GPUs.
+    assert whole.cheapest is None and whole.alternatives["sharding: fsdp"] == "ml.p4d.24xlarge"
+    fits = memory_plan.instance_type(sharded.cheapest)
+    assert fits.accelerators > 1
+    # On one GPU sharding divides nothing: the cheapest that fits has several.
+    [one_gpu] = memory_plan.plan(recipe.load("sft"), {**overrides, "Sharding": "fsdp",
+                                                      "TrainingInstanceType": "ml.g5.xlarge"})
+    assert one_gpu.runs is False and memory_plan.instance_type(one_gpu.cheapest).accelerators > 1
+
+
 def test_several_processes_without_sharding_each_hold_a_ddp_gradient_bucket():
     shape = memory_plan.shape_from_config(LLAMA_7B, "7b")
     one = memory_plan.estimate(sft_work(shape, "none", "ml.p5.48xlarge"))

@@ -30,6 +30,8 @@ def test_every_recipe_runs_on_its_defaults_without_a_refusal(recipe_definitions)
      "pipeline parameter Alpha=1.5: stage distill's alpha takes values in [0, 1]"),
     ("dpo", "PeftMethod", "qlora",
      "pipeline parameter PeftMethod='qlora': stage dpo's peft_method takes one of none, lora"),
+    ("full-lifecycle", "Sharding", "zero3",
+     "pipeline parameter Sharding='zero3': stage cpt's sharding takes one of none, fsdp"),
 ])
 def test_a_value_a_stage_setting_does_not_take_is_refused_naming_the_parameter(
         recipe_definitions, recipe_name, parameter, value, expected):
@@ -92,6 +94,8 @@ def env(local_home):
                           "one of none, lora, qlora, prompt_tuning, p_tuning, prefix_tuning")),
     ("Precision=fp8", ("pipeline parameter Precision='fp8': stage sft's precision takes one of "
                        "auto, fp32, bf16, fp16")),
+    ("Sharding=deepspeed", ("pipeline parameter Sharding='deepspeed': stage sft's sharding takes "
+                            "one of none, fsdp")),
     ("BaseModel=builtin:tiny,v2", "parameter BaseModel='builtin:tiny,v2': step Register"),
 ])
 def test_run_refuses_a_bad_value_before_the_first_job(env, local_home, override, expected):
