@@ -436,6 +436,7 @@ def training_summary(stage: str, config: TrainingKnobs, base_model: str, precisi
         "peft_method": getattr(config, "peft_method", "none"),
         "base_model": base_model,
         "precision": precision,
+        "sharded": sharding.is_sharded(config),  # FSDP ran: asked, and on GPUs
         "hyperparameters": dataclasses.asdict(config),
         **extra,
         "training": report.as_summary(),

@@ -95,5 +95,5 @@ def test_a_stage_asked_to_shard_on_a_cpu_says_so_in_one_line_and_trains_unsharde
     said = [line for line in run.stdout.splitlines() if line.startswith("sharding:")]
     assert said == [("sharding: fsdp needs CUDA GPUs (accelerate applies FSDP only there); "
                      "training unsharded on the CPU")]
-    assert run.summary["hyperparameters"]["sharding"] == "fsdp"
+    assert run.summary["hyperparameters"]["sharding"] == "fsdp" and run.summary["sharded"] is False
     assert (run.model_dir / "adapter_model.safetensors").is_file()
