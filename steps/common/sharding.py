@@ -46,9 +46,15 @@ import torch
 from steps.common.knobs import ShardingKnob
 
 
+def _processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (steps.common.contract)
+
+
 def is_sharded(knobs: Any) -> bool:
-    """Whether the stage trains with FSDP: asked (`sharding: fsdp`) and on CUDA GPUs."""
-    return getattr(knobs, "sharding", "none") == "fsdp" and torch.cuda.is_available()
+    """Whether the stage trains with FSDP: asked (`sharding: fsdp`), on CUDA GPUs, by several
+    processes (one GPU in all has nothing to share the model with)."""
+    return (getattr(knobs, "sharding", "none") == "fsdp" and torch.cuda.is_available()
+            and _processes() > 1)
 
 
 def prepare_sharding(knobs: ShardingKnob) -> bool:
@@ -60,6 +66,11 @@ def prepare_sharding(knobs: ShardingKnob) -> bool:
         print("sharding: fsdp needs CUDA GPUs (accelerate applies FSDP only there); training "
               "unsharded on the CPU", flush=True)
         return False
+    if _processes() == 1:
+        print("sharding: fsdp across one GPU shares the model with no other; training unsharded "
+              "(an instance type with several GPUs, or TrainingInstanceCount > 1, shards it)",
+              flush=True)
+        return False
     # What transformers reads while loading (transformers.integrations.fsdp.is_fsdp_enabled)
     # and what TrainingArguments(fsdp=...) would set, only later: process 0 loads the weights,
     # the others build the model on the meta device and receive theirs from FSDP.
@@ -68,7 +79,7 @@ def prepare_sharding(knobs: ShardingKnob) -> bool:
     from accelerate import PartialState
 
     PartialState()  # the process group, which transformers' loading needs to know the rank
-    print(f"sharding: fsdp across {int(os.environ.get('WORLD_SIZE', '1'))} processes", flush=True)
+    print(f"sharding: fsdp across {_processes()} processes", flush=True)
     return True
 
 
