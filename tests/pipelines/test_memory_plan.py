@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipelines import cost, memory_plan, recipe
+from steps.common import memory_estimate
 from tests.pipelines.conftest import clean_env, cli
 
 LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
@@ -82,7 +83,7 @@ def test_qlora_stores_linear_layers_in_4_bits_and_the_rest_in_fp32():
     estimate = memory_plan.estimate(sft_work(shape, "qlora"))
     frozen = shape.quantized_parameters * 0.516 + (shape.parameters
                                                    - shape.quantized_parameters) * 4
-    adapters = memory_plan.trainable_parameters(sft_work(shape, "qlora")) * 2  # bf16 adapters
+    adapters = memory_estimate.trainable_parameters(sft_work(shape, "qlora")) * 2  # bf16 adapters
     assert estimate.weights == pytest.approx(frozen + adapters)
 
 
@@ -108,7 +109,7 @@ def test_trainable_parameters_are_the_ones_peft_trains(method, knobs):
                     encoder_reparameterization_type=knobs.get("encoder_reparameterization_type",
                                                               "MLP"),
                     prefix_projection=knobs.get("prefix_projection", False))
-    assert memory_plan.trainable_parameters(work) == tuned.get_nb_trainable_parameters()[0]
+    assert memory_estimate.trainable_parameters(work) == tuned.get_nb_trainable_parameters()[0]
 
 
 def test_builtin_tiny_is_read_without_building_it_and_has_the_built_models_sizes():
@@ -226,7 +227,7 @@ def test_activation_checkpointing_and_chunked_logits_each_lower_the_peak():
 def test_the_chunk_the_plan_assumes_is_the_one_the_stages_loss_uses():
     from steps.common import lm_loss
 
-    assert memory_plan.LOSS_CHUNK_ELEMENTS == lm_loss.CHUNK_ELEMENTS
+    assert memory_estimate.LOSS_CHUNK_ELEMENTS == lm_loss.CHUNK_ELEMENTS
     on_cpu = memory_plan.estimate(sft_work(memory_plan.shape_from_config(LLAMA_7B, "7b"), "lora",
                                            "ml.m5.12xlarge"))
     assert on_cpu.logits == on_cpu.logits_chunked < on_cpu.logits_materialised
