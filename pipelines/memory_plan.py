@@ -79,6 +79,7 @@ from steps.common import knobs, students  # the knobs' declarations, the student
 from steps.common.contract import StageError
 from steps.common.memory_estimate import (  # the estimate itself: the jobs read it too
     GIB,
+    USABLE_FRACTION,
     MemoryEstimate,
     ModelShape,
     Workload,
@@ -89,10 +90,6 @@ from steps.common.memory_estimate import (  # the estimate itself: the jobs read
 )
 from steps.stages import STAGES
 
-# Of an accelerator's documented memory, what the training's tensors may use: the driver reports
-# less than the documented figure (an A10G's 24 GiB shows as 22.5), the CUDA context takes about
-# 0.5 GiB and the caching allocator fragments.
-USABLE_FRACTION = 0.90
 # A CPU instance's memory also holds the stage's process itself: the interpreter, torch,
 # transformers and the data (about 0.4 GiB measured here), and the operating system.
 RUNTIME_BYTES = 2 * GIB

@@ -45,6 +45,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -118,6 +119,7 @@ def main(config: CPTStageConfig) -> None:
     # 5. PEFT: LoRA/QLoRA also train the new tokens' rows; the rest of the base stays frozen.
     model = apply_peft(model, config, tokenizer, new_token_ids=new_token_ids)
     print(f"next-token loss: {add_memory_light_loss(model)}", flush=True)  # steps.common.lm_loss
+    checkpointing = resolve_checkpointing(config, "cpt", model, precision)
 
     # 6. Train, between two measurements of the validation loss.
     metrics, metrics_path = metrics_callback()
@@ -146,6 +148,7 @@ def main(config: CPTStageConfig) -> None:
     # names, grown to its tokenizer when the vocabulary was extended).
     summary = training_summary(
         "cpt", config, source, precision, report,
+        gradient_checkpointing=checkpointing,
         train_documents=len(train_texts),
         train_blocks=len(train_blocks),
         validation_blocks=len(eval_blocks) if eval_blocks else 0,

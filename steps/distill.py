@@ -103,6 +103,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -287,6 +288,8 @@ def main(config: DistillStageConfig) -> None:
     if teacher.mode == "on_the_fly":
         teacher.model = None  # its outputs are attached to the examples: free it before training
     print(f"student parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
+    checkpointing = resolve_checkpointing(config, "distill", model, precision,
+                                          teacher=teacher.model if config.on_policy else None)
     comparing = config.compare_students and bool(validation_examples)
     if config.compare_students and not comparing:
         print("compare_students: no validation data to compare the students on; skipped",
@@ -333,6 +336,7 @@ def main(config: DistillStageConfig) -> None:
         # student built from or cut from its teacher) the teacher.
         teacher.name if from_teacher else student.spec,
         precision, report,
+        gradient_checkpointing=checkpointing,
         student_model=student.spec,
         data_format=train_format.name,
         train_examples=len(train_examples),

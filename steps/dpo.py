@@ -66,6 +66,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -128,6 +129,7 @@ def main(config: DPOStageConfig) -> None:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
         reference = "a frozen in-memory copy of the starting model"
     print(f"reference model: {reference}", flush=True)
+    checkpointing = resolve_checkpointing(config, "dpo", policy, precision)
 
     metrics, metrics_path = metrics_callback(LOGGED)
     args = trainer_arguments(
@@ -165,6 +167,7 @@ def main(config: DPOStageConfig) -> None:
     # 6. Save, all or nothing: the folder must load on its own for evaluation and serving.
     summary = training_summary(
         "dpo", config, source, precision, report,
+        gradient_checkpointing=checkpointing,
         data_format="preference",
         train_pairs=len(trainer.train_dataset),
         validation_pairs=len(validation_records),

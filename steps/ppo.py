@@ -95,6 +95,7 @@ from steps.common.training import (
     TrainingReport,
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     trainable_parameters,
     training_summary,
@@ -171,7 +172,8 @@ def main(config: PPOStageConfig) -> None:
     if reference.model is not None:
         reference.model.to(device)
     _disable_dropout(policy)  # dropout would make pi differ from pi_old at the first update
-    if config.gradient_checkpointing:  # non-reentrant: works with a frozen base under LoRA
+    checkpointing = resolve_checkpointing(config, "ppo", policy, precision)  # auto: fits without?
+    if config.gradient_checkpointing is True:  # non-reentrant: works with a frozen base under LoRA
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden_size = policy.config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size).to(device)
@@ -257,6 +259,7 @@ def main(config: PPOStageConfig) -> None:
           f"KL to the reference at the end {history[-1]['kl']:.4f}", flush=True)
     summary = training_summary(
         "ppo", config, source, precision, report,
+        gradient_checkpointing=checkpointing,
         reward_model=reward_source,
         reference_model=reference_note,
         parameters_in_memory=in_memory,

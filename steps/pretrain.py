@@ -41,6 +41,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -82,6 +83,7 @@ def main(config: PretrainStageConfig) -> None:
     # 5. Train. Blocks are full, so the default collator only stacks them (nothing to pad).
     precision = prepare_precision(config)
     prepare_sharding(config)  # FSDP across the job's GPUs, or one line saying why not
+    checkpointing = resolve_checkpointing(config, "pretrain", model, precision)
     metrics, metrics_path = metrics_callback()
     trainer = Trainer(
         model=model,
@@ -102,6 +104,7 @@ def main(config: PretrainStageConfig) -> None:
     # 6. Save, all or nothing. There is no base model to compare with: "none" tells evaluation.
     summary = training_summary(
         "pretrain", config, "none", precision, report,
+        gradient_checkpointing=checkpointing,
         vocab_size=len(tokenizer),
         train_documents=len(train_texts),
         train_blocks=len(train_blocks),

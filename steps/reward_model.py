@@ -49,6 +49,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -99,6 +100,7 @@ def main(config: RewardModelStageConfig) -> None:
         lora.task_type, lora.modules_to_save = "SEQ_CLS", ["score"]
         model = get_peft_model(model, lora)
 
+    checkpointing = resolve_checkpointing(config, "reward_model", model, precision)
     chat_template = bool(tokenizer.chat_template)
     train_dataset = _trl_dataset(train_records, train_format, chat_template)
     eval_dataset = (_trl_dataset(validation_records, validation_format, chat_template)
@@ -140,6 +142,7 @@ def main(config: RewardModelStageConfig) -> None:
     # 5. Save, all or nothing: a full sequence-classification model that loads on its own.
     summary = training_summary(
         "reward_model", config, source, precision, report,
+        gradient_checkpointing=checkpointing,
         data_format="preference",
         train_pairs=len(trainer.train_dataset),
         validation_pairs=len(validation_records),

@@ -52,6 +52,7 @@ from steps.common.sharding import gather_trained_model, prepare_sharding
 from steps.common.training import (
     metrics_callback,
     prepare_precision,
+    resolve_checkpointing,
     save_training_record,
     train,
     trainer_arguments,
@@ -138,6 +139,7 @@ def main(config: SFTStageConfig) -> None:
     tokenizer = load_tokenizer(source)
     model = apply_peft(load_model_for_training(source, config, precision), config, tokenizer)
     print(f"next-token loss: {add_memory_light_loss(model)}", flush=True)  # steps.common.lm_loss
+    checkpointing = resolve_checkpointing(config, "sft", model, precision)  # auto: fits without?
     chat_template = bool(tokenizer.chat_template)
     train_dataset = _trl_dataset(train_records, train_format, chat_template)
     eval_dataset = (
@@ -172,6 +174,7 @@ def main(config: SFTStageConfig) -> None:
     # 5. Save, all or nothing: the model folder must load on its own for evaluation and serving.
     summary = training_summary(
         "sft", config, source, precision, report,
+        gradient_checkpointing=checkpointing,
         merged=config.merge_lora,
         data_format=train_format.name,
         train_examples=len(train_dataset),

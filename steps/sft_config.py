@@ -40,7 +40,8 @@ class SFTStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
                 "lora_target_modules cannot include lm_head (TRL does not train adapters on it); "
                 "remove it or use 'all-linear'"
             )
-        if self.peft_method == "prefix_tuning" and self.gradient_checkpointing:
+        # auto never turns it on for prefix tuning (steps.common.training.resolve_checkpointing).
+        if self.peft_method == "prefix_tuning" and self.gradient_checkpointing is True:
             # Recomputing a layer re-reads the prefix cache, which has grown by then: a size
             # mismatch in attention (peft 0.21, transformers 5.24).
             raise StageError(

@@ -161,6 +161,20 @@ def check_allowed(config: Any) -> None:
             raise StageError(found)
 
 
+CHECKPOINTING = ("auto", "true", "false")
+
+
+def checkpointing_setting(value: Any) -> bool | str:
+    """gradient_checkpointing as a stage holds it: True, False or "auto"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in CHECKPOINTING:
+        raise StageError(f"gradient_checkpointing '{value}' is not one of "
+                         f"{', '.join(CHECKPOINTING)}")
+    return text if text == "auto" else text == "true"
+
+
 def _knob(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -188,8 +202,13 @@ class TrainingKnobs:
                           "(padding-free).")
     precision: str = _knob("auto", "fp32, or bf16 / fp16 autocast; auto = bf16 where native, "
                            "else fp32.")
-    gradient_checkpointing: bool = _knob(False, "Recompute activations in the backward pass: "
-                                         "less memory, more time.")
+    # A string for the argument parser (true, false or auto); __post_init__ makes it a bool or
+    # "auto", which the job resolves from its memory estimate (steps.common.training).
+    gradient_checkpointing: str = _knob(
+        False, "Recompute activations in the backward pass: less memory, more time. auto: only "
+        "where the stage would not fit its device's memory without it (the job estimates it from "
+        "the model's config, its settings and the device's free memory, logs the decision and "
+        "records it in training_summary.json).")
     seed: int = _knob(42, "Seed for initialisation, dropout and data order.")
     logging_steps: int = _knob(5, "Print a metrics line every this many optimizer steps.")
     checkpoint_steps: int = _knob(100, "Write a resumable checkpoint every this many steps; 0 "
@@ -211,6 +230,7 @@ class TrainingKnobs:
     }
 
     def __post_init__(self) -> None:
+        self.gradient_checkpointing = checkpointing_setting(self.gradient_checkpointing)
         check_allowed(self)
         # Resolved here, once: from now on the config holds, and the training record keeps, the
         # rate the stage trains with. 0 stands for unset (a pipeline parameter cannot be unset).

@@ -16,6 +16,10 @@ from typing import Any
 from steps.common.knobs import StageError
 
 GIB = 2**30
+# Of a device's memory, what the training's tensors may use: the driver reports less than the
+# documented figure (an A10G's 24 GiB shows as 22.5), the CUDA context takes about 0.5 GiB and the
+# caching allocator fragments.
+USABLE_FRACTION = 0.90
 
 # How each stage computes its loss over the vocabulary: "chunked", the next-token loss of
 # steps.common.lm_loss (TRL's fused LM head on a GPU, chunks of positions elsewhere); "fused",

@@ -99,7 +99,7 @@ def fsdp_arguments(knobs: Any) -> dict[str, Any]:
             "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints; the saved model is gathered
             # Activation checkpointing through FSDP's own wrapper (the Trainer's would gather
             # every layer's weights once more in the backward pass).
-            "activation_checkpointing": bool(knobs.gradient_checkpointing),
+            "activation_checkpointing": knobs.gradient_checkpointing is True,
         },
     }
 

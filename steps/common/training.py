@@ -39,9 +39,9 @@ from typing import Any, TypeVar
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from steps.common import contract, sharding, tracking
+from steps.common import contract, memory_estimate, sharding, tracking
 from steps.common.contract import StageError
-from steps.common.knobs import TrainingKnobs
+from steps.common.knobs import PeftKnobs, TrainingKnobs
 from steps.common.metrics import MetricsCallback, log_metrics, peak_memory_mb, plot_loss_curve
 from steps.common.models import local_model_folder, resolve_precision
 
@@ -108,7 +108,8 @@ def trainer_arguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         # Under FSDP its own wrapper checkpoints instead (steps.common.sharding.fsdp_arguments).
-        activation_checkpointing=knobs.gradient_checkpointing and not sharding.is_sharded(knobs),
+        activation_checkpointing=(knobs.gradient_checkpointing is True
+                                  and not sharding.is_sharded(knobs)),
         seed=knobs.seed,
         data_seed=knobs.seed,
         logging_steps=knobs.logging_steps,
@@ -135,6 +136,67 @@ def prepare_precision(knobs: TrainingKnobs) -> str:
     precision = resolve_precision(knobs.precision)
     print(f"precision: {precision} (asked: {knobs.precision})", flush=True)
     return precision
+
+
+def resolve_checkpointing(config: TrainingKnobs, stage: str, model: torch.nn.Module,
+                          precision: str, teacher: torch.nn.Module | None = None,
+                          usable_bytes: float | None = None) -> dict[str, Any]:
+    """Decide `gradient_checkpointing: auto` for the loaded `model`, and say so in one line.
+
+    Off where the stage fits its device without it, by the memory plan's own estimate
+    (steps.common.memory_estimate) of the model's config, the stage's settings, `precision` and
+    the processes training together; on where it does not. `usable_bytes`: what one device's
+    training may use (default: `usable_device_bytes`). The config then holds the decision (a
+    bool); the returned record, for training_summary.json, holds it and the estimate behind it.
+    """
+    asked = config.gradient_checkpointing
+    if asked != "auto":
+        return {"asked": asked, "on": asked}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {**{f.name: f.default for f in dataclasses.fields(PeftKnobs)},
+                **dataclasses.asdict(config), "gradient_checkpointing": False}
+    start = memory_estimate.shape_from_config(model.config.to_dict(), stage)
+    shape = start.as_classifier() if stage == "reward_model" else start
+    teacher_shape = (memory_estimate.shape_from_config(teacher.config.to_dict(), "teacher")
+                     if teacher is not None else None)
+    work = memory_estimate.workload(stage, settings, shape, start, precision=precision,
+                                    device=device, world_size=world_size(), teacher=teacher_shape)
+    without = memory_estimate.estimate(work)
+    with_checkpointing = memory_estimate.estimate(dataclasses.replace(work, checkpointing=True))
+    usable = usable_device_bytes(model) if usable_bytes is None else usable_bytes
+    on = without.peak > usable
+    why = ""
+    if on and getattr(config, "peft_method", "none") == "prefix_tuning":
+        on, why = False, " (prefix tuning cannot recompute its layers: it trains without)"
+    config.gradient_checkpointing = on
+    gib = memory_estimate.GIB
+    print(f"gradient_checkpointing auto: {'on' if on else 'off'}: the stage needs an estimated "
+          f"{without.peak / gib:.2f} GiB per {device} device without it "
+          f"({with_checkpointing.peak / gib:.2f} GiB with), {usable / gib:.2f} GiB usable{why}",
+          flush=True)
+    return {"asked": "auto", "on": on, "device": device,
+            "estimated_peak_bytes_without": without.peak,
+            "estimated_peak_bytes_with": with_checkpointing.peak, "usable_bytes": usable}
+
+
+def usable_device_bytes(model: torch.nn.Module) -> float:
+    """What this process's training may use of its device: the memory free now and what `model`
+    already holds there (the estimate counts its weights), within USABLE_FRACTION. A GPU's from
+    CUDA; a CPU's is the machine's available memory (/proc/meminfo), shared by the processes of
+    this host."""
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return (free + torch.cuda.memory_allocated()) * memory_estimate.USABLE_FRACTION
+    available = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = float(line.split()[1]) * 1024
+    except OSError:  # not Linux: the machine's whole memory
+        available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return (available / processes + held) * memory_estimate.USABLE_FRACTION
 
 
 def metrics_callback(renamed: dict[str, str] | None = None) -> tuple[MetricsCallback, Path]:

@@ -11,6 +11,7 @@ import yaml
 
 from pipelines import cost, memory_plan, recipe
 from steps.common import memory_estimate
+from steps.common.memory_estimate import GIB
 from tests.pipelines.conftest import clean_env, cli
 
 LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
@@ -419,3 +420,31 @@ def test_run_and_start_refuse_a_stage_that_cannot_fit_before_anything_runs(tmp_p
     assert "fits on ml." in line
     assert not (home / "executions").exists()  # no execution was started
     assert not (home / "moto-server.json").exists()  # nor the local AWS server
+
+
+@pytest.mark.parametrize("room", [0.5, 2.0])  # of the memory the stage needs without it
+def test_a_job_decides_gradient_checkpointing_auto_as_the_plan_does_for_the_same_settings(room):
+    from steps.common.models import load_model
+    from steps.common.training import resolve_checkpointing
+    from steps.sft_config import SFTStageConfig
+
+    config = SFTStageConfig(base_model=memory_plan.BUILTIN_TINY, peft_method="none",
+                            precision="fp32", per_device_batch_size=4, max_seq_length=64,
+                            gradient_checkpointing="auto")
+    settings = {**memory_plan.KNOB_DEFAULTS,
+                **{name: getattr(config, name) for name in memory_plan.PLANNED_KNOBS}}
+    shape = memory_plan.model_shape(memory_plan.BUILTIN_TINY)
+    needed = memory_plan.estimate(memory_plan.stage_workload(
+        "sft", {**settings, "gradient_checkpointing": False}, shape,
+        memory_plan.instance_type("ml.m5.xlarge"))).peak
+    # A CPU instance whose memory leaves the training `room` x what it needs without checkpointing.
+    memory_gib = (room * needed + memory_plan.RUNTIME_BYTES) / memory_plan.USABLE_FRACTION / GIB
+    instance = memory_plan.InstanceType("ml.test.cpu", memory_gib)
+    planned = memory_plan.plan_stage("sft", "SFT", settings, shape, instance, 1)
+
+    job = resolve_checkpointing(config, "sft", load_model(memory_plan.BUILTIN_TINY), "fp32",
+                                usable_bytes=instance.device_bytes)
+
+    assert job["on"] is planned.work.checkpointing is (room < 1)
+    assert job["estimated_peak_bytes_without"] == pytest.approx(needed)
+    assert config.gradient_checkpointing is job["on"]

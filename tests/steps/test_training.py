@@ -59,6 +59,34 @@ def test_gradient_checkpointing_recomputes_activations_and_changes_no_number(tmp
     assert runs[1].summary["hyperparameters"]["gradient_checkpointing"] is True
 
 
+
+def test_gradient_checkpointing_auto_turns_on_only_when_the_device_memory_is_too_small(
+        tmp_path, monkeypatch):
+    roomy = run_sft(tmp_path / "roomy" / "opt-ml", counting_records(8), **TINY_LORA, max_steps=1,
+                    gradient_checkpointing="auto")
+    decided = roomy.summary["gradient_checkpointing"]
+    needed = decided["estimated_peak_bytes_without"]
+    # A device with half the memory the stage needs without checkpointing (and more than with it).
+    monkeypatch.setattr(training, "usable_device_bytes", lambda model: needed / 2)
+    small = run_sft(tmp_path / "small" / "opt-ml", counting_records(8), **TINY_LORA, max_steps=1,
+                    gradient_checkpointing="auto")
+
+    assert decided["asked"] == "auto" and decided["on"] is False
+    assert decided["usable_bytes"] > needed > decided["estimated_peak_bytes_with"]
+    assert roomy.summary["hyperparameters"]["gradient_checkpointing"] is False
+    assert "gradient_checkpointing auto: off" in roomy.stdout
+    assert small.summary["gradient_checkpointing"] == {**decided, "on": True,
+                                                       "usable_bytes": needed / 2}
+    assert small.summary["hyperparameters"]["gradient_checkpointing"] is True
+    assert "gradient_checkpointing auto: on" in small.stdout
+
+
+def test_gradient_checkpointing_takes_auto_true_or_false_and_refuses_anything_else():
+    assert [TrainingKnobs(gradient_checkpointing=value).gradient_checkpointing
+            for value in ("auto", "true", "False", True)] == ["auto", True, False, True]
+    with pytest.raises(StageError, match="gradient_checkpointing 'maybe' is not one of auto"):
+        TrainingKnobs(gradient_checkpointing="maybe")
+
 # Runs steps.sft as a training container would, but SIGKILLs itself after optimizer step 6: no
 # handler runs, nothing is flushed, as when an instance is reclaimed.
 _KILLED_AFTER_STEP_6 = """
