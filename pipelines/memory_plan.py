@@ -570,8 +570,8 @@ def plan_stage(stage: str, step: str, settings: dict[str, Any], start: ModelShap
     if checkpointing == "auto":  # issue 17, item 3: on only where it does not fit without
         off = plan_stage(stage, step, {**settings, "gradient_checkpointing": False}, start,
                          instance, count)
-        if off.runs is not False:
-            return off
+        if off.runs is not False or settings.get("peft_method") == "prefix_tuning":
+            return off  # prefix tuning cannot recompute its layers (steps/sft_config.py)
         return plan_stage(stage, step, {**settings, "gradient_checkpointing": True}, start,
                           instance, count)
     try:
