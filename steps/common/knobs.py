@@ -205,7 +205,7 @@ class TrainingKnobs:
     # A string for the argument parser (true, false or auto); __post_init__ makes it a bool or
     # "auto", which the job resolves from its memory estimate (steps.common.training).
     gradient_checkpointing: str = _knob(
-        False, "Recompute activations in the backward pass: less memory, more time. auto: only "
+        "auto", "Recompute activations in the backward pass: less memory, more time. auto: only "
         "where the stage would not fit its device's memory without it (the job estimates it from "
         "the model's config, its settings and the device's free memory, logs the decision and "
         "records it in training_summary.json).")

@@ -185,9 +185,10 @@ def usable_device_bytes(model: torch.nn.Module) -> float:
     CUDA; a CPU's is the machine's available memory (/proc/meminfo), shared by the processes of
     this host."""
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return (free + torch.cuda.memory_allocated()) * memory_estimate.USABLE_FRACTION
+    if torch.cuda.is_available():  # this process's GPU: torchrun gives each its own
+        gpu = int(os.environ.get("LOCAL_RANK", "0"))
+        free, _ = torch.cuda.mem_get_info(gpu)
+        return (free + torch.cuda.memory_allocated(gpu)) * memory_estimate.USABLE_FRACTION
     available = 0.0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
