@@ -67,9 +67,11 @@ import select
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -698,6 +700,32 @@ def requested(flag: str | None) -> str | None:
     return choice
 
 
+def _socket_path(home: Path, key: str) -> Path:
+    """Where the home's runner listens: in the home, or, where that path is longer than a Unix
+    socket's address allows (a deep LLM_PIPELINE_HOME, such as a test's temporary folder), in a
+    folder of this user's own under the temporary folder, named after the home."""
+    socket_path = home / f"job-runner-{key}.sock"
+    if len(os.fsencode(socket_path)) <= _SOCKET_PATH_MAX:
+        return socket_path
+    folder = Path(tempfile.gettempdir()) / f"llm-pipeline-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    # Another user could have made it first, to receive the jobs' environments: it must be a
+    # real folder of ours that nobody else can enter.
+    status = os.lstat(folder)
+    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+            or status.st_mode & 0o077):
+        raise Unavailable(f"{folder} is not a private folder of this user's; remove it, or set "
+                          "LLM_PIPELINE_HOME to a shorter folder")
+    digest = hashlib.sha256(os.fsencode(home)).hexdigest()[:16]
+    socket_path = folder / f"{digest}-{key}.sock"
+    if len(os.fsencode(socket_path)) > _SOCKET_PATH_MAX:
+        raise Unavailable(f"its socket path {socket_path} is longer than the {_SOCKET_PATH_MAX} "
+                          "bytes a Unix socket allows; set TMPDIR or LLM_PIPELINE_HOME to a "
+                          "shorter folder")
+    return socket_path
+
+
 def ensure_running(environment: dict[str, str]) -> Runner:
     """The home's runner for this code, Python and environment, started when there is none
     (it may still be importing: `Runner.start_job` waits for it). Unavailable when it cannot
@@ -706,10 +734,7 @@ def ensure_running(environment: dict[str, str]) -> Runner:
         raise Unavailable("the warm job runner needs Linux 5.3 or later (fork, pidfd)")
     key = _key(environment)
     home = _home().absolute()
-    socket_path = home / f"job-runner-{key}.sock"
-    if len(os.fsencode(socket_path)) > _SOCKET_PATH_MAX:
-        raise Unavailable(f"its socket path {socket_path} is longer than the {_SOCKET_PATH_MAX} "
-                          "bytes a Unix socket allows; set LLM_PIPELINE_HOME to a shorter folder")
+    socket_path = _socket_path(home, key)
     with _lock():
         record = _read_record()
         if record and _is_runner(record["pid"]):

@@ -8,9 +8,12 @@ server starts them (`runner.WarmStart` as the `JobControl.start`).
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,6 +83,7 @@ if "--dirty" in sys.argv:
 # Says whether it started in a process that had imported torch already: a forked one.
 WHERE = """
 import sys
+import tempfile
 print(f"preloaded: {'torch' in sys.modules}", flush=True)
 """
 
@@ -94,6 +98,7 @@ time.sleep(600)
 # The ways a stage ends badly: a status of its own, an uncaught exception, a StageError.
 FAILING = """
 import sys
+import tempfile
 from steps.common import contract
 
 how = sys.argv.pop(1)
@@ -327,10 +332,41 @@ def test_a_runner_of_other_code_is_replaced_and_leaves(tmp_path, monkeypatch):
         runner.stop()
 
 
-def test_a_runner_that_cannot_start_leaves_jobs_to_fresh_processes_that_say_why_in_one_line(
+def test_a_home_too_deep_for_a_socket_address_gets_its_runner_in_a_private_folder(
         tmp_path, monkeypatch):
     home = tmp_path / ("a-folder-name-long-enough-for-no-unix-socket-path-to-fit" * 2)
     monkeypatch.setenv("LLM_PIPELINE_HOME", str(home))
+    short = Path(tempfile.mkdtemp(prefix="t-"))  # a test's tmp_path is itself too deep
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    warm = runner.WarmStart()
+    try:
+        code, lines = run_job(write_stage(tmp_path / "job", "where", WHERE), "where", warm=warm)
+
+        assert (code, lines) == (0, ["preloaded: True"])
+        folder = short / f"llm-pipeline-{os.getuid()}"
+        assert warm.runner.socket_path.parent == folder
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    finally:
+        runner.stop()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_shared_socket_folder_that_others_can_enter_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path / ("deep-folder" * 12)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"llm-pipeline-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"llm-pipeline-{os.getuid()}", 0o777)
+
+    with pytest.raises(runner.Unavailable, match="is not a private folder of this user's"):
+        runner.ensure_running(jobs.warm_environment())
+
+
+def test_a_runner_that_cannot_start_leaves_jobs_to_fresh_processes_that_say_why_in_one_line(
+        tmp_path, monkeypatch):
+    long_name = "a-folder-name-long-enough-for-no-unix-socket-path-to-fit" * 2
+    monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path / long_name))
+    (tmp_path / long_name).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / long_name))
 
     warm = runner.WarmStart()
 
@@ -338,7 +374,7 @@ def test_a_runner_that_cannot_start_leaves_jobs_to_fresh_processes_that_say_why_
 
     assert warm.runner is None
     assert warm.unavailable.startswith("its socket path ") and "\n" not in warm.unavailable
-    assert warm.unavailable.endswith("set LLM_PIPELINE_HOME to a shorter folder")
+    assert warm.unavailable.endswith("set TMPDIR or LLM_PIPELINE_HOME to a shorter folder")
     assert (code, lines) == (0, [f"runs as a fresh process: {warm.unavailable}",
                                  "preloaded: False"])
 
