@@ -83,17 +83,20 @@ from pipelines import UserError
 
 # Imported once by the runner: the ML stack, and what the stages import from it at module level
 # or lazily in `main` (trainers, model classes, metrics), measured by benchmarks/orchestration.py.
+# MLflow and its SQL store (SQLAlchemy, alembic): a tracked job's first seconds otherwise, the
+# cost of tracking a tiny run (benchmarks/tracking.py).
 WARM_IMPORTS = (
     "torch", "numpy", "transformers", "transformers.trainer", "transformers.models.llama",
     "datasets", "accelerate", "peft", "trl", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer",
     "trl.trainer.reward_trainer", "safetensors.torch", "scipy", "sklearn", "rouge_score.rouge_scorer",
-    "matplotlib", "matplotlib.pyplot", "pandas", "pyarrow", "markdown_it",
+    "matplotlib", "matplotlib.pyplot", "pandas", "pyarrow", "markdown_it", "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
 )
 # Variables that only code a job imports itself reads, or that libraries read when called, not
 # when imported: a job may differ from the runner in these and still be forked.
-# MLFLOW_: the stage imports MLflow itself when it tracks (steps/common/tracking.py), so a job
-# given the MlflowTrackingUri parameter is still forked.
-RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_", "MLFLOW_")
+# MLFLOW_TRACKING_URI (the MlflowTrackingUri parameter): MLflow reads it when a run starts; other
+# MLFLOW_ variables (logging, telemetry) are read when MLflow is imported.
+RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_", "MLFLOW_TRACKING_URI")
 # Signals whose start-up disposition a job gets back (the runner changes SIGTERM and SIGINT).
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
                   signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2)
