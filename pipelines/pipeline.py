@@ -44,7 +44,8 @@ def run(args, overrides: dict[str, str]) -> int:
     # only stops waiting, as on SageMaker).
     signal.signal(signal.SIGTERM, _interrupted)
     try:
-        return _wait(arn, chosen, sagemaker, s3, poll_seconds=0.5, local=True)
+        return _wait(arn, chosen, sagemaker, s3, poll_seconds=0.5, local=True,
+                     tracked_uri=overrides.get(tracking.PARAMETER))
     except KeyboardInterrupt:
         sagemaker.stop_pipeline_execution(PipelineExecutionArn=arn)
         print(f"stopping execution {arn}", file=sys.stderr)
@@ -143,7 +144,8 @@ def start(args, overrides: dict[str, str]) -> int:
     if not args.wait:
         return 0
     poll_seconds = args.poll_seconds or (30.0 if args.target == "aws" else 1.0)
-    return _wait(arn, chosen, sagemaker, s3, poll_seconds, local=args.target == "local")
+    return _wait(arn, chosen, sagemaker, s3, poll_seconds, local=args.target == "local",
+                 tracked_uri=overrides.get(tracking.PARAMETER))
 
 
 def _start(args, target: Target, chosen: recipe.Recipe, overrides: dict[str, str], sagemaker,
@@ -222,14 +224,16 @@ def selective_execution_config(sagemaker, document: dict, source: str,
 
 
 def _wait(arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: float,
-          local: bool) -> int:
-    """Show the execution until it ends, then its summary; the exit status says how it ended."""
+          local: bool, tracked_uri: str | None) -> int:
+    """Show the execution until it ends, then its summary; the exit status says how it ended.
+    `tracked_uri`: the MlflowTrackingUri it was started with, if the command set one."""
     from pipelines import watch
 
     name, execution_id = arn.split(":pipeline/", 1)[1].split("/execution/")
     logs = watch.StepLogs(executions_dir() / name / execution_id if local else None)
     progress = (watch.LiveProgress(list(watch.step_types(sagemaker, arn)))
                 if sys.stdout.isatty() else watch.PlainProgress())
+    tracking.import_client_early(tracked_uri)
     with progress:
         watch.follow(sagemaker, arn, progress, poll_seconds, logs)
     timing = "wall time of the local jobs" if local else "SageMaker billable time"
