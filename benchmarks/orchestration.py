@@ -281,7 +281,7 @@ class Session:
     home whose local server runs its jobs with that runner, started once beforehand as a user's
     first command starts it (the warm one with its job runner beside it)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, hooks: dict[str, dict[str, list[str]]] = HOOKS) -> None:
         self.root = root
         self.hooks = root / "hooks"
         self.hooks.mkdir()
@@ -297,7 +297,7 @@ class Session:
         self.base_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                               "PYTHONPATH": os.pathsep.join(filter(None, [
                                   str(self.hooks), os.environ.get("PYTHONPATH")])),
-                              "LLM_BENCH_HOOKS": json.dumps(HOOKS),
+                              "LLM_BENCH_HOOKS": json.dumps(hooks),
                               "LLM_BENCH_TIMINGS": str(self.timings)})
         self.count = 0
         self.variants = 0
@@ -351,8 +351,10 @@ class Session:
             records[job_runner] = json.loads(path.read_text())
         return records
 
-    def run(self, job_runner: str, variant: int | None = None) -> dict[str, Any]:
-        """A run of the sft recipe; on new data unless `variant` names an earlier run's."""
+    def run(self, job_runner: str, variant: int | None = None,
+            parameters: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A run of the sft recipe; on new data unless `variant` names an earlier run's;
+        `parameters`: more pipeline parameters, as `Name=Value`."""
         if variant is None:
             variant, self.variants = self.variants, self.variants + 1
         data = common.write_jsonl(self.root / f"data-{variant}" / "sums.jsonl",
@@ -361,7 +363,8 @@ class Session:
         cached_definition = any((home / "definitions").glob("*.json"))
         result = self.command(job_runner, "run", "--recipe", "sft", "--job-runner", job_runner,
                               "-p", "BaseModel=builtin:tiny", "-p", f"InputData={data}",
-                              "-p", f"ModelPackageGroup={GROUP}", "-p", "LearningRate=0.005")
+                              "-p", f"ModelPackageGroup={GROUP}", "-p", "LearningRate=0.005",
+                              *(a for parameter in parameters for a in ("-p", parameter)))
         forked = "jobs fork from the warm job runner" in (home / "server.log").read_text()
         fresh_processes = [line for line in result["stdout"].splitlines()
                            if "runs as a fresh process:" in line]
@@ -379,7 +382,7 @@ class Session:
         return result
 
 
-def _calls(record: dict[str, Any], name: str) -> list[tuple[float, float]]:
+def calls(record: dict[str, Any], name: str) -> list[tuple[float, float]]:
     return [(start, end) for qualname, start, end in record["calls"] if qualname == name]
 
 
@@ -387,19 +390,19 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
     """Split the command's wall time into parts that add up to it, from the hooks' records: the
     command's, its jobs', and the calls its local server (`server`) made while it ran."""
     records = result["records"]
-    command = next((r for r in records if _calls(r, "pipelines.cli.main")), None)
+    command = next((r for r in records if calls(r, "pipelines.cli.main")), None)
     if command is None:
         raise SystemExit("the timing hooks saw no call of pipelines.cli.main; has it moved?")
     # One record of the command's calls and the server's calls made during the command.
     cli = {**command, "calls": command["calls"] + [
         call for call in server["calls"] if result["started"] <= call[1] <= result["ended"]]}
-    stages = [r for r in records if _calls(r, "steps.common.contract.run")]
+    stages = [r for r in records if calls(r, "steps.common.contract.run")]
 
     def total(name: str) -> float:
-        return sum(end - start for start, end in _calls(cli, name))
+        return sum(end - start for start, end in calls(cli, name))
 
     def one(name: str) -> tuple[float, float]:
-        found = _calls(cli, name)
+        found = calls(cli, name)
         if not found:
             raise SystemExit(f"the timing hooks saw no call of {name}; has it moved? (HOOKS)")
         return found[0]
@@ -410,9 +413,9 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
     server, definition, report = (total("pipelines.local.server.use_local_aws"),
                                   total("pipelines.definition.cached_definition_json"),
                                   total("pipelines.watch.summary"))
-    job_calls = sorted(_calls(cli, "pipelines.local.jobs.run_processing_job")
-                       + _calls(cli, "pipelines.local.jobs.run_training_job"))
-    runs = sorted(_calls(cli, "pipelines.local.jobs._run"))
+    job_calls = sorted(calls(cli, "pipelines.local.jobs.run_processing_job")
+                       + calls(cli, "pipelines.local.jobs.run_training_job"))
+    runs = sorted(calls(cli, "pipelines.local.jobs._run"))
     staging = total("pipelines.local.jobs.download_prefix")
 
     origin = result["started"]
@@ -422,7 +425,7 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
                       ("definition", "pipelines.definition.cached_definition_json"),
                       ("staging", "pipelines.local.jobs.download_prefix"),
                       ("report", "pipelines.watch.summary")):
-        segments += [(key, start - origin, end - origin) for start, end in _calls(cli, name)]
+        segments += [(key, start - origin, end - origin) for start, end in calls(cli, name)]
     jobs: list[dict[str, Any]] = []
     for job_start, job_end in job_calls:
         run = next(((s, e) for s, e in runs if job_start <= s and e <= job_end), None)
@@ -431,7 +434,7 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
         if process is not None:
             entry["step"] = Path(process["cwd"]).name
             entry["module"] = process["module"]
-            main = _calls(process, "steps.common.contract.run")[0]
+            main = calls(process, "steps.common.contract.run")[0]
             entry.update({
                 "spawn_s": process["start"] - run[0],
                 "imports_s": main[0] - process["start"],
@@ -447,7 +450,7 @@ def breakdown(result: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
                 ("spawn", run[0], process["start"]), ("imports", process["start"], main[0]),
                 ("compute", main[0], main[1]), ("exit_handlers", main[1], process["exit"]),
                 ("teardown", process["exit"], run[1]), ("outputs", run[1], job_end))]
-        downloads = [(s, e) for s, e in _calls(cli, "pipelines.local.jobs.download_prefix")
+        downloads = [(s, e) for s, e in calls(cli, "pipelines.local.jobs.download_prefix")
                      if job_start <= s <= job_end]
         entry["staging_s"] = sum(e - s for s, e in downloads)
         entry["outputs_s"] = entry["job_s"] - entry["staging_s"] - entry.get("process_s", 0.0)
