@@ -172,9 +172,11 @@ if os.environ.get("LLM_BENCH_HOOKS"):
                 call[2] = time.time()
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)
+        # CPU seconds of the process (a forked job's count from its fork, as Linux resets them)
+        times = os.times()
         record = {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv,
                   "module": getattr(spec, "name", None), "start": _START, "exit": time.time(),
-                  "calls": _CALLS}
+                  "cpu_s": times.user + times.system, "calls": _CALLS}
         with open(os.path.join(folder, "%d.json" % os.getpid()), "w") as handle:
             json.dump(record, handle)
 
