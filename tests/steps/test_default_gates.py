@@ -13,12 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipelines import recipe
 from pipelines.definition import definition_json
 from pipelines.local.expressions import Scope, evaluate_condition
-from steps import evaluate
+from steps import evaluate, reward_model, sft
 from steps.common import models
 from steps.common.demo_data import demo_corpus
 from steps.common.lm_data import train_tokenizer
 
 from .conftest import counting_records, write_jsonl
+from .preference_runs import TRAIN, VALIDATION, run_stage
 
 # What CompareWithApproved writes while the group has no Approved package: nothing to beat, so
 # the gate's verdict is the EvalThreshold condition's alone.
@@ -71,14 +72,15 @@ def teacher_copy(sft_run, tmp_path_factory) -> Path:
     return folder
 
 
-def evaluation_of(model: Path, base: Path | str, data: Path, output: Path) -> Path:
+def evaluation_of(model: Path, base: Path | str, data: Path, output: Path,
+                  **options: str | int) -> Path:
     """steps.evaluate's evaluation.json of `model` against `base` (a folder, a builtin spec, or
     `none`: the model alone, as pretrain evaluates it)."""
     where = ({"base_model": base} if str(base).startswith("builtin:") or base == "none"
              else {"base_dir": str(base)})
+    settings = {"max_samples": 2, "max_new_tokens": 4, **options}
     evaluate.main(evaluate.EvaluateConfig(model_dir=str(model), data_dir=str(data),
-                                          output_dir=str(output), max_samples=2,
-                                          max_new_tokens=4, **where))
+                                          output_dir=str(output), **where, **settings))
     return output / "evaluation.json"
 
 
@@ -145,3 +147,40 @@ def test_the_pretrain_gate_refuses_a_model_that_learnt_nothing(teacher_copy, dat
     assert json.loads(broken.read_text())["metrics"]["perplexity"]["value"] > 1000
     assert not gate_registers("pretrain", broken)
     assert gate_registers("pretrain", trained)
+
+
+@pytest.fixture(scope="module")
+def preference_judge(tmp_path_factory) -> Path:
+    """A tiny reward model that prefers the demo pairs' chosen answers (capital letters)."""
+    return run_stage(reward_model.main, reward_model.RewardModelStageConfig,
+                     tmp_path_factory.mktemp("judge") / "opt-ml", {"train": TRAIN},
+                     base_model="builtin:tiny", peft_method="none", max_steps=30,
+                     learning_rate=1e-3, checkpoint_steps=0).model_dir
+
+
+def policy_answering(answers: str, root: Path) -> Path:
+    """A tiny policy fine-tuned to answer the demo prompts with the pairs' `answers` (chosen or
+    rejected), merged into a full model."""
+    records = [{"prompt": pair["prompt"], "completion": pair[answers]} for pair in TRAIN]
+    run = run_stage(sft.main, sft.SFTStageConfig, root / "opt-ml", {"train": records},
+                    base_model="builtin:tiny", peft_method="none", max_steps=60,
+                    learning_rate=3e-3, checkpoint_steps=0)
+    return run.model_dir
+
+
+def test_the_rlhf_ppo_gate_refuses_a_policy_whose_answers_the_reward_model_likes_less_than_its_base(
+    preference_judge, tmp_path
+):
+    # A policy that learnt the answers the reward model rejects, as PPO against a wrong reward
+    # would; and one that learnt the answers it prefers.
+    rejected = policy_answering("rejected", tmp_path / "rejected")
+    chosen = policy_answering("chosen", tmp_path / "chosen")
+    held_out = write_jsonl(tmp_path / "pairs" / "validation.jsonl", VALIDATION)
+    judged = {"reward_model_dir": str(preference_judge), "max_samples": 16, "max_new_tokens": 16}
+
+    broken = evaluation_of(rejected, chosen, held_out, tmp_path / "broken", **judged)
+    aligned = evaluation_of(chosen, rejected, held_out, tmp_path / "aligned", **judged)
+
+    assert json.loads(broken.read_text())["metrics"]["win_rate"]["value"] < 0.5
+    assert not gate_registers("rlhf-ppo", broken)
+    assert gate_registers("rlhf-ppo", aligned)
