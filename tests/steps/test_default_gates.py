@@ -159,8 +159,8 @@ def preference_judge(tmp_path_factory) -> Path:
 
 
 def policy_answering(answers: str, root: Path) -> Path:
-    """A tiny policy fine-tuned to answer the demo prompts with the pairs' `answers` (chosen or
-    rejected), merged into a full model."""
+    """A tiny policy trained (all its weights) to answer the demo prompts with the pairs'
+    `answers`: chosen or rejected."""
     records = [{"prompt": pair["prompt"], "completion": pair[answers]} for pair in TRAIN]
     run = run_stage(sft.main, sft.SFTStageConfig, root / "opt-ml", {"train": records},
                     base_model="builtin:tiny", peft_method="none", max_steps=60,
