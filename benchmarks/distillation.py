@@ -12,8 +12,8 @@ student, alpha 1, the same steps and batches) and measures both and the initial 
 steps.evaluate's functions on the held-out split. The teacher is measured the same way.
 
 --teacher: the model the students learn from and are cut from. Default `sft`: the distill
-recipe's teacher, SmolLM2-135M-Instruct after the recipe's SFT stage (LoRA, --teacher-steps
-steps, run here).
+recipe's teacher, SmolLM2-135M-Instruct after the recipe's SFT stage (LoRA at its learning rate
+1e-3, --teacher-steps steps, run here).
 Or a model spec or folder: builtin:smollm2-135m-instruct itself, or a pipeline's teacher such as
 full-lifecycle's DPO output (.../DPO/opt_ml/model).
 
@@ -37,6 +37,7 @@ NAME, TITLE, ORDER = "distillation", "Distillation: the default student and its 
 STUDENTS = ("teacher:layers=15", "teacher:layers=10", ("config:layers=2+hidden=128+"
             "intermediate=512+heads=4+kv_heads=2"))
 SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
+TEACHER_LEARNING_RATE = 1e-3  # the distill recipe's SFT stage's
 
 
 def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, str]:
@@ -55,6 +56,7 @@ def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, s
         common.progress("training the teacher: the distill recipe's SFT stage")
         summary = common.run_stage(
             sft.main, sft.SFTStageConfig(base_model=SMOLLM2, peft_method="lora",
+                                         learning_rate=TEACHER_LEARNING_RATE,
                                          max_seq_length=SEQUENCE, per_device_batch_size=8,
                                          max_steps=teacher_steps, checkpoint_steps=0,
                                          seed=42),
