@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--student", action="append", help="student spec (repeatable)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the stage's default")
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true",
