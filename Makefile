@@ -33,14 +33,20 @@ browser:
 demo: install
 	$(VENV)/bin/llm-pipeline run --recipe sft
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one): an end-to-end test spends
+# much of its time waiting on its local jobs, which another test's work fills. Each test file runs
+# whole on one worker, since its tests share the file's local server and runs.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # Everything, ending with the 25 slowest tests (where the suite's time goes).
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 # What a developer runs between edits: all but the end-to-end runs through the local engine
 # (`@pytest.mark.e2e`).
 test-fast: install
-	$(PY) -m pytest -q -m 'not e2e' --durations=10
+	$(PYTEST) -m 'not e2e' --durations=10
 
 # Every CPU benchmark, then benchmarks/BENCHMARKS.md (about an hour on 2 CPUs; ARGS=--quick: minutes).
 benchmarks: install
