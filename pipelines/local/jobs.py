@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import signal
@@ -280,6 +281,13 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def billed_seconds(elapsed: float) -> int:
+    """A training job's TrainingTimeInSeconds and BillableTimeInSeconds: whole seconds, at least 1
+    (SageMaker's API model: both fields have a minimum of 1, so a job stopped in its first second
+    still reports 1)."""
+    return max(1, math.ceil(elapsed))
 
 
 def _max_runtime(request: dict) -> float | None:
@@ -539,7 +547,7 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
             checkpoints.stop()
     # Locally every second of the job is billed: with managed spot SageMaker would bill fewer
     # (BillableTimeInSeconds below TrainingTimeInSeconds); this machine cannot.
-    seconds = round(time.time() - started)
+    seconds = billed_seconds(time.time() - started)
     description = {**request, "TrainingJobName": job_name,
                    "TrainingJobArn": sagemaker["TRAINING_JOB_ARN"],
                    "TrainingJobStatus": "Completed" if code == 0 else "Failed",

@@ -27,7 +27,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import re
 import threading
 import time
@@ -41,7 +40,7 @@ import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import UserError, graph, validation
-from pipelines.local import engine
+from pipelines.local import engine, jobs
 from pipelines.local.executions import ConflictError, Execution, Executions
 
 # Where a job's model goes when its description names none yet (CreateTrainingJob's layout).
@@ -666,7 +665,7 @@ class LocalSageMaker:
             description.setdefault("SecondaryStatus", {"InProgress": "Training"}.get(status, status))
             if ended:
                 description["TrainingEndTime"] = ended
-                seconds = max(1, math.ceil(ended - started))  # SageMaker bills whole seconds
+                seconds = jobs.billed_seconds(ended - started)
                 description.setdefault("TrainingTimeInSeconds", seconds)
                 description.setdefault("BillableTimeInSeconds", seconds)
             output = description.get("OutputDataConfig", {}).get("S3OutputPath", "s3://unknown")

@@ -257,3 +257,9 @@ def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(s3, tmp_pat
                                             "StoppingCondition.MaxRuntimeInSeconds (1 s)")
     assert failure_cause(None, result.failure_reason) == ""  # a limit is not retried
     assert keys(s3, "models/") == []
+
+
+def test_a_training_job_reports_whole_seconds_and_at_least_one_as_sagemaker_does():
+    # TrainingTimeInSeconds and BillableTimeInSeconds have a minimum of 1 in SageMaker's API
+    # model: a job stopped in its first second still reports 1 (it answered 0 before).
+    assert [jobs.billed_seconds(s) for s in (0.0, 0.2, 1.0, 1.2, 59.5)] == [1, 1, 1, 2, 60]
