@@ -97,8 +97,9 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
     try:
         from mlflow import MlflowClient
 
-        from steps.common.tracking import EXECUTION_TAG, MODEL_PACKAGE_TAG
+        from steps.common.tracking import EXECUTION_TAG, MODEL_PACKAGE_TAG, limit_retries
 
+        limit_retries()
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(pipeline)
         if experiment is None:

@@ -254,6 +254,14 @@ def _execution_run(client, experiment_id: str, execution_id: str,
     return parent.info.run_id
 
 
+def limit_retries() -> None:
+    """An unreachable tracking server must not hold a step or a command for minutes: MLflow
+    retries a request 7 times by default, backing off up to 2 minutes between tries (about 4
+    minutes in all). Set before the first request; a user's own MLFLOW_HTTP_REQUEST_* win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 def start(config: Any) -> StageRun | None:
     """Start the step's run (nested in its execution's), with `config`'s settings as params.
 
@@ -264,9 +272,7 @@ def start(config: Any) -> StageRun | None:
     uri = tracking_uri()
     if uri is None or int(os.environ.get("RANK", "0")) != 0:
         return None
-    # An unreachable server must not hold a step for minutes (MLflow retries 7 times by default).
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    limit_retries()
     # The sagemaker-mlflow plugin's request-header provider fails on every URI but an ARN, and
     # MLflow logs that at each request; the requests themselves are unaffected.
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
