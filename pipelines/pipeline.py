@@ -257,8 +257,9 @@ def _close_tracked_run(sagemaker, arn: str, succeeded: bool) -> None:
     registered."""
     parameters = sagemaker.list_pipeline_parameters_for_execution(
         PipelineExecutionArn=arn).get("PipelineParameters", [])
-    uri = next((p["Value"] for p in parameters if p["Name"] == tracking.PARAMETER), "")
-    if not uri.strip() or uri.strip().lower() == "none":
+    uri = tracking.tracked(next((p["Value"] for p in parameters
+                                 if p["Name"] == tracking.PARAMETER), None))
+    if uri is None:
         return
     steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn)
     package = next((step["Metadata"]["RegisterModel"]["Arn"]

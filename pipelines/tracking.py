@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from pipelines import UserError
+from steps.common.tracking import tracked
 
 PARAMETER = "MlflowTrackingUri"
 
@@ -70,7 +71,8 @@ def import_client_early(uri: str | None) -> None:
     it is tracked: seconds (about 4 on a quiet 2-CPU machine, twice that on a busy one) the
     command would otherwise spend after the execution ended, before its summary
     (`close_execution_run`, whose own import then finds the modules loaded or waits for them)."""
-    if uri is None or uri.strip().lower() in ("", "none"):
+    uri = tracked(uri)
+    if uri is None:
         return
     modules = ["mlflow"]
     if uri.split(":", 1)[0].split("+", 1)[0] in _SQL_SCHEMES:
@@ -92,7 +94,8 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
                         package_arn: str | None) -> None:
     """End the execution's run as the execution ended, tagged with the model package it
     registered; a failure is one line on stderr, never the command's failure."""
-    if uri.strip().lower() in ("", "none"):
+    uri = tracked(uri)
+    if uri is None:
         return
     try:
         from mlflow import MlflowClient

@@ -67,10 +67,16 @@ NO_RUN = "none"
 _current: StageRun | None = None
 
 
+def tracked(uri: str | None) -> str | None:
+    """`uri` as a tracking URI; None when it turns tracking off (empty or "none", the
+    MlflowTrackingUri parameter's off values)."""
+    uri = (uri or "").strip()
+    return None if uri.lower() in ("", "none") else uri
+
+
 def tracking_uri() -> str | None:
     """The tracking URI the job was given; None when tracking is off."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return None if uri.lower() in ("", "none") else uri
+    return tracked(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def current() -> StageRun | None:

@@ -184,7 +184,6 @@ def usable_device_bytes(model: torch.nn.Module) -> float:
     already holds there (the estimate counts its weights), within USABLE_FRACTION. A GPU's from
     CUDA; a CPU's is the machine's available memory (/proc/meminfo), shared by the processes of
     this host."""
-    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if torch.cuda.is_available():  # this process's GPU: torchrun gives each its own
         gpu = int(os.environ.get("LOCAL_RANK", "0"))
         free, _ = torch.cuda.mem_get_info(gpu)
@@ -196,6 +195,7 @@ def usable_device_bytes(model: torch.nn.Module) -> float:
                 available = float(line.split()[1]) * 1024
     except OSError:  # not Linux: the machine's whole memory
         available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return (available / processes + held) * memory_estimate.USABLE_FRACTION
 
