@@ -173,8 +173,6 @@ def _start(args, target: Target, chosen: recipe.Recipe, overrides: dict[str, str
     _default_tracking(args.target, document, overrides)
     # Refused here, before StartPipelineExecution: nothing has run or billed yet.
     validation.check_execution(document, resolve_parameters(document, overrides))
-    if overrides.get(tracking.PARAMETER) == tracking.local_uri(server.home()):
-        tracking.prepare_local_store(server.home())
     request = {"PipelineName": name,
                "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in overrides.items()]}
     if args.reuse:
@@ -233,37 +231,57 @@ def _wait(arn: str, chosen: recipe.Recipe, sagemaker, s3, poll_seconds: float,
     logs = watch.StepLogs(executions_dir() / name / execution_id if local else None)
     progress = (watch.LiveProgress(list(watch.step_types(sagemaker, arn)))
                 if sys.stdout.isatty() else watch.PlainProgress())
-    tracking.import_client_early(tracked_uri)
+    if not local:  # the local server closes its executions' runs itself
+        tracking.import_client_early(tracked_uri)
     with progress:
         watch.follow(sagemaker, arn, progress, poll_seconds, logs)
     timing = "wall time of the local jobs" if local else "SageMaker billable time"
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    # The MLflow run is closed first, so that the summary's last lines are what to do next
-    # (approve and deploy the package, or why the execution failed).
-    try:
-        status = sagemaker.describe_pipeline_execution(
-            PipelineExecutionArn=arn)["PipelineExecutionStatus"]
-        _close_tracked_run(sagemaker, arn, status == "Succeeded")
-    except (BotoCoreError, ClientError) as error:  # how the execution ended is said below
-        print(f"warning: could not read the execution's parameters and steps to close its "
-              f"MLflow run ({error})", file=sys.stderr)
+    # How the MLflow run ended is said first, so that the summary's last lines are what to do
+    # next (approve and deploy the package, or why the execution failed).
+    if local:
+        _print_tracking_line(executions_dir() / name / execution_id)
+    else:
+        _close_tracked_run(sagemaker, arn)
     succeeded = watch.summary(sagemaker, s3, arn, logs, timing, chosen.gate_metric)
     return 0 if succeeded else EXIT_FAILED
 
 
-def _close_tracked_run(sagemaker, arn: str, succeeded: bool) -> None:
-    """The execution's MLflow run ends as the execution did, naming the model package it
-    registered."""
-    parameters = sagemaker.list_pipeline_parameters_for_execution(
-        PipelineExecutionArn=arn).get("PipelineParameters", [])
-    uri = tracking.tracked(next((p["Value"] for p in parameters
-                                 if p["Name"] == tracking.PARAMETER), None))
-    if uri is None:
+def _print_tracking_line(folder: Path) -> None:
+    """The local server's line saying how the execution's MLflow run ended
+    (pipelines/local/executions.py), if it is tracked."""
+    from pipelines.local.executions import META_FILE
+
+    try:
+        line = json.loads((folder / META_FILE).read_text()).get("tracking", "")
+    except (OSError, ValueError):
         return
-    steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn)
+    if line:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+
+def _close_tracked_run(sagemaker, arn: str) -> None:
+    """The execution's MLflow run ends as the execution did, naming the model package it
+    registered (on AWS: no step knows when the execution ends)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        succeeded = sagemaker.describe_pipeline_execution(
+            PipelineExecutionArn=arn)["PipelineExecutionStatus"] == "Succeeded"
+        parameters = sagemaker.list_pipeline_parameters_for_execution(
+            PipelineExecutionArn=arn).get("PipelineParameters", [])
+        uri = tracking.tracked(next((p["Value"] for p in parameters
+                                     if p["Name"] == tracking.PARAMETER), None))
+        if uri is None:
+            return
+        steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn)
+    except (BotoCoreError, ClientError) as error:  # how the execution ended is said below
+        print(f"warning: could not read the execution's parameters and steps to close its "
+              f"MLflow run ({error})", file=sys.stderr)
+        return
     package = next((step["Metadata"]["RegisterModel"]["Arn"]
                     for step in steps.get("PipelineExecutionSteps", [])
                     if step.get("Metadata", {}).get("RegisterModel", {}).get("Arn")), None)
     name, execution_id = arn.split(":pipeline/", 1)[1].split("/execution/")
-    tracking.close_execution_run(uri, name, execution_id, succeeded, package)
+    line = tracking.close_execution_run(uri, name, execution_id, succeeded, package)
+    if line:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)

@@ -1,11 +1,13 @@
-"""MLflow on the command's side: the local tracking store, its UI, and the link to the registry.
+"""MLflow beside the engine: the local tracking store, its UI, and each execution's run's end.
 
 Each step tracks its own run (steps/common/tracking.py); what is here needs the whole execution:
   - locally, tracking is on by default, in an SQLite store under $LLM_PIPELINE_HOME/mlflow
     (MLflow's own recommended local backend; artifacts beside it), which `llm-pipeline mlflow`
     shows in MLflow's UI, offline;
   - when the execution ends, its run ends as it did, tagged with the model package it registered
-    (the package's metadata already names the run: pipelines/definition.py).
+    (the package's metadata already names the run: pipelines/definition.py). Locally the server
+    that executes the pipeline does it (pipelines/local/executions.py), importing MLflow once for
+    all its executions, so that the command imports none of MLflow; on AWS `start --wait` does.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 def import_client_early(uri: str | None) -> None:
     """Import MLflow's client (and SQL store) in the background while the execution runs, when
-    it is tracked: seconds (about 4 on a quiet 2-CPU machine, twice that on a busy one) the
-    command would otherwise spend after the execution ended, before its summary
-    (`close_execution_run`, whose own import then finds the modules loaded or waits for them)."""
+    it is tracked: seconds (about 4 on a quiet 2-CPU machine, twice that on a busy one) that
+    closing its run would otherwise spend after the execution ended (`close_execution_run`,
+    whose own import then finds the modules loaded or waits for them). A process imports them
+    once: the local server's later executions find them loaded."""
     uri = tracked(uri)
     if uri is None:
         return
@@ -91,12 +94,13 @@ def import_client_early(uri: str | None) -> None:
 
 
 def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,
-                        package_arn: str | None) -> None:
+                        package_arn: str | None) -> str | None:
     """End the execution's run as the execution ended, tagged with the model package it
-    registered; a failure is one line on stderr, never the command's failure."""
+    registered. The line that says so; a failure is a warning line, never an exception (the
+    execution's own outcome is what counts). None when untracked or no step made a run."""
     uri = tracked(uri)
     if uri is None:
-        return
+        return None
     try:
         from mlflow import MlflowClient
 
@@ -106,18 +110,19 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(pipeline)
         if experiment is None:
-            return
+            return None
         for run in client.search_runs([experiment.experiment_id],
                                       filter_string=f"tags.`{EXECUTION_TAG}` = '{execution_id}'",
                                       max_results=1, order_by=["attributes.start_time ASC"]):
             if package_arn:
                 client.set_tag(run.info.run_id, MODEL_PACKAGE_TAG, package_arn)
             client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
-            print(f"MLflow run {run.info.run_id} (experiment {pipeline})"
-                  + (f" tagged with {package_arn}" if package_arn else ""), flush=True)
+            return (f"MLflow run {run.info.run_id} (experiment {pipeline})"
+                    + (f" tagged with {package_arn}" if package_arn else ""))
+        return None
     except Exception as error:  # noqa: BLE001 (the execution's own outcome is what counts)
-        print(f"warning: could not close the MLflow run of execution {execution_id} "
-              f"({' '.join(str(error).split())[:300]})", file=sys.stderr, flush=True)
+        return (f"warning: could not close the MLflow run of execution {execution_id} "
+                f"({' '.join(str(error).split())[:300]})")
 
 
 def serve_ui(home: Path, host: str, port: int) -> int:

@@ -16,6 +16,11 @@ Everything is recorded under $LLM_PIPELINE_HOME/executions/PIPELINE/ID/: `pipeli
 (what StartPipelineExecution was asked, and the execution's status), and the engine's own
 `definition.json`, `execution.json` and step folders (logs, job folders). A restarted server reads
 them back; an execution that was running when its server ended is Failed, and says so.
+
+A tracked execution's MLflow run ends here, as the execution ended and tagged with the package it
+registered (pipelines/tracking.py), before its status says it ended: a command that saw the end
+finds the run closed. The server imports MLflow once, in the background while the first tracked
+execution runs; the line saying how the run was closed is the execution's `tracking`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines import UserError
+from pipelines import UserError, tracking
 from pipelines.local import engine, jobs
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class Execution:
     client_token: str = ""
     status: str = "Executing"  # Executing, Stopping, Stopped, Failed, Succeeded
     failure_reason: str = ""
+    tracking: str = ""  # how its MLflow run ended: one line, a warning if it could not
 
 
 class ConflictError(UserError):
@@ -91,6 +97,7 @@ class Executions:
 
     def __init__(self, home: Path,
                  start_job: Any = jobs.start_process) -> None:
+        self.home = home
         self.folder = home / "executions"
         self.cache_dir = home / "cache"
         self._start_job = start_job
@@ -244,26 +251,52 @@ class Executions:
     def _execute(self, execution: Execution, definition: dict, overrides: dict[str, str],
                  selection: engine.Selection | None, resume: engine.ExecutionRecord | None,
                  control: jobs.JobControl, recorder: _Recorder) -> None:
+        uri = self._tracking_uri(definition, overrides, resume)
+        package = None
         try:
+            if uri == tracking.local_uri(self.home):
+                tracking.prepare_local_store(self.home)
+            tracking.import_client_early(uri)
             record = engine.run_execution(
                 definition, overrides, self.folder, execution.region, execution.account,
                 execution.pipeline_name, recorder, selection, self.cache_dir,
                 execution_id=execution.execution_id, control=control, resume=resume)
             status, reason = record.status, record.failure_reason
+            package = next((s.outcome for s in record.steps.values()
+                            if s.type == "RegisterModel" and s.outcome), None)
         except UserError as exc:
             status, reason = "Failed", str(exc)
         except Exception as exc:  # the engine's own fault: recorded, never a silent hang
             log.exception("execution %s failed in the engine", execution.arn)
             status, reason = "Failed", f"the local engine failed: {exc!r}"
+        # Outside the lock: an unreachable tracking server takes its retries' time.
+        closed = tracking.close_execution_run(uri, execution.pipeline_name,
+                                              execution.execution_id, status == "Succeeded",
+                                              package) if uri else None
+        if closed:
+            (log.warning if closed.startswith("warning:") else log.info)(
+                "execution %s: %s", execution.execution_id, closed)
         with self._lock:
             current = self.get(execution.arn) or execution
             if current.status == "Failed" and current.failure_reason:  # shutdown() said why
                 status, reason = "Failed", current.failure_reason
             current.status, current.failure_reason = status, reason
+            current.tracking = closed or ""
             current.modified = time.time()
             self._save(current)
             self._close_record(current, reason)
             del self._running[execution.arn]
+
+    @staticmethod
+    def _tracking_uri(definition: dict, overrides: dict[str, str],
+                      resume: engine.ExecutionRecord | None) -> str | None:
+        """The execution's MlflowTrackingUri (given, else the definition's default); None when
+        it does not track."""
+        if resume is not None:
+            return tracking.tracked(resume.parameters.get(tracking.PARAMETER))
+        default = next((p.get("DefaultValue") for p in definition.get("Parameters", [])
+                        if p.get("Name") == tracking.PARAMETER), None)
+        return tracking.tracked(overrides.get(tracking.PARAMETER, default))
 
     def _close_record(self, execution: Execution, reason: str) -> None:
         """Make the engine's record agree with an execution that ended without the engine saying
