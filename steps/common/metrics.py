@@ -121,7 +121,7 @@ class MetricsCallback(TrainerCallback):
         run = tracking.current()
         if run is not None and "tokens_per_second" in metrics:
             run.log_metrics({"tokens_per_second": metrics["tokens_per_second"]},
-                            step=state.global_step)
+                            step=state.global_step, synchronous=False)
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:

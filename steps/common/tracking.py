@@ -159,8 +159,12 @@ class StageRun:
             _warn(what, error)
             return None
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Numeric values of `metrics` at `step` (its "step" entry when None)."""
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None,
+                    synchronous: bool = True) -> None:
+        """Numeric values of `metrics` at `step` (its "step" entry when None). Not
+        `synchronous`: queued for MLflow's logging thread, as transformers' MLflowCallback
+        queues the Trainer's (what a training loop logs each step must not wait for the store);
+        the step's end waits for the queue."""
         from mlflow.entities import Metric
 
         step = int(metrics.get("step", 0) if step is None else step)
@@ -170,7 +174,8 @@ class StageRun:
                   if key not in ("step", "epoch") and isinstance(value, (int, float))
                   and not isinstance(value, bool) and math.isfinite(float(value))]
         if values:
-            self._guarded("logging metrics", self.client.log_batch, self.run_id, metrics=values)
+            self._guarded("logging metrics", self.client.log_batch, self.run_id, metrics=values,
+                          synchronous=synchronous)
 
     def log_artifacts(self, folders: Iterable[Path], names: Iterable[str] | None = None) -> None:
         """The report-like files directly in `folders` (or only those named `names`)."""
@@ -260,6 +265,14 @@ def _execution_run(client, experiment_id: str, execution_id: str,
     return parent.info.run_id
 
 
+def batch_queued_metrics() -> None:
+    """MLflow's logging thread gathers what was queued every 2 seconds into one write, instead of
+    writing each step's metrics on its own; unset, it waits on its queue a second at a time, and
+    ending a run waits out that second (about 0.7 s a training job). A user's own
+    MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS wins; it is read by the thread, so set before it logs."""
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "2")
+
+
 def limit_retries() -> None:
     """An unreachable tracking server must not hold a step or a command for minutes: MLflow
     retries a request 7 times by default, backing off up to 2 minutes between tries (about 4
@@ -279,6 +292,7 @@ def start(config: Any) -> StageRun | None:
     if uri is None or int(os.environ.get("RANK", "0")) != 0:
         return None
     limit_retries()
+    batch_queued_metrics()
     # The sagemaker-mlflow plugin's request-header provider fails on every URI but an ARN, and
     # MLflow logs that at each request; the requests themselves are unaffected.
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
