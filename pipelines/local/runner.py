@@ -273,6 +273,7 @@ def _accept(connection: socket.socket, start_up: _StartUp) -> _RunningJob | None
             data += more
         request = json.loads(data[_HEADER.size:_HEADER.size + _HEADER.unpack_from(data)[0]])
         connection.settimeout(None)
+        _open_tracking_store(request["env"].get("MLFLOW_TRACKING_URI", ""))
         print(f"[{time.strftime('%H:%M:%S')}] job {request['module']} in {request['cwd']}",
               flush=True)
         sys.stderr.flush()
@@ -300,6 +301,30 @@ def _accept(connection: socket.socket, start_up: _StartUp) -> _RunningJob | None
     finally:
         for fd in fds:
             os.close(fd)
+
+
+_opened_stores: set[str] = set()
+
+
+def _open_tracking_store(uri: str) -> None:
+    """Open a job's SQLite tracking store once in the runner, so that the jobs forked after find
+    it open: MLflow keeps one store per URI, and opening one checks the database's schema against
+    its migrations (a tenth of a second to a second a job, on a busy machine). Only a database
+    that exists (the local server creates it before an execution's first step); the store's
+    pooled connections are closed before any fork, so that each job opens its own (an SQLite
+    connection must not cross a fork). Any failure leaves each job to open the store itself."""
+    if not uri.startswith("sqlite:///") or uri in _opened_stores:
+        return
+    if not Path(uri.removeprefix("sqlite:///")).is_file():
+        return
+    _opened_stores.add(uri)
+    try:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        _get_store(uri).engine.dispose()
+    except Exception as exc:  # noqa: BLE001 (the job opens the store itself, and says why)
+        print(f"[{time.strftime('%H:%M:%S')}] tracking store {uri} not opened ahead of jobs: "
+              f"{exc}", flush=True)
 
 
 def _become_job(request: dict, fds: list[int], runner: int, start_up: _StartUp,
