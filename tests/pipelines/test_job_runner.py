@@ -214,6 +214,39 @@ def test_two_jobs_in_a_row_each_start_from_the_state_of_a_fresh_process(warm, tm
         assert len({fresh[draw], first[draw], second[draw]}) == 3, draw
 
 
+# A tracked job: whether it found its tracking store already open and with no connection of the
+# runner's (no descriptor beyond stdin, stdout, stderr), then one run logged to it.
+TRACKED = """
+import os
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+print("store open at start:", TrackingStoreRegistry._get_store_with_resolved_uri.cache_info().currsize > 0)
+names = os.listdir("/proc/self/fd")  # with the descriptor listdir used, closed since
+print("fds at start:", sorted(fd for fd in map(int, names) if fd > 2 and os.path.exists(f"/proc/self/fd/{fd}")))
+client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+run = client.create_run("0")
+client.log_metric(run.info.run_id, "loss", 1.5)
+client.set_terminated(run.info.run_id)
+"""
+
+
+def test_tracked_jobs_find_their_sqlite_store_open_and_each_logs_through_its_own_connection(
+        warm, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the local server creates the store before a step
+    folder = write_stage(tmp_path / "job", "tracked", TRACKED)
+    outputs = [run_job(folder, "tracked", warm=warm, MLFLOW_TRACKING_URI=uri) for _ in range(2)]
+
+    assert [code for code, _ in outputs] == [0, 0], outputs
+    assert [lines[:2] for _, lines in outputs] == [["store open at start: True",
+                                                   "fds at start: []"]] * 2
+    runs = MlflowClient(uri).search_runs(["0"])
+    assert len(runs) == 2 and all(r.data.metrics["loss"] == 1.5 for r in runs)
+
+
 @pytest.mark.parametrize("how, status, last_line", [
     ("status", 3, "leaving with 3"),
     ("exception", 1, "ValueError: the stage has a bug"),
