@@ -252,11 +252,9 @@ class Executions:
                  selection: engine.Selection | None, resume: engine.ExecutionRecord | None,
                  control: jobs.JobControl, recorder: _Recorder) -> None:
         uri = self._tracking_uri(definition, overrides, resume)
+        self._prepare_tracking(uri)
         package = None
         try:
-            if uri == tracking.local_uri(self.home):
-                tracking.prepare_local_store(self.home)
-            tracking.import_client_early(uri)
             record = engine.run_execution(
                 definition, overrides, self.folder, execution.region, execution.account,
                 execution.pipeline_name, recorder, selection, self.cache_dir,
@@ -286,6 +284,19 @@ class Executions:
             self._save(current)
             self._close_record(current, reason)
             del self._running[execution.arn]
+
+    def _prepare_tracking(self, uri: str | None) -> None:
+        """Before the first step: the local store's tables, and MLflow imported in the background
+        for the run's end. Tracking never fails an execution: a store that cannot be created is
+        logged here, and each step says in one line that it goes on untracked."""
+        if uri is None:
+            return
+        try:
+            if uri == tracking.local_uri(self.home):
+                tracking.prepare_local_store(self.home)
+        except Exception as exc:  # noqa: BLE001 (the steps report it too, and go on)
+            log.warning("cannot create the local MLflow store for %s: %s", uri, exc)
+        tracking.import_client_early(uri)
 
     @staticmethod
     def _tracking_uri(definition: dict, overrides: dict[str, str],
