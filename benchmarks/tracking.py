@@ -132,6 +132,9 @@ def render(runs: list[dict[str, Any]]) -> str:
     def med(group: list[dict[str, Any]], key: str) -> float:
         return common.median([r[key] for r in group])
 
+    def cpu_range(group: list[dict[str, Any]]) -> str:
+        return f"{min(r['cpu_s'] for r in group):.1f}–{max(r['cpu_s'] for r in group):.1f}"
+
     def part(group: list[dict[str, Any]], name: str) -> float:
         return common.median([r["parts"][name] for r in group])
 
@@ -176,9 +179,11 @@ def render(runs: list[dict[str, Any]]) -> str:
          f"{100 * spread:.0f}% of their median. Tracking's own time on the run's critical path "
          f"(the steps' `tracking.start` and `tracking.end`, the local server's close) is "
          f"{common.median(own):.1f} s, {100 * common.median(own) / med(off, 'wall_s'):.1f}% of "
-         f"the untracked median wall time; the CPU seconds of the command and its jobs grow by "
-         f"{100 * cpu_extra:+.1f}% ({med(on, 'cpu_s') - med(off, 'cpu_s'):+.1f} s): on an "
-         f"oversubscribed machine each CPU second costs the run several seconds of wall time."),
+         f"the untracked median wall time. The CPU seconds of the command and its jobs change by "
+         f"{100 * cpu_extra:+.1f}% ({med(on, 'cpu_s') - med(off, 'cpu_s'):+.1f} s; run by run "
+         f"{cpu_range(on)} tracked, {cpu_range(off)} untracked): on an oversubscribed machine "
+         f"each CPU second costs the run several seconds of wall time, and where the two ranges "
+         f"overlap the difference is within this machine's noise."),
         common.table(["where the time goes (median, s)", "tracking on", "tracking off"],
                      part_rows),
     ])
