@@ -6,6 +6,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,6 +17,28 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env.update({"LLM_PIPELINE_HOME": str(home), "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **extra})
     return env
+
+
+def derived_recipe(folder: Path, recipe: str, name: str | None = None,
+                   **stages: dict[str, object]) -> Path:
+    """The shipped `recipe` with some stages' settings changed (`sft={"max_steps": 4}`), written
+    into `folder` as <name>.yaml: the same DAG, parameters, wiring and gate, on fewer steps and
+    samples, as a user trying a recipe quickly would write it. Named as the recipe by default, so
+    that its pipeline is the recipe's (llm-<name>); a setting the stage lacks is refused when the
+    recipe loads."""
+    written = yaml.safe_load((ROOT / "pipelines/recipes" / f"{recipe}.yaml").read_text())
+    written["name"] = name = name or recipe
+    for stage, settings in stages.items():
+        written["stages"][stage].update(settings)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(written, sort_keys=False))
+    return path
+
+
+def write_quick_recipe(folder: Path, name: str) -> Path:
+    """The sft recipe with a few training steps and evaluation samples: the same DAG, faster."""
+    return derived_recipe(folder, "sft", name, sft={"max_steps": 4},
+                          evaluate={"max_samples": 4, "max_new_tokens": 8})
 
 
 def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -4,11 +4,10 @@ import json
 from datetime import timedelta
 
 import pytest
-import yaml
 
 from pipelines.local import cache
 from pipelines.local.expressions import Scope
-from tests.pipelines.conftest import ROOT, clean_env, cli
+from tests.pipelines.conftest import clean_env, cli, write_quick_recipe
 
 # -- the cache on its own ------------------------------------------------------------------
 
@@ -158,17 +157,6 @@ RECORDS = [{"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}
 @pytest.fixture(scope="module")
 def env(local_home):
     return clean_env(local_home)
-
-
-def write_quick_recipe(folder, name: str):
-    """The sft recipe with a few training steps and evaluation samples: the same DAG, faster."""
-    recipe = yaml.safe_load((ROOT / "pipelines/recipes/sft.yaml").read_text())
-    recipe["name"] = name
-    recipe["stages"]["sft"]["max_steps"] = 4
-    recipe["stages"]["evaluate"].update(max_samples=4, max_new_tokens=8)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
 
 
 def write_sums(folder):

@@ -11,8 +11,8 @@ from pipelines import UserError, pipeline
 from pipelines import cli as cli_module
 from pipelines.local import server
 from pipelines.local.engine import Selection, load_execution, run_execution
-from tests.pipelines.conftest import clean_env, cli
-from tests.pipelines.test_cache import write_quick_recipe, write_sums
+from tests.pipelines.conftest import clean_env, cli, write_quick_recipe
+from tests.pipelines.test_cache import write_sums
 
 PIPELINE = "llm-rerun-test"
 DOWNSTREAM_OF_SFT = ["SFT", "Evaluate", "CompareWithApproved", "EvaluationGate", "Register",
