@@ -6,7 +6,8 @@ import json
 import pytest
 
 from steps.common.demo_data import demo_corpus
-from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.conftest import clean_env, cli, derived_recipe
+from tests.pipelines.test_cache import write_sums
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +22,12 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in demo_corpus(max_documents=60)))
     return path
+
+
+# Evaluation and the distilled student's comparison on a few short answers: what these tests
+# check is that each stage ran and reported, not how well a few steps of a tiny model answer.
+FEW_ANSWERS = {"max_samples": 4, "max_new_tokens": 8}
+FEW_COMPARISONS = {"compare_students": True, "comparison_samples": 4, "comparison_new_tokens": 8}
 
 
 def latest_execution(home, pipeline):
@@ -77,11 +84,17 @@ def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_ba
 
 
 def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teacher_pass(
-        env, local_home):
+        env, local_home, tmp_path):
     # The default student: the SFT teacher with half its layers (one of builtin:tiny's two). A
     # tiny teacher learns little in a test's steps, so its student's quality says nothing: the
     # gate is opened here, and test_default_gates shows the default one refusing a bad student.
-    first = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
+    # So the recipe runs a few steps, on the 36 sums records (the teacher's outputs are computed
+    # for every training record).
+    recipe = derived_recipe(tmp_path, "distill", sft={"max_steps": 4},
+                            distill={"max_steps": 4, **FEW_COMPARISONS}, evaluate=FEW_ANSWERS)
+    data = write_sums(tmp_path)
+    first = cli(env, "run", "--recipe", str(recipe), "-p", "BaseModel=builtin:tiny",
+                "-p", f"InputData={data}",
                 "-p", "EvalThreshold=0.0", "-p", "ModelPackageGroup=e2e-distill")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     folder, execution = latest_execution(local_home, "llm-distill")
@@ -97,7 +110,8 @@ def test_distill_recipe_caches_teacher_outputs_so_a_second_student_costs_no_teac
             "perplexity_ratio_vs_hard_label"} <= set(metrics)
 
     # Another student: the teacher and its outputs are reused from the step cache.
-    second = cli(env, "run", "--recipe", "distill", "-p", "BaseModel=builtin:tiny",
+    second = cli(env, "run", "--recipe", str(recipe), "-p", "BaseModel=builtin:tiny",
+                 "-p", f"InputData={data}",
                  "-p", "StudentModel=teacher:keep_layers=0", "-p", "EvalThreshold=0.0",
                  "-p", "ModelPackageGroup=e2e-distill")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -118,11 +132,18 @@ def _model_file(folder, step: str, name: str) -> str:
 
 
 def test_full_lifecycle_registers_a_quantized_student_with_its_lineage_and_report(
-        env, corpus, local_home):
+        env, corpus, local_home, tmp_path):
     # CPT -> SFT (LoRA) -> DPO -> teacher outputs -> distilled student -> quantized -> evaluated
     # (student vs its teacher) -> registered: every stage of the product on tiny models.
-    # The gate opened, as for distill: a tiny teacher's student proves the plumbing, not quality.
-    result = cli(env, "run", "--recipe", "full-lifecycle", "-p", "BaseModel=builtin:tiny",
+    # The gate opened, as for distill: a tiny teacher's student proves the plumbing, not quality;
+    # and a few steps of each stage on the sums records, for the same reason.
+    recipe = derived_recipe(tmp_path, "full-lifecycle", cpt={"max_steps": 4},
+                            sft={"max_steps": 4}, dpo={"max_steps": 4},
+                            distill={"max_steps": 4, **FEW_COMPARISONS},
+                            quantize={"max_samples": 2, "max_new_tokens": 4, "speed_runs": 1},
+                            evaluate=FEW_ANSWERS)
+    result = cli(env, "run", "--recipe", str(recipe), "-p", "BaseModel=builtin:tiny",
+                 "-p", f"InputData={write_sums(tmp_path)}",
                  "-p", f"CorpusData={corpus}", "-p", "EvalThreshold=0.0",
                  "-p", "ModelPackageGroup=e2e-full")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
