@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.conftest import clean_env, cli, derived_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -93,8 +93,12 @@ def jsonl(path) -> list[dict]:
 
 
 def test_constitutional_recipe_writes_both_datasets_then_sft_and_dpo_train_on_them(
-        env, local_home):
-    run(env, "constitutional", "-p", "MaxNewTokens=8", "-p", "LearningRate=0.01",
+        env, local_home, tmp_path):
+    # What is checked is the data the stage writes and that both trainings take it: the recipe's
+    # SFT on a few steps, evaluated on a few short answers.
+    recipe = derived_recipe(tmp_path, "constitutional", sft={"max_steps": 4},
+                            evaluate={"max_samples": 4, "max_new_tokens": 8})
+    run(env, str(recipe), "-p", "MaxNewTokens=8", "-p", "LearningRate=0.01",
         "-p", "DPOSteps=4", "-p", "EvalThreshold=-1000", "-p", "ModelPackageGroup=e2e-cai")
 
     folder, execution = latest_execution(local_home, "llm-constitutional")

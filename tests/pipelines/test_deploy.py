@@ -24,7 +24,7 @@ from serving import tenants
 from steps.common import models
 from steps.common.archives import pack_folder
 
-from .conftest import ROOT, clean_env, cli
+from .conftest import ROOT, clean_env, cli, write_quick_recipe
 
 SERVING_IMAGE = images.image_uri(f"{images.REPOSITORY_PREFIX}-serving", LOCAL_ACCOUNT,
                                  "us-east-1", "test")
@@ -444,8 +444,10 @@ def test_a_failed_aws_endpoint_is_refused_naming_undeploy_before_anything_is_cre
 
 
 @pytest.mark.e2e
-def test_the_package_an_sft_run_registers_is_approved_deployed_and_answers(env):
-    run = cli(env, "run", "--recipe", "sft", "-p", "BaseModel=builtin:tiny",
+def test_the_package_an_sft_run_registers_is_approved_deployed_and_answers(env, tmp_path):
+    # The sft recipe on a few steps: any package it registers is what the commands serve.
+    run = cli(env, "run", "--recipe", str(write_quick_recipe(tmp_path, "sft")),
+              "-p", "BaseModel=builtin:tiny",
               "-p", "ModelPackageGroup=llm-serving-e2e", "-p", "EvalThreshold=0")
     assert run.returncode == 0, run.stderr[-3000:]
     # The summary ends with the two commands that serve the model.

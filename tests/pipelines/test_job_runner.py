@@ -21,7 +21,7 @@ import pytest
 
 from containers import images
 from pipelines.local import jobs, runner
-from tests.pipelines.conftest import ROOT, clean_env, cli
+from tests.pipelines.conftest import ROOT, clean_env, cli, write_quick_recipe
 
 # Prints the state a job's process starts with as one `STATE {...}` line; with --dirty it then
 # changes all of it, as a careless stage might, to show that the next job does not see it.
@@ -442,12 +442,15 @@ def test_a_tiny_sft_run_through_the_warm_runner_computes_what_fresh_processes_co
     data.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?",
                                         "completion": f"{a} + {b} = {a + b}."}) + "\n"
                             for a in range(6) for b in range(6)))
+    # The sft recipe on 4 training steps and 4 evaluation answers: every stage's job runs on each
+    # path, and any difference in what a job computes shows in the evaluation's metrics.
+    recipe = write_quick_recipe(tmp_path, "sft")
     metrics, runner_pids = {}, {}
     for job_runner in ("subprocess", "warm"):
         home = tmp_path / job_runner
         env = clean_env(home)
         try:
-            result = cli(env, "run", "--recipe", "sft", "--job-runner", job_runner,
+            result = cli(env, "run", "--recipe", str(recipe), "--job-runner", job_runner,
                          "-p", "BaseModel=builtin:tiny", "-p", f"InputData={data}",
                          "-p", "ModelPackageGroup=warm-runner", "-p", "LearningRate=0.005")
             record = home / "job-runner.json"

@@ -8,10 +8,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.pipelines.conftest import clean_env, cli
-from tests.pipelines.test_cache import write_quick_recipe, write_sums
+from tests.pipelines.conftest import clean_env, cli, derived_recipe, write_quick_recipe
+from tests.pipelines.test_cache import write_sums
 
 pytestmark = pytest.mark.e2e
 
@@ -91,10 +90,9 @@ def test_every_peft_method_trains_evaluates_and_registers_through_the_pipeline(
 def test_the_default_model_smollm2_fine_tunes_evaluates_and_registers(env, tmp_path):
     # The recipe's own BaseModel (builtin:smollm2-135m-instruct, converted once from the wheel's
     # GGUF into the machine's cache), LoRA, two steps of short examples.
-    recipe = write_quick_recipe(tmp_path, "sft-smollm2")
-    written = yaml.safe_load(recipe.read_text())
-    written["stages"]["sft"].update(max_steps=2, per_device_batch_size=4, max_seq_length=64)
-    recipe.write_text(yaml.safe_dump(written, sort_keys=False))
+    recipe = derived_recipe(tmp_path, "sft", "sft-smollm2",
+                            sft={"max_steps": 2, "per_device_batch_size": 4, "max_seq_length": 64},
+                            evaluate={"max_samples": 4, "max_new_tokens": 8})
     folder = run(env, recipe, write_sums(tmp_path), "e2e-smollm2")
 
     files = model_archive(folder)
