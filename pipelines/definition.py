@@ -343,8 +343,9 @@ def get_pipeline(
     if spot:
         stopping_condition["MaxWaitTimeInSeconds"] = p["MaxWaitSeconds"]
     cache = CacheConfig(enable_caching=True, expire_after="P30D")
-    # Service faults and throttling retry quickly; lost capacity and internal job errors after a
-    # minute or more. A stage's own failure (bad data, a bad parameter) is not retried.
+    # Service faults and throttling retry quickly; lost capacity and internal job errors after the
+    # recipe's lost_job_retry_seconds (a minute by default), doubling. A stage's own failure (bad
+    # data, a bad parameter) is not retried.
     retries = [
         StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT,
                                          StepExceptionTypeEnum.THROTTLING],
@@ -352,7 +353,8 @@ def get_pipeline(
         SageMakerJobStepRetryPolicy(exception_types=[SageMakerJobExceptionTypeEnum.INTERNAL_ERROR,
                                                      SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
                                                      SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT],
-                                    interval_seconds=60, backoff_rate=2.0, max_attempts=3),
+                                    interval_seconds=recipe.lost_job_retry_seconds,
+                                    backoff_rate=2.0, max_attempts=3),
     ]
 
     def training_stage(stage: str, inputs: dict[str, str]) -> TrainingStep:

@@ -29,6 +29,12 @@ stage after it starts from the policy before it, and evaluation never evaluates 
 
 `demo_data` names the built-in dataset InputData defaults to (sft | corpus | preferences |
 prompts), or maps each dataset parameter to one: {InputData: sft, PreferenceData: preferences}.
+
+`lost_job_retry_seconds` (optional, default 60): how long a job step lost to SageMaker (an internal
+error, lost capacity, a resource limit; locally, a killed job) waits before its first retry, each
+further retry waiting twice as long as the one before, 3 retries at most. It is the
+IntervalSeconds of the steps' SageMakerJobStepRetryPolicy, so it is fixed when the pipeline is
+built.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 # Recipes that changed name, so that an old script gets told what to run instead.
 RENAMED = {"sft-lora": "sft (LoRA is its default PeftMethod)"}
 _KEYS = {"name", "description", "model_package_group", "demo_data", "parameters", "stages",
-         "gate"}
+         "gate", "lost_job_retry_seconds"}
+DEFAULT_LOST_JOB_RETRY_SECONDS = 60
 DEMO_DATASETS = ("sft", "corpus", "preferences", "prompts")
 # Stage kinds (steps/stages.py), in the order they may appear. Training stages chain their models.
 ENDS = ("data_prep", "evaluate")  # every recipe starts and ends with these
@@ -74,6 +81,7 @@ class Recipe:
     inputs: dict[str, dict[str, str]]  # stage -> input name -> reference, as written
     gate_metric: str
     gate_direction: str  # "higher": register when metric >= EvalThreshold; "lower": <=
+    lost_job_retry_seconds: int  # the wait before a lost job step's first retry
     source: Path = field(compare=False)
 
     @property
@@ -197,6 +205,11 @@ def load(name_or_path: str) -> Recipe:
     if direction not in ("higher", "lower") or set(gate) - {"metric", "direction"}:
         raise UserError(f"{path}: gate takes 'metric' and 'direction' (higher: register when "
                         "metric >= EvalThreshold; lower: when metric <= EvalThreshold)")
+    retry_seconds = data.get("lost_job_retry_seconds", DEFAULT_LOST_JOB_RETRY_SECONDS)
+    if isinstance(retry_seconds, bool) or not isinstance(retry_seconds, int) or retry_seconds < 1:
+        raise UserError(f"{path}: lost_job_retry_seconds must be a whole number of seconds, at "
+                        f"least 1 (found {retry_seconds!r}); leave it out for "
+                        f"{DEFAULT_LOST_JOB_RETRY_SECONDS}")
     description = " ".join(str(data.get("description", "")).split())
     if description.startswith("-"):
         # It is passed to Evaluate as a command-line argument, where it would read as an option.
@@ -211,6 +224,7 @@ def load(name_or_path: str) -> Recipe:
         inputs=inputs,
         gate_metric=str(gate["metric"]),
         gate_direction=direction,
+        lost_job_retry_seconds=retry_seconds,
         source=path,
     )
 

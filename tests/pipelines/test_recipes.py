@@ -66,6 +66,10 @@ def test_a_minimal_recipe_loads_with_its_stages_in_order(tmp_path):
      ("stages.sft.max-steps: not a setting of stage sft (a training stage's settings are "
       "hyperparameters: write 'max_steps')")),
     (("max_steps: 5", "max_steps: 5, zzz: 1"), "stages.sft.zzz: not a setting of stage sft; "),
+    (("name: custom", "name: custom\nlost_job_retry_seconds: 0"),
+     "lost_job_retry_seconds must be a whole number of seconds, at least 1 (found 0)"),
+    (("name: custom", "name: custom\nlost_job_retry_seconds: 1m"),
+     "lost_job_retry_seconds must be a whole number of seconds, at least 1 (found '1m')"),
 ])
 def test_recipe_mistakes_are_one_line_errors_naming_the_file_and_key(tmp_path, change, message):
     path = write(tmp_path, MINIMAL.replace(*change))
@@ -106,10 +110,11 @@ def test_every_shipped_recipe_sets_only_hyperparameters_its_stages_accept():
             assert not unknown, f"{name}: stages.{stage}: {sorted(unknown)} not in {config_class}"
 
 
-# Two datasets and a chain whose second stage names its inputs.
+# Two datasets and a chain whose second stage names its inputs; lost jobs retried after 5 s.
 CHAINED = """
 name: chained
 model_package_group: llm-chained
+lost_job_retry_seconds: 5
 parameters:
   BaseModel: builtin:tiny
   CorpusData: s3://bucket/corpus.jsonl
@@ -159,6 +164,18 @@ def test_the_documented_recipes_exist_and_chain_their_training_stages(definition
     for name in ("cpt", "sft"):
         parameters = {p["Name"] for p in definitions[name]["Parameters"]}
         assert {"PeftMethod", "Precision", "GradientAccumulationSteps"} <= parameters, name
+
+
+def test_a_lost_job_step_is_retried_after_the_recipes_interval_a_minute_unless_it_says(
+        definitions):
+    for name, document in definitions.items():
+        for step in document["Steps"]:
+            if step["Type"] not in ("Training", "Processing"):
+                continue
+            lost = [p for p in step["RetryPolicies"]
+                    if "SageMaker.JOB_INTERNAL_ERROR" in p["ExceptionType"]]
+            assert [p["IntervalSeconds"] for p in lost] == [5 if name == "chained" else 60], \
+                (name, step["Name"])
 
 
 def test_each_dataset_gets_its_own_data_prep_and_stages_read_the_inputs_they_name(definitions):

@@ -20,12 +20,15 @@ from tests.pipelines.test_cache import write_sums
 
 PIPELINE = "llm-resume-test"
 MAX_STEPS, CHECKPOINT_STEPS = 8, 2
+RETRY_SECONDS = 2
 
 
 def write_recipe(folder: Path) -> Path:
-    """The sft recipe, a checkpoint every 2 of 8 steps and every step's loss in the log."""
+    """The sft recipe, a checkpoint every 2 of 8 steps, every step's loss in the log, and a lost
+    job retried after 2 s (the recipe's default is SageMaker's minute)."""
     recipe = yaml.safe_load((ROOT / "pipelines/recipes/sft.yaml").read_text())
     recipe["name"] = "resume-test"
+    recipe["lost_job_retry_seconds"] = RETRY_SECONDS
     recipe["stages"]["sft"].update(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS,
                                    logging_steps=1, per_device_batch_size=2)
     recipe["stages"]["evaluate"].update(max_samples=4, max_new_tokens=8)
@@ -77,8 +80,9 @@ def test_a_training_job_lost_after_a_synced_checkpoint_is_retried_and_resumes_fr
         tmp_path, local_home, clients):
     """One `llm-pipeline run` of the sft recipe whose SFT job is SIGKILLed (as a lost instance)
     once a checkpoint of it is in S3: the step's retry policy retries it (SageMaker.
-    JOB_INTERNAL_ERROR, after the policy's 60 s), the retry restores the checkpoints into its own
-    fresh folder, trains only the remaining steps, and the execution registers a package.
+    JOB_INTERNAL_ERROR, after the recipe's lost_job_retry_seconds), the retry restores the
+    checkpoints into its own fresh folder, trains only the remaining steps, and the execution
+    registers a package.
 
     The job is frozen (SIGSTOP) as soon as its first checkpoint is written, so that the kill falls
     before the end of training however fast or slow the machine is."""
@@ -120,6 +124,7 @@ def test_a_training_job_lost_after_a_synced_checkpoint_is_retried_and_resumes_fr
     lost, retry = sft["attempts"]
     assert lost["job_name"] == job_name and lost["failure_reason"].startswith("exit code -9")
     assert lost["cause"] == "SageMaker.JOB_INTERNAL_ERROR" and retry["failure_reason"] == ""
+    assert retry["started"] - lost["ended"] >= RETRY_SECONDS  # the retry policy's wait
 
     # The retry resumes from the newest checkpoint the lost job had in S3, and trains only the
     # steps after it: its log and its summary say so.
