@@ -42,8 +42,14 @@ def only_package(env, group: str) -> dict:
     return packages[0]
 
 
-def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, local_home):
-    result = run(env, "dpo", "-p", "LearningRate=0.01", "-p", "DPOSteps=24",
+def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(
+        env, local_home, tmp_path):
+    # What is asserted is what DPO adds over the base model: DPO trains as the parameters below
+    # say, the SFT it starts from 4 steps, and the held-out answers that measure the policy's
+    # distance from its base are 8 tokens long.
+    recipe = derived_recipe(tmp_path, "dpo", sft={"max_steps": 4},
+                            evaluate={"max_new_tokens": 8})
+    result = run(env, str(recipe), "-p", "LearningRate=0.01", "-p", "DPOSteps=24",
                  "-p", "EvalThreshold=0.0", "-p", "ModelPackageGroup=e2e-dpo")
 
     folder, execution = latest_execution(local_home, "llm-dpo")
@@ -65,10 +71,14 @@ def test_dpo_recipe_widens_the_held_out_preference_margin_and_registers(env, loc
     assert len(package["metadata"]["data_manifest_sha256_preference"]) == 64
 
 
-def test_rlhf_ppo_recipe_trains_a_reward_model_then_ppo_and_passes_a_win_rate_gate(env, local_home):
+def test_rlhf_ppo_recipe_trains_a_reward_model_then_ppo_and_passes_a_win_rate_gate(
+        env, local_home, tmp_path):
     # The recipe's own gate (EvalThreshold=0.5): registered only when the reward model prefers the
-    # tuned policy's answers to the base model's more often than not.
-    run(env, "rlhf-ppo", "-p", "RewardLearningRate=0.003", "-p", "RewardModelSteps=24",
+    # tuned policy's answers to the base model's more often than not. The reward model and PPO
+    # train as the parameters below say and the evaluation is the recipe's; the SFT both start
+    # from runs 4 steps (what is asserted is what they add over the base model).
+    recipe = derived_recipe(tmp_path, "rlhf-ppo", sft={"max_steps": 4})
+    run(env, str(recipe), "-p", "RewardLearningRate=0.003", "-p", "RewardModelSteps=24",
         "-p", "PPOLearningRate=0.03", "-p", "PPOSteps=12", "-p", "ResponseLength=8",
         "-p", "Temperature=1.0", "-p", "EvalThreshold=0.5", "-p", "ModelPackageGroup=e2e-rlhf")
 
