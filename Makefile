@@ -35,9 +35,10 @@ demo: install
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one): an end-to-end test spends
 # much of its time waiting on its local jobs, which another test's work fills. Each test file runs
-# whole on one worker, since its tests share the file's local server and runs.
+# whole on one worker, since its tests share the file's local server and runs; the files go out
+# in the order tests/conftest.py gives them (the end-to-end ones first), not xdist's own.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Everything, ending with the 25 slowest tests (where the suite's time goes).
 test: install

@@ -16,6 +16,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TENANT_ANSWERS = {"tenantA": "aaaa", "tenantB": "zzzz"}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files holding end-to-end runs first, then the others, each group by number of tests,
+    most first; a file's tests stay together and in order.
+
+    `make test` hands whole files to its workers in this order (pytest-xdist's loadfile, with
+    --no-loadscope-reorder), and a worker takes another file as soon as fewer than three of its
+    tests are left. An end-to-end file has few tests that take minutes each: ordered by number
+    of tests alone (xdist's default), they came last, and a worker could be left with two or
+    three of them to run while the other, out of files, waited. First, the seconds-long files
+    fill in behind them."""
+    counts: dict[Path, int] = {}
+    end_to_end: set[Path] = set()
+    for item in items:
+        counts[item.path] = counts.get(item.path, 0) + 1
+        if item.get_closest_marker("e2e"):
+            end_to_end.add(item.path)
+    items.sort(key=lambda item: (item.path not in end_to_end, -counts[item.path], str(item.path)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sagemaker_output_dir(tmp_path_factory):
     """A stage a test runs (in-process or as a program) writes SageMaker's /opt/ml/output files,
