@@ -107,26 +107,35 @@ def _validate_sdk_config_once() -> None:
 
     Written by hand: the SDK re-validates the session's whole config (our sdk-config.yaml) on
     every config value it looks up, about 0.5 s each and some 90 lookups per definition, which
-    was 80-90% of a build. A config that passed is remembered by its JSON text; a new or changed
-    one is still validated, and an invalid one still raises.
+    was 80-90% of a build. It also validates the config files again each time a session is
+    created (`load_sagemaker_config`), and every ProcessingStep creates one (a local-mode client,
+    for a method's name): some 10 more checks of the schema itself per definition, 50-70% of the
+    CPU time left. A config that passed is remembered by its JSON text, through both ways the
+    SDK validates; a new or changed one is still validated, and an invalid one still raises.
     """
     import json as _json
 
+    from sagemaker.core.config import config as config_files
     from sagemaker.core.config.config_manager import SageMakerConfig
 
-    validate = SageMakerConfig.validate_sagemaker_config
-    if getattr(validate, "_remembers_valid_configs", False):
-        return
-    valid: set[str] = set()
+    def remembering(validate):
+        if getattr(validate, "_remembers_valid_configs", False):
+            return validate
+        valid: set[str] = set()
 
-    def validate_once(sagemaker_config=None):
-        key = _json.dumps(sagemaker_config, sort_keys=True, default=str)
-        if key not in valid:
-            validate(sagemaker_config)
-            valid.add(key)
+        def validate_once(sagemaker_config=None):
+            key = _json.dumps(sagemaker_config, sort_keys=True, default=str)
+            if key not in valid:
+                validate(sagemaker_config)
+                valid.add(key)
 
-    validate_once._remembers_valid_configs = True
-    SageMakerConfig.validate_sagemaker_config = staticmethod(validate_once)
+        validate_once._remembers_valid_configs = True
+        return validate_once
+
+    SageMakerConfig.validate_sagemaker_config = staticmethod(
+        remembering(SageMakerConfig.validate_sagemaker_config))
+    # load_sagemaker_config looks this name up in its module when it runs.
+    config_files.validate_sagemaker_config = remembering(config_files.validate_sagemaker_config)
 
 
 def _account_of(role_arn: str) -> str:

@@ -176,6 +176,36 @@ def test_the_sdk_validates_each_config_once_and_still_refuses_a_bad_one(monkeypa
         validate({"Bogus": 1})
 
 
+def test_the_sdk_validates_each_config_file_once_per_process_and_still_refuses_a_bad_one(
+        monkeypatch, tmp_path):
+    # Every session the SDK creates (one per ProcessingStep) loads and validates the config files
+    # again; a file that passed is remembered, one that does not still raises.
+    import jsonschema
+    from sagemaker.core.config import config as config_files
+
+    from pipelines import definition
+
+    calls = []
+    monkeypatch.setattr(config_files, "validate_sagemaker_config",
+                        lambda config=None: calls.append(config)
+                        or jsonschema.validate(config, {"type": "object",
+                                                        "required": ["SchemaVersion"]}))
+    definition._validate_sdk_config_once()
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("SchemaVersion: '1.0'\n")
+    bad.write_text("Bogus: 1\n")
+    monkeypatch.delenv("SAGEMAKER_ADMIN_CONFIG_OVERRIDE", raising=False)
+    monkeypatch.setattr(config_files, "_DEFAULT_ADMIN_CONFIG_FILE_PATH", str(tmp_path / "none"))
+    monkeypatch.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(good))
+    for _ in range(3):
+        assert config_files.load_sagemaker_config() == {"SchemaVersion": "1.0"}
+    assert calls == [{"SchemaVersion": "1.0"}]
+    monkeypatch.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(bad))
+    for _ in range(2):  # and again: a failure is not remembered
+        with pytest.raises(jsonschema.ValidationError):
+            config_files.load_sagemaker_config()
+
+
 def test_training_jobs_stop_after_max_runtime_seconds_with_a_default_per_recipe(
         recipe_definitions):
     # Not the SDK's one hour: a day by default, longer where real runs take days.
