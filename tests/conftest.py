@@ -1,10 +1,15 @@
 """Fixtures of every test, and those more than one test folder uses: the model packages the
 serving and deploy tests serve, each trained or quantized once per session on builtin:tiny
-(seconds each)."""
+(seconds each), and every recipe's definition, built once per session."""
 
 import contextlib
+import fcntl
 import io
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +85,47 @@ def quantized_models(tmp_path_factory) -> Path:
                                               scheme="both", speed_runs=1, speed_tokens=4,
                                               archive=True))
     return output
+
+
+# The targets every recipe's definition is built for: the local engine's defaults, and an AWS
+# account's (any account, role and bucket: building makes no AWS call).
+TARGETS = {
+    "local": {},
+    "aws": {"role_arn": "arn:aws:iam::111122223333:role/x", "bucket": "b", "region": "eu-west-1"},
+}
+
+
+@pytest.fixture(scope="session")
+def recipe_definitions(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(recipe, target) -> the definition JSON file, for every shipped recipe and target, built
+    once per test session in one offline process (a build imports the SageMaker SDK: seconds
+    each) and shared by the session's pytest-xdist workers: the first to need it builds it, under
+    a lock, in the folder all workers' temporary folders are in."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "recipe-definitions"
+    with open(shared / "recipe-definitions.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (out / "built").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed half way
+            out.mkdir()
+            build_recipe_definitions(out, tmp_path_factory.mktemp("home"))
+            (out / "built").touch()
+    return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}
+
+
+def build_recipe_definitions(out: Path, home: Path) -> None:
+    script = ("import json, sys; from pathlib import Path; from pipelines import recipe, definition\n"
+              "targets = json.loads(sys.argv[2])\n"
+              "for name in recipe.available():\n"
+              "    for target, settings in targets.items():\n"
+              "        text = definition.definition_json(recipe.load(name), **settings)\n"
+              "        Path(sys.argv[1], f'{name}.{target}.json').write_text(text)\n")
+    from tests.pipelines.conftest import ROOT, clean_env
+
+    env = clean_env(home, AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_DEFAULT_REGION="us-east-1")
+    result = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(TARGETS)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, check=False,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from pipelines import recipe
+from tests.conftest import TARGETS
 from tests.external import CHECK_DEFINITION, require_file
-from tests.pipelines.conftest import ROOT, TARGETS, clean_env, cli
+from tests.pipelines.conftest import ROOT, clean_env, cli
 
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
                        "TrainingInstanceCount", "Epochs", "LearningRate", "LoraRank", "PeftMethod",

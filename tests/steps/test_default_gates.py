@@ -10,8 +10,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines import recipe
-from pipelines.definition import definition_json
 from pipelines.local.expressions import Scope, evaluate_condition
 from steps import evaluate, reward_model, sft
 from steps.common import models
@@ -26,9 +24,17 @@ from .preference_runs import TRAIN, VALIDATION, run_stage
 NO_APPROVED_PACKAGE = {"beats_approved": 1, "reason": "no Approved package in the group"}
 
 
-def gate_registers(recipe_name: str, evaluation_json: Path) -> bool:
-    """Whether the recipe's EvaluationGate, on its default parameters, takes the Register branch."""
-    definition = json.loads(definition_json(recipe.load(recipe_name)))
+@pytest.fixture(scope="module")
+def gate_registers(recipe_definitions):
+    """gate_registers(recipe_name, evaluation_json): whether the recipe's gate registers it."""
+    return lambda recipe_name, evaluation_json: gate_takes_register_branch(
+        recipe_definitions[recipe_name, "local"], evaluation_json)
+
+
+def gate_takes_register_branch(definition_json: Path, evaluation_json: Path) -> bool:
+    """Whether the EvaluationGate of the definition (the session's build of a recipe's, as the
+    local engine runs it), on its default parameters, takes the Register branch."""
+    definition = json.loads(definition_json.read_text())
     gate = next(step for step in definition["Steps"] if step["Type"] == "Condition")
     evaluation = json.loads(evaluation_json.read_text())
     files = {"Evaluation": evaluation, "ApprovedGate": NO_APPROVED_PACKAGE}
@@ -86,8 +92,7 @@ def evaluation_of(model: Path, base: Path | str, data: Path, output: Path,
 
 @pytest.mark.parametrize("recipe_name", ["distill", "full-lifecycle"])
 def test_the_default_gate_refuses_a_broken_student_and_registers_one_as_good_as_its_teacher(
-    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path
-):
+    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path, gate_registers):
     validation = data_dir / "validation.jsonl"
     broken = evaluation_of(broken_student, sft_run.model_dir, validation, tmp_path / "broken")
     fine = evaluation_of(teacher_copy, sft_run.model_dir, validation, tmp_path / "fine")
@@ -102,8 +107,7 @@ def test_the_default_gate_refuses_a_broken_student_and_registers_one_as_good_as_
 
 @pytest.mark.parametrize("recipe_name", ["sft", "cpt"])
 def test_the_default_gate_refuses_a_model_that_fits_the_data_worse_than_its_base(
-    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path
-):
+    recipe_name, broken_student, teacher_copy, sft_run, data_dir, tmp_path, gate_registers):
     validation = data_dir / "validation.jsonl"
     # A model worse than the one it would replace.
     broken = evaluation_of(broken_student, teacher_copy, validation, tmp_path / "broken")
@@ -115,8 +119,7 @@ def test_the_default_gate_refuses_a_model_that_fits_the_data_worse_than_its_base
 
 @pytest.mark.parametrize("recipe_name", ["dpo", "constitutional"])
 def test_the_default_gate_refuses_a_model_that_prefers_the_chosen_answers_less_than_its_base(
-    recipe_name, broken_student, teacher_copy, data_dir, tmp_path
-):
+    recipe_name, broken_student, teacher_copy, data_dir, tmp_path, gate_registers):
     preferences = data_dir / "preferences.jsonl"
     broken = evaluation_of(broken_student, teacher_copy, preferences, tmp_path / "broken")
     aligned = evaluation_of(teacher_copy, broken_student, preferences, tmp_path / "aligned")
@@ -126,7 +129,8 @@ def test_the_default_gate_refuses_a_model_that_prefers_the_chosen_answers_less_t
     assert gate_registers(recipe_name, aligned)
 
 
-def test_the_pretrain_gate_refuses_a_model_that_learnt_nothing(teacher_copy, data_dir, tmp_path):
+def test_the_pretrain_gate_refuses_a_model_that_learnt_nothing(teacher_copy, data_dir, tmp_path,
+                                                                gate_registers):
     # What pretrain would register had its training done nothing: its own tokenizer of the
     # recipe's VocabSize over the demo corpus, and a model of random weights.
     corpus = [document["text"] for document in demo_corpus(max_documents=240)]
@@ -169,8 +173,7 @@ def policy_answering(answers: str, root: Path) -> Path:
 
 
 def test_the_rlhf_ppo_gate_refuses_a_policy_whose_answers_the_reward_model_likes_less_than_its_base(
-    preference_judge, tmp_path
-):
+    preference_judge, tmp_path, gate_registers):
     # A policy that learnt the answers the reward model rejects, as PPO against a wrong reward
     # would; and one that learnt the answers it prefers.
     rejected = policy_answering("rejected", tmp_path / "rejected")
