@@ -32,12 +32,10 @@ def jobs(chosen: recipe.Recipe) -> tuple[int, int]:
     return processing, len(chosen.training_stages)
 
 
-def test_job_counting_matches_the_steps_of_a_built_definition():
+def test_job_counting_matches_the_steps_of_a_built_definition(recipe_definitions):
     # full-lifecycle has every kind of step: three datasets, two processing stages, four trainings.
     chosen = recipe.load("full-lifecycle")
-    document = json.loads(definition.definition_json(
-        chosen, role_arn=definition.DEFAULT_ROLE_ARN, bucket=definition.DEFAULT_BUCKET,
-        region="us-east-1"))
+    document = json.loads(recipe_definitions["full-lifecycle", "local"].read_text())
     kinds = [step["Type"] for step in document["Steps"]]
     assert jobs(chosen) == (kinds.count("Processing"), kinds.count("Training"))
 

@@ -209,15 +209,13 @@ def test_ci_role_can_check_the_project_buckets_so_a_missing_object_reads_as_miss
     assert not allows(stack["ci"], "s3:ListBucket", "arn:aws:s3:::someone-elses-bucket")
 
 
-def test_checkpoints_left_under_every_pipelines_shared_prefix_expire():
+def test_checkpoints_left_under_every_pipelines_shared_prefix_expire(recipe_definitions):
     # Checkpoint locations are shared by every job of a step (keyed by the work, so that step
     # caching hits on AWS); a finished job deletes its own, a failed one's would stay for ever.
-    from pipelines.definition import definition_json
-
     committed = yaml.safe_load(template.TEMPLATE.read_text())
     rules = committed["Resources"]["ArtifactBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     expiring = {rule["Prefix"]: rule["ExpirationInDays"] for rule in rules if "Prefix" in rule}
-    document = json.loads(definition_json(recipe.load("sft")))
+    document = json.loads(recipe_definitions["sft", "local"].read_text())
     uri = next(step["Arguments"]["CheckpointConfig"]["S3Uri"] for step in document["Steps"]
                if step["Type"] == "Training")
     key = uri.split("/", 3)[3]
