@@ -321,15 +321,9 @@ def test_prompt_only_records_are_prepared_with_prompt_token_lengths(tmp_path):
     from steps.common.models import load_tokenizer
 
     source = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    done = subprocess.run(
-        [sys.executable, "-m", "steps.data_prep", "--input-dir", str(source),
-         "--output-dir", str(tmp_path / "out"), "--validation-fraction", "0.2"],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
-    )
 
-    assert done.returncode == 0, done.stderr
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = prepare(source, tmp_path / "out", validation_fraction=0.2)
+
     assert (manifest["format"], manifest["conversational"]) == ("prompt_only", False)
     splits = {name: read_jsonl(tmp_path / "out" / f"{name}.jsonl")
               for name in ("train", "validation")}
