@@ -2,7 +2,7 @@
 distilling it bought over training it on the labels alone.
 
     python -m benchmarks.distillation [--teacher MODEL] [--student SPEC ...] [--steps N]
-        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--quick]
+        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--seed S] [--quick]
 
 The demo SFT data are prepared as the distill recipe prepares them (steps.data_prep: 10% held
 out, seed 42); the teacher's top-16 outputs are computed once (steps.teacher_logits); then the
@@ -95,7 +95,7 @@ def distil(student: str, teacher: str, data: Path, cache: Path,
     config = distill.DistillStageConfig(
         student_model=student, compare_students=True, comparison_samples=SAMPLES,
         comparison_new_tokens=NEW_TOKENS, top_k=TOP_K, max_seq_length=SEQUENCE,
-        checkpoint_steps=0, logging_steps=10, seed=42, **settings)
+        checkpoint_steps=0, logging_steps=10, **settings)
     channels = {"train": data / "train.jsonl", "validation": data / "validation.jsonl",
                 "teacher": cache}
     if student.startswith("teacher:"):
@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="the students' seed (batch order); another one shows run-to-run noise")
     parser.add_argument("--quick", action="store_true",
                         help="one student, 10 steps (a teacher of 5 SFT steps)")
     parser.add_argument("--work", type=Path, help="keep the data and teacher outputs here")
@@ -180,7 +182,7 @@ def main() -> None:
     students = args.student or (STUDENTS[:1] if args.quick else STUDENTS)
     settings = {"max_steps": 10 if args.quick else args.steps, "learning_rate": args.learning_rate,
                 "alpha": args.alpha, "temperature": args.temperature,
-                "per_device_batch_size": args.batch}
+                "per_device_batch_size": args.batch, "seed": args.seed}
     with tempfile.TemporaryDirectory(prefix="bench-distillation-") as tmp:
         root = args.work or Path(tmp)
         if (root / "teacher" / "manifest.json").exists():
