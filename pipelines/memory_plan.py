@@ -76,7 +76,7 @@ import yaml
 
 from pipelines import EXIT_FAILED, UserError, cost, recipe
 from steps.common import knobs, students  # the knobs' declarations, the student specs: no torch
-from steps.common.contract import StageError
+from steps.common.knobs import StageError  # not contract: that imports transformers (about 1 s)
 from steps.common.memory_estimate import (  # the estimate itself: the jobs read it too
     GIB,
     USABLE_FRACTION,

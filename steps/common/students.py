@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from steps.common.contract import StageError
+from steps.common.knobs import StageError  # not contract: that imports transformers (about 1 s)
 
 if TYPE_CHECKING:
     import torch

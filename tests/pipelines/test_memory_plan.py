@@ -454,3 +454,18 @@ def test_a_job_decides_gradient_checkpointing_auto_as_the_plan_does_for_the_same
     assert job["on"] is planned.work.checkpointing is (room < 1)
     assert job["estimated_peak_bytes_without"] == pytest.approx(needed)
     assert config.gradient_checkpointing is job["on"]
+
+
+def test_the_command_line_and_its_memory_plan_start_without_the_ml_stack():
+    """Every command (`run`, `plan`, `endpoints`, ...) imports pipelines.cli, which imports the
+    plan; the plan reads config.json alone, so importing it must not pull torch or transformers
+    (about 1 s at every command's start when the student specs reached them through the stage
+    contract)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, pipelines.cli\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[2], check=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
