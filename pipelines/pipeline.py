@@ -255,6 +255,11 @@ def _print_tracking_line(folder: Path) -> None:
         line = json.loads((folder / META_FILE).read_text()).get("tracking", "")
     except (OSError, ValueError):
         return
+    _say_tracking(line)
+
+
+def _say_tracking(line: str | None) -> None:
+    """How an execution's MLflow run ended: a warning on stderr, else on stdout."""
     if line:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
@@ -282,6 +287,4 @@ def _close_tracked_run(sagemaker, arn: str) -> None:
                     for step in steps.get("PipelineExecutionSteps", [])
                     if step.get("Metadata", {}).get("RegisterModel", {}).get("Arn")), None)
     name, execution_id = arn.split(":pipeline/", 1)[1].split("/execution/")
-    line = tracking.close_execution_run(uri, name, execution_id, succeeded, package)
-    if line:
-        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+    _say_tracking(tracking.close_execution_run(uri, name, execution_id, succeeded, package))

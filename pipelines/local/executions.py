@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines import UserError, tracking
+from pipelines import UserError, graph, tracking
 from pipelines.local import engine, jobs
 
 log = logging.getLogger(__name__)
@@ -302,12 +302,13 @@ class Executions:
     def _tracking_uri(definition: dict, overrides: dict[str, str],
                       resume: engine.ExecutionRecord | None) -> str | None:
         """The execution's MlflowTrackingUri (given, else the definition's default); None when
-        it does not track."""
-        if resume is not None:
-            return tracking.tracked(resume.parameters.get(tracking.PARAMETER))
-        default = next((p.get("DefaultValue") for p in definition.get("Parameters", [])
-                        if p.get("Name") == tracking.PARAMETER), None)
-        return tracking.tracked(overrides.get(tracking.PARAMETER, default))
+        it does not track, or when its parameters are refused (the engine then says why)."""
+        try:
+            values = (resume.parameters if resume is not None
+                      else graph.resolve_parameters(definition, overrides))
+        except UserError:
+            return None
+        return tracking.tracked(values.get(tracking.PARAMETER))
 
     def _close_record(self, execution: Execution, reason: str) -> None:
         """Make the engine's record agree with an execution that ended without the engine saying
