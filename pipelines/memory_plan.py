@@ -459,6 +459,9 @@ class StagePlan:
     cheapest: str | None = None  # the cheapest priced instance type of the same kind that fits
     unpriced: list[str] = field(default_factory=list)  # smaller ones that fit, price unknown
     alternatives: dict[str, str] = field(default_factory=dict)  # a change -> where it then fits
+    # The settings a pipeline parameter sets (`sharding: $Sharding`): a change to one of them is
+    # given to the user as `-p Sharding=fsdp`, the others as the recipe's stage setting.
+    parameters: dict[str, str] = field(default_factory=dict)
 
     @property
     def runs(self) -> bool | None:
@@ -489,9 +492,22 @@ class StagePlan:
         else:
             fix = "no instance type in prices.yaml fits it as set"
         for change, instance in self.alternatives.items():
-            fix += f"; with {change} in stages.{self.stage} it fits on {instance}"
+            fix += f"; with {self.in_user_words(change)} it fits on {instance}"
         return (f"stage {self.step} cannot run as set: {why}; {fix} "
                 f"(`llm-pipeline plan --recipe {recipe_name}` shows the breakdown)")
+
+    def in_user_words(self, change: str) -> str:
+        """An alternative (`sharding: fsdp, gradient_checkpointing: true`) as the user makes it:
+        `-p Sharding=fsdp` where a pipeline parameter sets the setting, else the recipe's
+        `gradient_checkpointing: true in stages.sft`."""
+        words = []
+        for part in change.split(", "):
+            setting, value = part.split(": ", 1)
+            if setting in self.parameters:
+                words.append(f"-p {self.parameters[setting]}={value}")
+            else:
+                words.append(f"{part} in stages.{self.stage}")
+        return " and ".join(words)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -633,6 +649,9 @@ def plan(chosen: recipe.Recipe, overrides: dict[str, str],
                 unknown = str(exc)
         stage_plan = plan_stage(stage, STAGES[stage].step, settings, start, chosen_type,
                                 count, unknown)
+        stage_plan.parameters = {
+            setting: reference for setting, value in chosen.stages[stage].items()
+            if (reference := recipe.parameter_reference(value))}
         plans.append(stage_plan)
         if stage not in recipe.JUDGE_STAGES and stage != "distill":
             if stage_plan.work is not None:
@@ -737,7 +756,7 @@ def _format_stage(stage: StagePlan, device: str) -> list[str]:
     if not stage.cheapest and not stage.unpriced and not stage.runs and not stage.problem:
         lines.append("  no instance type in prices.yaml fits it as set")
     for change, where in stage.alternatives.items():
-        lines.append(f"  with {change}: fits on {where}")
+        lines.append(f"  with {stage.in_user_words(change)}: fits on {where}")
     return lines
 
 

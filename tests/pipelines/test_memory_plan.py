@@ -294,6 +294,12 @@ def test_sharding_fsdp_divides_a_7b_model_among_every_gpu_and_the_plan_names_a_m
     # says sharding would, on several GPUs.
     assert whole.work.checkpointing and whole.cheapest is None
     assert memory_plan.instance_type(whole.alternatives["sharding: fsdp"]).accelerators > 1
+    # The recipe sets sharding through its Sharding parameter: the refusal and the plan say so in
+    # the words a user types, not as a stage setting the recipe does not let them edit.
+    refusal = whole.refusal("sft")
+    assert f"with -p Sharding=fsdp it fits on {whole.alternatives['sharding: fsdp']}" in refusal
+    assert "sharding: fsdp in stages" not in refusal
+    assert "  with -p Sharding=fsdp: fits on" in memory_plan.format_plan([whole], "sft")
     fits = memory_plan.instance_type(sharded.cheapest)
     assert fits.accelerators > 1
     # On one GPU sharding divides nothing: the cheapest that fits has several.
