@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from containers import images
-from pipelines import UserError
+from pipelines import UserError, sizing
 from pipelines.recipe import JUDGE_STAGES, Recipe, parameter_reference
-from serving import sizing
 from steps.stages import STAGES
 
 if TYPE_CHECKING:
@@ -553,7 +552,7 @@ def get_pipeline(
                                          Join(on="", values=[setting(scheme), ".tar.gz"])])
     # The package names the serving image, which loads the artifact as it is (an adapter carries
     # its base: steps.common.models), on instances sized from the model the recipe's defaults
-    # name, quantized if a quantize stage registers its variant (serving.sizing).
+    # name, quantized if a quantize stage registers its variant (pipelines/sizing.py).
     serving_image = images.image_uri(f"{images.REPOSITORY_PREFIX}-serving", account, region, tag)
     quantization = recipe.stages.get("quantize", {}).get("scheme")
     if parameter_reference(quantization):

@@ -1,6 +1,6 @@
 """The inference instance types a package lists, sized from its model."""
 
-from serving import sizing
+from pipelines import memory_plan, sizing
 from steps.common import models
 
 
@@ -28,3 +28,11 @@ def test_the_builtin_sizes_are_the_builtin_models():
     assert set(sizing.BUILTIN_PARAMETERS) == {models.TINY, models.SMOLLM2}
     tiny = sum(p.numel() for p in models.load_model(models.TINY).parameters())
     assert abs(tiny - sizing.BUILTIN_PARAMETERS[models.TINY]) < 0.05 * tiny
+
+
+def test_every_type_offered_is_sized_from_the_hardware_table_the_memory_plan_reads():
+    hardware = memory_plan.instance_types()
+    for name in sizing.CPU_TYPES:
+        assert not hardware[name].is_gpu, name
+    for name in sizing.GPU_TYPES:
+        assert hardware[name].is_gpu and hardware[name].accelerators == 1, name

@@ -8,12 +8,14 @@ its weights in bf16 (or as quantized), its cache and the runtime. The size comes
 models' known sizes or from the size a model's name states ("Llama-3.1-8B", "Qwen2.5-0.5B",
 "smollm2-135m"); a model whose name states none is taken as a 7B one, the common size of the
 models people adapt, so that its package lists GPU instances rather than ones that cannot hold
-it. No import here is heavier than the standard library: the pipeline definition uses it.
+it. The memory of each type is the one prices.yaml's hardware table gives the memory plan.
 """
 
 from __future__ import annotations
 
 import re
+
+from pipelines import memory_plan
 
 # The builtin models of steps.common.models and their parameter counts (a test keeps them in step).
 BUILTIN_PARAMETERS = {"builtin:tiny": 111_000, "builtin:smollm2-135m-instruct": 135_000_000}
@@ -23,11 +25,11 @@ BYTES_PER_PARAMETER = {"cpu": 4.0, "gpu": 2.0, "int8": 1.0, "nf4": 0.5}  # fp32 
 RUNTIME_GIB = 2.0  # Python, torch and the server, besides the weights
 OVERHEAD = 1.3  # key/value cache and activations of a few requests, on top of the weights
 
-# Memory (GiB) of the types offered, smallest first: CPU instances' RAM, GPU instances' one GPU.
-CPU_TYPES = (("ml.m5.xlarge", 16), ("ml.c5.2xlarge", 16), ("ml.m5.2xlarge", 32),
-             ("ml.m5.4xlarge", 64), ("ml.m5.12xlarge", 192))
-GPU_TYPES = (("ml.g5.xlarge", 24), ("ml.g5.2xlarge", 24), ("ml.g6.xlarge", 24),
-             ("ml.g6e.xlarge", 48), ("ml.g6e.2xlarge", 48), ("ml.p5.4xlarge", 80))
+# The types offered, cheapest first: CPU instances (sized by their memory) and instances of one
+# GPU (sized by its memory), both as prices.yaml's hardware table gives them.
+CPU_TYPES = ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.m5.2xlarge", "ml.m5.4xlarge", "ml.m5.12xlarge")
+GPU_TYPES = ("ml.g5.xlarge", "ml.g5.2xlarge", "ml.g6.xlarge", "ml.g6e.xlarge", "ml.g6e.2xlarge",
+             "ml.p5.4xlarge")
 OFFERED = 3  # types listed per package: the smallest that fit, cheapest first
 
 _SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z0-9])")
@@ -51,8 +53,11 @@ def inference_instance_types(model: str, quantization: str | None = None) -> lis
     scheme = quantization if quantization in ("int8", "nf4") else ("cpu" if on_cpu else "gpu")
     needed_gib = parameters * BYTES_PER_PARAMETER[scheme] * OVERHEAD / 2**30 + RUNTIME_GIB
     candidates = CPU_TYPES if on_cpu else GPU_TYPES
-    fitting = [name for name, memory in candidates if memory >= needed_gib]
+    hardware = memory_plan.instance_types()
+    fitting = [name for name in candidates if needed_gib <= (
+        hardware[name].accelerator_memory_gib if hardware[name].is_gpu
+        else hardware[name].memory_gib)]
     # A model past one GPU's memory gets the largest: this image does not shard a model across
     # GPUs, so its endpoint would fail to load it (the log says so); quantize it, or serve it
     # with a sharding container.
-    return fitting[:OFFERED] or [candidates[-1][0]]
+    return fitting[:OFFERED] or [candidates[-1]]
