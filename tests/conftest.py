@@ -56,6 +56,21 @@ def sagemaker_output_dir(tmp_path_factory):
         os.environ["SM_OUTPUT_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_job_runner(tmp_path_factory):
+    """The local servers a test starts (each on a home of its own) fork their jobs from one warm
+    job runner per pytest worker, which imports the ML stack once (seconds of CPU each time),
+    instead of one runner per server; each job is still a fresh process of its own home
+    (tests/pipelines/test_job_runner.py, whose tests give their homes runners of their own)."""
+    from pipelines.local import runner
+
+    folder = tmp_path_factory.getbasetemp() / "job-runner"
+    os.environ[runner.SHARED_VARIABLE] = str(folder)
+    yield folder
+    runner.stop()
+    del os.environ[runner.SHARED_VARIABLE]
+
+
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory) -> Path:
     """An SFT job's model folder: a LoRA adapter (with its base in base/) that answers every

@@ -36,7 +36,11 @@ What it shares with the runner, by construction:
 
 Lifetime: one runner per engine home ($LLM_PIPELINE_HOME/job-runner.json), started by the local
 server (pipelines/local/server.py) when it starts, so that it outlives any one command, and
-stopped by `llm-pipeline server stop`. The server starts its jobs through `WarmStart`, the
+stopped by `llm-pipeline server stop`. Several homes may share one runner instead: each names its
+folder in LLM_PIPELINE_JOB_RUNNER_HOME (`folder`). The runner holds nothing of any home (a job's
+home, environment and working folder all come with its request), so each job is the same fresh
+process whichever home's server asked for it; such a runner outlives the servers, and leaves when
+its socket is removed or after an hour without jobs. The server starts its jobs through `WarmStart`, the
 `jobs.JobControl.start` that forks them here. The runner is keyed by what its preloaded state
 depends on (the code digest of the images, this module, the Python executable, the installed
 distributions and the environment it imported under): a server whose key differs starts a new
@@ -102,6 +106,7 @@ _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE,
                   signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2)
 # `llm-pipeline run --job-runner`, whose default this variable sets.
 CHOICES, VARIABLE = ("warm", "subprocess"), "LLM_PIPELINE_JOB_RUNNER"
+SHARED_VARIABLE = "LLM_PIPELINE_JOB_RUNNER_HOME"  # a runner folder several homes share: `folder`
 IDLE_EXIT_S = 3600.0
 READY_TIMEOUT_S = 300.0  # the runner's imports take 10-60 s on a busy 2-CPU machine
 _SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, one of them the terminating NUL
@@ -660,25 +665,50 @@ def _import_environment(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith(RUN_TIME_VARIABLES)}
 
 
-def _home() -> Path:
-    from pipelines.local import server
+def shared() -> bool:
+    """Whether this home's jobs go to a runner that other homes share (LLM_PIPELINE_JOB_RUNNER_HOME)."""
+    return bool(os.environ.get(SHARED_VARIABLE))
 
-    return server.home()
+
+def folder() -> Path:
+    """Where the runner's socket, record, lock and log are: the engine home, or the folder named
+    by LLM_PIPELINE_JOB_RUNNER_HOME, whose runner serves every home that names it. A shared
+    folder receives the jobs' environments (credentials included): it must be this user's
+    alone, as the private socket folder of `_socket_path` must."""
+    if not shared():
+        from pipelines.local import server
+
+        return server.home()
+    return _private_folder(Path(os.environ[SHARED_VARIABLE]).absolute(),
+                           f"or unset {SHARED_VARIABLE}")
+
+
+def _private_folder(path: Path, remedy: str) -> Path:
+    """`path`, created for this user alone if missing; Unavailable when others could enter it
+    (and so replace the runner's socket with their own, to receive the jobs' environments)."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    status = os.lstat(path)
+    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+            or status.st_mode & 0o077):
+        raise Unavailable(f"{path} is not a private folder of this user's; remove it, {remedy}")
+    return path
 
 
 def _record() -> Path:
-    return _home() / "job-runner.json"
+    return folder() / "job-runner.json"
 
 
 def log_path() -> Path:
-    return _home() / "job-runner.log"
+    return folder() / "job-runner.log"
 
 
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
-    """Held while a runner is started or stopped: one at a time per home, across processes."""
-    _home().mkdir(parents=True, exist_ok=True)
-    with open(_home() / "job-runner.lock", "a") as handle:
+    """Held while a runner is started or stopped: one at a time per runner folder, across
+    processes."""
+    folder().mkdir(parents=True, exist_ok=True)
+    with open(folder() / "job-runner.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -729,24 +759,18 @@ def requested(flag: str | None) -> str | None:
 
 
 def _socket_path(home: Path, key: str) -> Path:
-    """Where the home's runner listens: in the home, or, where that path is longer than a Unix
-    socket's address allows (a deep LLM_PIPELINE_HOME, such as a test's temporary folder), in a
-    folder of this user's own under the temporary folder, named after the home."""
+    """Where the runner of folder `home` listens: in it, or, where that path is longer than a
+    Unix socket's address allows (a deep LLM_PIPELINE_HOME, such as a test's temporary folder),
+    in a folder of this user's own under the temporary folder, named after `home`."""
     socket_path = home / f"job-runner-{key}.sock"
     if len(os.fsencode(socket_path)) <= _SOCKET_PATH_MAX:
         return socket_path
-    folder = Path(tempfile.gettempdir()) / f"llm-pipeline-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
     # Another user could have made it first, to receive the jobs' environments: it must be a
     # real folder of ours that nobody else can enter.
-    status = os.lstat(folder)
-    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
-            or status.st_mode & 0o077):
-        raise Unavailable(f"{folder} is not a private folder of this user's; remove it, or set "
-                          "LLM_PIPELINE_HOME to a shorter folder")
+    private = _private_folder(Path(tempfile.gettempdir()) / f"llm-pipeline-{os.getuid()}",
+                              "or set LLM_PIPELINE_HOME to a shorter folder")
     digest = hashlib.sha256(os.fsencode(home)).hexdigest()[:16]
-    socket_path = folder / f"{digest}-{key}.sock"
+    socket_path = private / f"{digest}-{key}.sock"
     if len(os.fsencode(socket_path)) > _SOCKET_PATH_MAX:
         raise Unavailable(f"its socket path {socket_path} is longer than the {_SOCKET_PATH_MAX} "
                           "bytes a Unix socket allows; set TMPDIR or LLM_PIPELINE_HOME to a "
@@ -755,14 +779,14 @@ def _socket_path(home: Path, key: str) -> Path:
 
 
 def ensure_running(environment: dict[str, str]) -> Runner:
-    """The home's runner for this code, Python and environment, started when there is none
-    (it may still be importing: `Runner.start_job` waits for it). Unavailable when it cannot
-    run here."""
+    """The runner of this home (or of its shared runner folder) for this code, Python and
+    environment, started when there is none (it may still be importing: `Runner.start_job`
+    waits for it). Unavailable when it cannot run here."""
     if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
         raise Unavailable("the warm job runner needs Linux 5.3 or later (fork, pidfd)")
     key = _key(environment)
-    home = _home().absolute()
-    socket_path = _socket_path(home, key)
+    runner_folder = folder().absolute()
+    socket_path = _socket_path(runner_folder, key)
     with _lock():
         record = _read_record()
         if record and _is_runner(record["pid"]):
@@ -773,12 +797,12 @@ def ensure_running(environment: dict[str, str]) -> Runner:
         socket_path.unlink(missing_ok=True)  # left by a runner that was killed
         # Its own empty folder: `python -m` puts the working folder first on sys.path, and the
         # home holds folders (pipelines/) that would shadow the project's packages.
-        folder = home / "job-runner"
-        folder.mkdir(exist_ok=True)
+        working = runner_folder / "job-runner"
+        working.mkdir(exist_ok=True)
         with open(log_path(), "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.local.runner", str(socket_path)],
-                env=environment, cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
+                env=environment, cwd=working, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)  # outlives this command
         partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
         partial.write_text(json.dumps({"pid": process.pid, "socket": str(socket_path),
@@ -788,7 +812,8 @@ def ensure_running(environment: dict[str, str]) -> Runner:
 
 
 def stop() -> bool:
-    """Stop the home's runner: it takes no more jobs and leaves when its running jobs end."""
+    """Stop the runner of this home (or of its shared runner folder): it takes no more jobs and
+    leaves when its running jobs end."""
     with _lock():
         record = _read_record()
         _record().unlink(missing_ok=True)

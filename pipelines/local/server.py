@@ -146,12 +146,13 @@ def _start(job_runner: str) -> str:
 
 
 def stop() -> bool:
-    """Stop the home's server (and its warm job runner); executions it was running end Failed,
-    saying so."""
+    """Stop the home's server (and its warm job runner, unless other homes share it); executions
+    it was running end Failed, saying so."""
     from pipelines.local import runner
 
     with _lock():
-        runner.stop()  # it takes no more jobs, and leaves when the server's jobs have ended
+        if not runner.shared():  # a shared runner goes on serving the other homes' servers
+            runner.stop()  # it takes no more jobs, and leaves when the server's jobs have ended
         # moto-server.json: the record of a plain moto server, which earlier versions started.
         stopped = False
         for record_path in (_record(), home() / "moto-server.json"):

@@ -8,6 +8,7 @@ server starts them (`runner.WarmStart` as the `JobControl.start`).
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -170,15 +171,26 @@ def started_runner(home: Path) -> runner.WarmStart:
 
 @pytest.fixture(scope="module")
 def runner_home(tmp_path_factory):
+    """A home with a runner of its own (the test session's is shared by its servers' homes)."""
     home = tmp_path_factory.mktemp("home")
-    previous = os.environ.get("LLM_PIPELINE_HOME")
+    previous = {name: os.environ.get(name)
+                for name in ("LLM_PIPELINE_HOME", runner.SHARED_VARIABLE)}
     os.environ["LLM_PIPELINE_HOME"] = str(home)
+    os.environ.pop(runner.SHARED_VARIABLE, None)
     yield home
     runner.stop()
-    if previous is None:
-        os.environ.pop("LLM_PIPELINE_HOME", None)
-    else:
-        os.environ["LLM_PIPELINE_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def own_runner(monkeypatch):
+    """Each test's homes have runners of their own, as a home has by default: the tests here
+    kill, replace and stop runners."""
+    monkeypatch.delenv(runner.SHARED_VARIABLE, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +403,53 @@ def test_a_shared_socket_folder_that_others_can_enter_is_not_used(tmp_path, monk
     os.chmod(tmp_path / f"llm-pipeline-{os.getuid()}", 0o777)
 
     with pytest.raises(runner.Unavailable, match="is not a private folder of this user's"):
+        runner.ensure_running(jobs.warm_environment())
+
+
+# Prints its output folder (SM_OUTPUT_DIR, which the job's request gives) and whether it started
+# in a process that had imported torch already.
+OWN_OUTPUT = """
+import os, sys
+print(f"{os.environ['SM_OUTPUT_DIR']} preloaded: {'torch' in sys.modules}", flush=True)
+"""
+
+
+def test_homes_that_name_one_runner_folder_fork_their_jobs_from_one_runner_their_servers_leave(
+        tmp_path, monkeypatch):
+    from pipelines.local import server
+
+    monkeypatch.setenv(runner.SHARED_VARIABLE, str(tmp_path / "runner"))
+    runners = []
+    try:
+        for home in (tmp_path / "a", tmp_path / "b"):
+            monkeypatch.setenv("LLM_PIPELINE_HOME", str(home))
+            warm = runner.WarmStart()
+            folder = write_stage(home / "job", "own_output", OWN_OUTPUT)
+            code, lines = run_job(folder, "own_output", warm=warm)
+            assert (code, lines) == (0, [f"{folder / 'output'} preloaded: True"])
+            runners.append(warm.runner.pid)
+
+            server.stop()  # `llm-pipeline server stop` of this home leaves the shared runner
+
+            assert alive(warm.runner.pid)
+            assert not (home / "job-runner.json").exists()
+        assert runners[0] == runners[1]
+        assert (tmp_path / "runner" / "job-runner.json").is_file()
+        assert stat.S_IMODE((tmp_path / "runner").stat().st_mode) == 0o700
+    finally:
+        runner.stop()
+    assert wait_until(lambda: not alive(runners[0]))
+
+
+def test_a_runner_folder_that_others_can_enter_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(runner.SHARED_VARIABLE, str(tmp_path / "runner"))
+    (tmp_path / "runner").mkdir()
+    os.chmod(tmp_path / "runner", 0o755)
+
+    with pytest.raises(runner.Unavailable, match=re.escape(
+            f"{tmp_path / 'runner'} is not a private folder of this user's; remove it, or "
+            f"unset {runner.SHARED_VARIABLE}")):
         runner.ensure_running(jobs.warm_environment())
 
 
