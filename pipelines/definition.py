@@ -137,6 +137,35 @@ def _validate_sdk_config_once() -> None:
     config_files.validate_sagemaker_config = remembering(config_files.validate_sagemaker_config)
 
 
+def _share_service_models() -> None:
+    """Make every botocore session of this process read botocore's service models once.
+
+    Written by hand: each session the SDK creates while building (the PipelineSession, its
+    config's, and a local-mode session per ProcessingStep, for a method's name) makes a new boto3
+    session, whose loader reads and parses the service models again (SageMaker's alone is
+    megabytes of JSON): about two thirds of a definition's CPU time after the first. A botocore
+    loader caches files that botocore only reads, keyed by its search path; here sessions with
+    the same search path (AWS_DATA_PATH) share one. The definition is byte-identical either way.
+    """
+    import botocore.session
+
+    create = botocore.session.create_loader
+    if getattr(create, "_shared", False):
+        return
+    loaders: dict[str | None, object] = {}
+
+    def shared_loader(search_path_string: str | None = None):
+        loader = loaders.get(search_path_string)
+        if loader is None:
+            loader = loaders[search_path_string] = create(search_path_string)
+        # boto3 adds its own data folder to each new session's loader: once is enough.
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))
+        return loader
+
+    shared_loader._shared = True
+    botocore.session.create_loader = shared_loader
+
+
 def _account_of(role_arn: str) -> str:
     parts = role_arn.split(":")
     if len(parts) < 6 or parts[0] != "arn" or parts[2] != "iam" or not parts[4].isdigit():
@@ -215,6 +244,7 @@ def get_pipeline(
     (https://github.com/aws/sagemaker-python-sdk/issues/4140).
     """
     prepare_sdk_environment(region)
+    _share_service_models()
     _validate_sdk_config_once()
     import boto3
     from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
