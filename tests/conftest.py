@@ -59,15 +59,28 @@ def sagemaker_output_dir(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def shared_job_runner(tmp_path_factory):
     """The local servers a test starts (each on a home of its own) fork their jobs from one warm
-    job runner per pytest worker, which imports the ML stack once (seconds of CPU each time),
-    instead of one runner per server; each job is still a fresh process of its own home
-    (tests/pipelines/test_job_runner.py, whose tests give their homes runners of their own)."""
+    job runner, which imports the ML stack once (seconds of CPU each time), instead of one
+    runner per server; each job is still a fresh process of its own home
+    (tests/pipelines/test_job_runner.py, whose tests give their homes runners of their own).
+    The session's pytest-xdist workers share it, in the folder their temporary folders are in;
+    the last worker to end stops it (each holds a shared lock on a file there while it runs)."""
     from pipelines.local import runner
 
-    folder = tmp_path_factory.getbasetemp() / "job-runner"
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / "job-runner"
     os.environ[runner.SHARED_VARIABLE] = str(folder)
-    yield folder
-    runner.stop()
+    with open(shared / "job-runner-users.lock", "w") as users:
+        fcntl.flock(users, fcntl.LOCK_SH)
+        yield folder
+        fcntl.flock(users, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another worker is still running tests: it stops the runner when it ends
+        else:
+            runner.stop()
     del os.environ[runner.SHARED_VARIABLE]
 
 
