@@ -174,12 +174,27 @@ def _terminate(pid: int | None, timeout: float = 15.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout  # so that a `server start` right after gets a new one
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs. One that has exited but that no one has reaped yet (a
+    zombie: where the first process of a container does not reap orphans, or this process's own
+    child) still answers signal 0, so the signal alone would wait out the whole timeout."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # this process's child, reaped now
+    except ChildProcessError:
+        pass  # not this process's child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # Linux: the state after the command's closing parenthesis; Z is a zombie
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def local_environment(url: str) -> dict[str, str]:

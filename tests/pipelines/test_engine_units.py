@@ -1,11 +1,18 @@
 """Engine pieces without running jobs: ordering, parameters, validation, the image table."""
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from containers import images
 from pipelines import UserError
 from pipelines.graph import flatten as _flatten
 from pipelines.graph import resolve_parameters, topological_order
+from pipelines.local import server
 from pipelines.local.engine import validate_request
 
 DEFINITION = {"Parameters": [
@@ -88,3 +95,27 @@ def test_every_stage_module_in_the_image_table_exists():
     for modules in images.IMAGES.values():
         for module in modules:
             assert importlib.util.find_spec(module) is not None, module
+
+
+def test_server_stop_returns_once_the_server_has_ended_even_if_no_one_reaps_it(tmp_path,
+                                                                               monkeypatch):
+    """Where the first process of a container reaps no orphans, an ended server stays a zombie,
+    which still answers signal 0: `server stop` must not wait out its whole timeout for it."""
+    monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path))
+    never_reaps = ("import subprocess, time\n"
+                   "server = subprocess.Popen(['sleep', '60'])\n"
+                   "print(server.pid, flush=True)\n"
+                   "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", never_reaps], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        (tmp_path / "server.json").write_text(json.dumps({"pid": pid}))
+        started = time.monotonic()
+        assert server.stop() is True
+        assert time.monotonic() - started < 5
+        assert Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        assert not (tmp_path / "server.json").exists()
+    finally:
+        parent.kill()
+        parent.wait()
