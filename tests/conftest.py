@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,8 @@ def lora_adapter(tmp_path_factory) -> Path:
     question 'ok ok ok'."""
     from tests.serving.endpoints import train_lora
 
-    return train_lora(tmp_path_factory.mktemp("lora") / "opt-ml")
+    return built_once(tmp_path_factory, "lora-adapter",
+                      lambda folder: train_lora(folder / "opt-ml")) / "opt-ml" / "model"
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +100,10 @@ def tenant_adapters(tmp_path_factory) -> dict[str, Path]:
     """A prompt-tuning adapter per tenant over the same builtin:tiny, each answering its own way."""
     from tests.serving.endpoints import train_prompt_tuning
 
-    return {tenant: train_prompt_tuning(tmp_path_factory.mktemp(tenant) / "opt-ml", answer)
+    def build(answer: str) -> Callable[[Path], object]:
+        return lambda folder: train_prompt_tuning(folder / "opt-ml", answer)
+
+    return {tenant: built_once(tmp_path_factory, f"tenant-{tenant}", build(answer)) / "opt-ml" / "model"
             for tenant, answer in TENANT_ANSWERS.items()}
 
 
@@ -107,12 +112,13 @@ def quantized_models(tmp_path_factory) -> Path:
     """steps.quantize's output for builtin:tiny: int8/ and nf4/ model folders and their archives."""
     from steps import quantize
 
-    output = tmp_path_factory.mktemp("quantized") / "output"
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize.main(quantize.QuantizeConfig(model_dir="builtin:tiny", output_dir=str(output),
-                                              scheme="both", speed_runs=1, speed_tokens=4,
-                                              archive=True))
-    return output
+    def build(folder: Path) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize.main(quantize.QuantizeConfig(
+                model_dir="builtin:tiny", output_dir=str(folder / "output"), scheme="both",
+                speed_runs=1, speed_tokens=4, archive=True))
+
+    return built_once(tmp_path_factory, "quantized", build) / "output"
 
 
 # The targets every recipe's definition is built for: the local engine's defaults, and an AWS
@@ -127,20 +133,30 @@ TARGETS = {
 def recipe_definitions(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """(recipe, target) -> the definition JSON file, for every shipped recipe and target, built
     once per test session in one offline process (a build imports the SageMaker SDK: seconds
-    each) and shared by the session's pytest-xdist workers: the first to need it builds it, under
-    a lock, in the folder all workers' temporary folders are in."""
+    each) and shared by the session's pytest-xdist workers."""
+    out = built_once(tmp_path_factory, "recipe-definitions",
+                     lambda folder: build_recipe_definitions(folder, tmp_path_factory.mktemp("home")))
+    return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test session and shared by the
+    session's pytest-xdist workers: the first worker to need it builds it, under a lock, in the
+    folder all workers' temporary folders are in; the others wait and read it. What it holds is
+    read-only to the tests: a test that changes it works on its own copy."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
-    out = shared / "recipe-definitions"
-    with open(shared / "recipe-definitions.lock", "w") as lock:
+    out, done = shared / name, shared / f"{name}.built"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (out / "built").is_file():
+        if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)  # a worker that failed half way
             out.mkdir()
-            build_recipe_definitions(out, tmp_path_factory.mktemp("home"))
-            (out / "built").touch()
-    return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}
+            build(out)
+            done.touch()
+    return out
 
 
 def build_recipe_definitions(out: Path, home: Path) -> None:

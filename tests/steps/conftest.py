@@ -4,10 +4,17 @@ import contextlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.conftest import built_once
+
+if TYPE_CHECKING:
+    from .preference_runs import AlignmentRun
 
 # Before transformers is imported: nothing in these tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -89,23 +96,71 @@ class SFTRun:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory: pytest.TempPathFactory) -> SFTRun:
-    """One tiny SFT run through the training contract, shared by the sft and evaluate tests."""
+    """One tiny SFT run through the training contract, shared by the sft, evaluate, distill and
+    gate tests (built once per session: tests/conftest.py's built_once)."""
     from steps import sft
     from steps.common import contract
 
-    root = tmp_path_factory.mktemp("sft-run") / "opt-ml"
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
-        job = TrainingJob(root, monkeypatch)
-        job.channel("train", counting_records(32))
-        job.channel("validation", counting_records(8))
-        job.hyperparameters(
-            base_model='"builtin:tiny"',  # JSON-encoded, as the SageMaker SDK writes some strings
-            max_steps="30",
-            learning_rate="1e-2",
-            logging_steps="5",
-            lora_dropout="0.0",
-            sagemaker_program="sft.py",  # the SDK's own keys are ignored
-        )
-        contract.run(sft.main, sft.SFTStageConfig, job="training")
-    return SFTRun(root, job.model_dir, job.output_data_dir, stdout.getvalue())
+    def build(folder: Path) -> None:
+        stdout = io.StringIO()
+        with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
+            job = TrainingJob(folder / "opt-ml", monkeypatch)
+            job.channel("train", counting_records(32))
+            job.channel("validation", counting_records(8))
+            job.hyperparameters(
+                base_model='"builtin:tiny"',  # JSON-encoded, as the SageMaker SDK writes some strings
+                max_steps="30",
+                learning_rate="1e-2",
+                logging_steps="5",
+                lora_dropout="0.0",
+                sagemaker_program="sft.py",  # the SDK's own keys are ignored
+            )
+            contract.run(sft.main, sft.SFTStageConfig, job="training")
+        (folder / "stdout.txt").write_text(stdout.getvalue())
+
+    folder = built_once(tmp_path_factory, "sft-run", build)
+    root = folder / "opt-ml"
+    return SFTRun(root, root / "model", root / "output" / "data",
+                  (folder / "stdout.txt").read_text())
+
+
+@pytest.fixture(scope="session")
+def preference_judge(tmp_path_factory: pytest.TempPathFactory) -> "AlignmentRun":
+    """A 30-step tiny reward model (all weights) that ranks the demo preference pairs (capital
+    letters win; held-out pairwise accuracy 1.0): test_reward_model's full run, the reward of the
+    PPO tests and the judge of the preference evaluation and gate tests."""
+    from steps import reward_model
+
+    return _shared_alignment_run(
+        tmp_path_factory, "reward-model", reward_model.main, reward_model.RewardModelStageConfig,
+        base_model="builtin:tiny", peft_method="none", max_steps=30, logging_steps=10,
+        checkpoint_steps=0, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="session")
+def dpo_lora_run(tmp_path_factory: pytest.TempPathFactory) -> "AlignmentRun":
+    """24 steps of DPO with LoRA (r 4) from builtin:tiny towards the demo pairs' chosen answers:
+    test_dpo's LoRA run and the tuned policy of the preference evaluation tests."""
+    from steps import dpo
+
+    return _shared_alignment_run(
+        tmp_path_factory, "dpo-lora", dpo.main, dpo.DPOStageConfig,
+        base_model="builtin:tiny", peft_method="lora", beta=0.1, max_steps=24, logging_steps=8,
+        checkpoint_steps=0, learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+
+
+def _shared_alignment_run(tmp_path_factory: pytest.TempPathFactory, name: str, main: Callable,
+                          config_class: type, **hyperparameters: Any) -> "AlignmentRun":
+    """A training job of an alignment stage on the demo pairs (preference_runs' TRAIN and
+    VALIDATION), run once per session and shared by the workers; its log kept in stdout.txt."""
+    from .preference_runs import TRAIN, VALIDATION, AlignmentRun, run_stage
+
+    def build(folder: Path) -> None:
+        run = run_stage(main, config_class, folder / "opt-ml",
+                        {"train": TRAIN, "validation": VALIDATION}, **hyperparameters)
+        (folder / "stdout.txt").write_text(run.stdout)
+
+    folder = built_once(tmp_path_factory, name, build)
+    root = folder / "opt-ml"
+    return AlignmentRun(root / "model", root / "output" / "data",
+                        (folder / "stdout.txt").read_text())

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipelines.local.expressions import Scope, evaluate_condition
-from steps import evaluate, reward_model, sft
+from steps import evaluate, sft
 from steps.common import models
 from steps.common.demo_data import demo_corpus
 from steps.common.lm_data import train_tokenizer
@@ -153,15 +153,6 @@ def test_the_pretrain_gate_refuses_a_model_that_learnt_nothing(teacher_copy, dat
     assert gate_registers("pretrain", trained)
 
 
-@pytest.fixture(scope="module")
-def preference_judge(tmp_path_factory) -> Path:
-    """A tiny reward model that prefers the demo pairs' chosen answers (capital letters)."""
-    return run_stage(reward_model.main, reward_model.RewardModelStageConfig,
-                     tmp_path_factory.mktemp("judge") / "opt-ml", {"train": TRAIN},
-                     base_model="builtin:tiny", peft_method="none", max_steps=30,
-                     learning_rate=1e-3, checkpoint_steps=0).model_dir
-
-
 def policy_answering(answers: str, root: Path) -> Path:
     """A tiny policy trained (all its weights) to answer the demo prompts with the pairs'
     `answers`: chosen or rejected."""
@@ -179,7 +170,7 @@ def test_the_rlhf_ppo_gate_refuses_a_policy_whose_answers_the_reward_model_likes
     rejected = policy_answering("rejected", tmp_path / "rejected")
     chosen = policy_answering("chosen", tmp_path / "chosen")
     held_out = write_jsonl(tmp_path / "pairs" / "validation.jsonl", VALIDATION)
-    judged = {"reward_model_dir": str(preference_judge), "max_samples": 16, "max_new_tokens": 16}
+    judged = {"reward_model_dir": str(preference_judge.model_dir), "max_samples": 16, "max_new_tokens": 16}
 
     broken = evaluation_of(rejected, chosen, held_out, tmp_path / "broken", **judged)
     aligned = evaluation_of(chosen, rejected, held_out, tmp_path / "aligned", **judged)

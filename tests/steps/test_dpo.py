@@ -31,27 +31,23 @@ from .preference_runs import (
 )
 
 BETA = 0.1
-SETTINGS = {
-    "none": {"learning_rate": 1e-3},
-    "lora": {"learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-}
+METHODS = ("none", "lora")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, AlignmentRun]:
-    """A 24-step DPO run per method (a few seconds each)."""
-    return {
-        method: run_stage(
-            dpo.main, dpo.DPOStageConfig, tmp_path_factory.mktemp(f"dpo-{method}") / "opt-ml",
-            {"train": TRAIN, "validation": VALIDATION},
-            base_model="builtin:tiny", peft_method=method, beta=BETA, max_steps=24,
-            logging_steps=8, checkpoint_steps=0, **knobs,
-        )
-        for method, knobs in SETTINGS.items()
-    }
+def runs(tmp_path_factory: pytest.TempPathFactory, dpo_lora_run) -> dict[str, AlignmentRun]:
+    """A 24-step DPO run per method (a few seconds each): all the weights, and LoRA (r 4), the
+    session's run that the preference evaluation tests evaluate too (tests/steps/conftest.py)."""
+    full = run_stage(
+        dpo.main, dpo.DPOStageConfig, tmp_path_factory.mktemp("dpo-none") / "opt-ml",
+        {"train": TRAIN, "validation": VALIDATION},
+        base_model="builtin:tiny", peft_method="none", beta=BETA, max_steps=24,
+        logging_steps=8, checkpoint_steps=0, learning_rate=1e-3,
+    )
+    return {"none": full, "lora": dpo_lora_run}
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_dpo_raises_the_held_out_margin_of_chosen_over_rejected(runs, method):
     held_out = pairs(VALIDATION)
     tokenizer = models.load_tokenizer(models.TINY)
@@ -69,7 +65,7 @@ def test_dpo_raises_the_held_out_margin_of_chosen_over_rejected(runs, method):
     assert recorded["after"]["logprob_margin"] == pytest.approx(mean_after, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_the_reference_is_the_starting_model(runs, method):
     # DPO's implicit reward margin is beta x (policy margin - reference margin). The trainer's own
     # figure on the held-out pairs matches beta x (after - before) only if the reference it used
@@ -83,7 +79,7 @@ def test_the_reference_is_the_starting_model(runs, method):
     assert "copy" in runs[method].summary["reference_model"] or method == "lora"
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_each_training_line_logs_dpos_rewards(runs, method):
     stdout = runs[method].stdout
     for name in ("train_loss", "reward_chosen", "reward_rejected", "reward_margin",
@@ -93,7 +89,7 @@ def test_each_training_line_logs_dpos_rewards(runs, method):
     assert margins[-1] > margins[0]
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_the_output_reloads_and_generates(runs, method):
     folder = runs[method].model_dir
     summary = runs[method].summary

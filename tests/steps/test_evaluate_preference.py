@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from steps import dpo, evaluate, reward_model
+from steps import evaluate
 from steps.common import contract, models
 
 from .conftest import write_jsonl
-from .preference_runs import TRAIN, VALIDATION, run_stage
+from .preference_runs import TRAIN, VALIDATION
 
 PREFERENCE_METRICS = {"preference_accuracy", "logprob_margin"}
 REWARD_METRICS = {"reward_mean"}
@@ -44,26 +44,17 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 30-step tiny reward model that ranks the demo pairs, as test_ppo trains one."""
-    run = run_stage(
-        reward_model.main, reward_model.RewardModelStageConfig,
-        tmp_path_factory.mktemp("eval-rm") / "opt-ml", {"train": TRAIN},
-        base_model="builtin:tiny", peft_method="none", max_steps=30, learning_rate=1e-3,
-        checkpoint_steps=0,
-    )
-    return run.model_dir
+def reward_model_dir(preference_judge) -> Path:
+    """The session's 30-step tiny reward model that ranks the demo pairs (tests/steps/conftest.py),
+    the one the PPO tests train against."""
+    return preference_judge.model_dir
 
 
 @pytest.fixture(scope="module")
-def dpo_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter over builtin:tiny after 24 DPO steps towards the chosen responses."""
-    run = run_stage(
-        dpo.main, dpo.DPOStageConfig, tmp_path_factory.mktemp("eval-dpo") / "opt-ml",
-        {"train": TRAIN}, base_model="builtin:tiny", peft_method="lora", beta=0.1, max_steps=24,
-        learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, checkpoint_steps=0,
-    )
-    return run.model_dir
+def dpo_adapter(dpo_lora_run) -> Path:
+    """The session's LoRA adapter over builtin:tiny after 24 DPO steps towards the chosen
+    responses (tests/steps/conftest.py), test_dpo's LoRA run."""
+    return dpo_lora_run.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from steps import ppo, reward_model
+from steps import ppo
 from steps.common import models
 from steps.common.contract import StageError
 from steps.common.preference import load_prompts
@@ -39,15 +40,10 @@ SETTINGS = {"none": {"learning_rate": 3e-3},
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny reward model that ranks the demo pairs (held-out pairwise accuracy 1.0)."""
-    run = run_stage(
-        reward_model.main, reward_model.RewardModelStageConfig,
-        tmp_path_factory.mktemp("ppo-rm") / "opt-ml", {"train": TRAIN},
-        base_model="builtin:tiny", peft_method="none", max_steps=30, learning_rate=1e-3,
-        checkpoint_steps=0,
-    )
-    return run.model_dir
+def reward_model_dir(preference_judge) -> Path:
+    """The session's tiny reward model that ranks the demo pairs (held-out pairwise accuracy 1.0;
+    tests/steps/conftest.py)."""
+    return preference_judge.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -27,28 +27,23 @@ from .preference_runs import (
     run_stage,
 )
 
-SETTINGS = {
-    "none": {"learning_rate": 1e-3},
-    "lora": {"learning_rate": 3e-3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-}
+METHODS = ("none", "lora")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, AlignmentRun]:
-    """A 30-step reward model per method (a few seconds each)."""
-    return {
-        method: run_stage(
-            reward_model.main, reward_model.RewardModelStageConfig,
-            tmp_path_factory.mktemp(f"rm-{method}") / "opt-ml",
-            {"train": TRAIN, "validation": VALIDATION},
-            base_model="builtin:tiny", peft_method=method, max_steps=30, logging_steps=10,
-            checkpoint_steps=0, **knobs,
-        )
-        for method, knobs in SETTINGS.items()
-    }
+def runs(tmp_path_factory: pytest.TempPathFactory, preference_judge) -> dict[str, AlignmentRun]:
+    """A 30-step reward model per method (a few seconds each): all the weights, the session's
+    that the PPO and preference evaluation tests use too (tests/steps/conftest.py), and LoRA."""
+    lora = run_stage(
+        reward_model.main, reward_model.RewardModelStageConfig,
+        tmp_path_factory.mktemp("rm-lora") / "opt-ml", {"train": TRAIN, "validation": VALIDATION},
+        base_model="builtin:tiny", peft_method="lora", max_steps=30, logging_steps=10,
+        checkpoint_steps=0, learning_rate=3e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+    )
+    return {"none": preference_judge, "lora": lora}
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_the_reward_model_ranks_held_out_pairs_well_above_chance(runs, method):
     run = runs[method]
     accuracy = [float(v) for v in re.findall(r"[ ]pairwise_accuracy=([0-9.eE+-]+)", run.stdout)]
@@ -62,7 +57,7 @@ def test_the_reward_model_ranks_held_out_pairs_well_above_chance(runs, method):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
 def test_the_output_is_a_full_sequence_classifier_that_reloads_and_scores(runs, method):
     folder = runs[method].model_dir
     config = json.loads((folder / "config.json").read_text())
