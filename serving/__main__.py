@@ -2,16 +2,16 @@
 
 SageMaker starts every hosting container with the single argument ``serve``; anything else is a
 usage error. A setting that cannot work (SAGEMAKER_BIND_TO_PORT=abc, a port in use) ends the
-process at once with one ``ERROR:`` line and status 2, which the endpoint's log shows.
+process at once with one ``ERROR:`` line and status 2, which the endpoint's log shows. Both are
+said before the ML stack (torch, transformers: seconds) is imported.
 """
 
 from __future__ import annotations
 
 import sys
 
-from serving.server import serve
 from serving.settings import Settings
-from steps.common.contract import StageError
+from steps.common.knobs import StageError
 
 USAGE = "usage: python -m serving serve   (SageMaker runs the image as `docker run IMAGE serve`)"
 
@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        serve(Settings.from_environment())
+        settings = Settings.from_environment()
+        from serving.server import serve  # imports torch and transformers
+
+        serve(settings)
     except StageError as err:
         print("ERROR: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
         return 2

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.common.contract import StageError
+from steps.common.knobs import StageError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
