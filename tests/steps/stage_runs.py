@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+import os
+import runpy
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,3 +69,53 @@ def run_sft(root: Path, train: list[dict], **hyperparameters: Any) -> StageRun:
     """One SFT training job under `root`, its hyperparameters written as SageMaker writes them."""
     with sft_job(root, train, **hyperparameters) as job:
         return run_stage(job)
+
+
+@dataclass
+class Program:
+    status: int  # as subprocess reports it: -N when killed by signal N
+    stdout: str
+    stderr: str
+
+
+def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | None = None,
+                   before: Callable[[], object] = lambda: None) -> Program:
+    """`python -m <module> ARGV` as a process of its own, forked from this one, which has imported
+    torch and transformers already (a fresh interpreter spends seconds on them): the child takes
+    `env` as its whole environment (else this process's), calls `before()`, then runs the module
+    as `python -m` does, its stdout and stderr in files of `folder`. For what needs a process (a job killed with SIGKILL, an exit status); not for what
+    a fresh interpreter alone shows, such as warnings printed once per process."""
+    out, err = folder / "stdout.txt", folder / "stderr.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the test
+        code = 1
+        try:
+            for fd, path in ((1, out), (2, err)):
+                handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(handle, fd)
+                os.close(handle)
+            sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+            sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            before()
+            sys.argv = [module, *argv]
+            sys.modules.pop(module, None)  # run afresh as __main__, as `python -m` does
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exited:
+            code = exited.code if isinstance(exited.code, int) else (0 if exited.code is None else 1)
+        except BaseException:  # noqa: BLE001 (reported as Python reports an uncaught exception)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return Program(os.waitstatus_to_exitcode(status), out.read_text(), err.read_text())

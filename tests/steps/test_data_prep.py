@@ -3,8 +3,6 @@ bad data."""
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +18,8 @@ from steps.common.demo_data import (
     write_demo_preferences,
 )
 
-from .conftest import ROOT, write_jsonl
+from .conftest import write_jsonl
+from .stage_runs import run_as_program
 
 
 def prepare(input_path: Path, output_dir: Path, **options) -> dict:
@@ -273,19 +272,14 @@ def test_the_entry_point_exits_2_with_the_error_as_last_line_and_an_empty_output
     (tmp_path / "raw.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     (tmp_path / "out").mkdir()  # as SageMaker provides it
 
-    command = ["-m", "steps.data_prep", "--input-dir", str(tmp_path / "raw.jsonl")]
-    done = subprocess.run(
-        [sys.executable, *command, "--output-dir", str(tmp_path / "out")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_as_program(
+        "steps.data_prep", tmp_path / "program", "--input-dir", str(tmp_path / "raw.jsonl"),
+        "--output-dir", str(tmp_path / "out"),
         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
              "SM_OUTPUT_DIR": str(tmp_path / "output")},  # the local stand-in for /opt/ml/output
     )
 
-    assert done.returncode == 2, done.stderr
+    assert done.status == 2, done.stderr
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ERROR: ")
     assert "raw.jsonl:1: field 'messages': no assistant message" in last_line

@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from steps.common import training
 from steps.common.contract import StageError
 from steps.common.training import TrainingKnobs
 
-from .conftest import ROOT, counting_records
-from .stage_runs import run_sft, run_stage, sft_job
+from .conftest import counting_records
+from .stage_runs import run_as_program, run_sft, run_stage, sft_job
 
 TINY_LORA = {"base_model": "builtin:tiny", "peft_method": "lora", "learning_rate": 1e-2,
              "precision": "fp32", "logging_steps": 1}
@@ -87,28 +86,24 @@ def test_gradient_checkpointing_takes_auto_true_or_false_and_refuses_anything_el
     with pytest.raises(StageError, match="gradient_checkpointing 'maybe' is not one of auto"):
         TrainingKnobs(gradient_checkpointing="maybe")
 
-# Runs steps.sft as a training container would, but SIGKILLs itself after optimizer step 6: no
-# handler runs, nothing is flushed, as when an instance is reclaimed.
-_KILLED_AFTER_STEP_6 = """
-import os, runpy, signal
-import torch
-from transformers import TrainerCallback
-from steps.common import training
-
-torch.set_num_threads(1)
-
 class KillAfterStep6(TrainerCallback):
+    """SIGKILLs its own process after optimizer step 6: no handler runs, nothing is flushed, as
+    when an instance is reclaimed."""
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 6:
             os.kill(os.getpid(), signal.SIGKILL)
 
-original_train = training.train
-def train(trainer, *args, **kwargs):
-    trainer.add_callback(KillAfterStep6())
-    return original_train(trainer, *args, **kwargs)
-training.train = train
-runpy.run_module("steps.sft", run_name="__main__")
-"""
+
+def _kill_after_step_6() -> None:
+    """In the job's process, before the stage runs: every training it starts has the callback."""
+    original_train = training.train
+
+    def train(trainer, *args, **kwargs):
+        trainer.add_callback(KillAfterStep6())
+        return original_train(trainer, *args, **kwargs)
+
+    training.train = train
 
 
 def test_a_killed_job_restarted_on_its_checkpoints_resumes_and_ends_as_an_uninterrupted_one(
@@ -120,11 +115,9 @@ def test_a_killed_job_restarted_on_its_checkpoints_resumes_and_ends_as_an_uninte
     # The same job, killed after step 6: the checkpoint of step 4 is all that is left.
     root = tmp_path / "restarted" / "opt-ml"
     with sft_job(root, counting_records(24), **knobs) as job:
-        killed = subprocess.run(
-            [sys.executable, "-c", _KILLED_AFTER_STEP_6], check=False, cwd=ROOT, capture_output=True,
-            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        # As SageMaker runs the stage: a process of its own, which the kill ends.
+        killed = run_as_program("steps.sft", tmp_path / "killed", before=_kill_after_step_6)
+        assert killed.status == -signal.SIGKILL, killed.stderr[-2000:]
         assert "step=5 " in killed.stdout and "step=6 " not in killed.stdout
         # The job writes below <run key>/<job name> of the checkpoint folder.
         checkpoints = sorted(job.checkpoint_dir.glob("*/job/checkpoint-*"))
