@@ -40,15 +40,25 @@ def sharded(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    """The same training, whole in this process, fully and with LoRA, and saved."""
+    out = tmp_path_factory.mktemp("unsharded")
+    for method in METHODS:
+        sharded_training.train(method, out / method)
+    return out
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_two_processes_sharded_with_fsdp_learn_as_one_unsharded_process(sharded, tmp_path, method):
-    whole = sharded_training.train(method, tmp_path / method)
+def test_two_processes_sharded_with_fsdp_learn_as_one_unsharded_process(sharded, unsharded,
+                                                                         method):
+    whole = json.loads((unsharded / method / "losses.json").read_text())
     split = json.loads((sharded / method / "losses.json").read_text())
     # Same rows, same initialisation: what is left to differ is the order of float sums (each
     # process's own mean, the reduce-scatter of the gradients), about 1e-7 relative in float32.
     assert len(split) == sharded_training.STEPS and split == pytest.approx(whole, abs=1e-5)
     assert split[0] != split[-1]  # it trained: the weights moved between the steps
-    weights = [load_file(folder / method / WEIGHTS[method]) for folder in (sharded, tmp_path)]
+    weights = [load_file(folder / method / WEIGHTS[method]) for folder in (sharded, unsharded)]
     assert weights[0].keys() == weights[1].keys()
     # AdamW divides by the root of the squared gradients, which turns the rounding differences
     # of near-zero gradients into step-sized ones: 4e-5 at most measured, where 4 steps at 1e-2
@@ -58,10 +68,9 @@ def test_two_processes_sharded_with_fsdp_learn_as_one_unsharded_process(sharded,
 
 @pytest.mark.parametrize("method", METHODS)
 def test_after_sharded_training_the_first_process_alone_runs_the_whole_trained_model(
-        sharded, tmp_path, method):
-    sharded_training.train(method, tmp_path / method)
+        sharded, unsharded, method):
     alone = torch.load(sharded / method / "logits.pt")  # rank 0's, the other process gone on
-    whole = torch.load(tmp_path / method / "logits.pt")
+    whole = torch.load(unsharded / method / "logits.pt")
     # The weights differ by the rounding AdamW amplifies (above): logits of about 1 by 1e-4.
     torch.testing.assert_close(alone, whole, atol=1e-3, rtol=1e-3)
 
