@@ -83,8 +83,14 @@ def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | 
     """`python -m <module> ARGV` as a process of its own, forked from this one, which has imported
     torch and transformers already (a fresh interpreter spends seconds on them): the child takes
     `env` as its whole environment (else this process's), calls `before()`, then runs the module
-    as `python -m` does, its stdout and stderr in files of `folder`. For what needs a process (a job killed with SIGKILL, an exit status); not for what
-    a fresh interpreter alone shows, such as warnings printed once per process."""
+    as `python -m` does, its stdout and stderr in files of `folder`. For what needs a process
+    (a job killed with SIGKILL, an exit status); not for what a fresh interpreter alone shows,
+    such as warnings printed once per process."""
+    import torch
+
+    # A child forked from a process whose OpenMP pool has threads hangs at its first parallel
+    # operation; tests/steps/conftest.py keeps torch on one thread.
+    assert torch.get_num_threads() == 1, "fork only from a process with torch on one thread"
     out, err = folder / "stdout.txt", folder / "stderr.txt"
     folder.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
