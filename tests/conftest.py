@@ -46,7 +46,7 @@ def pytest_collection_finish(session):
     """Every test module is imported, and with them torch, transformers, TRL and PEFT: about half
     a million objects that live as long as the process. Frozen out of the garbage collector's
     sight, a full collection skips them: the Trainer runs one at the start of every training
-    (accelerate's free_memory), which took about 1 s on them, longer than a tiny training's steps."""
+    (accelerate's free_memory), which took about 1 s on them, longer than a tiny training."""
     gc.freeze()
 
 
@@ -112,8 +112,8 @@ def tenant_adapters(tmp_path_factory) -> dict[str, Path]:
     def build(answer: str) -> Callable[[Path], object]:
         return lambda folder: train_prompt_tuning(folder / "opt-ml", answer)
 
-    return {tenant: built_once(tmp_path_factory, f"tenant-{tenant}", build(answer)) / "opt-ml" / "model"
-            for tenant, answer in TENANT_ANSWERS.items()}
+    return {tenant: built_once(tmp_path_factory, f"tenant-{tenant}", build(answer))
+            / "opt-ml" / "model" for tenant, answer in TENANT_ANSWERS.items()}
 
 
 @pytest.fixture(scope="session")
@@ -143,8 +143,8 @@ def recipe_definitions(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """(recipe, target) -> the definition JSON file, for every shipped recipe and target, built
     once per test session in one offline process (a build imports the SageMaker SDK: seconds
     each) and shared by the session's pytest-xdist workers."""
-    out = built_once(tmp_path_factory, "recipe-definitions",
-                     lambda folder: build_recipe_definitions(folder, tmp_path_factory.mktemp("home")))
+    out = built_once(tmp_path_factory, "recipe-definitions", lambda folder:
+                     build_recipe_definitions(folder, tmp_path_factory.mktemp("home")))
     return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}
 
 

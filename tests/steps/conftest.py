@@ -108,7 +108,8 @@ def sft_run(tmp_path_factory: pytest.TempPathFactory) -> SFTRun:
             job.channel("train", counting_records(32))
             job.channel("validation", counting_records(8))
             job.hyperparameters(
-                base_model='"builtin:tiny"',  # JSON-encoded, as the SageMaker SDK writes some strings
+                # JSON-encoded, as the SageMaker SDK writes some strings
+                base_model='"builtin:tiny"',
                 max_steps="30",
                 learning_rate="1e-2",
                 logging_steps="5",

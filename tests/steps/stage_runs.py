@@ -114,7 +114,8 @@ def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | 
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exited:
-            code = exited.code if isinstance(exited.code, int) else (0 if exited.code is None else 1)
+            code = (exited.code if isinstance(exited.code, int)
+                    else 0 if exited.code is None else 1)
         except BaseException:  # noqa: BLE001 (reported as Python reports an uncaught exception)
             import traceback
 
