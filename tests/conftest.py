@@ -76,9 +76,7 @@ def shared_job_runner(tmp_path_factory):
     the last worker to end stops it (each holds a shared lock on a file there while it runs)."""
     from pipelines.local import runner
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    shared = session_folder(tmp_path_factory)
     folder = shared / "job-runner"
     os.environ[runner.SHARED_VARIABLE] = str(folder)
     with open(shared / "job-runner-users.lock", "w") as users:
@@ -148,15 +146,20 @@ def recipe_definitions(tmp_path_factory) -> dict[tuple[str, str], Path]:
     return {tuple(path.name.removesuffix(".json").split(".")): path for path in out.glob("*.json")}
 
 
+def session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder all of the session's pytest-xdist workers' temporary folders are in (without
+    xdist, the session's own): where the workers share what they build or run once."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+
+
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
                build: Callable[[Path], object]) -> Path:
     """The folder `name`, filled by `build(folder)` once per test session and shared by the
     session's pytest-xdist workers: the first worker to need it builds it, under a lock, in the
     folder all workers' temporary folders are in; the others wait and read it. What it holds is
     read-only to the tests: a test that changes it works on its own copy."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    shared = session_folder(tmp_path_factory)
     out, done = shared / name, shared / f"{name}.built"
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
