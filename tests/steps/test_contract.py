@@ -1,5 +1,6 @@
 """The container contract: hyperparameters as SageMaker writes them, errors as it reports them."""
 
+import gc
 import importlib.util
 import json
 import sys
@@ -86,6 +87,19 @@ def test_a_stage_error_exits_2_with_one_error_line_and_the_training_failure_reas
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line == "ERROR: data/train.jsonl:3: field 'text': empty string (run default)"
     assert training_job.failure_file.read_text() == last_line
+
+
+def test_a_stage_runs_with_what_was_imported_before_it_out_of_the_collectors_sight(training_job):
+    # The Trainer's full collection at each training's start would otherwise walk the whole
+    # imported ML stack again (steps/common/contract.py).
+    frozen = []
+    gc.unfreeze()  # the test session froze its own imports (tests/conftest.py)
+    try:
+        contract.run(lambda config: frozen.append(gc.get_freeze_count()), ToyConfig,
+                     job="training")
+    finally:
+        gc.freeze()
+    assert frozen and frozen[0] > 100_000  # pytest, torch and the stage's libraries
 
 
 def test_a_bug_exits_1_with_its_traceback(training_job, capsys):
