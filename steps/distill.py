@@ -20,6 +20,13 @@ the soft term's gradients on the scale of the hard term's as T grows (Hinton et 
 terms are summed over the tokens and divided by the tokens of the whole accumulated batch
 (`num_items_in_batch`), so gradient accumulation gives the gradients of the larger batch.
 
+Prompts without reference answers: when the cached outputs hold the teacher's answers to such
+prompts (the 'teacher_answered' split, steps.teacher_logits --prompts-dir) and teacher_answers is
+true, the student trains on them beside the labelled data, with the same loss (their "ground truth"
+is the teacher's answer: sequence-level distillation, Kim & Rush 2016). This is what a teacher is
+for when labels are scarce and prompts are not, and what a student trained on the labels alone
+cannot have.
+
 Where the teacher's distributions come from (`teacher_outputs` in training_summary.json):
   cached      the 'teacher' channel: no teacher forward pass at all in this job; any number of
               students (sizes, alphas, temperatures, top_k up to the cached k) reuse one cache.
@@ -60,7 +67,8 @@ the responses, greedy answers' ROUGE-L, exact match and EOS rate, at most compar
 answers of comparison_new_tokens tokens) and the KL to the teacher,
   initial     the student as it started, before any training;
   hard_label  the same initial student trained on the ground truth alone (alpha 1) with the same
-              steps, schedule, batches and seed: what the same compute buys without a teacher;
+              steps, schedule, batch size and seed, on every labelled example and nothing else
+              (no teacher-answered prompts): what the same compute buys without a teacher;
   distilled   the student this stage saves;
 and records them under distillation.comparison in training_summary.json, from which steps.evaluate
 reports them. It costs a second training run of the student.
@@ -277,6 +285,7 @@ def main(config: DistillStageConfig) -> None:
     student = resolve_student(config, teacher)
     train_examples, validation_examples, counter = build_data(
         config, teacher, student.tokenizer, (train_format, train_records), validation)
+    answered = teacher_answered(config, teacher)
 
     # 3. The student model.
     precision = prepare_precision(config)
@@ -284,7 +293,7 @@ def main(config: DistillStageConfig) -> None:
     print(f"student: {student.spec}; peft_method: {config.peft_method}; "
           f"{config.learning_rate_line()}", flush=True)
     model, cut = build_student_model(config, student, teacher, train_examples, precision)
-    _check_vocabulary_size(model, train_examples + validation_examples, student.spec)
+    _check_vocabulary_size(model, train_examples + answered + validation_examples, student.spec)
     if teacher.mode == "on_the_fly":
         teacher.model = None  # its outputs are attached to the examples: free it before training
     print(f"student parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
@@ -302,7 +311,7 @@ def main(config: DistillStageConfig) -> None:
     args = trainer_arguments(config, precision, remove_unused_columns=False,
                              prediction_loss_only=True)
     trainer = TopKDistillationTrainer(
-        model=model, args=args, train_dataset=train_examples,
+        model=model, args=args, train_dataset=train_examples + answered,
         eval_dataset=validation_examples or None, processing_class=tokenizer,
         data_collator=Collator(tokenizer.pad_token_id, config.top_k, config.on_policy),
         callbacks=[metrics], temperature=config.temperature, alpha=config.alpha,
@@ -312,7 +321,8 @@ def main(config: DistillStageConfig) -> None:
     report = train(trainer, config, metrics, metrics_path)
     weights = gather_trained_model(trainer.model)  # sharded: the whole weights, for saving
     hard_label, hard_label_runtime = (train_hard_label(copy.deepcopy(initial), config, precision,
-                                                       tokenizer, train_examples)
+                                                       tokenizer, train_examples,
+                                                       report.global_step)
                                       if comparing else (None, None))
     if not trainer.is_world_process_zero():
         return
@@ -326,7 +336,9 @@ def main(config: DistillStageConfig) -> None:
         comparison = compare_students(
             {"initial": initial, "hard_label": hard_label, "distilled": trainer.model},
             tokenizer, validation, validation_examples, config)
-        comparison.update(steps=report.global_step, hard_label_runtime_s=hard_label_runtime)
+        comparison.update(steps=report.global_step, hard_label_runtime_s=hard_label_runtime,
+                          labelled_examples=len(train_examples),
+                          teacher_answered_examples=len(answered))
 
     # 5. Save, all or nothing.
     from_teacher = student.built or student.pruned is not None
@@ -340,6 +352,7 @@ def main(config: DistillStageConfig) -> None:
         student_model=student.spec,
         data_format=train_format.name,
         train_examples=len(train_examples),
+        teacher_answered_examples=len(answered),
         validation_examples=len(validation_examples),
         distillation={
             "teacher": teacher.name,
@@ -538,6 +551,23 @@ def build_data(config: DistillStageConfig, teacher: Teacher,
     return train_examples, validation_examples, counter
 
 
+def teacher_answered(config: DistillStageConfig, teacher: Teacher) -> list[Example]:
+    """The teacher's answers to prompts without reference answers, from its cached outputs, with
+    its top-k: training examples beside the labelled ones (none unless teacher_answers is on and
+    the cache has them)."""
+    split = distillation.TEACHER_ANSWERED
+    if teacher.mode != "cached" or split not in teacher.manifest["splits"]:
+        return []
+    count = teacher.manifest["splits"][split]["examples"]
+    if not config.teacher_answers:
+        print(f"teacher_answers=false: the teacher's answers to {count} unlabelled prompts in "
+              f"{teacher.cache_dir} are not used", flush=True)
+        return []
+    print(f"teacher-answered: {count} prompts without reference answers, answered by the teacher "
+          "(trained on beside the labelled examples)", flush=True)
+    return distillation.read_cache(teacher.cache_dir, split, config.top_k)
+
+
 def build_student_model(config: DistillStageConfig, student: Student, teacher: Teacher,
                         train_examples: list[Example], precision: str,
                         ) -> tuple[PreTrainedModel, dict[str, Any] | None]:
@@ -593,13 +623,14 @@ class HardLabelProgress(TrainerCallback):
 
 def train_hard_label(student: PreTrainedModel, config: DistillStageConfig, precision: str,
                      tokenizer: transformers.PreTrainedTokenizerBase,
-                     examples: list[Example]) -> tuple[PreTrainedModel, float]:
-    """`student` trained as the stage trains, with the same steps, schedule, batches and seed, on
-    the ground truth alone (alpha 1): the baseline distillation must beat; and the seconds its
-    training took. Not checkpointed: a restarted job trains it again."""
-    print("hard-label student: the same initial student, the same steps and batches, on the "
-          "ground truth alone", flush=True)
-    baseline = dataclasses.replace(config, alpha=1.0, checkpoint_steps=0)
+                     examples: list[Example], steps: int) -> tuple[PreTrainedModel, float]:
+    """`student` trained as the stage trains, with the same `steps` (the distilled student's:
+    counted in epochs, the labelled data alone would make fewer), schedule, batch size and seed,
+    on the labelled examples' ground truth alone (alpha 1): the baseline distillation must beat;
+    and the seconds its training took. Not checkpointed: a restarted job trains it again."""
+    print(f"hard-label student: the same initial student, the same {steps} steps and batch size, "
+          f"on the ground truth of the {len(examples)} labelled examples alone", flush=True)
+    baseline = dataclasses.replace(config, alpha=1.0, checkpoint_steps=0, max_steps=steps)
     trainer = TopKDistillationTrainer(
         model=student,
         args=trainer_arguments(baseline, precision, remove_unused_columns=False,

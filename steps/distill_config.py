@@ -69,6 +69,14 @@ class DistillStageConfig(ShardingKnob, PeftKnobs, TrainingKnobs):
         metadata={"help": "none (full training of the student, the usual for distillation), "
                   "lora, qlora, prompt_tuning, p_tuning or prefix_tuning over a pretrained one."},
     )
+    teacher_answers: bool = field(
+        default=True,
+        metadata={"help": "Also train on the teacher's answers to prompts that have no reference "
+                  "answer (the cached outputs' 'teacher_answered' split, steps.teacher_logits "
+                  "--prompts-dir), when there are any. A hard-label student (compare_students) "
+                  "trains on the labelled data alone either way: without a teacher it has no "
+                  "answers to them."},
+    )
     compare_students: bool = field(
         default=False,
         metadata={"help": "Also measure the initial student and the same student trained on the "

@@ -338,6 +338,10 @@ def student_comparison(comparison: dict[str, Any] | None) -> dict[str, dict[str,
                                        teacher's outputs taught more than the labels alone)
       rouge_l_delta_vs_hard_label      distilled minus hard-label ROUGE-L
       perplexity_ratio_vs_initial      initial perplexity / distilled perplexity
+      labelled_examples, teacher_answered_examples
+                                       what the students trained on: both the labelled
+                                       examples, the distilled student also the teacher's answers
+                                       to prompts without reference answers
     """
     if not comparison:
         return {}
@@ -361,6 +365,9 @@ def student_comparison(comparison: dict[str, Any] | None) -> dict[str, dict[str,
         if "rouge_l" in distilled:
             metrics["rouge_l_delta_vs_hard_label"] = aggregate(
                 distilled["rouge_l"]["value"] - hard_label["rouge_l"]["value"])
+    for count in ("labelled_examples", "teacher_answered_examples"):
+        if count in comparison:
+            metrics[count] = aggregate(comparison[count])
     if "initial" in measured:
         metrics["perplexity_ratio_vs_initial"] = aggregate(
             measured["initial"]["perplexity"]["value"] / distilled["perplexity"]["value"])

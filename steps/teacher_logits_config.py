@@ -30,12 +30,25 @@ class TeacherLogitsConfig:
         metadata={"help": "Tokens per example, longer ones cut: must equal the student's."},
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per teacher forward pass."})
+    prompts_dir: str | None = field(
+        default=None,
+        metadata={"help": "Prompts without reference answers (prompt-only records or any with a "
+                  "prompt; a file, folder or data preparation output): the teacher answers each, "
+                  "and its answers are cached as the 'teacher_answered' split, which "
+                  "steps.distill trains the student on beside the labelled data. Prompts of the "
+                  "labelled data are skipped."},
+    )
+    max_new_tokens: int = field(
+        default=32,
+        metadata={"help": "Length limit of the teacher's greedy answers to the prompts; an answer "
+                  "cut off there (no stop token) is not kept."},
+    )
     base_model: str | None = field(
         default=None,
         metadata={"help": "Base model spec of an adapter teacher; default: the one it records."},
     )
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_seq_length", "batch_size"):
+        for name in ("top_k", "max_seq_length", "batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise StageError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -15,6 +15,9 @@ The cache (a folder):
                              and position_offsets
     tokenizer/               the teacher's tokenizer, for a student built from teacher_config.json
     teacher_config.json      the teacher's model config
+    teacher_answered.jsonl   the teacher's answers to prompts without reference answers, as
+                             prompt/completion records, when it was given some: their examples
+                             are the split `teacher_answered`
 
 Positions: only those that carry loss. Position t of an example is stored when the token after it,
 t + 1, is trained (label != -100): its logits predict a trained token. Prompt positions are never
@@ -49,6 +52,10 @@ MANIFEST = "manifest.json"
 TEACHER_CONFIG = "teacher_config.json"
 TOKENIZER_FOLDER = "tokenizer"
 EXAMPLES_PER_SHARD = 2048
+# The split of the teacher's answers to prompts without reference answers (steps.teacher_logits
+# --prompts-dir), and the file its records are kept in beside the shards.
+TEACHER_ANSWERED = "teacher_answered"
+TEACHER_ANSWERS_FILE = "teacher_answered.jsonl"
 
 
 @dataclass

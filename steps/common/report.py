@@ -339,6 +339,14 @@ def _students_section(metrics: dict[str, dict[str, float]], plotted: bool) -> li
             cells[0] = "0"
         rows.append([_text(figure), *cells])
     verdict = _against_hard_label(metrics)
+    answered = metrics.get("teacher_answered_examples", {}).get("value", 0)
+    if answered:
+        labelled = metrics.get("labelled_examples", {}).get("value", 0)
+        verdict += [
+            (f"Where the difference comes from: the distilled student also trained on the "
+             f"teacher's answers to {answered:.0f} prompts that have no reference answer, beside "
+             f"the {labelled:.0f} labelled examples, which are all the hard-label student could "
+             "train on."), ""]
     return [
         "## Distillation: the student against its teacher and its baselines", "",
         ("The teacher and the distilled student as this evaluation measured them; the hard-label "
@@ -500,6 +508,10 @@ MEANINGS.update({
                                       "labels alone",
     "rouge_l_delta_vs_hard_label": "distilled minus hard-label student ROUGE-L; above 0, "
                                    "distillation answers closer to the references",
+    "labelled_examples": "labelled training examples: the hard-label student's whole training "
+                         "data, and part of the distilled student's",
+    "teacher_answered_examples": "prompts without reference answers that the teacher answered and "
+                                 "the distilled student also trained on",
     "perplexity_ratio_vs_initial": "initial student perplexity / distilled student perplexity: "
                                    "what training bought",
 })

@@ -523,3 +523,52 @@ def test_evaluation_reports_the_student_against_its_teacher_start_and_hard_label
         assert ("perplexity" in won) == (metrics["perplexity_ratio_vs_hard_label"]["value"] > 1)
         assert "KL to the teacher" in won
     assert (output / "students.png").exists()
+
+
+# --- Prompts without reference answers, answered by the teacher ------------------------------
+
+
+@pytest.fixture(scope="module")
+def answered_cache(sft_run, data_dir, tmp_path_factory) -> Path:
+    """The teacher's top-16 outputs, and its answers to three prompts the labelled data lacks."""
+    root = tmp_path_factory.mktemp("answered")
+    write_jsonl(root / "prompts.jsonl", [{"prompt": f"Count to {k}."} for k in (6, 7, 8)])
+    teacher_logits.main(teacher_logits.TeacherLogitsConfig(
+        model_dir=str(sft_run.model_dir), data_dir=str(data_dir), output_dir=str(root / "out"),
+        prompts_dir=str(root / "prompts.jsonl"), max_new_tokens=16))
+    return root / "out"
+
+
+def test_the_student_also_trains_on_the_teachers_answers_and_the_hard_label_student_does_not(
+    answered_cache, sft_run, data_dir, tmp_path
+):
+    answered = json.loads((answered_cache / "manifest.json").read_text())["splits"][
+        distillation.TEACHER_ANSWERED]["examples"]
+    run = run_distill(tmp_path / "opt-ml", data_dir, answered_cache,
+                      teacher_model=sft_run.model_dir, compare_students="true",
+                      **{**PRUNED, "max_steps": "6"})
+    comparison = run.summary["distillation"]["comparison"]
+    output = tmp_path / "evaluation"
+    evaluate.main(evaluate.EvaluateConfig(
+        model_dir=str(run.model_dir), data_dir=str(data_dir), output_dir=str(output),
+        base_dir=str(sft_run.model_dir), max_samples=4, max_new_tokens=8))
+    report = (output / "report.md").read_text()
+
+    assert answered >= 1
+    assert run.summary["teacher_answered_examples"] == comparison["teacher_answered_examples"] \
+        == answered
+    assert run.summary["train_examples"] == comparison["labelled_examples"] == 32
+    assert "on the ground truth of the 32 labelled examples alone" in run.stdout
+    # The same steps for both students, whatever their data.
+    assert comparison["steps"] == run.summary["training"]["global_step"] == 6
+    assert (f"also trained on the teacher's answers to {answered} prompts that have no reference "
+            "answer, beside the 32 labelled examples") in report
+
+
+def test_teacher_answers_false_trains_on_the_labelled_data_alone(answered_cache, data_dir,
+                                                                 tmp_path):
+    run = run_distill(tmp_path / "opt-ml", data_dir, answered_cache, teacher_answers="false",
+                      **{**STUDENT, "max_steps": "2"})
+
+    assert run.summary["teacher_answered_examples"] == 0
+    assert "teacher_answers=false: the teacher's answers to" in run.stdout

@@ -12,7 +12,7 @@ from datasets import Dataset
 from trl import SFTConfig
 
 from steps import sft, teacher_logits
-from steps.common import contract, distillation, models, training
+from steps.common import contract, distillation, models, scoring, training
 from steps.common.datasets import DatasetFormat, Record
 
 from .conftest import counting_records, write_jsonl
@@ -136,3 +136,58 @@ def test_a_top_k_larger_than_the_vocabulary_fails_in_one_line_with_no_output(
         "ERROR: top_k=1000 exceeds the teacher's 288 output tokens; lower top_k"
     )
     assert not output.exists()
+
+
+# --- Prompts without reference answers: the teacher answers them ------------------------------
+
+# Two new prompts (one given twice), and two the labelled data has: one as it is written there, one
+# in other spacing and capitals.
+UNLABELLED = [{"prompt": "Count to 6."}, {"prompt": "Count to 7."}, {"prompt": "Count to 6."},
+              {"prompt": "Count to 2."}, {"prompt": "count  to 3."}]
+
+
+@pytest.fixture(scope="module")
+def answered(sft_run, data_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("answered")
+    write_jsonl(root / "prompts" / "prompts.jsonl", UNLABELLED)
+    teacher_logits.main(teacher_logits.TeacherLogitsConfig(
+        model_dir=str(sft_run.model_dir), data_dir=str(data_dir), output_dir=str(root / "out"),
+        prompts_dir=str(root / "prompts"), max_new_tokens=16, top_k=8))
+    return root / "out"
+
+
+def test_the_teacher_answers_only_the_prompts_the_labelled_data_does_not_have(answered, sft_run):
+    manifest = json.loads((answered / "manifest.json").read_text())
+    info = manifest["splits"][distillation.TEACHER_ANSWERED]
+    records = [json.loads(line) for line in
+               (answered / distillation.TEACHER_ANSWERS_FILE).read_text().splitlines()]
+    tokenizer = models.load_tokenizer(str(sft_run.model_dir))
+    teacher = models.load_model(str(sft_run.model_dir)).eval()
+    expected = scoring.generate(teacher, tokenizer, [[{"role": "user", "content": p}] for p in
+                                                     ("Count to 6.", "Count to 7.")], 16, 8)
+
+    assert info["prompts"] == 2 and info["max_new_tokens"] == 16
+    assert info["examples"] == len(records) >= 1
+    # The teacher's own greedy answers, to the new prompts only.
+    for record in records:
+        assert record["completion"] == dict(zip(("Count to 6.", "Count to 7."), expected))[
+            record["prompt"]]
+    # Tokenized as the student stage tokenizes labelled records, with the teacher's top-k.
+    examples = distillation.read_cache(answered, distillation.TEACHER_ANSWERED, top_k=8)
+    fmt = DatasetFormat("prompt_completion", conversational=False)
+    ours = distillation.tokenize_examples([Record(r, "x") for r in records], fmt, tokenizer, 512)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in ours]
+    assert all(e.top_k_ids.shape == (e.loss_positions, 8) for e in examples)
+    # The labelled splits are cached as they are without prompts.
+    assert manifest["splits"]["train"]["examples"] == 32
+
+
+def test_prompts_that_are_all_labelled_already_add_no_split(sft_run, data_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "prompts.jsonl", UNLABELLED[3:])
+    teacher_logits.main(teacher_logits.TeacherLogitsConfig(
+        model_dir=str(sft_run.model_dir), data_dir=str(data_dir), output_dir=str(tmp_path / "out"),
+        prompts_dir=str(tmp_path / "prompts.jsonl"), top_k=8))
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(manifest["splits"]) == {"train", "validation"}
+    assert "prompts: 0 to answer" in capsys.readouterr().out
