@@ -2,14 +2,19 @@
 distilling it bought over training it on the labels alone.
 
     python -m benchmarks.distillation [--teacher MODEL] [--student SPEC ...] [--steps N]
-        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--seed S] [--quick]
+        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--seed S]
+        [--prompts N] [--quick] [--work DIR]
 
 The demo SFT data are prepared as the distill recipe prepares them (steps.data_prep: 10% held
-out, seed 42); the teacher's top-16 outputs are computed once (steps.teacher_logits); then the
-distillation stage (steps.distill) runs once per student spec with compare_students on, as the
-recipes run it: each run trains the distilled student and a hard-label student (the same initial
-student, alpha 1, the same steps and batches) and measures both and the initial student with
-steps.evaluate's functions on the held-out split. The teacher is measured the same way.
+out, seed 42); the teacher's top-16 outputs are computed once (steps.teacher_logits), with
+--prompts N, also its answers to N demo prompts without reference answers
+(steps.common.demo_data.demo_task_prompts, none of them a labelled prompt; the recipes give their
+teacher none); then the distillation stage (steps.distill) runs once per student spec with
+compare_students on, as the recipes run it: each run trains the distilled student (on the labelled
+data, and the teacher's answers if any) and a hard-label student (the same initial student, alpha
+1, the same steps, batch size and learning rate, on every labelled example: it has no teacher to
+answer the other prompts) and measures both and the initial student with steps.evaluate's
+functions on the held-out split. The teacher is measured the same way.
 
 --teacher: the model the students learn from and are cut from. Default `sft`: the distill
 recipe's teacher, SmolLM2-135M-Instruct after the recipe's SFT stage (LoRA at its learning rate
@@ -27,6 +32,7 @@ hard-label.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +46,9 @@ SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
 TEACHER_LEARNING_RATE = 1e-3  # the distill recipe's SFT stage's
 
 
-def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, str]:
+def prepare(root: Path, teacher: str, teacher_steps: int, prompts: int) -> tuple[Path, Path, str]:
     """The demo data split as DataPrep splits it, the teacher (the distill recipe's SFT stage run
-    here, for `sft`) and its cached top-k outputs."""
+    here, for `sft`), its cached top-k outputs and its answers to `prompts` demo prompts."""
     from steps import data_prep, sft, teacher_logits
     from steps.common import demo_data
     from steps.common.models import SMOLLM2
@@ -64,10 +70,14 @@ def prepare(root: Path, teacher: str, teacher_steps: int) -> tuple[Path, Path, s
             keep=root / "sft-teacher")
         teacher = str(root / "sft-teacher")
         common.progress(f"teacher: eval_loss {summary['training']['eval_loss']:.4f}")
+    unlabelled = (demo_data.write_demo_task_prompts(root / "prompts" / "prompts.jsonl", prompts)
+                  if prompts else None)
     cache = root / "teacher"
     teacher_logits.main(teacher_logits.TeacherLogitsConfig(
         model_dir=teacher, data_dir=str(data), output_dir=str(cache), top_k=TOP_K,
-        max_seq_length=SEQUENCE))
+        max_seq_length=SEQUENCE, prompts_dir=str(unlabelled) if unlabelled else None,
+        # Answers in batches of 32 cost about 0.6x the CPU of the default 8's.
+        max_new_tokens=NEW_TOKENS, batch_size=32 if prompts else 8))
     return data, cache, teacher
 
 
@@ -132,6 +142,10 @@ def summarise(teacher: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[
                                                                      1e-9),
             "perplexity_ratio_vs_hard_label": (value("hard_label", "perplexity")
                                                / value("distilled", "perplexity")),
+            "rouge_l_delta_vs_hard_label": (value("distilled", "rouge_l")
+                                            - value("hard_label", "rouge_l")),
+            "labelled_examples": comparison["labelled_examples"],
+            "teacher_answered_examples": comparison["teacher_answered_examples"],
         })
     return rows
 
@@ -139,7 +153,7 @@ def summarise(teacher: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[
 def render(rows: list[dict[str, Any]], settings: dict[str, Any], teacher: str) -> str:
     header = ["student", "parameters", "steps", "s/step (distil, hard-label)", "perplexity",
               "perplexity_ratio", "ROUGE-L (x teacher)", "hard-label perplexity, ROUGE-L",
-              "initial perplexity", "distilled beats hard-label"]
+              "initial perplexity", "distilled beats hard-label (perplexity ratio, ROUGE-L +)"]
     table = [[f"`{r['student']}`", f"{r['parameters'] / 1e6:.1f}M", r["steps"],
               f"{r['s_per_step']:.2f}, {r['hard_label_s_per_step']:.2f}",
               f"{r['distilled_perplexity']:.3g} (teacher {r['teacher_perplexity']:.3g})",
@@ -147,8 +161,7 @@ def render(rows: list[dict[str, Any]], settings: dict[str, Any], teacher: str) -
               f"{r['distilled_rouge_l']:.3f} ({r['rouge_l_fraction']:.2f}x)",
               f"{r['hard_label_perplexity']:.3g}, {r['hard_label_rouge_l']:.3f}",
               f"{r['initial_perplexity']:.3g}",
-              (f"{'yes' if r['perplexity_ratio_vs_hard_label'] > 1 else 'no'} "
-              f"({r['perplexity_ratio_vs_hard_label']:.3f})")] for r in rows]
+              _verdict(r)] for r in rows]
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
     return "\n".join([
         (f"Teacher `{teacher}`; the demo SFT data as the distill recipe prepares it; cached top-"
@@ -158,8 +171,30 @@ def render(rows: list[dict[str, Any]], settings: dict[str, Any], teacher: str) -
         "with each other, not across sessions."), "",
         common.table(header, table), "",
         ("perplexity_ratio = teacher perplexity / student perplexity; a hard-label student is the "
-        "same initial student trained on the labels alone for the same steps and batches."),
+        "same initial student trained on the labels alone for the same steps, batch size and "
+        "learning rate."),
+        "", _trained_on(rows[0]),
     ])
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    ratio, delta = row["perplexity_ratio_vs_hard_label"], row["rouge_l_delta_vs_hard_label"]
+    both = "yes" if ratio > 1 and delta >= 0 else "perplexity only" if ratio > 1 else \
+        "ROUGE-L only" if delta > 0 else "no"
+    return f"{both} ({ratio:.3f}, {delta:+.3f})"
+
+
+def _trained_on(row: dict[str, Any]) -> str:
+    """Where a win comes from: what each student trained on."""
+    labelled, answered = row["labelled_examples"], row["teacher_answered_examples"]
+    if not answered:
+        return (f"Both students trained on the same {labelled} labelled examples: the distilled "
+                "one also on the teacher's top-k outputs at their answers.")
+    return (f"What each trained on: the hard-label student on all {labelled} labelled examples "
+            f"(every one that exists); the distilled student on those and the teacher's answers to "
+            f"{answered} prompts that have no reference answer, with the teacher's top-k outputs "
+            "at every answer. A win comes from the teacher answering what was unlabelled as well "
+            "as from its soft labels.")
 
 
 def main() -> None:
@@ -177,6 +212,9 @@ def main() -> None:
                         help="the students' seed (batch order); another one shows run-to-run noise")
     parser.add_argument("--quick", action="store_true",
                         help="one student, 10 steps (a teacher of 5 SFT steps)")
+    parser.add_argument("--prompts", type=int, default=0,
+                        help="demo prompts without reference answers the teacher answers and the "
+                        "distilled student also trains on (0: none, as in the recipes)")
     parser.add_argument("--work", type=Path, help="keep the data and teacher outputs here")
     args = parser.parse_args()
     students = args.student or (STUDENTS[:1] if args.quick else STUDENTS)
@@ -189,10 +227,16 @@ def main() -> None:
             data, cache = root / "data", root / "teacher"
             teacher_model = (str(root / "sft-teacher") if args.teacher == "sft"
                              else args.teacher)
+            cached = json.loads((cache / "manifest.json").read_text())["splits"].get(
+                "teacher_answered", {}).get("prompts", 0)
+            if cached != args.prompts:
+                parser.error(f"--work {root} holds the teacher's answers to {cached} prompts, not "
+                             f"--prompts {args.prompts}; give another --work folder")
         else:
             common.progress(f"preparing the data and the outputs of {args.teacher}")
             data, cache, teacher_model = prepare(root, args.teacher,
-                                                 5 if args.quick else args.teacher_steps)
+                                                 5 if args.quick else args.teacher_steps,
+                                                 args.prompts)
         common.progress("measuring the teacher")
         teacher = teacher_figures(teacher_model, data)
         runs = {}

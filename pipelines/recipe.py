@@ -95,8 +95,10 @@ class Recipe:
 
     @property
     def data_parameters(self) -> list[str]:
-        """Parameters that name datasets: InputData, and each `data: $X` input, in order."""
-        named = [parameter_reference(inputs.get("data")) for inputs in self.inputs.values()]
+        """Parameters that name datasets: InputData, and each input `$X` (`data: $X`, or another
+        input such as teacher_logits' `prompts: $X`), in order; each has its own DataPrep step."""
+        named = [parameter_reference(reference) for inputs in self.inputs.values()
+                 for reference in inputs.values()]
         return list(dict.fromkeys(["InputData", *(name for name in named if name)]))
 
     @property

@@ -201,6 +201,37 @@ def _write_jsonl(path: Path, records: list[dict[str, str]], ensure_ascii: bool =
     return path
 
 
+# --- The demo task prompts without answers, for a distillation teacher to answer ----------------
+
+
+def demo_task_prompts(n: int = 640, seed: int = 1) -> list[dict[str, str]]:
+    """`n` prompt-only records {"prompt": ...} of the demo tasks, none of them a prompt of the
+    demo dataset (`demo_records()`, in any spacing or capitals): the unlabelled prompt pool of a
+    distillation, which the teacher answers (steps.teacher_logits --prompts-dir).
+
+    Drawn as `demo_records` draws (another seed), so the tasks with few distinct prompts (capitals,
+    reversed words), which the demo dataset mostly uses up, come up rarely: most of the pool is
+    sums, conversions and capital letters.
+    """
+    taken = {" ".join(r["prompt"].casefold().split()) for r in demo_records()}
+    rng = random.Random(seed)
+    records: list[dict[str, str]] = []
+    for i in range(100 * n):
+        if len(records) == n:
+            break
+        prompt = TASKS[i % len(TASKS)](rng)["prompt"]
+        key = " ".join(prompt.casefold().split())
+        if key not in taken:
+            taken.add(key)
+            records.append({"prompt": prompt})
+    return records
+
+
+def write_demo_task_prompts(path: Path, n: int = 640, seed: int = 1) -> Path:
+    """Write the demo task prompts (`demo_task_prompts`) as JSONL to `path` and return it."""
+    return _write_jsonl(path, demo_task_prompts(n, seed))
+
+
 # --- The demo corpus for (continued) pre-training ------------------------------------------------
 
 

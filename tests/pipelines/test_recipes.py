@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines import UserError, recipe
 from pipelines.recipe import JUDGE_STAGES
@@ -270,3 +271,15 @@ def test_an_empty_parameter_value_is_refused_before_it_reaches_the_registry(tmp_
         definition._parameters(recipe.load(str(path)), "bucket")
     with pytest.raises(UserError, match="-p 'CriticModel=': empty value"):
         cli._parameters(["CriticModel="])
+
+
+def test_a_dataset_named_by_any_stage_input_is_a_data_parameter(tmp_path):
+    # The distill recipe with the teacher given prompts without answers (steps.teacher_logits'
+    # prompts): PromptData is a dataset, uploaded from a local path and prepared like InputData.
+    written = yaml.safe_load((recipe.RECIPES_DIR / "distill.yaml").read_text())
+    written["parameters"]["PromptData"] = "s3://bucket/prompts.jsonl"
+    written["stages"]["teacher_logits"]["inputs"] = {"prompts": "$PromptData"}
+    path = tmp_path / "distill-prompts.yaml"
+    path.write_text(yaml.safe_dump(written, sort_keys=False))
+
+    assert recipe.load(str(path)).data_parameters == ["InputData", "PromptData"]

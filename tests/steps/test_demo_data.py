@@ -1,9 +1,15 @@
-"""The shipped demo dataset: deterministic, valid, with short answers and a few exact duplicates."""
+"""The shipped demo dataset: deterministic, valid, with short answers and a few exact duplicates;
+and its prompts without answers, none of them one of its prompts."""
 
 import json
 
 from steps.common.datasets import load_records
-from steps.common.demo_data import demo_records, write_demo_dataset
+from steps.common.demo_data import (
+    demo_records,
+    demo_task_prompts,
+    write_demo_dataset,
+    write_demo_task_prompts,
+)
 
 
 def test_the_demo_dataset_is_deterministic_valid_and_has_a_few_duplicates(tmp_path):
@@ -25,3 +31,17 @@ def test_a_small_demo_dataset_has_the_records_asked_for_and_at_most_half_repeate
         records = demo_records(n, seed=0)
         distinct = {json.dumps(r, sort_keys=True) for r in records}
         assert len(records) == n and len(distinct) >= (n + 1) // 2
+
+
+def test_the_demo_prompts_without_answers_are_distinct_prompt_only_and_none_is_labelled(tmp_path):
+    path = write_demo_task_prompts(tmp_path / "prompts.jsonl")
+
+    fmt, records = load_records(path)
+    prompts = [" ".join(r.data["prompt"].casefold().split()) for r in records]
+    labelled = {" ".join(r["prompt"].casefold().split()) for r in demo_records()}
+
+    assert (fmt.name, len(records)) == ("prompt_only", 640)
+    assert len(set(prompts)) == 640 and not set(prompts) & labelled
+    assert [r.data for r in records] == demo_task_prompts()
+    # The tasks with prompts left to draw: sums, conversions, capital letters.
+    assert sum("+" in p or p.startswith("add") for p in prompts) > 100
