@@ -210,8 +210,8 @@ def answer_prompts(teacher: torch.nn.Module, tokenizer, prompts: list, config: T
 
 def _merged(teacher: torch.nn.Module) -> torch.nn.Module:
     """A LoRA teacher with its adapter merged into its weights: the same function, without the
-    adapter's extra layers at every step (generating its answers took 4x longer unmerged on
-    SmolLM2). Prompt-learning and quantized teachers stay as they are."""
+    adapter's extra layers at every step (32 answers of SmolLM2's SFT adapter took 70 s unmerged,
+    17 s merged, on 2 busy CPUs). Prompt-learning and quantized teachers stay as they are."""
     if not hasattr(teacher, "merge_and_unload") or getattr(teacher, "is_loaded_in_4bit", False) \
             or getattr(teacher, "is_loaded_in_8bit", False):
         return teacher
