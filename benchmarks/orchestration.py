@@ -56,7 +56,8 @@ FULL = {"definition_repeats": 2, "cold_definitions": 2, "fresh_runs": 3, "cached
 GROUP = "bench-orchestration"
 
 HOOKS = {
-    # module -> functions whose calls the hooks time (a name missing from the module is skipped)
+    # module -> functions (or Class.method) whose calls the hooks time (a name missing from the
+    # module is skipped)
     "timed": {
         "pipelines.cli": ["main"],
         "pipelines.definition": ["cached_definition_json"],
@@ -138,9 +139,12 @@ if os.environ.get("LLM_BENCH_HOOKS"):
             def exec_module(module):
                 original(module)
                 for attr in _HOOKS["timed"].get(name, []):
-                    function = getattr(module, attr, None)
+                    # "function", or "Class.method"
+                    owner, _, leaf = attr.rpartition(".")
+                    holder = getattr(module, owner, None) if owner else module
+                    function = getattr(holder, leaf, None)
                     if callable(function):
-                        setattr(module, attr, _timed(name + "." + attr, function))
+                        setattr(holder, leaf, _timed(name + "." + attr, function))
                 for attr in _HOOKS["environment"].get(name, []):
                     function = getattr(module, attr, None)
                     if callable(function):

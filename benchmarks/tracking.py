@@ -11,8 +11,8 @@ definition cache, the store's creation, the page cache). Reported: the median wa
 their ratio, the machine's 1-minute load average around the runs, and where tracking's time goes
 (from the timing hooks of benchmarks/orchestration.py): the steps' `tracking.start` (store
 opened, runs found or created, settings logged) and `tracking.end` (artifacts, run ended), the
-stages' own work, and the local server creating the store and closing the execution's run (the
-command imports no MLflow). The local server's CPU seconds during each run are reported apart
+stages' own work, and the local server creating the store, making the steps' runs and closing the
+execution's run (the command imports no MLflow). The local server's CPU seconds during each run are reported apart
 (it imports MLflow once, during the warm-up).
 
     python -m benchmarks.tracking [--quick | --repeats N]
@@ -39,7 +39,8 @@ OFF = ("MlflowTrackingUri=none",)
 TRACKING_HOOKS = {
     "timed": {**HOOKS["timed"],
               "steps.common.tracking": ["start", "end"],
-              "pipelines.tracking": ["prepare_local_store", "close_execution_run"]},
+              "pipelines.tracking": ["prepare_local_store", "StepRuns.variables",
+                                     "close_execution_run"]},
     "environment": HOOKS["environment"],
 }
 # What the hooks time, as the table names it.
@@ -48,10 +49,13 @@ PARTS = {
     "steps.common.tracking.start": "steps' `tracking.start`, Σ jobs",
     "steps.common.tracking.end": "steps' `tracking.end`, Σ jobs",
     "pipelines.tracking.prepare_local_store": "local server: `prepare_local_store`",
+    "pipelines.tracking.StepRuns.variables": ("local server: making the steps' runs, Σ jobs "
+                                              "(while each job's inputs are staged)"),
     "pipelines.tracking.close_execution_run": "local server: `close_execution_run`",
 }
 # Called by the local server, whose record of calls comes when it stops (`add_server_parts`).
-SERVER_PARTS = ("pipelines.tracking.prepare_local_store", "pipelines.tracking.close_execution_run")
+SERVER_PARTS = ("pipelines.tracking.prepare_local_store", "pipelines.tracking.StepRuns.variables",
+                "pipelines.tracking.close_execution_run")
 
 
 def process_cpu_s(pid: int) -> float:
@@ -136,15 +140,16 @@ def render(runs: list[dict[str, Any]]) -> str:
         return f"{min(r['cpu_s'] for r in group):.1f}–{max(r['cpu_s'] for r in group):.1f}"
 
     def part(group: list[dict[str, Any]], name: str) -> float:
-        return common.median([r["parts"][name] for r in group])
+        return common.median([r["parts"].get(name, 0.0) for r in group])
 
     extra = med(on, "wall_s") / med(off, "wall_s") - 1
     # Run by run: each tracked run against the untracked one of the same repeat.
     paired = [a["wall_s"] / b["wall_s"] - 1 for a, b in zip(on, off)]
     loads = [r[key] for r in runs for key in ("load_before", "load_after")]
     # Tracking's own time on the run's critical path (its jobs run one after another).
-    own = [sum(r["parts"][name] for name in PARTS if name != "steps.common.contract.run")
-           for r in on]
+    # (runs saved before a part was timed have none of it)
+    own = [sum(r["parts"].get(name, 0.0) for name in PARTS
+               if name != "steps.common.contract.run") for r in on]
     cpu_extra = med(on, "cpu_s") / med(off, "cpu_s") - 1
     rows = [[label, f"{med(group, 'wall_s'):.1f}",
              f"{min(r['wall_s'] for r in group):.1f}–{max(r['wall_s'] for r in group):.1f}",
@@ -177,7 +182,8 @@ def render(runs: list[dict[str, Any]]) -> str:
          f"average over the runs: {min(loads):.1f}–{max(loads):.1f} on "
          f"{common.environment()['cpus']} CPUs; the untracked runs alone spread over "
          f"{100 * spread:.0f}% of their median. Tracking's own time on the run's critical path "
-         f"(the steps' `tracking.start` and `tracking.end`, the local server's close) is "
+         f"(the steps' `tracking.start` and `tracking.end`, the local server making the steps' "
+         f"runs, though while their inputs are staged, and closing the execution's run) is "
          f"{common.median(own):.1f} s, {100 * common.median(own) / med(off, 'wall_s'):.1f}% of "
          f"the untracked median wall time. The CPU seconds of the command and its jobs change by "
          f"{100 * cpu_extra:+.1f}% ({med(on, 'cpu_s') - med(off, 'cpu_s'):+.1f} s; run by run "

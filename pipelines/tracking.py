@@ -1,9 +1,12 @@
 """MLflow beside the engine: the local tracking store, its UI, and each execution's run's end.
 
-Each step tracks its own run (steps/common/tracking.py); what is here needs the whole execution:
+Each step tracks into its own run (steps/common/tracking.py); what is here needs the whole
+execution:
   - locally, tracking is on by default, in an SQLite store under $LLM_PIPELINE_HOME/mlflow
     (MLflow's own recommended local backend; artifacts beside it), which `llm-pipeline mlflow`
     shows in MLflow's UI, offline;
+  - locally, the server makes each step's run as its job starts, and the execution's run with the
+    first (`StepRuns`), in the local store, where it has MLflow imported and the store open;
   - when the execution ends, its run ends as it did, tagged with the model package it registered
     (the package's metadata already names the run: pipelines/definition.py). Locally the server
     that executes the pipeline does it (pipelines/local/executions.py), importing MLflow once for
@@ -21,9 +24,11 @@ import threading
 from pathlib import Path
 
 from pipelines import UserError
+from steps.common import tracking as step_tracking
 from steps.common.tracking import tracked
 
 PARAMETER = "MlflowTrackingUri"
+log = logging.getLogger(__name__)
 
 
 def local_store(home: Path) -> Path:
@@ -93,33 +98,81 @@ def import_client_early(uri: str | None) -> None:
     threading.Thread(target=load, name="import-mlflow", daemon=True).start()
 
 
+class StepRuns:
+    """The MLflow runs of one local execution tracked in the local store, made by the server that
+    executes it: each step's run as its job starts, nested in the execution's run, made with the
+    first. The job is handed its run in its environment (`variables`) and starts with it, instead
+    of finding and creating runs itself (steps/common/tracking.py). Only for the local store: a
+    remote server that does not answer would hold every job's start here for its retries, and a
+    step says in its own log that it goes on untracked. Whatever fails here leaves the jobs to
+    make their runs themselves, as on SageMaker."""
+
+    def __init__(self, uri: str, execution_id: str, execution_arn: str) -> None:
+        self.uri, self.execution_id, self.execution_arn = uri, execution_id, execution_arn
+        self.experiment_id: str | None = None
+        self.parent: str | None = None
+        self.failed = False
+
+    def variables(self, env: dict[str, str]) -> dict[str, str]:
+        """What to add to the environment `env` of a job about to start: its step's new run;
+        {} for a job that tracks elsewhere or not at all, or when the run could not be made."""
+        step = env.get("LLM_PIPELINE_STEP")
+        if self.failed or not step or tracked(env.get("MLFLOW_TRACKING_URI")) != self.uri:
+            return {}
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(self.uri)
+            if self.parent is None:
+                self.experiment_id = step_tracking.experiment_of(
+                    client, env.get("LLM_PIPELINE_NAME") or "llm-pipeline", self.uri)
+                self.parent = step_tracking.execution_run(
+                    client, self.experiment_id, self.execution_id,
+                    step_tracking.execution_tags(env, self.execution_id, self.execution_arn))
+            run_id = step_tracking.create_step_run(client, self.experiment_id, step, self.parent,
+                                                   self.execution_id)
+        except Exception as error:  # noqa: BLE001 (the jobs make their runs, and say why not)
+            self.failed = True
+            log.warning("execution %s: the steps make their MLflow runs themselves, as the server "
+                        "could not (%s)", self.execution_id, " ".join(str(error).split())[:300])
+            return {}
+        return {step_tracking.RUN_ID_VARIABLE: run_id,
+                step_tracking.PARENT_RUN_ID_VARIABLE: self.parent}
+
+
 def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,
                         package_arn: str | None) -> str | None:
     """End the execution's run as the execution ended, tagged with the model package it
-    registered. The line that says so; a failure is a warning line, never an exception (the
-    execution's own outcome is what counts). None when untracked or no step made a run."""
+    registered, and end as FAILED any step's run its job left RUNNING (a job killed, or one that
+    failed before its stage started tracking, in a run the local server made for it). The line
+    that says so; a failure is a warning line, never an exception (the execution's own outcome is
+    what counts). None when untracked or no step made a run."""
     uri = tracked(uri)
     if uri is None:
         return None
     try:
         from mlflow import MlflowClient
 
-        from steps.common.tracking import EXECUTION_TAG, MODEL_PACKAGE_TAG, limit_retries
-
-        limit_retries()
+        step_tracking.limit_retries()
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(pipeline)
         if experiment is None:
             return None
-        for run in client.search_runs([experiment.experiment_id],
-                                      filter_string=f"tags.`{EXECUTION_TAG}` = '{execution_id}'",
-                                      max_results=1, order_by=["attributes.start_time ASC"]):
-            if package_arn:
-                client.set_tag(run.info.run_id, MODEL_PACKAGE_TAG, package_arn)
-            client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
-            return (f"MLflow run {run.info.run_id} (experiment {pipeline})"
-                    + (f" tagged with {package_arn}" if package_arn else ""))
-        return None
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{step_tracking.EXECUTION_TAG}` = '{execution_id}'",
+                                  order_by=["attributes.start_time ASC"])
+        run = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+        if run is None:
+            return None
+        for step in runs:
+            if (step.data.tags.get("mlflow.parentRunId") == run.info.run_id
+                    and step.info.status == "RUNNING"):
+                client.set_terminated(step.info.run_id, "FAILED")
+        if package_arn:
+            client.set_tag(run.info.run_id, step_tracking.MODEL_PACKAGE_TAG, package_arn)
+        client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
+        return (f"MLflow run {run.info.run_id} (experiment {pipeline})"
+                + (f" tagged with {package_arn}" if package_arn else ""))
     except Exception as error:  # noqa: BLE001 (the execution's own outcome is what counts)
         return (f"warning: could not close the MLflow run of execution {execution_id} "
                 f"({' '.join(str(error).split())[:300]})")

@@ -17,10 +17,12 @@ Everything is recorded under $LLM_PIPELINE_HOME/executions/PIPELINE/ID/: `pipeli
 `definition.json`, `execution.json` and step folders (logs, job folders). A restarted server reads
 them back; an execution that was running when its server ended is Failed, and says so.
 
-A tracked execution's MLflow run ends here, as the execution ended and tagged with the package it
-registered (pipelines/tracking.py), before its status says it ended: a command that saw the end
-finds the run closed. The server imports MLflow once, in the background while the first tracked
-execution runs; the line saying how the run was closed is the execution's `tracking`.
+A tracked execution's MLflow runs are made here when it tracks into the local store: each step's
+as its job starts, the execution's with the first. Its run ends here, as the execution ended and
+tagged with the package it registered (pipelines/tracking.py), before its status says it ended: a
+command that saw the end finds the run closed. The server imports MLflow once, in the background
+while the first tracked execution runs; the line saying how the run was closed is the execution's
+`tracking`.
 """
 
 from __future__ import annotations
@@ -253,6 +255,9 @@ class Executions:
                  control: jobs.JobControl, recorder: _Recorder) -> None:
         uri = self._tracking_uri(definition, overrides, resume)
         self._prepare_tracking(uri)
+        if uri is not None and uri == tracking.local_uri(self.home):
+            control.job_variables = tracking.StepRuns(uri, execution.execution_id,
+                                                      execution.arn).variables
         package = None
         try:
             record = engine.run_execution(

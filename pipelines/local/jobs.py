@@ -26,6 +26,9 @@ The only differences are what running without a container on this machine needs:
     credentials (the local server's dummy ones), in place of the execution role's credentials
     SageMaker serves a container; `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE` point at
     nothing, so that no `~/.aws` file of the developer's gives a job a region or an identity.
+  - Tracking into the local MLflow store: `LLM_PIPELINE_MLFLOW_RUN_ID` and
+    `LLM_PIPELINE_MLFLOW_PARENT_RUN_ID`, the step's run and its execution's, which the local
+    server made for the job (on SageMaker the step makes them itself: steps/common/tracking.py).
   - This machine: `PATH` (the project's Python first), `HOME` (where caches live: the converted
     SmolLM2, Hugging Face's), and, when set, `LLM_PIPELINE_CACHE` (the model cache) and
     `LLM_PIPELINE_NATIVE_BF16` (what the CPU is taken to be).
@@ -112,6 +115,9 @@ class JobControl:
     start: Callable[[list[str], dict[str, str], Path], subprocess.Popen] = start_process
     stop_requested: threading.Event = field(default_factory=threading.Event)
     stop_grace_seconds: float = STOP_GRACE_SECONDS
+    # Given a job's environment, variables to add to it, made while its inputs are staged: the
+    # local server hands a tracked job the MLflow run it made for the step (pipelines/tracking.py).
+    job_variables: Callable[[dict[str, str]], dict[str, str]] | None = None
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -251,6 +257,24 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
         code = process.wait()
         watcher.join()
         return code, stopped[0] if stopped else ""
+
+
+def _job_variables(control: JobControl | None, env: dict[str, str]) -> Callable[[], dict]:
+    """`control.job_variables(env)`, made in the background while the job's inputs are staged
+    (the local server's MLflow run for the step is a database write); call the result for them
+    when the job starts."""
+    if control is None or control.job_variables is None:
+        return dict
+    made: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: made.update(control.job_variables(env)),
+                              name="job-variables", daemon=True)
+    thread.start()
+
+    def variables() -> dict[str, str]:
+        thread.join()
+        return made
+
+    return variables
 
 
 def _stop_when_asked(process: subprocess.Popen, control: JobControl, max_seconds: float | None,
@@ -428,6 +452,10 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
     app = request["AppSpecification"]
     arguments = [local(a) for a in app.get("ContainerArguments", [])]
     command = _command(app["ImageUri"], app.get("ContainerEntrypoint"), arguments)
+    config_dir, output_dir = root / "config", root / "output"
+    env = job_environment(s3, request, app["ImageUri"], {},
+                          {"SM_OUTPUT_DIR": str(output_dir)})
+    variables = _job_variables(control, env)
     for item in request.get("ProcessingInputs", []):
         download_prefix(s3, item["S3Input"]["S3Uri"], Path(local(item["S3Input"]["LocalPath"])))
     outputs = request.get("ProcessingOutputConfig", {}).get("Outputs", [])
@@ -438,18 +466,16 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
     # (https://docs.aws.amazon.com/sagemaker/latest/dg/build-your-own-processing-container.html,
     # "How Amazon SageMaker Processing Configures Your Processing Container").
     arn = _job_arn(request, "processing", job_name, s3.meta.region_name)
-    config_dir, output_dir = root / "config", root / "output"
     for folder in (config_dir, output_dir):
         folder.mkdir(parents=True, exist_ok=True)
     (config_dir / "processingjobconfig.json").write_text(json.dumps(
         {"ProcessingJobArn": arn, "ProcessingJobName": job_name, **request}, indent=1))
     (config_dir / "resourceconfig.json").write_text(json.dumps(
         {"current_host": "algo-1", "hosts": ["algo-1"]}, indent=1))
-    env = job_environment(s3, request, app["ImageUri"], {},
-                          {"SM_OUTPUT_DIR": str(output_dir)})
 
     log_path = job_dir / "log.txt"
-    code, stopped = _run(command, env, job_dir, log_path, on_line, control, _max_runtime(request))
+    code, stopped = _run(command, {**env, **variables()}, job_dir, log_path, on_line, control,
+                         _max_runtime(request))
     description = {**request, "ProcessingJobName": job_name, "ProcessingJobArn": arn,
                    "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
     if stopped == STOPPED_ON_REQUEST:  # nothing is uploaded: the job did not finish
@@ -493,9 +519,6 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     hosts = ["algo-1"]
     (config_dir / "resourceconfig.json").write_text(json.dumps(
         {"current_host": hosts[0], "hosts": hosts}, indent=1))
-    for channel in request.get("InputDataConfig", []):
-        source = channel["DataSource"]["S3DataSource"]["S3Uri"]
-        download_prefix(s3, source, data_dir / channel["ChannelName"])
 
     algorithm = request["AlgorithmSpecification"]
     sagemaker = {"TRAINING_JOB_NAME": job_name,
@@ -510,6 +533,10 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
         "SM_PROCESSES_PER_HOST": str(instances),
     }
     env = job_environment(s3, request, algorithm["TrainingImage"], sagemaker, local_paths)
+    variables = _job_variables(control, env)
+    for channel in request.get("InputDataConfig", []):
+        source = channel["DataSource"]["S3DataSource"]["S3Uri"]
+        download_prefix(s3, source, data_dir / channel["ChannelName"])
     command = _command(algorithm["TrainingImage"], algorithm.get("ContainerEntrypoint"),
                        algorithm.get("ContainerArguments", []))
     patterns = [(m["Name"], re.compile(m["Regex"])) for m in algorithm.get("MetricDefinitions", [])]
@@ -540,7 +567,7 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
         checkpoints.start()
     started = time.time()
     try:
-        code, stopped = _run(command, env, job_dir, log_path, watch, control,
+        code, stopped = _run(command, {**env, **variables()}, job_dir, log_path, watch, control,
                              _max_runtime(request))
     finally:
         if checkpoints is not None:

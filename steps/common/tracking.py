@@ -18,11 +18,19 @@ there would make every execution miss the cache. SageMaker names a pipeline's jo
 `pipelines-<execution id>-<step>-...` and tells a training container its name (TRAINING_JOB_NAME,
 TRAINING_JOB_ARN) and a processing container its own in /opt/ml/config/processingjobconfig.json.
 
-The execution's run is found by its tag (`sagemaker.pipeline_execution_id`) or created by the
-first step that tracks; steps that start together may both create one, and then every step adopts
-the oldest and the others are deleted. Each step leaves that run as the execution stands: RUNNING
-while a step runs, FINISHED when one ends, FAILED once one failed (until a retry of that step
-succeeds); `llm-pipeline start --wait` and `run` set the final status when the execution ends.
+On SageMaker the step makes its own run (`open_step_run`): the execution's run is found by its tag
+(`sagemaker.pipeline_execution_id`) or created by the first step that tracks; steps that start
+together may both create one, and then every step adopts the oldest and the others are deleted.
+Each step leaves that run as the execution stands: RUNNING while a step runs, FINISHED when one
+ends, FAILED once one failed (until a retry of that step succeeds); `llm-pipeline start --wait`
+sets the final status when the execution ends.
+
+Locally the server that executes the pipeline makes the same runs with the same functions before
+each job starts, and hands the job its run's id (RUN_ID_VARIABLE, PARENT_RUN_ID_VARIABLE, as
+MLflow's own MLFLOW_RUN_ID hands a run to a process): it has MLflow imported and the store open
+already, looks the experiment and the execution's run up once per execution, and owns that run's
+status (pipelines/tracking.py), so that a job's start spends no database round trips on finding
+and creating runs (about 0.1 s a job on a tiny run, most of what tracking added to it).
 
 Tracking never breaks a step: the first failure (an unreachable server, a missing permission, a
 URI MLflow does not know) is reported in one line and the step goes on untracked; its metrics
@@ -42,7 +50,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +71,12 @@ _SECRET_NAME = re.compile(r"token|secret|password|api_key|credential", re.IGNORE
 # What Evaluate writes beside evaluation.json: the execution's run, for the model package.
 RUN_LINK_FILE = "mlflow_run.json"
 NO_RUN = "none"
+# Set by the local server on a job whose step's run it made (pipelines/tracking.py): the step's
+# run, and its execution's. Named LLM_PIPELINE_*, not MLFLOW_RUN_ID: transformers' MLflowCallback
+# would start that run a second time, and a job whose environment differs from the warm job
+# runner's in an MLFLOW_ variable cannot be forked from it.
+RUN_ID_VARIABLE = "LLM_PIPELINE_MLFLOW_RUN_ID"
+PARENT_RUN_ID_VARIABLE = "LLM_PIPELINE_MLFLOW_PARENT_RUN_ID"
 
 _current: StageRun | None = None
 
@@ -142,12 +156,17 @@ class StageRun:
     Every method reports the first failure in one line and turns tracking off for the step.
     """
 
-    def __init__(self, client, run_id: str, parent_run_id: str | None, step: str) -> None:
+    def __init__(self, client, run_id: str, parent_run_id: str | None, step: str,
+                 keeps_execution_run: bool = True) -> None:
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.step = step
+        # Whether the step leaves the execution's run as the execution stands (on SageMaker);
+        # not when the local server made the step's run: the server owns the execution's.
+        self.keeps_execution_run = keeps_execution_run
         self.active = True
+        self.fluent = False  # MLflow's fluent API has this run active (`activate`)
 
     def _guarded(self, what: str, call, *args, **kwargs) -> Any:
         if not self.active:
@@ -204,14 +223,28 @@ class StageRun:
                 self.log_metrics({name: entry.get("value") for name, entry in metrics.items()
                                   if isinstance(entry, dict)}, step=0)
 
+    def activate(self) -> bool:
+        """Make this run MLflow's fluent active run, which transformers' MLflowCallback reports
+        into (rather than starting a run of its own); whether it is. Only a training stage needs
+        it, and it costs database round trips (MLflow reads the run and sets it RUNNING)."""
+        import mlflow
+
+        if self.active and not self.fluent:
+            self.fluent = self._guarded("activating the run", mlflow.start_run,
+                                        run_id=self.run_id) is not None
+        return self.fluent
+
     def finish(self, succeeded: bool) -> None:
         import mlflow
 
         status = "FINISHED" if succeeded else "FAILED"
-        # Ends the fluent run too, after flushing what the Trainer's callback logged in the
-        # background.
-        self._guarded("ending the run", mlflow.end_run, status)
-        if not self.parent_run_id:
+        # Either way after flushing what was logged in the background (set_terminated drains
+        # MLflow's logging queue first); the fluent run's end ends it as MLflow's active run too.
+        if self.fluent:
+            self._guarded("ending the run", mlflow.end_run, status)
+        else:
+            self._guarded("ending the run", self.client.set_terminated, self.run_id, status)
+        if not self.parent_run_id or not self.keeps_execution_run:
             return
         parent = self._guarded("reading the execution's run", self.client.get_run,
                                self.parent_run_id)
@@ -235,25 +268,36 @@ def _metric_name(key: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", key)
 
 
-def _execution_run(client, experiment_id: str, execution_id: str,
-                   execution_arn: str | None) -> str:
-    """The run of the execution: found by its tag, else created; the oldest wins a race."""
+def execution_tags(env: Mapping[str, str], execution_id: str,
+                   execution_arn: str | None) -> dict[str, str]:
+    """The tags of an execution's run, from a job's environment (the definition sets the recipe
+    and code version on every step)."""
+    tags = {EXECUTION_TAG: execution_id, EXECUTION_ARN_TAG: execution_arn or "",
+            "recipe": env.get("LLM_PIPELINE_RECIPE", ""),
+            "code_version": env.get("LLM_PIPELINE_CODE_VERSION", "")}
+    return {k: v for k, v in tags.items() if v}
+
+
+def experiment_of(client, name: str, uri: str) -> str:
+    """The id of the experiment named `name` (the pipeline's), created when there is none."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else _create_experiment(client,
+                                                                                      name, uri)
+
+
+def execution_run(client, experiment_id: str, execution_id: str, tags: dict[str, str]) -> str:
+    """The run of the execution, RUNNING unless a step of it failed: found by its tag, else
+    created with `tags`; the oldest wins a race."""
     query = f"tags.`{EXECUTION_TAG}` = '{execution_id}'"
 
     def runs():
         return client.search_runs([experiment_id], filter_string=query, max_results=50,
                                   order_by=["attributes.start_time ASC"])
 
-    found = runs()
+    found = [run for run in runs() if "mlflow.parentRunId" not in run.data.tags]
     if not found:
-        tags = {EXECUTION_TAG: execution_id,
-                "recipe": os.environ.get("LLM_PIPELINE_RECIPE", ""),
-                "code_version": os.environ.get("LLM_PIPELINE_CODE_VERSION", "")}
-        if execution_arn:
-            tags[EXECUTION_ARN_TAG] = execution_arn
-        mine = client.create_run(experiment_id, run_name=execution_id,
-                                 tags={k: v for k, v in tags.items() if v}).info.run_id
-        found = runs()
+        mine = client.create_run(experiment_id, run_name=execution_id, tags=tags).info.run_id
+        found = [run for run in runs() if "mlflow.parentRunId" not in run.data.tags]
         for run in found[1:]:  # another step created one too: keep the oldest only
             if run.info.run_id == mine:
                 client.delete_run(mine)
@@ -263,6 +307,28 @@ def _execution_run(client, experiment_id: str, execution_id: str,
     if FAILED_STEP_TAG not in parent.data.tags:
         client.update_run(parent.info.run_id, status="RUNNING")
     return parent.info.run_id
+
+
+def create_step_run(client, experiment_id: str, step: str, parent: str | None,
+                    execution_id: str | None) -> str:
+    """A new run for step `step`, nested in its execution's run `parent` when there is one."""
+    tags = {STEP_TAG: step}
+    if parent:
+        tags.update({"mlflow.parentRunId": parent, EXECUTION_TAG: execution_id or ""})
+    return client.create_run(experiment_id, run_name=step, tags=tags).info.run_id
+
+
+def open_step_run(client, uri: str) -> tuple[str, str | None]:
+    """(this job's step's new run, its execution's run): what a step does itself on SageMaker,
+    where nothing else knows its execution."""
+    experiment_id = experiment_of(client, os.environ.get("LLM_PIPELINE_NAME") or "llm-pipeline",
+                                  uri)
+    execution_id, execution_arn = execution_of_job()
+    parent = (execution_run(client, experiment_id, execution_id,
+                            execution_tags(os.environ, execution_id, execution_arn))
+              if execution_id else None)
+    step = os.environ.get("LLM_PIPELINE_STEP") or "stage"
+    return create_step_run(client, experiment_id, step, parent, execution_id), parent
 
 
 def batch_queued_metrics() -> None:
@@ -297,37 +363,28 @@ def start(config: Any) -> StageRun | None:
     # MLflow logs that at each request; the requests themselves are unaffected.
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
     step = os.environ.get("LLM_PIPELINE_STEP") or "stage"
+    given = os.environ.get(RUN_ID_VARIABLE)
     try:
         import mlflow
         from mlflow import MlflowClient
+        from mlflow.entities import Param
 
+        # For transformers' MLflowCallback and the fluent run's end (`StageRun.activate`).
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        name = os.environ.get("LLM_PIPELINE_NAME") or "llm-pipeline"
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else _create_experiment(client, name, uri))
-        execution_id, execution_arn = execution_of_job()
-        parent = (_execution_run(client, experiment_id, execution_id, execution_arn)
-                  if execution_id else None)
-        tags = {STEP_TAG: step}
-        if parent:
-            tags.update({"mlflow.parentRunId": parent, EXECUTION_TAG: execution_id})
-        run_id = client.create_run(experiment_id, run_name=step, tags=tags).info.run_id
-        # The fluent API's active run is the step's, so that transformers' MLflowCallback
-        # reports into it rather than starting a run of its own.
-        mlflow.start_run(run_id=run_id)
+        if given:  # made by the local server
+            run_id, parent = given, os.environ.get(PARENT_RUN_ID_VARIABLE) or None
+        else:
+            run_id, parent = open_step_run(client, uri)
     except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
         _warn(f"reaching the tracking store {uri}", error)
         return None
-    run = StageRun(client, run_id, parent, step)
-    params = _settings(config)
-    items = list(params.items())
-    from mlflow.entities import Param
-
+    run = StageRun(client, run_id, parent, step, keeps_execution_run=not given)
+    items = list(_settings(config).items())
     for i in range(0, len(items), 100):  # MLflow takes 100 params per batch
+        # Queued: written with the step's first metrics, or when its run ends.
         run._guarded("logging settings", client.log_batch, run_id,
-                     params=[Param(k, v) for k, v in items[i:i + 100]])
+                     params=[Param(k, v) for k, v in items[i:i + 100]], synchronous=False)
     print(f"MLflow: step run {run_id}" + (f" in execution run {parent}" if parent else "")
           + f" at {uri}", flush=True)
     _current = run
@@ -386,6 +443,8 @@ def trainer_callback():
     # repeat them under other names.
     os.environ.setdefault("MLFLOW_MAX_LOG_PARAMS", "0")
     run = _current
+    if not run.activate():
+        return None
 
     class GuardedMLflowCallback(MLflowCallback):
         def on_train_begin(self, *args, **kwargs):

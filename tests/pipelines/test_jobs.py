@@ -180,6 +180,23 @@ def test_a_training_job_gets_its_name_arn_and_channels_but_no_shell_variables(
     assert "SM_HPS" not in env and "SM_HOSTS" not in env
 
 
+def test_a_job_starts_with_the_variables_its_server_adds_from_its_environment(
+        s3, tmp_path, monkeypatch, environment_shown):
+    # The local server hands a tracked job the MLflow run it made for the step
+    # (pipelines/tracking.py), from the job's own environment, while its inputs are staged.
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    train = training_request(max_steps="1")
+    train["AlgorithmSpecification"]["ContainerArguments"] = [str(tmp_path / "shown")]
+    control = jobs.JobControl(job_variables=lambda env: {
+        "LLM_PIPELINE_MLFLOW_RUN_ID": f"run of {env['TRAINING_JOB_NAME']}"})
+
+    result = run_training_job(s3, train, "job-9", tmp_path, lambda _: None, control=control)
+
+    assert result.succeeded, result.failure_reason
+    env = json.loads((tmp_path / "shown/environment.json").read_text())
+    assert env["LLM_PIPELINE_MLFLOW_RUN_ID"] == "run of job-9"
+
+
 @pytest.mark.parametrize("kind", ["processing", "training"])
 def test_a_secret_in_a_failed_jobs_reason_is_masked(s3, tmp_path, monkeypatch, kind):
     secret = "sk-PlantedApiKeyOfTheJob0123456789"

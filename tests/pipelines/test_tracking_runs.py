@@ -1,0 +1,121 @@
+"""The local server makes a tracked execution's MLflow runs, and its jobs start with them.
+
+The server (pipelines/tracking.py, `StepRuns`) makes each step's run as its job starts, nested in
+the execution's run, and hands the job its run in its environment; the job's stage then tracks
+into that run instead of finding and creating runs itself (steps/common/tracking.py), and the
+server ends the execution's run. Played here with a training job of one execution, as the engine
+names and configures it, against an SQLite store in a temporary folder; the runs are read back
+with MLflow's own client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines import tracking
+from steps.common import tracking as step_tracking
+
+PIPELINE = "llm-served"
+ACCOUNT = "111122223333"
+
+
+@dataclass
+class Settings:
+    learning_rate: float = 0.001
+    max_steps: int = 3
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments(max_results=1)  # the first migration, once
+    return uri
+
+
+def job_environment(uri: str, execution: str, step: str) -> dict[str, str]:
+    """The variables of a training job's environment that tracking reads (jobs.job_environment)."""
+    name = f"pipelines-{execution}-{step}"
+    return {"MLFLOW_TRACKING_URI": uri, "LLM_PIPELINE_NAME": PIPELINE,
+            "LLM_PIPELINE_STEP": step, "LLM_PIPELINE_RECIPE": "served",
+            "TRAINING_JOB_NAME": name,
+            "TRAINING_JOB_ARN": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:training-job/{name}"}
+
+
+def server_runs(uri: str, execution: str) -> tracking.StepRuns:
+    return tracking.StepRuns(uri, execution, f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/"
+                                             f"{PIPELINE}/execution/{execution}")
+
+
+def runs_of(uri: str, execution: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(PIPELINE)
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{step_tracking.EXECUTION_TAG}` = "
+                                            f"'{execution}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_a_job_tracks_into_the_run_the_server_made_for_its_step(monkeypatch, store):
+    execution = "5e7e5e7e5e7e"
+    runs = server_runs(store, execution)
+    env = job_environment(store, execution, "SFT")
+    given = runs.variables(env)
+    for name, value in {**env, **given}.items():  # the job's process
+        monkeypatch.setenv(name, value)
+    run = step_tracking.start(Settings())
+    run.log_metrics({"step": 1, "train_loss": 2.5})
+    step_tracking.end(True)
+
+    parents, steps = runs_of(store, execution)
+    assert run.run_id == given[step_tracking.RUN_ID_VARIABLE]
+    assert [s.info.run_id for s in steps] == [run.run_id]  # the job made no run of its own
+    assert parents[0].info.run_id == given[step_tracking.PARENT_RUN_ID_VARIABLE]
+    assert steps[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert steps[0].data.params["learning_rate"] == "0.001"
+    assert steps[0].data.metrics == {"train_loss": 2.5}
+    assert steps[0].info.status == "FINISHED"
+    assert parents[0].data.tags["recipe"] == "served"
+    assert parents[0].data.tags[step_tracking.EXECUTION_ARN_TAG].endswith(
+        f":pipeline/{PIPELINE}/execution/{execution}")
+    # The execution's run is the server's to end, when the execution ends.
+    assert parents[0].info.status == "RUNNING"
+    tracking.close_execution_run(store, PIPELINE, execution, True, None)
+    assert runs_of(store, execution)[0][0].info.status == "FINISHED"
+
+
+def test_the_steps_of_one_execution_share_its_run(store):
+    execution = "5ba7ed5ba7ed"
+    runs = server_runs(store, execution)
+    made = [runs.variables(job_environment(store, execution, step))
+            for step in ("DataPrep", "SFT", "Evaluate")]
+
+    parents, steps = runs_of(store, execution)
+    assert len(parents) == 1 and len(steps) == 3
+    assert {m[step_tracking.PARENT_RUN_ID_VARIABLE] for m in made} == {parents[0].info.run_id}
+
+
+def test_a_step_run_its_job_left_running_ends_failed_with_the_execution(store):
+    execution = "1ef7a11ed1ef"
+    runs = server_runs(store, execution)
+    runs.variables(job_environment(store, execution, "SFT"))  # its job failed before tracking
+
+    tracking.close_execution_run(store, PIPELINE, execution, False, None)
+
+    parents, steps = runs_of(store, execution)
+    assert [s.info.status for s in steps] == ["FAILED"]
+    assert parents[0].info.status == "FAILED"
+
+
+def test_the_server_makes_no_run_for_a_job_tracking_elsewhere_or_not_at_all(store, tmp_path):
+    execution = "e15e1e15e1e5"
+    runs = server_runs(store, execution)
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+
+    assert runs.variables(job_environment(elsewhere, execution, "SFT")) == {}
+    assert runs.variables(job_environment("none", execution, "SFT")) == {}
+    assert MlflowClient(store).get_experiment_by_name(PIPELINE) is None or \
+        runs_of(store, execution) == ([], [])
