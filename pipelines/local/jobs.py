@@ -89,6 +89,8 @@ class JobResult:
 # https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html). A job
 # stopped at MaxRuntimeInSeconds is Stopped with the secondary status MaxRuntimeExceeded.
 STOP_GRACE_SECONDS = 120.0
+# How often a running job is checked for a stop request or its MaxRuntimeInSeconds.
+STOP_CHECK_SECONDS = 0.2
 MAX_RUNTIME_EXCEEDED = "MaxRuntimeExceeded"
 STOPPED_ON_REQUEST = "StopRequested"
 
@@ -245,16 +247,21 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, log_path: Path,
     with open(log_path, "a", encoding="utf-8") as log:
         process = control.start(command, env, cwd)
         stopped: list[str] = []
+        ended = threading.Event()
         watcher = threading.Thread(target=_stop_when_asked,
-                                   args=(process, control, max_seconds, stopped), daemon=True)
+                                   args=(process, control, max_seconds, stopped, ended),
+                                   daemon=True)
         watcher.start()
         assert process.stdout is not None
-        for line in process.stdout:
-            line = redact(line, secrets)
-            log.write(line)
-            log.flush()
-            on_line(line.rstrip("\n"))
-        code = process.wait()
+        try:
+            for line in process.stdout:
+                line = redact(line, secrets)
+                log.write(line)
+                log.flush()
+                on_line(line.rstrip("\n"))
+            code = process.wait()
+        finally:
+            ended.set()
         watcher.join()
         return code, stopped[0] if stopped else ""
 
@@ -278,18 +285,20 @@ def _job_variables(control: JobControl | None, env: dict[str, str]) -> Callable[
 
 
 def _stop_when_asked(process: subprocess.Popen, control: JobControl, max_seconds: float | None,
-                     stopped: list[str]) -> None:
-    """While the job runs: when its execution is asked to stop, or it has run `max_seconds`,
-    SIGTERM its process group, and SIGKILL it after the grace period."""
+                     stopped: list[str], ended: threading.Event) -> None:
+    """While the job runs (until `ended`): when its execution is asked to stop, or it has run
+    `max_seconds`, SIGTERM its process group, and SIGKILL it after the grace period. It leaves
+    as soon as the job has ended, not at its next look: the engine waits for it before the job's
+    outputs, and each job of a run waited a tenth of a second on average."""
     deadline = time.monotonic() + max_seconds if max_seconds else None
     why = STOPPED_ON_REQUEST
-    while not control.stop_requested.wait(0.2):
-        if process.poll() is not None:
-            return
+    while not ended.wait(STOP_CHECK_SECONDS):
+        if control.stop_requested.is_set():
+            break
         if deadline is not None and time.monotonic() >= deadline:
             why = MAX_RUNTIME_EXCEEDED
             break
-    if process.poll() is not None:
+    if ended.is_set() or process.poll() is not None:
         return
     stopped.append(why)
     _signal_group(process.pid, signal.SIGTERM)

@@ -276,6 +276,19 @@ def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(s3, tmp_pat
     assert keys(s3, "models/") == []
 
 
+def test_a_job_is_done_when_its_process_ends_not_at_the_stop_watchers_next_look(tmp_path,
+                                                                               monkeypatch):
+    # A watcher looks for a stop request every STOP_CHECK_SECONDS while the job runs; the job's
+    # outcome must not wait for its next look (every job of a run waited 0.1 s on average).
+    monkeypatch.setattr(jobs, "STOP_CHECK_SECONDS", 120.0)
+    started = time.monotonic()
+    code, stopped = jobs._run([sys.executable, "-c", "print('done')"], {}, tmp_path,
+                              tmp_path / "log.txt", lambda _: None)
+    assert time.monotonic() - started < 60
+    assert (code, stopped) == (0, "")
+    assert (tmp_path / "log.txt").read_text() == "done\n"
+
+
 def test_a_training_job_reports_whole_seconds_and_at_least_one_as_sagemaker_does():
     # TrainingTimeInSeconds and BillableTimeInSeconds have a minimum of 1 in SageMaker's API
     # model: a job stopped in its first second still reports 1 (it answered 0 before).
