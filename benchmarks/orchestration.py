@@ -504,7 +504,7 @@ PARTS = [
     ("outputs", "jobs: packing and uploading outputs to S3"),
     ("engine", "engine between jobs: cache lookups, validation, conditions, registration"),
     ("report", "the final report"),
-    ("cli_end", "the command seeing the end (it polls every 0.5 s), its exit"),
+    ("cli_end", "the command seeing the end (the server's records change), its exit"),
 ]
 
 

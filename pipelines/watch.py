@@ -11,6 +11,7 @@ them, and the summary of a failed execution ends with the failed step's log.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -151,6 +152,50 @@ class StepLogs:
         return lines
 
 
+class Changes:
+    """The wait between two looks at an execution: `seconds`, or, for a local execution (the
+    folder of its records), until the local server rewrites one of its records, which it
+    replaces whole (a new file): a step started or ended, the execution ended. Looked for every
+    CHECK_SECONDS (two `stat`s: no CPU to speak of), so that `run` sees a local execution end
+    within a few hundredths of a second, not up to a whole poll later; log lines still show at
+    each poll. On AWS: a plain wait."""
+
+    CHECK_SECONDS = 0.05
+    # The engine's record of the steps (pipelines/local/engine.py) and the server's of the
+    # execution (pipelines/local/executions.py, META_FILE).
+    RECORDS = ("execution.json", "pipeline-execution.json")
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._paths = [folder / name for name in self.RECORDS] if folder is not None else []
+        self._seen: tuple = ()
+
+    def mark(self) -> None:
+        """Remember the records as they are now, as a look at the execution begins."""
+        self._seen = self._records()
+
+    def wait(self, seconds: float) -> None:
+        """Wait `seconds`, or until the records differ from the last `mark`."""
+        if self.folder is None:
+            time.sleep(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(self.CHECK_SECONDS, left))
+            if self._records() != self._seen:
+                return
+
+    def _records(self) -> tuple:
+        found = []
+        for path in self._paths:
+            try:
+                status = os.stat(path)
+                found.append((status.st_ino, status.st_mtime_ns))
+            except OSError:
+                found.append(None)
+        return tuple(found)
+
+
 def _steps(sagemaker, arn: str) -> list[dict]:
     pages = sagemaker.get_paginator("list_pipeline_execution_steps").paginate(
         PipelineExecutionArn=arn, SortOrder="Ascending")
@@ -178,7 +223,9 @@ def follow(sagemaker, arn: str, progress, poll_seconds: float, logs: StepLogs) -
     it ends, then the steps it never reached; its final status."""
     types = step_types(sagemaker, arn)
     views: dict[str, StepView] = {}
+    changes = Changes(logs.folder)
     while True:
+        changes.mark()
         status = sagemaker.describe_pipeline_execution(
             PipelineExecutionArn=arn)["PipelineExecutionStatus"]
         for step in _steps(sagemaker, arn):
@@ -202,7 +249,7 @@ def follow(sagemaker, arn: str, progress, poll_seconds: float, logs: StepLogs) -
             for name in [n for n in types if n not in views]:  # steps it never reached
                 progress.step_finished(StepView(name, types[name], "NotExecuted"))
             return status
-        time.sleep(poll_seconds)
+        changes.wait(poll_seconds)
 
 
 def failed_steps(sagemaker, execution_arn: str) -> list[str]:
