@@ -176,7 +176,7 @@ class InstanceType:
 def instance_types() -> dict[str, InstanceType]:
     """Every instance type of prices.yaml's `hardware` table, with its price where it has one."""
     try:
-        data = yaml.safe_load(cost.PRICES_FILE.read_text())
+        data = cost.read_prices_file()
         prices = cost.load_prices().usd_per_hour
         kinds = data["accelerators"]
         table = {}
