@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -216,9 +217,32 @@ def use_local_aws(job_runner: str | None = None) -> str:
     return url
 
 
+# The project's packages (setup.cfg), whose modules the commands and the jobs import.
+PROJECT_PACKAGES = ("pipelines", "steps", "containers", "serving")
+
+
+def compile_modules(folders: list[Path]) -> None:
+    """Write the bytecode of the Python modules under `folders` where it is missing or stale,
+    as `python -m compileall` does; what cannot be written (a read-only install) is left.
+
+    A job's environment is its image's, which sets PYTHONDONTWRITEBYTECODE, so a job never
+    writes the bytecode of the stage modules it imports, and an editable install (`make
+    install`) has none of its own: every job compiled the project's modules it imports from
+    source (about 0.05 s a job here, a third of what a forked job spends before its stage
+    starts), and so did every command in a shell that sets the variable too. Written once here,
+    the jobs and the commands read it; Python checks it against each source file's time and
+    size, so an edit between two jobs is compiled afresh in memory until the next server."""
+    import compileall
+
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            compileall.compile_dir(folder, quiet=2)
+
+
 def serve(port: int, job_runner: str = "warm") -> None:
     """The server process: the SageMaker service of pipelines/local/sagemaker_api.py in front of
     moto, on 127.0.0.1:`port`, until SIGTERM; its jobs start with `job_runner`."""
+    import importlib.util
     import logging
 
     import boto3
@@ -234,6 +258,10 @@ def serve(port: int, job_runner: str = "warm") -> None:
     from pipelines.local.sagemaker_api import LocalEndpoint, LocalSageMaker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    folders = [Path(folder) for package in PROJECT_PACKAGES
+               for folder in importlib.util.find_spec(package).submodule_search_locations]
+    threading.Thread(target=compile_modules, args=(folders,), name="compile-modules",
+                     daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     # The engine's clients and the jobs it starts reach S3 and the registry here.
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *ENDPOINT_VARIABLES):

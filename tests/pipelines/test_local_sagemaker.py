@@ -6,6 +6,7 @@ the local service goes through `strict_client`, which fails a call whose answer 
 botocore's output shape.
 """
 
+import importlib.util
 import json
 import time
 import urllib.error
@@ -14,6 +15,7 @@ import urllib.request
 import pytest
 from botocore.exceptions import ClientError
 
+from pipelines.local import server
 from tests.pipelines.conftest import clean_env, cli
 from tests.pipelines.output_shapes import strict_client
 
@@ -291,3 +293,22 @@ def test_pipelines_and_executions_survive_a_restart_of_the_server(local_home, sa
     assert steps(restarted, arn)["TooHigh"]["FailureReason"] == "threshold 9 is over 5"
     assert finished(restarted, start(restarted, pipeline, Threshold=2))[
         "PipelineExecutionStatus"] == "Succeeded"
+
+
+def test_the_server_leaves_modules_compiled_for_the_jobs_which_may_not_write_bytecode(tmp_path):
+    # A job's image environment sets PYTHONDONTWRITEBYTECODE: without this, every job compiled
+    # the stage modules it imports from their source.
+    package = tmp_path / "stages"
+    package.mkdir()
+    source = package / "sft.py"
+    source.write_text("ANSWER = 42\n")
+
+    server.compile_modules([package])
+
+    with open(importlib.util.cache_from_source(str(source)), "rb") as compiled:
+        magic, flags, mtime, size = (compiled.read(4), *(int.from_bytes(compiled.read(4),
+                                                                         "little")
+                                                          for _ in range(3)))
+    # What Python checks before it takes the bytecode instead of compiling the source.
+    assert magic == importlib.util.MAGIC_NUMBER and flags == 0
+    assert (mtime, size) == (int(source.stat().st_mtime), source.stat().st_size)
