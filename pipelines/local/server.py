@@ -175,11 +175,11 @@ def _terminate(pid: int | None, timeout: float = 15.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout  # so that a `server start` right after gets a new one
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def _running(pid: int) -> bool:
     """Whether process `pid` still runs. One that has exited but that no one has reaped yet (a
     zombie: where the first process of a container does not reap orphans, or this process's own
     child) still answers signal 0, so the signal alone would wait out the whole timeout."""
