@@ -20,6 +20,7 @@ jobs trained on, read from the `total_tokens` metric of their FinalMetricDataLis
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -44,10 +45,17 @@ class PriceTable:
 
 
 def read_prices_file(path: Path = PRICES_FILE) -> Any:
-    """The YAML of the price table, parsed by libyaml where PyYAML has it: every `run` reads it
-    before it starts (its prices, and the memory plan's hardware), and PyYAML's pure-Python
-    parser took ten times as long (about 20 ms a read here)."""
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    """The YAML of the price table, parsed once per version of the file in this process (callers
+    read it, never change it): every `run` reads it before it starts, for its prices and for the
+    memory plan's hardware, which looks instance types up many times a plan."""
+    status = path.stat()
+    return _parsed_prices(str(path), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_prices(path: str, mtime_ns: int, size: int) -> Any:
+    # libyaml where PyYAML has it: its pure-Python parser took ten times as long (20 ms a read).
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def load_prices(path: Path = PRICES_FILE) -> PriceTable:
