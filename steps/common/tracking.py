@@ -290,14 +290,16 @@ def execution_run(client, experiment_id: str, execution_id: str, tags: dict[str,
     created with `tags`; the oldest wins a race."""
     query = f"tags.`{EXECUTION_TAG}` = '{execution_id}'"
 
-    def runs():
-        return client.search_runs([experiment_id], filter_string=query, max_results=50,
-                                  order_by=["attributes.start_time ASC"])
+    def runs():  # the execution's own runs, not its steps' (which carry its tag too)
+        return [run for run in client.search_runs([experiment_id], filter_string=query,
+                                                  max_results=50,
+                                                  order_by=["attributes.start_time ASC"])
+                if "mlflow.parentRunId" not in run.data.tags]
 
-    found = [run for run in runs() if "mlflow.parentRunId" not in run.data.tags]
+    found = runs()
     if not found:
         mine = client.create_run(experiment_id, run_name=execution_id, tags=tags).info.run_id
-        found = [run for run in runs() if "mlflow.parentRunId" not in run.data.tags]
+        found = runs()
         for run in found[1:]:  # another step created one too: keep the oldest only
             if run.info.run_id == mine:
                 client.delete_run(mine)
