@@ -1,24 +1,22 @@
-"""A few steps of training of builtin:tiny, sharded with FSDP2 across the processes of a torchrun
-(gloo, on CPUs) or whole in one process, then saved as the stages save: the two runs
+"""A few steps of training of builtin:tiny, sharded with FSDP2 across two processes (gloo, on
+CPUs) or whole in one process, then saved as the stages save: the two runs
 tests/steps/test_sharding.py compares.
-
-    python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        -m tests.steps.sharded_training PEFT_METHOD[,PEFT_METHOD...] OUT_FOLDER
 
 accelerate applies its FSDP plugin only on GPUs, so this shards the model as it would there
 (`fully_shard` on each of steps.common.sharding's decoder layers, then on the whole model) and
 trains it with a plain AdamW loop; each process takes its half of every global batch. What the
 test checks is what sharding must not change: the losses, and a saved model that loads on its own.
+
+The two processes are forked from the test's own (`train_sharded`), which has imported torch,
+transformers and PEFT already: two fresh interpreters under torchrun spent about 6 CPU s each
+importing them, for a second of training. The stage under torchrun has its own tests
+(tests/steps/test_distributed.py, tests/steps/test_contract.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
 
@@ -41,7 +39,7 @@ def train(peft_method: str, out: Path) -> list[float]:
     """Train and save; the losses of the global batches, as every process computes them."""
     import torch.distributed as dist
 
-    distributed = "WORLD_SIZE" in os.environ
+    distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     knobs = SFTStageConfig(base_model=TINY, peft_method=peft_method, lora_dropout=0.0,
                            precision="fp32", sharding="fsdp" if distributed else "none")
@@ -77,13 +75,32 @@ def train(peft_method: str, out: Path) -> list[float]:
     return losses
 
 
-if __name__ == "__main__":
+def train_sharded(peft_methods: tuple[str, ...], out: Path, timeout: float = 300) -> None:
+    """Train each method sharded across two processes forked from this one, each saved (by the
+    first process) into out/METHOD; an error names the process and its traceback, and processes
+    still running after `timeout` seconds (a collective that waits forever) are killed."""
+    import time
+
+    import torch.multiprocessing
+
+    started = torch.multiprocessing.start_processes(
+        _sharded_process, args=(peft_methods, out), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not started.join(timeout=1):  # raises as soon as one process fails
+        if time.monotonic() > deadline:
+            for process in started.processes:
+                process.kill()
+            raise TimeoutError(f"sharded training still running after {timeout:g} s")
+
+
+def _sharded_process(rank: int, peft_methods: tuple[str, ...], out: Path) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    torch.set_num_threads(1)  # two processes on what may be two cores
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
     try:
-        for method in sys.argv[1].split(","):
-            train(method, Path(sys.argv[2]) / method)
+        for method in peft_methods:
+            train(method, out / method)
     finally:
         dist.destroy_process_group()

@@ -6,9 +6,6 @@ on two CPU processes (gloo) with FSDP2's `fully_shard` over the decoder layers t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from steps.common.models import TINY, load_model, load_tokenizer
 from steps.sft_config import SFTStageConfig
 
 from . import sharded_training
-from .conftest import ROOT, counting_records
+from .conftest import counting_records
 from .stage_runs import run_sft
 
 METHODS = ("none", "lora")
@@ -30,13 +27,7 @@ WEIGHTS = {"none": "model.safetensors", "lora": "adapter_model.safetensors"}
 def sharded(tmp_path_factory):
     """Two processes trained builtin:tiny with FSDP, fully and with LoRA, and saved it."""
     out = tmp_path_factory.mktemp("sharded")
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.steps.sharded_training", ",".join(METHODS), str(out)],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    sharded_training.train_sharded(METHODS, out)
     return out
 
 
