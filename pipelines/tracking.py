@@ -120,19 +120,23 @@ def import_client_early(uri: str | None) -> None:
 
 
 class StepRuns:
-    """The MLflow runs of one local execution tracked in the local store, made by the server that
-    executes it: each step's run as its job starts, nested in the execution's run, made with the
-    first. The job is handed its run in its environment (`variables`) and starts with it, instead
-    of finding and creating runs itself (steps/common/tracking.py). Only for the local store: a
-    remote server that does not answer would hold every job's start here for its retries, and a
-    step says in its own log that it goes on untracked. Whatever fails here leaves the jobs to
-    make their runs themselves, as on SageMaker."""
+    """The MLflow runs of one local execution tracked in the local store, made and ended by the
+    server that executes it: each step's run as its job starts, nested in the execution's run,
+    made with the first. The job is handed its run in its environment (`variables`) and starts
+    with it, instead of finding and creating runs itself (steps/common/tracking.py); it leaves its
+    run's end (its reports and plots to log) in a file, and once its process has ended the run is
+    ended here (`job_ended`), in the background while the next step runs; `wait` before the
+    execution's run is closed. Only for the local store: a remote server that does not answer
+    would hold every job's start here for its retries, and a step says in its own log that it
+    goes on untracked. Whatever fails making a run leaves the jobs to make and end their runs
+    themselves, as on SageMaker."""
 
     def __init__(self, uri: str, execution_id: str, execution_arn: str) -> None:
         self.uri, self.execution_id, self.execution_arn = uri, execution_id, execution_arn
         self.experiment_id: str | None = None
         self.parent: str | None = None
         self.failed = False
+        self._ending: list[threading.Thread] = []
 
     def variables(self, env: dict[str, str]) -> dict[str, str]:
         """What to add to the environment `env` of a job about to start: its step's new run;
@@ -157,8 +161,51 @@ class StepRuns:
             log.warning("execution %s: the steps make their MLflow runs themselves, as the server "
                         "could not (%s)", self.execution_id, " ".join(str(error).split())[:300])
             return {}
-        return {step_tracking.RUN_ID_VARIABLE: run_id,
+        made = {step_tracking.RUN_ID_VARIABLE: run_id,
                 step_tracking.PARENT_RUN_ID_VARIABLE: self.parent}
+        if env.get("SM_OUTPUT_DIR"):  # the job's /opt/ml/output (pipelines/local/jobs.py)
+            made[step_tracking.RUN_END_VARIABLE] = str(Path(env["SM_OUTPUT_DIR"])
+                                                       / step_tracking.RUN_END_FILE)
+        return made
+
+    def job_ended(self, variables: dict[str, str], succeeded: bool) -> None:
+        """The job given `variables` has ended (`succeeded` or not): log what it left for its
+        run's end and end the run, in the background."""
+        run_id = variables.get(step_tracking.RUN_ID_VARIABLE)
+        left = variables.get(step_tracking.RUN_END_VARIABLE)
+        if not run_id or not left:
+            return
+        thread = threading.Thread(target=self._end_run, args=(run_id, Path(left), succeeded),
+                                  name=f"mlflow-end-{run_id[:8]}", daemon=True)
+        self._ending.append(thread)
+        thread.start()
+
+    def wait(self) -> None:
+        """Until every ended job's run is ended."""
+        for thread in self._ending:
+            thread.join()
+
+    def _end_run(self, run_id: str, left: Path, succeeded: bool) -> None:
+        """FINISHED with the files the job left when it ended well and said its stage succeeded;
+        else FAILED (a job that failed, was stopped or killed, or left no file)."""
+        ending = step_tracking.read_run_end(left) or {}
+        succeeded = succeeded and ending.get("run_id") == run_id and ending.get("succeeded") is True
+        files = [Path(p) for p in ending.get("artifacts", [])] if succeeded else []
+
+        def warn(what: str, error: BaseException) -> None:
+            log.warning("execution %s: MLflow run %s: %s failed (%s)", self.execution_id, run_id,
+                        what, " ".join(str(error).split())[:300])
+
+        try:
+            from mlflow import MlflowClient
+
+            run = step_tracking.StageRun(MlflowClient(self.uri), run_id, self.parent, "",
+                                         keeps_execution_run=False, warn=warn)
+        except Exception as error:  # noqa: BLE001 (closing the execution's run ends it FAILED)
+            warn("ending the run", error)
+            return
+        run.log_files(files)
+        run.finish(succeeded)
 
 
 def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,

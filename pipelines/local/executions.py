@@ -18,7 +18,8 @@ Everything is recorded under $LLM_PIPELINE_HOME/executions/PIPELINE/ID/: `pipeli
 them back; an execution that was running when its server ended is Failed, and says so.
 
 A tracked execution's MLflow runs are made here when it tracks into the local store: each step's
-as its job starts, the execution's with the first. Its run ends here, as the execution ended and
+as its job starts, the execution's with the first; each step's ends here too, once its job's
+process has ended, in the background while the next step runs. Its run ends here, as the execution ended and
 tagged with the package it registered (pipelines/tracking.py), before its status says it ended: a
 command that saw the end finds the run closed. The server imports MLflow once, in the background
 while the first tracked execution runs; the line saying how the run was closed is the execution's
@@ -255,9 +256,10 @@ class Executions:
                  control: jobs.JobControl, recorder: _Recorder) -> None:
         uri = self._tracking_uri(definition, overrides, resume)
         self._prepare_tracking(uri)
+        step_runs = None
         if uri is not None and uri == tracking.local_uri(self.home):
-            control.job_variables = tracking.StepRuns(uri, execution.execution_id,
-                                                      execution.arn).variables
+            step_runs = tracking.StepRuns(uri, execution.execution_id, execution.arn)
+            control.job_variables, control.job_ended = step_runs.variables, step_runs.job_ended
         package = None
         try:
             record = engine.run_execution(
@@ -272,7 +274,10 @@ class Executions:
         except Exception as exc:  # the engine's own fault: recorded, never a silent hang
             log.exception("execution %s failed in the engine", execution.arn)
             status, reason = "Failed", f"the local engine failed: {exc!r}"
-        # Outside the lock: an unreachable tracking server takes its retries' time.
+        # Outside the lock: an unreachable tracking server takes its retries' time. The steps'
+        # runs end first (each job's, in the background since its process ended).
+        if step_runs is not None:
+            step_runs.wait()
         closed = tracking.close_execution_run(uri, execution.pipeline_name,
                                               execution.execution_id, status == "Succeeded",
                                               package) if uri else None

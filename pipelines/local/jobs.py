@@ -28,7 +28,9 @@ The only differences are what running without a container on this machine needs:
     nothing, so that no `~/.aws` file of the developer's gives a job a region or an identity.
   - Tracking into the local MLflow store: `LLM_PIPELINE_MLFLOW_RUN_ID` and
     `LLM_PIPELINE_MLFLOW_PARENT_RUN_ID`, the step's run and its execution's, which the local
-    server made for the job (on SageMaker the step makes them itself: steps/common/tracking.py).
+    server made for the job, and `LLM_PIPELINE_MLFLOW_RUN_END`, the file where the job leaves its
+    run's end for the server, which ends the run once the job's process has ended (on SageMaker
+    the step makes and ends them itself: steps/common/tracking.py).
   - This machine: `PATH` (the project's Python first), `HOME` (where caches live: the converted
     SmolLM2, Hugging Face's), and, when set, `LLM_PIPELINE_CACHE` (the model cache) and
     `LLM_PIPELINE_NATIVE_BF16` (what the CPU is taken to be).
@@ -121,6 +123,9 @@ class JobControl:
     # Given a job's environment, variables to add to it, made while its inputs are staged: the
     # local server hands a tracked job the MLflow run it made for the step (pipelines/tracking.py).
     job_variables: Callable[[dict[str, str]], dict[str, str]] | None = None
+    # Given those variables and whether the job succeeded, once its process has ended (before
+    # its outputs are uploaded): the local server ends the step's MLflow run in the background.
+    job_ended: Callable[[dict[str, str], bool], None] | None = None
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -288,6 +293,11 @@ def _job_variables(control: JobControl | None, env: dict[str, str]) -> Callable[
         return made
 
     return variables
+
+
+def _job_ended(control: JobControl | None, variables: dict[str, str], succeeded: bool) -> None:
+    if control is not None and control.job_ended is not None:
+        control.job_ended(variables, succeeded)
 
 
 def _stop_when_asked(process: subprocess.Popen, control: JobControl, max_seconds: float | None,
@@ -491,6 +501,7 @@ def run_processing_job(s3, request: dict, job_name: str, job_dir: Path,
     log_path = job_dir / "log.txt"
     code, stopped = _run(command, {**env, **variables()}, job_dir, log_path, on_line, control,
                          _max_runtime(request))
+    _job_ended(control, variables(), code == 0 and not stopped)
     description = {**request, "ProcessingJobName": job_name, "ProcessingJobArn": arn,
                    "ProcessingJobStatus": "Completed" if code == 0 else "Failed"}
     if stopped == STOPPED_ON_REQUEST:  # nothing is uploaded: the job did not finish
@@ -587,6 +598,7 @@ def run_training_job(s3, request: dict, job_name: str, job_dir: Path,
     finally:
         if checkpoints is not None:
             checkpoints.stop()
+    _job_ended(control, variables(), code == 0 and not stopped)
     # Locally every second of the job is billed: with managed spot SageMaker would bill fewer
     # (BillableTimeInSeconds below TrainingTimeInSeconds); this machine cannot.
     seconds = billed_seconds(time.time() - started)

@@ -198,6 +198,29 @@ def test_a_job_starts_with_the_variables_its_server_adds_from_its_environment(
 
 
 @pytest.mark.parametrize("kind", ["processing", "training"])
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_the_server_hears_when_a_job_ended_and_whether_it_succeeded_before_its_outputs_upload(
+        s3, tmp_path, monkeypatch, kind, exit_code):
+    # The local server ends the step's MLflow run once the job's process has ended
+    # (pipelines/tracking.py), with the variables it gave the job.
+    monkeypatch.setattr(jobs, "_command", lambda image, entrypoint, arguments: [
+        sys.executable, "-c", f"import sys; sys.exit({exit_code})"])
+    s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
+    heard = []
+    control = jobs.JobControl(
+        job_variables=lambda env: {"LLM_PIPELINE_MLFLOW_RUN_ID": "run-7"},
+        job_ended=lambda variables, succeeded: heard.append(
+            (variables, succeeded, keys(s3, "out/") + keys(s3, "models/"))))
+    job = request("s3://bucket/in") if kind == "processing" else training_request()
+    run = run_processing_job if kind == "processing" else run_training_job
+
+    result = run(s3, job, "job-10", tmp_path, lambda _: None, control=control)
+
+    assert result.succeeded == (exit_code == 0)
+    assert heard == [({"LLM_PIPELINE_MLFLOW_RUN_ID": "run-7"}, exit_code == 0, [])]
+
+
+@pytest.mark.parametrize("kind", ["processing", "training"])
 def test_a_secret_in_a_failed_jobs_reason_is_masked(s3, tmp_path, monkeypatch, kind):
     secret = "sk-PlantedApiKeyOfTheJob0123456789"
     leaving = ("import os, sys; d = os.environ['SM_OUTPUT_DIR']; os.makedirs(d, exist_ok=True); "

@@ -89,6 +89,71 @@ def test_a_job_tracks_into_the_run_the_server_made_for_its_step(monkeypatch, sto
     assert runs_of(store, execution)[0][0].info.status == "FINISHED"
 
 
+def test_the_server_ends_a_steps_run_with_the_files_its_job_left_once_the_job_ended(
+        monkeypatch, store, tmp_path):
+    # Locally a job leaves its run's end to the server, which logs the job's reports and plots
+    # and ends the run after the job's process has ended, while the next step runs.
+    execution = "0ff10ad0ff10"
+    runs = server_runs(store, execution)
+    env = {**job_environment(store, execution, "Evaluate"),
+           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
+    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
+    given = runs.variables(env)
+    for name, value in {**env, **given}.items():  # the job's process
+        monkeypatch.setenv(name, value)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.html").write_text("<p>report</p>")
+    (report / "evaluation.json").write_text(
+        '{"metrics": {"perplexity_ratio": {"value": 0.9}}}')
+    (report / "eval.jsonl").write_text("{}\n")  # data, not a report
+    run = step_tracking.start(Settings())
+    run.log_metrics({"step": 1, "tokens_per_second": 800.0}, synchronous=False)
+    step_tracking.end(True, [report])
+
+    # The job's end wrote what it queued, and left the rest to the server.
+    client = MlflowClient(store)
+    left = client.get_run(run.run_id)
+    assert left.info.status == "RUNNING"
+    assert left.data.params["learning_rate"] == "0.001"
+    assert left.data.metrics == {"tokens_per_second": 800.0, "perplexity_ratio": 0.9}
+    assert client.list_artifacts(run.run_id) == []
+
+    runs.job_ended(given, True)
+    runs.wait()
+
+    ended = client.get_run(run.run_id)
+    assert ended.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.run_id)} == {"report.html",
+                                                                   "evaluation.json"}
+
+
+@pytest.mark.parametrize("leaves", ["a success", "nothing"])
+def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_ends(
+        monkeypatch, store, tmp_path, leaves):
+    # "a success": the stage succeeded, and the job failed after it (exit status 1);
+    # "nothing": the job was killed before its stage ended.
+    execution = "dead0b1ec7ed"
+    runs = server_runs(store, execution)
+    env = {**job_environment(store, execution, "SFT"),
+           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
+    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
+    given = runs.variables(env)
+    if leaves == "a success":
+        for name, value in {**env, **given}.items():
+            monkeypatch.setenv(name, value)
+        step_tracking.start(Settings())
+        (tmp_path / "summary.json").write_text("{}")
+        step_tracking.end(True, [tmp_path])
+
+    runs.job_ended(given, False)
+    runs.wait()
+
+    run_id = given[step_tracking.RUN_ID_VARIABLE]
+    assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
+    assert MlflowClient(store).list_artifacts(run_id) == []
+
+
 def test_the_steps_of_one_execution_share_its_run(store):
     execution = "5ba7ed5ba7ed"
     runs = server_runs(store, execution)
