@@ -8,7 +8,11 @@ store in a temporary folder, and reads the runs back with MLflow's own client.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -102,3 +106,19 @@ def test_tracking_off_or_unusable_leaves_the_stage_untracked_with_one_line(monke
     tracking.end(True, [tmp_path])  # nothing to end: no error
     lines = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
     assert len(lines) == 1 and "tracking off for this step" in lines[0]
+
+
+def test_a_step_starts_tracking_without_setting_up_mlflows_tracing(store, tmp_path):
+    # MLflow and transformers' MLflowCallback read the job's MLFLOW_TRACKING_URI themselves;
+    # setting it again resets MLflow's tracing, which imports opentelemetry's SDK (0.07 s a job).
+    # In a process of its own, as a job is.
+    program = ("import sys; from steps.common import tracking; from tests.steps.test_tracking "
+               "import Settings; assert tracking.start(Settings()) is not None; "
+               "tracking.end(True); print('opentelemetry.sdk.metrics' in sys.modules)")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "LLM_PIPELINE_NAME": "llm-unit",
+           "LLM_PIPELINE_STEP": "Own", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", program], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "False"
