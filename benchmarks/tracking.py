@@ -8,12 +8,15 @@ step a nested run with params, metric histories and artifacts, the execution's r
 local server) and with `-p MlflowTrackingUri=none`, alternately, the order swapped each repeat, each
 run on new data so that no step is a cache hit, after one discarded warm-up run of each (the
 definition cache, the store's creation, the page cache). Reported: the median wall time of each,
-their ratio, the machine's 1-minute load average around the runs, and where tracking's time goes
-(from the timing hooks of benchmarks/orchestration.py): the steps' `tracking.start` (store
-opened, runs found or created, settings logged) and `tracking.end` (artifacts, run ended), the
-stages' own work, and the local server creating the store, making the steps' runs and closing the
-execution's run (the command imports no MLflow). The local server's CPU seconds during each run are reported apart
-(it imports MLflow once, during the warm-up).
+their ratio, the median of the pairs' ratios (each tracked run against the untracked run of the
+same repeat), the same for CPU seconds, the machine's 1-minute load average around the runs, and
+where tracking's time goes (from the timing hooks of benchmarks/orchestration.py): the steps'
+`tracking.start` (settings queued) and `tracking.end` (what they queued written, their run's end
+left to the local server), the stages' own work, and the local server creating the store, making
+the steps' runs, ending them after their jobs (in the background, while the next step runs),
+waiting for the last before it closes the execution's run, and closing it (the command imports no
+MLflow). The local server's CPU seconds during each run are reported apart (it imports MLflow
+once, during the warm-up).
 
     python -m benchmarks.tracking [--quick | --repeats N]
     python -m benchmarks.tracking --render   # the section again from the saved figures
@@ -40,6 +43,7 @@ TRACKING_HOOKS = {
     "timed": {**HOOKS["timed"],
               "steps.common.tracking": ["start", "end"],
               "pipelines.tracking": ["prepare_local_store", "StepRuns.variables",
+                                     "StepRuns._end_run", "StepRuns.wait",
                                      "close_execution_run"]},
     "environment": HOOKS["environment"],
 }
@@ -51,11 +55,20 @@ PARTS = {
     "pipelines.tracking.prepare_local_store": "local server: `prepare_local_store`",
     "pipelines.tracking.StepRuns.variables": ("local server: making the steps' runs, Σ jobs "
                                               "(while each job's inputs are staged)"),
+    "pipelines.tracking.StepRuns._end_run": ("local server: ending the steps' runs, Σ jobs "
+                                             "(in the background, after each job ended; not on "
+                                             "the critical path)"),
+    "pipelines.tracking.StepRuns.wait": ("local server: waiting for the steps' runs to end, "
+                                         "before closing the execution's"),
     "pipelines.tracking.close_execution_run": "local server: `close_execution_run`",
 }
 # Called by the local server, whose record of calls comes when it stops (`add_server_parts`).
 SERVER_PARTS = ("pipelines.tracking.prepare_local_store", "pipelines.tracking.StepRuns.variables",
+                "pipelines.tracking.StepRuns._end_run", "pipelines.tracking.StepRuns.wait",
                 "pipelines.tracking.close_execution_run")
+# Parts that are not tracking's time on the run's critical path: the stages' own work (tracking
+# inside it is timed apart), and what runs beside the next step.
+NOT_OWN = ("steps.common.contract.run", "pipelines.tracking.StepRuns._end_run")
 
 
 def process_cpu_s(pid: int) -> float:
@@ -143,13 +156,15 @@ def render(runs: list[dict[str, Any]]) -> str:
         return common.median([r["parts"].get(name, 0.0) for r in group])
 
     extra = med(on, "wall_s") / med(off, "wall_s") - 1
-    # Run by run: each tracked run against the untracked one of the same repeat.
+    # Run by run: each tracked run against the untracked one of the same repeat, which ran just
+    # before or after it, under about the same load: their median is less at the mercy of a
+    # burst of the machine's other work than the medians' ratio.
     paired = [a["wall_s"] / b["wall_s"] - 1 for a, b in zip(on, off)]
+    paired_cpu = [a["cpu_s"] / b["cpu_s"] - 1 for a, b in zip(on, off)]
     loads = [r[key] for r in runs for key in ("load_before", "load_after")]
     # Tracking's own time on the run's critical path (its jobs run one after another).
     # (runs saved before a part was timed have none of it)
-    own = [sum(r["parts"].get(name, 0.0) for name in PARTS
-               if name != "steps.common.contract.run") for r in on]
+    own = [sum(r["parts"].get(name, 0.0) for name in PARTS if name not in NOT_OWN) for r in on]
     cpu_extra = med(on, "cpu_s") / med(off, "cpu_s") - 1
     rows = [[label, f"{med(group, 'wall_s'):.1f}",
              f"{min(r['wall_s'] for r in group):.1f}–{max(r['wall_s'] for r in group):.1f}",
@@ -178,12 +193,15 @@ def render(runs: list[dict[str, Any]]) -> str:
          f"most {100 * TARGET:.0f}%; "
          f"{verdict}); run by run, "
          f"against the untracked run of the same repeat: "
-         f"{', '.join(f'{100 * p:+.1f}%' for p in paired)}. The machine's 1-minute load "
+         f"{', '.join(f'{100 * p:+.1f}%' for p in paired)} (median of the pairs "
+         f"{100 * common.median(paired):+.1f}%; of their CPU seconds "
+         f"{100 * common.median(paired_cpu):+.1f}%). The machine's 1-minute load "
          f"average over the runs: {min(loads):.1f}–{max(loads):.1f} on "
          f"{common.environment()['cpus']} CPUs; the untracked runs alone spread over "
          f"{100 * spread:.0f}% of their median. Tracking's own time on the run's critical path "
          f"(the steps' `tracking.start` and `tracking.end`, the local server making the steps' "
-         f"runs, though while their inputs are staged, and closing the execution's run) is "
+         f"runs, though while their inputs are staged, waiting for their ends and closing the "
+         f"execution's run; not the steps' runs ended beside the next step) is "
          f"{common.median(own):.1f} s, {100 * common.median(own) / med(off, 'wall_s'):.1f}% of "
          f"the untracked median wall time. The CPU seconds of the command and its jobs change by "
          f"{100 * cpu_extra:+.1f}% ({med(on, 'cpu_s') - med(off, 'cpu_s'):+.1f} s; run by run "
