@@ -186,10 +186,13 @@ class StepRuns:
             thread.join()
 
     def _end_run(self, run_id: str, left: Path, succeeded: bool) -> None:
-        """FINISHED with the files the job left when it ended well and said its stage succeeded;
-        else FAILED (a job that failed, was stopped or killed, or left no file)."""
+        """The settings and metrics the job held for its run; then FINISHED with the files it
+        left when it ended well and said its stage succeeded, else FAILED (a job that failed,
+        was stopped or killed, or left no file)."""
         ending = step_tracking.read_run_end(left) or {}
-        succeeded = succeeded and ending.get("run_id") == run_id and ending.get("succeeded") is True
+        if ending.get("run_id") != run_id:
+            ending = {}
+        succeeded = succeeded and ending.get("succeeded") is True
         files = [Path(p) for p in ending.get("artifacts", [])] if succeeded else []
 
         def warn(what: str, error: BaseException) -> None:
@@ -204,6 +207,7 @@ class StepRuns:
         except Exception as error:  # noqa: BLE001 (closing the execution's run ends it FAILED)
             warn("ending the run", error)
             return
+        run.log_held(ending)
         run.log_files(files)
         run.finish(succeeded)
 

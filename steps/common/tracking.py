@@ -172,7 +172,8 @@ class StageRun:
 
     def __init__(self, client, run_id: str, parent_run_id: str | None, step: str,
                  keeps_execution_run: bool = True,
-                 warn: Callable[[str, BaseException], None] | None = None) -> None:
+                 warn: Callable[[str, BaseException], None] | None = None,
+                 hold: bool = False) -> None:
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
@@ -184,6 +185,11 @@ class StageRun:
         self.fluent = False  # MLflow's fluent API has this run active (`activate`)
         # How a failure is reported: the step's one line, or the local server's log.
         self.warn = warn or _warn
+        # `hold`: settings and metrics are kept here for the local server, which logs them when
+        # it ends the run (`hand_over`), so that a stage that logs nothing else makes no write
+        # to the store at all; a training stage's run releases them to MLflow's logging thread
+        # as it activates (`activate`), which writes the Trainer's metrics anyway.
+        self.held: dict[str, list] | None = {"params": [], "metrics": []} if hold else None
 
     def _guarded(self, what: str, call, *args, **kwargs) -> Any:
         if not self.active:
@@ -209,9 +215,38 @@ class StageRun:
                   for key, value in metrics.items()
                   if key not in ("step", "epoch") and isinstance(value, (int, float))
                   and not isinstance(value, bool) and math.isfinite(float(value))]
-        if values:
-            self._guarded("logging metrics", self.client.log_batch, self.run_id, metrics=values,
-                          synchronous=synchronous)
+        self._log_batch(metrics=values, synchronous=synchronous)
+
+    def log_params(self, params: Mapping[str, str], synchronous: bool = True) -> None:
+        from mlflow.entities import Param
+
+        self._log_batch(params=[Param(k, v) for k, v in params.items()], synchronous=synchronous)
+
+    def _log_batch(self, metrics: list = (), params: list = (), synchronous: bool = True) -> None:
+        if self.held is not None:
+            self.held["metrics"] += metrics
+            self.held["params"] += params
+            return
+        # MLflow takes at most 100 params and 1000 metrics in a batch.
+        for i in range(0, len(params), 100):
+            self._guarded("logging settings", self.client.log_batch, self.run_id,
+                          params=params[i:i + 100], synchronous=synchronous)
+        for i in range(0, len(metrics), 1000):
+            self._guarded("logging metrics", self.client.log_batch, self.run_id,
+                          metrics=metrics[i:i + 1000], synchronous=synchronous)
+
+    def release(self) -> None:
+        """What is held for the local server, queued for MLflow's logging thread instead."""
+        held, self.held = self.held, None
+        if held:
+            self._log_batch(held["metrics"], held["params"], synchronous=False)
+
+    def log_held(self, ending: Mapping[str, Any]) -> None:
+        """The settings and metrics a job held for its run (`hand_over`), in the local server."""
+        from mlflow.entities import Metric, Param
+
+        self._log_batch([Metric(*m) for m in ending.get("metrics", [])],
+                        [Param(k, v) for k, v in ending.get("params", {}).items()])
 
     def log_files(self, paths: Iterable[Path]) -> None:
         """Each of `paths` as an artifact of the run (`artifact_files` chooses them)."""
@@ -240,28 +275,35 @@ class StageRun:
         if self.active and not self.fluent:
             self.fluent = self._guarded("activating the run", mlflow.start_run,
                                         run_id=self.run_id) is not None
+        self.release()
         return self.fluent
 
     def hand_over(self, path: Path, files: list[Path], succeeded: bool) -> bool:
         """Leave the run's end to the local server (RUN_END_VARIABLE): write what was queued
-        (settings, metrics), then at `path` the `files` to log and whether the stage succeeded.
-        The run stays RUNNING until the server ends it after the job's process ended, FAILED if
-        the job failed after all (or no file is there). Whether the file was written."""
+        for MLflow's logging thread, then at `path` what was held (settings, metrics), the
+        `files` to log and whether the stage succeeded. The run stays RUNNING until the server
+        ends it after the job's process ended, FAILED if the job failed after all (or no file is
+        there). Whether the file was written."""
         import mlflow
 
-        # What the Trainer and the stage queued for MLflow's logging thread (params, metric
+        held = self.held or {"params": [], "metrics": []}
+        ending = {"run_id": self.run_id, "succeeded": succeeded,
+                  "artifacts": [str(p) for p in files],
+                  "params": {p.key: p.value for p in held["params"]},
+                  "metrics": [[m.key, m.value, m.timestamp, m.step] for m in held["metrics"]]}
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(json.dumps(ending))
+            partial.replace(path)
+        except OSError:
+            return False
+        self.held = None
+        # What a training stage queued for MLflow's logging thread (the Trainer's metric
         # histories) is in this process only: written now, as ending the run would write it.
         self._guarded("logging metrics", mlflow.flush_async_logging)
         if self.fluent:  # not ended: the server ends it, after logging the files
             self._guarded("leaving the run", _leave_fluent_run)
             self.fluent = False
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            partial.write_text(json.dumps({"run_id": self.run_id, "succeeded": succeeded,
-                                           "artifacts": [str(p) for p in files]}))
-            partial.replace(path)
-        except OSError:
-            return False
         return True
 
     def finish(self, succeeded: bool) -> None:
@@ -438,7 +480,6 @@ def start(config: Any) -> StageRun | None:
     try:
         import mlflow
         from mlflow import MlflowClient
-        from mlflow.entities import Param
 
         # For transformers' MLflowCallback and the fluent run's end (`StageRun.activate`), which
         # read MLFLOW_TRACKING_URI where none was set: setting the same URI again resets MLflow's
@@ -453,12 +494,11 @@ def start(config: Any) -> StageRun | None:
     except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
         _warn(f"reaching the tracking store {uri}", error)
         return None
-    run = StageRun(client, run_id, parent, step, keeps_execution_run=not given)
-    items = list(_settings(config).items())
-    for i in range(0, len(items), 100):  # MLflow takes 100 params per batch
-        # Queued: written with the step's first metrics, or when its run ends.
-        run._guarded("logging settings", client.log_batch, run_id,
-                     params=[Param(k, v) for k, v in items[i:i + 100]], synchronous=False)
+    run = StageRun(client, run_id, parent, step, keeps_execution_run=not given,
+                   hold=bool(given and os.environ.get(RUN_END_VARIABLE)))
+    # Queued (or held for the local server): written with the step's first metrics, or as its
+    # run ends.
+    run.log_params(_settings(config), synchronous=False)
     print(f"MLflow: step run {run_id}" + (f" in execution run {parent}" if parent else "")
           + f" at {uri}", flush=True)
     _current = run
@@ -508,6 +548,7 @@ def end(succeeded: bool, folders: Iterable[Path] = (), model_folder: Path | None
     if (handed_to and os.environ.get(RUN_ID_VARIABLE) == run.run_id
             and run.hand_over(Path(handed_to), files, succeeded)):
         return
+    run.release()
     run.log_files(files)
     run.finish(succeeded)
 

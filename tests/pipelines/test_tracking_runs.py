@@ -14,6 +14,7 @@ import contextlib
 import sqlite3
 from dataclasses import dataclass
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -111,12 +112,11 @@ def test_the_server_ends_a_steps_run_with_the_files_its_job_left_once_the_job_en
     run.log_metrics({"step": 1, "tokens_per_second": 800.0}, synchronous=False)
     step_tracking.end(True, [report])
 
-    # The job's end wrote what it queued, and left the rest to the server.
+    # The job wrote nothing to the store: it left it all to the server.
     client = MlflowClient(store)
     left = client.get_run(run.run_id)
     assert left.info.status == "RUNNING"
-    assert left.data.params["learning_rate"] == "0.001"
-    assert left.data.metrics == {"tokens_per_second": 800.0, "perplexity_ratio": 0.9}
+    assert left.data.params == {} and left.data.metrics == {}
     assert client.list_artifacts(run.run_id) == []
 
     runs.job_ended(given, True)
@@ -124,6 +124,8 @@ def test_the_server_ends_a_steps_run_with_the_files_its_job_left_once_the_job_en
 
     ended = client.get_run(run.run_id)
     assert ended.info.status == "FINISHED"
+    assert ended.data.params["learning_rate"] == "0.001"
+    assert ended.data.metrics == {"tokens_per_second": 800.0, "perplexity_ratio": 0.9}
     assert {a.path for a in client.list_artifacts(run.run_id)} == {"report.html",
                                                                    "evaluation.json"}
 
@@ -150,8 +152,36 @@ def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_end
     runs.wait()
 
     run_id = given[step_tracking.RUN_ID_VARIABLE]
-    assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
+    ended = MlflowClient(store).get_run(run_id)
+    assert ended.info.status == "FAILED"
     assert MlflowClient(store).list_artifacts(run_id) == []
+    # The settings of a stage that got as far as tracking are kept either way.
+    assert ("learning_rate" in ended.data.params) == (leaves == "a success")
+
+
+def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_trains(
+        monkeypatch, store, tmp_path):
+    # A training stage's run is MLflow's active run (for transformers' MLflowCallback), whose
+    # metrics are written while it trains; its settings go with them, not via the server.
+    execution = "7a1e7a1e7a1e"
+    runs = server_runs(store, execution)
+    env = {**job_environment(store, execution, "SFT"),
+           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
+    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
+    given = runs.variables(env)
+    for name, value in {**env, **given}.items():
+        monkeypatch.setenv(name, value)
+    run = step_tracking.start(Settings())
+    assert run.activate()
+    mlflow.log_metrics({"loss": 2.0}, step=1, synchronous=False)  # as MLflowCallback logs
+    step_tracking.end(True, [])
+
+    left = MlflowClient(store).get_run(run.run_id)
+    assert left.info.status == "RUNNING" and mlflow.active_run() is None
+    assert left.data.params["max_steps"] == "3" and left.data.metrics == {"loss": 2.0}
+    runs.job_ended(given, True)
+    runs.wait()
+    assert MlflowClient(store).get_run(run.run_id).info.status == "FINISHED"
 
 
 def test_the_steps_of_one_execution_share_its_run(store):
