@@ -33,13 +33,14 @@ status (pipelines/tracking.py), so that a job's start spends no database round t
 and creating runs (about 0.1 s a job on a tiny run, most of what tracking added to it).
 
 Locally the server also ends each step's run, after the job's process has ended
-(RUN_END_VARIABLE): the job writes what its metrics and settings queued, and leaves in a file what
-its run's end must log (its reports and plots) and how it ended; the server logs those files and
-ends the run in the background while the next step runs, with the same functions
-(`StageRun.log_files`, `StageRun.finish`), and ends FAILED the run of a job that failed or was
-killed. The end was most of what tracking added to each job of a tiny run (artifacts copied, the
-run read and ended: 0.15 s of a 3.9 s run); on SageMaker the step ends its own run, as nothing
-else there knows it.
+(RUN_END_VARIABLE): the job leaves in a file what its run's end must log (its reports and plots;
+the settings and metrics of a stage that does not train, which then writes nothing to the store
+itself; a training stage writes them with the Trainer's metrics as it trains) and how it ended;
+the server logs them and ends the run in the background while the next step runs, with the same
+functions (`StageRun.log_held`, `log_files`, `finish`), and ends FAILED the run of a job that
+failed or was killed. The end was most of what tracking added to each job of a tiny run
+(settings written, artifacts copied, the run read and ended: 0.15 s of a 3.9 s run); on SageMaker
+the step ends its own run, as nothing else there knows it.
 
 Tracking never breaks a step: the first failure (an unreachable server, a missing permission, a
 URI MLflow does not know) is reported in one line and the step goes on untracked; its metrics
