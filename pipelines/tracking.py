@@ -137,6 +137,8 @@ class StepRuns:
         self.parent: str | None = None
         self.failed = False
         self._ending: list[threading.Thread] = []
+        self._made: list[str] = []  # the steps' runs, as made
+        self._ended: set[str] = set()  # those ended here with all the job left them
 
     def variables(self, env: dict[str, str]) -> dict[str, str]:
         """What to add to the environment `env` of a job about to start: its step's new run;
@@ -156,6 +158,7 @@ class StepRuns:
                     step_tracking.execution_tags(env, self.execution_id, self.execution_arn))
             run_id = step_tracking.create_step_run(client, self.experiment_id, step, self.parent,
                                                    self.execution_id)
+            self._made.append(run_id)
         except Exception as error:  # noqa: BLE001 (the jobs make their runs, and say why not)
             self.failed = True
             log.warning("execution %s: the steps make their MLflow runs themselves, as the server "
@@ -185,6 +188,14 @@ class StepRuns:
         for thread in self._ending:
             thread.join()
 
+    def runs(self) -> tuple[str, list[str]] | None:
+        """(the execution's run, the steps' runs not ended here: their jobs never ended, or
+        ending them failed) once `wait` returned, for `close_execution_run`; None when some job
+        made its own run (the server could not), or none was made."""
+        if self.failed or self.parent is None:
+            return None
+        return self.parent, [run for run in self._made if run not in self._ended]
+
     def _end_run(self, run_id: str, left: Path, succeeded: bool) -> None:
         """The settings and metrics the job held for its run; then FINISHED with the files it
         left when it ended well and said its stage succeeded, else FAILED (a job that failed,
@@ -210,15 +221,21 @@ class StepRuns:
         run.log_held(ending)
         run.log_files(files)
         run.finish(succeeded)
+        if run.active:  # every call succeeded
+            self._ended.add(run_id)
 
 
 def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: bool,
-                        package_arn: str | None) -> str | None:
+                        package_arn: str | None,
+                        runs: tuple[str, list[str]] | None = None) -> str | None:
     """End the execution's run as the execution ended, tagged with the model package it
     registered, and end as FAILED any step's run its job left RUNNING (a job killed, or one that
-    failed before its stage started tracking, in a run the local server made for it). The line
-    that says so; a failure is a warning line, never an exception (the execution's own outcome is
-    what counts). None when untracked or no step made a run."""
+    failed before its stage started tracking, in a run the local server made for it). `runs`:
+    the execution's run and the steps' runs that may still be RUNNING, where the caller made them
+    (`StepRuns.runs`); else they are searched for by the execution's tag (reading every step's
+    run with its settings and metrics). The line that says so; a failure is a warning line, never
+    an exception (the execution's own outcome is what counts). None when untracked or no step
+    made a run."""
     uri = tracked(uri)
     if uri is None:
         return None
@@ -227,23 +244,29 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
 
         step_tracking.limit_retries()
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(pipeline)
-        if experiment is None:
-            return None
-        runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{step_tracking.EXECUTION_TAG}` = '{execution_id}'",
-                                  order_by=["attributes.start_time ASC"])
-        run = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
-        if run is None:
-            return None
-        for step in runs:
-            if (step.data.tags.get("mlflow.parentRunId") == run.info.run_id
-                    and step.info.status == "RUNNING"):
-                client.set_terminated(step.info.run_id, "FAILED")
+        if runs is not None:
+            run_id, running = runs
+        else:
+            experiment = client.get_experiment_by_name(pipeline)
+            if experiment is None:
+                return None
+            found = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{step_tracking.EXECUTION_TAG}` = '{execution_id}'",
+                order_by=["attributes.start_time ASC"])
+            run = next((r for r in found if "mlflow.parentRunId" not in r.data.tags), None)
+            if run is None:
+                return None
+            run_id = run.info.run_id
+            running = [step.info.run_id for step in found
+                       if step.data.tags.get("mlflow.parentRunId") == run_id
+                       and step.info.status == "RUNNING"]
+        for step_run in running:
+            client.set_terminated(step_run, "FAILED")
         if package_arn:
-            client.set_tag(run.info.run_id, step_tracking.MODEL_PACKAGE_TAG, package_arn)
-        client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
-        return (f"MLflow run {run.info.run_id} (experiment {pipeline})"
+            client.set_tag(run_id, step_tracking.MODEL_PACKAGE_TAG, package_arn)
+        client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+        return (f"MLflow run {run_id} (experiment {pipeline})"
                 + (f" tagged with {package_arn}" if package_arn else ""))
     except Exception as error:  # noqa: BLE001 (the execution's own outcome is what counts)
         return (f"warning: could not close the MLflow run of execution {execution_id} "

@@ -278,9 +278,9 @@ class Executions:
         # runs end first (each job's, in the background since its process ended).
         if step_runs is not None:
             step_runs.wait()
-        closed = tracking.close_execution_run(uri, execution.pipeline_name,
-                                              execution.execution_id, status == "Succeeded",
-                                              package) if uri else None
+        closed = tracking.close_execution_run(
+            uri, execution.pipeline_name, execution.execution_id, status == "Succeeded", package,
+            runs=step_runs.runs() if step_runs is not None else None) if uri else None
         if closed:
             (log.warning if closed.startswith("warning:") else log.info)(
                 "execution %s: %s", execution.execution_id, closed)

@@ -207,6 +207,38 @@ def test_a_step_run_its_job_left_running_ends_failed_with_the_execution(store):
     assert parents[0].info.status == "FAILED"
 
 
+def test_the_server_closes_an_execution_from_the_runs_it_made_without_searching_the_store(
+        monkeypatch, store, tmp_path):
+    # Searching reads every step's run with its settings and metrics: the server knows them.
+    execution = "c105edc105ed"
+    runs = server_runs(store, execution)
+    env = {**job_environment(store, execution, "DataPrep"),
+           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
+    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
+    given = runs.variables(env)
+    for name, value in {**env, **given}.items():  # DataPrep's job: tracked, and it ended well
+        monkeypatch.setenv(name, value)
+    step_tracking.start(Settings())
+    step_tracking.end(True)
+    runs.job_ended(given, True)
+    never_ended = runs.variables(job_environment(store, execution, "SFT"))  # the engine failed
+    runs.wait()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the store was searched")
+
+    monkeypatch.setattr(MlflowClient, "search_runs", no_search)
+    line = tracking.close_execution_run(store, PIPELINE, execution, False, None, runs=runs.runs())
+    monkeypatch.undo()
+
+    assert line.startswith("MLflow run ")
+    parents, steps = runs_of(store, execution)
+    assert {s.info.run_name: s.info.status for s in steps} == {"DataPrep": "FINISHED",
+                                                               "SFT": "FAILED"}
+    assert never_ended[step_tracking.RUN_ID_VARIABLE] in {s.info.run_id for s in steps}
+    assert parents[0].info.status == "FAILED"
+
+
 def test_the_server_makes_no_run_for_a_job_tracking_elsewhere_or_not_at_all(store, tmp_path):
     execution = "e15e1e15e1e5"
     runs = server_runs(store, execution)
