@@ -2,8 +2,10 @@
 distilling it bought over training it on the labels alone.
 
     python -m benchmarks.distillation [--teacher MODEL] [--student SPEC ...] [--steps N]
-        [--learning-rate LR] [--alpha A] [--temperature T] [--batch B] [--seed S]
+        [--learning-rate LR] [--alpha A] [--temperature T] [--top-k K] [--batch B] [--seed S]
         [--prompts N] [--quick] [--work DIR]
+    python -m benchmarks.distillation --setting alpha=1 --setting alpha=0,temperature=1 ...
+        [--seed S] [--cache-top-k K] --work DIR
 
 The demo SFT data are prepared as the distill recipe prepares them (steps.data_prep: 10% held
 out, seed 42); the teacher's top-16 outputs are computed once (steps.teacher_logits), with
@@ -27,6 +29,16 @@ hard-label), held-out perplexity and perplexity_ratio (teacher / student), ROUGE
 of the teacher's, and the hard-label and initial students' figures. The targets of the recipes'
 default student: perplexity_ratio >= 0.7 and ROUGE-L >= 0.7x the teacher's, distilled beating
 hard-label.
+
+--setting (repeatable): a sweep of the distillation loss instead. The first student (default
+teacher:layers=15) is distilled once per setting (comma-separated DistillStageConfig fields:
+alpha, temperature, top_k, learning_rate, max_steps; the others as above) at --seed, without
+compare_students, and measured held out as compare_students measures; `alpha=1` is the hard-label
+student. Each run is appended to DIR/settings.jsonl, and the section "Distillation: which loss
+beats the hard labels" is rendered from every run in that file (one invocation per seed, in
+turn or at once): per setting and seed, perplexity and ROUGE-L against the hard-label student of
+the same seed. The teacher's outputs are cached at --cache-top-k (default: the largest top_k
+asked for), so that one cache serves every top_k.
 """
 
 from __future__ import annotations
@@ -43,10 +55,14 @@ NAME, TITLE, ORDER = "distillation", "Distillation: the default student and its 
 STUDENTS = ("teacher:layers=15", "teacher:layers=10", ("config:layers=2+hidden=128+"
             "intermediate=512+heads=4+kv_heads=2"))
 SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
+SWEEP_NAME, SWEEP_TITLE = "distillation-settings", "Distillation: which loss beats the hard labels"
+SWEPT = {"alpha": float, "temperature": float, "top_k": int, "learning_rate": float,
+         "max_steps": int}
 TEACHER_LEARNING_RATE = 1e-3  # the distill recipe's SFT stage's
 
 
-def prepare(root: Path, teacher: str, teacher_steps: int, prompts: int) -> tuple[Path, Path, str]:
+def prepare(root: Path, teacher: str, teacher_steps: int, prompts: int,
+            top_k: int = TOP_K) -> tuple[Path, Path, str]:
     """The demo data split as DataPrep splits it, the teacher (the distill recipe's SFT stage run
     here, for `sft`), its cached top-k outputs and its answers to `prompts` demo prompts."""
     from steps import data_prep, sft, teacher_logits
@@ -74,37 +90,51 @@ def prepare(root: Path, teacher: str, teacher_steps: int, prompts: int) -> tuple
                   if prompts else None)
     cache = root / "teacher"
     teacher_logits.main(teacher_logits.TeacherLogitsConfig(
-        model_dir=teacher, data_dir=str(data), output_dir=str(cache), top_k=TOP_K,
+        model_dir=teacher, data_dir=str(data), output_dir=str(cache), top_k=top_k,
         max_seq_length=SEQUENCE, prompts_dir=str(unlabelled) if unlabelled else None,
         # Answers in batches of 32 cost about 0.6x the CPU of the default 8's.
         max_new_tokens=NEW_TOKENS, batch_size=32 if prompts else 8))
     return data, cache, teacher
 
 
-def teacher_figures(teacher: str, data: Path) -> dict[str, dict[str, float]]:
-    """The teacher's held-out figures, measured as the stage measures its students."""
+def held_out_figures(model_dir: str, data: Path) -> dict[str, dict[str, float]]:
+    """A model's held-out figures (the teacher's, a student's), measured as the stage measures
+    its students."""
     from steps.common.datasets import load_records
     from steps.common.models import load_model, load_tokenizer
     from steps.evaluate import held_out_examples, model_metrics, score_model
 
     fmt, records = load_records(data / "validation.jsonl")
-    tokenizer = load_tokenizer(teacher)
-    model = load_model(teacher).eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir).eval()
     examples, pairs, held_out = held_out_examples(records, fmt, bool(tokenizer.chat_template),
                                                   SAMPLES)
-    result = score_model("teacher", model, tokenizer, examples, pairs, held_out,
+    result = score_model(model_dir, model, tokenizer, examples, pairs, held_out,
                          max_new_tokens=NEW_TOKENS, batch_size=8, max_seq_length=SEQUENCE)
     return model_metrics({"tuned": result}, {})
 
 
-def distil(student: str, teacher: str, data: Path, cache: Path,
-           settings: dict[str, Any]) -> dict[str, Any]:
-    """One distillation stage run with compare_students: its training summary."""
+def teacher_figures(teacher: str, data: Path, work: Path | None) -> dict[str, dict[str, float]]:
+    """The teacher's held-out figures; kept in the --work folder, which holds one teacher."""
+    kept = work / "teacher-figures.json" if work else None
+    if kept and kept.exists():
+        return json.loads(kept.read_text())
+    common.progress("measuring the teacher")
+    figures = held_out_figures(teacher, data)
+    if kept:
+        kept.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    return figures
+
+
+def distil(student: str, teacher: str, data: Path, cache: Path, settings: dict[str, Any],
+           compare: bool = True, keep: Path | None = None) -> dict[str, Any]:
+    """One distillation stage run (with compare_students unless told not): its training summary;
+    `keep`: where to copy the student."""
     from steps import distill
 
     config = distill.DistillStageConfig(
-        student_model=student, compare_students=True, comparison_samples=SAMPLES,
-        comparison_new_tokens=NEW_TOKENS, top_k=TOP_K, max_seq_length=SEQUENCE,
+        student_model=student, compare_students=compare, comparison_samples=SAMPLES,
+        comparison_new_tokens=NEW_TOKENS, max_seq_length=SEQUENCE,
         checkpoint_steps=0, logging_steps=10, **settings)
     channels = {"train": data / "train.jsonl", "validation": data / "validation.jsonl",
                 "teacher": cache}
@@ -113,7 +143,7 @@ def distil(student: str, teacher: str, data: Path, cache: Path,
         if channels["teacher_model"] is None:  # a builtin spec: no channel, the setting
             del channels["teacher_model"]
             config.teacher_model = teacher
-    return common.run_stage(distill.main, config, channels)
+    return common.run_stage(distill.main, config, channels, keep=keep)
 
 
 def summarise(teacher: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -164,8 +194,8 @@ def render(rows: list[dict[str, Any]], settings: dict[str, Any], teacher: str) -
               _verdict(r)] for r in rows]
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
     return "\n".join([
-        (f"Teacher `{teacher}`; the demo SFT data as the distill recipe prepares it; cached top-"
-        f"{TOP_K} teacher outputs; {shown}; held-out figures on the validation split "
+        (f"Teacher `{teacher}`; the demo SFT data as the distill recipe prepares it; cached "
+        f"teacher outputs; {shown}; held-out figures on the validation split "
         f"({SAMPLES} greedy answers of at most {NEW_TOKENS} tokens). Seconds per step are the "
         "stage's own training time over its steps, on a machine others may share: compare them "
         "with each other, not across sessions."), "",
@@ -197,6 +227,85 @@ def _trained_on(row: dict[str, Any]) -> str:
             "as from its soft labels.")
 
 
+# --- The sweep of the loss (--setting) ----------------------------------------------------------
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """`alpha=0,temperature=1,top_k=64` as DistillStageConfig fields."""
+    setting = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        if key not in SWEPT or not value:
+            raise argparse.ArgumentTypeError(
+                f"--setting {text}: give key=value pairs of {', '.join(SWEPT)}")
+        setting[key] = SWEPT[key](value)
+    return setting
+
+
+def setting_name(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value:g}" for key, value in setting.items())
+
+
+def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[str, Any],
+          swept: list[dict[str, Any]], log: Path) -> None:
+    """Each of `swept` over `settings`, distilled and measured held out; a row of `log` each."""
+    for setting in swept:
+        run = {**settings, **setting}
+        common.progress(f"distilling {student}: {setting_name(setting)}, seed {run['seed']}")
+        with tempfile.TemporaryDirectory(prefix="bench-distillation-student-") as tmp:
+            summary = distil(student, teacher, data, cache, run, compare=False,
+                             keep=Path(tmp) / "student")
+            figures = held_out_figures(str(Path(tmp) / "student"), data)
+        row = {"setting": setting_name(setting), "seed": run["seed"], "student": student,
+               **{key: run[key] for key in ("alpha", "temperature", "top_k", "max_steps",
+                                            "per_device_batch_size")},
+               "learning_rate": summary["hyperparameters"]["learning_rate"],
+               "perplexity": figures["perplexity"]["value"],
+               "rouge_l": figures["rouge_l"]["value"],
+               "exact_match": figures["exact_match"]["value"],
+               "kl_to_teacher": summary["distillation"]["eval_kl_to_teacher"],
+               "s_per_step": summary["training"]["runtime_s"] / summary["training"]["global_step"]}
+        common.progress(f"  perplexity {row['perplexity']:.3f}, ROUGE-L {row['rouge_l']:.3f}")
+        with log.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_k: int) -> str:
+    """Per setting and seed, held-out figures against the hard-label student (alpha=1) of the
+    same seed and learning rate; the settings' means."""
+    hard = {(r["seed"], r["learning_rate"], r["max_steps"]): r for r in rows if r["alpha"] == 1}
+    seeds = sorted({r["seed"] for r in rows})
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    header = ["setting", *(f"seed {seed}: perplexity, ROUGE-L" for seed in seeds),
+              "mean perplexity, ROUGE-L", "vs hard-label: perplexity ratio, ROUGE-L delta"]
+    table = []
+    for setting in settings:
+        runs = {r["seed"]: r for r in rows if r["setting"] == setting}
+        cells = [f"{runs[s]['perplexity']:.3f}, {runs[s]['rouge_l']:.3f}" if s in runs else "-"
+                 for s in seeds]
+        mean_ppl = sum(r["perplexity"] for r in runs.values()) / len(runs)
+        mean_rouge = sum(r["rouge_l"] for r in runs.values()) / len(runs)
+        against = [(hard[key]["perplexity"] / r["perplexity"], r["rouge_l"] - hard[key]["rouge_l"])
+                   for r in runs.values()
+                   if (key := (r["seed"], r["learning_rate"], r["max_steps"])) in hard]
+        versus = ("(the baseline)" if all(r["alpha"] == 1 for r in runs.values()) else
+                  "; ".join(f"{ratio:.3f}, {delta:+.3f}" for ratio, delta in against) or "-")
+        table.append([f"`{setting}`", *cells, f"{mean_ppl:.3f}, {mean_rouge:.3f}", versus])
+    first = rows[0]
+    return "\n".join([
+        (f"Student `{first['student']}` distilled from the `sft` teacher (held out: perplexity "
+         f"{teacher['perplexity']['value']:.3f}, ROUGE-L {teacher['rouge_l']['value']:.3f}) on "
+         f"the demo SFT data, {first['max_steps']} steps of batch {first['per_device_batch_size']}"
+         f", the teacher's outputs cached at top-{cache_top_k}; each setting is the loss "
+         "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) (alpha=1: the hard-label "
+         "student, the baseline (c)); unset fields are the stage's defaults. Held-out figures on "
+         f"the validation split ({SAMPLES} greedy answers of at most {NEW_TOKENS} tokens); a "
+         "perplexity ratio above 1 means the setting's student has a lower perplexity than the "
+         "hard-label student of the same seed and learning rate."), "",
+        common.table(header, table),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="sft")
@@ -207,6 +316,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the stage's default")
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--top-k", type=int, default=TOP_K,
+                        help="teacher tokens per position the student learns from")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42,
                         help="the students' seed (batch order); another one shows run-to-run noise")
@@ -216,11 +327,20 @@ def main() -> None:
                         help="demo prompts without reference answers the teacher answers and the "
                         "distilled student also trains on (0: none, as in the recipes)")
     parser.add_argument("--work", type=Path, help="keep the data and teacher outputs here")
+    parser.add_argument("--setting", type=parse_setting, action="append",
+                        help="sweep the loss: alpha=A,temperature=T,top_k=K,learning_rate=LR,"
+                        "max_steps=N (repeatable; needs --work)")
+    parser.add_argument("--cache-top-k", type=int, default=0,
+                        help="top-k the teacher's outputs are cached at (0: the largest used)")
     args = parser.parse_args()
+    if args.setting and not args.work:
+        parser.error("--setting appends to DIR/settings.jsonl: give --work DIR")
     students = args.student or (STUDENTS[:1] if args.quick else STUDENTS)
     settings = {"max_steps": 10 if args.quick else args.steps, "learning_rate": args.learning_rate,
-                "alpha": args.alpha, "temperature": args.temperature,
+                "alpha": args.alpha, "temperature": args.temperature, "top_k": args.top_k,
                 "per_device_batch_size": args.batch, "seed": args.seed}
+    cache_top_k = args.cache_top_k or max(
+        [args.top_k, *(s.get("top_k", args.top_k) for s in args.setting or [])])
     with tempfile.TemporaryDirectory(prefix="bench-distillation-") as tmp:
         root = args.work or Path(tmp)
         if (root / "teacher" / "manifest.json").exists():
@@ -236,9 +356,17 @@ def main() -> None:
             common.progress(f"preparing the data and the outputs of {args.teacher}")
             data, cache, teacher_model = prepare(root, args.teacher,
                                                  5 if args.quick else args.teacher_steps,
-                                                 args.prompts)
-        common.progress("measuring the teacher")
-        teacher = teacher_figures(teacher_model, data)
+                                                 args.prompts, cache_top_k)
+        cache_top_k = json.loads((cache / "manifest.json").read_text())["top_k"]
+        teacher = teacher_figures(teacher_model, data, root if args.work else None)
+        if args.setting:
+            log = root / "settings.jsonl"
+            sweep(students[0], teacher_model, data, cache, settings, args.setting, log)
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            common.save_result(SWEEP_NAME, SWEEP_TITLE, render_sweep(rows, teacher, cache_top_k),
+                               {"teacher": args.teacher, "cache_top_k": cache_top_k,
+                                "rows": rows}, ORDER + 1)
+            return
         runs = {}
         for student in students:
             common.progress(f"distilling {student}")

@@ -27,6 +27,8 @@ EXPECTED = {
     "orchestration": "python -m benchmarks.orchestration",
     "serving": "python -m benchmarks.serving",
     "distillation": "python -m benchmarks.distillation",
+    "distillation-settings": "python -m benchmarks.distillation --work DIR --setting alpha=1 "
+                             "--setting alpha=0.8,temperature=2 ... (once per --seed)",
     "tracking": "python -m benchmarks.tracking",
 }
 
