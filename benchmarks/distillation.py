@@ -34,7 +34,8 @@ hard-label.
 teacher:layers=15) is distilled once per setting (comma-separated DistillStageConfig fields:
 alpha, temperature, top_k, learning_rate, max_steps; the others as above) at --seed, without
 compare_students, and measured held out as compare_students measures; `alpha=1` is the hard-label
-student. Each run is appended to DIR/settings.jsonl, and the section "Distillation: which loss
+student. Each run is appended to DIR/settings.jsonl (a setting already there at that seed is not
+run again: the same command resumes an interrupted sweep), and the section "Distillation: which loss
 beats the hard labels" is rendered from every run in that file (one invocation per seed, in
 turn or at once): per setting and seed, perplexity and ROUGE-L against the hard-label student of
 the same seed. The teacher's outputs are cached at --cache-top-k (default: the largest top_k
@@ -248,9 +249,15 @@ def setting_name(setting: dict[str, Any]) -> str:
 
 def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[str, Any],
           swept: list[dict[str, Any]], log: Path) -> None:
-    """Each of `swept` over `settings`, distilled and measured held out; a row of `log` each."""
+    """Each of `swept` over `settings`, distilled and measured held out; a row of `log` each.
+    A setting already in `log` at this seed is not run again: the same command resumes a sweep."""
+    done = {(row["setting"], row["seed"]) for row in map(json.loads, log.read_text().splitlines())
+            } if log.exists() else set()
     for setting in swept:
         run = {**settings, **setting}
+        if (setting_name(setting), run["seed"]) in done:
+            common.progress(f"{setting_name(setting)}, seed {run['seed']}: in {log}")
+            continue
         common.progress(f"distilling {student}: {setting_name(setting)}, seed {run['seed']}")
         with tempfile.TemporaryDirectory(prefix="bench-distillation-student-") as tmp:
             summary = distil(student, teacher, data, cache, run, compare=False,
