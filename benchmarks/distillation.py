@@ -279,36 +279,47 @@ def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[st
 
 def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_k: int) -> str:
     """Per setting and seed, held-out figures against the hard-label student (alpha=1) of the
-    same seed and learning rate; the settings' means."""
+    same seed, learning rate and steps; the settings' means; whether it beat it at every seed."""
     hard = {(r["seed"], r["learning_rate"], r["max_steps"]): r for r in rows if r["alpha"] == 1}
     seeds = sorted({r["seed"] for r in rows})
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     header = ["setting", *(f"seed {seed}: perplexity, ROUGE-L" for seed in seeds),
-              "mean perplexity, ROUGE-L", "vs hard-label: perplexity ratio, ROUGE-L delta"]
+              "mean perplexity, ROUGE-L",
+              *(f"seed {seed} vs hard-label: perplexity ratio, ROUGE-L delta" for seed in seeds),
+              "beats hard-label at every seed"]
     table = []
     for setting in settings:
         runs = {r["seed"]: r for r in rows if r["setting"] == setting}
+        baseline = all(r["alpha"] == 1 for r in runs.values())
+        against = {seed: (hard[key]["perplexity"] / r["perplexity"],
+                          r["rouge_l"] - hard[key]["rouge_l"])
+                   for seed, r in runs.items()
+                   if (key := (seed, r["learning_rate"], r["max_steps"])) in hard}
         cells = [f"{runs[s]['perplexity']:.3f}, {runs[s]['rouge_l']:.3f}" if s in runs else "-"
                  for s in seeds]
+        versus = ["(the baseline)" if baseline else
+                  f"{against[s][0]:.3f}, {against[s][1]:+.3f}" if s in against else "-"
+                  for s in seeds]
+        # A win: a lower perplexity at every seed, with ROUGE-L not worse at any.
+        wins = (not baseline and len(against) == len(seeds)
+                and all(ratio > 1 and delta >= 0 for ratio, delta in against.values()))
         mean_ppl = sum(r["perplexity"] for r in runs.values()) / len(runs)
         mean_rouge = sum(r["rouge_l"] for r in runs.values()) / len(runs)
-        against = [(hard[key]["perplexity"] / r["perplexity"], r["rouge_l"] - hard[key]["rouge_l"])
-                   for r in runs.values()
-                   if (key := (r["seed"], r["learning_rate"], r["max_steps"])) in hard]
-        versus = ("(the baseline)" if all(r["alpha"] == 1 for r in runs.values()) else
-                  "; ".join(f"{ratio:.3f}, {delta:+.3f}" for ratio, delta in against) or "-")
-        table.append([f"`{setting}`", *cells, f"{mean_ppl:.3f}, {mean_rouge:.3f}", versus])
+        table.append([f"`{setting}`", *cells, f"{mean_ppl:.3f}, {mean_rouge:.3f}", *versus,
+                      "-" if baseline else "yes" if wins else "no"])
     first = rows[0]
     return "\n".join([
         (f"Student `{first['student']}` distilled from the `sft` teacher (held out: perplexity "
          f"{teacher['perplexity']['value']:.3f}, ROUGE-L {teacher['rouge_l']['value']:.3f}) on "
          f"the demo SFT data, {first['max_steps']} steps of batch {first['per_device_batch_size']}"
-         f", the teacher's outputs cached at top-{cache_top_k}; each setting is the loss "
-         "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) (alpha=1: the hard-label "
-         "student, the baseline (c)); unset fields are the stage's defaults. Held-out figures on "
-         f"the validation split ({SAMPLES} greedy answers of at most {NEW_TOKENS} tokens); a "
-         "perplexity ratio above 1 means the setting's student has a lower perplexity than the "
-         "hard-label student of the same seed and learning rate."), "",
+         f" unless the setting says, the teacher's outputs cached at top-{cache_top_k}. Each "
+         "setting is the loss alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) on the "
+         "answer tokens (alpha=1: the hard-label student, the baseline (c)); fields it does not "
+         "set: top_k=16, the stage's learning rate for a cut student "
+         f"({first['learning_rate']:g}). Held-out figures on the validation split ({SAMPLES} "
+         f"greedy answers of at most {NEW_TOKENS} tokens); a perplexity ratio above 1: a lower "
+         "perplexity than the hard-label student of the same seed, learning rate and steps. One "
+         "invocation per seed (this command with each --seed)."), "",
         common.table(header, table),
     ])
 
@@ -372,7 +383,7 @@ def main() -> None:
             rows = [json.loads(line) for line in log.read_text().splitlines()]
             common.save_result(SWEEP_NAME, SWEEP_TITLE, render_sweep(rows, teacher, cache_top_k),
                                {"teacher": args.teacher, "cache_top_k": cache_top_k,
-                                "rows": rows}, ORDER + 1)
+                                "rows": rows}, ORDER)
             return
         runs = {}
         for student in students:
