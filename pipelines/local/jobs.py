@@ -32,8 +32,12 @@ The only differences are what running without a container on this machine needs:
     run's end for the server, which ends the run once the job's process has ended (on SageMaker
     the step makes and ends them itself: steps/common/tracking.py).
   - This machine: `PATH` (the project's Python first), `HOME` (where caches live: the converted
-    SmolLM2, Hugging Face's), and, when set, `LLM_PIPELINE_CACHE` (the model cache) and
-    `LLM_PIPELINE_NATIVE_BF16` (what the CPU is taken to be).
+    SmolLM2, Hugging Face's), and, when set, `LLM_PIPELINE_CACHE` (the model cache),
+    `LLM_PIPELINE_NATIVE_BF16` (what the CPU is taken to be) and `OMP_NUM_THREADS` (the threads a
+    job computes on: SageMaker gives each job an instance of its own, while here parallel steps,
+    concurrent executions and other work share this machine's cores, and OpenMP threads that
+    outnumber the free cores spin waiting for one another: on a 2-CPU machine running two tiny
+    trainings at once, a step took 20 times the CPU on 2 threads each that it took on 1).
 
 A training job's `CheckpointConfig` is honoured as SageMaker does it: the S3 checkpoints are
 restored into the checkpoint folder before the stage starts, and the folder is synced back to S3
@@ -416,7 +420,7 @@ def _this_machine() -> dict[str, str]:
     """What running the project's Python here, without the image, needs."""
     env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                     "/usr/local/bin", "/usr/bin", "/bin"])}
-    for name in ("HOME", "LLM_PIPELINE_CACHE", "LLM_PIPELINE_NATIVE_BF16"):
+    for name in ("HOME", "LLM_PIPELINE_CACHE", "LLM_PIPELINE_NATIVE_BF16", "OMP_NUM_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

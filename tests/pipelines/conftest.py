@@ -11,8 +11,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """An environment with no AWS settings of the developer's, and a private engine home."""
+    """An environment with no AWS settings of the developer's, and a private engine home.
+
+    The local server started in it gives its jobs one OpenMP thread each (OMP_NUM_THREADS, which
+    the engine passes to its jobs): the session's two pytest-xdist workers run jobs at once on a
+    2-CPU machine, and two such jobs of two threads each spun waiting for each other's cores
+    (a tiny training step took 20 times the CPU it takes on one thread each)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update({"LLM_PIPELINE_HOME": str(home), "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **extra})
     return env

@@ -132,6 +132,7 @@ def test_a_job_sees_what_sagemaker_gives_a_container_and_nothing_of_the_engines_
     # Planted after the engine's clients exist (in us-east-1): a shell's default, not the job's.
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
     monkeypatch.setenv("HF_TOKEN", "hf_PlantedTokenOfTheDeveloperAbCdEf")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # this machine's: the threads a job computes on
     s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body="{}\n")
     with_env = {**request("s3://bucket/in"), "Environment": {"STAGE_SETTING": "from the request"}}
 
@@ -145,6 +146,7 @@ def test_a_job_sees_what_sagemaker_gives_a_container_and_nothing_of_the_engines_
     assert env["STAGE_SETTING"] == "from the request"
     assert env["PYTHONUNBUFFERED"] == "1"  # the image's ENV (containers/processing/Dockerfile)
     assert env["SM_OUTPUT_DIR"] == str(tmp_path / "opt_ml/output")
+    assert env["OMP_NUM_THREADS"] == "3"
     config = json.loads((tmp_path / "opt_ml/config/processingjobconfig.json").read_text())
     assert config["ProcessingJobArn"] == result.description["ProcessingJobArn"] == \
         "arn:aws:sagemaker:us-east-1:123456789012:processing-job/job-6"
@@ -152,7 +154,7 @@ def test_a_job_sees_what_sagemaker_gives_a_container_and_nothing_of_the_engines_
     assert json.loads((tmp_path / "opt_ml/config/resourceconfig.json").read_text())["hosts"]
     # Nothing else of the engine's environment, and nothing but the documented local stand-ins.
     local = {"SM_OUTPUT_DIR", "PATH", "HOME", "LLM_PIPELINE_CACHE", "LLM_PIPELINE_NATIVE_BF16",
-             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "OMP_NUM_THREADS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"}
     image = set(jobs.image_environment("llm-lifecycle-processing"))
     python = {"LC_CTYPE"}  # set by the interpreter in the C locale (PEP 538), as in a container
