@@ -89,16 +89,18 @@ def test_every_peft_method_trains_evaluates_and_registers_through_the_pipeline(
 
 def test_the_default_model_smollm2_fine_tunes_evaluates_and_registers(env, tmp_path):
     # The recipe's own BaseModel (builtin:smollm2-135m-instruct, converted once from the wheel's
-    # GGUF into the machine's cache), LoRA, two steps of short examples.
+    # GGUF into the machine's cache), LoRA, one step on two short examples; evaluated on the
+    # two held-out examples with 4-token answers (what is checked is that the model goes through
+    # every stage, not what it learns: tests/steps measure that).
     recipe = derived_recipe(tmp_path, "sft", "sft-smollm2",
-                            sft={"max_steps": 2, "per_device_batch_size": 4, "max_seq_length": 64},
-                            evaluate={"max_samples": 4, "max_new_tokens": 8})
+                            sft={"max_steps": 1, "per_device_batch_size": 2, "max_seq_length": 64},
+                            evaluate={"max_samples": 2, "max_new_tokens": 4})
     folder = run(env, recipe, write_sums(tmp_path), "e2e-smollm2")
 
     files = model_archive(folder)
     summary = json.loads(files["training_summary.json"])
     assert summary["base_model"] == "builtin:smollm2-135m-instruct"
-    assert summary["training"]["global_step"] == 2
+    assert summary["training"]["global_step"] == 1
     adapter = json.loads(files["adapter_config.json"])
     assert adapter["peft_type"] == "LORA"
     assert evaluation_of(folder)["perplexity_ratio"] > 0
