@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,9 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
+
+from pipelines import tracking
+from tests.conftest import built_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,10 +55,28 @@ def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.Compl
                           capture_output=True, text=True, check=False, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def new_tracking_store(tmp_path_factory) -> Path:
+    """The local MLflow store a new engine home's first run makes (its tables: MLflow migrates a
+    new SQLite database, 1.6 CPU s in the local server), made once per session and copied into
+    each module's home. Made in a process of its own, so that no open connection of this one
+    keeps part of it in the write-ahead log; making it is tested in test_tracking_runs."""
+    script = ("import sys; from pathlib import Path; from pipelines import tracking; "
+              "tracking.prepare_local_store(Path(sys.argv[1]))")
+
+    def build(folder: Path) -> None:
+        subprocess.run([sys.executable, "-c", script, str(folder)], env=clean_env(folder),
+                       cwd=ROOT, check=True, timeout=600)
+
+    return tracking.local_store(built_once(tmp_path_factory, "new-tracking-store", build))
+
+
 @pytest.fixture(scope="module")
-def local_home(tmp_path_factory):
-    """A private engine home whose moto server is stopped when the module's tests end."""
+def local_home(tmp_path_factory, new_tracking_store):
+    """A private engine home, its local MLflow store made, whose moto server is stopped when
+    the module's tests end."""
     home = tmp_path_factory.mktemp("llm-pipeline-home")
+    shutil.copytree(new_tracking_store, tracking.local_store(home))
     yield home
     cli(clean_env(home), "server", "stop")
 
