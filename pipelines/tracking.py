@@ -250,10 +250,7 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
             experiment = client.get_experiment_by_name(pipeline)
             if experiment is None:
                 return None
-            found = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{step_tracking.EXECUTION_TAG}` = '{execution_id}'",
-                order_by=["attributes.start_time ASC"])
+            found = step_tracking.tagged_runs(client, experiment.experiment_id, execution_id)
             run = next((r for r in found if "mlflow.parentRunId" not in r.data.tags), None)
             if run is None:
                 return None

@@ -397,15 +397,19 @@ def experiment_of(client, name: str, uri: str) -> str:
                                                                                       name, uri)
 
 
+def tagged_runs(client, experiment_id: str, execution_id: str, max_results: int = 1000) -> list:
+    """The runs tagged with the execution, oldest first: its own run (no parent) and its steps'."""
+    return client.search_runs([experiment_id],
+                              filter_string=f"tags.`{EXECUTION_TAG}` = '{execution_id}'",
+                              max_results=max_results, order_by=["attributes.start_time ASC"])
+
+
 def execution_run(client, experiment_id: str, execution_id: str, tags: dict[str, str]) -> str:
     """The run of the execution, RUNNING unless a step of it failed: found by its tag, else
     created with `tags`; the oldest wins a race."""
-    query = f"tags.`{EXECUTION_TAG}` = '{execution_id}'"
 
     def runs():  # the execution's own runs, not its steps' (which carry its tag too)
-        return [run for run in client.search_runs([experiment_id], filter_string=query,
-                                                  max_results=50,
-                                                  order_by=["attributes.start_time ASC"])
+        return [run for run in tagged_runs(client, experiment_id, execution_id, max_results=50)
                 if "mlflow.parentRunId" not in run.data.tags]
 
     found = runs()
