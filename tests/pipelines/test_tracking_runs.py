@@ -52,6 +52,22 @@ def server_runs(uri: str, execution: str) -> tracking.StepRuns:
                                              f"{PIPELINE}/execution/{execution}")
 
 
+def a_job_given_its_run(runs: tracking.StepRuns, uri: str, execution: str, step: str,
+                        tmp_path) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of `step`'s job, with its /opt/ml/output, and the variables the server
+    gave it (its run, and the file where it leaves its run's end)."""
+    output = tmp_path / "opt_ml" / "output"
+    output.mkdir(parents=True)
+    env = {**job_environment(uri, execution, step), "SM_OUTPUT_DIR": str(output)}
+    return env, runs.variables(env)
+
+
+def become_the_job(monkeypatch, env: dict[str, str], given: dict[str, str]) -> None:
+    """This process as the job's: its environment and the variables the server gave it."""
+    for name, value in {**env, **given}.items():
+        monkeypatch.setenv(name, value)
+
+
 def runs_of(uri: str, execution: str):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(PIPELINE)
@@ -67,8 +83,7 @@ def test_a_job_tracks_into_the_run_the_server_made_for_its_step(monkeypatch, sto
     runs = server_runs(store, execution)
     env = job_environment(store, execution, "SFT")
     given = runs.variables(env)
-    for name, value in {**env, **given}.items():  # the job's process
-        monkeypatch.setenv(name, value)
+    become_the_job(monkeypatch, env, given)  # the job's process
     run = step_tracking.start(Settings())
     run.log_metrics({"step": 1, "train_loss": 2.5})
     step_tracking.end(True)
@@ -96,12 +111,8 @@ def test_the_server_ends_a_steps_run_with_the_files_its_job_left_once_the_job_en
     # and ends the run after the job's process has ended, while the next step runs.
     execution = "0ff10ad0ff10"
     runs = server_runs(store, execution)
-    env = {**job_environment(store, execution, "Evaluate"),
-           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
-    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
-    given = runs.variables(env)
-    for name, value in {**env, **given}.items():  # the job's process
-        monkeypatch.setenv(name, value)
+    env, given = a_job_given_its_run(runs, store, execution, "Evaluate", tmp_path)
+    become_the_job(monkeypatch, env, given)  # the job's process
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.html").write_text("<p>report</p>")
@@ -137,13 +148,9 @@ def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_end
     # "nothing": the job was killed before its stage ended.
     execution = "dead0b1ec7ed"
     runs = server_runs(store, execution)
-    env = {**job_environment(store, execution, "SFT"),
-           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
-    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
-    given = runs.variables(env)
+    env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
     if leaves == "a success":
-        for name, value in {**env, **given}.items():
-            monkeypatch.setenv(name, value)
+        become_the_job(monkeypatch, env, given)
         step_tracking.start(Settings())
         (tmp_path / "summary.json").write_text("{}")
         step_tracking.end(True, [tmp_path])
@@ -165,12 +172,8 @@ def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_t
     # metrics are written while it trains; its settings go with them, not via the server.
     execution = "7a1e7a1e7a1e"
     runs = server_runs(store, execution)
-    env = {**job_environment(store, execution, "SFT"),
-           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
-    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
-    given = runs.variables(env)
-    for name, value in {**env, **given}.items():
-        monkeypatch.setenv(name, value)
+    env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
+    become_the_job(monkeypatch, env, given)
     run = step_tracking.start(Settings())
     assert run.activate()
     mlflow.log_metrics({"loss": 2.0}, step=1, synchronous=False)  # as MLflowCallback logs
@@ -212,12 +215,8 @@ def test_the_server_closes_an_execution_from_the_runs_it_made_without_searching_
     # Searching reads every step's run with its settings and metrics: the server knows them.
     execution = "c105edc105ed"
     runs = server_runs(store, execution)
-    env = {**job_environment(store, execution, "DataPrep"),
-           "SM_OUTPUT_DIR": str(tmp_path / "opt_ml" / "output")}
-    (tmp_path / "opt_ml" / "output").mkdir(parents=True)
-    given = runs.variables(env)
-    for name, value in {**env, **given}.items():  # DataPrep's job: tracked, and it ended well
-        monkeypatch.setenv(name, value)
+    env, given = a_job_given_its_run(runs, store, execution, "DataPrep", tmp_path)
+    become_the_job(monkeypatch, env, given)  # DataPrep's job: tracked, and it ended well
     step_tracking.start(Settings())
     step_tracking.end(True)
     runs.job_ended(given, True)
