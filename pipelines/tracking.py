@@ -19,9 +19,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 from pipelines import UserError
@@ -117,6 +119,32 @@ def import_client_early(uri: str | None) -> None:
                 return
 
     threading.Thread(target=load, name="import-mlflow", daemon=True).start()
+
+
+def unreachable(uri: str | None, timeout_s: float = 10.0) -> str | None:
+    """Why the tracking server at `uri` does not answer, in a few words; None when it answers
+    (any HTTP answer: what it says is for the steps to find out), or when `uri` is no server over
+    HTTP (a store MLflow opens itself, or an ARN the steps resolve). The local server asks once
+    per execution, before its first step, and tells the jobs when it does not answer
+    (steps/common/tracking.py, OFF_VARIABLE): each would otherwise spend MLflow's retries on it
+    (about 4.5 s a job, `limit_retries`), and closing the execution's run as many again. Asked
+    as MLflow asks (requests, with the shell's proxies); a certificate it does not trust counts
+    as an answer, since MLflow may be told to accept it."""
+    uri = tracked(uri)
+    if uri is None or urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return None
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout_s, timeout_s)).close()
+    except requests.exceptions.SSLError:
+        return None
+    except requests.ConnectionError as error:  # also a connection that timed out
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+        return cause.group(1).strip() if cause else type(error).__name__
+    except requests.RequestException:  # it answered, slowly or oddly: the steps find out
+        return None
+    return None
 
 
 class StepRuns:

@@ -39,6 +39,7 @@ from typing import Any
 
 from pipelines import UserError, graph, tracking
 from pipelines.local import engine, jobs
+from steps.common import tracking as step_tracking
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,9 @@ class Executions:
                  selection: engine.Selection | None, resume: engine.ExecutionRecord | None,
                  control: jobs.JobControl, recorder: _Recorder) -> None:
         uri = self._tracking_uri(definition, overrides, resume)
+        untracked = self._untracked(execution, uri, control)
+        if untracked:
+            uri = None
         self._prepare_tracking(uri)
         step_runs = None
         if uri is not None and uri == tracking.local_uri(self.home):
@@ -280,7 +284,7 @@ class Executions:
             step_runs.wait()
         closed = tracking.close_execution_run(
             uri, execution.pipeline_name, execution.execution_id, status == "Succeeded", package,
-            runs=step_runs.runs() if step_runs is not None else None) if uri else None
+            runs=step_runs.runs() if step_runs is not None else None) if uri else untracked
         if closed:
             (log.warning if closed.startswith("warning:") else log.info)(
                 "execution %s: %s", execution.execution_id, closed)
@@ -294,6 +298,23 @@ class Executions:
             self._save(current)
             self._close_record(current, reason)
             del self._running[execution.arn]
+
+    @staticmethod
+    def _untracked(execution: Execution, uri: str | None, control: jobs.JobControl) -> str | None:
+        """The line saying that the execution goes untracked, when its tracking server does not
+        answer (asked once, here); each of its tracked jobs is told so, and says so in its log
+        at once instead of spending MLflow's retries on the server. None: tracked as asked."""
+        reason = tracking.unreachable(uri)
+        if reason is None:
+            return None
+        line = (f"warning: MLflow tracking off for execution {execution.execution_id}: the "
+                f"tracking server {uri} does not answer ({reason}); its steps go on untracked "
+                "(check MlflowTrackingUri)")
+        log.warning("%s", line)
+        told = {step_tracking.OFF_VARIABLE: f"the local server found it does not answer: {reason}"}
+        control.job_variables = lambda env: (
+            told if tracking.tracked(env.get("MLFLOW_TRACKING_URI")) == uri else {})
+        return line
 
     def _prepare_tracking(self, uri: str | None) -> None:
         """Before the first step: the local store's tables, and MLflow imported in the background

@@ -272,3 +272,39 @@ def test_a_new_local_store_keeps_a_write_ahead_log(tmp_path):
 def journal_mode(database) -> str:
     with contextlib.closing(sqlite3.connect(database)) as connection:
         return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_the_server_finds_a_tracking_server_that_does_not_answer_and_only_that(tmp_path):
+    import http.server
+    import socket
+    import threading
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    assert tracking.unreachable(refused) == "Connection refused"
+
+    # Any HTTP answer is an answer (this server has no /health: a 404).
+    answering = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    try:
+        assert tracking.unreachable(f"http://127.0.0.1:{answering.server_address[1]}") is None
+    finally:
+        answering.shutdown()
+    # Stores MLflow opens itself, and tracking off, are the steps' to find out.
+    for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", "none", "", None):
+        assert tracking.unreachable(uri) is None
+
+
+def test_a_job_told_its_tracking_server_does_not_answer_goes_on_untracked_at_once(
+        monkeypatch, capsys):
+    # 127.0.0.1:9 (discard) refuses; told by the server, the job does not try it (no retries).
+    env = job_environment("http://127.0.0.1:9", "0ff0ff0ff0ff", "SFT")
+    become_the_job(monkeypatch, env, {step_tracking.OFF_VARIABLE: "it refused (test)"})
+    monkeypatch.setattr(step_tracking, "open_step_run", lambda *a: pytest.fail("tried the server"))
+
+    assert step_tracking.start(Settings()) is None
+    line = capsys.readouterr().err.strip()
+    assert line == ("warning: MLflow tracking off for this step: reaching the tracking store "
+                    "http://127.0.0.1:9 failed (it refused (test)); the step goes on, and its "
+                    "metrics are still in its log and metrics.jsonl")
