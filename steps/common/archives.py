@@ -1,12 +1,19 @@
-"""Packing a folder as SageMaker packs a training job's model (no heavy imports: the local engine
-uses it too)."""
+"""Packing a folder as SageMaker packs a training job's model, and reading such an archive (no
+heavy imports: the local engine uses it too)."""
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from isal import igzip
+from isal import igzip, isal_zlib
+
+# What reading a damaged archive raises (`open_archive`): a bad header, a truncated or corrupt
+# stream (ISA-L's own error, or zlib's).
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, isal_zlib.error, zlib.error)
 
 
 def pack_folder(folder: Path, archive: Path) -> None:
@@ -20,3 +27,21 @@ def pack_folder(folder: Path, archive: Path) -> None:
             tarfile.open(fileobj=gz, mode="w") as tar:
         for path in sorted(folder.rglob("*")):
             tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+
+
+@contextlib.contextmanager
+def open_archive(archive: Path) -> Iterator[tarfile.TarFile]:
+    """The tar archive `archive` to read, its gzip (if any) decompressed by ISA-L rather than by
+    zlib: for an adapter's package with its bundled base (SmolLM2's 270 MB model.tar.gz) a third
+    of zlib's CPU time, 3.0 against 7.8 s to extract it here; any other compression as `tarfile`
+    reads it ("r:*"). Members are best read in their order: going back in a gzip stream
+    decompresses it again from its start."""
+    with open(archive, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    with contextlib.ExitStack() as stack:
+        if gzipped:
+            stream = stack.enter_context(igzip.open(archive, "rb"))
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r:"))
+        else:
+            tar = stack.enter_context(tarfile.open(archive, "r:*"))
+        yield tar

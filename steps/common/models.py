@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from steps.common import contract
+from steps.common import archives, contract
 from steps.common.contract import StageError
 
 # Model classes are imported where models are built: importing them takes about 5 s, which a stage
@@ -210,7 +209,7 @@ def safe_extract(tar_path: Path, dest: Path) -> None:
         return os.path.commonpath([root, os.path.realpath(path)]) == root
 
     try:
-        with tarfile.open(tar_path, "r:*") as archive:
+        with archives.open_archive(tar_path) as archive:
             members = archive.getmembers()
             for member in members:
                 name = member.name
@@ -241,7 +240,7 @@ def safe_extract(tar_path: Path, dest: Path) -> None:
                     raise StageError(f"{tar_path}: refusing special file '{name}' (device or FIFO)")
             dest.mkdir(parents=True, exist_ok=True)
             archive.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except archives.READ_ERRORS as err:
         raise StageError(
             f"{tar_path}: not a readable tar archive ({err}); pack the model with `tar czf`"
         ) from None

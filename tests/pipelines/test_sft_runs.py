@@ -4,11 +4,11 @@ stage tests measure what training achieves; these show that each method's model 
 whole pipeline: trained, archived, evaluated against its base, gated and registered)."""
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 
+from steps.common.archives import open_archive
 from tests.pipelines.conftest import clean_env, cli, derived_recipe, write_quick_recipe
 from tests.pipelines.test_cache import write_sums
 
@@ -45,11 +45,12 @@ def run(env, recipe, data, group, *parameters):
 
 
 def model_archive(folder) -> dict[str, bytes]:
-    """The small files of the SFT job's model.tar.gz, by name."""
+    """The small files of the SFT job's model.tar.gz, by name: read as they come, in one pass
+    (SmolLM2's package holds its 540 MB base)."""
     archive = next(folder.glob("SFT/**/artifacts/model.tar.gz"))
-    with tarfile.open(archive) as tar:
+    with open_archive(archive) as tar:
         return {member.name.removeprefix("./"): tar.extractfile(member).read()
-                for member in tar.getmembers() if member.isfile() and member.size < 1_000_000}
+                for member in tar if member.isfile() and member.size < 1_000_000}
 
 
 def evaluation_of(folder) -> dict[str, float]:
