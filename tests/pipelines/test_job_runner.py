@@ -321,7 +321,6 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("env, reason", [
-    ({"SM_PROCESSES_PER_HOST": "2"}, "several processes under torchrun"),
     ({"HF_HOME": "/elsewhere"}, "its environment sets HF_HOME otherwise than the warm job runner"),
 ])
 def test_a_job_that_forking_would_not_serve_runs_as_a_fresh_process_and_says_why(

@@ -74,6 +74,8 @@ def test_cpt_recipe_with_lora_vocabulary_extension_on_two_processes_beats_its_ba
     assert execution["steps"]["Register"]["status"] == "Succeeded"
     log = next(folder.glob("CPT/**/log.txt")).read_text()
     assert "torch.distributed.run" in log and "--nproc_per_node=2" in log
+    # Forked from the warm job runner, the job execs torchrun without importing the ML stack.
+    assert "runs as a fresh process" not in log
     evaluation = json.loads(next(folder.glob("Evaluate/**/evaluation.json")).read_text())
     metrics = {name: m["value"] for name, m in evaluation["metrics"].items()}
     assert metrics["perplexity_ratio"] > 1.0
