@@ -193,7 +193,8 @@ class StepRuns:
                         "could not (%s)", self.execution_id, " ".join(str(error).split())[:300])
             return {}
         made = {step_tracking.RUN_ID_VARIABLE: run_id,
-                step_tracking.PARENT_RUN_ID_VARIABLE: self.parent}
+                step_tracking.PARENT_RUN_ID_VARIABLE: self.parent,
+                step_tracking.EXPERIMENT_ID_VARIABLE: self.experiment_id}
         if env.get("SM_OUTPUT_DIR"):  # the job's /opt/ml/output (pipelines/local/jobs.py)
             made[step_tracking.RUN_END_VARIABLE] = str(Path(env["SM_OUTPUT_DIR"])
                                                        / step_tracking.RUN_END_FILE)

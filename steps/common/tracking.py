@@ -26,8 +26,8 @@ ends, FAILED once one failed (until a retry of that step succeeds); `llm-pipelin
 sets the final status when the execution ends.
 
 Locally the server that executes the pipeline makes the same runs with the same functions before
-each job starts, and hands the job its run's id (RUN_ID_VARIABLE, PARENT_RUN_ID_VARIABLE, as
-MLflow's own MLFLOW_RUN_ID hands a run to a process): it has MLflow imported and the store open
+each job starts, and hands the job its run's id (RUN_ID_VARIABLE, PARENT_RUN_ID_VARIABLE,
+EXPERIMENT_ID_VARIABLE, as MLflow's own MLFLOW_RUN_ID hands a run to a process): it has MLflow imported and the store open
 already, looks the experiment and the execution's run up once per execution, and owns that run's
 status (pipelines/tracking.py), so that a job's start spends no database round trips on finding
 and creating runs (about 0.1 s a job on a tiny run, most of what tracking added to it).
@@ -85,11 +85,12 @@ _SECRET_NAME = re.compile(r"token|secret|password|api_key|credential", re.IGNORE
 RUN_LINK_FILE = "mlflow_run.json"
 NO_RUN = "none"
 # Set by the local server on a job whose step's run it made (pipelines/tracking.py): the step's
-# run, and its execution's. Named LLM_PIPELINE_*, not MLFLOW_RUN_ID: transformers' MLflowCallback
-# would start that run a second time, and a job whose environment differs from the warm job
-# runner's in an MLFLOW_ variable cannot be forked from it.
+# run, its execution's, and their experiment. Named LLM_PIPELINE_*, not MLFLOW_RUN_ID:
+# transformers' MLflowCallback would start that run a second time, and a job whose environment
+# differs from the warm job runner's in an MLFLOW_ variable cannot be forked from it.
 RUN_ID_VARIABLE = "LLM_PIPELINE_MLFLOW_RUN_ID"
 PARENT_RUN_ID_VARIABLE = "LLM_PIPELINE_MLFLOW_PARENT_RUN_ID"
+EXPERIMENT_ID_VARIABLE = "LLM_PIPELINE_MLFLOW_EXPERIMENT_ID"
 # Set by the local server beside them: the file where the job leaves its run's end for the server
 # (`StageRun.hand_over`), in the job's /opt/ml/output, where a container leaves its failure for
 # SageMaker. Unset, the step ends its run itself.
@@ -179,13 +180,14 @@ class StageRun:
     """
 
     def __init__(self, client, run_id: str, parent_run_id: str | None, step: str,
-                 keeps_execution_run: bool = True,
+                 experiment_id: str = "", keeps_execution_run: bool = True,
                  warn: Callable[[str, BaseException], None] | None = None,
                  hold: bool = False) -> None:
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.step = step
+        self.experiment_id = experiment_id
         # Whether the step leaves the execution's run as the execution stands (on SageMaker);
         # not when the local server made the step's run: the server owns the execution's.
         self.keeps_execution_run = keeps_execution_run
@@ -277,12 +279,14 @@ class StageRun:
     def activate(self) -> bool:
         """Make this run MLflow's fluent active run, which transformers' MLflowCallback reports
         into (rather than starting a run of its own); whether it is. Only a training stage needs
-        it, and it costs database round trips (MLflow reads the run and sets it RUNNING)."""
-        import mlflow
-
+        it. The run is RUNNING already (the local server or `start` made it): MLflow's
+        `start_run(run_id=...)` would read it twice and set it RUNNING again, three round trips
+        to the store (about 0.1 s of a tiny training job); MLflow keeps no more of an active run
+        than its id, experiment and status (`mlflow.active_run()` has no params or metrics), so
+        it is put on MLflow's stack of active runs as it stands (`_enter_fluent_run`)."""
         if self.active and not self.fluent:
-            self.fluent = self._guarded("activating the run", mlflow.start_run,
-                                        run_id=self.run_id) is not None
+            self.fluent = self._guarded("activating the run", _enter_fluent_run, self.run_id,
+                                        self.experiment_id, self.step) is not None
         self.release()
         return self.fluent
 
@@ -341,6 +345,23 @@ class StageRun:
                           self.parent_run_id, FAILED_STEP_TAG)
         self._guarded("updating the execution's run", self.client.set_terminated,
                       self.parent_run_id, status)
+
+
+def _enter_fluent_run(run_id: str, experiment_id: str, name: str):
+    """Put the RUNNING run `run_id` on MLflow's stack of active runs, as `mlflow.start_run` does
+    once it has read the run from the store; the active run. Written by hand: MLflow has no
+    public way to activate a run it need not read (`_leave_fluent_run` takes it off)."""
+    import mlflow
+    from mlflow.entities import LifecycleStage, Run, RunData, RunInfo, RunStatus
+    from mlflow.tracking import fluent
+
+    info = RunInfo(run_id=run_id, experiment_id=experiment_id, user_id="",
+                   status=RunStatus.to_string(RunStatus.RUNNING),
+                   start_time=int(time.time() * 1000), end_time=None,
+                   lifecycle_stage=LifecycleStage.ACTIVE, run_name=name)
+    active = mlflow.ActiveRun(Run(info, RunData()))
+    fluent._active_run_stack.get().append(active)
+    return active
 
 
 def _leave_fluent_run() -> None:
@@ -443,9 +464,9 @@ def create_step_run(client, experiment_id: str, step: str, parent: str | None,
     return client.create_run(experiment_id, run_name=step, tags=tags).info.run_id
 
 
-def open_step_run(client, uri: str) -> tuple[str, str | None]:
-    """(this job's step's new run, its execution's run): what a step does itself on SageMaker,
-    where nothing else knows its execution."""
+def open_step_run(client, uri: str) -> tuple[str, str | None, str]:
+    """(this job's step's new run, its execution's run, their experiment): what a step does
+    itself on SageMaker, where nothing else knows its execution."""
     experiment_id = experiment_of(client, os.environ.get("LLM_PIPELINE_NAME") or "llm-pipeline",
                                   uri)
     execution_id, execution_arn = execution_of_job()
@@ -453,7 +474,7 @@ def open_step_run(client, uri: str) -> tuple[str, str | None]:
                             execution_tags(os.environ, execution_id, execution_arn))
               if execution_id else None)
     step = os.environ.get("LLM_PIPELINE_STEP") or "stage"
-    return create_step_run(client, experiment_id, step, parent, execution_id), parent
+    return create_step_run(client, experiment_id, step, parent, execution_id), parent, experiment_id
 
 
 def batch_queued_metrics() -> None:
@@ -504,12 +525,13 @@ def start(config: Any) -> StageRun | None:
         client = MlflowClient(uri)
         if given:  # made by the local server
             run_id, parent = given, os.environ.get(PARENT_RUN_ID_VARIABLE) or None
+            experiment_id = os.environ.get(EXPERIMENT_ID_VARIABLE, "")
         else:
-            run_id, parent = open_step_run(client, uri)
+            run_id, parent, experiment_id = open_step_run(client, uri)
     except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
         _warn(f"reaching the tracking store {uri}", error)
         return None
-    run = StageRun(client, run_id, parent, step, keeps_execution_run=not given,
+    run = StageRun(client, run_id, parent, step, experiment_id, keeps_execution_run=not given,
                    hold=bool(given and os.environ.get(RUN_END_VARIABLE)))
     # Queued (or held for the local server): written with the step's first metrics, or as its
     # run ends.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 from pipelines import tracking
 from steps.common import tracking as step_tracking
@@ -185,6 +186,36 @@ def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_t
     runs.job_ended(given, True)
     runs.wait()
     assert MlflowClient(store).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_training_steps_run_becomes_mlflows_active_run_without_reading_the_store(
+        monkeypatch, store, tmp_path):
+    # The server made it RUNNING: reading it back and setting it RUNNING again was 0.1 s a job.
+    execution = "ac71fe0ac71f"
+    runs = server_runs(store, execution)
+    env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
+    become_the_job(monkeypatch, env, given)
+    run = step_tracking.start(Settings())
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the store was used")
+
+    with monkeypatch.context() as store_closed:
+        for name in ("get_run", "update_run"):
+            store_closed.setattr(MlflowClient, name, no_store)
+        for name in ("get_run", "update_run_info"):
+            store_closed.setattr(SqlAlchemyStore, name, no_store)
+        assert run.activate()
+        active = mlflow.active_run()
+    experiment = MlflowClient(store).get_experiment_by_name(PIPELINE)
+    assert (active.info.run_id, active.info.experiment_id, active.info.status) == (
+        run.run_id, experiment.experiment_id, "RUNNING")
+    mlflow.log_metrics({"loss": 2.0}, step=1, synchronous=False)  # as MLflowCallback logs
+    step_tracking.end(True, [])
+    runs.job_ended(given, True)
+    runs.wait()
+    ended = MlflowClient(store).get_run(run.run_id)
+    assert ended.info.status == "FINISHED" and ended.data.metrics == {"loss": 2.0}
 
 
 def test_the_steps_of_one_execution_share_its_run(store):
