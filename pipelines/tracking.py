@@ -159,8 +159,12 @@ class StepRuns:
     goes on untracked. Whatever fails making a run leaves the jobs to make and end their runs
     themselves, as on SageMaker."""
 
-    def __init__(self, uri: str, execution_id: str, execution_arn: str) -> None:
+    def __init__(self, uri: str, execution_id: str, execution_arn: str, new: bool = False) -> None:
         self.uri, self.execution_id, self.execution_arn = uri, execution_id, execution_arn
+        # An execution that starts now (not a retry) has no run yet: it is made without searching
+        # the store for one (twice, to settle a race of steps that only SageMaker has), which was
+        # most of the time its first step waited for its run.
+        self.new = new
         self.experiment_id: str | None = None
         self.parent: str | None = None
         self.failed = False
@@ -181,9 +185,11 @@ class StepRuns:
             if self.parent is None:
                 self.experiment_id = step_tracking.experiment_of(
                     client, env.get("LLM_PIPELINE_NAME") or "llm-pipeline", self.uri)
-                self.parent = step_tracking.execution_run(
-                    client, self.experiment_id, self.execution_id,
-                    step_tracking.execution_tags(env, self.execution_id, self.execution_arn))
+                make = (step_tracking.new_execution_run if self.new
+                        else step_tracking.execution_run)
+                self.parent = make(client, self.experiment_id, self.execution_id,
+                                   step_tracking.execution_tags(env, self.execution_id,
+                                                                self.execution_arn))
             run_id = step_tracking.create_step_run(client, self.experiment_id, step, self.parent,
                                                    self.execution_id)
             self._made.append(run_id)

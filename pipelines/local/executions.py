@@ -262,7 +262,8 @@ class Executions:
         self._prepare_tracking(uri)
         step_runs = None
         if uri is not None and uri == tracking.local_uri(self.home):
-            step_runs = tracking.StepRuns(uri, execution.execution_id, execution.arn)
+            step_runs = tracking.StepRuns(uri, execution.execution_id, execution.arn,
+                                          new=resume is None)
             control.job_variables, control.job_ended = step_runs.variables, step_runs.job_ended
         package = None
         try:

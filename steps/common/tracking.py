@@ -442,7 +442,7 @@ def execution_run(client, experiment_id: str, execution_id: str, tags: dict[str,
 
     found = runs()
     if not found:
-        mine = client.create_run(experiment_id, run_name=execution_id, tags=tags).info.run_id
+        mine = new_execution_run(client, experiment_id, execution_id, tags)
         found = runs()
         for run in found[1:]:  # another step created one too: keep the oldest only
             if run.info.run_id == mine:
@@ -453,6 +453,12 @@ def execution_run(client, experiment_id: str, execution_id: str, tags: dict[str,
     if FAILED_STEP_TAG not in parent.data.tags:
         client.update_run(parent.info.run_id, status="RUNNING")
     return parent.info.run_id
+
+
+def new_execution_run(client, experiment_id: str, execution_id: str, tags: dict[str, str]) -> str:
+    """A new run for the execution, RUNNING, tagged with `tags`: for an execution known to have
+    none yet (`execution_run` finds or makes it)."""
+    return client.create_run(experiment_id, run_name=execution_id, tags=tags).info.run_id
 
 
 def create_step_run(client, experiment_id: str, step: str, parent: str | None,

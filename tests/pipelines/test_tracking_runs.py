@@ -229,6 +229,31 @@ def test_the_steps_of_one_execution_share_its_run(store):
     assert {m[step_tracking.PARENT_RUN_ID_VARIABLE] for m in made} == {parents[0].info.run_id}
 
 
+def test_a_new_executions_run_is_made_without_searching_the_store_and_a_retry_finds_it(
+        monkeypatch, store):
+    # The store's search reads every run of the execution with its settings and metrics, twice:
+    # most of the time the first step waited for its run. A retry continues the execution in
+    # place, in the same run.
+    execution = "f1a57f1a57f1"
+    arn = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/{PIPELINE}/execution/{execution}"
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the store was searched")
+
+    with monkeypatch.context() as unsearchable:
+        unsearchable.setattr(MlflowClient, "search_runs", no_search)
+        first = tracking.StepRuns(store, execution, arn, new=True).variables(
+            job_environment(store, execution, "DataPrep"))
+    retried = tracking.StepRuns(store, execution, arn).variables(
+        job_environment(store, execution, "SFT"))
+
+    parents, steps = runs_of(store, execution)
+    assert [p.info.run_id for p in parents] == [first[step_tracking.PARENT_RUN_ID_VARIABLE]]
+    assert retried[step_tracking.PARENT_RUN_ID_VARIABLE] == parents[0].info.run_id
+    assert parents[0].info.status == "RUNNING" and parents[0].data.tags["recipe"] == "served"
+    assert {s.info.run_name for s in steps} == {"DataPrep", "SFT"}
+
+
 def test_a_step_run_its_job_left_running_ends_failed_with_the_execution(store):
     execution = "1ef7a11ed1ef"
     runs = server_runs(store, execution)
