@@ -85,8 +85,9 @@ from typing import IO, NoReturn
 
 from pipelines import UserError
 
-# Imported once by the runner: the ML stack, and what the stages import from it at module level
-# or lazily in `main` (trainers, model classes, metrics), measured by benchmarks/orchestration.py.
+# Imported once by the runner (`ensure_running` names them on its command line): the ML stack,
+# and what the stages import from it at module level or lazily in `main` (trainers, model
+# classes, metrics), measured by benchmarks/orchestration.py.
 # MLflow and its SQL store (SQLAlchemy, alembic): a tracked job's first seconds otherwise, the
 # cost of tracking a tiny run (benchmarks/tracking.py).
 WARM_IMPORTS = (
@@ -139,14 +140,15 @@ class _StartUp:
         return {**self.interpreter_environment, **job, **self.library_environment}
 
 
-def serve(socket_path: Path) -> None:
-    """Import the ML stack, then fork a job for each request on `socket_path` until stopped."""
+def serve(socket_path: Path, preload: list[str]) -> None:
+    """Import the ML stack (`preload`: the modules `ensure_running` named, WARM_IMPORTS), then
+    fork a job for each request on `socket_path` until stopped."""
     os.close(os.pidfd_open(os.getpid()))  # Linux 5.3 or later, or leave now rather than mid-job
     handlers = {s: signal.getsignal(s) for s in _RESET_SIGNALS}
     environment = dict(os.environ)
     import importlib
 
-    for name in WARM_IMPORTS:
+    for name in preload:
         importlib.import_module(name)
     import torch
 
@@ -718,7 +720,9 @@ def _lock() -> Iterator[None]:
 
 
 def _key(environment: dict[str, str]) -> str:
-    """What the runner's preloaded state depends on; a different key needs another runner."""
+    """What the runner's preloaded state depends on; a different key needs another runner. The
+    modules it preloads count apart from this file's text: a test's runner preloads fewer
+    (tests/pipelines/test_job_runner.py)."""
     import site
 
     from containers import images
@@ -727,8 +731,8 @@ def _key(environment: dict[str, str]) -> str:
                        for name in os.listdir(folder) if name.endswith(".dist-info"))
     digest = hashlib.sha256()
     for part in (images.code_digest(), Path(__file__).read_bytes(), sys.executable,
-                 json.dumps(installed), json.dumps(_import_environment(environment),
-                                                   sort_keys=True)):
+                 json.dumps(installed), json.dumps(WARM_IMPORTS),
+                 json.dumps(_import_environment(environment), sort_keys=True)):
         digest.update(part if isinstance(part, bytes) else part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -805,7 +809,7 @@ def ensure_running(environment: dict[str, str]) -> Runner:
         working.mkdir(exist_ok=True)
         with open(log_path(), "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.local.runner", str(socket_path)],
+                [sys.executable, "-m", "pipelines.local.runner", str(socket_path), *WARM_IMPORTS],
                 env=environment, cwd=working, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)  # outlives this command
         partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
@@ -828,7 +832,7 @@ def stop() -> bool:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), sys.argv[2:])
     # As a stage leaves (steps/common/contract.py): the interpreter's teardown of the ML stack
     # takes seconds, and minutes on a busy machine, with nothing left to close.
     sys.stdout.flush()

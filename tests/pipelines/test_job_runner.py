@@ -193,6 +193,15 @@ def own_runner(monkeypatch):
     monkeypatch.delenv(runner.SHARED_VARIABLE, raising=False)
 
 
+@pytest.fixture
+def light_runners(monkeypatch):
+    """The runners this test starts preload torch alone, not all of WARM_IMPORTS: what it checks
+    is how runners start, are found, fail and stop, which the preloaded modules do not change,
+    and each full preload costs seconds of CPU (the module's `warm` runner preloads them all).
+    Jobs still start in a process that has imported torch, as the tests' stages check."""
+    monkeypatch.setattr(runner, "WARM_IMPORTS", ("torch",))
+
+
 @pytest.fixture(scope="module")
 def warm(runner_home):
     return started_runner(runner_home)
@@ -332,7 +341,7 @@ def test_a_job_that_forking_would_not_serve_runs_as_a_fresh_process_and_says_why
 
 
 def test_when_the_runner_dies_its_job_fails_saying_so_the_next_runs_fresh_and_a_new_runner_starts(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, light_runners):
     home = tmp_path / "home"
     monkeypatch.setenv("LLM_PIPELINE_HOME", str(home))
     warm = started_runner(home)
@@ -362,7 +371,7 @@ def test_when_the_runner_dies_its_job_fails_saying_so_the_next_runs_fresh_and_a_
         runner.stop()
 
 
-def test_a_runner_of_other_code_is_replaced_and_leaves(tmp_path, monkeypatch):
+def test_a_runner_of_other_code_is_replaced_and_leaves(tmp_path, monkeypatch, light_runners):
     monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path / "home"))
     old = runner.ensure_running(jobs.warm_environment())
     try:
@@ -376,8 +385,14 @@ def test_a_runner_of_other_code_is_replaced_and_leaves(tmp_path, monkeypatch):
         runner.stop()
 
 
+def test_a_runner_preloading_other_modules_is_not_the_one_to_fork_from(monkeypatch):
+    key = runner._key(jobs.warm_environment())
+    monkeypatch.setattr(runner, "WARM_IMPORTS", ("torch",))
+    assert runner._key(jobs.warm_environment()) != key
+
+
 def test_a_home_too_deep_for_a_socket_address_gets_its_runner_in_a_private_folder(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, light_runners):
     home = tmp_path / ("a-folder-name-long-enough-for-no-unix-socket-path-to-fit" * 2)
     monkeypatch.setenv("LLM_PIPELINE_HOME", str(home))
     short = Path(tempfile.mkdtemp(prefix="t-"))  # a test's tmp_path is itself too deep
@@ -414,7 +429,7 @@ print(f"{os.environ['SM_OUTPUT_DIR']} preloaded: {'torch' in sys.modules}", flus
 
 
 def test_homes_that_name_one_runner_folder_fork_their_jobs_from_one_runner_their_servers_leave(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, light_runners):
     from pipelines.local import server
 
     monkeypatch.setenv(runner.SHARED_VARIABLE, str(tmp_path / "runner"))
