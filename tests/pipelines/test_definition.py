@@ -1,16 +1,13 @@
 """The definition: built offline, identical bytes every time, accepted by SageMaker's API model."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines import definition, recipe
 from tests.conftest import TARGETS
-from tests.external import CHECK_DEFINITION, require_file
+from tests.external import check_definition
 from tests.pipelines.conftest import ROOT, clean_env, cli
 
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
@@ -94,12 +91,6 @@ def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_e
     assert parameters["Epochs"] == 3 and parameters["BaseModel"] == "builtin:tiny"
     bad = cli(offline_env, "definition", "-p", "Epochs=lots")
     assert bad.returncode == 2 and "Epochs='lots' is not a valid Integer" in bad.stderr
-
-
-def check_definition(path: Path) -> subprocess.CompletedProcess:
-    checker = require_file(CHECK_DEFINITION, "check-definition")
-    return subprocess.run([sys.executable, str(checker), str(path)], capture_output=True,
-                          text=True, check=False)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -1,8 +1,6 @@
 """Recipes: what a recipe file may say, and every shipped recipe builds a valid definition."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import yaml
 from pipelines import UserError, recipe
 from pipelines.recipe import JUDGE_STAGES
 from steps.stages import STAGES
-from tests.external import CHECK_DEFINITION, require_file
+from tests.external import check_definition
 
 MINIMAL = """
 name: custom
@@ -253,9 +251,7 @@ def test_a_recipe_with_two_datasets_and_named_inputs_builds_a_definition_that_pa
     # The shipped recipes' definitions are checked on every target in test_definition.py.
     path = tmp_path / "chained.json"
     path.write_text(json.dumps(definitions["chained"]))
-    checker = require_file(CHECK_DEFINITION, "check-definition")
-    result = subprocess.run([sys.executable, str(checker), str(path)], capture_output=True,
-                            text=True, check=False)
+    result = check_definition(path)
     assert result.returncode == 0 and "0 problems" in result.stdout, result.stdout
 
 
