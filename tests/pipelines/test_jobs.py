@@ -2,6 +2,7 @@
 the environment SageMaker gives a container, and a failed job's reason where SageMaker reads it."""
 
 import json
+import os
 import sys
 import time
 
@@ -9,7 +10,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from pipelines.local import jobs
+from pipelines.local import jobs, runner
 from pipelines.local.engine import failure_cause
 from pipelines.local.jobs import run_processing_job, run_training_job
 
@@ -57,16 +58,35 @@ def s3(monkeypatch):
         yield client
 
 
+@pytest.fixture
+def forked(monkeypatch) -> jobs.JobControl:
+    """Jobs started as the local server starts them: forked by the warm job runner that the
+    session's servers share (tests/conftest.py), which has imported what the stages import (a
+    fresh `python -m steps.sft` spent about 6 CPU s importing it). The server's environment has
+    one OpenMP thread (tests/pipelines/conftest.py's clean_env), and so has this one: a runner
+    imports under one environment, and another would replace it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    warm = runner.WarmStart()
+
+    def start(command: list[str], env: dict[str, str], cwd):
+        job = warm(command, env, cwd)
+        assert isinstance(job, runner.Job), next(job.stdout)  # the line saying why not
+        return job
+
+    return jobs.JobControl(start=start)
+
+
 def keys(s3, prefix):
     return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", []))
 
 
-def test_processing_job_stages_inputs_rewrites_paths_and_uploads_outputs(s3, tmp_path):
+def test_processing_job_stages_inputs_rewrites_paths_and_uploads_outputs(s3, tmp_path, forked):
     records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
     s3.put_object(Bucket="bucket", Key="in/data.jsonl",
                   Body="".join(json.dumps(r) + "\n" for r in records))
     lines = []
-    result = run_processing_job(s3, request("s3://bucket/in"), "job-1", tmp_path, lines.append)
+    result = run_processing_job(s3, request("s3://bucket/in"), "job-1", tmp_path, lines.append,
+                                forked)
     assert result.succeeded, result.failure_reason
     # /opt/ml was mapped to the job's own tree, the input staged under its LocalPath
     assert (tmp_path / "opt_ml/processing/input/raw/data.jsonl").is_file()
@@ -76,18 +96,20 @@ def test_processing_job_stages_inputs_rewrites_paths_and_uploads_outputs(s3, tmp
     assert (tmp_path / "log.txt").read_text() and lines
 
 
-def test_failed_processing_job_uploads_nothing_and_reports_the_error_line(s3, tmp_path):
+def test_failed_processing_job_uploads_nothing_and_reports_the_error_line(s3, tmp_path, forked):
     s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": 5}\n')
-    result = run_processing_job(s3, request("s3://bucket/in"), "job-2", tmp_path, lambda _: None)
+    result = run_processing_job(s3, request("s3://bucket/in"), "job-2", tmp_path, lambda _: None,
+                                forked)
     assert not result.succeeded
     assert "data.jsonl:1" in result.failure_reason
     assert keys(s3, "out/") == []
 
 
-def test_a_failed_processing_job_reports_the_message_it_left_where_sagemaker_reads_it(s3, tmp_path):
+def test_a_failed_processing_job_reports_the_message_it_left_where_sagemaker_reads_it(s3, tmp_path, forked):
     # SageMaker returns a processing job's /opt/ml/output/message as its ExitMessage.
     s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": 5}\n')
-    result = run_processing_job(s3, request("s3://bucket/in"), "job-4", tmp_path, lambda _: None)
+    result = run_processing_job(s3, request("s3://bucket/in"), "job-4", tmp_path, lambda _: None,
+                                forked)
 
     message = (tmp_path / "opt_ml/output/message").read_text()
     assert message.startswith("ERROR: ") and "data.jsonl:1" in message
@@ -96,11 +118,11 @@ def test_a_failed_processing_job_reports_the_message_it_left_where_sagemaker_rea
         f"exit code 2: {message.removeprefix('ERROR: ')}"
 
 
-def test_a_failed_training_job_reports_the_failure_it_left_where_sagemaker_reads_it(s3, tmp_path):
+def test_a_failed_training_job_reports_the_failure_it_left_where_sagemaker_reads_it(s3, tmp_path, forked):
     s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": "a"}\n')
     # No train channel: the stage refuses to start.
     result = run_training_job(s3, training_request(base_model="builtin:tiny"), "job-5", tmp_path,
-                              lambda _: None)
+                              lambda _: None, forked)
 
     failure = (tmp_path / "opt_ml/output/failure").read_text()
     assert failure.startswith("ERROR: input channel 'train' is missing")
