@@ -14,7 +14,6 @@ import boto3
 import pytest
 import yaml
 from moto import mock_aws
-from moto.cloudformation.parsing import get_model_map
 
 from infra import template
 from pipelines import recipe
@@ -63,6 +62,10 @@ def deploy(parameters: dict[str, str], policies: dict[str, tuple[str, str]]) -> 
     """The stack deployed on moto with `parameters`: its outputs, its account, and for each name
     in `policies` the resolved document of (role output, policy name)."""
     committed = yaml.safe_load(template.TEMPLATE.read_text())
+    # Imported here: moto's CloudFormation models cost each test process a CPU second at
+    # collection, and only this test's process needs them.
+    from moto.cloudformation.parsing import get_model_map
+
     supported = get_model_map()
     deployable = {**committed, "Resources": {name: r for name, r in committed["Resources"].items()
                                             if r["Type"] in supported}}

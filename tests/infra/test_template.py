@@ -7,7 +7,6 @@ import boto3
 import pytest
 import yaml
 from moto import mock_aws
-from moto.cloudformation.parsing import get_model_map
 
 from containers import images
 from infra import template
@@ -87,6 +86,10 @@ def test_stack_deploys_on_moto_with_encrypted_buckets_role_repositories_and_ci_r
         committed, monkeypatch):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "testing")
+    # Imported here: moto's CloudFormation models cost each test process a CPU second at
+    # collection, and only this test's process needs them.
+    from moto.cloudformation.parsing import get_model_map
+
     supported = get_model_map()
     deployable = json.loads(json.dumps(committed))
     left_out = {r["Type"] for r in committed["Resources"].values() if r["Type"] not in supported}
