@@ -55,6 +55,28 @@ def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.Compl
                           capture_output=True, text=True, check=False, timeout=timeout)
 
 
+def cli_here(capsys: pytest.CaptureFixture, env: dict[str, str],
+             *args: str) -> subprocess.CompletedProcess:
+    """`llm-pipeline args` run in this process (pipelines.cli.main) with environment `env`, what it
+    printed captured: for tests of what a command answers where a process of its own would spend
+    seconds importing the SageMaker SDK again to build a definition. This process's environment
+    is given back whole afterwards (a command points its own at the local server). Tests of the
+    command as a program use `cli`."""
+    from pipelines import cli as command
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    capsys.readouterr()
+    try:
+        status = command.main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["llm-pipeline", *args], status, out, err)
+
+
 @pytest.fixture(scope="session")
 def new_tracking_store(tmp_path_factory) -> Path:
     """The local MLflow store a new engine home's first run makes (its tables: MLflow migrates a

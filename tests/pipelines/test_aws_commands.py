@@ -6,7 +6,7 @@ import boto3
 import botocore.exceptions
 import pytest
 
-from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.conftest import clean_env, cli, cli_here
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,14 @@ def test_server_state_survives_between_commands(env, clients, tmp_path):
     assert cli(env, "server", "status").stdout.strip() == url  # the same server, not a new one
 
 
-def test_upsert_creates_then_updates_the_pipeline_and_start_refuses_a_bad_parameter(env, clients):
+def test_upsert_creates_then_updates_the_pipeline_and_start_refuses_a_bad_parameter(
+        env, clients, capsys):
+    # The commands run in this process (each would import the SageMaker SDK again; as programs
+    # they run in test_server_state_survives_between_commands and below).
     sagemaker, s3 = clients
-    first = cli(env, "upsert", "--recipe", "sft")
+    first = cli_here(capsys, env, "upsert", "--recipe", "sft")
     assert first.returncode == 0 and "created pipeline llm-sft" in first.stdout, first.stderr
-    second = cli(env, "upsert", "--recipe", "sft")
+    second = cli_here(capsys, env, "upsert", "--recipe", "sft")
     assert "updated pipeline llm-sft" in second.stdout
     stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-sft")["PipelineDefinition"])
     assert stored["Steps"][0]["Name"] == "DataPrep"
@@ -56,14 +59,14 @@ def test_upsert_creates_then_updates_the_pipeline_and_start_refuses_a_bad_parame
     assert s3.head_object(Bucket=bucket, Key=key)
 
     # (start --wait's exit status, on real executions: tests/pipelines/test_local_sagemaker_runs.py)
-    bad = cli(env, "start", "--recipe", "sft", "-p", "Epochs=x")
+    bad = cli_here(capsys, env, "start", "--recipe", "sft", "-p", "Epochs=x")
     assert bad.returncode == 2 and "Epochs='x' is not a valid Integer" in bad.stderr
     assert sagemaker.list_pipeline_executions(PipelineName="llm-sft")[
         "PipelineExecutionSummaries"] == []
 
 
-def test_upsert_creates_the_model_package_group_the_pipeline_parameter_names(env, clients,
-                                                                            tmp_path):
+def test_upsert_creates_the_model_package_group_the_pipeline_parameter_names(
+        env, clients, tmp_path, capsys):
     # A recipe file naming its own group: executions register there, so it must exist.
     from tests.pipelines.conftest import ROOT
 
@@ -72,7 +75,7 @@ def test_upsert_creates_the_model_package_group_the_pipeline_parameter_names(env
     team.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text()
                     .replace("name: sft", "name: team-sft")
                     .replace("parameters:\n", "parameters:\n  ModelPackageGroup: llm-team-a\n", 1))
-    result = cli(env, "upsert", "--recipe", str(team))
+    result = cli_here(capsys, env, "upsert", "--recipe", str(team))
     assert result.returncode == 0, result.stderr
     stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-team-sft")["PipelineDefinition"])
     assert {"Name": "ModelPackageGroup", "Type": "String",
@@ -248,8 +251,8 @@ def test_start_on_aws_refuses_a_bad_value_before_starting_an_execution(aws):
     assert executions == []  # StartPipelineExecution was never called
 
 
-def test_upsert_refuses_a_pipeline_name_sagemaker_refuses_before_creating_anything(env, tmp_path,
-                                                                                   clients):
+def test_upsert_refuses_a_pipeline_name_sagemaker_refuses_before_creating_anything(
+        env, tmp_path, clients, capsys):
     from tests.pipelines.conftest import ROOT
 
     sagemaker, _ = clients
@@ -257,7 +260,7 @@ def test_upsert_refuses_a_pipeline_name_sagemaker_refuses_before_creating_anythi
     recipe.write_text((ROOT / "pipelines/recipes/sft.yaml").read_text()
                       .replace("name: sft", "name: my_recipe")
                       .replace("model_package_group: llm-sft", "model_package_group: llm-mine"))
-    result = cli(env, "upsert", "--recipe", str(recipe))
+    result = cli_here(capsys, env, "upsert", "--recipe", str(recipe))
     assert result.returncode == 2
     assert result.stderr.startswith("ERROR: upsert llm-my_recipe: CreatePipeline PipelineName: "
                                     "'llm-my_recipe' does not match SageMaker's pattern")

@@ -8,7 +8,7 @@ import yaml
 from pipelines import definition, recipe
 from tests.conftest import TARGETS
 from tests.external import check_definition
-from tests.pipelines.conftest import ROOT, clean_env, cli
+from tests.pipelines.conftest import ROOT, clean_env, cli, cli_here
 
 REQUIRED_PARAMETERS = {"InputData", "BaseModel", "ProcessingInstanceType", "TrainingInstanceType",
                        "TrainingInstanceCount", "Epochs", "LearningRate", "LoraRank", "PeftMethod",
@@ -85,11 +85,13 @@ def test_the_registered_package_names_the_serving_image_on_instances_sized_for_i
                    for t in specification["SupportedRealtimeInferenceInstanceTypes"])
 
 
-def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_env):
-    result = cli(offline_env, "definition", "-p", "Epochs=3", "-p", "BaseModel=builtin:tiny")
+def test_parameter_overrides_change_defaults_in_the_printed_definition(offline_env, capsys):
+    # The command run in this process (as a program: the test above).
+    result = cli_here(capsys, offline_env, "definition", "-p", "Epochs=3",
+                      "-p", "BaseModel=builtin:tiny")
     parameters = {p["Name"]: p["DefaultValue"] for p in json.loads(result.stdout)["Parameters"]}
     assert parameters["Epochs"] == 3 and parameters["BaseModel"] == "builtin:tiny"
-    bad = cli(offline_env, "definition", "-p", "Epochs=lots")
+    bad = cli_here(capsys, offline_env, "definition", "-p", "Epochs=lots")
     assert bad.returncode == 2 and "Epochs='lots' is not a valid Integer" in bad.stderr
 
 
