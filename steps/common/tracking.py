@@ -290,14 +290,12 @@ class StageRun:
         self.release()
         return self.fluent
 
-    def hand_over(self, path: Path, files: list[Path], succeeded: bool) -> bool:
-        """Leave the run's end to the local server (RUN_END_VARIABLE): write what was queued
-        for MLflow's logging thread, then at `path` what was held (settings, metrics), the
-        `files` to log and whether the stage succeeded. The run stays RUNNING until the server
-        ends it after the job's process ended, FAILED if the job failed after all (or no file is
-        there). Whether the file was written."""
-        import mlflow
-
+    def leave_end(self, path: Path, files: list[Path], succeeded: bool) -> bool:
+        """At `path`, what the local server logs as it ends the run: what is held (settings,
+        metrics), the `files` and whether the stage succeeded; written whole or not at all.
+        `start` leaves the settings there at once (not succeeded, no files), so that a job
+        killed before its end still has its settings in its FAILED run; `hand_over` replaces
+        it. Whether it was written."""
         held = self.held or {"params": [], "metrics": []}
         ending = {"run_id": self.run_id, "succeeded": succeeded,
                   "artifacts": [str(p) for p in files],
@@ -308,6 +306,18 @@ class StageRun:
             partial.write_text(json.dumps(ending))
             partial.replace(path)
         except OSError:
+            return False
+        return True
+
+    def hand_over(self, path: Path, files: list[Path], succeeded: bool) -> bool:
+        """Leave the run's end to the local server (RUN_END_VARIABLE): write what was queued
+        for MLflow's logging thread, then at `path` what was held (settings, metrics), the
+        `files` to log and whether the stage succeeded. The run stays RUNNING until the server
+        ends it after the job's process ended, FAILED if the job failed after all (or no file is
+        there). Whether the file was written."""
+        import mlflow
+
+        if not self.leave_end(path, files, succeeded):
             return False
         self.held = None
         # What a training stage queued for MLflow's logging thread (the Trainer's metric
@@ -542,6 +552,8 @@ def start(config: Any) -> StageRun | None:
     # Queued (or held for the local server): written with the step's first metrics, or as its
     # run ends.
     run.log_params(_settings(config), synchronous=False)
+    if run.held is not None:  # kept for a job killed before its end (`StageRun.leave_end`)
+        run.leave_end(Path(os.environ[RUN_END_VARIABLE]), [], False)
     print(f"MLflow: step run {run_id}" + (f" in execution run {parent}" if parent else "")
           + f" at {uri}", flush=True)
     _current = run

@@ -142,17 +142,20 @@ def test_the_server_ends_a_steps_run_with_the_files_its_job_left_once_the_job_en
                                                                    "evaluation.json"}
 
 
-@pytest.mark.parametrize("leaves", ["a success", "nothing"])
+@pytest.mark.parametrize("leaves", ["a success", "its start", "nothing"])
 def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_ends(
         monkeypatch, store, tmp_path, leaves):
     # "a success": the stage succeeded, and the job failed after it (exit status 1);
-    # "nothing": the job was killed before its stage ended.
-    execution = "dead0b1ec7ed"
+    # "its start": the job was killed while its stage ran (it started tracking, never ended);
+    # "nothing": the job was killed before its stage started tracking.
+    execution = f"dead0b1ec7ed-{leaves.replace(' ', '-')}"
     runs = server_runs(store, execution)
     env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
-    if leaves == "a success":
+    if leaves != "nothing":
         become_the_job(monkeypatch, env, given)
+        monkeypatch.setattr(step_tracking, "_current", None)  # the run a killed job left
         step_tracking.start(Settings())
+    if leaves == "a success":
         (tmp_path / "summary.json").write_text("{}")
         step_tracking.end(True, [tmp_path])
 
@@ -164,7 +167,7 @@ def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_end
     assert ended.info.status == "FAILED"
     assert MlflowClient(store).list_artifacts(run_id) == []
     # The settings of a stage that got as far as tracking are kept either way.
-    assert ("learning_rate" in ended.data.params) == (leaves == "a success")
+    assert ("learning_rate" in ended.data.params) == (leaves != "nothing")
 
 
 def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_trains(
