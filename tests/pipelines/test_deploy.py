@@ -177,15 +177,26 @@ def _base_of(env: dict, url: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def int8_endpoint(clients, env, quantized_models):
-    """The int8 package served, under its group's name (deploy's default): the quantized test's
-    endpoint, which the undeploy test then stops (one server start fewer: seconds of CPU)."""
+def int8_package(clients, env, quantized_models):
+    """The int8 package, registered and approved."""
     arn = register(clients, quantized_models / "int8", "llm-serving-int8",
                    metadata={"quantization": "int8"})
     approve(env, arn)
-    url = deployed_url(cli(env, "deploy", arn))  # named after its group
-    yield url
+    yield arn
     cli(env, "undeploy", "llm-serving-int8")  # still there when a test failed before
+
+
+@pytest.fixture
+def int8_endpoint(env, local_home, int8_package):
+    """The int8 package served under its group's name (deploy's default). The serving test and
+    the undeploy test (which stops it) share one server where they run in that order (one
+    serving process fewer: seconds of CPU); whichever finds none answering deploys it."""
+    record = local_home / "endpoints" / "llm-serving-int8.json"
+    if record.exists():
+        url = json.loads(record.read_text())["url"]
+        if answers_ping(url):
+            return url
+    return deployed_url(cli(env, "deploy", int8_package))
 
 
 def test_a_quantized_package_serves(int8_endpoint):
@@ -195,7 +206,6 @@ def test_a_quantized_package_serves(int8_endpoint):
 
 
 def test_undeploy_stops_the_server_and_frees_its_port(env, local_home, int8_endpoint):
-    # After test_a_quantized_package_serves, which used the endpoint.
     port = int(int8_endpoint.rsplit(":", 1)[1])
 
     result = cli(env, "undeploy", "llm-serving-int8")
