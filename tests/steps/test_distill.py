@@ -473,14 +473,16 @@ def test_the_stage_compares_the_distilled_student_with_its_start_and_a_hard_labe
 ):
     comparison = compared.summary["distillation"]["comparison"]
     figures = comparison["students"]
-    # The baseline the stage trained is the stage itself run with alpha 1: same start and steps.
+    # The baseline the stage trained is the stage itself run with alpha 1: the same start, steps,
+    # batches and loss, so the same student bit for bit (in one process: another torch thread
+    # count rounds differently, and a hundred steps later that is another run).
     hard_label = run_distill(tmp_path / "opt-ml", data_dir, cache, teacher_model=sft_run.model_dir,
                              **{**PRUNED, "alpha": "1.0"})
 
     assert set(figures) == {"initial", "hard_label", "distilled"}
     assert comparison["samples"] == 4 and comparison["steps"] == 40
-    assert figures["hard_label"]["kl_to_teacher"]["value"] == pytest.approx(
-        hard_label.summary["distillation"]["eval_kl_to_teacher"], rel=1e-4)
+    assert (figures["hard_label"]["kl_to_teacher"]["value"]
+            == hard_label.summary["distillation"]["eval_kl_to_teacher"])
     assert figures["distilled"]["kl_to_teacher"]["value"] == pytest.approx(
         compared.summary["distillation"]["eval_kl_to_teacher"], rel=1e-6)
     assert (figures["distilled"]["kl_to_teacher"]["value"]
