@@ -308,6 +308,10 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
         table.append([f"`{setting}`", *cells, f"{mean_ppl:.3f}, {mean_rouge:.3f}", *versus,
                       "-" if baseline else "yes" if wins else "no"])
     first = rows[0]
+    # The rate of the runs whose setting names none: the stage's for a cut student when they ran.
+    unset = sorted({r["learning_rate"] for r in rows if "learning_rate=" not in r["setting"]})
+    rate = (f", the stage's learning rate for a cut student ({', '.join(f'{r:g}' for r in unset)})"
+            if unset else "")
     return "\n".join([
         (f"Student `{first['student']}` distilled from the `sft` teacher (held out: perplexity "
          f"{teacher['perplexity']['value']:.3f}, ROUGE-L {teacher['rouge_l']['value']:.3f}) on "
@@ -315,8 +319,7 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
          f" unless the setting says, the teacher's outputs cached at top-{cache_top_k}. Each "
          "setting is the loss alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) on the "
          "answer tokens (alpha=1: the hard-label student, the baseline (c)); fields it does not "
-         "set: top_k=16, the stage's learning rate for a cut student "
-         f"({first['learning_rate']:g}). Held-out figures on the validation split ({SAMPLES} "
+         f"set: top_k=16{rate}. Held-out figures on the validation split ({SAMPLES} "
          f"greedy answers of at most {NEW_TOKENS} tokens); a perplexity ratio above 1: a lower "
          "perplexity than the hard-label student of the same seed, learning rate and steps. One "
          "invocation per seed (this command with each --seed)."), "",
