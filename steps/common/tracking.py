@@ -182,7 +182,7 @@ class StageRun:
     def __init__(self, client, run_id: str, parent_run_id: str | None, step: str,
                  experiment_id: str = "", keeps_execution_run: bool = True,
                  warn: Callable[[str, BaseException], None] | None = None,
-                 hold: bool = False) -> None:
+                 end_file: Path | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
@@ -195,11 +195,14 @@ class StageRun:
         self.fluent = False  # MLflow's fluent API has this run active (`activate`)
         # How a failure is reported: the step's one line, or the local server's log.
         self.warn = warn or _warn
-        # `hold`: settings and metrics are kept here for the local server, which logs them when
-        # it ends the run (`hand_over`), so that a stage that logs nothing else makes no write
-        # to the store at all; a training stage's run releases them to MLflow's logging thread
-        # as it activates (`activate`), which writes the Trainer's metrics anyway.
-        self.held: dict[str, list] | None = {"params": [], "metrics": []} if hold else None
+        # `end_file`: where the job leaves its run's end to the local server (RUN_END_VARIABLE,
+        # `hand_over`); None: the step ends its run itself. Where the server ends it, settings
+        # and metrics are held here for it, so that a stage that logs nothing else makes no
+        # write to the store at all; a training stage's run releases them to MLflow's logging
+        # thread as it activates (`activate`), which writes the Trainer's metrics anyway.
+        self.end_file = end_file
+        self.held: dict[str, list] | None = (
+            {"params": [], "metrics": []} if end_file is not None else None)
 
     def _guarded(self, what: str, call, *args, **kwargs) -> Any:
         if not self.active:
@@ -290,8 +293,8 @@ class StageRun:
         self.release()
         return self.fluent
 
-    def leave_end(self, path: Path, files: list[Path], succeeded: bool) -> bool:
-        """At `path`, what the local server logs as it ends the run: what is held (settings,
+    def leave_end(self, files: list[Path], succeeded: bool) -> bool:
+        """At `end_file`, what the local server logs as it ends the run: what is held (settings,
         metrics), the `files` and whether the stage succeeded; written whole or not at all.
         `start` leaves the settings there at once (not succeeded, no files), so that a job
         killed before its end still has its settings in its FAILED run; `hand_over` replaces
@@ -301,23 +304,23 @@ class StageRun:
                   "artifacts": [str(p) for p in files],
                   "params": {p.key: p.value for p in held["params"]},
                   "metrics": [[m.key, m.value, m.timestamp, m.step] for m in held["metrics"]]}
-        partial = path.with_name(f".{path.name}.partial")
+        partial = self.end_file.with_name(f".{self.end_file.name}.partial")
         try:
             partial.write_text(json.dumps(ending))
-            partial.replace(path)
+            partial.replace(self.end_file)
         except OSError:
             return False
         return True
 
-    def hand_over(self, path: Path, files: list[Path], succeeded: bool) -> bool:
+    def hand_over(self, files: list[Path], succeeded: bool) -> bool:
         """Leave the run's end to the local server (RUN_END_VARIABLE): write what was queued
-        for MLflow's logging thread, then at `path` what was held (settings, metrics), the
+        for MLflow's logging thread, then at `end_file` what was held (settings, metrics), the
         `files` to log and whether the stage succeeded. The run stays RUNNING until the server
         ends it after the job's process ended, FAILED if the job failed after all (or no file is
         there). Whether the file was written."""
         import mlflow
 
-        if not self.leave_end(path, files, succeeded):
+        if not self.leave_end(files, succeeded):
             return False
         self.held = None
         # What a training stage queued for MLflow's logging thread (the Trainer's metric
@@ -403,8 +406,8 @@ def artifact_files(folders: Iterable[Path], names: Iterable[str] | None = None) 
 
 
 def read_run_end(path: Path) -> dict[str, Any] | None:
-    """What a job left for its run's end at `path` (`StageRun.hand_over`): {"run_id",
-    "succeeded", "artifacts"}; None when it left nothing readable (it failed before, or was
+    """What a job left for its run's end at `path` (`StageRun.leave_end`): {"run_id",
+    "succeeded", "artifacts", "params", "metrics"}; None when it left nothing readable (it failed before, or was
     killed)."""
     try:
         ending = json.loads(path.read_text())
@@ -547,13 +550,14 @@ def start(config: Any) -> StageRun | None:
     except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
         _warn(f"reaching the tracking store {uri}", error)
         return None
+    end_file = os.environ.get(RUN_END_VARIABLE) if given else None
     run = StageRun(client, run_id, parent, step, experiment_id, keeps_execution_run=not given,
-                   hold=bool(given and os.environ.get(RUN_END_VARIABLE)))
+                   end_file=Path(end_file) if end_file else None)
     # Queued (or held for the local server): written with the step's first metrics, or as its
     # run ends.
     run.log_params(_settings(config), synchronous=False)
-    if run.held is not None:  # kept for a job killed before its end (`StageRun.leave_end`)
-        run.leave_end(Path(os.environ[RUN_END_VARIABLE]), [], False)
+    if run.end_file is not None:  # kept for a job killed before its end (`StageRun.leave_end`)
+        run.leave_end([], False)
     print(f"MLflow: step run {run_id}" + (f" in execution run {parent}" if parent else "")
           + f" at {uri}", flush=True)
     _current = run
@@ -599,9 +603,7 @@ def end(succeeded: bool, folders: Iterable[Path] = (), model_folder: Path | None
         files = artifact_files(folders)
         if model_folder is not None:
             files += artifact_files([model_folder], names=model_files)
-    handed_to = os.environ.get(RUN_END_VARIABLE)
-    if (handed_to and os.environ.get(RUN_ID_VARIABLE) == run.run_id
-            and run.hand_over(Path(handed_to), files, succeeded)):
+    if run.end_file is not None and run.hand_over(files, succeeded):
         return
     run.release()
     run.log_files(files)
