@@ -69,6 +69,15 @@ def become_the_job(monkeypatch, env: dict[str, str], given: dict[str, str]) -> N
         monkeypatch.setenv(name, value)
 
 
+def a_started_job(monkeypatch, uri: str, execution: str, step: str, tmp_path):
+    """The server's runs of `execution`, the variables it gave `step`'s job, and that job's run
+    as its stage starts tracking, in this process as the job's."""
+    runs = server_runs(uri, execution)
+    env, given = a_job_given_its_run(runs, uri, execution, step, tmp_path)
+    become_the_job(monkeypatch, env, given)
+    return runs, given, step_tracking.start(Settings())
+
+
 def runs_of(uri: str, execution: str):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(PIPELINE)
@@ -175,10 +184,7 @@ def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_t
     # A training stage's run is MLflow's active run (for transformers' MLflowCallback), whose
     # metrics are written while it trains; its settings go with them, not via the server.
     execution = "7a1e7a1e7a1e"
-    runs = server_runs(store, execution)
-    env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
-    become_the_job(monkeypatch, env, given)
-    run = step_tracking.start(Settings())
+    runs, given, run = a_started_job(monkeypatch, store, execution, "SFT", tmp_path)
     assert run.activate()
     mlflow.log_metrics({"loss": 2.0}, step=1, synchronous=False)  # as MLflowCallback logs
     step_tracking.end(True, [])
@@ -195,10 +201,7 @@ def test_a_training_steps_run_becomes_mlflows_active_run_without_reading_the_sto
         monkeypatch, store, tmp_path):
     # The server made it RUNNING: reading it back and setting it RUNNING again was 0.1 s a job.
     execution = "ac71fe0ac71f"
-    runs = server_runs(store, execution)
-    env, given = a_job_given_its_run(runs, store, execution, "SFT", tmp_path)
-    become_the_job(monkeypatch, env, given)
-    run = step_tracking.start(Settings())
+    runs, given, run = a_started_job(monkeypatch, store, execution, "SFT", tmp_path)
 
     def no_store(*args, **kwargs):
         raise AssertionError("the store was used")
@@ -273,10 +276,8 @@ def test_the_server_closes_an_execution_from_the_runs_it_made_without_searching_
         monkeypatch, store, tmp_path):
     # Searching reads every step's run with its settings and metrics: the server knows them.
     execution = "c105edc105ed"
-    runs = server_runs(store, execution)
-    env, given = a_job_given_its_run(runs, store, execution, "DataPrep", tmp_path)
-    become_the_job(monkeypatch, env, given)  # DataPrep's job: tracked, and it ended well
-    step_tracking.start(Settings())
+    # DataPrep's job: tracked, and it ended well
+    runs, given, _ = a_started_job(monkeypatch, store, execution, "DataPrep", tmp_path)
     step_tracking.end(True)
     runs.job_ended(given, True)
     never_ended = runs.variables(job_environment(store, execution, "SFT"))  # the engine failed
