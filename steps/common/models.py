@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,52 +199,73 @@ def safe_extract(tar_path: Path, dest: Path) -> None:
     """Extract `tar_path` into `dest`, refusing members that could write outside it.
 
     Refused: absolute names, '..' components, symbolic or hard links that point outside `dest`,
-    device files and FIFOs. Every member is checked before anything is written; the standard
-    library's 'data' filter then extracts (it strips absolute paths rather than refusing them,
-    hence the explicit checks).
+    device files and FIFOs; the standard library's 'data' filter then extracts (it strips
+    absolute paths rather than refusing them, hence the explicit checks). The archive is read
+    once: each member is checked as it comes, before it is written, into a staging folder beside
+    `dest` that becomes `dest` only when every member passed, so a refused or damaged archive
+    leaves nothing behind. (Checking every member first and then extracting read a gzip stream
+    twice: SmolLM2's 270 MB package decompressed again from its start.)
     """
     tar_path, dest = Path(tar_path), Path(dest)
-    root = os.path.realpath(dest)
+    created = next((p for p in reversed([dest, *dest.parents]) if not p.exists()), None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging.chmod(0o755)  # as a folder made by mkdir is, not mkdtemp's private 0o700
+    root = os.path.realpath(staging)
 
     def inside(path: str) -> bool:
         return os.path.commonpath([root, os.path.realpath(path)]) == root
 
+    def checked(members: Iterator[tarfile.TarInfo]) -> Iterator[tarfile.TarInfo]:
+        for member in members:
+            name = member.name
+            if name.startswith("/") or os.path.isabs(name):
+                raise StageError(f"{tar_path}: refusing absolute path '{name}' in the archive")
+            if ".." in Path(name).parts:
+                raise StageError(f"{tar_path}: refusing '..' in path '{name}' in the archive")
+            if not inside(os.path.join(root, name)):
+                raise StageError(
+                    f"{tar_path}: refusing '{name}', which would be written outside {dest}"
+                )
+            if member.issym():
+                target = os.path.join(root, os.path.dirname(name), member.linkname)
+                if os.path.isabs(member.linkname) or not inside(target):
+                    raise StageError(
+                        f"{tar_path}: refusing symlink '{name}' -> '{member.linkname}' "
+                        "pointing outside the archive"
+                    )
+            elif member.islnk():
+                if os.path.isabs(member.linkname) or not inside(
+                    os.path.join(root, member.linkname)
+                ):
+                    raise StageError(
+                        f"{tar_path}: refusing hard link '{name}' -> '{member.linkname}' "
+                        "pointing outside the archive"
+                    )
+            elif not (member.isfile() or member.isdir()):
+                raise StageError(f"{tar_path}: refusing special file '{name}' (device or FIFO)")
+            yield member
+
     try:
         with archives.open_archive(tar_path) as archive:
-            members = archive.getmembers()
-            for member in members:
-                name = member.name
-                if name.startswith("/") or os.path.isabs(name):
-                    raise StageError(f"{tar_path}: refusing absolute path '{name}' in the archive")
-                if ".." in Path(name).parts:
-                    raise StageError(f"{tar_path}: refusing '..' in path '{name}' in the archive")
-                if not inside(os.path.join(root, name)):
-                    raise StageError(
-                        f"{tar_path}: refusing '{name}', which would be written outside {dest}"
-                    )
-                if member.issym():
-                    target = os.path.join(root, os.path.dirname(name), member.linkname)
-                    if os.path.isabs(member.linkname) or not inside(target):
-                        raise StageError(
-                            f"{tar_path}: refusing symlink '{name}' -> '{member.linkname}' "
-                            "pointing outside the archive"
-                        )
-                elif member.islnk():
-                    if os.path.isabs(member.linkname) or not inside(
-                        os.path.join(root, member.linkname)
-                    ):
-                        raise StageError(
-                            f"{tar_path}: refusing hard link '{name}' -> '{member.linkname}' "
-                            "pointing outside the archive"
-                        )
-                elif not (member.isfile() or member.isdir()):
-                    raise StageError(f"{tar_path}: refusing special file '{name}' (device or FIFO)")
-            dest.mkdir(parents=True, exist_ok=True)
-            archive.extractall(dest, members=members, filter="data")
-    except archives.READ_ERRORS as err:
-        raise StageError(
-            f"{tar_path}: not a readable tar archive ({err}); pack the model with `tar czf`"
-        ) from None
+            # extractall takes the members as the generator yields them: one pass.
+            archive.extractall(staging, members=checked(iter(archive)), filter="data")
+        if dest.is_dir() and any(dest.iterdir()):
+            shutil.copytree(staging, dest, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(staging)
+        else:
+            if dest.is_dir():
+                dest.rmdir()
+            os.replace(staging, dest)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and created != dest:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(err, archives.READ_ERRORS):
+            raise StageError(
+                f"{tar_path}: not a readable tar archive ({err}); pack the model with `tar czf`"
+            ) from None
+        raise
 
 
 def resolve_precision(precision: str) -> str:

@@ -3,6 +3,7 @@ with their gzip decompressed by ISA-L, and any other tar archive read as tarfile
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import pytest
@@ -62,3 +63,54 @@ def test_a_damaged_archive_is_one_line_naming_it(folder, tmp_path, damage):
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(f"{packed}: not a readable tar archive (")
+
+
+def test_a_gzip_package_is_decompressed_once_when_extracted(folder, tmp_path, monkeypatch):
+    packed = tmp_path / "model.tar.gz"
+    archives.pack_folder(folder, packed)
+    read = []
+    real_open = archives.igzip.open
+
+    class Counted(io.FileIO):
+        def readinto(self, buffer):
+            count = super().readinto(buffer)
+            read.append(count or 0)
+            return count
+
+    monkeypatch.setattr(archives.igzip, "open",
+                        lambda path, mode="rb", **kw: real_open(Counted(path), mode, **kw))
+    models.safe_extract(packed, tmp_path / "out")
+
+    assert (tmp_path / "out" / "base" / "weights.bin").stat().st_size == 256 * 4096
+    # Going back to the start for a second pass would read (and decompress) it all again.
+    assert 0 < sum(read) <= packed.stat().st_size
+
+
+def test_a_refused_archive_leaves_no_staging_folder_nor_the_folders_made_for_it(tmp_path):
+    packed = tmp_path / "model.tar"
+    with tarfile.open(packed, "w") as tar:
+        config = tarfile.TarInfo("config.json")
+        config.size = 2
+        tar.addfile(config, io.BytesIO(b"{}"))
+        escape = tarfile.TarInfo("../evil")
+        tar.addfile(escape)
+    dest = tmp_path / "made" / "for" / "it"
+
+    with pytest.raises(StageError, match=r"refusing '\.\.' in path '\.\./evil'"):
+        models.safe_extract(packed, dest)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tar"]
+
+
+def test_extracting_into_a_folder_with_files_keeps_them(folder, tmp_path):
+    packed = tmp_path / "model.tar.gz"
+    archives.pack_folder(folder, packed)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "kept.txt").write_text("kept")
+
+    models.safe_extract(packed, dest)
+
+    assert (dest / "kept.txt").read_text() == "kept"
+    assert (dest / "config.json").read_text() == '{"a": 1}'
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
