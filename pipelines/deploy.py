@@ -12,9 +12,15 @@ serving serve``) as a background process of the project's Python, over the layou
 the container (the package's ModelDataUrl, from the local S3, extracted into
 ``$SAGEMAKER_BASE_DIR/model``) and with a container's environment, as a job gets it
 (pipelines.local.jobs.job_environment: the image's ENV, the package's container Environment, the
-local AWS endpoint), on a free port of 127.0.0.1 (SAGEMAKER_BIND_TO_PORT, SERVING_HOST). Each endpoint is a record in $LLM_PIPELINE_HOME/endpoints/NAME.json and a
-folder of deployments beside it. Deploying to a name that answers already starts the new server,
-waits for its /ping, then stops the old one: requests never meet a gap.
+local AWS endpoint), on a free port of 127.0.0.1 (SAGEMAKER_BIND_TO_PORT, SERVING_HOST). The
+server's process starts as the home's jobs do: forked by the warm job runner, which has imported
+the ML stack already (pipelines/local/runner.py; a process of its own all the same, with its own
+session, environment, folder, log and exit, which outlives the command and the runner), or, where
+the home's server runs its jobs as fresh processes or the runner cannot start, as a fresh
+interpreter whose log says why first. Each endpoint is a record in
+$LLM_PIPELINE_HOME/endpoints/NAME.json and a folder of deployments beside it. Deploying to a name
+that answers already starts the new server, waits for its /ping, then stops the old one: requests
+never meet a gap.
 
 Both refuse up front what the endpoint could not run: a package that is not Approved, one whose
 image is not the serving image, an Arm instance type (the image is built for linux/amd64), and a
@@ -43,12 +49,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from botocore.exceptions import ClientError
 
 from containers import images
 from pipelines import UserError, registry, validation
-from pipelines.local import server
+from pipelines.local import runner, server
 
 SERVING_REPOSITORY = f"{images.REPOSITORY_PREFIX}-serving"
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"  # a package that lists no inference instance types
@@ -188,6 +195,10 @@ class LocalEndpoint:
     pid: int
     deployment: str  # its folder: the SAGEMAKER_BASE_DIR the server was given
     created: str
+    # The server process's start time (clock ticks after boot, /proc/PID/stat): with `pid`, it
+    # names that process alone, forked (whose command line is the runner's) or not. 0 in the
+    # records of earlier versions, whose servers are known by their command line.
+    started: int = 0
 
     @property
     def log(self) -> Path:
@@ -212,7 +223,7 @@ def local_endpoints() -> list[LocalEndpoint]:
 
 def local_status(endpoint: LocalEndpoint) -> str:
     """InService when its server answers /ping 200, Failed when the server is gone or ailing."""
-    if not _is_our_server(endpoint.pid):
+    if not _is_our_server(endpoint.pid, endpoint.started):
         return "Failed"
     status, _ = _ping(endpoint.url)
     return "InService" if status == 200 else "Failed"
@@ -238,7 +249,7 @@ def deploy_local(s3, package: Package, name: str, instance_type: str,
             raise
         _write_record(endpoint)
         if previous is not None:
-            _stop(previous.pid)
+            _stop(previous.pid, previous.started)
             shutil.rmtree(previous.deployment, ignore_errors=True)
             say(f"stopped the previous server of {name} ({previous.package_arn})")
         return endpoint
@@ -249,7 +260,7 @@ def undeploy_local(name: str) -> LocalEndpoint:
         endpoint = local_endpoint(name)
         if endpoint is None:
             raise UserError(f"no local endpoint {name}; `llm-pipeline endpoints` lists them")
-        _stop(endpoint.pid)
+        _stop(endpoint.pid, endpoint.started)
         shutil.rmtree(endpoints_dir() / name, ignore_errors=True)
         (endpoints_dir() / f"{name}.json").unlink(missing_ok=True)
         return endpoint
@@ -329,28 +340,54 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
     })
     log_path = deployment / "log.txt"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serving", "serve"], cwd=deployment, env=env,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # outlives the command that started it, as an endpoint does
-    say(f"started the serving container's entry point (pid {process.pid}); log: {log_path}")
+        process, how = _start_server(env, deployment, log)
+    process_started = _process_start(process.pid) or 0
+    say(f"started the serving container's entry point (pid {process.pid}, {how}); log: "
+        f"{log_path}")
     started = time.monotonic()
     try:
         _wait_for_ping(process, url, log_path, started, say)
     except UserError as err:
-        _stop(process.pid)
+        _stop(process.pid, process_started)
         raise UserError(f"endpoint {name} did not start: {err} (log: {log_path})") from None
     except BaseException:  # interrupted: no server is left running unrecorded
-        _stop(process.pid)
+        _stop(process.pid, process_started)
         raise
     say(f"{name}: /ping answers 200 after {time.monotonic() - started:.1f} s")
     return LocalEndpoint(name=name, package_arn=package.arn, model_data_url=package.model_data_url,
                          instance_type=instance_type, url=url, pid=process.pid,
                          deployment=str(deployment),
-                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), started=process_started)
 
 
-def _wait_for_ping(process: subprocess.Popen, url: str, log_path: Path, started: float,
+def _start_server(env: dict[str, str], deployment: Path, log: IO[bytes]
+                  ) -> tuple[subprocess.Popen | runner.Job, str]:
+    """The serving entry point's process, and how it started: forked by the home's warm job
+    runner when the home's server forks its jobs and the runner can take this one, else a fresh
+    interpreter whose log says first why. Either leads a session of its own, so that it outlives
+    the command that started it, as an endpoint does."""
+    from pipelines.local import jobs
+
+    command = [sys.executable, "-m", "serving", "serve"]
+    if server.running_job_runner() == "subprocess":
+        why = "the local server runs its jobs as fresh processes (--job-runner subprocess)"
+    else:
+        try:
+            warm = runner.ensure_running(jobs.warm_environment())
+            why = runner.needs_fresh_process(command, env, warm)
+            if not why:
+                return (warm.start_job(command[2], command[3:], env, deployment, log=log),
+                        f"forked by the warm job runner {warm.pid}")
+        except runner.Unavailable as exc:
+            why = str(exc)
+    log.write(f"runs as a fresh process: {why}\n".encode())
+    log.flush()
+    return subprocess.Popen(command, cwd=deployment, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True), "a fresh process"
+
+
+def _wait_for_ping(process: subprocess.Popen | runner.Job, url: str, log_path: Path, started: float,
                    say: Callable[[str], None]) -> None:
     """Until /ping answers 200; UserError with the reason when the server exits, reports that the
     model failed to load (a 5xx other than 503, "loading"), or takes too long."""
@@ -404,26 +441,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _is_our_server(pid: int) -> bool:
-    """Whether `pid` is still a serving process (a pid can be reused after a reboot)."""
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot); None when there is none, or it has
+    exited (a zombie)."""
     try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return None if state in ("Z", "X") else int(fields[18])  # stat's 22nd field
+
+
+def _is_our_server(pid: int, started: int) -> bool:
+    """Whether the endpoint's serving process `pid`, started at `started`, still runs (a pid is
+    reused by another process once its own has ended)."""
+    if started:
+        return _process_start(pid) == started
+    try:  # a record of an earlier version, whose servers were fresh interpreters
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"serving" in command and b"serve" in command
+    return b"serving" in command and b"serve" in command and _process_start(pid) is not None
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int, started: int) -> None:
     """SIGTERM, then SIGKILL after SageMaker's grace period, as SageMaker stops a container."""
-    if not _is_our_server(pid):
+    if not _is_our_server(pid, started):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while _is_our_server(pid) and time.monotonic() < deadline:
+    while _is_our_server(pid, started) and time.monotonic() < deadline:
         _reap(pid)
         time.sleep(0.1)
-    if _is_our_server(pid):
+    if _is_our_server(pid, started):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _reap(pid)

@@ -52,7 +52,10 @@ A job ends when its engine ends (as `prctl(PR_SET_PDEATHSIG)` ends a subprocess 
 runner sends SIGTERM to the job's process group when the engine's connection closes, and a
 job's child process gets SIGTERM when the runner itself dies. The engine stops a job as it stops
 a subprocess one, by signalling its process group: the runner reports the job's pid only once
-the job leads that group. Linux only (fork, pidfd).
+the job leads that group. A local endpoint's serving process (pipelines/deploy.py) is forked
+too, as a detached job: its output goes to the endpoint's log, and it outlives the command that
+deployed it and the runner, as a serving process started in a session of its own does (the
+runner neither waits for it nor counts it as work that keeps the runner). Linux only (fork, pidfd).
 """
 
 from __future__ import annotations
@@ -101,7 +104,11 @@ WARM_IMPORTS = (
 # when imported: a job may differ from the runner in these and still be forked.
 # MLFLOW_TRACKING_URI (the MlflowTrackingUri parameter): MLflow reads it when a run starts; other
 # MLFLOW_ variables (logging, telemetry) are read when MLflow is imported.
-RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_", "MLFLOW_TRACKING_URI")
+# The serving container's settings (serving/settings.py) are read by the project's serving
+# package when it starts.
+RUN_TIME_VARIABLES = ("SM_", "TRAINING_JOB_", "AWS_", "LLM_PIPELINE_", "MLFLOW_TRACKING_URI",
+                      "SERVING_", "SAGEMAKER_BASE_DIR", "SAGEMAKER_BIND_TO_PORT",
+                      "SAGEMAKER_MAX_PAYLOAD_IN_MB")
 # Signals whose start-up disposition a job gets back (the runner changes SIGTERM and SIGINT).
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
                   signal.SIGXFSZ, signal.SIGUSR1, signal.SIGUSR2)
@@ -187,7 +194,8 @@ def serve(socket_path: Path, preload: list[str]) -> None:
     jobs: dict[int, _RunningJob] = {}  # by pid
     last_job = time.monotonic()
     while True:
-        idle = not jobs and time.monotonic() - last_job > IDLE_EXIT_S
+        working = any(not job.detached for job in jobs.values())  # detached jobs keep no runner
+        idle = not working and time.monotonic() - last_job > IDLE_EXIT_S
         if not stopping and (idle or not _is_our_socket(socket_path, socket_id)):
             stopping.append(True)
         if stopping and listener.fileno() >= 0:
@@ -195,7 +203,7 @@ def serve(socket_path: Path, preload: list[str]) -> None:
             listener.close()
             if _is_our_socket(socket_path, socket_id):
                 socket_path.unlink()
-        if stopping and not jobs:
+        if stopping and not working:
             return
         for key, _ in selector.select(timeout=5.0):
             if key.data == "wake":
@@ -222,8 +230,8 @@ def serve(socket_path: Path, preload: list[str]) -> None:
 class _RunningJob:
     """A forked job as the runner tracks it: its process, and the engine's connection."""
 
-    def __init__(self, pid: int, connection: socket.socket) -> None:
-        self.pid, self.connection = pid, connection
+    def __init__(self, pid: int, connection: socket.socket, detached: bool) -> None:
+        self.pid, self.connection, self.detached = pid, connection, detached
         self.pidfd = os.pidfd_open(pid)
         self.exited = False
 
@@ -241,8 +249,9 @@ class _RunningJob:
             data = self.connection.recv(4096)
         except OSError:
             data = b""
-        if not data:  # the engine is gone: so is its job
-            self.signal_group(signal.SIGTERM)
+        if not data:  # the engine is gone: so is its job, unless detached
+            if not self.detached:
+                self.signal_group(signal.SIGTERM)
             selector.unregister(self.connection)
             self.connection.close()
 
@@ -297,7 +306,7 @@ def _accept(connection: socket.socket, start_up: _StartUp) -> _RunningJob | None
             os.read(in_group, 1)  # end of file: the job closed its end after setsid, or died
         finally:
             os.close(in_group)
-        job = _RunningJob(pid, connection)
+        job = _RunningJob(pid, connection, bool(request.get("detached")))
         connection.sendall(_line({"pid": pid}))
         return job
     except (OSError, ValueError) as exc:
@@ -342,7 +351,8 @@ def _become_job(request: dict, fds: list[int], runner: int, start_up: _StartUp,
         signal.set_wakeup_fd(-1)  # the runner's: a signal must not write into a job's file
         os.setsid()
         os.close(grouped)
-        _die_with_runner(runner)
+        if not request.get("detached"):
+            _die_with_runner(runner)
         os.dup2(fds[0], 0)
         os.dup2(fds[1], 1)
         os.dup2(fds[1], 2)
@@ -426,6 +436,11 @@ def _is_our_socket(path: Path, inode: int) -> bool:
         return False
 
 
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
 def _line(message: dict) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
@@ -439,12 +454,12 @@ class Job:
     lines), `poll()` and `wait()` (exit status, negative for a signal)."""
 
     def __init__(self, connection: socket.socket, pending: bytes, pid: int,
-                 output: IO[str]) -> None:
+                 output: IO[str] | None) -> None:
         self.connection, self._buffer, self.pid, self._output = connection, pending, pid, output
         self.returncode: int | None = None
         self.runner_lost = False  # the runner ended before it reported the job's status
         self._lock = threading.Lock()  # the engine reads the output and polls from two threads
-        self.stdout = self._lines()
+        self.stdout = self._lines() if output is not None else iter(())  # detached: in its log
 
     def _lines(self) -> Iterator[str]:
         # Read as a text file reads (universal newlines), but never wait on the output alone: a
@@ -522,15 +537,18 @@ class Runner:
                       if job.get(k) != self.import_environment.get(k))
 
     def start_job(self, module: str, arguments: list[str], env: dict[str, str],
-                  cwd: Path) -> Job:
+                  cwd: Path, log: IO | None = None) -> Job:
         """Fork `python -m module arguments` in `cwd` with exactly `env`; Unavailable when the
-        runner cannot (then nothing was started)."""
+        runner cannot (then nothing was started). With `log` (an open file), the job is detached:
+        its output goes there, and it outlives this process and the runner (a local endpoint's
+        server)."""
         connection = self._connect()
-        read_end, write_end = os.pipe()
+        read_end, write_end = (-1, os.dup(log.fileno())) if log is not None else os.pipe()
         stdin = os.open(os.devnull, os.O_RDONLY)
         try:
             payload = json.dumps({"module": module, "arguments": list(arguments), "env": env,
-                                  "cwd": str(cwd), "umask": _umask()}).encode()
+                                  "cwd": str(cwd), "umask": _umask(),
+                                  "detached": log is not None}).encode()
             data = _HEADER.pack(len(payload)) + payload
             sent = socket.send_fds(connection, [data], [stdin, write_end])
             connection.sendall(data[sent:])
@@ -544,18 +562,18 @@ class Runner:
             answer = json.loads(reply)
         except (OSError, ValueError) as exc:
             connection.close()
-            os.close(read_end)
+            _close(read_end)
             raise Unavailable(f"the warm job runner did not take the job ({exc})") from None
         finally:
             os.close(write_end)  # the job holds the only writer: its end is the pipe's end
             os.close(stdin)
         if "pid" not in answer:
             connection.close()
-            os.close(read_end)
+            _close(read_end)
             raise Unavailable(f"the warm job runner refused the job: {answer.get('error')}")
         # As subprocess.Popen(text=True, errors="replace", bufsize=1) reads a job's output.
         return Job(connection, pending, int(answer["pid"]),
-                   open(read_end, errors="replace", buffering=1))
+                   open(read_end, errors="replace", buffering=1) if read_end >= 0 else None)
 
     def _connect(self) -> socket.socket:
         """A connection, waiting while the runner is still importing (a fresh process would

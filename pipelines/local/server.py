@@ -103,14 +103,16 @@ def ensure_running(job_runner: str | None = None) -> str:
             # the lock both would start their own, and one's S3 objects and model packages would
             # go to a server the home no longer records (and `server stop` does not stop).
             url = running_url() or _start(job_runner or "warm")
-    running = _running_job_runner()
+    running = running_job_runner()
     if job_runner and running != job_runner:
         raise UserError(f"the local server (home {home()}) runs its jobs with the {running} job "
                         f"runner, not {job_runner}; stop it first (llm-pipeline server stop)")
     return url
 
 
-def _running_job_runner() -> str:
+def running_job_runner() -> str:
+    """How the home's server starts its jobs (runner.CHOICES); its endpoints' servers start so
+    too (pipelines/deploy.py)."""
     try:
         return json.loads(_record().read_text()).get("job_runner", "warm")
     except (OSError, ValueError):

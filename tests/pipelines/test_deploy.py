@@ -4,6 +4,7 @@ local endpoints, and the AWS path's requests against SageMaker's API model and t
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def test_a_package_that_is_not_approved_is_refused_naming_its_status_and_the_app
     assert not list((local_home / "endpoints").glob("*.json"))
 
 
-def test_an_approved_sft_package_answers_both_request_formats(env, sft_package, sft_endpoint):
+def test_an_approved_sft_package_answers_both_request_formats(env, local_home, sft_package,
+                                                              sft_endpoint, shared_job_runner):
     chat = cli(env, "invoke", "sft", "--prompt", "Question 3?", "--max-new-tokens", "12")
     assert chat.returncode == 0 and chat.stdout.strip() == "ok ok ok"
 
@@ -133,6 +135,12 @@ def test_an_approved_sft_package_answers_both_request_formats(env, sft_package, 
 
     listing = cli(env, "endpoints").stdout
     assert f"sft  InService  {sft_endpoint}" in listing and sft_package in listing
+    # Its server was forked by the warm job runner that the home's jobs fork from (the session's,
+    # tests/conftest.py): a process of its own, leading its own session, that outlived the deploy.
+    pid = json.loads((local_home / "endpoints" / "sft.json").read_text())["pid"]
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent == json.loads((shared_job_runner / "job-runner.json").read_text())["pid"]
+    assert os.getsid(pid) == pid
 
 
 def test_a_bad_request_through_invoke_is_one_error_line_with_the_limit(env, sft_endpoint):
@@ -219,6 +227,32 @@ def test_undeploy_stops_the_server_and_frees_its_port(env, local_home, int8_endp
     assert not (local_home / "endpoints" / "llm-serving-int8").exists()
     gone = cli(env, "invoke", "llm-serving-int8", "--prompt", "Hi")
     assert gone.returncode == 2 and "no local endpoint llm-serving-int8" in gone.stderr
+
+
+def test_where_the_warm_runner_cannot_start_the_server_is_a_fresh_process_saying_why(
+        env, local_home, sft_package, tmp_path):
+    # A runner folder that others can enter is never used (pipelines/local/runner.py).
+    shared = tmp_path / "open-runner-folder"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    fresh = {**env, "LLM_PIPELINE_JOB_RUNNER_HOME": str(shared)}
+
+    deployed = cli(fresh, "deploy", sft_package, "--name", "sft-fresh")
+    try:
+        url = deployed_url(deployed)
+        answer = cli(env, "invoke", "sft-fresh", "--prompt", "Question 3?",
+                     "--max-new-tokens", "12")
+        record = json.loads((local_home / "endpoints" / "sft-fresh.json").read_text())
+        command = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
+        log = Path(record["deployment"], "log.txt").read_text().splitlines()
+    finally:
+        stopped = cli(env, "undeploy", "sft-fresh")
+    assert "(pid " in deployed.stdout and ", a fresh process); log: " in deployed.stdout
+    assert command[1:4] == [b"-m", b"serving", b"serve"]
+    assert log[0] == (f"runs as a fresh process: {shared} is not a private folder of this "
+                      "user's; remove it, or unset LLM_PIPELINE_JOB_RUNNER_HOME")
+    assert answer.returncode == 0 and answer.stdout.strip() == "ok ok ok"
+    assert stopped.returncode == 0 and not answers_ping(url)
 
 
 def test_a_two_tenant_prompt_tuning_package_answers_as_the_tenant_named(

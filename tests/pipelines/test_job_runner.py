@@ -467,6 +467,36 @@ def test_a_runner_folder_that_others_can_enter_is_not_used(tmp_path, monkeypatch
         runner.ensure_running(jobs.warm_environment())
 
 
+# A server, as a local endpoint's is: says its pid, then serves until SIGTERM.
+SERVER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print(f"serving {os.getpid()}", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_detached_job_writes_its_log_and_outlives_its_engine_and_the_runner(
+        tmp_path, monkeypatch, light_runners):
+    # As `llm-pipeline deploy` starts a local endpoint's server (pipelines/deploy.py).
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLM_PIPELINE_HOME", str(home))
+    folder = write_stage(tmp_path / "job", "server", SERVER)
+    warm = started_runner(home)
+    with open(folder / "log.txt", "ab") as log:
+        job = warm.runner.start_job("server", [], job_environment(folder), folder, log=log)
+    try:
+        assert wait_until(lambda: (folder / "log.txt").read_text() == f"serving {job.pid}\n")
+        assert os.getsid(job.pid) == job.pid
+        job.connection.close()  # the command that started it has ended
+        assert runner.stop()  # the runner leaves without waiting for it
+        assert wait_until(lambda: not alive(warm.runner.pid))
+        assert alive(job.pid)
+    finally:
+        os.kill(job.pid, signal.SIGTERM)
+    assert wait_until(lambda: not alive(job.pid))
+
+
 def test_a_runner_that_cannot_start_leaves_jobs_to_fresh_processes_that_say_why_in_one_line(
         tmp_path, monkeypatch):
     long_name = "a-folder-name-long-enough-for-no-unix-socket-path-to-fit" * 2
