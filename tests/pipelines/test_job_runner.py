@@ -203,8 +203,21 @@ def light_runners(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def warm(runner_home):
-    return started_runner(runner_home)
+def warm(runner_home, shared_job_runner):
+    """The session's shared runner (tests/conftest.py), which the session's servers fork their
+    jobs from, as a local server starts jobs with it: the tests that take this one neither kill
+    nor stop it, and a runner of its own would import the whole of WARM_IMPORTS once more (about
+    9 CPU s). Its environment is the servers' (one OpenMP thread, clean_env), or this module
+    would replace their runner with one of its own."""
+    saved = {name: os.environ.get(name) for name in (runner.SHARED_VARIABLE, "OMP_NUM_THREADS")}
+    os.environ.update({runner.SHARED_VARIABLE: str(shared_job_runner),
+                       "OMP_NUM_THREADS": clean_env(runner_home)["OMP_NUM_THREADS"]})
+    yield started_runner(runner_home)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_two_jobs_in_a_row_each_start_from_the_state_of_a_fresh_process(warm, tmp_path):
@@ -304,7 +317,7 @@ def test_a_job_stopped_by_its_engine_ends_with_its_process_group_and_the_runner_
     assert (code, lines) == (0, ["preloaded: True"])
 
 
-def test_a_job_dies_when_its_engine_dies(warm, runner_home, tmp_path):
+def test_a_job_dies_when_its_engine_dies(warm, runner_home, shared_job_runner, tmp_path):
     folder = write_stage(tmp_path / "job", "sleeper", SLEEPER)
     engine_code = """
 import sys, time
@@ -317,7 +330,8 @@ time.sleep(600)
 """
     engine = subprocess.Popen(
         [sys.executable, "-c", engine_code, str(folder)],
-        cwd=ROOT, env={**os.environ, "LLM_PIPELINE_HOME": str(runner_home)},
+        cwd=ROOT, env={**os.environ, "LLM_PIPELINE_HOME": str(runner_home),
+                       runner.SHARED_VARIABLE: str(shared_job_runner)},  # `warm`'s runner
         stdout=subprocess.PIPE, text=True)
     try:
         _, pid, child = engine.stdout.readline().split()
