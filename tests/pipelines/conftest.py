@@ -59,20 +59,26 @@ def cli_here(capsys: pytest.CaptureFixture, env: dict[str, str],
              *args: str) -> subprocess.CompletedProcess:
     """`llm-pipeline args` run in this process (pipelines.cli.main) with environment `env`, what it
     printed captured: for tests of what a command answers where a process of its own would spend
-    seconds importing the SageMaker SDK again to build a definition. This process's environment
-    is given back whole afterwards (a command points its own at the local server). Tests of the
-    command as a program use `cli`."""
+    seconds importing the SageMaker SDK again to build a definition. The command starts with
+    boto3's state of a new process (no default session: its region, credentials and endpoint are
+    read from `env`), and this process's environment and session are given back whole afterwards
+    (a command points its own at the local server). Tests of the command as a program use
+    `cli`."""
+    import boto3
+
     from pipelines import cli as command
 
-    saved = dict(os.environ)
+    saved, session = dict(os.environ), boto3.DEFAULT_SESSION
     os.environ.clear()
     os.environ.update(env)
+    boto3.DEFAULT_SESSION = None
     capsys.readouterr()
     try:
         status = command.main(list(args))
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        boto3.DEFAULT_SESSION = session
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["llm-pipeline", *args], status, out, err)
 

@@ -159,6 +159,8 @@ def test_start_wait_on_sagemaker_names_each_failed_step_and_its_jobs_own_reason(
 
 
 # -- --target aws, with the local server standing in for AWS -----------------------------------
+# The commands run in this process, each with the user's environment alone and boto3's state of a
+# new process (cli_here); as programs, in test_registry_and_cost_on_aws_work_in_the_region_given.
 
 ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
 
@@ -185,20 +187,21 @@ def regional(env: dict, service: str, region: str):
     ["cost", "--target", "aws", "exec1"],
     ["registry", "list", "--target", "aws"],
 ])
-def test_an_aws_command_with_no_region_anywhere_says_so_in_one_line(aws, command):
-    result = cli(aws, *command)
+def test_an_aws_command_with_no_region_anywhere_says_so_in_one_line(aws, command, capsys):
+    result = cli_here(capsys, aws, *command)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("ERROR: no AWS region: pass --region")
     assert len(result.stderr.strip().splitlines()) == 1  # no traceback
 
 
-def test_upsert_on_aws_honours_the_region_and_puts_the_demo_data_where_the_defaults_point(aws):
+def test_upsert_on_aws_honours_the_region_and_puts_the_demo_data_where_the_defaults_point(
+        aws, capsys):
     # The region is only on the command line: every client the command makes must use it.
     s3 = regional(aws, "s3", "eu-west-1")
     s3.create_bucket(Bucket="demo-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     command = ["upsert", "--target", "aws", "--region", "eu-west-1", "--recipe", "dpo",
                "--role-arn", ROLE, "--bucket", "demo-eu"]
-    first = cli(aws, *command)
+    first = cli_here(capsys, aws, *command)
     assert first.returncode == 0, first.stderr
     sagemaker = regional(aws, "sagemaker", "eu-west-1")
     stored = json.loads(sagemaker.describe_pipeline(PipelineName="llm-dpo")["PipelineDefinition"])
@@ -213,21 +216,21 @@ def test_upsert_on_aws_honours_the_region_and_puts_the_demo_data_where_the_defau
         objects[key] = s3.head_object(Bucket=bucket, Key=key)["ETag"]
         assert f"{parameter} default: s3://demo-eu/{key} (uploaded)" in first.stdout
 
-    again = cli(aws, *command)  # idempotent: the same bytes are not uploaded again
+    again = cli_here(capsys, aws, *command)  # idempotent: the same bytes are not uploaded again
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("(already there)") == 2
     assert {key: s3.head_object(Bucket="demo-eu", Key=key)["ETag"] for key in objects} == objects
 
     # start finds the pipeline in that region too, with no region but --region
-    started = cli(aws, "start", "--target", "aws", "--region", "eu-west-1", "--recipe", "dpo",
-                  "--role-arn", ROLE, "--bucket", "demo-eu")
+    started = cli_here(capsys, aws, "start", "--target", "aws", "--region", "eu-west-1",
+                       "--recipe", "dpo", "--role-arn", ROLE, "--bucket", "demo-eu")
     assert started.returncode == 0, started.stderr
     assert ":eu-west-1:" in started.stdout
 
 
-def test_upsert_on_aws_never_creates_the_bucket_and_says_which_to_pass(aws):
-    result = cli(aws, "upsert", "--target", "aws", "--region", "eu-west-1", "--role-arn", ROLE,
-                 "--bucket", "no-such-bucket")
+def test_upsert_on_aws_never_creates_the_bucket_and_says_which_to_pass(aws, capsys):
+    result = cli_here(capsys, aws, "upsert", "--target", "aws", "--region", "eu-west-1",
+                      "--role-arn", ROLE, "--bucket", "no-such-bucket")
     assert result.returncode == 2
     assert result.stderr.startswith("ERROR: bucket no-such-bucket does not exist: pass the "
                                     "ArtifactBucket that infra/ created")
@@ -235,14 +238,14 @@ def test_upsert_on_aws_never_creates_the_bucket_and_says_which_to_pass(aws):
         regional(aws, "s3", "eu-west-1").head_bucket(Bucket="no-such-bucket")
 
 
-def test_start_on_aws_refuses_a_bad_value_before_starting_an_execution(aws):
+def test_start_on_aws_refuses_a_bad_value_before_starting_an_execution(aws, capsys):
     s3 = regional(aws, "s3", "eu-central-1")
     s3.create_bucket(Bucket="demo-fra",
                      CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
     target = ["--target", "aws", "--region", "eu-central-1", "--role-arn", ROLE,
               "--bucket", "demo-fra", "--recipe", "sft"]
-    assert cli(aws, "upsert", *target).returncode == 0
-    refused = cli(aws, "start", *target, "-p", "LearningRate=-1")
+    assert cli_here(capsys, aws, "upsert", *target).returncode == 0
+    refused = cli_here(capsys, aws, "start", *target, "-p", "LearningRate=-1")
     assert refused.returncode == 2
     assert refused.stderr.startswith("ERROR: pipeline parameter LearningRate=-1.0: stage sft's "
                                      "learning_rate takes values >= 0")
