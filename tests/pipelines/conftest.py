@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipelines import tracking
+from pipelines.local import jobs, runner
 from tests.conftest import built_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +117,21 @@ def clients(local_home):
     kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
               "aws_secret_access_key": "local"}
     return boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)
+
+
+@pytest.fixture
+def forked(monkeypatch) -> jobs.JobControl:
+    """Jobs started as the local server starts them: forked by the warm job runner that the
+    session's servers share (tests/conftest.py), which has imported what the stages import (a
+    fresh `python -m steps.sft` spent about 6 CPU s importing it). The server's environment has
+    one OpenMP thread (tests/pipelines/conftest.py's clean_env), and so has this one: a runner
+    imports under one environment, and another would replace it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    warm = runner.WarmStart()
+
+    def start(command: list[str], env: dict[str, str], cwd):
+        job = warm(command, env, cwd)
+        assert isinstance(job, runner.Job), next(job.stdout)  # the line saying why not
+        return job
+
+    return jobs.JobControl(start=start)

@@ -2,7 +2,6 @@
 the environment SageMaker gives a container, and a failed job's reason where SageMaker reads it."""
 
 import json
-import os
 import sys
 import time
 
@@ -10,7 +9,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from pipelines.local import jobs, runner
+from pipelines.local import jobs
 from pipelines.local.engine import failure_cause
 from pipelines.local.jobs import run_processing_job, run_training_job
 
@@ -56,24 +55,6 @@ def s3(monkeypatch):
         client = boto3.client("s3")
         client.create_bucket(Bucket="bucket")
         yield client
-
-
-@pytest.fixture
-def forked(monkeypatch) -> jobs.JobControl:
-    """Jobs started as the local server starts them: forked by the warm job runner that the
-    session's servers share (tests/conftest.py), which has imported what the stages import (a
-    fresh `python -m steps.sft` spent about 6 CPU s importing it). The server's environment has
-    one OpenMP thread (tests/pipelines/conftest.py's clean_env), and so has this one: a runner
-    imports under one environment, and another would replace it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    warm = runner.WarmStart()
-
-    def start(command: list[str], env: dict[str, str], cwd):
-        job = warm(command, env, cwd)
-        assert isinstance(job, runner.Job), next(job.stdout)  # the line saying why not
-        return job
-
-    return jobs.JobControl(start=start)
 
 
 def keys(s3, prefix):

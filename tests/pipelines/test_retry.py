@@ -49,9 +49,9 @@ def s3(monkeypatch):
         yield client
 
 
-def execute(tmp_path, policies):
+def execute(tmp_path, policies, control=None):
     return run_execution(definition(policies), {}, tmp_path / "executions", "us-east-1",
-                         "123456789012", "retry-test")
+                         "123456789012", "retry-test", control=control)
 
 
 def recorded(tmp_path, record):
@@ -59,7 +59,8 @@ def recorded(tmp_path, record):
     return json.loads(path.read_text())
 
 
-def test_a_step_that_loses_s3_once_succeeds_on_its_retry_as_a_new_job(s3, tmp_path, monkeypatch):
+def test_a_step_that_loses_s3_once_succeeds_on_its_retry_as_a_new_job(s3, tmp_path, monkeypatch,
+                                                                      forked):
     records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
     s3.put_object(Bucket="bucket", Key="in/data.jsonl",
                   Body="".join(json.dumps(r) + "\n" for r in records))
@@ -73,7 +74,8 @@ def test_a_step_that_loses_s3_once_succeeds_on_its_retry_as_a_new_job(s3, tmp_pa
 
     monkeypatch.setattr(engine.jobs, "run_processing_job", s3_unreachable_once)
     record = execute(tmp_path, [{"ExceptionType": ["Step.SERVICE_FAULT", "Step.THROTTLING"],
-                                 "IntervalSeconds": 0.1, "BackoffRate": 2.0, "MaxAttempts": 2}])
+                                 "IntervalSeconds": 0.1, "BackoffRate": 2.0, "MaxAttempts": 2}],
+                     forked)
 
     assert record.status == "Succeeded", record.failure_reason
     step = recorded(tmp_path, record)["steps"]["DataPrep"]
@@ -87,10 +89,10 @@ def test_a_step_that_loses_s3_once_succeeds_on_its_retry_as_a_new_job(s3, tmp_pa
     assert s3.get_object(Bucket=bucket, Key=key)
 
 
-def test_a_stage_that_rejects_its_data_is_not_retried_whatever_the_policies(s3, tmp_path):
+def test_a_stage_that_rejects_its_data_is_not_retried_whatever_the_policies(s3, tmp_path, forked):
     s3.put_object(Bucket="bucket", Key="in/data.jsonl", Body='{"prompt": "q", "completion": 5}\n')
     record = execute(tmp_path, [{"ExceptionType": EVERY_CAUSE, "IntervalSeconds": 0,
-                                 "BackoffRate": 1.0, "MaxAttempts": 5}])
+                                 "BackoffRate": 1.0, "MaxAttempts": 5}], forked)
 
     assert record.status == "Failed"
     step = recorded(tmp_path, record)["steps"]["DataPrep"]
