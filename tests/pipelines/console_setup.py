@@ -19,7 +19,8 @@ from pipelines.console.server import ConsoleServer
 from tests.pipelines.conftest import clean_env, cli
 from tests.pipelines.test_registry import BUCKET, register
 
-__all__ = ["BUCKET", "finished", "package", "quick_pipeline", "serving", "upsert_sft"]
+__all__ = ["BUCKET", "finished", "package", "quick_pipeline", "serving", "sft_pipeline",
+           "upsert_sft"]
 
 ROLE = "arn:aws:iam::123456789012:role/llm-pipeline-execution"
 # A pipeline that runs no job, so starting it costs nothing: Check (Epochs >= 10), whose else
@@ -79,6 +80,20 @@ def finished(sagemaker, arn: str, timeout: float = 60) -> dict:
             return described
         assert time.monotonic() < deadline, f"{arn} still {described['PipelineExecutionStatus']}"
         time.sleep(0.2)
+
+
+def sft_pipeline(sagemaker, recipe_definitions: dict[tuple[str, str], Path]) -> str:
+    """The sft recipe's pipeline on the local server, created (or updated) from the session's
+    build of its local definition (tests/conftest.py; the bytes `llm-pipeline definition` prints,
+    tests/pipelines/test_definition.py); its name. For what the console shows of a recipe's
+    pipeline, without a process that imports the SageMaker SDK to build it again; a test that
+    runs the pipeline upserts it as a user does (upsert_sft)."""
+    name, text = "llm-sft", recipe_definitions["sft", "local"].read_text()
+    if name in [p["PipelineName"] for p in sagemaker.list_pipelines()["PipelineSummaries"]]:
+        sagemaker.update_pipeline(PipelineName=name, PipelineDefinition=text, RoleArn=ROLE)
+    else:
+        sagemaker.create_pipeline(PipelineName=name, PipelineDefinition=text, RoleArn=ROLE)
+    return name
 
 
 def upsert_sft(home: Path) -> str:

@@ -33,7 +33,7 @@ from tests.pipelines.console_setup import (
     package,
     quick_pipeline,
     serving,
-    upsert_sft,
+    sft_pipeline,
 )
 
 ACCOUNT = "123456789012"
@@ -313,8 +313,8 @@ def test_a_failed_execution_shows_its_steps_and_is_retried_from_the_console(cons
     assert status == 200 and again["PipelineExecutionStatus"] == "Failed"
 
 
-def test_the_dag_the_page_draws_follows_the_definition(console, local_home):
-    name = upsert_sft(local_home)
+def test_the_dag_the_page_draws_follows_the_definition(console, clients, recipe_definitions):
+    name = sft_pipeline(clients[0], recipe_definitions)
 
     _, shown, _ = request(console, "GET", f"/api/pipeline?name={name}", **token(console))
 

@@ -24,6 +24,7 @@ from tests.pipelines.console_setup import (
     package,
     quick_pipeline,
     serving,
+    sft_pipeline,
     upsert_sft,
 )
 
@@ -99,8 +100,8 @@ def status_of(sagemaker, arn: str) -> tuple[str, str]:
 
 # -- what works on today's local server ------------------------------------------------------
 
-def test_the_page_lists_pipelines_and_draws_a_pipeline_dag(page, local_home):
-    name = upsert_sft(local_home)
+def test_the_page_lists_pipelines_and_draws_a_pipeline_dag(page, clients, recipe_definitions):
+    name = sft_pipeline(clients[0], recipe_definitions)
 
     page.goto(page.url.split("#")[0] + "#/pipelines")
     page.get_by_role("link", name=name).click()

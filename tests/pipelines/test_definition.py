@@ -218,8 +218,9 @@ def test_training_jobs_stop_after_max_runtime_seconds_with_a_default_per_recipe(
 
 
 def test_a_spot_pipeline_waits_at_most_max_wait_seconds_and_passes_check_definition(
-        offline_env, tmp_path):
-    built = cli(offline_env, "definition", "--recipe", "cpt", "--spot")
+        offline_env, tmp_path, capsys):
+    # The command run in this process (as a program: definition_text).
+    built = cli_here(capsys, offline_env, "definition", "--recipe", "cpt", "--spot")
     assert built.returncode == 0, built.stderr
     document = json.loads(built.stdout)
     parameters = {p["Name"]: p["DefaultValue"] for p in document["Parameters"]}
