@@ -363,9 +363,10 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
 def _start_server(env: dict[str, str], deployment: Path, log: IO[bytes]
                   ) -> tuple[subprocess.Popen | runner.Job, str]:
     """The serving entry point's process, and how it started: forked by the home's warm job
-    runner when the home's server forks its jobs and the runner can take this one, else a fresh
-    interpreter whose log says first why. Either leads a session of its own, so that it outlives
-    the command that started it, as an endpoint does."""
+    runner when the home's server forks its jobs and the runner can take this one (started here
+    when there is none yet, as the server's first job starts it, and kept for the jobs and
+    deploys after), else a fresh interpreter whose log says first why. Either leads a session of
+    its own, so that it outlives the command that started it, as an endpoint does."""
     from pipelines.local import jobs
 
     command = [sys.executable, "-m", "serving", "serve"]
