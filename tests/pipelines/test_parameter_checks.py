@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import UserError
 from pipelines.validation import check_execution, setting_problems
-from tests.pipelines.conftest import clean_env, cli
+from tests.pipelines.conftest import clean_env, cli_here
 
 
 def defaults(document: dict) -> dict:
@@ -98,8 +98,11 @@ def env(local_home):
                             "one of none, fsdp")),
     ("BaseModel=builtin:tiny,v2", "parameter BaseModel='builtin:tiny,v2': step Register"),
 ])
-def test_run_refuses_a_bad_value_before_the_first_job(env, local_home, override, expected):
-    result = cli(env, "run", "--recipe", "sft", "-p", override)
+def test_run_refuses_a_bad_value_before_the_first_job(capsys, env, local_home, override,
+                                                      expected):
+    # In this process (pipelines.cli.main): each command as a program of its own spent about a
+    # CPU second importing the SageMaker SDK again to reach the same check.
+    result = cli_here(capsys, env, "run", "--recipe", "sft", "-p", override)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith(f"ERROR: {expected}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
