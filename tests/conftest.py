@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,23 +24,67 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TENANT_ANSWERS = {"tenantA": "aaaa", "tenantB": "zzzz"}
 
 
+# Where the seconds each test took last time are kept (pytest's cache, .pytest_cache/).
+TEST_SECONDS = "llm-pipeline/test-seconds"
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected: the tests that will run
 def pytest_collection_modifyitems(config, items):
-    """Test files holding end-to-end runs first, then the others, each group by number of tests,
-    most first; a file's tests stay together and in order.
+    """Test files holding end-to-end runs first, then the others; in each group the longest
+    first, by the seconds their tests took in earlier runs (pytest's cache; a test not timed yet
+    counts as the median timed one), else by number of tests, most first. A file's tests stay
+    together and in order.
 
     `make test` hands whole files to its workers in this order (pytest-xdist's loadfile, with
     --no-loadscope-reorder), and a worker takes another file as soon as fewer than three of its
     tests are left. An end-to-end file has few tests that take minutes each: ordered by number
     of tests alone (xdist's default), they came last, and a worker could be left with two or
     three of them to run while the other, out of files, waited. First, the seconds-long files
-    fill in behind them."""
+    fill in behind them. The same holds among the others: a file of a few tests that each train
+    or start servers (seconds each) came after files of a hundred millisecond tests, and could be
+    the one a worker ran alone at the end."""
+    seconds = _test_seconds(config)
+    typical = statistics.median(seconds.values()) if seconds else 0.0
     counts: dict[Path, int] = {}
+    weights: dict[Path, float] = {}
     end_to_end: set[Path] = set()
     for item in items:
         counts[item.path] = counts.get(item.path, 0) + 1
+        weights[item.path] = weights.get(item.path, 0.0) + seconds.get(item.nodeid, typical)
         if item.get_closest_marker("e2e"):
             end_to_end.add(item.path)
-    items.sort(key=lambda item: (item.path not in end_to_end, -counts[item.path], str(item.path)))
+    items.sort(key=lambda item: (item.path not in end_to_end, -weights[item.path],
+                                 -counts[item.path], str(item.path)))
+
+
+def _test_seconds(config) -> dict[str, float]:
+    """Each test's seconds (setup, call and teardown) in the runs before this one. Under xdist
+    the controller reads them once and hands them to every worker (pytest_configure_node): the
+    workers must order the tests alike, even were the cache written while they collect."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return workerinput.get("test_seconds", {})
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    return cache.get(TEST_SECONDS, {}) if cache is not None else {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["test_seconds"] = _test_seconds(node.config)
+
+
+_timed: dict[str, float] = {}  # this run's seconds of each test, where the reports reach
+
+
+def pytest_runtest_logreport(report):
+    _timed[report.nodeid] = _timed.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    """The tests timed in this run replace their earlier seconds; the others keep theirs."""
+    cache = getattr(session.config, "cache", None)
+    if _timed and cache is not None and not hasattr(session.config, "workerinput"):
+        cache.set(TEST_SECONDS, {**cache.get(TEST_SECONDS, {}), **_timed})
 
 
 def pytest_collection_finish(session):
