@@ -4,10 +4,10 @@ Every case must end with: a non-zero exit; a last stderr line `ERROR: ...` that 
 line (data) and the field, or the parameter or key; and no output: the output folder does not
 exist afterwards, nor a staging folder beside it (and for the CLI, no execution and no bucket).
 
-Stage cases run as `python -m steps.<stage> ARGS` does, forked from one process that imported the
-stages once (tests/reliability/entry_points.py): a fresh interpreter per case would spend about
-5-15 s importing torch and transformers each time. CLI cases run `python -m pipelines.cli` as a
-subprocess against a private local home. All stop before any training starts.
+Stage cases run as `python -m steps.<stage> ARGS` does, each a job of the session's warm job
+runner with its stdout and stderr in files (tests/reliability/entry_points.py): a fresh
+interpreter per case would spend about 5-15 s importing torch and transformers each time. CLI
+cases run `python -m pipelines.cli` as a subprocess against a private local home. All stop before any training starts.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from pipelines.local import jobs, runner
 from tests.pipelines.conftest import clean_env, cli
 from tests.reliability.tiny import tiny_model_folder
 
@@ -178,18 +178,27 @@ def materialise(case: Case, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory) -> dict[str, tuple[int, Path]]:
-    """Every stage case, run once: name -> (exit status, the case's folder)."""
+    """Every stage case, run once: name -> (exit status, the case's folder). Each is a job of the
+    session's warm job runner (tests/conftest.py), as the local server forks a stage's job: its
+    own process, with the job's environment, that imported the ML stack before it was forked."""
     root = tmp_path_factory.mktemp("malformed")
     specs = {name: materialise(case, root / name) for name, case in CASES.items()}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "LLM_PIPELINE_CACHE": str(root / "cache")}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.entry_points"], cwd=ROOT, env=env,
-        input=json.dumps(list(specs.values())), capture_output=True, text=True, timeout=300,
-        check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    statuses = json.loads(done.stdout.strip().splitlines()[-1])
-    return {name: (status, root / name) for name, status in zip(specs, statuses, strict=True)}
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        # The runner's import environment, as the `forked` fixture keeps it (one OpenMP thread).
+        patch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+        start = runner.WarmStart()
+        base = {**jobs.warm_environment(), "LLM_PIPELINE_CACHE": str(root / "cache"),
+                "SM_OUTPUT_DIR": os.environ["SM_OUTPUT_DIR"]}
+        for name, spec in specs.items():
+            env = {**base, **spec.pop("env")}
+            job = start([sys.executable, "-m", "tests.reliability.entry_points",
+                         json.dumps(spec)], env, ROOT)
+            assert isinstance(job, runner.Job), next(job.stdout)  # the line saying why not
+            log = "".join(job.stdout)  # the runner's own words, if any: the case's are in files
+            runs[name] = (job.wait(timeout=300), root / name)
+            assert not log, log
+    return runs
 
 
 def error_line(stderr: str) -> str:
