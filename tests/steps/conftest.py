@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import built_once
+from tests.pipelines.conftest import forked  # noqa: F401 (a job forked as the local server forks it)
 
 if TYPE_CHECKING:
     from .preference_runs import AlignmentRun

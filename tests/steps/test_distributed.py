@@ -42,3 +42,7 @@ def test_two_processes_with_batch_2_train_as_one_process_with_batch_4(tmp_path):
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5
     # Rank 0 alone logs and saves.
     assert two.stdout.count("[metrics] step=1 ") == 1 and two.stdout.count("saved the adapter") == 1
+    # Each torchrun process is a fresh interpreter that imported the stage and its libraries itself:
+    # none logs bitsandbytes' import-time warning about fetching a kernel from the Hub (the rest of
+    # a job's log is read in test_sft, in a job forked as the local server forks it).
+    assert "kernels-community" not in launched.stdout + launched.stderr

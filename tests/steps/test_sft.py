@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 from collections import Counter
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from pipelines.local import jobs
 from steps import sft
 from steps.common import contract, models
 from steps.common.contract import StageError
@@ -277,16 +277,21 @@ def test_a_flash_attention_model_keeps_trl_padding_free_batches():
 
 
 def test_a_job_log_has_no_library_warnings_about_the_hub_or_optional_kernels(tmp_path,
-                                                                               monkeypatch):
-    # As SageMaker runs the stage: its own process, a LoRA adapter checkpointed during training.
+                                                                               monkeypatch,
+                                                                               forked):
+    # As the local server runs the stage: its own process, forked from the warm job runner, with
+    # a job's environment; a LoRA adapter checkpointed during training. The libraries' import-time
+    # warnings are in the log of a fresh interpreter instead, which test_distributed reads (each
+    # torchrun process imports the stage itself).
     job = TrainingJob(tmp_path / "opt-ml", monkeypatch)
     job.channel("train", counting_records(8))
     job.hyperparameters(base_model="builtin:tiny", max_steps="2", checkpoint_steps="1")
+    env = {**jobs.warm_environment(), **{k: v for k, v in os.environ.items()
+                                        if k.startswith("SM_")}}
 
-    done = subprocess.run([sys.executable, "-m", "steps.sft"], capture_output=True, text=True,
-                          env=os.environ, timeout=600, check=False)
+    done = forked.start([sys.executable, "-m", "steps.sft"], env, tmp_path)
+    log = "".join(done.stdout)  # stdout and stderr, as a job's log holds them
 
-    assert done.returncode == 0, done.stderr
-    log = done.stdout + done.stderr
+    assert done.wait(timeout=600) == 0, log
     assert "kernels-community" not in log
     assert "Could not find a config file" not in log
