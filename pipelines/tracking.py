@@ -181,6 +181,7 @@ class StepRuns:
         try:
             from mlflow import MlflowClient
 
+            step_tracking.commit_without_sync(self.uri)
             client = MlflowClient(self.uri)
             if self.parent is None:
                 self.experiment_id = step_tracking.experiment_of(
@@ -278,6 +279,7 @@ def close_execution_run(uri: str, pipeline: str, execution_id: str, succeeded: b
         from mlflow import MlflowClient
 
         step_tracking.limit_retries()
+        step_tracking.commit_without_sync(uri)
         client = MlflowClient(uri)
         if runs is not None:
             run_id, running = runs
