@@ -34,8 +34,9 @@ and creating runs (about 0.1 s a job on a tiny run, most of what tracking added 
 
 Locally the server also ends each step's run, after the job's process has ended
 (RUN_END_VARIABLE): the job leaves in a file what its run's end must log (its reports and plots;
-the settings and metrics of a stage that does not train, which then writes nothing to the store
-itself; a training stage writes them with the Trainer's metrics as it trains) and how it ended;
+its settings and metrics, so that it writes nothing to the store itself; a training stage's
+Trainer metrics too, unless it trained longer than LIVE_AFTER_S, from when on it writes them as it
+trains, for MLflow's UI to show) and how it ended;
 the server logs them and ends the run in the background while the next step runs, with the same
 functions (`StageRun.log_held`, `log_files`, `finish`), and ends FAILED the run of a job that
 failed or was killed. The end was most of what tracking added to each job of a tiny run
@@ -100,6 +101,11 @@ RUN_END_FILE = "mlflow-run-end.json"
 # (pipelines/tracking.py, `unreachable`): why. The step goes on untracked at once, saying so in
 # its one line, instead of spending MLflow's retries on the same server (about 4.5 s a job).
 OFF_VARIABLE = "LLM_PIPELINE_MLFLOW_OFF"
+
+# A training stage's Trainer metrics are held for the local server, like its settings, while its
+# training is young; from this many seconds of training on they go to MLflow's logging thread as
+# they come (`StageRun.log_trainer_metrics`), so that a long training's curves grow in MLflow's UI.
+LIVE_AFTER_S = 10.0
 
 _current: StageRun | None = None
 
@@ -197,12 +203,13 @@ class StageRun:
         self.warn = warn or _warn
         # `end_file`: where the job leaves its run's end to the local server (RUN_END_VARIABLE,
         # `hand_over`); None: the step ends its run itself. Where the server ends it, settings
-        # and metrics are held here for it, so that a stage that logs nothing else makes no
-        # write to the store at all; a training stage's run releases them to MLflow's logging
-        # thread as it activates (`activate`), which writes the Trainer's metrics anyway.
+        # and metrics are held here for it, so that the job makes no write to the store at all;
+        # a training stage's run releases them to MLflow's logging thread once it has trained
+        # for LIVE_AFTER_S (`log_trainer_metrics`).
         self.end_file = end_file
         self.held: dict[str, list] | None = (
             {"params": [], "metrics": []} if end_file is not None else None)
+        self.live_at = math.inf  # when held Trainer metrics go to MLflow instead (`activate`)
 
     def _guarded(self, what: str, call, *args, **kwargs) -> Any:
         if not self.active:
@@ -240,19 +247,38 @@ class StageRun:
             self.held["metrics"] += metrics
             self.held["params"] += params
             return
-        # MLflow takes at most 100 params and 1000 metrics in a batch.
-        for i in range(0, len(params), 100):
-            self._guarded("logging settings", self.client.log_batch, self.run_id,
-                          params=params[i:i + 100], synchronous=synchronous)
-        for i in range(0, len(metrics), 1000):
-            self._guarded("logging metrics", self.client.log_batch, self.run_id,
-                          metrics=metrics[i:i + 1000], synchronous=synchronous)
+        # MLflow takes at most 100 params and 1000 values in all in a batch: the settings and
+        # metrics of a step's run's end are one write to the store.
+        params, metrics = list(params), list(metrics)
+        while params or metrics:
+            batch_params, params = params[:100], params[100:]
+            batch_metrics, metrics = (metrics[:1000 - len(batch_params)],
+                                      metrics[1000 - len(batch_params):])
+            self._guarded("logging settings and metrics", self.client.log_batch, self.run_id,
+                          metrics=batch_metrics, params=batch_params, synchronous=synchronous)
 
     def release(self) -> None:
         """What is held for the local server, queued for MLflow's logging thread instead."""
         held, self.held = self.held, None
         if held:
+            # The job writes to the store itself from here.
+            self._guarded("opening the store", commit_without_sync, tracking_uri() or "")
             self._log_batch(held["metrics"], held["params"], synchronous=False)
+
+    def log_trainer_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """What transformers' MLflowCallback logs at a Trainer step (`trainer_callback`): held
+        for the local server with the step's settings while the training is younger than
+        LIVE_AFTER_S, which is all of a short training (no write to the store, no logging thread
+        in the job, nothing to wait for at its end: most of what tracking still added to a tiny
+        run's training job); from then on queued for MLflow's logging thread with what was held,
+        as MLflow's own `log_metrics(synchronous=False)` queues them."""
+        from mlflow.entities import Metric
+
+        if self.held is not None and time.monotonic() >= self.live_at:
+            self.release()
+        now = int(time.time() * 1000)
+        self._log_batch(metrics=[Metric(key, float(value), now, int(step))
+                                 for key, value in metrics.items()], synchronous=False)
 
     def log_held(self, ending: Mapping[str, Any]) -> None:
         """The settings and metrics a job held for its run (`hand_over`), in the local server."""
@@ -286,13 +312,12 @@ class StageRun:
         `start_run(run_id=...)` would read it twice and set it RUNNING again, three round trips
         to the store (about 0.1 s of a tiny training job); MLflow keeps no more of an active run
         than its id, experiment and status (`mlflow.active_run()` has no params or metrics), so
-        it is put on MLflow's stack of active runs as it stands (`_enter_fluent_run`)."""
+        it is put on MLflow's stack of active runs as it stands (`_enter_fluent_run`). The
+        training starts now: LIVE_AFTER_S counts from here (`log_trainer_metrics`)."""
         if self.active and not self.fluent:
             self.fluent = self._guarded("activating the run", _enter_fluent_run, self.run_id,
                                         self.experiment_id, self.step) is not None
-        # The job writes to the store itself from here.
-        self._guarded("opening the store", commit_without_sync, tracking_uri() or "")
-        self.release()
+        self.live_at = time.monotonic() + LIVE_AFTER_S
         return self.fluent
 
     def leave_end(self, files: list[Path], succeeded: bool) -> bool:
@@ -325,8 +350,9 @@ class StageRun:
         if not self.leave_end(files, succeeded):
             return False
         self.held = None
-        # What a training stage queued for MLflow's logging thread (the Trainer's metric
-        # histories) is in this process only: written now, as ending the run would write it.
+        # What a training stage queued for MLflow's logging thread (the Trainer's metrics of a
+        # training longer than LIVE_AFTER_S) is in this process only: written now, as ending the
+        # run would write it (nothing to do where nothing was queued).
         self._guarded("logging metrics", mlflow.flush_async_logging)
         if self.fluent:  # not ended: the server ends it, after logging the files
             self._guarded("leaving the run", _leave_fluent_run)
@@ -656,6 +682,10 @@ def trainer_callback():
         return None
 
     class GuardedMLflowCallback(MLflowCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self._ml_flow = _ReportingInto(run)
+
         def on_train_begin(self, *args, **kwargs):
             run._guarded("reporting training", super().on_train_begin, *args, **kwargs)
 
@@ -666,3 +696,23 @@ def trainer_callback():
             run._guarded("reporting training", super().on_train_end, *args, **kwargs)
 
     return GuardedMLflowCallback()
+
+
+class _ReportingInto:
+    """MLflow as transformers' MLflowCallback uses it (its `_ml_flow`: the `mlflow` module),
+    except that the metrics it logs at each Trainer step go to the step's run's
+    `log_trainer_metrics` (held for the local server while the training is young, then queued
+    for MLflow's logging thread, as `mlflow.log_metrics(synchronous=False)` queues them). What
+    the callback makes of the Trainer's logs (which values, their names, their step) is its own."""
+
+    def __init__(self, run: StageRun) -> None:
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        import mlflow
+
+        return getattr(mlflow, name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
+                    synchronous: bool | None = None, **kwargs) -> None:
+        self._run.log_trainer_metrics(metrics, step or 0)

@@ -180,22 +180,65 @@ def test_the_run_of_a_job_that_failed_or_was_killed_ends_failed_when_the_job_end
     assert ("learning_rate" in ended.data.params) == (leaves != "nothing")
 
 
-def test_a_training_steps_run_gets_its_settings_and_metrics_from_the_job_as_it_trains(
+def test_a_short_trainings_metrics_reach_its_run_with_its_end_and_the_job_writes_nothing(
         monkeypatch, store, tmp_path):
-    # A training stage's run is MLflow's active run (for transformers' MLflowCallback), whose
-    # metrics are written while it trains; its settings go with them, not via the server.
-    execution = "7a1e7a1e7a1e"
+    # transformers' MLflowCallback reports the Trainer's logs; a training younger than
+    # LIVE_AFTER_S (all of a tiny run's) holds them for the server with the step's settings: no
+    # write to the store, no logging thread, nothing to wait for at the job's end.
+    execution = "5407e5407e54"
     runs, given, run = a_started_job(monkeypatch, store, execution, "SFT", tmp_path)
-    assert run.activate()
-    mlflow.log_metrics({"loss": 2.0}, step=1, synchronous=False)  # as MLflowCallback logs
+    callback = step_tracking.trainer_callback()
+    trainer_logs(callback, tmp_path, {"loss": 2.0, "learning_rate": 0.1, "epoch": 0.5},
+                 {"loss": 1.5, "learning_rate": 0.05, "epoch": 1.0})
     step_tracking.end(True, [])
 
     left = MlflowClient(store).get_run(run.run_id)
     assert left.info.status == "RUNNING" and mlflow.active_run() is None
-    assert left.data.params["max_steps"] == "3" and left.data.metrics == {"loss": 2.0}
+    assert left.data.params == {} and left.data.metrics == {}
+    writes = []
+    log_batch = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch",
+                        lambda *args, **kwargs: writes.append(1) or log_batch(*args, **kwargs))
+    runs.job_ended(given, True)
+    runs.wait()
+    assert len(writes) == 1  # its settings and metrics in one write
+    ended = MlflowClient(store).get_run(run.run_id)
+    assert ended.info.status == "FINISHED" and ended.data.params["max_steps"] == "3"
+    assert ended.data.metrics == {"loss": 1.5, "learning_rate": 0.05, "epoch": 1.0}
+    assert [(m.step, m.value) for m in MlflowClient(store).get_metric_history(
+        run.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+
+
+def test_a_long_trainings_run_gets_its_settings_and_metrics_from_the_job_as_it_trains(
+        monkeypatch, store, tmp_path):
+    # Past LIVE_AFTER_S of training the job writes them through MLflow's logging thread, so that
+    # MLflow's UI shows the curves growing.
+    monkeypatch.setattr(step_tracking, "LIVE_AFTER_S", 0.0)
+    execution = "7a1e7a1e7a1e"
+    runs, given, run = a_started_job(monkeypatch, store, execution, "SFT", tmp_path)
+    callback = step_tracking.trainer_callback()
+    trainer_logs(callback, tmp_path, {"loss": 2.0, "epoch": 0.5}, {"loss": 1.5, "epoch": 1.0})
+    step_tracking.end(True, [])
+
+    left = MlflowClient(store).get_run(run.run_id)
+    assert left.info.status == "RUNNING" and mlflow.active_run() is None
+    assert left.data.params["max_steps"] == "3"
+    assert left.data.metrics == {"loss": 1.5, "epoch": 1.0}
     runs.job_ended(given, True)
     runs.wait()
     assert MlflowClient(store).get_run(run.run_id).info.status == "FINISHED"
+
+
+def trainer_logs(callback, tmp_path, *logs: dict[str, float]) -> None:
+    """`logs` to `callback` as a Trainer reports them, at steps 1, 2, ..."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step, entry in enumerate(logs, 1):
+        state.global_step = step
+        callback.on_log(args, state, control, logs=entry)
 
 
 def test_a_training_steps_run_becomes_mlflows_active_run_without_reading_the_store(
@@ -352,6 +395,7 @@ def test_a_training_job_writes_to_the_local_store_without_waiting_for_the_disk(
     assert synchronous(uri) == "full"
 
     assert run.activate()
+    run.release()  # it trained for LIVE_AFTER_S: it writes its metrics itself from now on
 
     assert synchronous(uri) == "normal"
     step_tracking.end(True, [])
