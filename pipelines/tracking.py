@@ -78,10 +78,12 @@ def _write_ahead(database: Path) -> None:
     store; also a store made before it was set): each write of a run (a run made, settings and
     metrics logged, a run ended; a tiny run's steps make about twenty) then syncs the disk once
     instead of three times (the rollback journal, the database, the journal's removal), which
-    halved what tracking cost a tiny run's jobs here. Readers (MLflow's UI) no longer block the
-    steps' writes either. Like every SQLite database written by several processes, the store must
-    be on a local disk (https://www.sqlite.org/wal.html). Only speed depends on it: a database
-    that cannot switch now (another process writing) keeps working as it is."""
+    halved what tracking cost a tiny run's jobs here; and none, where the writing processes
+    commit without syncing, as they do (steps/common/tracking.py, `commit_without_sync`). Readers
+    (MLflow's UI) no longer block the steps' writes either. Like every SQLite database written by
+    several processes, the store must be on a local disk (https://www.sqlite.org/wal.html). Only
+    speed depends on it: a database that cannot switch now (another process writing) keeps
+    working as it is."""
     import sqlite3
 
     try:
