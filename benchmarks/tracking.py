@@ -11,8 +11,8 @@ definition cache, the store's creation, the page cache). Reported: the median wa
 their ratio, the median of the pairs' ratios (each tracked run against the untracked run of the
 same repeat), the same for CPU seconds, the machine's 1-minute load average around the runs, and
 where tracking's time goes (from the timing hooks of benchmarks/orchestration.py): the steps'
-`tracking.start` (settings queued) and `tracking.end` (what they queued written, their run's end
-left to the local server), the stages' own work, and the local server creating the store, making
+`tracking.start` (settings held) and `tracking.end` (their run's end, with what they held, the
+training's metrics too, left to the local server), the stages' own work, and the local server creating the store, making
 the steps' runs, ending them after their jobs (in the background, while the next step runs),
 waiting for the last before it closes the execution's run, and closing it (the command imports no
 MLflow). The local server's CPU seconds during each run are reported apart (it imports MLflow
