@@ -82,6 +82,30 @@ def test_a_secret_looking_setting_is_never_logged(monkeypatch, store):
     assert "hub_token" not in sft.data.params and "max_steps" in sft.data.params
 
 
+def test_a_training_step_on_its_own_writes_the_trainers_metrics_as_it_trains(monkeypatch, store,
+                                                                             tmp_path):
+    # As on SageMaker, where no local server ends the run: transformers' MLflowCallback reports
+    # into the step's run through MLflow's logging thread, flushed as the run ends.
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    job(monkeypatch, store, "SFT", execution="7a1ee07a1ee0")
+    run = tracking.start(Settings())
+    callback = tracking.trainer_callback()
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step, loss in enumerate((2.0, 1.5), 1):
+        state.global_step = step
+        callback.on_log(args, state, control, logs={"loss": loss, "epoch": step / 2})
+    tracking.end(True)
+
+    sft = runs_of(store, "7a1ee07a1ee0")[1]["SFT"]
+    assert sft.info.run_id == run.run_id and sft.info.status == "FINISHED"
+    assert sft.data.metrics == {"loss": 1.5, "epoch": 1.0} and "max_steps" in sft.data.params
+    assert [(m.step, m.value) for m in MlflowClient(store).get_metric_history(
+        run.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+
+
 def test_a_failed_step_fails_the_execution_run_and_a_later_step_does_not_clear_it(
         monkeypatch, store):
     job(monkeypatch, store, "SFT", execution="fa11edfa11ed")
