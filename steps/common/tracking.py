@@ -350,11 +350,11 @@ class StageRun:
         if not self.leave_end(files, succeeded):
             return False
         self.held = None
-        # What a training stage queued for MLflow's logging thread (the Trainer's metrics of a
-        # training longer than LIVE_AFTER_S) is in this process only: written now, as ending the
-        # run would write it (nothing to do where nothing was queued).
-        self._guarded("logging metrics", mlflow.flush_async_logging)
-        if self.fluent:  # not ended: the server ends it, after logging the files
+        if self.fluent:  # a training stage's: not ended, the server ends it
+            # What it queued for MLflow's logging thread (the Trainer's metrics of a training
+            # longer than LIVE_AFTER_S) is in this process only: written now, as ending the run
+            # would write it. Only a training stage queues: another never opens the store.
+            self._guarded("logging metrics", mlflow.flush_async_logging)
             self._guarded("leaving the run", _leave_fluent_run)
             self.fluent = False
         return True
@@ -596,12 +596,13 @@ def start(config: Any) -> StageRun | None:
         # tracing (opentelemetry's SDK imported, 0.07 s a job) for nothing.
         if mlflow.get_tracking_uri() != uri:
             mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
         if given:  # made by the local server
+            client = _ClientWhenUsed(uri)
             run_id, parent = given, os.environ.get(PARENT_RUN_ID_VARIABLE) or None
             experiment_id = os.environ.get(EXPERIMENT_ID_VARIABLE, "")
         else:
             commit_without_sync(uri)
+            client = MlflowClient(uri)
             run_id, parent, experiment_id = open_step_run(client, uri)
     except Exception as error:  # noqa: BLE001 (tracking must never fail the step)
         _warn(f"reaching the tracking store {uri}", error)
@@ -618,6 +619,24 @@ def start(config: Any) -> StageRun | None:
           + f" at {uri}", flush=True)
     _current = run
     return run
+
+
+class _ClientWhenUsed:
+    """MLflow's client for `uri`, made when first used: making one opens the store (for an SQL
+    store, its module imported and the database's schema checked: a new process's first
+    seconds), which a job whose run the local server ends uses only if it trains for longer
+    than LIVE_AFTER_S."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._client = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self._uri)
+        return getattr(self._client, name)
 
 
 def _create_experiment(client, name: str, uri: str) -> str:

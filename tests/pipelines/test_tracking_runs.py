@@ -11,8 +11,12 @@ with MLflow's own client.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -239,6 +243,27 @@ def trainer_logs(callback, tmp_path, *logs: dict[str, float]) -> None:
     for step, entry in enumerate(logs, 1):
         state.global_step = step
         callback.on_log(args, state, control, logs=entry)
+
+
+def test_a_job_that_does_not_train_never_opens_the_store(store, tmp_path):
+    # Its run's end is the server's: opening the store (MLflow's SQL store imported, the
+    # database's schema checked) would be a job's process's first seconds, in a new process.
+    runs = server_runs(store, "0be70be70be7")
+    env, given = a_job_given_its_run(runs, store, "0be70be70be7", "Evaluate", tmp_path)
+    program = ("import sys; from steps.common import tracking; from tests.steps.test_tracking "
+               "import Settings; run = tracking.start(Settings()); "
+               "run.log_metrics({'step': 1, 'rouge': 0.5}); tracking.end(True); "
+               "print(run.run_id, 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", program], env={
+        **os.environ, **env, **given, "PYTHONPATH": str(Path(__file__).parents[2])},
+        cwd=tmp_path, capture_output=True, text=True, check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"{given[step_tracking.RUN_ID_VARIABLE]} False"
+    runs.job_ended(given, True)
+    runs.wait()
+    assert MlflowClient(store).get_run(given[step_tracking.RUN_ID_VARIABLE]).data.metrics == {
+        "rouge": 0.5}
 
 
 def test_a_training_steps_run_becomes_mlflows_active_run_without_reading_the_store(
