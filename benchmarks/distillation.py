@@ -39,7 +39,9 @@ run again: the same command resumes an interrupted sweep), and the section "Dist
 beats the hard labels" is rendered from every run in that file (one invocation per seed, in
 turn or at once): per setting and seed, perplexity and ROUGE-L against the hard-label student of
 the same seed. The teacher's outputs are cached at --cache-top-k (default: the largest top_k
-asked for), so that one cache serves every top_k.
+asked for), so that one cache serves every top_k. --teacher-label NAME: a sweep on a --teacher
+folder gets its own section, "... (NAME teacher)" in distillation-settings-NAME.json, beside the
+`sft` teacher's (e.g. full-lifecycle-dpo for full-lifecycle's DPO output).
 """
 
 from __future__ import annotations
@@ -277,7 +279,8 @@ def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[st
             file.write(json.dumps(row) + "\n")
 
 
-def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_k: int) -> str:
+def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_k: int,
+                 label: str = "sft") -> str:
     """Per setting and seed, held-out figures against the hard-label student (alpha=1) of the
     same seed, learning rate and steps; the settings' means; whether it beat it at every seed."""
     hard = {(r["seed"], r["learning_rate"], r["max_steps"]): r for r in rows if r["alpha"] == 1}
@@ -313,7 +316,7 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
     rate = (f", the stage's learning rate for a cut student ({', '.join(f'{r:g}' for r in unset)})"
             if unset else "")
     return "\n".join([
-        (f"Student `{first['student']}` distilled from the `sft` teacher (held out: perplexity "
+        (f"Student `{first['student']}` distilled from the `{label}` teacher (held out: perplexity "
          f"{teacher['perplexity']['value']:.3f}, ROUGE-L {teacher['rouge_l']['value']:.3f}) on "
          f"the demo SFT data, {first['max_steps']} steps of batch {first['per_device_batch_size']}"
          f" unless the setting says, the teacher's outputs cached at top-{cache_top_k}. Each "
@@ -351,11 +354,16 @@ def main() -> None:
     parser.add_argument("--setting", type=parse_setting, action="append",
                         help="sweep the loss: alpha=A,temperature=T,top_k=K,learning_rate=LR,"
                         "max_steps=N (repeatable; needs --work)")
+    parser.add_argument("--teacher-label", help="the sweep's name for a --teacher folder: its "
+                        "own section, distillation-settings-LABEL (default: the sft teacher's)")
     parser.add_argument("--cache-top-k", type=int, default=0,
                         help="top-k the teacher's outputs are cached at (0: the largest used)")
     args = parser.parse_args()
     if args.setting and not args.work:
         parser.error("--setting appends to DIR/settings.jsonl: give --work DIR")
+    if args.setting and args.teacher != "sft" and not args.teacher_label:
+        parser.error(f"--teacher {args.teacher} with --setting: give --teacher-label NAME, the "
+                     "sweep's own section (else it replaces the sft teacher's)")
     students = args.student or (STUDENTS[:1] if args.quick else STUDENTS)
     settings = {"max_steps": 10 if args.quick else args.steps, "learning_rate": args.learning_rate,
                 "alpha": args.alpha, "temperature": args.temperature, "top_k": args.top_k,
@@ -384,9 +392,12 @@ def main() -> None:
             log = root / "settings.jsonl"
             sweep(students[0], teacher_model, data, cache, settings, args.setting, log)
             rows = [json.loads(line) for line in log.read_text().splitlines()]
-            common.save_result(SWEEP_NAME, SWEEP_TITLE, render_sweep(rows, teacher, cache_top_k),
-                               {"teacher": args.teacher, "cache_top_k": cache_top_k,
-                                "rows": rows}, ORDER)
+            label = args.teacher_label or "sft"
+            name, title = ((SWEEP_NAME, SWEEP_TITLE) if label == "sft" else
+                           (f"{SWEEP_NAME}-{label}", f"{SWEEP_TITLE} ({label} teacher)"))
+            common.save_result(name, title, render_sweep(rows, teacher, cache_top_k, label),
+                               {"teacher": args.teacher, "teacher_label": label,
+                                "cache_top_k": cache_top_k, "rows": rows}, ORDER)
             return
         runs = {}
         for student in students:
