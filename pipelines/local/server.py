@@ -219,11 +219,26 @@ def use_local_aws(job_runner: str | None = None) -> str:
     return url
 
 
-# The project's packages (setup.cfg), whose modules the commands and the jobs import.
-PROJECT_PACKAGES = ("pipelines", "steps", "containers", "serving")
+def project_folders() -> list[Path]:
+    """The folders of the project's top-level packages, whose modules the commands and the jobs
+    import: the packages its install lists (setup.cfg's [options.packages.find], read back from
+    the installed metadata so the list lives once); run from a checkout that is not installed,
+    this package's folders only."""
+    import importlib.metadata
+    import importlib.util
+
+    packages = ["pipelines"]
+    for distribution in importlib.metadata.distributions():
+        listed = (distribution.read_text("top_level.txt") or "").split()
+        if "pipelines" in listed:
+            packages = listed
+            break
+    return [Path(folder) for package in packages
+            if (spec := importlib.util.find_spec(package)) and spec.submodule_search_locations
+            for folder in spec.submodule_search_locations]
 
 
-def compile_modules(folders: list[Path]) -> None:
+def compile_modules(folders: list[Path] | None = None) -> None:
     """Write the bytecode of the Python modules under `folders` where it is missing or stale,
     as `python -m compileall` does; what cannot be written (a read-only install) is left.
 
@@ -236,7 +251,7 @@ def compile_modules(folders: list[Path]) -> None:
     size, so an edit between two jobs is compiled afresh in memory until the next server."""
     import compileall
 
-    for folder in folders:
+    for folder in project_folders() if folders is None else folders:
         with contextlib.suppress(OSError):
             compileall.compile_dir(folder, quiet=2)
 
@@ -244,7 +259,6 @@ def compile_modules(folders: list[Path]) -> None:
 def serve(port: int, job_runner: str = "warm") -> None:
     """The server process: the SageMaker service of pipelines/local/sagemaker_api.py in front of
     moto, on 127.0.0.1:`port`, until SIGTERM; its jobs start with `job_runner`."""
-    import importlib.util
     import logging
 
     import boto3
@@ -260,10 +274,7 @@ def serve(port: int, job_runner: str = "warm") -> None:
     from pipelines.local.sagemaker_api import LocalEndpoint, LocalSageMaker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    folders = [Path(folder) for package in PROJECT_PACKAGES
-               for folder in importlib.util.find_spec(package).submodule_search_locations]
-    threading.Thread(target=compile_modules, args=(folders,), name="compile-modules",
-                     daemon=True).start()
+    threading.Thread(target=compile_modules, name="compile-modules", daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     # The engine's clients and the jobs it starts reach S3 and the registry here.
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", *ENDPOINT_VARIABLES):

@@ -6,11 +6,13 @@ the local service goes through `strict_client`, which fails a call whose answer 
 botocore's output shape.
 """
 
+import configparser
 import importlib.util
 import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -312,3 +314,16 @@ def test_the_server_leaves_modules_compiled_for_the_jobs_which_may_not_write_byt
     # What Python checks before it takes the bytecode instead of compiling the source.
     assert magic == importlib.util.MAGIC_NUMBER and flags == 0
     assert (mtime, size) == (int(source.stat().st_mtime), source.stat().st_size)
+
+
+def test_the_server_compiles_every_package_the_project_installs_and_only_those():
+    # The list is read back from the install, so a package added to setup.cfg is compiled too.
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parents[2] / "setup.cfg")
+    installed = {name for name in setup["options.packages.find"]["include"].split()
+                 if "." not in name}
+
+    folders = server.project_folders()
+
+    assert {folder.name for folder in folders} == installed
+    assert all((folder / "__init__.py").is_file() for folder in folders)
