@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.orchestration import HOOKS, Session, calls
+from pipelines.local import processes
 
 NAME, TITLE, ORDER = "tracking", "Experiment tracking (MLflow) on and off", 65
 TARGET = 0.05  # tracking may add at most 5% to the wall time
@@ -73,8 +73,10 @@ NOT_OWN = ("steps.common.contract.run", "pipelines.tracking.StepRuns._end_run")
 
 def process_cpu_s(pid: int) -> float:
     """User and system CPU seconds of process `pid` so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    found = processes.stat(pid)
+    if found is None:
+        raise SystemExit(f"process {pid} (the local server) has ended; see its log")
+    return found.cpu_s
 
 
 def run(session: Session, tracked: bool, server_pid: int) -> dict[str, Any]:

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from botocore.exceptions import ClientError
 
 from containers import images
 from pipelines import UserError, registry, validation
-from pipelines.local import runner, server
+from pipelines.local import processes, runner, server
 
 SERVING_REPOSITORY = f"{images.REPOSITORY_PREFIX}-serving"
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"  # a package that lists no inference instance types
@@ -341,7 +340,8 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
     log_path = deployment / "log.txt"
     with open(log_path, "ab") as log:
         process, how = _start_server(env, deployment, log)
-    process_started = _process_start(process.pid) or 0
+    found = processes.stat(process.pid)
+    process_started = found.started if found else 0
     say(f"started the serving container's entry point (pid {process.pid}, {how}); log: "
         f"{log_path}")
     started = time.monotonic()
@@ -442,48 +442,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot); None when there is none, or it has
-    exited (a zombie)."""
-    try:
-        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError):
-        return None
-    return None if state in ("Z", "X") else int(fields[18])  # stat's 22nd field
-
-
 def _is_our_server(pid: int, started: int) -> bool:
     """Whether the endpoint's serving process `pid`, started at `started`, still runs (a pid is
     reused by another process once its own has ended)."""
     if started:
-        return _process_start(pid) == started
-    try:  # a record of an earlier version, whose servers were fresh interpreters
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"serving" in command and b"serve" in command and _process_start(pid) is not None
+        return processes.running(pid, started)
+    # A record of an earlier version, whose servers were fresh interpreters.
+    command = processes.command_line(pid) or []
+    return b"serving" in command and b"serve" in command and processes.running(pid)
 
 
 def _stop(pid: int, started: int) -> None:
     """SIGTERM, then SIGKILL after SageMaker's grace period, as SageMaker stops a container."""
-    if not _is_our_server(pid, started):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _is_our_server(pid, started) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.1)
     if _is_our_server(pid, started):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    """Collect `pid`'s exit status when this process started it (no zombie is left behind)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+        processes.terminate(pid, STOP_GRACE_S, started or None)
 
 
 def _last_error(log_path: Path) -> str | None:

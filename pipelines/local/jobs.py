@@ -75,6 +75,7 @@ from pathlib import Path
 import boto3
 
 from containers import dockerfile, images
+from pipelines.local import processes
 from steps.common.archives import pack_folder
 
 CONTAINER_ROOT = "/opt/ml"
@@ -321,19 +322,12 @@ def _stop_when_asked(process: subprocess.Popen, control: JobControl, max_seconds
     if ended.is_set() or process.poll() is not None:
         return
     stopped.append(why)
-    _signal_group(process.pid, signal.SIGTERM)
+    processes.signal_group(process.pid, signal.SIGTERM)
     grace = control.stop_grace_seconds if why == STOPPED_ON_REQUEST else STOP_GRACE_SECONDS
     try:
         process.wait(grace)
     except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        processes.signal_group(process.pid, signal.SIGKILL)
 
 
 def billed_seconds(elapsed: float) -> int:

@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from pipelines import UserError
+from pipelines.local import processes
 
 # Imported once by the runner (`ensure_running` names them on its command line): the ML stack,
 # and what the stages import from it at module level or lazily in `main` (trainers, model
@@ -237,8 +238,7 @@ class _RunningJob:
 
     def signal_group(self, signum: int) -> None:
         if not self.exited:  # not reaped yet: the pid (and its group) is still this job's
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signum)
+            processes.signal_group(self.pid, signum)
             with contextlib.suppress(ProcessLookupError):  # before the job's setsid, too
                 signal.pidfd_send_signal(self.pidfd, signum)
 
@@ -473,8 +473,7 @@ class Job:
             while True:
                 if not select.select([fd], [], [], 0.5)[0]:
                     if self.poll() is not None and self.runner_lost:
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(self.pid, signal.SIGKILL)
+                        processes.signal_group(self.pid, signal.SIGKILL)
                     continue
                 chunk = os.read(fd, 65536)
                 pending += decoder.decode(chunk, final=not chunk)
@@ -758,13 +757,9 @@ def _key(environment: dict[str, str]) -> str:
 
 def _is_runner(pid: int) -> bool:
     """Whether `pid` is a live runner process (not a reused pid)."""
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
+    command = processes.command_line(pid) or []
     # An empty command line: the process is between fork and exec, as right after its start.
-    return (command == [b""] or b"pipelines.local.runner" in command) and status != "Z"
+    return (command == [b""] or b"pipelines.local.runner" in command) and processes.running(pid)
 
 
 def _read_record() -> dict | None:

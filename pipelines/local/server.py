@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines import UserError
+from pipelines.local import processes
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SAGEMAKER")
 LOCAL_REGION = "us-east-1"
@@ -176,28 +177,10 @@ def _terminate(pid: int | None, timeout: float = 15.0) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout  # so that a `server start` right after gets a new one
-    while time.monotonic() < deadline and _running(pid):
-        time.sleep(0.1)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` still runs. One that has exited but that no one has reaped yet (a
-    zombie: where the first process of a container does not reap orphans, or this process's own
-    child) still answers signal 0, so the signal alone would wait out the whole timeout."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False  # this process's child, reaped now
-    except ChildProcessError:
-        pass  # not this process's child
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # Linux: the state after the command's closing parenthesis; Z is a zombie
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    # So that a `server start` right after gets a new one. An ended server that no one reaps
+    # (where the first process of a container does not reap orphans) is a zombie, which still
+    # answers signal 0: `processes.running` counts it as ended.
+    processes.wait_ended(pid, timeout)
 
 
 def local_environment(url: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from botocore.stub import Stubber
 from containers import images
 from pipelines import UserError, deploy, validation
 from pipelines.definition import DEFAULT_BUCKET, DEFAULT_ROLE_ARN, LOCAL_ACCOUNT
+from pipelines.local import processes
 from serving import tenants
 from steps.common import models
 from steps.common.archives import pack_folder
@@ -138,7 +139,7 @@ def test_an_approved_sft_package_answers_both_request_formats(env, local_home, s
     # Its server was forked by the warm job runner that the home's jobs fork from (the session's,
     # tests/conftest.py): a process of its own, leading its own session, that outlived the deploy.
     pid = json.loads((local_home / "endpoints" / "sft.json").read_text())["pid"]
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    parent = processes.stat(pid).parent
     assert parent == json.loads((shared_job_runner / "job-runner.json").read_text())["pid"]
     assert os.getsid(pid) == pid
 

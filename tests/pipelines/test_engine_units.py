@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,7 @@ from containers import images
 from pipelines import UserError
 from pipelines.graph import flatten as _flatten
 from pipelines.graph import resolve_parameters, topological_order
-from pipelines.local import server
+from pipelines.local import processes, server
 from pipelines.local.engine import validate_request
 
 DEFINITION = {"Parameters": [
@@ -114,7 +113,7 @@ def test_server_stop_returns_once_the_server_has_ended_even_if_no_one_reaps_it(t
         started = time.monotonic()
         assert server.stop() is True
         assert time.monotonic() - started < 5
-        assert Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        assert processes.stat(pid).state == "Z"
         assert not (tmp_path / "server.json").exists()
     finally:
         parent.kill()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from containers import images
-from pipelines.local import jobs, runner
+from pipelines.local import jobs, processes, runner
 from tests.pipelines.conftest import ROOT, clean_env, cli, write_quick_recipe
 
 # Prints the state a job's process starts with as one `STATE {...}` line; with --dirty it then
@@ -143,11 +143,7 @@ def state(lines: list[str]) -> dict:
 
 
 def alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return status != "Z"
+    return processes.running(pid)
 
 
 def wait_until(condition, timeout: float = 30.0) -> bool:
@@ -322,7 +318,7 @@ def test_a_job_dies_when_its_engine_dies(warm, runner_home, shared_job_runner, t
     engine_code = """
 import sys, time
 from pathlib import Path
-from pipelines.local import jobs, runner
+from pipelines.local import jobs, processes, runner
 job = runner.ensure_running(jobs.warm_environment()).start_job(
     "sleeper", [], jobs.warm_environment(), Path(sys.argv[1]))
 print(next(job.stdout), flush=True)
