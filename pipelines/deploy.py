@@ -13,11 +13,12 @@ the container (the package's ModelDataUrl, from the local S3, extracted into
 ``$SAGEMAKER_BASE_DIR/model``) and with a container's environment, as a job gets it
 (pipelines.local.jobs.job_environment: the image's ENV, the package's container Environment, the
 local AWS endpoint), on a free port of 127.0.0.1 (SAGEMAKER_BIND_TO_PORT, SERVING_HOST). The
-server's process starts as the home's jobs do: forked by the warm job runner, which has imported
-the ML stack already (pipelines/local/runner.py; a process of its own all the same, with its own
-session, environment, folder, log and exit, which outlives the command and the runner), or, where
-the home's server runs its jobs as fresh processes or the runner cannot start, as a fresh
-interpreter whose log says why first. Each endpoint is a record in
+server's process starts as the home's jobs do, by the same rules (runner.WarmStart): forked by
+the warm job runner, which has imported the ML stack already (pipelines/local/runner.py; a
+process of its own all the same, with its own session, environment, folder, log and exit, which
+outlives the command and the runner), or, where the home's server runs its jobs as fresh
+processes, the runner cannot start or the server's environment differs from the runner's, as a
+fresh interpreter whose log says why first. Each endpoint is a record in
 $LLM_PIPELINE_HOME/endpoints/NAME.json and a folder of deployments beside it. Deploying to a name
 that answers already starts the new server, waits for its /ping, then stops the old one: requests
 never meet a gap.
@@ -48,7 +49,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 from botocore.exceptions import ClientError
 
@@ -338,8 +338,13 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
         "SERVING_HOST": "127.0.0.1",  # a local endpoint is for this machine only
     })
     log_path = deployment / "log.txt"
+    # As the home's server starts its jobs (forked by the warm job runner, else a fresh process
+    # whose log says first why), detached: the server outlives this command and the runner.
+    start = runner.WarmStart(server.running_job_runner())
     with open(log_path, "ab") as log:
-        process, how = _start_server(env, deployment, log)
+        process = start([sys.executable, "-m", "serving", "serve"], env, deployment, log=log)
+    how = (f"forked by the warm job runner {start.runner.pid}" if isinstance(process, runner.Job)
+           else "a fresh process")
     found = processes.stat(process.pid)
     process_started = found.started if found else 0
     say(f"started the serving container's entry point (pid {process.pid}, {how}); log: "
@@ -358,34 +363,6 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
                          instance_type=instance_type, url=url, pid=process.pid,
                          deployment=str(deployment),
                          created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), started=process_started)
-
-
-def _start_server(env: dict[str, str], deployment: Path, log: IO[bytes]
-                  ) -> tuple[subprocess.Popen | runner.Job, str]:
-    """The serving entry point's process, and how it started: forked by the home's warm job
-    runner when the home's server forks its jobs and the runner can take this one (started here
-    when there is none yet, as the server's first job starts it, and kept for the jobs and
-    deploys after), else a fresh interpreter whose log says first why. Either leads a session of
-    its own, so that it outlives the command that started it, as an endpoint does."""
-    from pipelines.local import jobs
-
-    command = [sys.executable, "-m", "serving", "serve"]
-    if server.running_job_runner() == "subprocess":
-        why = "the local server runs its jobs as fresh processes (--job-runner subprocess)"
-    else:
-        try:
-            warm = runner.ensure_running(jobs.warm_environment())
-            why = runner.needs_fresh_process(command, env, warm)
-            if not why:
-                return (warm.start_job(command[2], command[3:], env, deployment, log=log),
-                        f"forked by the warm job runner {warm.pid}")
-        except runner.Unavailable as exc:
-            why = str(exc)
-    log.write(f"runs as a fresh process: {why}\n".encode())
-    log.flush()
-    return subprocess.Popen(command, cwd=deployment, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True), "a fresh process"
 
 
 def _wait_for_ping(process: subprocess.Popen | runner.Job, url: str, log_path: Path, started: float,

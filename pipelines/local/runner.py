@@ -52,10 +52,11 @@ A job ends when its engine ends (as `prctl(PR_SET_PDEATHSIG)` ends a subprocess 
 runner sends SIGTERM to the job's process group when the engine's connection closes, and a
 job's child process gets SIGTERM when the runner itself dies. The engine stops a job as it stops
 a subprocess one, by signalling its process group: the runner reports the job's pid only once
-the job leads that group. A local endpoint's serving process (pipelines/deploy.py) is forked
-too, as a detached job: its output goes to the endpoint's log, and it outlives the command that
-deployed it and the runner, as a serving process started in a session of its own does (the
-runner neither waits for it nor counts it as work that keeps the runner). Linux only (fork, pidfd).
+the job leads that group. A local endpoint's serving process (pipelines/deploy.py) is started
+by `WarmStart` too, by the same rules, as a detached job: its output goes to the endpoint's log,
+and it outlives the command that deployed it and the runner, as a serving process started in a
+session of its own does (the runner neither waits for it nor counts it as work that keeps the
+runner). Linux only (fork, pidfd).
 """
 
 from __future__ import annotations
@@ -622,7 +623,7 @@ class _FreshProcess:
     def __init__(self, process: subprocess.Popen, why: str) -> None:
         assert process.stdout is not None
         self._process, self.pid = process, process.pid
-        self.stdout = itertools.chain([f"runs as a fresh process: {why}\n"], process.stdout)
+        self.stdout = itertools.chain([_fresh_line(why)], process.stdout)
 
     def poll(self) -> int | None:
         return self._process.poll()
@@ -631,14 +632,20 @@ class _FreshProcess:
         return self._process.wait(timeout)
 
 
-class WarmStart:
-    """How the local server starts its jobs with the warm runner (jobs.JobControl.start): each
-    forked by the runner when it can be, otherwise a fresh subprocess whose log says why first.
-    The runner is started with the first job (a server that runs none imports nothing; the first
-    job waits for the imports it would have made itself), and again for the jobs after one that
-    found it gone."""
+def _fresh_line(why: str) -> str:
+    return f"runs as a fresh process: {why}\n"
 
-    def __init__(self) -> None:
+
+class WarmStart:
+    """How the local server starts its jobs with the warm runner (jobs.JobControl.start), and
+    `llm-pipeline deploy` a local endpoint's server (pipelines/deploy.py): each forked by the
+    runner when it can be, otherwise a fresh subprocess whose log says why first. The runner is
+    started with the first job (a server that runs none imports nothing; the first job waits for
+    the imports it would have made itself), and again for the jobs after one that found it gone.
+    With `job_runner` "subprocess" (the home's server runs its jobs as fresh processes), no runner
+    is started, and each job is a fresh process that says so."""
+
+    def __init__(self, job_runner: str = "warm") -> None:
         from pipelines.local import jobs
 
         self._start_process, self._environment = jobs.start_process, jobs.warm_environment()
@@ -646,6 +653,10 @@ class WarmStart:
         self._started = False
         self.runner: Runner | None = None
         self.unavailable = ""  # why there is no runner
+        if job_runner == "subprocess":  # none is started: each job runs fresh, saying so
+            self._started = True
+            self.unavailable = ("the local server runs its jobs as fresh processes (--job-runner "
+                                "subprocess)")
 
     def _current(self) -> tuple[Runner | None, str]:
         with self._lock:
@@ -660,19 +671,29 @@ class WarmStart:
                     _log.info("jobs run as fresh processes: %s", exc)
             return self.runner, self.unavailable
 
-    def __call__(self, command: list[str], env: dict[str, str], cwd: Path) -> Job | _FreshProcess:
+    def __call__(self, command: list[str], env: dict[str, str], cwd: Path,
+                 log: IO[bytes] | None = None) -> Job | _FreshProcess | subprocess.Popen:
+        """Start `command` (`python -m MODULE ...`) in `cwd` with exactly `env`. With `log` (an
+        open file) the job is detached, as a local endpoint's server is: its output goes to
+        `log`, it leads a session of its own, and it outlives this process and the runner (which
+        neither waits for it nor counts it as work that keeps the runner)."""
         runner, why = self._current()
         if runner is not None:
             why = needs_fresh_process(command, env, runner)
             if not why:
                 try:
-                    return runner.start_job(command[2], command[3:], env, cwd)
+                    return runner.start_job(command[2], command[3:], env, cwd, log=log)
                 except Unavailable as exc:
                     why = str(exc)
                     with self._lock:
                         if self.runner is runner:  # a new one for the jobs after this one
                             self._started = False
-        return _FreshProcess(self._start_process(command, env, cwd), why)
+        if log is None:
+            return _FreshProcess(self._start_process(command, env, cwd), why)
+        log.write(_fresh_line(why).encode())
+        log.flush()
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _umask() -> int:

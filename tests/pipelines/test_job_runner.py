@@ -494,8 +494,9 @@ def test_a_detached_job_writes_its_log_and_outlives_its_engine_and_the_runner(
     folder = write_stage(tmp_path / "job", "server", SERVER)
     warm = started_runner(home)
     with open(folder / "log.txt", "ab") as log:
-        job = warm.runner.start_job("server", [], job_environment(folder), folder, log=log)
+        job = warm([sys.executable, "-m", "server"], job_environment(folder), folder, log=log)
     try:
+        assert isinstance(job, runner.Job)
         assert wait_until(lambda: (folder / "log.txt").read_text() == f"serving {job.pid}\n")
         assert os.getsid(job.pid) == job.pid
         job.connection.close()  # the command that started it has ended
@@ -505,6 +506,50 @@ def test_a_detached_job_writes_its_log_and_outlives_its_engine_and_the_runner(
     finally:
         os.kill(job.pid, signal.SIGTERM)
     assert wait_until(lambda: not alive(job.pid))
+
+
+# Starts the server stage of the folder it is given detached, as `llm-pipeline deploy` starts a
+# local endpoint's server, with the job runner it is given and the variables, then leaves.
+DEPLOYS = """
+import json, sys
+from pathlib import Path
+from pipelines.local import jobs, runner
+folder, job_runner, variables = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+with open(folder / "log.txt", "ab") as log:
+    server = runner.WarmStart(job_runner)([sys.executable, "-m", "server"],
+                                          {**jobs.warm_environment(), **variables}, folder, log=log)
+print(server.pid, flush=True)
+"""
+
+
+@pytest.mark.parametrize("job_runner, variables, why", [
+    ("subprocess", {}, "the local server runs its jobs as fresh processes (--job-runner subprocess)"),
+    ("warm", {"HF_HOME": "/elsewhere"},
+     "its environment sets HF_HOME otherwise than the warm job runner imported its libraries under"),
+])
+def test_a_detached_job_that_is_not_forked_is_a_fresh_process_that_says_why_and_outlives_its_starter(
+        warm, shared_job_runner, tmp_path, job_runner, variables, why):
+    # The runner it would fork from is `warm`'s, which it must find, not replace.
+    env = {**os.environ, runner.SHARED_VARIABLE: str(shared_job_runner)}
+    folder = write_stage(tmp_path / "job", "server", SERVER)
+
+    started = subprocess.run([sys.executable, "-c", DEPLOYS, str(folder), job_runner,
+                              json.dumps(variables)], check=False, cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+
+    assert started.returncode == 0, started.stderr
+    pid = int(started.stdout)
+    try:
+        assert wait_until(lambda: (folder / "log.txt").read_text() ==
+                          f"runs as a fresh process: {why}\nserving {pid}\n")
+        assert os.getsid(pid) == pid
+        # Still serving a second after its starter ended (a job started fresh gets SIGTERM then).
+        assert not wait_until(lambda: not alive(pid), timeout=1.0)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not alive(pid))
+    record = json.loads((shared_job_runner / "job-runner.json").read_text())
+    assert record["pid"] == warm.runner.pid
 
 
 def test_a_runner_that_cannot_start_leaves_jobs_to_fresh_processes_that_say_why_in_one_line(
