@@ -1,7 +1,9 @@
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -49,6 +51,24 @@ def write_quick_recipe(folder: Path, name: str) -> Path:
     """The sft recipe with a few training steps and evaluation samples: the same DAG, faster."""
     return derived_recipe(folder, "sft", name, sft={"max_steps": 4},
                           evaluate={"max_samples": 4, "max_new_tokens": 8})
+
+
+@contextlib.contextmanager
+def child_never_reaped(*command: str) -> Iterator[int]:
+    """The pid of `command` run as the child of a process that never collects its exit status:
+    once it ends, it stays a zombie, as an ended server does where the first process of a
+    container reaps no orphans."""
+    never_reaps = ("import subprocess, sys, time\n"
+                   "child = subprocess.Popen(sys.argv[1:])\n"
+                   "print(child.pid, flush=True)\n"
+                   "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", never_reaps, *command],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def cli(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -1,8 +1,6 @@
 """Engine pieces without running jobs: ordering, parameters, validation, the image table."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from pipelines.graph import flatten as _flatten
 from pipelines.graph import resolve_parameters, topological_order
 from pipelines.local import processes, server
 from pipelines.local.engine import validate_request
+from tests.pipelines.conftest import child_never_reaped
 
 DEFINITION = {"Parameters": [
     {"Name": "Epochs", "Type": "Integer", "DefaultValue": 1},
@@ -101,20 +100,10 @@ def test_server_stop_returns_once_the_server_has_ended_even_if_no_one_reaps_it(t
     """Where the first process of a container reaps no orphans, an ended server stays a zombie,
     which still answers signal 0: `server stop` must not wait out its whole timeout for it."""
     monkeypatch.setenv("LLM_PIPELINE_HOME", str(tmp_path))
-    never_reaps = ("import subprocess, time\n"
-                   "server = subprocess.Popen(['sleep', '60'])\n"
-                   "print(server.pid, flush=True)\n"
-                   "time.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", never_reaps], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        pid = int(parent.stdout.readline())
+    with child_never_reaped("sleep", "60") as pid:
         (tmp_path / "server.json").write_text(json.dumps({"pid": pid}))
         started = time.monotonic()
         assert server.stop() is True
         assert time.monotonic() - started < 5
         assert processes.stat(pid).state == "Z"
         assert not (tmp_path / "server.json").exists()
-    finally:
-        parent.kill()
-        parent.wait()

@@ -7,6 +7,7 @@ import sys
 import time
 
 from pipelines.local import processes
+from tests.pipelines.conftest import child_never_reaped
 
 # A process that names itself as `sys.argv[1]` (its command name in /proc/PID/stat), says so,
 # then waits; with `--ignore-sigterm` it does not end on SIGTERM.
@@ -68,22 +69,11 @@ def test_a_vanished_process_has_no_stat_or_command_line_and_does_not_run():
 
 
 def test_a_process_that_exited_but_that_its_parent_never_reaps_has_ended():
-    # Where the first process of a container reaps no orphans, an ended server stays a zombie.
-    never_reaps = ("import subprocess, sys, time\n"
-                   "child = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
-                   "print(child.pid, flush=True)\n"
-                   "time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", never_reaps], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        pid = int(parent.stdout.readline())
+    with child_never_reaped("true") as pid:
         assert processes.wait_ended(pid, timeout_s=30.0)
 
         assert processes.stat(pid).state == "Z" and processes.stat(pid).ended
         assert not processes.running(pid)
-    finally:
-        parent.kill()
-        parent.wait()
 
 
 def test_an_exited_child_of_this_process_has_ended_and_is_reaped():
