@@ -1,10 +1,12 @@
 """How the engine knows its long-lived processes (the local server, the warm job runner, the local
 endpoints' servers) by pid and start time, from /proc (pipelines/local/processes.py)."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from pipelines.local import processes
 from tests.pipelines.conftest import child_never_reaped
@@ -22,17 +24,21 @@ time.sleep(600)
 """
 
 
-def named_process(name: str, *flags: str) -> subprocess.Popen:
+@contextlib.contextmanager
+def named_process(name: str, *flags: str) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen([sys.executable, "-c", NAMED, name, *flags],
                                stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "named\n"
-    return process
+    try:
+        assert process.stdout.readline() == "named\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_process_whose_name_holds_a_parenthesis_and_spaces_is_read_field_by_field():
     # Read from the first ")", this name would make the process a zombie (Z) whose parent is 1.
-    process = named_process("a) Z 1 (b")
-    try:
+    with named_process("a) Z 1 (b") as process:
         found = processes.stat(process.pid)
 
         assert found is not None and found.comm == "a) Z 1 (b"
@@ -41,31 +47,24 @@ def test_a_process_whose_name_holds_a_parenthesis_and_spaces_is_read_field_by_fi
         assert processes.stat(os.getpid()).started <= found.started  # its parent started first
         assert found.cpu_s >= 0.0
         assert processes.running(process.pid) and processes.running(process.pid, found.started)
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_a_pid_is_known_with_its_start_time_alone_not_after_it_is_reused():
-    process = named_process("reused")
-    try:
+    with named_process("reused") as process:
         started = processes.stat(process.pid).started
         # Another process given the same pid later started later.
         assert not processes.running(process.pid, started + 1)
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_a_vanished_process_has_no_stat_or_command_line_and_does_not_run():
-    process = named_process("gone")
-    process.kill()
-    process.wait()
+    with named_process("gone") as process:
+        process.kill()
+        process.wait()
 
-    assert processes.stat(process.pid) is None
-    assert processes.command_line(process.pid) is None
-    assert not processes.running(process.pid)
-    assert processes.wait_ended(process.pid, timeout_s=0.0)
+        assert processes.stat(process.pid) is None
+        assert processes.command_line(process.pid) is None
+        assert not processes.running(process.pid)
+        assert processes.wait_ended(process.pid, timeout_s=0.0)
 
 
 def test_a_process_that_exited_but_that_its_parent_never_reaps_has_ended():
@@ -77,31 +76,30 @@ def test_a_process_that_exited_but_that_its_parent_never_reaps_has_ended():
 
 
 def test_an_exited_child_of_this_process_has_ended_and_is_reaped():
-    process = named_process("zombie")
-    process.kill()
-    while processes.stat(process.pid).state != "Z":  # exited, its status not collected yet
-        time.sleep(0.01)
+    with named_process("zombie") as process:
+        process.kill()
+        while processes.stat(process.pid).state != "Z":  # exited, its status not collected yet
+            time.sleep(0.01)
 
-    assert not processes.running(process.pid)
-    assert processes.stat(process.pid) is None  # collected: no zombie is left behind
+        assert not processes.running(process.pid)
+        assert processes.stat(process.pid) is None  # collected: no zombie is left behind
 
 
 def test_terminate_kills_what_ignores_sigterm_after_the_grace_period():
-    process = named_process("stubborn", "--ignore-sigterm")
-    started = processes.stat(process.pid).started
-    assert not processes.wait_ended(process.pid, timeout_s=0.3, started=started)
+    with named_process("stubborn", "--ignore-sigterm") as process:
+        started = processes.stat(process.pid).started
+        assert not processes.wait_ended(process.pid, timeout_s=0.3, started=started)
 
-    begun = time.monotonic()
-    processes.terminate(process.pid, grace_s=0.5, started=started)
+        begun = time.monotonic()
+        processes.terminate(process.pid, grace_s=0.5, started=started)
 
-    assert processes.wait_ended(process.pid, timeout_s=5.0)  # SIGKILL is delivered at once
-    assert time.monotonic() - begun >= 0.5
+        assert processes.wait_ended(process.pid, timeout_s=5.0)  # SIGKILL is delivered at once
+        assert time.monotonic() - begun >= 0.5
 
 
 def test_terminate_ends_on_sigterm_and_leaves_another_process_given_the_pid_alone():
-    process = named_process("polite")
-    started = processes.stat(process.pid).started
-    try:
+    with named_process("polite") as process:
+        started = processes.stat(process.pid).started
         processes.terminate(process.pid, grace_s=30.0, started=started + 1)  # another process
         assert processes.running(process.pid)
 
@@ -109,6 +107,3 @@ def test_terminate_ends_on_sigterm_and_leaves_another_process_given_the_pid_alon
         processes.terminate(process.pid, grace_s=30.0, started=started)
 
         assert time.monotonic() - begun < 10.0 and not processes.running(process.pid)
-    finally:
-        process.kill()
-        process.wait()
