@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
@@ -254,6 +255,32 @@ def test_where_the_warm_runner_cannot_start_the_server_is_a_fresh_process_saying
                       "user's; remove it, or unset LLM_PIPELINE_JOB_RUNNER_HOME")
     assert answer.returncode == 0 and answer.stdout.strip() == "ok ok ok"
     assert stopped.returncode == 0 and not answers_ping(url)
+
+
+def test_where_the_homes_server_runs_its_jobs_as_fresh_processes_so_does_the_endpoint_saying_why(
+        lora_adapter, tmp_path):
+    home = tmp_path / "home"
+    fresh = clean_env(home)
+    try:
+        url = cli(fresh, "server", "start", "--job-runner", "subprocess").stdout.strip()
+        kwargs = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "local",
+                  "aws_secret_access_key": "local"}
+        arn = register((boto3.client("sagemaker", **kwargs), boto3.client("s3", **kwargs)),
+                       lora_adapter, "llm-serving-fresh")
+        approve(fresh, arn)
+
+        deployed = cli(fresh, "deploy", arn, "--name", "sft-fresh")
+
+        deployed_url(deployed)
+        record = json.loads((home / "endpoints" / "sft-fresh.json").read_text())
+        log = Path(record["deployment"], "log.txt").read_text().splitlines()
+        stopped = cli(fresh, "undeploy", "sft-fresh")
+    finally:
+        cli(fresh, "server", "stop")
+    assert ", a fresh process); log: " in deployed.stdout
+    assert log[0] == ("runs as a fresh process: the local server runs its jobs as fresh processes "
+                      "(--job-runner subprocess)")
+    assert stopped.returncode == 0 and not processes.running(record["pid"], record["started"])
 
 
 def test_a_two_tenant_prompt_tuning_package_answers_as_the_tenant_named(
