@@ -257,6 +257,9 @@ def test_where_the_warm_runner_cannot_start_the_server_is_a_fresh_process_saying
     assert stopped.returncode == 0 and not answers_ping(url)
 
 
+# End to end (a server of its own, a fresh serving process: about 12 s): the rule itself is
+# test_job_runner's, for both reasons; this checks deploy hands it the home's choice.
+@pytest.mark.e2e
 def test_where_the_homes_server_runs_its_jobs_as_fresh_processes_so_does_the_endpoint_saying_why(
         lora_adapter, tmp_path):
     home = tmp_path / "home"
