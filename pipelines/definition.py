@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from containers import images
-from pipelines import UserError, sizing
+from pipelines import UserError, files, sizing
 from pipelines.recipe import JUDGE_STAGES, Recipe, parameter_reference
 from steps.stages import STAGES
 
@@ -703,9 +703,7 @@ def cached_definition_json(recipe: Recipe, cache: Path, *, role_arn: str, bucket
     text = definition_json(recipe, role_arn=role_arn, bucket=bucket, region=region,
                            image_tag=image_tag, spot=spot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent runs: whole files only
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    files.write_whole(path, text)  # concurrent runs: whole files only
     return text
 
 

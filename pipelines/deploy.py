@@ -33,12 +33,10 @@ BaseModel overridden at run time keeps the types sized for the recipe's default.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,7 +51,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from containers import images
-from pipelines import UserError, registry, validation
+from pipelines import UserError, files, registry, validation
 from pipelines.local import processes, runner, server
 
 SERVING_REPOSITORY = f"{images.REPOSITORY_PREFIX}-serving"
@@ -328,7 +326,7 @@ def _start(s3, package: Package, name: str, instance_type: str, deployment: Path
            say: Callable[[str], None]) -> LocalEndpoint:
     from pipelines.local import jobs
 
-    port = _free_port()
+    port = server.free_port()
     url = f"http://127.0.0.1:{port}"
     # A container's environment, not this shell's: the package's Environment is what SageMaker
     # gives the model's container; the rest stands in for /opt/ml and the instance's port.
@@ -389,17 +387,13 @@ def _wait_for_ping(process: subprocess.Popen | runner.Job, url: str, log_path: P
 
 def _write_record(endpoint: LocalEndpoint) -> None:
     path = endpoints_dir() / f"{endpoint.name}.json"
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(asdict(endpoint), indent=1))
-    partial.replace(path)  # readers see the old record or the new one, whole
+    files.write_whole(path, json.dumps(asdict(endpoint), indent=1))
 
 
 @contextlib.contextmanager
 def _name_lock(name: str) -> Iterator[None]:
     """One deploy or undeploy of a name at a time, across processes."""
-    endpoints_dir().mkdir(parents=True, exist_ok=True)
-    with open(endpoints_dir() / f".{name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with files.locked(endpoints_dir() / f".{name}.lock"):
         yield
 
 
@@ -411,12 +405,6 @@ def _ping(url: str) -> tuple[int | None, bytes]:
         return err.code, err.read()
     except OSError:
         return None, b""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _is_our_server(pid: int, started: int) -> bool:

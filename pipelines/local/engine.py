@@ -37,7 +37,7 @@ from boto3.exceptions import Boto3Error, RetriesExceededError
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from pipelines import UserError, cost, graph
+from pipelines import UserError, cost, files, graph
 from pipelines.local import cache, jobs
 from pipelines.local.expressions import (
     ExpressionError,
@@ -405,9 +405,8 @@ def run_execution(
 
     def save() -> None:
         # Whole files only: the local server reads the record while the execution runs.
-        partial = folder / "execution.json.partial"
-        partial.write_text(json.dumps(asdict(record), indent=1, default=str))
-        partial.replace(folder / "execution.json")
+        files.write_whole(folder / "execution.json",
+                          json.dumps(asdict(record), indent=1, default=str))
 
     stopped = False
     for step_name in order:

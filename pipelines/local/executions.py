@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines import UserError, graph, tracking
+from pipelines import UserError, files, graph, tracking
 from pipelines.local import engine, jobs
 from steps.common import tracking as step_tracking
 
@@ -238,9 +238,7 @@ class Executions:
     def _save(self, execution: Execution) -> None:
         path = self._meta_path(execution.pipeline_name, execution.execution_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
-        partial.write_text(json.dumps(asdict(execution), indent=1))
-        partial.replace(path)
+        files.write_whole(path, json.dumps(asdict(execution), indent=1))
 
     def _launch(self, execution: Execution, definition: dict, overrides: dict[str, str],
                 selection: engine.Selection | None, resume: engine.ExecutionRecord | None) -> None:
@@ -360,9 +358,8 @@ class Executions:
                 state.failure_reason = state.failure_reason or reason
         record.status, record.failure_reason, record.ended = execution.status, reason, now
         folder = self.folder / execution.pipeline_name / execution.execution_id
-        partial = folder / "execution.json.partial"
-        partial.write_text(json.dumps(asdict(record), indent=1, default=str))
-        partial.replace(folder / "execution.json")
+        files.write_whole(folder / "execution.json",
+                          json.dumps(asdict(record), indent=1, default=str))
 
     def _recover(self) -> None:
         """At start: executions the previous server left running are Failed, saying why."""

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import fcntl
 import gc
 import hashlib
 import io
@@ -87,7 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
 
-from pipelines import UserError
+from pipelines import UserError, files
 from pipelines.local import processes
 
 # Imported once by the runner (`ensure_running` names them on its command line): the ML stack,
@@ -751,9 +750,7 @@ def log_path() -> Path:
 def _lock() -> Iterator[None]:
     """Held while a runner is started or stopped: one at a time per runner folder, across
     processes."""
-    folder().mkdir(parents=True, exist_ok=True)
-    with open(folder() / "job-runner.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with files.locked(folder() / "job-runner.lock"):
         yield
 
 
@@ -846,10 +843,8 @@ def ensure_running(environment: dict[str, str]) -> Runner:
                 [sys.executable, "-m", "pipelines.local.runner", str(socket_path), *WARM_IMPORTS],
                 env=environment, cwd=working, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)  # outlives this command
-        partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
-        partial.write_text(json.dumps({"pid": process.pid, "socket": str(socket_path),
-                                       "key": key, "python": sys.executable}))
-        partial.replace(_record())
+        files.write_whole(_record(), json.dumps({"pid": process.pid, "socket": str(socket_path),
+                                                 "key": key, "python": sys.executable}))
     return Runner(process.pid, socket_path, environment)
 
 

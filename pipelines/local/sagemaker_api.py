@@ -39,7 +39,7 @@ from typing import Any
 import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import UserError, graph, validation
+from pipelines import UserError, files, graph, validation
 from pipelines.local import engine, jobs
 from pipelines.local.executions import ConflictError, Execution, Executions
 
@@ -124,14 +124,6 @@ def _created_between(items: Iterable[dict], request: dict, field: str) -> list[d
             and (before is None or i[field] < before)]
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Write `path` so that readers see the old file or the new one, never a part: requests are
-    answered in threads of their own."""
-    partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
 class Pipelines:
     """Pipelines as CreatePipeline/UpdatePipeline left them, every version's definition kept; one
     set per region, as SageMaker keeps them."""
@@ -156,7 +148,7 @@ class Pipelines:
     def save(self, pipeline: dict) -> None:
         path = self._path(pipeline["region"], pipeline["PipelineName"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(path, json.dumps(pipeline, indent=1))
+        files.write_whole(path, json.dumps(pipeline, indent=1))
 
     def delete(self, pipeline: dict) -> None:
         self._path(pipeline["region"], pipeline["PipelineName"]).unlink(missing_ok=True)
@@ -168,7 +160,7 @@ class Pipelines:
             f"{digest}.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_whole(path, text)
+            files.write_whole(path, text)
         return digest
 
     def definition(self, pipeline: dict, digest: str) -> str:

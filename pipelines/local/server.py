@@ -23,7 +23,6 @@ process that imports the ML stack once, and forks the jobs from it (pipelines/lo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines import UserError
+from pipelines import UserError, files
 from pipelines.local import processes
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SAGEMAKER")
@@ -63,9 +62,7 @@ def log_path() -> Path:
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
     """Held while the server is started or stopped: one at a time per home, across processes."""
-    home().mkdir(parents=True, exist_ok=True)
-    with open(home() / "server.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+    with files.locked(home() / "server.lock"):
         yield
 
 
@@ -80,7 +77,7 @@ def _alive(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -128,7 +125,7 @@ def _server_environment() -> dict[str, str]:
 
 
 def _start(job_runner: str) -> str:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path(), "ab") as log:
         process = subprocess.Popen(
@@ -143,9 +140,8 @@ def _start(job_runner: str) -> str:
         if process.poll() is not None or time.monotonic() > deadline:
             raise UserError(f"the local AWS server did not start; see {log_path()}")
         time.sleep(0.2)
-    partial = _record().with_suffix(f".{os.getpid()}.partial")  # readers see whole records
-    partial.write_text(json.dumps({"url": url, "pid": process.pid, "job_runner": job_runner}))
-    partial.replace(_record())
+    files.write_whole(_record(), json.dumps({"url": url, "pid": process.pid,
+                                             "job_runner": job_runner}))
     return url
 
 
