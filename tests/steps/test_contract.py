@@ -212,10 +212,14 @@ class Config:
 
 def main(config):
     dist.init_process_group("gloo")
-    if dist.get_rank() == 0:  # the saving process takes a while
-        time.sleep(1.5)
+    done = os.path.join(config.out, "rank1_done")
+    if dist.get_rank() == 0:  # the saving process takes a while: it saves only once rank 1 is
+        while not os.path.exists(done):  # done and has had time to leave, were it not held
+            time.sleep(0.01)
+        time.sleep(0.3)
         open(os.path.join(config.out, "saved"), "w").close()
-    # the others return at once, as the stages' non-zero ranks do
+    else:  # the others return at once, as the stages' non-zero ranks do
+        open(done, "w").close()
 
 def leaving(code, entry_point, _exit=contract._exit):
     out = sys.argv[-1]
