@@ -470,7 +470,8 @@ def test_the_server_finds_a_tracking_server_that_does_not_answer_and_only_that(t
 
     # Any HTTP answer is an answer (this server has no /health: a 404).
     answering = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    threading.Thread(target=answering.serve_forever, kwargs={"poll_interval": 0.05},  # shutdown()
+                     daemon=True).start()
     try:
         assert tracking.unreachable(f"http://127.0.0.1:{answering.server_address[1]}") is None
     finally:
