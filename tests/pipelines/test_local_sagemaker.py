@@ -255,7 +255,7 @@ def test_the_sagemaker_sdk_describes_lists_the_steps_of_and_waits_for_an_executi
     sdk_pipeline = Pipeline(name=pipeline, sagemaker_session=session)
     assert sdk_pipeline.describe()["PipelineName"] == pipeline
     execution = sdk_pipeline.start(parameters={"Threshold": 2})
-    execution.wait(delay=1, max_attempts=60)
+    execution.wait(delay=0.1, max_attempts=600)  # 60 s at most, looking every 0.1 s
     assert execution.describe()["PipelineExecutionStatus"] == "Succeeded"
     assert {s["StepName"] for s in execution.list_steps()} == {"Gate", "Check"}
     assert sdk_pipeline.list_executions(max_results=1)["PipelineExecutionSummaries"][0][
