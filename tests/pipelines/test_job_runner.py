@@ -151,7 +151,7 @@ def wait_until(condition, timeout: float = 30.0) -> bool:
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.1)
+        time.sleep(0.02)  # a look at /proc
     return condition()
 
 
