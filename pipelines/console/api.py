@@ -89,8 +89,12 @@ def connect(kind: str, region: str | None = None) -> Target:
     if not region:
         raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
     # Few retries and short timeouts: the page polls, and should say soon that a call failed.
+    # None locally: the local server does not throttle, and one that does not answer is down, so
+    # botocore's retries (max_attempts counts retries) only delayed saying so, by random back-offs
+    # of up to 3 s in all; the page's next poll is the retry.
+    retries = {"total_max_attempts": 1} if kind == "local" else {"max_attempts": 2}
     config = Config(region_name=region, connect_timeout=5, read_timeout=30,
-                    retries={"max_attempts": 2, "mode": "standard"})
+                    retries={**retries, "mode": "standard"})
     return Target(kind, endpoint, region, boto3.client("sagemaker", config=config),
                   boto3.client("s3", config=config), boto3.client("logs", config=config),
                   server.home(), cost.load_prices())

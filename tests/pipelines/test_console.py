@@ -516,9 +516,12 @@ def test_an_unreachable_endpoint_is_one_line_saying_what_to_check(local_home):
         free.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{free.getsockname()[1]}"
     with serving(dead, local_home) as console:
+        sent = []  # said at once: no retry after a back-off (the page's next poll is the retry)
+        console.target.sagemaker.meta.events.register(
+            "before-send", lambda request, **_: sent.append(request))
         status, answer, _ = request(console, "GET", "/api/pipelines", **token(console))
 
-    assert status == 502
+    assert status == 502 and len(sent) == 1
     assert answer["error"].startswith(f"cannot reach {dead}/")
     assert "llm-pipeline server status" in answer["error"] and "\n" not in answer["error"]
     assert "Traceback" not in answer["error"]
