@@ -160,9 +160,11 @@ def aws_client(service: str, region: str | None) -> Any:
         except StageError:
             raise StageError(f"no AWS region for {service}: pass --region, or set AWS_REGION or "
                              "AWS_DEFAULT_REGION") from None
+    # total_max_attempts: botocore's max_attempts counts retries, so max_attempts 1 still retried
+    # each call once, unseen, after a back-off of up to a second.
     config = Config(
-        retries={"mode": "standard", "max_attempts": 1}, connect_timeout=10, read_timeout=300
-    )
+        retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10,
+        read_timeout=300)
     # A session of its own: boto3's default one keeps the first credentials it found.
     return boto3.session.Session().client(service, region_name=region, config=config)
 

@@ -613,9 +613,12 @@ def test_no_credentials_is_one_line_naming_the_backend(monkeypatch, tmp_path):
 def test_an_unreachable_service_is_one_line(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "http://127.0.0.1:9")  # nothing there
     model = critics.BedrockModel(MODEL_ID, REGION, max_new_tokens=8)
+    sent = []  # the critic retries visibly, itself: botocore sends each call once
+    model.client.meta.events.register("before-send", lambda request, **_: sent.append(request))
 
     with pytest.raises(StageError, match=r"cannot reach the service .*127.0.0.1:9.*check --region"):
         model.complete(["x"], 0.0)
+    assert len(sent) == 1
 
 
 def test_a_failing_critic_leaves_no_output(tmp_path, aws_env, monkeypatch, capsys):
