@@ -566,8 +566,14 @@ def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
     names = [name for name in METRIC_NAMES if name in metrics]
     columns = min(len(names), 6)
     rows = math.ceil(len(names) / columns)
+    height = 3.5 * rows
+    # Fixed margins (0.4 inch above and below, for titles and labels): each panel writes its
+    # values on its bars and has no y axis to lay out. The y ticks and tight_layout (which draws
+    # the figure once more to measure them) were half of the 0.45 CPU s every evaluation paid.
     figure, axes = plt.subplots(
-        rows, columns, figsize=(3 * columns, 3.5 * rows), squeeze=False
+        rows, columns, figsize=(3 * columns, height), squeeze=False,
+        gridspec_kw={"left": 0.1 / columns, "right": 1 - 0.1 / columns, "top": 1 - 0.4 / height,
+                     "bottom": 0.4 / height, "wspace": 0.15, "hspace": 0.3},
     )
     for axis in axes.flat[len(names):]:
         axis.axis("off")
@@ -576,11 +582,17 @@ def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
         labels = ["base", "tuned"] if f"base_{name}" in metrics else [single]
         values = [metrics[f"base_{name}"]["value"]] if len(labels) == 2 else []
         values.append(metrics[name]["value"])
-        axis.bar(labels, values, color=["#9e9e9e", "#1f77b4"][-len(labels):])
+        axis.bar(range(len(labels)), values, color=["#9e9e9e", "#1f77b4"][-len(labels):])
+        axis.set_xticks(range(len(labels)), labels)
+        axis.set_yticks([])
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.margins(y=0.12)  # room beyond the longest bar for its value
+        if not any(values):
+            axis.set_ylim(-1, 1)  # bars of 0, their values on the line
         axis.set_title(name)
-        for x, value in enumerate(values):
-            axis.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
-    figure.tight_layout()
+        for x, value in enumerate(values):  # beyond the end of its bar
+            axis.annotate(f"{value:.3g}", (x, value), ha="center", fontsize=8,
+                          va="bottom" if value >= 0 else "top")
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
