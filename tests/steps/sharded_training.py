@@ -9,8 +9,8 @@ test checks is what sharding must not change: the losses, and a saved model that
 
 The two processes are forked from the test's own (`train_sharded`), which has imported torch,
 transformers and PEFT already: two fresh interpreters under torchrun spent about 6 CPU s each
-importing them, for a second of training. The stage under torchrun has its own tests
-(tests/steps/test_distributed.py, tests/steps/test_contract.py).
+importing them, for a second of training. The stage under torchrun has its own test
+(tests/steps/test_distributed.py); test_contract's processes are forked as these are.
 """
 
 from __future__ import annotations

@@ -86,6 +86,32 @@ def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | 
     as `python -m` does, its stdout and stderr in files of `folder`. For what needs a process
     (a job killed with SIGKILL, an exit status); not for what a fresh interpreter alone shows,
     such as warnings printed once per process."""
+    return _finish(_start(module, folder, argv, env, before), folder)
+
+
+def run_as_programs(module: str, folders: list[Path], *argv: str, envs: list[dict[str, str]],
+                    timeout: float = 120) -> list[Program]:
+    """run_as_program's programs, one per (folder, env), all running at once (the processes of
+    one distributed job); those still running after `timeout` seconds (a collective that waits
+    forever) are killed."""
+    import signal
+    import time
+
+    started = [_start(module, folder, argv, env, lambda: None)
+               for folder, env in zip(folders, envs, strict=True)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+            for pid in started):
+        time.sleep(0.05)
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # only those still running: the others are zombies
+    return [_finish(pid, folder) for pid, folder in zip(started, folders)]
+
+
+def _start(module: str, folder: Path, argv: tuple[str, ...], env: dict[str, str] | None,
+           before: Callable[[], object]) -> int:
     import torch
 
     # A child forked from a process whose OpenMP pool has threads hangs at its first parallel
@@ -124,5 +150,10 @@ def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | 
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def _finish(pid: int, folder: Path) -> Program:
     _, status = os.waitpid(pid, 0)
-    return Program(os.waitstatus_to_exitcode(status), out.read_text(), err.read_text())
+    return Program(os.waitstatus_to_exitcode(status), (folder / "stdout.txt").read_text(),
+                   (folder / "stderr.txt").read_text())

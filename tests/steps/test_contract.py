@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -234,20 +235,33 @@ if __name__ == "__main__":
 '''
 
 
-def test_under_torchrun_every_process_waits_for_the_saving_one_then_closes_the_group(tmp_path):
+def test_under_torchrun_every_process_waits_for_the_saving_one_then_closes_the_group(
+        tmp_path, monkeypatch):
     # A process that leaves while its peers hold the gloo group open can abort at exit, failing a
     # job whose model was trained; the entry point waits for all and closes the group.
-    import os
-    import subprocess
+    # The two processes start as torchrun starts its workers: its variables, and the rendezvous
+    # store it hosts (here in this process), each running the module as `python -m` does. They
+    # are forked from this process, which has imported torch and transformers: torchrun's own
+    # interpreter and two fresh ones spent about 4.5 CPU s importing them (a stage under torchrun
+    # itself: tests/steps/test_distributed.py).
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from .stage_runs import run_as_programs
 
     (tmp_path / "waiting_stage.py").write_text(WAITING_STAGE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "waiting_stage", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=60))
+    torchrun = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    ranks = run_as_programs(
+        "waiting_stage", [tmp_path / f"rank{rank}" for rank in range(2)], "--out", str(tmp_path),
+        envs=[{**os.environ, **torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+              for rank in range(2)])
+
+    assert [rank.status for rank in ranks] == [0, 0], [rank.stderr[-2000:] for rank in ranks]
     assert (tmp_path / "rank1_left_after_save").read_text() == "True"
 
 
