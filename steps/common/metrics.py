@@ -145,7 +145,10 @@ def plot_loss_curves(
     import matplotlib.pyplot as plt
 
     drawn: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    figure, axes = plt.subplots(figsize=(7, 4))
+    # Fixed margins (inches of the 7 x 4 figure) that fit the axis labels and tick labels of up to
+    # 6 characters: tight_layout's extra draw to measure them was a third of the plot's CPU.
+    figure, axes = plt.subplots(figsize=(7, 4), gridspec_kw={
+        "left": 0.85 / 7, "right": 1 - 0.15 / 7, "bottom": 0.55 / 4, "top": 1 - 0.15 / 4})
     offset = 0.0
     for index, (label, history) in enumerate(stages):
         points = {name: [(offset + m["step"], m[name]) for m in history
@@ -168,7 +171,6 @@ def plot_loss_curves(
     axes.grid(alpha=0.3)
     if drawn:
         axes.legend()
-    figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return drawn
