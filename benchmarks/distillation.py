@@ -290,7 +290,7 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
               "mean perplexity, ROUGE-L",
               *(f"seed {seed} vs hard-label: perplexity ratio, ROUGE-L delta" for seed in seeds),
               "beats hard-label at every seed measured"]
-    table = []
+    table, deltas = [], []  # deltas: each setting's ROUGE-L deltas, where it has several seeds
     for setting in settings:
         runs = {r["seed"]: r for r in rows if r["setting"] == setting}
         baseline = all(r["alpha"] == 1 for r in runs.values())
@@ -310,6 +310,8 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
         mean_rouge = sum(r["rouge_l"] for r in runs.values()) / len(runs)
         table.append([f"`{setting}`", *cells, f"{mean_ppl:.3f}, {mean_rouge:.3f}", *versus,
                       "-" if baseline else "yes" if wins else "no"])
+        if not baseline and len(against) > 1:
+            deltas.append([delta for _, delta in against.values()])
     first = rows[0]
     # The rate of the runs whose setting names none: the stage's for a cut student when they ran.
     unset = sorted({r["learning_rate"] for r in rows if "learning_rate=" not in r["setting"]})
@@ -326,8 +328,38 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
          f"greedy answers of at most {NEW_TOKENS} tokens); a perplexity ratio above 1: a lower "
          "perplexity than the hard-label student of the same seed, learning rate and steps. One "
          "invocation per seed (this command with each --seed)."), "",
-        common.table(header, table),
+        common.table(header, table), "",
+        _noise(list(hard.values()), deltas),
     ])
+
+
+def _noise(hard: list[dict[str, Any]], deltas: list[list[float]]) -> str:
+    """How far the figures move with the seed alone, so that a difference is not read into
+    noise: the hard-label student's spread over seeds, one answer's weight in ROUGE-L, and the
+    spread of a setting's ROUGE-L delta from seed to seed (pooled over the settings)."""
+    if len(hard) < 2:
+        return ""
+    rouge = [r["rouge_l"] for r in hard]
+    perplexity = [r["perplexity"] for r in hard]
+    text = (f"Noise: the hard-label student alone, over {len(hard)} seeds, has perplexity "
+            f"{min(perplexity):.3f} to {max(perplexity):.3f} and ROUGE-L {min(rouge):.3f} to "
+            f"{max(rouge):.3f} (standard deviation {_sd(rouge):.3f}); one of the {SAMPLES} answers "
+            f"weighs up to {1 / SAMPLES:.3f} of ROUGE-L.")
+    freedom = sum(len(d) - 1 for d in deltas)
+    if freedom:
+        pooled = (sum((x - sum(d) / len(d)) ** 2 for d in deltas for x in d) / freedom) ** 0.5
+        text += (f" A setting's ROUGE-L delta against the hard-label student moves from seed to "
+                 f"seed with a standard deviation of {pooled:.3f} (pooled over "
+                 f"{len(deltas)} settings), so its mean over {len(hard)} seeds has a standard "
+                 f"error of about {pooled / len(hard) ** 0.5:.3f}: a mean difference in ROUGE-L "
+                 f"below about twice that ({2 * pooled / len(hard) ** 0.5:.3f}) is within the "
+                 "noise of these answers.")
+    return text
+
+
+def _sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def main() -> None:
