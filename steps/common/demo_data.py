@@ -213,23 +213,35 @@ def demo_task_prompts(n: int = 640, seed: int = 1) -> list[dict[str, str]]:
     reversed words), which the demo dataset mostly uses up, come up rarely: most of the pool is
     sums, conversions and capital letters.
     """
+    return [{"prompt": record["prompt"]} for record in demo_task_records(n, seed)]
+
+
+def demo_task_records(n: int = 640, seed: int = 1) -> list[dict[str, str]]:
+    """`n` prompt/completion records of the demo tasks whose prompts are not in the demo dataset
+    (`demo_task_prompts` with their answers): a held-out set larger than the dataset's own split,
+    for comparing models whose difference its few answers cannot show."""
     taken = {" ".join(r["prompt"].casefold().split()) for r in demo_records()}
     rng = random.Random(seed)
     records: list[dict[str, str]] = []
     for i in range(100 * n):
         if len(records) == n:
             break
-        prompt = TASKS[i % len(TASKS)](rng)["prompt"]
-        key = " ".join(prompt.casefold().split())
+        record = TASKS[i % len(TASKS)](rng)
+        key = " ".join(record["prompt"].casefold().split())
         if key not in taken:
             taken.add(key)
-            records.append({"prompt": prompt})
+            records.append(record)
     return records
 
 
 def write_demo_task_prompts(path: Path, n: int = 640, seed: int = 1) -> Path:
     """Write the demo task prompts (`demo_task_prompts`) as JSONL to `path` and return it."""
     return _write_jsonl(path, demo_task_prompts(n, seed))
+
+
+def write_demo_task_records(path: Path, n: int = 640, seed: int = 1) -> Path:
+    """Write the demo task records (`demo_task_records`) as JSONL to `path` and return it."""
+    return _write_jsonl(path, demo_task_records(n, seed))
 
 
 # --- The demo corpus for (continued) pre-training ------------------------------------------------

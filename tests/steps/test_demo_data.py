@@ -7,6 +7,7 @@ from steps.common.datasets import load_records
 from steps.common.demo_data import (
     demo_records,
     demo_task_prompts,
+    demo_task_records,
     write_demo_dataset,
     write_demo_task_prompts,
 )
@@ -45,3 +46,17 @@ def test_the_demo_prompts_without_answers_are_distinct_prompt_only_and_none_is_l
     assert [r.data for r in records] == demo_task_prompts()
     # The tasks with prompts left to draw: sums, conversions, capital letters.
     assert sum("+" in p or p.startswith("add") for p in prompts) > 100
+
+
+def test_the_demo_task_records_answer_the_unlabelled_prompts_rightly_and_none_is_labelled():
+    records = demo_task_records(200, seed=2)
+    labelled = {" ".join(r["prompt"].casefold().split()) for r in demo_records()}
+
+    assert len(records) == 200 and all(set(r) == {"prompt", "completion"} for r in records)
+    assert not {" ".join(r["prompt"].casefold().split()) for r in records} & labelled
+    # The same draw as the prompt pool, answers kept: a held-out set of the task's own answers.
+    assert [{"prompt": r["prompt"]} for r in demo_task_records()] == demo_task_prompts()
+    for record in records:
+        if record["prompt"].startswith("What is ") and "+" in record["prompt"]:
+            a, b = record["prompt"].removeprefix("What is ").removesuffix("?").split(" + ")
+            assert record["completion"] == f"{a} + {b} = {int(a) + int(b)}."
