@@ -41,7 +41,10 @@ turn or at once): per setting and seed, perplexity and ROUGE-L against the hard-
 the same seed. The teacher's outputs are cached at --cache-top-k (default: the largest top_k
 asked for), so that one cache serves every top_k. --teacher-label NAME: a sweep on a --teacher
 folder gets its own section, "... (NAME teacher)" in distillation-settings-NAME.json, beside the
-`sft` teacher's (e.g. full-lifecycle-dpo for full-lifecycle's DPO output).
+`sft` teacher's (e.g. full-lifecycle-dpo for full-lifecycle's DPO output). --held-out N: each
+student of the sweep measured on N demo-task records whose prompts are not in the demo dataset
+instead of the validation split's 24 answers (DIR/settings-held-out-N.jsonl, its own section): a
+ROUGE-L difference of one answer in 24 is within the seed-to-seed noise.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ STUDENTS = ("teacher:layers=15", "teacher:layers=10", ("config:layers=2+hidden=1
             "intermediate=512+heads=4+kv_heads=2"))
 SAMPLES, NEW_TOKENS, TOP_K, SEQUENCE = 24, 32, 16, 256
 SWEEP_NAME, SWEEP_TITLE = "distillation-settings", "Distillation: which loss beats the hard labels"
+# The draw of --held-out's records: not --prompts' (seed 1), so that no answered prompt is measured.
+HELD_OUT_SEED = 2
 SWEPT = {"alpha": float, "temperature": float, "top_k": int, "learning_rate": float,
          "max_steps": int}
 TEACHER_LEARNING_RATE = 1e-3  # the distill recipe's SFT stage's
@@ -100,9 +105,10 @@ def prepare(root: Path, teacher: str, teacher_steps: int, prompts: int,
     return data, cache, teacher
 
 
-def held_out_figures(model_dir: str, data: Path) -> dict[str, dict[str, float]]:
-    """A model's held-out figures (the teacher's, a student's), measured as the stage measures
-    its students."""
+def held_out_figures(model_dir: str, data: Path, samples: int = SAMPLES,
+                     ) -> dict[str, dict[str, float]]:
+    """A model's held-out figures (the teacher's, a student's) on data/validation.jsonl, measured
+    as the stage measures its students: `samples` answers."""
     from steps.common.datasets import load_records
     from steps.common.models import load_model, load_tokenizer
     from steps.evaluate import held_out_examples, model_metrics, score_model
@@ -111,19 +117,34 @@ def held_out_figures(model_dir: str, data: Path) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir).eval()
     examples, pairs, held_out = held_out_examples(records, fmt, bool(tokenizer.chat_template),
-                                                  SAMPLES)
+                                                  samples)
     result = score_model(model_dir, model, tokenizer, examples, pairs, held_out,
                          max_new_tokens=NEW_TOKENS, batch_size=8, max_seq_length=SEQUENCE)
     return model_metrics({"tuned": result}, {})
 
 
-def teacher_figures(teacher: str, data: Path, work: Path | None) -> dict[str, dict[str, float]]:
-    """The teacher's held-out figures; kept in the --work folder, which holds one teacher."""
-    kept = work / "teacher-figures.json" if work else None
+def fresh_held_out(root: Path, answers: int) -> Path:
+    """A held-out folder of `answers` demo-task records none of whose prompts is in the demo
+    dataset (steps.common.demo_data.demo_task_records, another draw than --prompts'), whose
+    validation.jsonl measures a model on more answers than the recipe's split holds."""
+    from steps.common import demo_data
+
+    folder = root / f"held-out-{answers}"
+    if not (folder / "validation.jsonl").exists():
+        demo_data.write_demo_task_records(folder / "validation.jsonl", answers, HELD_OUT_SEED)
+    return folder
+
+
+def teacher_figures(teacher: str, data: Path, work: Path | None, samples: int = SAMPLES,
+                    ) -> dict[str, dict[str, float]]:
+    """The teacher's held-out figures on `data`; kept in the --work folder (which holds one
+    teacher), in `data` for a fresh held-out set."""
+    kept = (work / "teacher-figures.json" if samples == SAMPLES else
+            data / "teacher-figures.json") if work else None
     if kept and kept.exists():
         return json.loads(kept.read_text())
     common.progress("measuring the teacher")
-    figures = held_out_figures(teacher, data)
+    figures = held_out_figures(teacher, data, samples)
     if kept:
         kept.write_text(json.dumps(figures, indent=2, default=float) + "\n")
     return figures
@@ -250,8 +271,9 @@ def setting_name(setting: dict[str, Any]) -> str:
 
 
 def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[str, Any],
-          swept: list[dict[str, Any]], log: Path) -> None:
-    """Each of `swept` over `settings`, distilled and measured held out; a row of `log` each.
+          swept: list[dict[str, Any]], log: Path, measured: tuple[Path, int]) -> None:
+    """Each of `swept` over `settings`, distilled and measured held out (`measured`: the folder
+    of the held-out data and how many answers); a row of `log` each.
     A setting already in `log` at this seed is not run again: the same command resumes a sweep."""
     done = {(row["setting"], row["seed"]) for row in map(json.loads, log.read_text().splitlines())
             } if log.exists() else set()
@@ -264,7 +286,7 @@ def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[st
         with tempfile.TemporaryDirectory(prefix="bench-distillation-student-") as tmp:
             summary = distil(student, teacher, data, cache, run, compare=False,
                              keep=Path(tmp) / "student")
-            figures = held_out_figures(str(Path(tmp) / "student"), data)
+            figures = held_out_figures(str(Path(tmp) / "student"), *measured)
         row = {"setting": setting_name(setting), "seed": run["seed"], "student": student,
                **{key: run[key] for key in ("alpha", "temperature", "top_k", "max_steps",
                                             "per_device_batch_size")},
@@ -280,7 +302,7 @@ def sweep(student: str, teacher: str, data: Path, cache: Path, settings: dict[st
 
 
 def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_k: int,
-                 label: str = "sft") -> str:
+                 label: str = "sft", held_out: int = 0) -> str:
     """Per setting and seed, held-out figures against the hard-label student (alpha=1) of the
     same seed, learning rate and steps; the settings' means; whether it beat it at every seed."""
     hard = {(r["seed"], r["learning_rate"], r["max_steps"]): r for r in rows if r["alpha"] == 1}
@@ -313,6 +335,9 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
         if not baseline and len(against) > 1:
             deltas.append([delta for _, delta in against.values()])
     first = rows[0]
+    samples = held_out or SAMPLES
+    where = (f"{held_out} demo-task records whose prompts are not in the demo dataset (--held-out)"
+             if held_out else "the validation split")
     # The rate of the runs whose setting names none: the stage's for a cut student when they ran.
     unset = sorted({r["learning_rate"] for r in rows if "learning_rate=" not in r["setting"]})
     rate = (f", the stage's learning rate for a cut student ({', '.join(f'{r:g}' for r in unset)})"
@@ -324,16 +349,16 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
          f" unless the setting says, the teacher's outputs cached at top-{cache_top_k}. Each "
          "setting is the loss alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) on the "
          "answer tokens (alpha=1: the hard-label student, the baseline (c)); fields it does not "
-         f"set: top_k=16{rate}. Held-out figures on the validation split ({SAMPLES} "
+         f"set: top_k=16{rate}. Held-out figures on {where} ({samples} "
          f"greedy answers of at most {NEW_TOKENS} tokens); a perplexity ratio above 1: a lower "
          "perplexity than the hard-label student of the same seed, learning rate and steps. One "
          "invocation per seed (this command with each --seed)."), "",
         common.table(header, table), "",
-        _noise(list(hard.values()), deltas),
+        _noise(list(hard.values()), deltas, samples),
     ])
 
 
-def _noise(hard: list[dict[str, Any]], deltas: list[list[float]]) -> str:
+def _noise(hard: list[dict[str, Any]], deltas: list[list[float]], samples: int) -> str:
     """How far the figures move with the seed alone, so that a difference is not read into
     noise: the hard-label student's spread over seeds, one answer's weight in ROUGE-L, and the
     spread of a setting's ROUGE-L delta from seed to seed (pooled over the settings)."""
@@ -343,8 +368,8 @@ def _noise(hard: list[dict[str, Any]], deltas: list[list[float]]) -> str:
     perplexity = [r["perplexity"] for r in hard]
     text = (f"Noise: the hard-label student alone, over {len(hard)} seeds, has perplexity "
             f"{min(perplexity):.3f} to {max(perplexity):.3f} and ROUGE-L {min(rouge):.3f} to "
-            f"{max(rouge):.3f} (standard deviation {_sd(rouge):.3f}); one of the {SAMPLES} answers "
-            f"weighs up to {1 / SAMPLES:.3f} of ROUGE-L.")
+            f"{max(rouge):.3f} (standard deviation {_sd(rouge):.3f}); one of the {samples} answers "
+            f"weighs up to {1 / samples:.3f} of ROUGE-L.")
     freedom = sum(len(d) - 1 for d in deltas)
     if freedom:
         pooled = (sum((x - sum(d) / len(d)) ** 2 for d in deltas for x in d) / freedom) ** 0.5
@@ -388,9 +413,15 @@ def main() -> None:
                         "max_steps=N (repeatable; needs --work)")
     parser.add_argument("--teacher-label", help="the sweep's name for a --teacher folder: its "
                         "own section, distillation-settings-LABEL (default: the sft teacher's)")
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="with --setting: measure each student on N demo-task records whose "
+                        "prompts are not in the demo dataset instead of the recipe's validation "
+                        "split (24 answers): its own log and section")
     parser.add_argument("--cache-top-k", type=int, default=0,
                         help="top-k the teacher's outputs are cached at (0: the largest used)")
     args = parser.parse_args()
+    if args.held_out and not args.setting:
+        parser.error("--held-out measures a sweep's students: give --setting")
     if args.setting and not args.work:
         parser.error("--setting appends to DIR/settings.jsonl: give --work DIR")
     if args.setting and args.teacher != "sft" and not args.teacher_label:
@@ -419,18 +450,27 @@ def main() -> None:
                                                  5 if args.quick else args.teacher_steps,
                                                  args.prompts, cache_top_k)
         cache_top_k = json.loads((cache / "manifest.json").read_text())["top_k"]
-        teacher = teacher_figures(teacher_model, data, root if args.work else None)
         if args.setting:
-            log = root / "settings.jsonl"
-            sweep(students[0], teacher_model, data, cache, settings, args.setting, log)
+            measured = ((fresh_held_out(root, args.held_out), args.held_out) if args.held_out
+                        else (data, SAMPLES))
+            teacher = teacher_figures(teacher_model, *measured[:1], root, measured[1])
+            log = root / (f"settings-held-out-{args.held_out}.jsonl" if args.held_out
+                          else "settings.jsonl")
+            sweep(students[0], teacher_model, data, cache, settings, args.setting, log, measured)
             rows = [json.loads(line) for line in log.read_text().splitlines()]
             label = args.teacher_label or "sft"
             name, title = ((SWEEP_NAME, SWEEP_TITLE) if label == "sft" else
                            (f"{SWEEP_NAME}-{label}", f"{SWEEP_TITLE} ({label} teacher)"))
-            common.save_result(name, title, render_sweep(rows, teacher, cache_top_k, label),
+            if args.held_out:
+                name, title = (f"{name}-held-out-{args.held_out}",
+                               f"{title}, on {args.held_out} fresh held-out answers")
+            common.save_result(name, title,
+                               render_sweep(rows, teacher, cache_top_k, label, args.held_out),
                                {"teacher": args.teacher, "teacher_label": label,
-                                "cache_top_k": cache_top_k, "rows": rows}, ORDER)
+                                "cache_top_k": cache_top_k, "held_out": args.held_out,
+                                "rows": rows}, ORDER)
             return
+        teacher = teacher_figures(teacher_model, data, root if args.work else None)
         runs = {}
         for student in students:
             common.progress(f"distilling {student}")
