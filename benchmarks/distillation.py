@@ -336,7 +336,7 @@ def render_sweep(rows: list[dict[str, Any]], teacher: dict[str, Any], cache_top_
             deltas.append([delta for _, delta in against.values()])
     first = rows[0]
     samples = held_out or SAMPLES
-    where = (f"{held_out} demo-task records whose prompts are not in the demo dataset (--held-out)"
+    where = (f"{held_out} demo-task records whose prompts are not in the demo dataset, --held-out"
              if held_out else "the validation split")
     # The rate of the runs whose setting names none: the stage's for a cut student when they ran.
     unset = sorted({r["learning_rate"] for r in rows if "learning_rate=" not in r["setting"]})
