@@ -176,7 +176,9 @@ class _AWSCritic:
     permission = ""  # the IAM action a caller needs, for the access-denied message
     target_option = ""  # the option that names the endpoint or model
 
-    max_attempts = 6
+    # botocore sends each call once (aws_client): these are the only retries, and they say so.
+    max_attempts = 6  # throttling, a 5xx, a timed-out read or a reset connection
+    connect_attempts = 2  # a service that cannot be reached at all
     base_delay_s = 1.0
     max_delay_s = 30.0
 
@@ -205,9 +207,9 @@ class _AWSCritic:
             ConnectTimeoutError,
             CredentialRetrievalError,
             EndpointConnectionError,
+            HTTPClientError,
             NoCredentialsError,
             PartialCredentialsError,
-            ReadTimeoutError,
         )
 
         where = f"critic {self.description}"
@@ -220,17 +222,21 @@ class _AWSCritic:
                     "AWS_PROFILE / AWS_ACCESS_KEY_ID, or use --critic local"
                 ) from None
             except (EndpointConnectionError, ConnectTimeoutError) as err:
-                raise StageError(
-                    f"{where}: cannot reach the service ({err}); check --region and the network "
-                    f"route to {self.service} (a VPC endpoint in a private subnet)"
-                ) from None
-            except ReadTimeoutError as err:
-                failure = f"timed out ({err})"
+                # Tried twice (a blip), not six times: a wrong region or route fails every time.
+                if attempt >= self.connect_attempts:
+                    raise StageError(
+                        f"{where}: cannot reach the service ({err}); check --region and the "
+                        f"network route to {self.service} (a VPC endpoint in a private subnet)"
+                    ) from None
+                failure = f"cannot reach the service ({err})"
+            except HTTPClientError as err:  # a read timeout, a kept-alive connection reset
+                failure = f"the connection failed ({err})"
             except ClientError as err:
                 code = err.response.get("Error", {}).get("Code", "")
                 message = " ".join(str(err.response.get("Error", {}).get("Message", "")).split())
                 failure = f"{code}: {message[:300]}"
-                if code not in RETRYABLE_CODES:
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code not in RETRYABLE_CODES and status < 500:  # a 5xx is the service's fault
                     raise StageError(f"{where}: {self._advice(code, failure)}") from None
             if attempt < self.max_attempts:
                 delay = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))

@@ -613,12 +613,40 @@ def test_no_credentials_is_one_line_naming_the_backend(monkeypatch, tmp_path):
 def test_an_unreachable_service_is_one_line(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "http://127.0.0.1:9")  # nothing there
     model = critics.BedrockModel(MODEL_ID, REGION, max_new_tokens=8)
+    model.base_delay_s = 0.01
     sent = []  # the critic retries visibly, itself: botocore sends each call once
     model.client.meta.events.register("before-send", lambda request, **_: sent.append(request))
 
     with pytest.raises(StageError, match=r"cannot reach the service .*127.0.0.1:9.*check --region"):
         model.complete(["x"], 0.0)
-    assert len(sent) == 1
+    assert len(sent) == 2  # one blip is retried; a route that never answers is not tried 6 times
+    assert model.retries == 1
+
+
+def test_a_reset_connection_and_a_5xx_of_any_code_are_retried_visibly(aws_env, monkeypatch,
+                                                                      capsys):
+    from botocore.exceptions import ConnectionClosedError
+
+    model = critics.BedrockModel(MODEL_ID, REGION, max_new_tokens=8)
+    model.base_delay_s = 0.01
+    calls = []
+
+    def reset_once(prompt, temperature):
+        calls.append(prompt)
+        if len(calls) == 1:
+            raise ConnectionClosedError(endpoint_url="https://bedrock-runtime")
+        return real_call(prompt, temperature)
+
+    real_call = model._call
+    monkeypatch.setattr(model, "_call", reset_once)
+    with Stubber(model.client) as stub:
+        stub.add_client_error("converse", "SomethingUnheardOf", "Internal error", 502)
+        stub.add_response("converse", converse_response("ok"))
+
+        assert model.complete(["x"], 0.0) == ["ok"]
+    assert model.retries == 2 and len(calls) == 3
+    out = capsys.readouterr().out
+    assert "the connection failed" in out and "SomethingUnheardOf: Internal error" in out
 
 
 def test_a_failing_critic_leaves_no_output(tmp_path, aws_env, monkeypatch, capsys):
