@@ -368,6 +368,7 @@ def _wait_for_ping(process: subprocess.Popen | runner.Job, url: str, log_path: P
     """Until /ping answers 200; UserError with the reason when the server exits, reports that the
     model failed to load (a 5xx other than 503, "loading"), or takes too long."""
     next_note = started + 15
+    delay = 0.05
     while True:
         status, body = _ping(url)
         if status == 200:
@@ -382,7 +383,10 @@ def _wait_for_ping(process: subprocess.Popen | runner.Job, url: str, log_path: P
         if time.monotonic() > next_note:
             say(f"  still loading the model ({time.monotonic() - started:.0f} s)")
             next_note += 15
-        time.sleep(0.05)  # a refused connection or a 503 costs the server next to nothing
+        # Soon after the model is ready for a tiny model, no more than twice a second for a large
+        # one: the server logs each 503 /ping while it loads, in the log deploy points to.
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
 
 
 def _write_record(endpoint: LocalEndpoint) -> None:
