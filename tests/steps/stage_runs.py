@@ -92,21 +92,33 @@ def run_as_program(module: str, folder: Path, *argv: str, env: dict[str, str] | 
 def run_as_programs(module: str, folders: list[Path], *argv: str, envs: list[dict[str, str]],
                     timeout: float = 120) -> list[Program]:
     """run_as_program's programs, one per (folder, env), all running at once (the processes of
-    one distributed job); those still running after `timeout` seconds (a collective that waits
-    forever) are killed."""
+    one distributed job); once one fails, or after `timeout` seconds (a collective that waits
+    forever), those still running are killed. None outlives the call, whatever ends it."""
     import signal
     import time
 
-    started = [_start(module, folder, argv, env, lambda: None)
-               for folder, env in zip(folders, envs, strict=True)]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-            for pid in started):
-        time.sleep(0.05)
-    for pid in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # only those still running: the others are zombies
+    started: list[int] = []
+    finished = False
+    try:
+        for folder, env in zip(folders, envs, strict=True):
+            started.append(_start(module, folder, argv, env, lambda: None))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ended = [os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                     for pid in started]  # WNOWAIT: an ended one stays a zombie, its pid ours
+            if all(ended) or any(info and (info.si_code != os.CLD_EXITED or info.si_status)
+                                 for info in ended):
+                break
+            time.sleep(0.05)
+        finished = True
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # only those still running: the others are zombies
+        if not finished:
+            for pid in started:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
     return [_finish(pid, folder) for pid, folder in zip(started, folders)]
 
 
