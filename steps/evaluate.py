@@ -582,17 +582,19 @@ def _plot_comparison(metrics: dict[str, dict[str, float]], path: Path) -> None:
         labels = ["base", "tuned"] if f"base_{name}" in metrics else [single]
         values = [metrics[f"base_{name}"]["value"]] if len(labels) == 2 else []
         values.append(metrics[name]["value"])
-        axis.bar(range(len(labels)), values, color=["#9e9e9e", "#1f77b4"][-len(labels):])
+        # A value that is not a number (a perplexity that overflowed) has no bar: its text says it.
+        heights = [value if math.isfinite(value) else 0.0 for value in values]
+        axis.bar(range(len(labels)), heights, color=["#9e9e9e", "#1f77b4"][-len(labels):])
         axis.set_xticks(range(len(labels)), labels)
         axis.set_yticks([])
         axis.axhline(0, color="black", linewidth=0.8)
         axis.margins(y=0.12)  # room beyond the longest bar for its value
-        if not any(values):
+        if not any(heights):
             axis.set_ylim(-1, 1)  # bars of 0, their values on the line
         axis.set_title(name)
-        for x, value in enumerate(values):  # beyond the end of its bar
-            axis.annotate(f"{value:.3g}", (x, value), ha="center", fontsize=8,
-                          va="bottom" if value >= 0 else "top")
+        for x, (value, height) in enumerate(zip(values, heights)):  # beyond the end of its bar
+            axis.annotate(f"{value:.3g}", (x, height), ha="center", fontsize=8,
+                          va="bottom" if height >= 0 else "top")
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

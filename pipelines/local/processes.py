@@ -65,7 +65,8 @@ def command_line(pid: int) -> list[bytes] | None:
 def running(pid: int, started: int | None = None) -> bool:
     """Whether process `pid` runs (a zombie has ended); with `started`, whether it is still the
     process that started then, not another given the same pid since. Collects `pid`'s exit status
-    when it is an ended child of this process, so that none is left a zombie."""
+    when it is an ended child of this process, so that none is left a zombie: so not for the pid
+    of a subprocess.Popen whose exit status is still wanted (its poll() would find none)."""
     _reap(pid)
     found = stat(pid)
     return found is not None and not found.ended and (started is None or found.started == started)

@@ -278,3 +278,26 @@ def test_the_eval_loss_is_the_loss_sft_evaluates_on_the_same_records(records):
     losses = example_losses(model, tokenizer, examples, len(examples), 512)
 
     assert mean_loss(losses) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_the_comparison_plot_writes_every_value_also_zero_negative_and_not_a_number(
+        tmp_path, monkeypatch, recwarn):
+    # Its panels have no y axis: a value is read from its text, so none may go missing.
+    from matplotlib.axes import Axes
+
+    texts = []
+    annotate = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate",
+                        lambda axis, text, xy, *args, **kwargs: (texts.append((text, xy[1])),
+                                                                 annotate(axis, text, xy, *args,
+                                                                          **kwargs))[1])
+    metrics = {"perplexity": {"value": math.inf}, "base_perplexity": {"value": 2.5},
+               "eval_loss": {"value": math.nan}, "logprob_margin": {"value": -0.25},
+               "exact_match": {"value": 0.0}, "base_exact_match": {"value": 0.0}}
+
+    evaluate._plot_comparison(metrics, tmp_path / "plot.png")
+
+    assert sorted(text for text, _ in texts) == sorted(["2.5", "inf", "nan", "-0.25", "0", "0"])
+    assert all(math.isfinite(y) for _, y in texts)  # drawn where it can be seen
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
