@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -368,7 +369,7 @@ def _noise(hard: list[dict[str, Any]], deltas: list[list[float]], samples: int) 
     perplexity = [r["perplexity"] for r in hard]
     text = (f"Noise: the hard-label student alone, over {len(hard)} seeds, has perplexity "
             f"{min(perplexity):.3f} to {max(perplexity):.3f} and ROUGE-L {min(rouge):.3f} to "
-            f"{max(rouge):.3f} (standard deviation {_sd(rouge):.3f}); one of the {samples} answers "
+            f"{max(rouge):.3f} (standard deviation {statistics.stdev(rouge):.3f}); one of the {samples} answers "
             f"weighs up to {1 / samples:.3f} of ROUGE-L.")
     freedom = sum(len(d) - 1 for d in deltas)
     if freedom:
@@ -380,11 +381,6 @@ def _noise(hard: list[dict[str, Any]], deltas: list[list[float]], samples: int) 
                  f"below about twice that ({2 * pooled / len(hard) ** 0.5:.3f}) is within the "
                  "noise of these answers.")
     return text
-
-
-def _sd(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def main() -> None:
